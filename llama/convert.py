@@ -1,0 +1,185 @@
+"""Export a model to the Hugging Face transformers Llama format (config.json + safetensors) and import one.
+
+    python -m llama.convert export checkpoints/<run>/step_N  hf_out/
+    python -m llama.convert import hf_dir/  our_model/
+
+Meta rotates consecutive pairs of each head's dimensions; HF rotates the two halves. The two layouts differ
+by a permutation of the rows of wq and wk (the same one HF's convert_llama_weights_to_hf.py applies).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llama.model import ModelArgs, Transformer
+
+# our name -> HF name, for every layer; the attention projections of q and k are also permuted
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from interleaved pairs (0,1),(2,3).. to halves (0..D/2),(D/2..D)."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, 2, hd // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(HF config dict, HF state dict) for a plain Llama-2 model."""
+    a = model.params
+    if a.head_layer is not None:
+        raise ValueError("per-head layers have no equivalent in HF Llama; only baseline models can be exported")
+    sd = model.state_dict()
+    out = {}
+    for ours, theirs in _TOP_NAMES.items():
+        if ours == "output.weight" and a.tie_embeddings:
+            continue  # HF ties lm_head to embed_tokens itself
+        out[theirs] = sd[ours]
+    for i in range(a.n_layers):
+        for ours, theirs in _LAYER_NAMES.items():
+            w = sd[f"layers.{i}.{ours}"]
+            if ours == "attention.wq.weight":
+                w = meta_to_hf_rows(w, a.n_heads)
+            elif ours == "attention.wk.weight":
+                w = meta_to_hf_rows(w, a.n_kv_heads)
+            out[f"model.layers.{i}.{theirs}"] = w
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": a.vocab_size,
+        "hidden_size": a.dim,
+        "intermediate_size": a.ffn_hidden_dim,
+        "num_hidden_layers": a.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "max_position_embeddings": a.max_seq_len,
+        "rms_norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        "tie_word_embeddings": a.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    return config, out
+
+
+def export_hf(model: Transformer, out_dir: str | Path) -> Path:
+    config, sd = to_hf(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError("HF config uses an activation or biases that Llama-2 does not have; cannot import")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, dim // heads):
+        raise ValueError(f"HF config head_dim={cfg['head_dim']} differs from hidden_size/heads; cannot import")
+    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if scaling.get("rope_type", "default") != "default":
+        raise ValueError(f"HF config uses rope_type={scaling['rope_type']!r}; only plain RoPE is supported")
+    # Reproduce intermediate_size exactly: with multiple_of = I the rounding lands on I (see ffn_hidden_dim).
+    inter = cfg["intermediate_size"]
+    base = int(2 * 4 * dim / 3)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        vocab_size=cfg["vocab_size"],
+        multiple_of=inter,
+        ffn_dim_multiplier=None if base <= inter else inter / base,
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope_theta),
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    assert args.ffn_hidden_dim == inter, (args.ffn_hidden_dim, inter)
+    return args
+
+
+def from_hf(config: dict, hf_sd: dict[str, torch.Tensor]) -> Transformer:
+    args = args_from_hf_config(config)
+    sd = {}
+    for ours, theirs in _TOP_NAMES.items():
+        if ours == "output.weight" and args.tie_embeddings:
+            continue
+        sd[ours] = hf_sd[theirs]
+    for i in range(args.n_layers):
+        for ours, theirs in _LAYER_NAMES.items():
+            w = hf_sd[f"model.layers.{i}.{theirs}"]
+            if ours == "attention.wq.weight":
+                w = hf_to_meta_rows(w, args.n_heads)
+            elif ours == "attention.wk.weight":
+                w = hf_to_meta_rows(w, args.n_kv_heads)
+            sd[f"layers.{i}.{ours}"] = w
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def import_hf(hf_dir: str | Path) -> Transformer:
+    d = Path(hf_dir)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} has no config.json; point at a folder saved by save_pretrained()")
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d} has no .safetensors weights; re-save the model with safe_serialization")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return from_hf(json.loads((d / "config.json").read_text()), sd)
+
+
+def main(argv: list[str] | None = None):
+    from training.checkpoint import load_model, save_model  # the trainer's one loader
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ("export", "import"):
+        sys.exit("usage: python -m llama.convert export CHECKPOINT_DIR HF_DIR | import HF_DIR OUT_DIR")
+    if argv[0] == "export":
+        print(export_hf(load_model(argv[1]), argv[2]))
+    else:
+        print(save_model(import_hf(argv[1]), argv[2]))
+
+
+if __name__ == "__main__":
+    main()

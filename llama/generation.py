@@ -1,0 +1,122 @@
+"""Autoregressive generation with the KV cache, as small pure functions that eval/ reuses.
+
+Prompts of different lengths are left-padded; padded keys are masked out, and because RoPE depends only on
+relative positions, a left-padded prompt attends exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from llama.model import Transformer
+
+
+def logits_to_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Holtzman et al. (2020): keep the smallest set of tokens whose probability reaches top_p.
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # the token that crosses stays
+        drop = drop_sorted.scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token (B,) from the last position's (B, V) logits; temperature 0 is greedy."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask=None) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; (B, V) logits of the last position."""
+    return model(tokens, input_pos, mask)[:, -1]
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor, mask=None) -> torch.Tensor:
+    """One step: token (B, 1) at position input_pos (1,) -> (B, V) logits for the next one."""
+    return model(token, input_pos, mask)[:, -1]
+
+
+def padding_mask(model: Transformer, first_valid: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, cache_len) mask: causal, minus the left padding before ``first_valid`` of each row.
+
+    A padding query may still see itself, so its (ignored) output stays finite and cannot poison the cache.
+    """
+    cache_len = model.causal_mask.shape[-1]
+    keys = torch.arange(cache_len, device=first_valid.device)
+    valid_key = keys[None, :] >= first_valid[:, None]  # (B, cache_len)
+    self_key = keys[None, :] == input_pos[:, None]  # (T, cache_len)
+    causal = model.causal_mask[input_pos]  # (T, cache_len)
+    return (causal[None] & (valid_key[:, None, :] | self_key[None]))[:, None]
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens of each.
+
+    A sequence ends at ``eos_id`` (not included) or when ``stop(new_tokens)`` is true (included; callers
+    trim stop strings themselves). Sets up a KV cache sized for this call.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    device = model.output.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    model.setup_caches(B, T + max_new_tokens)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+    first_valid = torch.tensor([T - len(p) for p in prompts], device=device)
+    padded = bool((first_valid > 0).any())
+
+    input_pos = torch.arange(T, device=device)
+    mask = padding_mask(model, first_valid, input_pos) if padded else None
+    logits = prefill(model, tokens, input_pos, mask)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if eos_id is not None and t == eos_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if stop is not None and stop(out[i]):
+                done[i] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        input_pos = torch.tensor([T + step], device=device)
+        mask = padding_mask(model, first_valid, input_pos) if padded else None
+        logits = decode_one_token(model, nxt[:, None], input_pos, mask)
+    model.clear_caches()
+    return out

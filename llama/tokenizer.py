@@ -1,0 +1,115 @@
+"""SentencePiece BPE tokenizer with Llama-2's options: train on a corpus, load, encode, decode."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+# Llama-2's special ids: <unk>=0, <s>=1, </s>=2.
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# SentencePiece skips training "sentences" longer than max_sentence_length bytes, so documents are cut into
+# pieces of whole lines no longer than this; newlines stay inside a piece so "\n" and indentation get tokens.
+TRAIN_CHUNK_CHARS = 4096
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.is_file() or path.stat().st_size == 0:
+            raise FileNotFoundError(f"tokenizer model {path} is missing or empty; train one with train_tokenizer()")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_batch(
+        self, texts: list[str], bos: bool = True, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
+        ids = self.sp.encode(texts, num_threads=num_threads)
+        return [[self.bos_id] * bos + x + [self.eos_id] * eos for x in ids]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+def _training_chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        chunk = ""
+        for line in text.splitlines(keepends=True):
+            if chunk and len(chunk) + len(line) > TRAIN_CHUNK_CHARS:
+                yield chunk
+                chunk = ""
+            chunk += line[:TRAIN_CHUNK_CHARS]
+        if chunk:
+            yield chunk
+        seen += len(text)
+        if seen >= max_chars:
+            return
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | os.PathLike,
+    vocab_size: int,
+    max_chars: int = 100_000_000,
+    num_threads: int | None = None,
+) -> Tokenizer:
+    """Train a byte-fallback BPE like Llama-2's (split digits, identity normalisation, whitespace kept).
+
+    ``max_chars`` bounds the text read for training; the model file is written atomically to ``out_path``.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_chunks(texts, max_chars),
+            model_writer=proto,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=0.99995,
+            byte_fallback=True,  # unseen characters become UTF-8 bytes, so encoding never loses text
+            split_digits=True,
+            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become single tokens
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            max_sentence_length=4 * TRAIN_CHUNK_CHARS,  # bytes
+            shuffle_input_sentence=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        if m:
+            raise ValueError(
+                f"vocab_size={m.group(1)} is larger than this corpus supports; use vocab_size <= {m.group(2)} "
+                "or a larger corpus"
+            ) from None
+        raise
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(proto.getvalue())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)

@@ -1,0 +1,43 @@
+import pytest
+
+from llama.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+
+
+def test_round_trip_is_lossless_on_the_default_corpus(small_tokenizer, stdlib_docs):
+    sample = stdlib_docs[3::11]  # ~160 files the tokenizer was mostly not trained on
+    assert len(sample) > 100
+    failures = [d.name for d in sample if small_tokenizer.decode(small_tokenizer.encode(d.text)) != d.text]
+    assert failures == []
+
+
+def test_unseen_characters_fall_back_to_bytes(small_tokenizer):
+    text = "  leading spaces,\ttabs\n\n\nunicode: ∑ é 漢字 🙂 and trailing  \n"
+    ids = small_tokenizer.encode(text)
+    assert small_tokenizer.decode(ids) == text
+    assert any(small_tokenizer.id_to_piece(i).startswith("<0x") for i in ids)
+
+
+def test_bos_eos_and_digits(small_tokenizer):
+    ids = small_tokenizer.encode("x = 12345", bos=True, eos=True)
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    digits = [small_tokenizer.id_to_piece(i) for i in ids[1:-1] if small_tokenizer.id_to_piece(i).isdigit()]
+    assert digits == list("12345")  # split_digits: one token per digit
+    assert small_tokenizer.encode_batch(["a", "b c"], bos=False) == [
+        small_tokenizer.encode("a", bos=False),
+        small_tokenizer.encode("b c", bos=False),
+    ]
+
+
+def test_newlines_and_indentation_get_tokens(small_tokenizer):
+    pieces = {small_tokenizer.id_to_piece(i) for i in range(small_tokenizer.vocab_size)}
+    assert "\n" in pieces and any(set(p) == {"▁"} and len(p) >= 4 for p in pieces)
+
+
+def test_vocab_too_large_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=5000 is larger than this corpus supports; use vocab_size <="):
+        train_tokenizer(["def f(x):\n    return x\n"] * 20, tmp_path / "t.model", vocab_size=5000)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing or empty"):
+        Tokenizer(tmp_path / "none.model")

@@ -1,0 +1,126 @@
+"""Typed configs and type-checked command-line overrides.
+
+A runner builds its config in Python and passes ``sys.argv`` through ``apply_overrides``: ``--max-steps 200``
+sets the one field of that name anywhere in the config tree, ``--model.dim 512`` names the path when a name
+appears twice. Unknown keys and values of the wrong type are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    # Where the text comes from: a folder, a .txt/.jsonl/.json/.parquet file, or a Hugging Face dataset name
+    # (needs network access). None = the Python standard library's own .py sources (always present).
+    corpus: str | None = None
+    file_glob: str = "**/*.py"  # which files of a folder corpus to read (non-UTF-8 files are skipped)
+    text_field: str = "text"  # column holding the text in jsonl/parquet/HF datasets
+    hf_config: str | None = None  # HF dataset configuration, e.g. "wikitext-2-raw-v1"
+    hf_split: str = "train"  # HF dataset split to read
+    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of the document's name
+    vocab_size: int = 32000  # SentencePiece vocabulary; the model's vocab_size is taken from the tokenizer
+    tokenizer_max_chars: int = 100_000_000  # at most this much training text is read to train the tokenizer
+    cache_dir: str = "data_cache"  # tokenizer and token shards, keyed by corpus and settings hashes
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data val_fraction={self.val_fraction} must be strictly between 0 and 1")
+        if self.vocab_size < 260:
+            raise ValueError(f"data vocab_size={self.vocab_size} is too small: byte fallback alone needs 259")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _field_paths(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field, type]]:
+    """Every leaf field of a nested dataclass config: dotted path -> (owner, field, resolved type)."""
+    out = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        path = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(_field_paths(value, path + "."))
+        else:
+            out[path] = (cfg, f, hints[f.name])
+    return out
+
+
+def _parse_value(text: str, tp, key: str):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _parse_value(text, inner[0], key)
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true or false, got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects {tp.__name__}, got {text!r}") from None
+    raise ConfigError(f"--{key} has type {tp} that cannot be set from the command line; set it in the runner")
+
+
+def apply_overrides(cfg, argv: list[str]):
+    """Set fields of the (nested) dataclass ``cfg`` from ``--key value`` or ``--key=value`` pairs, in place.
+
+    A bare ``--flag`` sets a bool field to true. Returns ``cfg``.
+    """
+    paths = _field_paths(cfg)
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --max-steps 200")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key in paths:
+            path = key
+        elif len(by_name.get(key, [])) == 1:
+            path = by_name[key][0]
+        elif key in by_name:
+            raise ConfigError(f"--{key} is ambiguous; name one of: " + ", ".join("--" + p for p in by_name[key]))
+        else:
+            raise ConfigError(f"unknown config key --{key}; known keys: " + ", ".join(sorted(by_name)))
+        owner, f, tp = paths[path]
+        if not eq:
+            if tp is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        setattr(owner, f.name, _parse_value(value, tp, key))
+        i += 1
+    _revalidate(cfg)
+    return cfg
+
+
+def _revalidate(cfg):
+    """Run __post_init__ checks again on every dataclass whose fields may have changed."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _revalidate(value)
+    post = getattr(cfg, "__post_init__", None)
+    if post is not None:
+        post()

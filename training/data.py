@@ -1,0 +1,318 @@
+"""Corpus -> documents -> train/val split -> SentencePiece -> packed token files, cached by content hash.
+
+``prepare(DataConfig())`` reads the corpus, trains (or reuses) a tokenizer on the train split, tokenizes each
+split into one flat ``uint16``/``uint32`` file (``<s> doc </s> <s> doc </s> ...``) and writes a manifest. A
+second call with the same corpus and settings finds the cache and returns at once.
+
+    python -m training.data                      # the default corpus: prepare and print its statistics
+    python -m training.data --corpus my_texts/ --file-glob '**/*.txt' --vocab-size 8000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from llama.tokenizer import Tokenizer, train_tokenizer
+from training.config import DataConfig, apply_overrides
+
+MANIFEST_VERSION = 1
+ENCODE_BATCH_DOCS = 64
+
+
+@dataclass
+class Document:
+    name: str  # stable identity (relative path, or "row-N"); decides the split
+    text: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a corpus
+
+
+def default_corpus_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_folder(root: Path, pattern: str) -> list[Document]:
+    docs = []
+    for path in sorted(root.glob(pattern)):
+        rel = path.relative_to(root)
+        # The standard library folder also holds installed packages; they are not the standard library.
+        if not path.is_file() or {"site-packages", "dist-packages", "__pycache__"} & set(rel.parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # not UTF-8 text (or unreadable): skipped, as documented
+        if text.strip():
+            docs.append(Document(rel.as_posix(), text))
+    return docs
+
+
+def _read_with_datasets(source: str, cfg: DataConfig) -> list[Document]:
+    import datasets  # imported here: it is slow to import and only these corpora need it
+
+    suffix = Path(source).suffix.lower()
+    if Path(source).is_file():
+        if suffix == ".txt":
+            # A plain text file: documents are paragraphs (blocks separated by blank lines).
+            ds = datasets.load_dataset("text", data_files=source, sample_by="paragraph", split="train")
+        elif suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=source, split="train")
+        elif suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=source, split="train")
+        else:
+            raise ValueError(f"corpus file {source} has an unsupported type; use .txt, .jsonl, .json or .parquet")
+    else:
+        ds = datasets.load_dataset(source, cfg.hf_config, split=cfg.hf_split)
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(
+            f"corpus {source} has no column {cfg.text_field!r} (columns: {ds.column_names}); set --text-field"
+        )
+    return [Document(f"row-{i}", t) for i, t in enumerate(ds[cfg.text_field]) if isinstance(t, str) and t.strip()]
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    """All non-empty UTF-8 documents of the configured corpus; a clear error if there are none."""
+    if cfg.corpus is None:
+        source, docs = str(default_corpus_dir()), _read_folder(default_corpus_dir(), cfg.file_glob)
+    else:
+        source = cfg.corpus
+        path = Path(source)
+        if path.is_dir():
+            docs = _read_folder(path, cfg.file_glob)
+        elif path.is_file():
+            if path.stat().st_size == 0:
+                raise ValueError(f"corpus file {path} is empty; point --corpus at a file with text")
+            docs = _read_with_datasets(source, cfg)
+        elif source.startswith(("/", ".", "~")) or path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet"):
+            raise FileNotFoundError(f"corpus path {source} does not exist; check --corpus")
+        else:
+            try:
+                docs = _read_with_datasets(source, cfg)
+            except Exception as e:  # the datasets library raises many kinds; the user needs one line
+                raise ValueError(
+                    f"could not load corpus {source!r} as a local path or Hugging Face dataset "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "check the name and network access, or pass a local folder/file"
+                ) from None
+    if not docs:
+        raise ValueError(
+            f"corpus {source} holds no UTF-8 text documents (glob {cfg.file_glob!r}); "
+            "point --corpus at text files or change --file-glob"
+        )
+    return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Deterministic split by document: a document is held out iff the hash of its name falls below
+    ``val_fraction``, so the split does not depend on order, machine or adding other documents."""
+    if len(docs) < 2:
+        raise ValueError(f"the corpus has {len(docs)} document(s); a train/val split needs at least 2")
+
+    def u(doc):
+        return int.from_bytes(hashlib.sha256(doc.name.encode()).digest()[:8], "big") / 2**64
+
+    scored = sorted(docs, key=u)
+    n_val = sum(u(d) < val_fraction for d in docs)
+    n_val = min(max(n_val, 1), len(docs) - 1)  # both splits non-empty even for tiny corpora
+    val_names = {d.name for d in scored[:n_val]}
+    train = [d for d in docs if d.name not in val_names]
+    val = [d for d in docs if d.name in val_names]
+    return train, val
+
+
+def corpus_hash(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode())
+        h.update(b"\0")
+        h.update(d.text.encode("utf-8", errors="surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prepared data on disk
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    manifest: dict
+    tokenizer: Tokenizer
+    train: np.ndarray  # flat token ids (memmap)
+    val: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def load_prepared(directory: str | os.PathLike) -> PreparedData:
+    d = Path(directory)
+    manifest_path = d / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{d} has no manifest.json; prepare the data with `python -m training.data`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION}")
+    dtype = np.dtype(manifest["dtype"])
+    arrays = {}
+    for split in ("train", "val"):
+        path = d / f"{split}.bin"
+        n = manifest["splits"][split]["tokens"]
+        if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+            raise ValueError(f"{path} is missing or truncated; delete {d} and prepare again")
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    tok = Tokenizer(d / "tokenizer.model")
+    return PreparedData(d, manifest, tok, arrays["train"], arrays["val"])
+
+
+def _settings_key(cfg: DataConfig) -> str:
+    # Only the settings that change the output; cache_dir and the corpus location are not among them.
+    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "corpus")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _write_tokens(tok: Tokenizer, docs: list[Document], path: Path, dtype, desc: str, progress: bool) -> int:
+    n = 0
+    with open(path, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
+        for i in range(0, len(docs), ENCODE_BATCH_DOCS):
+            batch = docs[i : i + ENCODE_BATCH_DOCS]
+            for ids in tok.encode_batch([d.text for d in batch], bos=True, eos=True):
+                arr = np.asarray(ids, dtype=dtype)
+                arr.tofile(f)
+                n += arr.size
+            bar.update(len(batch))
+    return n
+
+
+def _split_stats(docs: list[Document], tokens: int) -> dict:
+    chars = sum(len(d.text) for d in docs)
+    nbytes = sum(len(d.text.encode("utf-8", errors="surrogatepass")) for d in docs)
+    return {"docs": len(docs), "chars": chars, "bytes": nbytes, "tokens": tokens}
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
+    """Prepare (or find in the cache) the tokenizer and token files for ``cfg``."""
+    t0 = time.perf_counter()
+    docs = load_documents(cfg)
+    chash = corpus_hash(docs)
+    out = Path(cfg.cache_dir) / f"{chash[:16]}-v{cfg.vocab_size}-{_settings_key(cfg)}"
+    if (out / "manifest.json").is_file():
+        return load_prepared(out)
+    load_s = time.perf_counter() - t0
+
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+    # Everything is written into a temporary folder renamed into place at the end: an interrupted
+    # preparation leaves no half-written cache that a later run would trust.
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t1 = time.perf_counter()
+        if progress:
+            print(f"training a {cfg.vocab_size}-token SentencePiece BPE on {len(train_docs)} documents ...")
+        tok = train_tokenizer(
+            (d.text for d in train_docs), tmp / "tokenizer.model", cfg.vocab_size, max_chars=cfg.tokenizer_max_chars
+        )
+        tokenizer_s = time.perf_counter() - t1
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        t2 = time.perf_counter()
+        n_train = _write_tokens(tok, train_docs, tmp / "train.bin", dtype, "tokenize train", progress)
+        n_val = _write_tokens(tok, val_docs, tmp / "val.bin", dtype, "tokenize val", progress)
+        tokenize_s = time.perf_counter() - t2
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "corpus": {"source": cfg.corpus or str(default_corpus_dir()), "hash": chash, "docs": len(docs)},
+            "settings": dataclasses.asdict(cfg),
+            "tokenizer": {"sha256": tok.sha256(), "vocab_size": tok.vocab_size},
+            "dtype": np.dtype(dtype).name,
+            "splits": {"train": _split_stats(train_docs, n_train), "val": _split_stats(val_docs, n_val)},
+            "timings_s": {
+                "load": round(load_s, 3),
+                "tokenizer": round(tokenizer_s, 3),
+                "tokenize": round(tokenize_s, 3),
+            },
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same preparation first; theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_prepared(out)
+
+
+def describe(data: PreparedData) -> str:
+    m = data.manifest
+    lines = [
+        f"data: {data.dir}",
+        f"corpus: {m['corpus']['source']} ({m['corpus']['docs']} documents)",
+        f"tokenizer: vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256'][:12]}",
+    ]
+    for split, s in m["splits"].items():
+        lines.append(
+            f"{split:5s}: {s['docs']:6d} docs {s['chars']:>11,d} chars {s['tokens']:>10,d} tokens "
+            f"{s['chars'] / s['tokens']:.2f} chars/token {s['bytes'] / s['tokens']:.2f} bytes/token"
+        )
+    t = m["timings_s"]
+    lines.append(
+        f"prepared in: load {t['load']:.1f} s, tokenizer {t['tokenizer']:.1f} s, tokenize {t['tokenize']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches for training
+
+
+class BatchSampler:
+    """Random windows of ``seq_len + 1`` tokens; batch ``step`` depends only on (seed, step).
+
+    The whole global batch is drawn for a step and each rank / micro-step takes its slice, so a run gives
+    the same batches on any number of processes and resuming at step N needs no saved sampler state.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        if len(tokens) < seq_len + 2:
+            raise ValueError(
+                f"this split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
+                "use a shorter seq_len or a larger corpus"
+            )
+        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
+
+    def get(self, step: int, start: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start:start+count`` of batch ``step`` as (inputs, targets), each (count, seq_len) int64."""
+        rng = np.random.default_rng([self.seed, step])
+        offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.global_batch)
+        offsets = offsets[start : start + (self.global_batch if count is None else count)]
+        rows = np.stack([np.asarray(self.tokens[o : o + self.seq_len + 1], dtype=np.int64) for o in offsets])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+def main(argv: list[str] | None = None):
+    cfg = apply_overrides(DataConfig(), sys.argv[1:] if argv is None else argv)
+    data = prepare(cfg)
+    print(describe(data))
+
+
+if __name__ == "__main__":
+    main()
