@@ -46,8 +46,9 @@ def atomic_dir(final: str | os.PathLike):
         raise
 
 
-def write_model_files(model: Transformer, folder: Path):
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None):
+    """``state_dict`` defaults to the model's; the trainer passes the full one gathered from FSDP shards."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.params.tie_embeddings:
         sd.pop("output.weight")  # the same tensor as tok_embeddings.weight; safetensors refuses shared memory
     save_file(sd, str(folder / MODEL_FILE), metadata={"format": "pt"})
@@ -66,9 +67,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / MODEL_FILE).is_file():
         return p
     if p.is_dir():
-        steps = [(int(m.group(1)), c) for c in p.iterdir() if (m := _STEP_DIR.match(c.name)) and c.is_dir()]
+        steps = list_checkpoints(p)
         if steps:
-            return max(steps)[1]
+            return steps[-1][1]
         raise FileNotFoundError(f"{p} holds no {MODEL_FILE} and no step_N checkpoints; train first")
     raise FileNotFoundError(f"checkpoint {p} does not exist; pass a checkpoints/<run> or step_N folder")
 
@@ -98,3 +99,55 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training checkpoints: the model folder plus what resuming needs
+
+OPTIM_FILE, RNG_FILE, STATE_FILE = "optimizer.pt", "rng.pt", "state.json"
+
+
+def save_checkpoint(folder: Path, model: Transformer, model_state: dict, optim_state: dict, state: dict) -> Path:
+    """Model (safetensors), optimizer, RNG states and ``state`` (step, tokens, config ...) in one atomic folder."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with atomic_dir(folder) as tmp:
+        write_model_files(model, tmp, model_state)
+        torch.save(optim_state, tmp / OPTIM_FILE)
+        torch.save(rng, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return folder
+
+
+def load_training_state(folder: Path) -> tuple[dict, dict, dict]:
+    """(state, optimizer state, RNG states) of a training checkpoint, loaded with weights_only=True."""
+    for name in (STATE_FILE, OPTIM_FILE, RNG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}; it is a model, not a training checkpoint to resume")
+    state = json.loads((folder / STATE_FILE).read_text())
+    optim = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)
+    rng = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+    return state, optim, rng
+
+
+def restore_rng(rng: dict):
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), c) for c in run_dir.iterdir() if (m := _STEP_DIR.match(c.name)) and c.is_dir()]
+    return sorted(found)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int):
+    """Delete all but the newest ``keep_last`` checkpoints and those at multiples of ``keep_every``."""
+    ckpts = list_checkpoints(run_dir)
+    newest = {step for step, _ in ckpts[-keep_last:]}
+    for step, path in ckpts:
+        if step not in newest and not (keep_every and step % keep_every == 0):
+            shutil.rmtree(path)

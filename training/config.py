@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from llama.model import ModelArgs
 
 
 @dataclass
@@ -32,6 +34,73 @@ class DataConfig:
             raise ValueError(f"data val_fraction={self.val_fraction} must be strictly between 0 and 1")
         if self.vocab_size < 260:
             raise ValueError(f"data vocab_size={self.vocab_size} is too small: byte fallback alone needs 259")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay on matrices and embeddings; never on norm weights
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+    def __post_init__(self):
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0 (got {self})")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"  # run name: checkpoints/<name>/ and logs/<name>/
+    model: ModelArgs = field(default_factory=ModelArgs)  # vocab_size is set from the tokenizer at start
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str = "checkpoints"
+    log_dir: str = "logs"
+    max_steps: int = 1000  # optimizer steps (ignored when max_tokens is set)
+    max_tokens: int | None = None  # token budget; the number of steps is derived from it
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # training context; at most model.max_seq_len
+    eval_interval: int = 100  # steps between validation losses (and at the end)
+    eval_iters: int = 20  # validation batches, the same ones every time
+    log_interval: int = 10  # steps between lines in metrics.jsonl
+    ckpt_interval: int = 500  # steps between checkpoints (and at the end)
+    keep_last: int = 2  # checkpoints kept, newest first ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0: none)
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off for CPU
+    parallel: str = "ddp"  # with torchrun and >1 process: ddp or fsdp (FSDP2, fully_shard)
+    resume: bool = False  # continue checkpoints/<name> from its latest checkpoint
+    overwrite: bool = False  # delete an existing run of this name and start over
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r} is unknown; use auto, bfloat16 or float32")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r} is unknown; use ddp or fsdp")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pass one")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "ckpt_interval",
+            "keep_last",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
 
 class ConfigError(ValueError):
@@ -90,16 +159,16 @@ def apply_overrides(cfg, argv: list[str]):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --max-steps 200")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
+        raw, eq, value = arg[2:].partition("=")
+        key = raw.replace("-", "_")
         if key in paths:
             path = key
         elif len(by_name.get(key, [])) == 1:
             path = by_name[key][0]
         elif key in by_name:
-            raise ConfigError(f"--{key} is ambiguous; name one of: " + ", ".join("--" + p for p in by_name[key]))
+            raise ConfigError(f"--{raw} is ambiguous; name one of: " + ", ".join("--" + p for p in by_name[key]))
         else:
-            raise ConfigError(f"unknown config key --{key}; known keys: " + ", ".join(sorted(by_name)))
+            raise ConfigError(f"unknown config key --{raw}; known keys: " + ", ".join(sorted(by_name)))
         owner, f, tp = paths[path]
         if not eq:
             if tp is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
@@ -108,8 +177,8 @@ def apply_overrides(cfg, argv: list[str]):
                 i += 1
                 value = argv[i]
             else:
-                raise ConfigError(f"--{key} needs a value")
-        setattr(owner, f.name, _parse_value(value, tp, key))
+                raise ConfigError(f"--{raw} needs a value")
+        setattr(owner, f.name, _parse_value(value, tp, raw))
         i += 1
     _revalidate(cfg)
     return cfg

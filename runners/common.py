@@ -1,0 +1,31 @@
+"""The ~100M configurations shared by the baseline and per-head runners (dim 768, 12 heads, vocab 32000)."""
+
+from __future__ import annotations
+
+from llama.model import HeadLayerArgs, ModelArgs
+from training.config import DataConfig, OptimConfig, TrainConfig
+
+
+def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
+    kind = "perhead" if per_head else "baseline"
+    return TrainConfig(
+        name=f"{kind}_{n_layers}_layer",
+        model=ModelArgs(
+            dim=768,
+            n_layers=n_layers,
+            n_heads=12,
+            vocab_size=32000,  # replaced by the tokenizer's size at start
+            max_seq_len=1024,
+            head_layer=HeadLayerArgs(hidden_dim=64, activation="silu") if per_head else None,
+        ),
+        data=DataConfig(vocab_size=32000),
+        optim=OptimConfig(lr=6e-4, warmup_steps=200, weight_decay=0.1),
+        max_steps=5000,  # 5000 x 16 x 1024 = 82M tokens: ~10 passes over the default corpus
+        batch_size=16,
+        seq_len=1024,
+        eval_interval=250,
+        eval_iters=20,
+        ckpt_interval=500,
+        keep_last=2,
+        keep_every=1000,  # kept for checkpoints-over-training studies
+    )

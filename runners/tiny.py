@@ -1,0 +1,46 @@
+"""The embedded default: a small per-head Llama trained on the Python standard library on CPU in minutes.
+
+python -m runners.tiny                          # per-head layers on
+python -m runners.tiny --name tiny_baseline --no-head-layer
+"""
+
+import sys
+
+from llama.model import HeadLayerArgs, ModelArgs
+from training.config import DataConfig, OptimConfig, TrainConfig
+from training.trainer import run
+
+
+def config(per_head: bool = True) -> TrainConfig:
+    return TrainConfig(
+        name="tiny" if per_head else "tiny_baseline",
+        model=ModelArgs(
+            dim=128,
+            n_layers=4,
+            n_heads=4,
+            vocab_size=4096,  # replaced by the tokenizer's size at start
+            max_seq_len=256,
+            head_layer=HeadLayerArgs() if per_head else None,
+        ),
+        data=DataConfig(vocab_size=4096),
+        optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1),
+        max_steps=300,
+        batch_size=16,
+        seq_len=256,
+        eval_interval=100,
+        eval_iters=10,
+        log_interval=10,
+        ckpt_interval=100,
+        keep_last=3,
+        device="cpu",
+    )
+
+
+def main():
+    argv = sys.argv[1:]
+    per_head = "--no-head-layer" not in argv
+    run(config(per_head), [a for a in argv if a != "--no-head-layer"])
+
+
+if __name__ == "__main__":
+    main()

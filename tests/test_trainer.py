@@ -1,0 +1,221 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.trainer as trainer_mod
+from llama.model import HeadLayerArgs, ModelArgs
+from training.checkpoint import list_checkpoints, load_model
+from training.config import ConfigError, DataConfig, OptimConfig, TrainConfig, apply_overrides
+from training.data import BatchSampler
+from training.trainer import NonFiniteLoss, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, stdlib_docs):
+    root = tmp_path_factory.mktemp("corpus")
+    for d in stdlib_docs[:80]:
+        p = root / d.name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(d.text, encoding="utf-8")
+    return root, tmp_path_factory.mktemp("data_cache")
+
+
+def small_config(tmp_path, corpus, **kw) -> TrainConfig:
+    folder, cache = corpus
+    cfg = TrainConfig(
+        name="t",
+        model=ModelArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=32, head_layer=HeadLayerArgs()),
+        data=DataConfig(corpus=str(folder), vocab_size=500, cache_dir=str(cache)),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        max_steps=8,
+        batch_size=4,
+        seq_len=32,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=1,
+        ckpt_interval=2,
+        keep_last=2,
+        keep_every=4,
+        device="cpu",
+        out_dir=str(tmp_path / "ckpt"),
+        log_dir=str(tmp_path / "logs"),
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_train_logs_checkpoints_and_learns(tmp_path, corpus):
+    cfg = small_config(tmp_path, corpus, max_steps=12, ckpt_interval=2)
+    summary = train(cfg)
+    metrics = read_jsonl(tmp_path / "logs/t/metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert set(metrics[0]) >= {"step", "loss", "lr", "tokens", "elapsed_s", "tokens_per_s", "mfu"}
+    assert metrics[0]["mfu"] is None  # no known peak on a CPU: not reported rather than guessed
+    assert metrics[-1]["tokens"] == 12 * 4 * 32
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
+    assert [v["step"] for v in read_jsonl(tmp_path / "logs/t/val.jsonl")] == [4, 8, 12]
+    # keep the newest two plus multiples of keep_every=4
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt/t")] == [4, 8, 10, 12]
+    saved = json.loads((tmp_path / "logs/t/summary.json").read_text())
+    assert saved["final_val_loss"] == summary["final_val_loss"] and saved["per_head"] is True
+    model = load_model(tmp_path / "ckpt/t")
+    assert model.params.vocab_size == 500 and model.params.head_layer == HeadLayerArgs()
+
+
+def test_existing_run_is_never_silently_overwritten(tmp_path, corpus):
+    train(small_config(tmp_path, corpus, max_steps=2))
+    before = (tmp_path / "logs/t/metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="already exists.*--resume.*--overwrite"):
+        train(small_config(tmp_path, corpus, max_steps=2))
+    assert (tmp_path / "logs/t/metrics.jsonl").read_text() == before
+    train(small_config(tmp_path, corpus, max_steps=3, overwrite=True))
+    assert len(read_jsonl(tmp_path / "logs/t/metrics.jsonl")) == 3
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        train(small_config(tmp_path, corpus, name="other", resume=True))
+
+
+def test_resume_equals_uninterrupted_training_bit_exact(tmp_path, corpus, monkeypatch):
+    train(small_config(tmp_path / "a", corpus))
+    full = read_jsonl(tmp_path / "a/logs/t/metrics.jsonl")
+
+    original = BatchSampler.get
+
+    def interrupt_at_step_5(self, step, *a, **k):
+        if step == 5 and self.global_batch == 4:  # a training batch, not a validation one
+            raise KeyboardInterrupt
+        return original(self, step, *a, **k)
+
+    monkeypatch.setattr(BatchSampler, "get", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tmp_path / "b", corpus))
+    assert [s for s, _ in list_checkpoints(tmp_path / "b/ckpt/t")][-1] == 4
+    monkeypatch.setattr(BatchSampler, "get", original)
+    train(small_config(tmp_path / "b", corpus, resume=True))
+    resumed = read_jsonl(tmp_path / "b/logs/t/metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]  # exactly, not approximately
+    a, b = load_model(tmp_path / "a/ckpt/t"), load_model(tmp_path / "b/ckpt/t")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    calls = {"n": 0}
+    original = trainer_mod.loss_fn
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = original(logits, targets)
+        return loss * float("nan") if calls["n"] > 5 + 2 else loss  # 5 steps + one 2-batch validation
+
+    monkeypatch.setattr(trainer_mod, "loss_fn", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan .*at step 6;.*last good checkpoint is .*step_4"):
+        train(small_config(tmp_path, corpus))
+    model = load_model(tmp_path / "ckpt/t/step_4")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(optim=OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10))
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg, 110) >= lr_at(s + 1, cfg, 110) for s in range(10, 110))
+
+
+def test_runner_configs_and_overrides():
+    import runners.baseline_5_layer as b5
+    import runners.perhead_6_layer as p6
+    from llama.model import Transformer, count_params
+
+    cfg = apply_overrides(p6.config(), ["--max-steps", "200", "--device", "cpu", "--hidden-dim", "32"])
+    assert (cfg.max_steps, cfg.device, cfg.model.head_layer.hidden_dim) == (200, "cpu", 32)
+    assert cfg.model.n_layers == 6 and cfg.seq_len == 1024 and cfg.model.dim == 768
+    with pytest.raises(ConfigError, match="unknown config key --max-step"):
+        apply_overrides(p6.config(), ["--max-step", "2"])
+    with pytest.raises(ConfigError, match="ambiguous.*--model.vocab_size.*--data.vocab_size"):
+        apply_overrides(p6.config(), ["--vocab-size", "2"])
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(p6.config(), ["--batch-size", "1.5"])
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        apply_overrides(b5.config(), ["--seq-len", "4096"])
+    with torch.device("meta"):
+        n = count_params(Transformer(b5.config().model))["total"]
+    assert 80e6 < n < 90e6
+
+
+def _run_losses(tmp_path, corpus, nproc, batch_size, parallel):
+    folder, cache = corpus
+    args = [
+        "--name",
+        "d",
+        "--dim",
+        "32",
+        "--n-layers",
+        "2",
+        "--n-heads",
+        "4",
+        "--multiple-of",
+        "16",
+        "--max-seq-len",
+        "32",
+        "--seq-len",
+        "32",
+        "--corpus",
+        str(folder),
+        "--cache-dir",
+        str(cache),
+        "--data.vocab-size",
+        "500",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        str(batch_size),
+        "--eval-interval",
+        "4",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--ckpt-interval",
+        "4",
+        "--parallel",
+        parallel,
+        "--out-dir",
+        str(tmp_path / "ckpt"),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "runners.tiny"] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [m["loss"] for m in read_jsonl(tmp_path / "logs/d/metrics.jsonl")], load_model(tmp_path / "ckpt/d")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, parallel):
+    single, m1 = _run_losses(tmp_path / "one", corpus, 1, 4, parallel)
+    multi, m2 = _run_losses(tmp_path / "two", corpus, 2, 2, parallel)
+    assert len(single) == len(multi) == 4 and all(math.isfinite(x) for x in multi)
+    assert multi == pytest.approx(single, abs=1e-4)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=k)

@@ -1,0 +1,55 @@
+"""What a result was measured on: git commit, device, versions, and the device's peak FLOP/s."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity). MFU is only reported for these devices:
+# a guessed peak would make the figure meaningless.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    name = device_name(device)
+    if torch.device(device).type != "cuda":
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(device: torch.device | str) -> dict:
+    """The fields every result JSON carries about where and with what it was measured."""
+    return {
+        "git_commit": git_commit(),
+        "device": device_name(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
