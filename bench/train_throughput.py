@@ -20,6 +20,7 @@ import torch
 
 from bench.common import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
+from training.config import run_main
 from training.distributed import pick_device
 from training.hardware import peak_flops, run_metadata
 from training.trainer import loss_fn, make_optimizer
@@ -87,8 +88,10 @@ def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| config | layers | per-head | params | batch x seq | tokens/s (median) | p10-p90 | MFU | step ms |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| config | layers | per-head | params | batch x seq | tokens/s (median) | p10-p90 | MFU | step ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["tokens_per_s"]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']['median']:.1f}%"
@@ -121,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

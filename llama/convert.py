@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama.model import ModelArgs, Transformer
+from training.config import run_main
 
 # our name -> HF name, for every layer; the attention projections of q and k are also permuted
 _LAYER_NAMES = {
@@ -182,4 +183,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

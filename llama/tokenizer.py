@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 # Llama-2's special ids: <unk>=0, <s>=1, </s>=2.
@@ -48,6 +49,16 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text each token stands for: 1 for a byte-fallback token, 0 for <unk>/<s>/</s>."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
 
 
 def _training_chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -91,6 +102,9 @@ def train_tokenizer(
             split_digits=True,
             allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become single tokens
             remove_extra_whitespaces=False,
+            # No "▁" is prepended to the text, so the pieces' bytes add up to exactly the text's bytes, which
+            # bits-per-byte relies on. (Llama-2 prepends one; code has no use for it.)
+            add_dummy_prefix=False,
             normalization_rule_name="identity",
             max_sentence_length=4 * TRAIN_CHUNK_CHARS,  # bytes
             shuffle_input_sentence=True,

@@ -5,6 +5,7 @@ torchrun --standalone --nproc_per_node=8 -m runners.perhead_7_layer
 """
 
 from runners.common import config_100m
+from training.config import run_main
 from training.trainer import run
 
 
@@ -17,4 +18,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

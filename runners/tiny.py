@@ -7,7 +7,7 @@ python -m runners.tiny --name tiny_baseline --no-head-layer
 import sys
 
 from llama.model import HeadLayerArgs, ModelArgs
-from training.config import DataConfig, OptimConfig, TrainConfig
+from training.config import DataConfig, OptimConfig, TrainConfig, run_main
 from training.trainer import run
 
 
@@ -43,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

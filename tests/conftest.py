@@ -3,7 +3,7 @@ import torch
 
 from llama.model import HeadLayerArgs, ModelArgs
 from llama.tokenizer import train_tokenizer
-from training.config import DataConfig
+from training.config import DataConfig, OptimConfig, TrainConfig
 from training.data import load_documents
 
 
@@ -33,3 +33,55 @@ def small_tokenizer(tmp_path_factory, stdlib_docs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, stdlib_docs):
+    """(folder of 80 standard-library files, data cache folder) shared by the tests that train."""
+    root = tmp_path_factory.mktemp("corpus")
+    for d in stdlib_docs[:80]:
+        p = root / d.name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(d.text, encoding="utf-8")
+    return root, tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def make_config(corpus):
+    """Factory for a seconds-long CPU training config writing under ``tmp_path``; keywords override fields."""
+    folder, cache = corpus
+
+    def make(tmp_path, **overrides) -> TrainConfig:
+        cfg = TrainConfig(
+            name="t",
+            model=ModelArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=32, head_layer=HeadLayerArgs()),
+            data=DataConfig(corpus=str(folder), vocab_size=500, cache_dir=str(cache)),
+            optim=OptimConfig(lr=1e-2, warmup_steps=2),
+            max_steps=8,
+            batch_size=4,
+            seq_len=32,
+            eval_interval=4,
+            eval_iters=2,
+            log_interval=1,
+            ckpt_interval=2,
+            keep_last=2,
+            keep_every=4,
+            device="cpu",
+            out_dir=str(tmp_path / "ckpt"),
+            log_dir=str(tmp_path / "logs"),
+        )
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, make_config):
+    """A per-head model trained for 30 steps, with its run folder: checkpoints/t/step_30."""
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("trained")
+    train(make_config(root, max_steps=30, ckpt_interval=30, eval_interval=30))
+    return root / "ckpt" / "t"

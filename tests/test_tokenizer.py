@@ -41,3 +41,10 @@ def test_vocab_too_large_is_a_clear_error(tmp_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing or empty"):
         Tokenizer(tmp_path / "none.model")
+
+
+def test_token_bytes_add_up_to_the_text(small_tokenizer, stdlib_docs):
+    table = small_tokenizer.token_bytes()
+    for d in stdlib_docs[5::97]:
+        ids = small_tokenizer.encode(d.text, bos=True, eos=True)
+        assert table[ids].sum() == len(d.text.encode("utf-8")), d.name

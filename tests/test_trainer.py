@@ -9,56 +9,21 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
-from llama.model import HeadLayerArgs, ModelArgs
+from llama.model import HeadLayerArgs
 from training.checkpoint import list_checkpoints, load_model
-from training.config import ConfigError, DataConfig, OptimConfig, TrainConfig, apply_overrides
+from training.config import ConfigError, OptimConfig, TrainConfig, apply_overrides
 from training.data import BatchSampler
 from training.trainer import NonFiniteLoss, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory, stdlib_docs):
-    root = tmp_path_factory.mktemp("corpus")
-    for d in stdlib_docs[:80]:
-        p = root / d.name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(d.text, encoding="utf-8")
-    return root, tmp_path_factory.mktemp("data_cache")
-
-
-def small_config(tmp_path, corpus, **kw) -> TrainConfig:
-    folder, cache = corpus
-    cfg = TrainConfig(
-        name="t",
-        model=ModelArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=32, head_layer=HeadLayerArgs()),
-        data=DataConfig(corpus=str(folder), vocab_size=500, cache_dir=str(cache)),
-        optim=OptimConfig(lr=1e-2, warmup_steps=2),
-        max_steps=8,
-        batch_size=4,
-        seq_len=32,
-        eval_interval=4,
-        eval_iters=2,
-        log_interval=1,
-        ckpt_interval=2,
-        keep_last=2,
-        keep_every=4,
-        device="cpu",
-        out_dir=str(tmp_path / "ckpt"),
-        log_dir=str(tmp_path / "logs"),
-    )
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_train_logs_checkpoints_and_learns(tmp_path, corpus):
-    cfg = small_config(tmp_path, corpus, max_steps=12, ckpt_interval=2)
+def test_train_logs_checkpoints_and_learns(tmp_path, make_config):
+    cfg = make_config(tmp_path, max_steps=12, ckpt_interval=2)
     summary = train(cfg)
     metrics = read_jsonl(tmp_path / "logs/t/metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 13))
@@ -75,20 +40,20 @@ def test_train_logs_checkpoints_and_learns(tmp_path, corpus):
     assert model.params.vocab_size == 500 and model.params.head_layer == HeadLayerArgs()
 
 
-def test_existing_run_is_never_silently_overwritten(tmp_path, corpus):
-    train(small_config(tmp_path, corpus, max_steps=2))
+def test_existing_run_is_never_silently_overwritten(tmp_path, make_config):
+    train(make_config(tmp_path, max_steps=2))
     before = (tmp_path / "logs/t/metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="already exists.*--resume.*--overwrite"):
-        train(small_config(tmp_path, corpus, max_steps=2))
+        train(make_config(tmp_path, max_steps=2))
     assert (tmp_path / "logs/t/metrics.jsonl").read_text() == before
-    train(small_config(tmp_path, corpus, max_steps=3, overwrite=True))
+    train(make_config(tmp_path, max_steps=3, overwrite=True))
     assert len(read_jsonl(tmp_path / "logs/t/metrics.jsonl")) == 3
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
-        train(small_config(tmp_path, corpus, name="other", resume=True))
+        train(make_config(tmp_path, name="other", resume=True))
 
 
-def test_resume_equals_uninterrupted_training_bit_exact(tmp_path, corpus, monkeypatch):
-    train(small_config(tmp_path / "a", corpus))
+def test_resume_equals_uninterrupted_training_bit_exact(tmp_path, make_config, monkeypatch):
+    train(make_config(tmp_path / "a"))
     full = read_jsonl(tmp_path / "a/logs/t/metrics.jsonl")
 
     original = BatchSampler.get
@@ -100,10 +65,10 @@ def test_resume_equals_uninterrupted_training_bit_exact(tmp_path, corpus, monkey
 
     monkeypatch.setattr(BatchSampler, "get", interrupt_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        train(small_config(tmp_path / "b", corpus))
+        train(make_config(tmp_path / "b"))
     assert [s for s, _ in list_checkpoints(tmp_path / "b/ckpt/t")][-1] == 4
     monkeypatch.setattr(BatchSampler, "get", original)
-    train(small_config(tmp_path / "b", corpus, resume=True))
+    train(make_config(tmp_path / "b", resume=True))
     resumed = read_jsonl(tmp_path / "b/logs/t/metrics.jsonl")
     assert [m["step"] for m in resumed] == list(range(1, 9))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in full]  # exactly, not approximately
@@ -112,7 +77,7 @@ def test_resume_equals_uninterrupted_training_bit_exact(tmp_path, corpus, monkey
         assert torch.equal(va, vb), k
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, make_config, monkeypatch):
     calls = {"n": 0}
     original = trainer_mod.loss_fn
 
@@ -123,7 +88,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeyp
 
     monkeypatch.setattr(trainer_mod, "loss_fn", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"loss became nan .*at step 6;.*last good checkpoint is .*step_4"):
-        train(small_config(tmp_path, corpus))
+        train(make_config(tmp_path))
     model = load_model(tmp_path / "ckpt/t/step_4")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from llama.model import ModelArgs, Transformer
 
-MODEL_FILE, ARGS_FILE = "model.safetensors", "model_args.json"
+MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -46,18 +46,21 @@ def atomic_dir(final: str | os.PathLike):
         raise
 
 
-def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None):
-    """``state_dict`` defaults to the model's; the trainer passes the full one gathered from FSDP shards."""
+def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None, tokenizer: Path | None = None):
+    """``state_dict`` defaults to the model's; the trainer passes the full one gathered from FSDP shards.
+    A copy of the tokenizer makes the folder self-contained for evaluation."""
     sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.params.tie_embeddings:
         sd.pop("output.weight")  # the same tensor as tok_embeddings.weight; safetensors refuses shared memory
     save_file(sd, str(folder / MODEL_FILE), metadata={"format": "pt"})
     (folder / ARGS_FILE).write_text(json.dumps(model.params.to_dict(), indent=2))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
 
 
-def save_model(model: Transformer, out_dir: str | os.PathLike) -> Path:
+def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer: Path | None = None) -> Path:
     with atomic_dir(out_dir) as tmp:
-        write_model_files(model, tmp)
+        write_model_files(model, tmp, tokenizer=tokenizer)
     return Path(out_dir)
 
 
@@ -72,6 +75,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             return steps[-1][1]
         raise FileNotFoundError(f"{p} holds no {MODEL_FILE} and no step_N checkpoints; train first")
     raise FileNotFoundError(f"checkpoint {p} does not exist; pass a checkpoints/<run> or step_N folder")
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """The tokenizer saved with a checkpoint (or model folder)."""
+    folder = resolve_checkpoint(path)
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}; save the model with its tokenizer")
+    return folder / TOKENIZER_FILE
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
@@ -107,13 +118,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 OPTIM_FILE, RNG_FILE, STATE_FILE = "optimizer.pt", "rng.pt", "state.json"
 
 
-def save_checkpoint(folder: Path, model: Transformer, model_state: dict, optim_state: dict, state: dict) -> Path:
+def save_checkpoint(
+    folder: Path, model: Transformer, model_state: dict, optim_state: dict, state: dict, tokenizer: Path
+) -> Path:
     """Model (safetensors), optimizer, RNG states and ``state`` (step, tokens, config ...) in one atomic folder."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with atomic_dir(folder) as tmp:
-        write_model_files(model, tmp, model_state)
+        write_model_files(model, tmp, model_state, tokenizer)
         torch.save(optim_state, tmp / OPTIM_FILE)
         torch.save(rng, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))

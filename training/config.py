@@ -8,6 +8,7 @@ appears twice. Unknown keys and values of the wrong type are errors, never silen
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,3 +194,14 @@ def _revalidate(cfg):
     post = getattr(cfg, "__post_init__", None)
     if post is not None:
         post()
+
+
+def run_main(main, *args):
+    """Run a command's ``main``; the errors our checks raise print as one line (no traceback) and exit 2."""
+    try:
+        return main(*args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

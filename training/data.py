@@ -26,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from llama.tokenizer import Tokenizer, train_tokenizer
-from training.config import DataConfig, apply_overrides
+from training.config import DataConfig, apply_overrides, run_main
 
 MANIFEST_VERSION = 1
+TOKENIZER_FORMAT = 2  # bump when train_tokenizer's options change, so cached tokenizers are rebuilt
 ENCODE_BATCH_DOCS = 64
 
 
@@ -185,6 +186,7 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
 def _settings_key(cfg: DataConfig) -> str:
     # Only the settings that change the output; cache_dir and the corpus location are not among them.
     keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "corpus")}
+    keep["tokenizer_format"] = TOKENIZER_FORMAT
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -315,4 +317,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

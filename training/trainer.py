@@ -42,7 +42,7 @@ from training.data import BatchSampler, prepare
 from training.hardware import peak_flops, run_metadata
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(FloatingPointError):
     pass
 
 
@@ -205,7 +205,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                 "config": dataclasses.asdict(cfg),
                 "data_dir": str(data.dir),
             }
-            save_checkpoint(ckpt_dir / f"step_{step}", model, msd, osd, state)
+            save_checkpoint(ckpt_dir / f"step_{step}", model, msd, osd, state, data.tokenizer.path)
             prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)
         D.barrier(info)
 

@@ -1,0 +1,88 @@
+"""What every evaluator shares: loading a checkpoint for evaluation, its held-out data, and writing results."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, tokenizer_path
+from training.data import load_prepared
+from training.distributed import pick_device
+from training.hardware import run_metadata
+
+
+@dataclass
+class Evaluated:
+    name: str  # run@step_N, or the model folder's name
+    folder: Path
+    model: Transformer
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype used for the forward passes
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def model_name(folder: Path) -> str:
+    return f"{folder.parent.name}@{folder.name}" if folder.name.startswith("step_") else folder.name
+
+
+def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
+    folder = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    model = load_model(folder, dev).eval()
+    tok = Tokenizer(tokenizer_path(folder))
+    if tok.vocab_size != model.params.vocab_size:
+        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
+    dt = {
+        "auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }
+    if dtype not in dt:
+        raise ValueError(f"dtype={dtype!r} is unknown; use auto, bfloat16 or float32")
+    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype])
+
+
+def held_out(folder: Path) -> tuple[np.ndarray, int, Path]:
+    """(validation tokens, their UTF-8 byte count, data folder) of the data a checkpoint was trained on."""
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {STATE_FILE}, so its training data is unknown; pass --corpus")
+    data_dir = Path(json.loads(state_path.read_text())["data_dir"])
+    try:
+        data = load_prepared(data_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the training data of {folder} ({data_dir}) is gone; prepare it again with the run's data settings "
+            "(python -m training.data ...) or pass --corpus"
+        ) from None
+    return data.val, data.manifest["splits"]["val"]["bytes"], data_dir
+
+
+def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
+    """The packed stream ``<s> doc </s> <s> doc </s> ...`` back into one array per document (without <s>)."""
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+    ends = list(starts[1:]) + [len(tokens)]
+    return [np.asarray(tokens[s + 1 : e]) for s, e in zip(starts, ends, strict=True)]
+
+
+def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -> Path:
+    """Write ``payload`` plus where it was measured (commit, device, torch) as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**run_metadata(device), **payload}, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,63 @@
+"""Text in, text out: batched generation from a checkpoint with stop strings, for the evaluators."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from eval.common import Evaluated
+from llama.generation import generate
+
+
+def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """Keep the end of a prompt that would not leave room for the continuation within the trained context."""
+    keep = max(1, max_seq_len - max_new_tokens)
+    return ids if len(ids) <= keep else ids[-keep:]
+
+
+def complete(
+    ev: Evaluated,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    stop_strings: list[str] | None = None,
+    batch_size: int = 8,
+    n_samples: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[str]]:
+    """``n_samples`` continuations of each prompt (texts of the new tokens, up to and including a stop string)."""
+    tok = ev.tokenizer
+    encoded = [fit_prompt(tok.encode(p, bos=True), ev.model.params.max_seq_len, max_new_tokens) for p in prompts]
+
+    def stop(ids: list[int]) -> bool:
+        return bool(stop_strings) and any(s in tok.decode(ids) for s in stop_strings)
+
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    out: list[list[str]] = [[] for _ in prompts]
+    gen = torch.Generator(device=ev.device).manual_seed(seed)
+    total = n_samples * len(prompts)
+    with tqdm(total=total, desc="generate", unit="seq", disable=not progress) as bar, ev.autocast():
+        for _ in range(n_samples):
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                new = generate(
+                    ev.model,
+                    [encoded[i] for i in idx],
+                    max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    eos_id=tok.eos_id,
+                    stop=stop,
+                    generator=gen,
+                )
+                for i, ids in zip(idx, new, strict=True):
+                    out[i].append(tok.decode(ids))
+                bar.update(len(idx))
+    return out
+
+
+def prompts_truncated(ev: Evaluated, prompts: list[str], max_new_tokens: int) -> int:
+    limit = max(1, ev.model.params.max_seq_len - max_new_tokens)
+    return sum(len(ev.tokenizer.encode(p, bos=True)) > limit for p in prompts)

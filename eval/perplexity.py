@@ -1,0 +1,177 @@
+"""Token-level NLL, perplexity and bits-per-byte with a sliding window.
+
+    python -m eval.perplexity checkpoints/tiny                              # the run's held-out split
+    python -m eval.perplexity checkpoints/tiny --corpus notes/ --file-glob '**/*.md'
+    python -m eval.perplexity checkpoints/run --corpus wikitext --hf-config wikitext-2-raw-v1 --hf-split test
+
+Windows of ``context`` tokens start every ``stride`` tokens; each scores only the tokens no earlier window
+scored, so with stride < context every token (but the first) is predicted from at least context - stride
+tokens of history. Bits-per-byte divides the summed NLL by the UTF-8 bytes of the scored tokens, which
+compares models with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eval.common import held_out, load_for_eval, write_result
+from training.config import DataConfig, run_main
+from training.data import load_documents
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored target) of each window over a stream of ``n_tokens`` tokens."""
+    if not 0 < stride <= context:
+        raise ValueError(f"stride={stride} must be in 1..context={context}")
+    out, prev_end = [], 0
+    for begin in range(0, max(n_tokens - 1, 1), stride):
+        end = min(begin + context, n_tokens)
+        first = max(prev_end, begin + 1)  # target positions first..end-1 are new
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model,
+    tokens: np.ndarray | torch.Tensor,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    token_bytes: np.ndarray | None = None,
+    autocast=None,
+    progress: bool = False,
+) -> dict:
+    """Summed NLL (nats) over the scored targets, their count and, given ``token_bytes``, their bytes."""
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    device = next(model.parameters()).device
+    wins = windows(len(tokens), context, stride)
+    # windows of equal length go through the model together; only the last one can be shorter
+    groups: dict[int, list] = {}
+    for w in wins:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    nll_sum, n_scored, n_bytes = 0.0, 0, 0
+    bar = tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress)
+    for ws in groups.values():
+        for i in range(0, len(ws), batch_size):
+            batch = ws[i : i + batch_size]
+            rows = torch.stack([tokens[b:e] for b, e, _ in batch]).to(device)
+            x, y = rows[:, :-1], rows[:, 1:]
+            with autocast or nullcontext():
+                logits = model(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(len(batch), -1)
+            for row, (b, e, first) in enumerate(batch):
+                scored = nll[row, first - b - 1 :]  # target position p sits at column p - b - 1
+                nll_sum += scored.double().sum().item()
+                n_scored += scored.numel()
+                if token_bytes is not None:
+                    n_bytes += int(token_bytes[tokens[first:e].numpy()].sum())
+            bar.update(len(batch))
+    bar.close()
+    return {"nll_sum": nll_sum, "tokens_scored": n_scored, "bytes_scored": n_bytes if token_bytes is not None else None}
+
+
+def summarize(r: dict) -> dict:
+    loss = r["nll_sum"] / r["tokens_scored"]
+    out = {**r, "loss": loss, "perplexity": math.exp(loss)}
+    # bits per byte: nats -> bits, per UTF-8 byte of the scored text (Gao et al., 2020, The Pile)
+    out["bits_per_byte"] = r["nll_sum"] / math.log(2) / r["bytes_scored"] if r.get("bytes_scored") else None
+    return out
+
+
+def corpus_tokens(cfg: DataConfig, tokenizer) -> np.ndarray:
+    docs = load_documents(cfg)
+    ids = tokenizer.encode_batch([d.text for d in docs], bos=True, eos=True)
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+
+
+def evaluate_perplexity(
+    ev,
+    corpus: DataConfig | None,
+    context: int | None,
+    stride: int | None,
+    batch_size: int,
+    max_tokens: int | None,
+    progress: bool = True,
+) -> dict:
+    context = context or ev.model.params.max_seq_len
+    stride = stride or context // 2
+    if corpus is None:
+        tokens, _, data_dir = held_out(ev.folder)
+        source = f"held-out split of {data_dir}"
+    else:
+        tokens, source = corpus_tokens(corpus, ev.tokenizer), corpus.corpus or "default corpus"
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    t0 = time.perf_counter()
+    r = sliding_window_nll(
+        ev.model, tokens, context, stride, batch_size, ev.tokenizer.token_bytes(), ev.autocast(), progress
+    )
+    return {
+        **summarize(r),
+        "source": source,
+        "context": context,
+        "stride": stride,
+        "batch": batch_size,
+        "dtype": str(ev.dtype).removeprefix("torch."),
+        "time_s": time.perf_counter() - t0,
+    }
+
+
+def add_corpus_args(p: argparse.ArgumentParser):
+    p.add_argument("--corpus", help="text folder/file or HF dataset (default: the run's held-out split)")
+    p.add_argument("--file-glob", default="**/*.py")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--hf-config", default=None)
+    p.add_argument("--hf-split", default="test")
+
+
+def corpus_from_args(a) -> DataConfig | None:
+    if a.corpus is None:
+        return None
+    return DataConfig(
+        corpus=a.corpus, file_glob=a.file_glob, text_field=a.text_field, hf_config=a.hf_config, hf_split=a.hf_split
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    add_corpus_args(p)
+    p.add_argument("--context", type=int, default=None, help="window length (default: model max_seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="default: context / 2")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None, help="default: results/<model>-perplexity.json")
+    a = p.parse_args(argv)
+    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    r = evaluate_perplexity(ev, corpus_from_args(a), a.context, a.stride, a.batch_size, a.max_tokens)
+    out = write_result(
+        a.out or Path("results") / f"{ev.name}-perplexity.json",
+        {"evaluator": "perplexity", "model": ev.name, "checkpoint": str(ev.folder), **r},
+        ev.device,
+    )
+    bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+    print(
+        f"{ev.name}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, bits/byte {bpb} "
+        f"over {r['tokens_scored']:,} tokens ({r['source']}) -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

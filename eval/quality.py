@@ -1,0 +1,114 @@
+"""All quality evaluators on one checkpoint: perplexity, text metrics, HumanEval pass@k.
+
+    python -m eval.quality checkpoints/tiny
+    python -m eval.quality checkpoints/baseline_8_layer --humaneval-samples 20 --temperature 0.8 --k 1 10
+
+Writes results/<model>-quality.json and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from eval.common import load_for_eval, write_result
+from eval.generate import complete, prompts_truncated
+from eval.humaneval import STOP_STRINGS, load_problems, score_completions, trim_completion
+from eval.perplexity import add_corpus_args, corpus_from_args, evaluate_perplexity
+from eval.text_metrics import continuation_task, score_texts
+from training.config import run_main
+
+
+def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):
+    problems = load_problems(limit)
+    prompts = [p["prompt"] for p in problems]
+    texts = complete(ev, prompts, max_new_tokens, temperature, top_p, STOP_STRINGS, batch_size, n_samples)
+    completions = [[trim_completion(t) for t in ts] for ts in texts]
+    executed = score_completions(problems, completions, ks, timeout_s, memory_mb)
+    text = score_texts([c[0] for c in completions], [p["canonical_solution"] for p in problems])
+    return {
+        "pass": executed,
+        "text_metrics": text,
+        "n_samples": n_samples,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "prompts_truncated": prompts_truncated(ev, prompts, max_new_tokens),
+        "examples": [
+            {"task_id": p["task_id"], "completion": c[0]} for p, c in zip(problems[:3], completions[:3], strict=True)
+        ],
+    }
+
+
+def table(r: dict) -> str:
+    ppl, cont, he = r["perplexity"], r["continuation"], r["humaneval"]
+    rows = [
+        ("perplexity", f"{ppl['perplexity']:.3f}"),
+        ("loss (nats/token)", f"{ppl['loss']:.4f}"),
+        ("bits per byte", f"{ppl['bits_per_byte']:.4f}" if ppl["bits_per_byte"] else "n/a"),
+        ("continuation BLEU / chrF / ROUGE-L", f"{cont['bleu']:.2f} / {cont['chrf']:.2f} / {cont['rougeL']:.2f}"),
+        (
+            "HumanEval BLEU / chrF / ROUGE-L",
+            f"{he['text_metrics']['bleu']:.2f} / {he['text_metrics']['chrf']:.2f} / {he['text_metrics']['rougeL']:.2f}",
+        ),
+    ]
+    rows += [(f"HumanEval {k}", f"{v:.3f}") for k, v in he["pass"].items() if k.startswith("pass@")]
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    add_corpus_args(p)
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: context / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity on the first N tokens only")
+    p.add_argument("--n-docs", type=int, default=50, help="held-out documents for continuations")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--continuation-tokens", type=int, default=64)
+    p.add_argument("--humaneval-limit", type=int, default=None, help="first N of the 164 problems")
+    p.add_argument("--humaneval-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--k", type=int, nargs="+", default=[1])
+    p.add_argument("--max-new-tokens", type=int, default=128, help="HumanEval completion length")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address space per HumanEval program")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    result = {
+        "evaluator": "quality",
+        "model": ev.name,
+        "checkpoint": str(ev.folder),
+        "params": sum(x.numel() for x in ev.model.parameters()),
+        "n_layers": ev.model.params.n_layers,
+        "per_head": ev.model.params.head_layer is not None,
+        "perplexity": evaluate_perplexity(ev, corpus_from_args(a), None, a.stride, a.batch_size, a.max_tokens),
+        "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),
+        "humaneval": humaneval_task(
+            ev,
+            a.humaneval_limit,
+            a.humaneval_samples,
+            a.temperature,
+            a.top_p,
+            a.k,
+            a.max_new_tokens,
+            a.batch_size,
+            a.timeout,
+            a.memory_mb,
+        ),
+    }
+    result["time_s"] = time.perf_counter() - t0
+    out = write_result(a.out or Path("results") / f"{ev.name}-quality.json", result, ev.device)
+    print(table(result))
+    print(f"-> {out} ({result['time_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

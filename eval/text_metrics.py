@@ -1,0 +1,63 @@
+"""BLEU, chrF and ROUGE of generations against real reference text.
+
+Two tasks, neither with references written here: (1) held-out continuations: the prompt is the first
+``prompt_tokens`` tokens of a held-out document and the reference its next ``continuation_tokens`` tokens;
+(2) HumanEval: the prompt is a function's signature and docstring, the reference its canonical solution.
+BLEU and chrF come from sacrebleu (corpus level), ROUGE-1/2/L F1 from rouge-score (mean over pairs), all on
+a 0-100 scale.
+"""
+
+from __future__ import annotations
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from eval.common import Evaluated, held_out, split_documents_at_bos
+from eval.generate import complete
+
+
+def score_texts(hypotheses: list[str], references: list[str]) -> dict:
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"need as many hypotheses as references (got {len(hypotheses)} and {len(references)})")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rouge = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references, strict=True)]
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        **{k: 100 * sum(r[k].fmeasure for r in rouge) / len(rouge) for k in ("rouge1", "rouge2", "rougeL")},
+        "pairs": len(references),
+    }
+
+
+def continuation_pairs(ev: Evaluated, n_docs: int, prompt_tokens: int, continuation_tokens: int):
+    """(prompts, references) from the first held-out documents long enough for both parts."""
+    tokens, _, _ = held_out(ev.folder)
+    docs = [
+        d for d in split_documents_at_bos(tokens, ev.tokenizer.bos_id) if len(d) > prompt_tokens + continuation_tokens
+    ]
+    docs = docs[:n_docs]
+    if not docs:
+        raise ValueError(
+            f"no held-out document has more than {prompt_tokens + continuation_tokens} tokens; "
+            "lower --prompt-tokens / --continuation-tokens"
+        )
+    prompts = [ev.tokenizer.decode(d[:prompt_tokens]) for d in docs]
+    refs = [ev.tokenizer.decode(d[prompt_tokens : prompt_tokens + continuation_tokens]) for d in docs]
+    return prompts, refs
+
+
+def continuation_task(
+    ev: Evaluated, n_docs: int = 50, prompt_tokens: int = 128, continuation_tokens: int = 64, batch_size: int = 8
+) -> dict:
+    prompts, refs = continuation_pairs(ev, n_docs, prompt_tokens, continuation_tokens)
+    hyps = [c[0] for c in complete(ev, prompts, continuation_tokens, batch_size=batch_size)]
+    return {
+        **score_texts(hyps, refs),
+        "prompt_tokens": prompt_tokens,
+        "continuation_tokens": continuation_tokens,
+        "decoding": "greedy",
+        "examples": [
+            {"prompt": p[-200:], "reference": r, "generated": h}
+            for p, r, h in list(zip(prompts, refs, hyps, strict=True))[:3]
+        ],
+    }
