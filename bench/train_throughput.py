@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import spread, sync, time_repeats
+from eval.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
 from training.config import run_main
 from training.distributed import pick_device

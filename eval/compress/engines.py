@@ -1,0 +1,100 @@
+"""The same model served by other runtime engines: torch.compile, TorchScript and ONNX Runtime.
+
+Engines serve the full forward without KV cache (tokens -> logits), exported with a dynamic batch and
+sequence length; each is checked against eager PyTorch on fresh inputs before it is timed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama.model import Transformer
+
+ENGINES = ("torch", "compile", "torchscript", "onnxruntime")
+
+
+@dataclass
+class Engine:
+    name: str
+    run: object  # tokens (B, T) long tensor -> logits (B, T, V) tensor on the model's device
+    note: str = ""
+
+
+def torch_engine(model: Transformer) -> Engine:
+    return Engine("torch", lambda tokens: model(tokens), "eager PyTorch")
+
+
+def compile_engine(model: Transformer) -> Engine:
+    return Engine("compile", torch.compile(model, dynamic=True), "torch.compile, dynamic shapes")
+
+
+def torchscript_engine(model: Transformer, example: torch.Tensor) -> Engine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values; checked below
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+    return Engine("torchscript", traced, "torch.jit.trace")
+
+
+def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
+    import onnxruntime as ort
+
+    device = example.device
+    path = Path(path or tempfile.mkdtemp(prefix="onnx-")) / "model.onnx"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max(2, model.params.max_seq_len))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=({0: batch, 1: seq},),
+            input_names=["tokens"],
+            output_names=["logits"],
+            verbose=False,
+        )
+    program.save(str(path))
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        # numpy in and out: on CUDA this includes the host<->device copies, as a plain ORT user would see them
+        out = session.run(None, {"tokens": tokens.detach().cpu().numpy().astype(np.int64)})[0]
+        return torch.from_numpy(out).to(device)
+
+    return Engine("onnxruntime", run, f"{session.get_providers()[0]}, numpy I/O, {path}")
+
+
+def build(name: str, model: Transformer, example: torch.Tensor) -> Engine:
+    if name == "torch":
+        return torch_engine(model)
+    if name == "compile":
+        return compile_engine(model)
+    if name == "torchscript":
+        return torchscript_engine(model, example)
+    if name == "onnxruntime":
+        return onnxruntime_engine(model, example)
+    raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
+
+
+@torch.no_grad()
+def check(engine: Engine, model: Transformer, shapes=((1, 7), (3, 12)), atol: float = 1e-4) -> float:
+    """Largest |engine - eager| logit difference over inputs of new shapes; raises above ``atol``."""
+    device = model.output.weight.device
+    worst = 0.0
+    for shape in shapes:
+        tokens = torch.randint(0, model.params.vocab_size, shape, device=device)
+        diff = (engine.run(tokens).float() - model(tokens).float()).abs().max().item()
+        worst = max(worst, diff)
+    if worst > atol:
+        raise AssertionError(f"{engine.name} differs from eager PyTorch by {worst:.2e} > {atol:.0e}")
+    return worst

@@ -1,0 +1,177 @@
+"""Latency per mode, engine and batch size, and energy per token, of one checkpoint.
+
+    python -m eval.efficiency checkpoints/tiny
+    python -m eval.efficiency checkpoints/baseline_8_layer --batch-sizes 1 8 32 --context 512
+
+- ``prefill``: ms to run a ``--prompt-len`` prompt into the KV cache (time to first token);
+- ``decode``: ms per generated token with the KV cache after ``--context`` tokens, and tokens/s (whole batch);
+- ``forward``: ms for a full forward without cache over ``--context`` tokens, per runtime engine;
+- ``energy``: joules per decoded token (NVML on GPUs, RAPL on CPUs where readable, else "unavailable").
+
+Modes default to eager + compile + compile+cudagraphs on CUDA and eager on CPU (``--modes compile`` works on
+CPU too, after a compilation of tens of seconds). Writes results/<model>-efficiency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eval.common import load_for_eval, write_result
+from eval.compress.engines import ENGINES, build, check
+from eval.energy import find_counter, measure_energy
+from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
+from training.config import run_main
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights as stored in memory (parameters and buffers, shared tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def evaluate_efficiency(
+    model,
+    device,
+    batch_sizes,
+    context,
+    prompt_len,
+    n_tokens,
+    modes,
+    engines,
+    energy=True,
+    min_window_s=1.0,
+    idle_s=1.0,
+    repeats=3,
+    progress=True,
+) -> dict:
+    vocab = model.params.vocab_size
+    out = {"prefill": [], "decode": [], "forward": [], "weights_bytes": model_bytes(model)}
+    counter, reason = find_counter(device) if energy else (None, "not requested")
+    jobs = [(m, b) for m in modes for b in batch_sizes]
+    for mode, b in tqdm(jobs, desc="latency", disable=not progress):
+        out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)))
+        row = time_decode(model, b, context, n_tokens, mode, repeats=repeats)
+        if counter is not None:
+            run, cleanup = decode_fn(model, b, context, n_tokens, mode)
+            row["energy"] = measure_energy(run, b * n_tokens, device, min_window_s, idle_s, counter=counter)
+            cleanup()
+        else:
+            row["energy"] = {"method": "unavailable", "reason": reason}
+        out["decode"].append(row)
+    example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
+    for name in tqdm(engines, desc="engines", disable=not progress):
+        try:
+            engine = build(name, model, example)
+            diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
+        except Exception as e:  # an engine that cannot serve this model is reported, not hidden
+            out["forward"].append({"engine": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            continue
+        for b in batch_sizes:
+            row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))
+            out["forward"].append({"engine": name, "note": engine.note, "max_abs_diff": diff, **row})
+    return out
+
+
+def table(r: dict) -> str:
+    lines = [
+        "| what | mode/engine | batch | median ms | p10-p90 ms | tokens/s | J/token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["prefill"]:
+        s = row["ms"]
+        lines.append(
+            f"| prefill {row['prompt_len']} | {row['mode']} | {row['batch']} | {s['median']:.3f} | "
+            f"{s['p10']:.3f}-{s['p90']:.3f} | | |"
+        )
+    for row in r["decode"]:
+        s, e = row["ms_per_token"], row["energy"]
+        j = e.get("j_per_token")
+        jtxt = f"{j:.4f}" if j is not None else e["method"] if e["method"] == "unavailable" else "n/a"
+        lines.append(
+            f"| decode @{row['context_len']} | {row['mode']} | {row['batch']} | {s['median']:.3f} | "
+            f"{s['p10']:.3f}-{s['p90']:.3f} | {row['tokens_per_s']:,.0f} | {jtxt} |"
+        )
+    for row in r["forward"]:
+        if "error" in row:
+            lines.append(f"| forward | {row['engine']} | | failed: {row['error'][:60]} | | | |")
+            continue
+        s = row["ms"]
+        lines.append(
+            f"| forward {row['seq_len']} | {row['engine']} | {row['batch']} | {s['median']:.3f} | "
+            f"{s['p10']:.3f}-{s['p90']:.3f} | {row['tokens_per_s']:,.0f} | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens in the cache before decoding (default: max_seq_len/2); also the forward length",
+    )
+    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default: --context)")
+    p.add_argument("--n-tokens", type=int, default=32, help="decode steps timed per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None)
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--no-energy", action="store_true")
+    p.add_argument("--min-window", type=float, default=1.0, help="seconds; energy windows are at least this")
+    p.add_argument("--idle", type=float, default=1.0, help="seconds of idle power measured before each window")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="weights dtype: auto (bfloat16 on CUDA), bfloat16, float32")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    model = ev.model.to(ev.dtype)  # inference runs in the weights' dtype, no autocast
+    context = a.context or model.params.max_seq_len // 2
+    modes = a.modes or (list(MODES) if ev.device.type == "cuda" else ["eager"])
+    r = evaluate_efficiency(
+        model,
+        ev.device,
+        a.batch_sizes,
+        context,
+        a.prompt_len or context,
+        a.n_tokens,
+        modes,
+        a.engines,
+        not a.no_energy,
+        a.min_window,
+        a.idle,
+        a.repeats,
+    )
+    settings = {
+        "dtype": str(ev.dtype).removeprefix("torch."),
+        "context_len": context,
+        "prompt_len": a.prompt_len or context,
+        "n_tokens": a.n_tokens,
+        "repeats": a.repeats,
+        "batch_sizes": a.batch_sizes,
+        "modes": modes,
+    }
+    info = {
+        "evaluator": "efficiency",
+        "model": ev.name,
+        "checkpoint": str(ev.folder),
+        "params": sum(x.numel() for x in model.parameters()),
+        "n_layers": model.params.n_layers,
+        "per_head": model.params.head_layer is not None,
+    }
+    out = write_result(a.out or Path("results") / f"{ev.name}-efficiency.json", {**info, **settings, **r}, ev.device)
+    print(table(r))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,224 @@
+"""Energy of a piece of work: GPU from NVML's energy counter, CPU from RAPL, or "unavailable" with the reason.
+
+    with EnergyMeter(device) as meter:     # idle power is measured first (idle_s), then the window opens
+        run_the_work()
+    meter.result(units=n_tokens)           # joules, idle power, net joules, joules per unit, method
+
+``measure_energy(fn, units)`` repeats ``fn`` until the window lasts at least ``min_window_s``: NVML's counter
+updates coarsely (a 96 ms window read 0 J on an H100), so short windows are extended rather than trusted.
+A counter that did not advance gives no figure, never a zero.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RAPL_ROOT = "/sys/class/powercap"
+
+
+class NvmlEnergyCounter:
+    """Total energy since the driver loaded (mJ), Volta and newer."""
+
+    method = "nvml-energy-counter"
+
+    def __init__(self, handle, pynvml):
+        self.handle, self.nvml = handle, pynvml
+        self.read_j()  # raises NVMLError_NotSupported on GPUs without the counter
+
+    def read_j(self) -> float:
+        return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+
+class NvmlPowerSampler:
+    """Fallback for GPUs without the counter: power (mW) sampled in a thread, integrated by trapezoids."""
+
+    method = "nvml-power-sampling"
+
+    def __init__(self, handle, pynvml, interval_s: float = 0.01):
+        self.handle, self.nvml, self.interval_s = handle, pynvml, interval_s
+        self._energy, self._last, self._lock, self._stop, self._thread = 0.0, None, threading.Lock(), None, None
+
+    def _sample(self):
+        p, t = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3, time.perf_counter()
+        with self._lock:
+            if self._last is not None:
+                self._energy += 0.5 * (p + self._last[0]) * (t - self._last[1])
+            self._last = (p, t)
+
+    def start(self):
+        self._stop = threading.Event()
+        self._sample()
+
+        def loop():
+            while not self._stop.wait(self.interval_s):
+                self._sample()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def read_j(self) -> float:
+        self._sample()
+        with self._lock:
+            return self._energy
+
+
+class RaplCounter:
+    """Sum of the CPU package domains (intel-rapl:N, not their subdomains), unwrapping counter overflow."""
+
+    method = "rapl"
+
+    def __init__(self, root: str = RAPL_ROOT):
+        self.domains = sorted(d for d in glob.glob(os.path.join(root, "intel-rapl:*")) if d.count(":") == 1)
+        if not self.domains:
+            raise OSError(f"no RAPL package domains under {root}")
+        self.ranges = [int(Path(d, "max_energy_range_uj").read_text()) for d in self.domains]
+        self.last = [self._raw(d) for d in self.domains]  # raises PermissionError where not readable
+        self.total_uj = 0
+
+    @staticmethod
+    def _raw(domain: str) -> int:
+        return int(Path(domain, "energy_uj").read_text())
+
+    def read_j(self) -> float:
+        for i, d in enumerate(self.domains):
+            now = self._raw(d)
+            delta = now - self.last[i]
+            self.total_uj += delta if delta >= 0 else delta + self.ranges[i]  # the counter wrapped around
+            self.last[i] = now
+        return self.total_uj / 1e6
+
+
+def find_counter(device: torch.device | str, rapl_root: str = RAPL_ROOT):
+    """(counter, None) for the best counter of ``device``, or (None, why there is none)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            import pynvml  # from the nvidia-ml-py package
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            try:  # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES may renumber them, the UUID does not
+                uuid = str(torch.cuda.get_device_properties(index).uuid)
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            except (AttributeError, pynvml.NVMLError):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as e:  # ImportError, NVMLError_LibraryNotFound, driver problems ...
+            return None, f"NVML unavailable ({type(e).__name__}: {e})"
+        try:
+            return NvmlEnergyCounter(handle, pynvml), None
+        except pynvml.NVMLError:
+            return NvmlPowerSampler(handle, pynvml), None
+    try:
+        return RaplCounter(rapl_root), None
+    except (OSError, ValueError) as e:
+        return None, f"no readable RAPL energy counter for the CPU ({type(e).__name__}: {e})"
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EnergyMeter:
+    """Context manager: idle power for ``idle_s`` just before, then the energy of the ``with`` body."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        idle_s: float = 1.0,
+        counter=None,
+        reason: str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.device = torch.device(device)
+        if counter is None and reason is None:
+            counter, reason = find_counter(self.device)
+        self.counter, self.reason, self.idle_s, self.clock, self.sleep = counter, reason, idle_s, clock, sleep
+        self.idle_power_w = self.energy_j = self.window_s = None
+
+    def __enter__(self):
+        if self.counter is None:
+            return self
+        if hasattr(self.counter, "start"):
+            self.counter.start()
+        if self.idle_s > 0:
+            _sync(self.device)
+            e0, t0 = self.counter.read_j(), self.clock()
+            self.sleep(self.idle_s)
+            e1, t1 = self.counter.read_j(), self.clock()
+            self.idle_power_w = (e1 - e0) / (t1 - t0) if e1 > e0 else None
+        _sync(self.device)
+        self._e0, self._t0 = self.counter.read_j(), self.clock()
+        return self
+
+    def __exit__(self, *exc):
+        if self.counter is None:
+            return False
+        _sync(self.device)
+        self.energy_j, self.window_s = self.counter.read_j() - self._e0, self.clock() - self._t0
+        if hasattr(self.counter, "stop"):
+            self.counter.stop()
+        return False
+
+    def result(self, units: int | None = None, unit: str = "token") -> dict:
+        if self.counter is None:
+            return {"method": "unavailable", "reason": self.reason}
+        out = {
+            "method": self.counter.method,
+            "window_s": self.window_s,
+            "idle_s": self.idle_s,
+            "idle_power_w": self.idle_power_w,
+        }
+        if not self.energy_j or self.energy_j <= 0:
+            return {**out, "energy_j": None, "reason": "the counter did not advance during the window; lengthen it"}
+        out["energy_j"] = self.energy_j
+        out["avg_power_w"] = self.energy_j / self.window_s
+        if self.idle_power_w is not None:
+            out["idle_energy_j"] = self.idle_power_w * self.window_s
+            out["net_energy_j"] = self.energy_j - out["idle_energy_j"]  # above idle: what the work itself cost
+        if units:
+            out["units"], out["unit"] = units, unit
+            out[f"j_per_{unit}"] = self.energy_j / units
+            if "net_energy_j" in out:
+                out[f"net_j_per_{unit}"] = out["net_energy_j"] / units
+        return out
+
+
+def measure_energy(
+    fn: Callable[[], object],
+    units_per_call: int,
+    device: torch.device | str,
+    min_window_s: float = 1.0,
+    idle_s: float = 1.0,
+    unit: str = "token",
+    **meter_kw,
+) -> dict:
+    """Energy of ``fn`` per unit: ``fn`` is repeated until the window lasts at least ``min_window_s``."""
+    meter = EnergyMeter(device, idle_s=idle_s, **meter_kw)
+    if meter.counter is None:
+        return meter.result()
+    device = torch.device(device)
+    calls = 0
+    with meter:
+        start = meter.clock()
+        while True:
+            fn()
+            calls += 1
+            _sync(device)
+            if meter.clock() - start >= min_window_s:
+                break
+    return {**meter.result(calls * units_per_call, unit), "calls": calls, "min_window_s": min_window_s}

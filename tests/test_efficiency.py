@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from eval.compress.engines import build, check
+from eval.latency import time_decode, time_forward, time_prefill
+from llama.model import Transformer
+
+
+@pytest.fixture
+def model(tiny_perhead_args):
+    m = Transformer(tiny_perhead_args).eval()
+    for layer in m.layers:
+        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    return m
+
+
+def test_latency_fields_and_spread(model):
+    p = time_prefill(model, batch=2, prompt_len=16, warmup=1, repeats=3)
+    d = time_decode(model, batch=2, context_len=16, n_tokens=4, warmup=1, repeats=2)
+    assert p["ms"]["n"] == 3 and 0 < p["ms"]["p10"] <= p["ms"]["median"] <= p["ms"]["p90"]
+    assert d["ms_per_token"]["n"] == 8 and d["tokens_per_s"] == pytest.approx(2e3 / d["ms_per_token"]["median"])
+    assert model.causal_mask is None  # caches removed afterwards
+
+
+def test_compile_mode_runs_on_cpu(model):
+    d = time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile", warmup=2, repeats=1)
+    assert d["ms_per_token"]["median"] > 0
+
+
+def test_cudagraphs_mode_needs_cuda(model):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU error path")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile+cudagraphs")
+
+
+@pytest.mark.parametrize("name", ["torch", "torchscript", "onnxruntime"])
+def test_engines_match_eager_and_accept_new_shapes(model, name):
+    engine = build(name, model, torch.randint(0, 97, (2, 16)))
+    assert check(engine, model, shapes=((1, 5), (3, 20)), atol=1e-4) < 1e-4
+    t = time_forward(engine.run, 97, batch=2, seq_len=16, device=torch.device("cpu"), warmup=1, repeats=2)
+    assert t["ms"]["n"] == 2 and t["tokens_per_s"] > 0
+
+
+def test_engine_check_catches_a_wrong_engine(model):
+    from eval.compress.engines import Engine
+
+    wrong = Engine("wrong", lambda tokens: model(tokens) + 1e-2)
+    with pytest.raises(AssertionError, match="differs from eager"):
+        check(wrong, model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cudagraph_decode_matches_eager_on_gpu(tiny_args):
+    from eval.latency import compiled
+    from llama.generation import decode_one_token
+
+    m = Transformer(tiny_args).cuda().eval()
+    m.setup_caches(1, 16)
+    with torch.no_grad():
+        m(torch.randint(0, 97, (1, 8), device="cuda"), torch.arange(8, device="cuda"))
+        tok, pos = torch.tensor([[3]], device="cuda"), torch.tensor([8], device="cuda")
+        eager = decode_one_token(m, tok, pos)
+        step = compiled(decode_one_token, "compile+cudagraphs", torch.device("cuda"))
+        for _ in range(3):
+            out = step(m, tok, pos)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)

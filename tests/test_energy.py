@@ -1,0 +1,108 @@
+import pytest
+
+from eval.energy import EnergyMeter, RaplCounter, find_counter, measure_energy
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+class FakeCounter:
+    """Joules = idle_w x time + what the fake work adds: an exact, known energy."""
+
+    method = "fake"
+
+    def __init__(self, clock, idle_w=20.0, resolution_j=0.0):
+        self.clock, self.idle_w, self.extra, self.resolution_j = clock, idle_w, 0.0, resolution_j
+
+    def read_j(self):
+        e = self.idle_w * self.clock() + self.extra
+        return e - e % self.resolution_j if self.resolution_j else e
+
+
+def test_window_is_extended_and_idle_is_subtracted():
+    clock = FakeClock()
+    counter = FakeCounter(clock)
+
+    def work():  # 0.1 s at 100 W above idle
+        clock.t += 0.1
+        counter.extra += 10.0
+
+    r = measure_energy(
+        work,
+        units_per_call=5,
+        device="cpu",
+        min_window_s=1.0,
+        idle_s=2.0,
+        counter=counter,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert r["calls"] == 10 and r["window_s"] == pytest.approx(1.0)
+    assert r["idle_power_w"] == pytest.approx(20.0)
+    assert r["energy_j"] == pytest.approx(120.0)  # 100 J of work + 20 J of idle over 1 s
+    assert r["net_energy_j"] == pytest.approx(100.0)
+    assert r["j_per_token"] == pytest.approx(120.0 / 50) and r["net_j_per_token"] == pytest.approx(2.0)
+    assert r["method"] == "fake"
+
+
+def test_short_window_on_a_coarse_counter_gives_no_figure():
+    clock = FakeClock()
+    counter = FakeCounter(clock, idle_w=0.0, resolution_j=1000.0)  # updates only every 1000 J
+
+    def work():
+        clock.t += 0.05
+        counter.extra += 5.0
+
+    r = measure_energy(work, 1, "cpu", min_window_s=0.1, idle_s=0.0, counter=counter, clock=clock, sleep=clock.sleep)
+    assert r["energy_j"] is None and "did not advance" in r["reason"]
+
+
+def test_context_manager_for_training():
+    clock = FakeClock()
+    counter = FakeCounter(clock, idle_w=50.0)
+    with EnergyMeter("cpu", idle_s=0.0, counter=counter, clock=clock, sleep=clock.sleep) as m:
+        clock.t += 3.0
+    r = m.result(units=300)
+    assert r["energy_j"] == pytest.approx(150.0) and r["j_per_token"] == pytest.approx(0.5)
+    assert r["idle_power_w"] is None and "net_energy_j" not in r
+
+
+def test_unavailable_says_why_and_gives_no_number(tmp_path):
+    counter, reason = find_counter("cpu", rapl_root=str(tmp_path))
+    assert counter is None and "RAPL" in reason
+    r = measure_energy(lambda: None, 1, "cpu", counter=None, reason=reason)
+    assert r == {"method": "unavailable", "reason": reason}
+
+
+def test_this_machine_reports_honestly():
+    counter, reason = find_counter("cpu")
+    r = measure_energy(lambda: None, 1, "cpu", min_window_s=0.01, idle_s=0.01)
+    if counter is None:
+        assert r["method"] == "unavailable" and r["reason"]
+    else:
+        assert r["method"] == "rapl"
+
+
+def test_rapl_counter_sums_packages_and_unwraps(tmp_path):
+    for pkg, start in (("intel-rapl:0", 900), ("intel-rapl:1", 100)):
+        d = tmp_path / pkg
+        d.mkdir()
+        (d / "energy_uj").write_text(str(start))
+        (d / "max_energy_range_uj").write_text("1000")
+    sub = tmp_path / "intel-rapl:0:0"  # a subdomain (core): already inside its package, not added again
+    sub.mkdir()
+    (sub / "energy_uj").write_text("5")
+    (sub / "max_energy_range_uj").write_text("1000")
+    c = RaplCounter(str(tmp_path))
+    assert c.read_j() == 0
+    (tmp_path / "intel-rapl:0/energy_uj").write_text("100")  # wrapped: 900 -> 1000 -> 100 is +200 uJ
+    (tmp_path / "intel-rapl:1/energy_uj").write_text("150")  # +50 uJ
+    assert c.read_j() == pytest.approx(250e-6)
