@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from eval.energy import EnergyMeter
 from llama.model import Transformer, count_params, flops_per_token
 from training import distributed as D
 from training.checkpoint import (
@@ -221,68 +222,71 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         disable=not info.is_main,
         unit="step",
     )
+    # Energy of the whole loop on this process's device (rank 0 reports it): NVML / RAPL, else unavailable.
+    meter = EnergyMeter(info.device, idle_s=1.0 if info.is_main else 0.0)
     try:
-        for step in bar:
-            lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=info.device)
-            for micro in range(cfg.grad_accum):
-                start = (info.rank * cfg.grad_accum + micro) * cfg.batch_size
-                x, y = train_sampler.get(step, start=start, count=cfg.batch_size)
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                with D.grad_sync(wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
-                    with autocast:
-                        loss = loss_fn(wrapped(x), y) / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
-                if cfg.optim.grad_clip > 0
-                else None
-            )
-            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                grad_norm = grad_norm.full_tensor()
-            step_loss = D.all_reduce_mean(loss_sum, info).item()
-            if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tokens_per_step
-            last_loss = step_loss
-            done = step + 1
+        with meter:
+            for step in bar:
+                lr = lr_at(step, cfg, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=info.device)
+                for micro in range(cfg.grad_accum):
+                    start = (info.rank * cfg.grad_accum + micro) * cfg.batch_size
+                    x, y = train_sampler.get(step, start=start, count=cfg.batch_size)
+                    x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                    with D.grad_sync(wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
+                        with autocast:
+                            loss = loss_fn(wrapped(x), y) / cfg.grad_accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
+                    if cfg.optim.grad_clip > 0
+                    else None
+                )
+                if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                step_loss = D.all_reduce_mean(loss_sum, info).item()
+                if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+                    raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tokens_seen += tokens_per_step
+                last_loss = step_loss
+                done = step + 1
 
-            if info.is_main and (done % cfg.log_interval == 0 or done == total_steps):
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_log) / (now - t_log)
-                t_log, tokens_log = now, tokens_seen
-                record = {
-                    "step": done,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens": tokens_seen,
-                    "elapsed_s": elapsed_before + now - t0,
-                    "tokens_per_s": tps,
-                    "mfu": None if peak is None else tps * flops_tok / (peak * info.world_size),
-                }
-                _append_jsonl(log_dir / "metrics.jsonl", record)
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
-            if done % cfg.eval_interval == 0 or done == total_steps:
-                last_val = evaluate(wrapped, val_sampler, cfg, info, autocast)
-                if info.is_main:
-                    _append_jsonl(
-                        log_dir / "val.jsonl",
-                        {
-                            "step": done,
-                            "val_loss": last_val,
-                            "tokens": tokens_seen,
-                            "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                        },
-                    )
-                    bar.write(f"step {done}: val loss {last_val:.4f}")
-            if done % cfg.ckpt_interval == 0 or done == total_steps:
-                checkpoint(done)
+                if info.is_main and (done % cfg.log_interval == 0 or done == total_steps):
+                    now = time.perf_counter()
+                    tps = (tokens_seen - tokens_log) / (now - t_log)
+                    t_log, tokens_log = now, tokens_seen
+                    record = {
+                        "step": done,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens": tokens_seen,
+                        "elapsed_s": elapsed_before + now - t0,
+                        "tokens_per_s": tps,
+                        "mfu": None if peak is None else tps * flops_tok / (peak * info.world_size),
+                    }
+                    _append_jsonl(log_dir / "metrics.jsonl", record)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
+                if done % cfg.eval_interval == 0 or done == total_steps:
+                    last_val = evaluate(wrapped, val_sampler, cfg, info, autocast)
+                    if info.is_main:
+                        _append_jsonl(
+                            log_dir / "val.jsonl",
+                            {
+                                "step": done,
+                                "val_loss": last_val,
+                                "tokens": tokens_seen,
+                                "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                            },
+                        )
+                        bar.write(f"step {done}: val loss {last_val:.4f}")
+                if done % cfg.ckpt_interval == 0 or done == total_steps:
+                    checkpoint(done)
     except NonFiniteLoss as e:
         kept = list_checkpoints(ckpt_dir)
         where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -316,7 +320,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         **unigram_losses(data.train, data.val, data.vocab_size),
         **run_metadata(info.device),
     }
-    summary["tokens_per_s"] = (tokens_seen - start_step * tokens_per_step) / (time.perf_counter() - t0)
+    trained = tokens_seen - start_step * tokens_per_step
+    summary["tokens_per_s"] = trained / (time.perf_counter() - t0)
+    # per token this device processed; the run used world_size such devices
+    summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
     if info.is_main:
         (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
