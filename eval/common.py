@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.compress import read_compression
+from eval.compress.quantize import quantize
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, tokenizer_path
@@ -27,6 +29,11 @@ class Evaluated:
     tokenizer: Tokenizer
     device: torch.device
     dtype: torch.dtype  # autocast dtype used for the forward passes
+    compression: dict | None = None  # compression.json of a compressed baseline
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.compression and self.compression.get("quantize"))
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -42,6 +49,9 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     folder = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     model = load_model(folder, dev).eval()
+    compression = read_compression(folder)
+    if compression and compression.get("quantize"):
+        model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
     tok = Tokenizer(tokenizer_path(folder))
     if tok.vocab_size != model.params.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
@@ -52,7 +62,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     }
     if dtype not in dt:
         raise ValueError(f"dtype={dtype!r} is unknown; use auto, bfloat16 or float32")
-    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype])
+    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype], compression)
 
 
 def held_out(folder: Path) -> tuple[np.ndarray, int, Path]:

@@ -134,7 +134,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
-    model = ev.model.to(ev.dtype)  # inference runs in the weights' dtype, no autocast
+    # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
+    model = ev.model if ev.quantized else ev.model.to(ev.dtype)
     context = a.context or model.params.max_seq_len // 2
     modes = a.modes or (list(MODES) if ev.device.type == "cuda" else ["eager"])
     r = evaluate_efficiency(

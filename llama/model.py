@@ -44,6 +44,10 @@ class ModelArgs:
     max_seq_len: int = 2048  # longest context trained on; the KV cache may be set up shorter
     tie_embeddings: bool = False  # share tok_embeddings and output weights (Llama-2 does not)
     head_layer: HeadLayerArgs | None = None  # per-head layers; None is plain Llama-2
+    # Per-layer sizes, set by structured pruning (eval/compress/prune.py); None = the same in every layer.
+    layer_n_heads: list[int] | None = None  # query heads of each layer (head_dim stays dim // n_heads)
+    layer_n_kv_heads: list[int] | None = None  # key/value heads of each layer
+    layer_ffn_hidden_dim: list[int] | None = None  # SwiGLU hidden size of each layer
 
     def __post_init__(self):
         # A checkpoint stores asdict(args); rebuilding with ModelArgs(**saved) hands head_layer back as a dict.
@@ -63,6 +67,13 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} (dim/n_heads) must be even for RoPE")
+        for name in ("layer_n_heads", "layer_n_kv_heads", "layer_ffn_hidden_dim"):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.n_layers or min(sizes) <= 0):
+                raise ValueError(f"{name} needs {self.n_layers} positive sizes (one per layer), got {sizes}")
+        for i in range(self.n_layers):
+            if self.heads(i) % self.kv_heads(i):
+                raise ValueError(f"layer {i}: {self.heads(i)} query heads do not split into {self.kv_heads(i)} groups")
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +90,15 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def heads(self, layer: int) -> int:
+        return self.n_heads if self.layer_n_heads is None else self.layer_n_heads[layer]
+
+    def kv_heads(self, layer: int) -> int:
+        return self.n_kv_heads if self.layer_n_kv_heads is None else self.layer_n_kv_heads[layer]
+
+    def ffn_dim(self, layer: int) -> int:
+        return self.ffn_hidden_dim if self.layer_ffn_hidden_dim is None else self.layer_ffn_hidden_dim[layer]
 
     @property
     def head_layer_dim(self) -> int:
@@ -174,16 +194,16 @@ class PerHeadLayer(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = args.heads(layer_id), args.kv_heads(layer_id), args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.head_layer = None
         if args.head_layer is not None:
-            self.head_layer = PerHeadLayer(args.n_heads, args.head_dim, args.head_layer_dim, args.head_layer)
+            self.head_layer = PerHeadLayer(self.n_heads, self.head_dim, args.head_layer_dim, args.head_layer)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos):
@@ -220,10 +240,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim(layer_id))
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -237,7 +257,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.params = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -259,9 +279,9 @@ class Transformer(nn.Module):
         """Add a KV cache to every attention layer; afterwards ``forward`` needs ``input_pos``."""
         dtype = dtype or self.output.weight.dtype
         device = self.output.weight.device
-        a = self.params
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, dtype).to(device)
+            kv_heads, head_dim = layer.attention.n_kv_heads, self.params.head_dim
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, kv_heads, head_dim, dtype).to(device)
         self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
 
     def clear_caches(self):
@@ -307,8 +327,10 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     activations and the softmax are left out; the embedding lookup is not a matmul.
     """
     d, hd = args.dim, args.head_dim
-    per_layer = d * args.n_heads * hd + 2 * d * args.n_kv_heads * hd + args.n_heads * hd * d
-    per_layer += 3 * d * args.ffn_hidden_dim
-    per_layer += 2 * args.n_heads * hd * args.head_layer_dim  # per-head W1 and W2
-    matmul_params = args.n_layers * per_layer + d * args.vocab_size  # + output projection
-    return 6.0 * matmul_params + 12.0 * args.n_layers * d * seq_len
+    matmul_params, attention = d * args.vocab_size, 0.0  # output projection
+    for i in range(args.n_layers):
+        h, kv = args.heads(i), args.kv_heads(i)
+        matmul_params += 2 * d * h * hd + 2 * d * kv * hd + 3 * d * args.ffn_dim(i)
+        matmul_params += 2 * h * hd * args.head_layer_dim  # per-head W1 and W2
+        attention += 12.0 * h * hd * seq_len  # QK^T and AV, forward and backward
+    return 6.0 * matmul_params + attention

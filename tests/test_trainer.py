@@ -37,7 +37,9 @@ def test_train_logs_checkpoints_and_learns(tmp_path, make_config):
     saved = json.loads((tmp_path / "logs/t/summary.json").read_text())
     assert saved["final_val_loss"] == summary["final_val_loss"] and saved["per_head"] is True
     energy = saved["energy"]  # a measured figure or an explicit "unavailable", never a silent guess
-    assert (energy["method"] == "unavailable" and "energy_j" not in energy and energy["reason"]) or energy["energy_j"] > 0
+    assert (energy["method"] == "unavailable" and "energy_j" not in energy and energy["reason"]) or energy[
+        "energy_j"
+    ] > 0
     model = load_model(tmp_path / "ckpt/t")
     assert model.params.vocab_size == 500 and model.params.head_layer == HeadLayerArgs()
 

@@ -77,6 +77,8 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off for CPU
     parallel: str = "ddp"  # with torchrun and >1 process: ddp or fsdp (FSDP2, fully_shard)
+    init_from: str | None = None  # start from this model folder's weights and sizes (e.g. recovery fine-tuning)
+    freeze_zeros: bool = False  # keep weights that are exactly zero at the start at zero (pruned models)
     resume: bool = False  # continue checkpoints/<name> from its latest checkpoint
     overwrite: bool = False  # delete an existing run of this name and start over
 
@@ -85,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use auto, bfloat16 or float32")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel={self.parallel!r} is unknown; use ddp or fsdp")
+        if self.freeze_zeros and self.parallel == "fsdp":
+            raise ValueError("freeze_zeros works with ddp or one process, not with fsdp's sharded parameters")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
         if self.seq_len > self.model.max_seq_len:
@@ -102,6 +106,17 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig saved as ``dataclasses.asdict`` (state.json, config.json)."""
+    d = dict(d)
+    return TrainConfig(
+        model=ModelArgs.from_dict(d.pop("model")),
+        data=DataConfig(**d.pop("data")),
+        optim=OptimConfig(**d.pop("optim")),
+        **d,
+    )
 
 
 class ConfigError(ValueError):

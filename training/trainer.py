@@ -150,7 +150,16 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
     # ---- model, optionally restored from the latest checkpoint
     ckpt_dir, log_dir = prepare_run_dirs(cfg, info)
-    model_args = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
+    init = load_model(cfg.init_from) if cfg.init_from else None
+    if init is not None:
+        model_args = init.params  # sizes come with the weights (a pruned model has its own)
+        if model_args.vocab_size != data.vocab_size:
+            raise ValueError(
+                f"--init-from {cfg.init_from} has a {model_args.vocab_size}-token vocabulary, the data "
+                f"{data.vocab_size}; fine-tune on the data it was trained on"
+            )
+    else:
+        model_args = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
     start_step, tokens_seen, elapsed_before, optim_state = 0, 0, 0.0, None
     if cfg.resume:
         step_dir = list_checkpoints(ckpt_dir)[-1][1]
@@ -164,10 +173,14 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
             _truncate_jsonl(log_dir / "metrics.jsonl", start_step)
             _truncate_jsonl(log_dir / "val.jsonl", start_step)
             print(f"resuming {cfg.name} from {step_dir} (step {start_step})")
+    elif init is not None:
+        model = init.to(info.device)
     else:
         torch.manual_seed(cfg.seed)
         model = Transformer(model_args).to(info.device)
     params = count_params(model)
+    # Recovery fine-tuning of a pruned model: the pruned weights stay pruned (re-zeroed after every step).
+    keep_masks = [(p, p != 0) for p in model.parameters() if p.dim() == 2] if cfg.freeze_zeros else []
 
     # ---- distribution, compilation, optimizer
     wrapped = D.wrap_model(model, cfg.parallel, info)
@@ -252,6 +265,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                     raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                for p, keep in keep_masks:
+                    p.data.mul_(keep)
                 tokens_seen += tokens_per_step
                 last_loss = step_loss
                 done = step + 1

@@ -1,0 +1,14 @@
+"""Compressed baselines: layer dropping, pruning, quantization, runtime engines (see __main__.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COMPRESSION_FILE = "compression.json"
+
+
+def read_compression(folder: str | Path) -> dict | None:
+    """What ``python -m eval.compress`` did to make the model in ``folder`` (None for a trained model)."""
+    path = Path(folder) / COMPRESSION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

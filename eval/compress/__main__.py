@@ -1,0 +1,151 @@
+"""Build a compressed baseline from a checkpoint; the result is evaluated like any other model.
+
+    python -m eval.compress --checkpoint checkpoints/tiny --method wanda --sparsity 0.5 --out checkpoints/c/tiny-wanda50
+    python -m eval.compress --checkpoint checkpoints/tiny --method sparsegpt --pattern 2:4 --out ...
+    python -m eval.compress --checkpoint checkpoints/tiny --method drop-angular --layers 1 --out ...
+    python -m eval.compress --checkpoint checkpoints/tiny --method structured --head-ratio 0.25 --ffn-ratio 0.25 \\
+        --skip-first 1 --skip-last 1 --finetune-steps 100 --out ...
+    python -m eval.compress --checkpoint checkpoints/tiny --method quantize --scheme int8-dynamic --out ...
+
+The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
+training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
+sparsity, parameters, size). Quantized models are stored as their unquantized weights plus the scheme, which
+the evaluators re-apply on load (weight-only and dynamic quantization are deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eval.compress import COMPRESSION_FILE, read_compression
+from eval.compress.calibration import calibration_tokens
+from eval.compress.layer_drop import choose_layers, drop_layers
+from eval.compress.prune import prune_model, prune_structured
+from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
+from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, save_model, tokenizer_path
+from training.config import run_main, train_config_from_dict
+from training.distributed import pick_device
+
+METHODS = ("drop-last", "drop-angular", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
+
+
+def compress(a) -> Path:
+    base = resolve_checkpoint(a.checkpoint)
+    if (read_compression(base) or {}).get("quantize"):
+        raise ValueError(f"{base} is already quantized; compress its unquantized base instead")
+    device = pick_device(a.device)
+    model = load_model(base, device).eval()
+    before_params = sum(p.numel() for p in model.parameters())
+    before_bytes = state_dict_bytes(model)
+    settings, report, quant = {}, {}, None
+    needs_calib = a.method in ("drop-angular", "wanda", "sparsegpt", "structured")
+    calib = calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed) if needs_calib else None
+    if a.method in ("drop-last", "drop-angular"):
+        layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
+        model = drop_layers(model, layers)
+        settings, report = {"layers": a.layers}, {"dropped_layers": layers}
+    elif a.method in ("magnitude", "wanda", "sparsegpt"):
+        n_m = tuple(int(x) for x in a.pattern.split(":")) if a.pattern else None
+        report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
+        settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
+    elif a.method == "structured":
+        model, report = prune_structured(
+            model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
+        )
+        settings = {
+            "head_ratio": a.head_ratio,
+            "ffn_ratio": a.ffn_ratio,
+            "skip_first": a.skip_first,
+            "skip_last": a.skip_last,
+        }
+    elif a.method == "quantize":
+        if not a.scheme:
+            raise ValueError(f"--method quantize needs --scheme, one of {SCHEMES}")
+        quant, settings = a.scheme, {"scheme": a.scheme}
+    else:
+        raise ValueError(f"unknown --method {a.method!r}; use one of {METHODS}")
+
+    out = Path(a.out)
+    save_model(model, out, tokenizer_path(base))
+    base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
+    (out / STATE_FILE).write_text(
+        json.dumps(
+            {"data_dir": base_state.get("data_dir"), "config": base_state.get("config"), "compressed_from": str(base)}
+        )
+    )
+    measured = quantize(model, quant) if quant else model  # quantized here only to measure and check it
+    info = {
+        "method": a.method,
+        **settings,
+        "quantize": quant,
+        "base": str(base),
+        "base_compression": read_compression(base),
+        "params_before": before_params,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "bytes_before": before_bytes,
+        "bytes_after": state_dict_bytes(measured),
+        "report": report,
+    }
+    (out / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+    print(
+        f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
+        f"{info['bytes_before']:,} -> {info['bytes_after']:,} bytes"
+        + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
+    )
+    if a.finetune_steps:
+        out = finetune(out, base_state, a)
+    print(f"-> {out}")
+    return out
+
+
+def finetune(folder: Path, base_state: dict, a) -> Path:
+    """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero."""
+    from training.trainer import train
+
+    if not base_state.get("config"):
+        raise ValueError("--finetune-steps needs the base run's training config (its state.json)")
+    cfg = train_config_from_dict(base_state["config"])
+    cfg.name, cfg.out_dir, cfg.log_dir = f"{folder.name}-ft", str(folder.parent), str(Path(a.log_dir))
+    cfg.init_from, cfg.freeze_zeros = str(folder), a.method in ("magnitude", "wanda", "sparsegpt")
+    cfg.max_steps, cfg.max_tokens, cfg.resume, cfg.overwrite = a.finetune_steps, None, False, True
+    cfg.optim.lr, cfg.optim.warmup_steps = a.finetune_lr, min(cfg.optim.warmup_steps, a.finetune_steps // 10)
+    cfg.eval_interval = cfg.ckpt_interval = a.finetune_steps
+    cfg.device = a.device if a.device != "auto" else cfg.device
+    train(cfg)
+    final = resolve_checkpoint(Path(cfg.out_dir) / cfg.name)
+    info = read_compression(folder) | {"finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr}
+    (final / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+    return final
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--out", required=True, help="folder for the compressed model")
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured pruning: share of weights zeroed")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (replaces --sparsity)")
+    p.add_argument("--layers", type=int, default=1, help="layer dropping: how many blocks to remove")
+    p.add_argument("--head-ratio", type=float, default=0.25, help="structured: share of head groups removed")
+    p.add_argument("--ffn-ratio", type=float, default=0.25, help="structured: share of SwiGLU channels removed")
+    p.add_argument("--skip-first", type=int, default=0, help="structured: leave the first N blocks intact")
+    p.add_argument("--skip-last", type=int, default=0, help="structured: leave the last N blocks intact")
+    p.add_argument("--scheme", choices=SCHEMES, default=None, help="quantization scheme")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="default: the run's training seq_len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps after pruning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if a.method == "quantize" and a.finetune_steps:
+        raise ValueError("fine-tune before quantizing: quantized weights are not trained here")
+    return compress(a)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,326 @@
+"""Pruning of the transformer blocks' linear layers (embeddings and the output head are kept dense).
+
+Unstructured and 2:4 semi-structured, with three scores:
+- ``magnitude``: |W|, compared across the whole matrix;
+- ``wanda`` (Sun et al., 2023): |W_ij| * ||X_j||_2 over calibration activations, compared within each
+  output row;
+- ``sparsegpt`` (Frantar & Alistarh, 2023): OBS-style pruning column by column with a damped Hessian
+  H = 2 X X^T, the remaining weights of each row updated to compensate.
+Wanda and SparseGPT calibrate block by block: each block sees the outputs of the already-pruned blocks
+before it, as in both papers' code.
+
+Structured: remove whole attention heads (whole key/value groups under GQA) and SwiGLU channels of least
+importance (Wanda-style: weight norm times activation norm), optionally keeping the first/last blocks
+intact. The result is a physically smaller model with per-layer sizes in its ModelArgs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from eval.compress.calibration import block_inputs, run_block
+from llama.model import Transformer
+
+LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
+
+
+def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: layer.get_submodule(name) for name in LINEARS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks from scores
+
+
+def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """True where a weight is pruned: exactly int(sparsity * n) lowest scores per row (or per matrix)."""
+    if per_row:
+        k = int(score.shape[1] * sparsity)
+        idx = torch.argsort(score, dim=1)[:, :k]
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
+    k = int(score.numel() * sparsity)
+    idx = torch.argsort(score.flatten())[:k]
+    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).scatter_(0, idx, True).view_as(score)
+
+
+def n_m_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """True for the ``n`` lowest scores in every group of ``m`` consecutive inputs of each row (2:4 sparsity)."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} sparsity needs the input size ({cols}) to be a multiple of {m}")
+    groups = score.view(rows, cols // m, m)
+    idx = torch.argsort(groups, dim=-1)[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).view(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SparseGPT
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    n_m: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """The pruned W (rows, cols) given H (cols, cols); follows SparseGPT's ``fasterprune`` (Algorithm 1)."""
+    W, H = W.clone().float(), H.clone().float()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that never fired: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        d = torch.diag(Hinv1)
+        if n_m is None:  # adaptive mask for the block: the lowest w^2 / [H^-1]_ii^2 (eq. 3 of the paper)
+            mask1 = unstructured_mask(W1**2 / d[None, :] ** 2, sparsity, per_row=False)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                score = W1[:, i : i + n_m[1]] ** 2 / d[i : i + n_m[1]][None, :] ** 2
+                mask1[:, i : i + n_m[1]] = n_m_mask(score, *n_m)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # compensate with the not-yet-visited columns
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unstructured / N:M pruning of a whole model
+
+
+class _Stats:
+    """Running calibration statistics of one linear layer's input."""
+
+    def __init__(self, cols: int, hessian: bool, device):
+        self.sq = torch.zeros(cols, dtype=torch.float64, device=device)  # sum of x_j^2 (Wanda)
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
+        self.n = 0
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sq += (x.double() ** 2).sum(0)
+        if self.H is not None:  # running mean of 2 x x^T, as SparseGPT's add_batch
+            t = x.shape[0]
+            self.H *= self.n / (self.n + t)
+            self.n += t
+            x = math.sqrt(2 / self.n) * x
+            self.H += x.T @ x
+        else:
+            self.n += x.shape[0]
+
+
+@torch.no_grad()
+def prune_model(
+    model: Transformer,
+    method: str,
+    sparsity: float = 0.5,
+    n_m: tuple[int, int] | None = None,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    group: str | None = None,
+) -> dict:
+    """Prune every block's linear layers in place; returns the achieved sparsity per layer and overall.
+
+    ``group``: which weights compete for pruning, ``row`` (each output row loses the same share) or
+    ``matrix``; by default what each paper used: matrix for magnitude, row for Wanda.
+    """
+    group = group or ("row" if method == "wanda" else "matrix")
+    if group not in ("row", "matrix"):
+        raise ValueError(f"group={group!r} must be row or matrix")
+    if method not in ("magnitude", "wanda", "sparsegpt"):
+        raise ValueError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
+    if n_m is None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    if method != "magnitude" and calib is None:
+        raise ValueError(f"{method} needs calibration data")
+    model.eval()
+    hs = block_inputs(model, calib, batch_size) if method != "magnitude" else None
+    for layer in model.layers:
+        linears = block_linears(layer)
+        stats = {}
+        if hs is not None:  # one pass through the (still dense) block collects every linear's input
+            stats = {n: _Stats(m.in_features, method == "sparsegpt", m.weight.device) for n, m in linears.items()}
+            hooks = [
+                m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in linears.items()
+            ]
+            for h in hs:
+                run_block(layer, h, model.params)
+            for hook in hooks:
+                hook.remove()
+        for name, lin in linears.items():
+            W = lin.weight.data.float()
+            if method == "sparsegpt":
+                new = sparsegpt_prune(W, stats[name].H, sparsity, n_m)
+            else:
+                score = W.abs()
+                if method == "wanda":
+                    score = score * torch.sqrt(stats[name].sq).float()[None, :]
+                mask = n_m_mask(score, *n_m) if n_m else unstructured_mask(score, sparsity, per_row=group == "row")
+                new = W.masked_fill(mask, 0.0)
+            lin.weight.data.copy_(new.to(lin.weight.dtype))
+        if hs is not None:  # the next block is calibrated on what this pruned block outputs
+            hs = [run_block(layer, h, model.params) for h in hs]
+    return sparsity_report(model)
+
+
+def sparsity_report(model: Transformer) -> dict:
+    per_layer, zeros, total = {}, 0, 0
+    for i, layer in enumerate(model.layers):
+        for name, lin in block_linears(layer).items():
+            z, n = int((lin.weight == 0).sum()), lin.weight.numel()
+            per_layer[f"layers.{i}.{name}"] = z / n
+            zeros, total = zeros + z, total + n
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {"linear_sparsity": zeros / total, "model_sparsity": all_zeros / all_params, "per_layer": per_layer}
+
+
+def check_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """Does every group of ``m`` consecutive inputs of every row hold at least ``n`` zeros?"""
+    rows, cols = weight.shape
+    return bool(((weight.view(rows, cols // m, m) == 0).sum(-1) >= n).all())
+
+
+def to_semi_structured(model: Transformer) -> int:
+    """On CUDA, store 2:4-pruned fp16/bf16 linear weights as ``SparseSemiStructuredTensor`` so the matmuls
+    use the sparse tensor cores; returns how many layers were converted. Whether it is faster is measured,
+    not assumed (eval.efficiency --sparse-2of4)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    if not torch.cuda.is_available() or model.output.weight.device.type != "cuda":
+        raise ValueError("2:4 semi-structured kernels need a CUDA device")
+    converted = 0
+    for layer in model.layers:
+        for lin in block_linears(layer).values():
+            if lin.weight.dtype in (torch.float16, torch.bfloat16) and check_n_m(lin.weight):
+                lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.data), requires_grad=False)
+                converted += 1
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structured pruning: heads and channels
+
+
+@torch.no_grad()
+def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: int = 8):
+    """Per block: importance of each key/value head group and of each SwiGLU channel."""
+    sq = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for name in ("attention.wo", "feed_forward.w2"):
+            lin = layer.get_submodule(name)
+            sq[(i, name)] = torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
+
+            def hook(mod, inp, out, key=(i, name)):
+                sq[key] += (inp[0].reshape(-1, inp[0].shape[-1]).double() ** 2).sum(0)
+
+            hooks.append(lin.register_forward_hook(hook))
+    for i in range(0, len(calib), batch_size):
+        model(calib[i : i + batch_size].to(model.output.weight.device))
+    for h in hooks:
+        h.remove()
+    out = []
+    hd = model.params.head_dim
+    for i, layer in enumerate(model.layers):
+        att = layer.attention
+        # |W_ij| ||X_j|| summed over a head's (or channel's) inputs to the output projection
+        wo = (att.wo.weight.float().abs() * sq[(i, "attention.wo")].sqrt().float()[None, :]).sum(0)
+        per_head = wo.view(att.n_heads, hd).sum(-1)
+        per_group = per_head.view(att.n_kv_heads, att.n_heads // att.n_kv_heads).sum(-1)
+        w2 = layer.feed_forward.w2
+        per_channel = (w2.weight.float().abs() * sq[(i, "feed_forward.w2")].sqrt().float()[None, :]).sum(0)
+        out.append({"groups": per_group, "channels": per_channel})
+    return out
+
+
+@torch.no_grad()
+def prune_structured(
+    model: Transformer,
+    calib: torch.Tensor,
+    head_ratio: float = 0.25,
+    ffn_ratio: float = 0.25,
+    skip_first: int = 0,
+    skip_last: int = 0,
+    channel_multiple: int = 8,
+    batch_size: int = 8,
+) -> tuple[Transformer, dict]:
+    """A new model without the least important head groups and SwiGLU channels of each (non-skipped) block."""
+    if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
+        raise ValueError("head_ratio and ffn_ratio must be in [0, 1)")
+    a, hd = model.params, model.params.head_dim
+    imp = structured_importance(model.eval(), calib, batch_size)
+    sd = dict(model.state_dict())
+    n_heads, n_kv, ffn = [], [], []
+    for i, layer in enumerate(model.layers):
+        att, groups, channels = layer.attention, imp[i]["groups"], imp[i]["channels"]
+        rep = att.n_heads // att.n_kv_heads
+        skip = i < skip_first or i >= a.n_layers - skip_last
+        keep_g = att.n_kv_heads if skip else max(1, round(att.n_kv_heads * (1 - head_ratio)))
+        n_ch = layer.feed_forward.w2.in_features
+        keep_c = (
+            n_ch if skip else max(channel_multiple, int(n_ch * (1 - ffn_ratio)) // channel_multiple * channel_multiple)
+        )
+        g = torch.sort(torch.topk(groups, keep_g).indices).values
+        c = torch.sort(torch.topk(channels, keep_c).indices).values
+        q_heads = (g[:, None] * rep + torch.arange(rep, device=g.device)[None, :]).flatten()
+
+        def rows(heads):  # the rows of a projection that belong to ``heads``
+            return (heads[:, None] * hd + torch.arange(hd, device=heads.device)[None, :]).flatten()
+
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = sd[p + "attention.wq.weight"][rows(q_heads)]
+        sd[p + "attention.wk.weight"] = sd[p + "attention.wk.weight"][rows(g)]
+        sd[p + "attention.wv.weight"] = sd[p + "attention.wv.weight"][rows(g)]
+        sd[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"][:, rows(q_heads)]
+        if att.head_layer is not None:
+            sd[p + "attention.head_layer.w1"] = sd[p + "attention.head_layer.w1"][q_heads]
+            sd[p + "attention.head_layer.w2"] = sd[p + "attention.head_layer.w2"][q_heads]
+        sd[p + "feed_forward.w1.weight"] = sd[p + "feed_forward.w1.weight"][c]
+        sd[p + "feed_forward.w3.weight"] = sd[p + "feed_forward.w3.weight"][c]
+        sd[p + "feed_forward.w2.weight"] = sd[p + "feed_forward.w2.weight"][:, c]
+        n_heads.append(len(q_heads))
+        n_kv.append(len(g))
+        ffn.append(len(c))
+    args = dataclasses.replace(a, layer_n_heads=n_heads, layer_n_kv_heads=n_kv, layer_ffn_hidden_dim=ffn)
+    with torch.device("meta"):
+        small = Transformer(args)
+    if a.tie_embeddings:
+        sd.pop("output.weight", None)
+    small.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True, strict=not a.tie_embeddings)
+    if a.tie_embeddings:
+        small.output.weight = small.tok_embeddings.weight
+    before, after = sum(x.numel() for x in model.parameters()), sum(x.numel() for x in small.parameters())
+    return small, {
+        "params_before": before,
+        "params_after": after,
+        "layer_n_heads": n_heads,
+        "layer_n_kv_heads": n_kv,
+        "layer_ffn_hidden_dim": ffn,
+    }

@@ -1,0 +1,109 @@
+"""Quantization, applied from outside the model by swapping or converting its linear layers.
+
+Schemes:
+- ``bf16``, ``fp16``: casts of all weights;
+- ``int8-dynamic``: PyTorch's dynamic int8 quantization of nn.Linear (int8 weights, activations quantized on
+  the fly; CPU kernels);
+- ``torchao-int8-weight``, ``torchao-int8-dynamic``, ``torchao-int4-weight``: torchao's
+  Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig and Int4WeightOnlyConfig (int4 needs torchao's
+  extra kernel package; without it the scheme reports why it is unavailable);
+- ``bnb-nf4``, ``bnb-int8``: bitsandbytes Linear4bit (NF4) and Linear8bitLt, CUDA only.
+Embeddings stay in their dtype; every nn.Linear (the output head included) is quantized.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+SCHEMES = (
+    "bf16",
+    "fp16",
+    "int8-dynamic",
+    "torchao-int8-weight",
+    "torchao-int8-dynamic",
+    "torchao-int4-weight",
+    "bnb-nf4",
+    "bnb-int8",
+)
+
+
+class QuantizationUnavailable(ValueError):
+    pass
+
+
+def _needs_cuda(scheme: str, device: torch.device):
+    if device.type != "cuda":
+        raise QuantizationUnavailable(f"{scheme} needs a CUDA device; run it on a GPU (bitsandbytes kernels)")
+
+
+def _bnb_swap(model: nn.Module, scheme: str) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = model.output.weight.device
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if scheme == "bnb-nf4":
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16
+                )
+                new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            else:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, has_fp16_weights=False)
+                new.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            setattr(parent, name, new.to(device))  # moving to the GPU quantizes the weights
+    return model
+
+
+def quantize(model: nn.Module, scheme: str) -> nn.Module:
+    """Quantize ``model`` in place (or return the quantized copy PyTorch's dynamic quantization makes)."""
+    device = model.output.weight.device
+    if scheme == "bf16":
+        return model.to(torch.bfloat16)
+    if scheme == "fp16":
+        return model.to(torch.float16)
+    if scheme == "int8-dynamic":
+        if device.type != "cpu":
+            raise QuantizationUnavailable("int8-dynamic uses PyTorch's CPU kernels; use --device cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in favour of torchao, still the CPU reference path
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    if scheme.startswith("torchao-"):
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        config = {
+            "torchao-int8-weight": Int8WeightOnlyConfig,
+            "torchao-int8-dynamic": Int8DynamicActivationInt8WeightConfig,
+            "torchao-int4-weight": Int4WeightOnlyConfig,
+        }[scheme]()
+        if scheme == "torchao-int4-weight":
+            model = model.to(torch.bfloat16)
+        try:
+            quantize_(model, config)
+        except ImportError as e:
+            raise QuantizationUnavailable(f"{scheme} is unavailable here: {e}") from None
+        return model
+    if scheme in ("bnb-nf4", "bnb-int8"):
+        _needs_cuda(scheme, device)
+        return _bnb_swap(model, scheme)
+    raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size of the model's weights as stored (serialized state dict): counts packed int8/int4/NF4 storage
+    and quantization scales, which parameter counts times element sizes would miss."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()

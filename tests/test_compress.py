@@ -1,0 +1,274 @@
+import json
+
+import pytest
+import torch
+
+from eval.common import load_for_eval
+from eval.compress.__main__ import main as compress_main
+from eval.compress.calibration import calibration_tokens
+from eval.compress.layer_drop import angular_distances, choose_layers, drop_layers
+from eval.compress.prune import (
+    check_n_m,
+    n_m_mask,
+    prune_model,
+    prune_structured,
+    sparsegpt_prune,
+    unstructured_mask,
+)
+from eval.compress.quantize import QuantizationUnavailable, quantize, state_dict_bytes
+from eval.perplexity import sliding_window_nll, summarize
+from llama.generation import generate
+from llama.model import Transformer
+from training.checkpoint import load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def calib(trained_checkpoint):
+    return calibration_tokens(trained_checkpoint, n_samples=16)
+
+
+def held_out_tokens(run):
+    from eval.common import held_out
+    from training.checkpoint import resolve_checkpoint
+
+    return held_out(resolve_checkpoint(run))[0][:6000]
+
+
+def held_out_loss(model, tokens):
+    T = model.params.max_seq_len
+    return summarize(sliding_window_nll(model, tokens, T, T // 2, 16))["loss"]
+
+
+def test_masks_are_exact():
+    score = torch.rand(6, 16)
+    assert unstructured_mask(score, 0.5, per_row=True).sum(1).tolist() == [8] * 6
+    assert unstructured_mask(score, 0.3, per_row=False).sum() == int(96 * 0.3)
+    m = n_m_mask(score)
+    assert (m.view(6, 4, 4).sum(-1) == 2).all()
+    w = torch.randn(6, 16).masked_fill(m, 0)
+    assert check_n_m(w) and not check_n_m(torch.randn(6, 16))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_unstructured_sparsity_equals_target(trained_checkpoint, calib, method):
+    model = load_model(trained_checkpoint)
+    report = prune_model(model, method, 0.5, calib=calib)
+    assert report["linear_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert all(v == pytest.approx(0.5, abs=1e-9) for v in report["per_layer"].values())
+    assert (model.tok_embeddings.weight != 0).all()  # embeddings and head are kept dense
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_2_4_pattern_holds_in_every_group(trained_checkpoint, calib, method):
+    model = load_model(trained_checkpoint)
+    prune_model(model, method, n_m=(2, 4), calib=calib)
+    for layer in model.layers:
+        for name in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2"):
+            w = layer.get_submodule(name).weight
+            assert check_n_m(w)
+            assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+
+
+def test_sparsegpt_reconstructs_a_layer_better_than_masks_alone():
+    torch.manual_seed(0)
+    X = torch.randn(2048, 64) @ torch.randn(64, 64) * 0.3 + torch.randn(2048, 64) * torch.linspace(0.1, 3, 64)
+    W = torch.randn(32, 64)
+    H = 2 * X.T @ X / len(X)
+    err = {}
+    for name, Wp in {
+        "magnitude": W.masked_fill(unstructured_mask(W.abs(), 0.5, per_row=False), 0),
+        "wanda": W.masked_fill(unstructured_mask(W.abs() * X.norm(dim=0), 0.5, per_row=True), 0),
+        "sparsegpt": sparsegpt_prune(W, H, 0.5),
+    }.items():
+        assert (Wp == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+        err[name] = ((X @ W.T - X @ Wp.T) ** 2).mean().item()
+    assert err["sparsegpt"] < min(err["wanda"], err["magnitude"])
+    # the OBS weight update is what helps: the same mask without the update reconstructs worse
+    sgpt = sparsegpt_prune(W, H, 0.5)
+    assert err["sparsegpt"] < 0.9 * ((X @ W.T - X @ W.masked_fill(sgpt == 0, 0).T) ** 2).mean().item()
+
+
+@pytest.fixture(scope="module")
+def trained_longer(tmp_path_factory, make_config):
+    """dim 64, 200 steps (a few seconds): trained enough for pruning methods to differ."""
+    from llama.model import HeadLayerArgs, ModelArgs
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("trained_longer")
+    cfg = make_config(
+        root, max_steps=200, batch_size=16, seq_len=64, ckpt_interval=200, eval_interval=200, log_interval=50
+    )
+    cfg.model = ModelArgs(dim=64, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=64, head_layer=HeadLayerArgs())
+    cfg.optim.warmup_steps = 10
+    train(cfg)
+    return root / "ckpt" / "t"
+
+
+def test_each_layer_reconstruction_orders_as_published(trained_longer):
+    # On every linear layer of a trained model, with its real calibration inputs X: Wanda's |W| ||X|| mask
+    # reconstructs XW^T better than magnitude's within the same comparison group, and SparseGPT (mask + OBS
+    # update) better than both.
+    from eval.compress.prune import block_linears
+
+    model = load_model(trained_longer).eval()
+    inputs = {}
+    hooks = [
+        lin.register_forward_hook(lambda mod, i, o, key=(li, n): inputs.setdefault(key, []).append(i[0]))
+        for li, layer in enumerate(model.layers)
+        for n, lin in block_linears(layer).items()
+    ]
+    with torch.no_grad():
+        model(calibration_tokens(trained_longer, n_samples=16))
+    for h in hooks:
+        h.remove()
+    for li, layer in enumerate(model.layers):
+        for n, lin in block_linears(layer).items():
+            x = torch.cat(inputs[(li, n)]).flatten(0, 1)
+            W = lin.weight.data
+
+            def err(Wp, x=x, W=W):
+                return ((x @ W.T - x @ Wp.T) ** 2).mean().item()
+
+            magnitude = err(W.masked_fill(unstructured_mask(W.abs(), 0.5, per_row=True), 0))
+            wanda = err(W.masked_fill(unstructured_mask(W.abs() * x.norm(dim=0), 0.5, per_row=True), 0))
+            sparsegpt = err(sparsegpt_prune(W, 2 * x.T @ x / len(x), 0.5))
+            assert sparsegpt < wanda < magnitude, (li, n, sparsegpt, wanda, magnitude)
+
+
+def test_pruned_perplexity(trained_longer):
+    # SparseGPT beats magnitude end to end at 50%. Wanda against magnitude is reported, not asserted: on models
+    # this small (no outlier features) the two are within noise of each other, see the README.
+    tokens = held_out_tokens(trained_longer)
+    calib = calibration_tokens(trained_longer, n_samples=16)
+    loss = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = load_model(trained_longer)
+        prune_model(model, method, 0.5, calib=calib)
+        loss[method] = held_out_loss(model, tokens)
+    dense = held_out_loss(load_model(trained_longer), tokens)
+    assert dense < loss["sparsegpt"] < loss["magnitude"], (dense, loss)
+    assert loss["wanda"] < dense + 0.2
+
+
+def test_dropping_zero_layers_is_the_identity(trained_checkpoint, calib):
+    model = load_model(trained_checkpoint)
+    same = drop_layers(model, [])
+    x = torch.randint(0, 500, (2, 12))
+    torch.testing.assert_close(same(x), model(x), atol=0, rtol=0)
+    small = drop_layers(model, choose_layers(model, 1, "angular", calib))
+    assert small.params.n_layers == 1 and len(angular_distances(model, calib)) == 2
+    assert all(0 <= d <= 1 for d in angular_distances(model, calib))
+    assert choose_layers(model, 1, "last") == [1]
+    with pytest.raises(ValueError, match="cannot drop all"):
+        drop_layers(model, [0, 1])
+
+
+def test_structured_pruning_is_smaller_and_still_generates(trained_checkpoint, calib, tmp_path):
+    model = load_model(trained_checkpoint)
+    small, report = prune_structured(model, calib, head_ratio=0.5, ffn_ratio=0.5, skip_last=1)
+    assert report["params_after"] < report["params_before"]
+    assert small.params.layer_n_heads == [2, 4] and small.params.layer_ffn_hidden_dim[1] == model.params.ffn_hidden_dim
+    assert small.params.layer_ffn_hidden_dim[0] == model.params.ffn_hidden_dim // 2
+    save_model(small, tmp_path / "s")
+    back = load_model(tmp_path / "s")
+    assert (tmp_path / "s/model.safetensors").stat().st_size < (
+        trained_checkpoint / "step_30/model.safetensors"
+    ).stat().st_size
+    out = generate(back, [[1, 5, 9, 20]], max_new_tokens=6)
+    assert len(out[0]) == 6
+    x = torch.randint(0, 500, (1, 10))
+    torch.testing.assert_close(back(x), small(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "scheme, tol",
+    [
+        ("bf16", 0.05),
+        ("fp16", 0.01),
+        ("int8-dynamic", 0.1),
+        ("torchao-int8-weight", 0.1),
+        ("torchao-int8-dynamic", 0.1),
+    ],
+)
+def test_quantized_logits_are_close_to_fp32(trained_checkpoint, scheme, tol):
+    # tolerance: max |logit difference| relative to the largest |logit|
+    model = load_model(trained_checkpoint).eval()
+    x = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        ref = model(x)
+        size_before = state_dict_bytes(model)
+        q = quantize(model, scheme)
+        out = q(x).float()
+    assert (out - ref).abs().max() / ref.abs().max() < tol
+    assert state_dict_bytes(q) < 0.6 * size_before
+
+
+def test_unavailable_schemes_say_why(tiny_args):
+    with pytest.raises(QuantizationUnavailable, match="needs a CUDA device"):
+        quantize(Transformer(tiny_args), "bnb-nf4")
+
+
+def test_compress_command_output_is_evaluated_like_any_model(trained_checkpoint, tmp_path):
+    out = compress_main(
+        [
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib-samples",
+            "8",
+            "--out",
+            str(tmp_path / "w50"),
+        ]
+    )
+    info = json.loads((out / "compression.json").read_text())
+    assert info["report"]["linear_sparsity"] == pytest.approx(0.5) and info["method"] == "wanda"
+    ev = load_for_eval(out)
+    assert ev.compression["method"] == "wanda"
+    q = compress_main(
+        [
+            "--checkpoint",
+            str(out),
+            "--method",
+            "quantize",
+            "--scheme",
+            "int8-dynamic",
+            "--out",
+            str(tmp_path / "w50-int8"),
+        ]
+    )
+    ev = load_for_eval(q)
+    assert ev.quantized and "quantized" in type(ev.model.layers[0].attention.wq).__module__
+    assert json.loads((q / "compression.json").read_text())["bytes_after"] < info["bytes_after"]
+    from eval.perplexity import evaluate_perplexity
+
+    r = evaluate_perplexity(ev, None, None, None, 8, 2000, progress=False)
+    assert 1 < r["perplexity"] < 1000
+
+
+def test_recovery_finetuning_keeps_pruned_weights_at_zero(trained_checkpoint, tmp_path):
+    out = compress_main(
+        [
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--out",
+            str(tmp_path / "m50"),
+            "--finetune-steps",
+            "3",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--finetune-lr",
+            "1e-2",
+        ]
+    )
+    assert out.name == "step_3" and out.parent.name == "m50-ft"
+    tuned, pruned = load_model(out), load_model(tmp_path / "m50")
+    assert json.loads((out / "compression.json").read_text())["finetune_steps"] == 3
+    w_t, w_p = tuned.layers[0].feed_forward.w1.weight, pruned.layers[0].feed_forward.w1.weight
+    assert torch.equal(w_t == 0, w_p == 0) and not torch.equal(w_t, w_p)
