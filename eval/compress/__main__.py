@@ -16,6 +16,7 @@ the evaluators re-apply on load (weight-only and dynamic quantization are determ
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -29,6 +30,16 @@ from training.config import run_main, train_config_from_dict
 from training.distributed import pick_device
 
 METHODS = ("drop-last", "drop-angular", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--pattern {text!r} is not N:M; use e.g. 2:4") from None
+    if not 0 < n < m:
+        raise ValueError(f"--pattern {text}: need 0 < N < M")
+    return n, m
 
 
 def compress(a) -> Path:
@@ -47,7 +58,7 @@ def compress(a) -> Path:
         model = drop_layers(model, layers)
         settings, report = {"layers": a.layers}, {"dropped_layers": layers}
     elif a.method in ("magnitude", "wanda", "sparsegpt"):
-        n_m = tuple(int(x) for x in a.pattern.split(":")) if a.pattern else None
+        n_m = parse_pattern(a.pattern) if a.pattern else None
         report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
         settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
     elif a.method == "structured":
@@ -67,6 +78,8 @@ def compress(a) -> Path:
     else:
         raise ValueError(f"unknown --method {a.method!r}; use one of {METHODS}")
 
+    # Quantize a copy first, to measure it and to fail (scheme unavailable here) before anything is written.
+    measured = quantize(copy.deepcopy(model), quant) if quant else model
     out = Path(a.out)
     save_model(model, out, tokenizer_path(base))
     base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
@@ -75,7 +88,6 @@ def compress(a) -> Path:
             {"data_dir": base_state.get("data_dir"), "config": base_state.get("config"), "compressed_from": str(base)}
         )
     )
-    measured = quantize(model, quant) if quant else model  # quantized here only to measure and check it
     info = {
         "method": a.method,
         **settings,
