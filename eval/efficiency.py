@@ -22,19 +22,10 @@ from tqdm import tqdm
 
 from eval.common import load_for_eval, write_result
 from eval.compress.engines import ENGINES, build, check
+from eval.compress.quantize import state_dict_bytes
 from eval.energy import find_counter, measure_energy
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
 from training.config import run_main
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as stored in memory (parameters and buffers, shared tensors once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def evaluate_efficiency(
@@ -53,7 +44,7 @@ def evaluate_efficiency(
     progress=True,
 ) -> dict:
     vocab = model.params.vocab_size
-    out = {"prefill": [], "decode": [], "forward": [], "weights_bytes": model_bytes(model)}
+    out = {"prefill": [], "decode": [], "forward": [], "size_bytes": state_dict_bytes(model)}
     counter, reason = find_counter(device) if energy else (None, "not requested")
     jobs = [(m, b) for m in modes for b in batch_sizes]
     for mode, b in tqdm(jobs, desc="latency", disable=not progress):
@@ -127,6 +118,7 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, default=None)
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--no-energy", action="store_true")
+    p.add_argument("--sparse-2of4", action="store_true", help="CUDA: run 2:4-pruned weights on sparse tensor cores")
     p.add_argument("--min-window", type=float, default=1.0, help="seconds; energy windows are at least this")
     p.add_argument("--idle", type=float, default=1.0, help="seconds of idle power measured before each window")
     p.add_argument("--device", default="auto")
@@ -136,6 +128,11 @@ def main(argv=None):
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
     # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
     model = ev.model if ev.quantized else ev.model.to(ev.dtype)
+    if a.sparse_2of4:
+        from eval.compress.prune import to_semi_structured
+
+        if not to_semi_structured(model):
+            raise ValueError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")
     context = a.context or model.params.max_seq_len // 2
     modes = a.modes or (list(MODES) if ev.device.type == "cuda" else ["eager"])
     r = evaluate_efficiency(
@@ -160,6 +157,8 @@ def main(argv=None):
         "repeats": a.repeats,
         "batch_sizes": a.batch_sizes,
         "modes": modes,
+        "sparse_2of4": a.sparse_2of4,
+        "compression": ev.compression,
     }
     info = {
         "evaluator": "efficiency",

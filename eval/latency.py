@@ -34,7 +34,7 @@ def time_prefill(
     model: Transformer, batch: int, prompt_len: int, mode: str = "eager", warmup: int = 3, repeats: int = 10
 ) -> dict:
     """Milliseconds to run a (batch, prompt_len) prompt through the model into the KV cache."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     model.setup_caches(batch, prompt_len + 1)
     tokens = torch.randint(0, model.params.vocab_size, (batch, prompt_len), device=device)
     pos = torch.arange(prompt_len, device=device)
@@ -59,7 +59,7 @@ def time_decode(
     Each of ``repeats`` passes decodes ``n_tokens`` tokens at positions context_len.. and every step is timed
     on its own; the spread is over all timed steps. tokens_per_s counts the whole batch.
     """
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     model.setup_caches(batch, context_len + n_tokens)
     prompt = torch.randint(0, model.params.vocab_size, (batch, context_len), device=device)
     prefill(model, prompt, torch.arange(context_len, device=device))
@@ -88,7 +88,7 @@ def time_decode(
 
 def decode_fn(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
     """A callable that decodes ``n_tokens`` tokens per call (for energy measurements), and its cleanup."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     model.setup_caches(batch, context_len + n_tokens)
     with torch.no_grad():
         prefill(

@@ -88,7 +88,7 @@ def generate(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     model.setup_caches(B, T + max_new_tokens)
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)

@@ -277,8 +277,8 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None):
         """Add a KV cache to every attention layer; afterwards ``forward`` needs ``input_pos``."""
-        dtype = dtype or self.output.weight.dtype
-        device = self.output.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
         for layer in self.layers:
             kv_heads, head_dim = layer.attention.n_kv_heads, self.params.head_dim
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, kv_heads, head_dim, dtype).to(device)

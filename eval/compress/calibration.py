@@ -34,7 +34,7 @@ def calibration_tokens(
 @torch.no_grad()
 def block_inputs(model, tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Embeddings of the calibration tokens in batches: the inputs of the first transformer block."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     return [
         model.tok_embeddings(tokens[i : i + batch_size].to(device)).float() for i in range(0, len(tokens), batch_size)
     ]

@@ -89,7 +89,7 @@ def build(name: str, model: Transformer, example: torch.Tensor) -> Engine:
 @torch.no_grad()
 def check(engine: Engine, model: Transformer, shapes=((1, 7), (3, 12)), atol: float = 1e-4) -> float:
     """Largest |engine - eager| logit difference over inputs of new shapes; raises above ``atol``."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     worst = 0.0
     for shape in shapes:
         tokens = torch.randint(0, model.params.vocab_size, shape, device=device)

@@ -213,7 +213,7 @@ def to_semi_structured(model: Transformer) -> int:
     not assumed (eval.efficiency --sparse-2of4)."""
     from torch.sparse import to_sparse_semi_structured
 
-    if not torch.cuda.is_available() or model.output.weight.device.type != "cuda":
+    if not torch.cuda.is_available() or model.tok_embeddings.weight.device.type != "cuda":
         raise ValueError("2:4 semi-structured kernels need a CUDA device")
     converted = 0
     for layer in model.layers:
@@ -243,7 +243,7 @@ def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: i
 
             hooks.append(lin.register_forward_hook(hook))
     for i in range(0, len(calib), batch_size):
-        model(calib[i : i + batch_size].to(model.output.weight.device))
+        model(calib[i : i + batch_size].to(model.tok_embeddings.weight.device))
     for h in hooks:
         h.remove()
     out = []

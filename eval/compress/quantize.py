@@ -43,7 +43,7 @@ def _needs_cuda(scheme: str, device: torch.device):
 def _bnb_swap(model: nn.Module, scheme: str) -> nn.Module:
     import bitsandbytes as bnb
 
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -62,7 +62,7 @@ def _bnb_swap(model: nn.Module, scheme: str) -> nn.Module:
 
 def quantize(model: nn.Module, scheme: str) -> nn.Module:
     """Quantize ``model`` in place (or return the quantized copy PyTorch's dynamic quantization makes)."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     if scheme == "bf16":
         return model.to(torch.bfloat16)
     if scheme == "fp16":
