@@ -30,6 +30,7 @@ class Evaluated:
     device: torch.device
     dtype: torch.dtype  # autocast dtype used for the forward passes
     compression: dict | None = None  # compression.json of a compressed baseline
+    n_params: int = 0  # parameters before any quantization (packed int8 weights are not nn.Parameters)
 
     @property
     def quantized(self) -> bool:
@@ -49,6 +50,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     folder = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     model = load_model(folder, dev).eval()
+    n_params = sum(p.numel() for p in model.parameters())
     compression = read_compression(folder)
     if compression and compression.get("quantize"):
         model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
@@ -62,7 +64,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     }
     if dtype not in dt:
         raise ValueError(f"dtype={dtype!r} is unknown; use auto, bfloat16 or float32")
-    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype], compression)
+    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype], compression, n_params)
 
 
 def held_out(folder: Path) -> tuple[np.ndarray, int, Path]:

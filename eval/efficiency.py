@@ -164,7 +164,7 @@ def main(argv=None):
         "evaluator": "efficiency",
         "model": ev.name,
         "checkpoint": str(ev.folder),
-        "params": sum(x.numel() for x in model.parameters()),
+        "params": ev.n_params,
         "n_layers": model.params.n_layers,
         "per_head": model.params.head_layer is not None,
     }

@@ -174,6 +174,12 @@ class EnergyMeter:
             self.counter.stop()
         return False
 
+    def so_far(self) -> float | None:
+        """Joules since the window opened (None without a counter): for progress inside a long window."""
+        if self.counter is None or not hasattr(self, "_e0"):
+            return None
+        return self.counter.read_j() - self._e0
+
     def result(self, units: int | None = None, unit: str = "token") -> dict:
         if self.counter is None:
             return {"method": "unavailable", "reason": self.reason}

@@ -163,7 +163,16 @@ def main(argv=None):
     r = evaluate_perplexity(ev, corpus_from_args(a), a.context, a.stride, a.batch_size, a.max_tokens)
     out = write_result(
         a.out or Path("results") / f"{ev.name}-perplexity.json",
-        {"evaluator": "perplexity", "model": ev.name, "checkpoint": str(ev.folder), **r},
+        {
+            "evaluator": "perplexity",
+            "model": ev.name,
+            "checkpoint": str(ev.folder),
+            "compression": ev.compression,
+            "params": ev.n_params,
+            "n_layers": ev.model.params.n_layers,
+            "per_head": ev.model.params.head_layer is not None,
+            **r,
+        },
         ev.device,
     )
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"

@@ -86,9 +86,10 @@ def main(argv=None):
         "evaluator": "quality",
         "model": ev.name,
         "checkpoint": str(ev.folder),
-        "params": sum(x.numel() for x in ev.model.parameters()),
+        "params": ev.n_params,
         "n_layers": ev.model.params.n_layers,
         "per_head": ev.model.params.head_layer is not None,
+        "compression": ev.compression,
         "perplexity": evaluate_perplexity(ev, corpus_from_args(a), None, a.stride, a.batch_size, a.max_tokens),
         "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),
         "humaneval": humaneval_task(

@@ -160,7 +160,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
             )
     else:
         model_args = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
-    start_step, tokens_seen, elapsed_before, optim_state = 0, 0, 0.0, None
+    start_step, tokens_seen, elapsed_before, energy_before, optim_state = 0, 0, 0.0, 0.0, None
     if cfg.resume:
         step_dir = list_checkpoints(ckpt_dir)[-1][1]
         state, optim_state, rng = load_training_state(step_dir)
@@ -168,6 +168,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         if model.params != model_args:
             raise ValueError(f"--resume: {step_dir} holds a different model than this config; use a new --name")
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        energy_before = state.get("energy_j") or 0.0
         restore_rng(rng)
         if info.is_main:
             _truncate_jsonl(log_dir / "metrics.jsonl", start_step)
@@ -218,6 +219,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                 "elapsed_s": elapsed_before + time.perf_counter() - t0,
                 "config": dataclasses.asdict(cfg),
                 "data_dir": str(data.dir),
+                # training energy of this device up to here (None where no counter exists)
+                "energy_j": None if meter.so_far() is None else energy_before + meter.so_far(),
             }
             save_checkpoint(ckpt_dir / f"step_{step}", model, msd, osd, state, data.tokenizer.path)
             prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)

@@ -1,0 +1,161 @@
+"""One table of every evaluated model, from the evaluators' result JSONs (nothing is re-run).
+
+    python -m eval.compare results/                 # -> results/table.md and results/table.csv
+    python -m eval.compare results/study_tiny/evals --out results/study_tiny --mode eager --batch 1
+
+Latency and energy columns come from one decoding mode and batch size for every model, named in the table;
+a value that was not measured is left empty ("-"), and energy that could not be measured reads "unavailable".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from training.config import run_main
+
+COLUMNS = [
+    ("model", "model"),
+    ("params", "params"),
+    ("n_layers", "layers"),
+    ("per_head", "per-head"),
+    ("compression", "compression"),
+    ("perplexity", "ppl"),
+    ("bits_per_byte", "bpb"),
+    ("bleu", "BLEU"),
+    ("rougeL", "ROUGE-L"),
+    ("pass@1", "pass@1"),
+    ("prefill_ms", "prefill ms"),
+    ("decode_ms", "decode ms/token"),
+    ("j_per_token", "J/token"),
+    ("size_bytes", "size (bytes)"),
+    ("mode", "mode"),
+]
+
+
+def compression_label(c: dict | None) -> str:
+    if not c:
+        return "none"
+    m = c["method"]
+    if m == "quantize":
+        label = c["quantize"]
+    elif m in ("magnitude", "wanda", "sparsegpt"):
+        label = f"{m} {c['pattern']}" if c.get("pattern") else f"{m} {round(100 * c['sparsity'])}%"
+    elif m.startswith("drop-"):
+        label = f"drop {c['layers']} ({m.removeprefix('drop-')})"
+    elif m == "structured":
+        label = f"structured h{round(100 * c['head_ratio'])}/f{round(100 * c['ffn_ratio'])}"
+    else:
+        label = m
+    if c.get("finetune_steps"):
+        label += f" +ft{c['finetune_steps']}"
+    base = c.get("base_compression")
+    return f"{compression_label(base)} + {label}" if base else label
+
+
+def _pick(rows: list[dict], mode: str | None, batch: int) -> dict | None:
+    """The row measured at ``batch`` in ``mode`` (or, without a mode, in the first mode measured)."""
+    rows = [r for r in rows if r["batch"] == batch and (mode is None or r["mode"] == mode)]
+    return rows[0] if rows else None
+
+
+def collect(results_dir: str | Path, mode: str | None = None, batch: int = 1) -> list[dict]:
+    by_model: dict[str, dict] = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
+        if "evaluator" not in r or "model" not in r:
+            continue  # not an evaluator's result (a table, a study state ...)
+        row = by_model.setdefault(r["model"], {"model": r["model"]})
+        for key in ("params", "n_layers", "per_head"):
+            row.setdefault(key, r.get(key))
+        if "compression" in r:
+            row["compression"] = compression_label(r["compression"])
+        if r["evaluator"] == "quality":
+            ppl = r["perplexity"]
+            row |= {
+                "perplexity": ppl["perplexity"],
+                "bits_per_byte": ppl["bits_per_byte"],
+                "bleu": r["continuation"]["bleu"],
+                "rougeL": r["continuation"]["rougeL"],
+                "pass@1": r["humaneval"]["pass"].get("pass@1"),
+            }
+        elif r["evaluator"] == "perplexity" and "perplexity" not in row:
+            row |= {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+        elif r["evaluator"] == "efficiency":
+            prefill = _pick(r["prefill"], mode, batch)
+            decode = _pick(r["decode"], mode, batch)
+            row["size_bytes"] = r.get("size_bytes")
+            if decode:
+                energy = decode["energy"]
+                row |= {
+                    "decode_ms": decode["ms_per_token"]["median"],
+                    "mode": decode["mode"],
+                    "j_per_token": energy.get("j_per_token") if energy["method"] != "unavailable" else "unavailable",
+                }
+            if prefill:
+                row["prefill_ms"] = prefill["ms"]["median"]
+    for row in by_model.values():
+        row.setdefault("compression", "none")
+    return sorted(by_model.values(), key=lambda r: (r.get("n_layers") or 0, r["model"]))
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    if key == "params":
+        return f"{v / 1e6:.2f}M"
+    if key == "size_bytes":
+        return f"{v:,}"
+    if key in ("perplexity", "bleu", "rougeL"):
+        return f"{v:.2f}"
+    if key in ("prefill_ms", "decode_ms", "bits_per_byte", "pass@1"):
+        return f"{v:.3f}"
+    if key == "j_per_token":
+        return f"{v:.3g}"
+    return str(v)
+
+
+def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [
+        f"Latency and energy at batch {batch}; '-' = not measured.",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    md += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([k for k, _ in COLUMNS])
+        w.writerows([[r.get(k) for k, _ in COLUMNS] for r in rows])
+    return out / "table.md", out / "table.csv"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--out", default=None, help="default: the results folder")
+    p.add_argument("--mode", default=None, help="decoding mode for latency columns (default: first measured)")
+    p.add_argument("--batch", type=int, default=1)
+    a = p.parse_args(argv)
+    rows = collect(a.results, a.mode, a.batch)
+    if not rows:
+        raise FileNotFoundError(f"no evaluator results in {a.results}; run python -m eval.quality / eval.efficiency")
+    md, csv_path = write_table(rows, a.out or a.results, a.batch)
+    print(md.read_text())
+    print(f"-> {md}, {csv_path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,296 @@
+"""The whole study in one command: train, compress, evaluate, tabulate, plot, report.
+
+    python -m runners.study --tiny                              # CPU, about 10 minutes on 2 cores
+    python -m runners.study runners/study_100m.toml             # the 100M configs (GPU)
+    python -m runners.study baseline_8_layer perhead_6_layer    # runner names, default baselines and evaluations
+
+Every step is a command a user could type (``python -m runners.X``, ``python -m eval.compress``,
+``python -m eval.quality`` ...), run in a subprocess with its output in ``results/<study>/logs/``. A finished
+step leaves a marker in ``results/<study>/steps/``; running the study again skips finished steps, resumes an
+interrupted training run from its checkpoint, and reuses runs trained before. The table, plots and report are
+rebuilt from the results every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+from tqdm import tqdm
+
+from training.checkpoint import list_checkpoints
+from training.config import run_main
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Study:
+    name: str
+    runs: list[dict]  # {runner, name, args}
+    compress: list[dict] = field(default_factory=list)  # {base, name, args}
+    quality: list[str] = field(default_factory=list)  # extra arguments of eval.quality
+    efficiency: list[str] = field(default_factory=list)  # extra arguments of eval.efficiency
+    over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
+    checkpoints_dir: str = "checkpoints"
+    logs_dir: str = "logs"
+    results_dir: str = "results"
+    source: str = ""  # how the study was named on the command line (for the report)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {path} does not exist")
+    d = tomllib.loads(path.read_text())
+    unknown = set(d) - {"name", "runs", "compress", "eval", "checkpoints_dir", "logs_dir", "results_dir"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+    if not d.get("runs"):
+        raise ValueError(f"{path} names no [[runs]]; add at least one runner to train")
+    names = [r["name"] for r in d["runs"]] + [c["name"] for c in d.get("compress", [])]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: run and compressed model names must be unique, got {names}")
+    ev = d.get("eval", {})
+    return Study(
+        name=d.get("name", path.stem),
+        runs=d["runs"],
+        compress=d.get("compress", []),
+        quality=ev.get("quality", []),
+        efficiency=ev.get("efficiency", []),
+        over_training=ev.get("over_training", []),
+        **{k: d[k] for k in ("checkpoints_dir", "logs_dir", "results_dir") if k in d},
+    )
+
+
+def study_from_runners(names: list[str]) -> Study:
+    """Runner names with the default baselines: the deepest baseline pruned, 2:4, quantized, one block shorter."""
+    for n in names:
+        if not (HERE / f"{n}.py").is_file():
+            raise ValueError(f"no runner runners/{n}.py; pass runner names (e.g. baseline_8_layer) or a .toml file")
+    runs = [{"runner": n, "name": n, "args": []} for n in names]
+    baselines = [n for n in names if n.startswith("baseline_")]
+    compress = []
+    if baselines:
+        base = max(baselines, key=lambda n: int(n.split("_")[1]))
+        compress = [
+            {"base": base, "name": f"{base}-wanda50", "args": ["--method", "wanda", "--sparsity", "0.5"]},
+            {"base": base, "name": f"{base}-sparsegpt24", "args": ["--method", "sparsegpt", "--pattern", "2:4"]},
+            {"base": base, "name": f"{base}-drop1", "args": ["--method", "drop-angular", "--layers", "1"]},
+            {"base": base, "name": f"{base}-int8", "args": ["--method", "quantize", "--scheme", "torchao-int8-weight"]},
+        ]
+    return Study(name="study_" + "_".join(names), runs=runs, compress=compress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclass
+class Step:
+    key: str  # unique, also the marker's and the log's file name
+    cmd: list[str]  # arguments after "python -m"
+    done_if: Path | None = None  # an output whose presence also proves the step finished
+
+
+def train_cmd(s: Study, run: dict) -> list[str]:
+    name = run["name"]
+    ckpt, logs = Path(s.checkpoints_dir) / name, Path(s.logs_dir) / name
+    cmd = [
+        f"runners.{run['runner']}",
+        "--name",
+        name,
+        "--out-dir",
+        s.checkpoints_dir,
+        "--log-dir",
+        s.logs_dir,
+        *run.get("args", []),
+    ]
+    if list_checkpoints(ckpt):
+        cmd.append("--resume")  # interrupted before: continue from the newest checkpoint
+    elif logs.exists() or ckpt.exists():
+        cmd.append("--overwrite")  # interrupted before its first checkpoint: nothing worth keeping
+    return cmd
+
+
+def plan(s: Study) -> list[Step]:
+    steps = []
+    for run in s.runs:
+        steps.append(Step(f"train-{run['name']}", ["<train>", run["name"]]))
+    for c in s.compress:
+        out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / c["name"]
+        steps.append(
+            Step(
+                f"compress-{c['name']}",
+                [
+                    "eval.compress",
+                    "--checkpoint",
+                    str(Path(s.checkpoints_dir) / c["base"]),
+                    "--out",
+                    str(out),
+                    *c["args"],
+                ],
+                out / "compression.json",
+            )
+        )
+    evals = s.out / "evals"
+    models = [(r["name"], Path(s.checkpoints_dir) / r["name"]) for r in s.runs]
+    for c in s.compress:
+        folder = Path(s.checkpoints_dir) / f"{s.name}-compressed" / c["name"]
+        if "--finetune-steps" in c["args"]:  # the fine-tuned model is a run of its own next to it
+            folder = folder.with_name(folder.name + "-ft")
+        models.append((c["name"], folder))
+    for name, folder in models:
+        steps.append(
+            Step(
+                f"quality-{name}",
+                ["eval.quality", str(folder), "--out", str(evals / f"{name}-quality.json"), *s.quality],
+            )
+        )
+        steps.append(
+            Step(
+                f"efficiency-{name}",
+                ["eval.efficiency", str(folder), "--out", str(evals / f"{name}-efficiency.json"), *s.efficiency],
+            )
+        )
+    for run in s.runs:
+        steps.append(Step(f"over_training-{run['name']}", ["<over_training>", run["name"]]))
+    return steps
+
+
+def run_step(s: Study, step: Step, log: Path):
+    if step.cmd[0] == "<over_training>":
+        return over_training(s, step.cmd[1], log)
+    cmd = train_cmd(s, next(r for r in s.runs if r["name"] == step.cmd[1])) if step.cmd[0] == "<train>" else step.cmd
+    _python(cmd, log)
+
+
+def _python(cmd: list[str], log: Path):
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"$ python -m {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(
+            f"`python -m {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail)
+        )
+
+
+def over_training(s: Study, run: str, log: Path):
+    """Held-out perplexity of each kept checkpoint of ``run``, with the tokens (and energy) it had seen."""
+    out = s.out / "over_training"
+    for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run):
+        target = out / f"{run}@step_{step}-perplexity.json"
+        if not target.is_file():
+            _python(["eval.perplexity", str(folder), "--out", str(target), *s.over_training], log)
+        r = json.loads(target.read_text())
+        state = json.loads((folder / "state.json").read_text())
+        r |= {"run": run, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
+        target.write_text(json.dumps(r, indent=2))
+
+
+def run_study(s: Study, progress: bool = True) -> Path:
+    markers = s.out / "steps"
+    markers.mkdir(parents=True, exist_ok=True)
+    steps = plan(s)
+    with tqdm(steps, desc=s.name, unit="step", disable=not progress) as bar:
+        for step in bar:
+            marker = markers / f"{step.key}.json"
+            if finished(s, step, marker):
+                continue
+            bar.set_postfix_str(step.key)
+            t0 = time.perf_counter()
+            run_step(s, step, s.out / "logs" / f"{step.key}.log")
+            marker.write_text(
+                json.dumps(
+                    {
+                        "step": step.key,
+                        "seconds": time.perf_counter() - t0,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                )
+            )
+    return build_outputs(s)
+
+
+def finished(s: Study, step: Step, marker: Path) -> bool:
+    if marker.is_file():
+        return True
+    if step.key.startswith("train-"):  # a run trained before the study (summary and a checkpoint) is reused
+        name = step.cmd[1]
+        return (Path(s.logs_dir) / name / "summary.json").is_file() and bool(
+            list_checkpoints(Path(s.checkpoints_dir) / name)
+        )
+    return step.done_if is not None and step.done_if.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Table, plots, report (from results only)
+
+
+def build_outputs(s: Study) -> Path:
+    import matplotlib.pyplot as plt
+
+    from eval.compare import collect, write_table
+    from visualizations.plot_tradeoffs import AXES, tradeoff_figure
+    from visualizations.plot_training import load_runs, training_costs, training_curves
+    from visualizations.plot_training import over_training as over_training_fig
+    from visualizations.report import write_report
+
+    rows = collect(s.out / "evals")
+    write_table(rows, s.out)
+    plots = s.out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    runs = load_runs(s.logs_dir, [r["name"] for r in s.runs])
+    figures["training_curves.png"] = training_curves(runs)
+    figures["training_costs.png"] = training_costs(runs)
+    for key in AXES:
+        fig = tradeoff_figure(rows, key)
+        if fig is not None:
+            figures[f"tradeoff_{key}.png"] = fig
+    points = {}
+    for path in sorted((s.out / "over_training").glob("*.json")):
+        r = json.loads(path.read_text())
+        points.setdefault(r["run"], []).append(r)
+    if points:
+        figures["over_training.png"] = over_training_fig(points)
+    for name, fig in figures.items():
+        fig.savefig(plots / name, dpi=120)
+        plt.close(fig)
+    return write_report(s, rows, runs, sorted(figures), points)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", nargs="*", help="a study .toml file, or runner names")
+    p.add_argument("--tiny", action="store_true", help="the CPU study of runners/study_tiny.toml")
+    a = p.parse_args(argv)
+    if a.tiny:
+        study = load_study(HERE / "study_tiny.toml")
+        study.source = "--tiny"
+    elif len(a.what) == 1 and a.what[0].endswith(".toml"):
+        study = load_study(a.what[0])
+    elif a.what:
+        study = study_from_runners(a.what)
+    else:
+        p.error("name a study .toml file or runner names, or pass --tiny")
+    study.source = study.source or " ".join(a.what)
+    report = run_study(study)
+    print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")
+
+
+if __name__ == "__main__":
+    run_main(main)

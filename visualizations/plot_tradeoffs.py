@@ -1,0 +1,115 @@
+"""Quality against latency, energy and size, one point per evaluated model (reads results/ only).
+
+    python -m visualizations.plot_tradeoffs results/ --out results/plots
+
+Bits per byte (lower is better) on the y axis; the Pareto front (no other model is both better and cheaper)
+is drawn as a line; bubble area is proportional to the model's stored size; per-head models in orange,
+baselines in blue, compressed baselines hollow.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from eval.compare import collect  # noqa: E402
+from training.config import run_main  # noqa: E402
+
+AXES = {
+    "decode_ms": "decode latency (ms/token, batch 1)",
+    "j_per_token": "energy (J/token)",
+    "params": "parameters",
+}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better), by increasing x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_y = [], float("inf")
+    for i in order:
+        if points[i][1] < best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def usable(rows: list[dict], x_key: str, y_key: str) -> list[dict]:
+    return [r for r in rows if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(y_key), (int, float))]
+
+
+def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
+    """The scatter for one cost axis, or None where no model has that cost measured."""
+    pts = usable(rows, x_key, y_key)
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sizes = [r.get("size_bytes") or 4 * (r.get("params") or 0) for r in pts]
+    scale = 1500 / max(sizes) if max(sizes) else 1
+    for r, s in zip(pts, sizes, strict=True):
+        color = "C1" if r.get("per_head") else "C0"
+        compressed = r.get("compression", "none") != "none"
+        ax.scatter(
+            r[x_key],
+            r[y_key],
+            s=max(20, s * scale),
+            alpha=0.6,
+            edgecolors=color,
+            linewidths=2,
+            facecolors="none" if compressed else color,
+        )
+        ax.annotate(r["model"], (r[x_key], r[y_key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front([(r[x_key], r[y_key]) for r in pts])
+    ax.plot([pts[i][x_key] for i in front], [pts[i][y_key] for i in front], "k--", lw=1)
+    ax.set(
+        xlabel=AXES.get(x_key, x_key),
+        ylabel="bits per byte (lower is better)",
+        title=f"Quality vs {AXES.get(x_key, x_key).split(' (')[0]}",
+    )
+    if x_key == "params":
+        ax.set_xscale("log")
+    ax.legend(
+        handles=[
+            Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
+            Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
+            Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
+            Line2D([], [], ls="--", color="k", label="Pareto front"),
+        ],
+        fontsize=8,
+        loc="best",
+        title="bubble area = stored size",
+        title_fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--out", default="results/plots")
+    p.add_argument("--mode", default=None, help="decoding mode for latency and energy (default: first measured)")
+    a = p.parse_args(argv)
+    rows = collect(a.results, a.mode)
+    if not rows:
+        raise FileNotFoundError(f"no evaluator results in {a.results}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key in AXES:
+        fig = tradeoff_figure(rows, key)
+        if fig is None:
+            print(f"no model has {key} measured: no plot (see the table for why)")
+            continue
+        fig.savefig(out / f"tradeoff_{key}.png", dpi=120)
+        plt.close(fig)
+        print(out / f"tradeoff_{key}.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

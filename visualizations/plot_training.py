@@ -1,0 +1,119 @@
+"""Training curves and costs from logs/ (never runs a model).
+
+python -m visualizations.plot_training                       # every run under logs/
+python -m visualizations.plot_training --runs tiny tiny_baseline --out results/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from training.config import run_main  # noqa: E402
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def load_runs(log_dir: str | Path, names: list[str] | None = None) -> dict[str, dict]:
+    log_dir = Path(log_dir)
+    names = names or sorted(p.name for p in log_dir.iterdir() if (p / "metrics.jsonl").is_file())
+    runs = {}
+    for name in names:
+        d = log_dir / name
+        if not (d / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{d} has no metrics.jsonl; train the run first or check --log-dir")
+        summary = d / "summary.json"
+        runs[name] = {
+            "metrics": _jsonl(d / "metrics.jsonl"),
+            "val": _jsonl(d / "val.jsonl"),
+            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+        }
+    return runs
+
+
+def training_curves(runs: dict[str, dict]):
+    """Loss against steps and against wall-clock time; training loss solid, validation loss dashed."""
+    fig, (a_step, a_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, (name, r) in enumerate(runs.items()):
+        color = f"C{i}"
+        m, v = r["metrics"], r["val"]
+        a_step.plot([x["step"] for x in m], [x["loss"] for x in m], color=color, label=f"{name} train")
+        a_time.plot([x["elapsed_s"] for x in m], [x["loss"] for x in m], color=color, label=f"{name} train")
+        if v:
+            a_step.plot([x["step"] for x in v], [x["val_loss"] for x in v], "o--", color=color, label=f"{name} val")
+            a_time.plot(
+                [x["elapsed_s"] for x in v], [x["val_loss"] for x in v], "o--", color=color, label=f"{name} val"
+            )
+    a_step.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="Loss vs step")
+    a_time.set(xlabel="wall-clock training time (s)", title="Loss vs time")
+    for ax in (a_step, a_time):
+        ax.grid(alpha=0.3)
+    a_time.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_costs(runs: dict[str, dict]):
+    """Training time and throughput of each finished run (from summary.json)."""
+    done = {n: r["summary"] for n, r in runs.items() if r["summary"]}
+    fig, (a_time, a_tps) = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(done)
+    a_time.bar(names, [s["train_time_s"] for s in done.values()], color="C0")
+    a_tps.bar(names, [s["tokens_per_s"] for s in done.values()], color="C1")
+    a_time.set(ylabel="training time (s)", title="Training time")
+    a_tps.set(ylabel="tokens / s", title="Training throughput")
+    for ax in (a_time, a_tps):
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def over_training(points: dict[str, list[dict]], key: str = "perplexity", label: str = "held-out perplexity"):
+    """Quality of a run's periodic checkpoints against the tokens they had seen (and the training energy spent
+    by then, where it was measured)."""
+    has_energy = any(p.get("energy_j") is not None for ps in points.values() for p in ps)
+    fig, axes = plt.subplots(1, 2 if has_energy else 1, figsize=(12 if has_energy else 6.5, 4.5), squeeze=False)
+    for i, (name, ps) in enumerate(points.items()):
+        ps = sorted(ps, key=lambda p: p["tokens"])
+        axes[0, 0].plot([p["tokens"] for p in ps], [p[key] for p in ps], "o-", color=f"C{i}", label=name)
+        if has_energy:
+            e = [p for p in ps if p.get("energy_j") is not None]
+            axes[0, 1].plot([p["energy_j"] for p in e], [p[key] for p in e], "o-", color=f"C{i}", label=name)
+    axes[0, 0].set(xlabel="training tokens", ylabel=label, title=f"{label} over training")
+    if has_energy:
+        axes[0, 1].set(xlabel="training energy so far (J)", ylabel=label, title=f"{label} vs training energy")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--runs", nargs="+", default=None)
+    p.add_argument("--out", default="results/plots")
+    a = p.parse_args(argv)
+    runs = load_runs(a.log_dir, a.runs)
+    if not runs:
+        raise FileNotFoundError(f"no runs with metrics.jsonl under {a.log_dir}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in (("training_curves.png", training_curves(runs)), ("training_costs.png", training_costs(runs))):
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        print(out / name)
+
+
+if __name__ == "__main__":
+    run_main(main)
