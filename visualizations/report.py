@@ -45,6 +45,11 @@ def findings(rows: list[dict]) -> list[str]:
             if isinstance(ph.get("decode_ms"), float) and isinstance(other.get("decode_ms"), float):
                 line += f"; decode {ph['decode_ms']:.3f} vs {other['decode_ms']:.3f} ms/token"
             out.append(line + ".")
+    if any(isinstance(r.get("decode_ms"), float) for r in rows):
+        out.append(
+            "Latencies are medians; their p10-p90 spreads are in evals/*-efficiency.json. On a small shared "
+            "CPU, differences smaller than those spreads are noise, not findings."
+        )
     energies = [r.get("j_per_token") for r in rows]
     if energies and all(e == "unavailable" or e is None for e in energies):
         out.append(

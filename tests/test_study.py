@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+import runners.study as study_mod
+from runners.study import Study, load_study, plan, run_study, train_cmd
+
+
+@pytest.fixture
+def study(tmp_path):
+    return Study(
+        name="s",
+        runs=[{"runner": "tiny", "name": "r1", "args": ["--max-steps", "5"]}],
+        compress=[{"base": "r1", "name": "r1-w50", "args": ["--method", "wanda"]}],
+        checkpoints_dir=str(tmp_path / "ck"),
+        logs_dir=str(tmp_path / "logs"),
+        results_dir=str(tmp_path / "res"),
+    )
+
+
+def test_the_tiny_study_file_is_valid():
+    from runners.study import HERE
+
+    s = load_study(HERE / "study_tiny.toml")
+    assert [r["name"] for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
+    assert len(plan(s)) == 3 + 4 + 2 * 7 + 3
+    load_study(HERE / "study_100m.toml")
+
+
+def test_bad_study_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nrunz = []\n')
+    with pytest.raises(ValueError, match="unknown key"):
+        load_study(bad)
+    bad.write_text('name = "x"\n')
+    with pytest.raises(ValueError, match="names no"):
+        load_study(bad)
+
+
+def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
+    calls = []
+
+    def fake_step(s, step, log):
+        calls.append(step.key)
+        if step.key == "efficiency-r1" and calls.count("efficiency-r1") == 1:
+            raise KeyboardInterrupt  # interrupted in the middle of the study
+
+    monkeypatch.setattr(study_mod, "run_step", fake_step)
+    monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, progress=False)
+    first = list(calls)
+    assert first == ["train-r1", "compress-r1-w50", "quality-r1", "efficiency-r1"]
+    run_study(study, progress=False)
+    # finished steps are skipped; the interrupted one runs again, then the rest
+    assert calls[len(first) :] == ["efficiency-r1", "quality-r1-w50", "efficiency-r1-w50", "over_training-r1"]
+    marker = json.loads((study.out / "steps" / "train-r1.json").read_text())
+    assert marker["step"] == "train-r1"
+    calls.clear()
+    run_study(study, progress=False)
+    assert calls == []
+
+
+def test_training_step_resumes_or_restarts(study, tmp_path):
+    from pathlib import Path
+
+    assert "--resume" not in train_cmd(study, study.runs[0]) and "--overwrite" not in train_cmd(study, study.runs[0])
+    (Path(study.logs_dir) / "r1").mkdir(parents=True)
+    assert train_cmd(study, study.runs[0])[-1] == "--overwrite"  # died before any checkpoint
+    (Path(study.checkpoints_dir) / "r1" / "step_2").mkdir(parents=True)
+    assert train_cmd(study, study.runs[0])[-1] == "--resume"
+
+
+def test_runner_names_build_a_default_study():
+    from runners.study import study_from_runners
+
+    s = study_from_runners(["baseline_8_layer", "perhead_6_layer"])
+    assert {c["base"] for c in s.compress} == {"baseline_8_layer"} and len(s.compress) == 4
+    with pytest.raises(ValueError, match="no runner runners/nope.py"):
+        study_from_runners(["nope"])

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+
+from eval.compare import collect, compression_label, write_table
+from visualizations.plot_tradeoffs import pareto_front, tradeoff_figure
+from visualizations.plot_training import load_runs, over_training, training_costs, training_curves
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def logs(tmp_path):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        d = tmp_path / "logs" / name
+        d.mkdir(parents=True)
+        write_jsonl(
+            d / "metrics.jsonl", [{"step": s, "loss": scale * 10 / s, "elapsed_s": scale * s} for s in (1, 2, 3)]
+        )
+        write_jsonl(d / "val.jsonl", [{"step": 3, "val_loss": scale * 4.0, "elapsed_s": scale * 3}])
+        (d / "summary.json").write_text(json.dumps({"train_time_s": 30 * scale, "tokens_per_s": 100 / scale}))
+    return tmp_path / "logs"
+
+
+def test_training_curves_plot_the_logged_series(logs):
+    runs = load_runs(logs)
+    fig = training_curves(runs)
+    by_step, by_time = fig.axes
+    lines = {ln.get_label(): ln for ln in by_step.get_lines()}
+    assert set(lines) == {"a train", "a val", "b train", "b val"}
+    assert list(lines["b train"].get_xdata()) == [1, 2, 3]
+    assert list(lines["b train"].get_ydata()) == pytest.approx([20, 10, 20 / 3])
+    assert list(lines["a val"].get_ydata()) == [4.0]
+    time_lines = {ln.get_label(): ln for ln in by_time.get_lines()}
+    assert list(time_lines["b train"].get_xdata()) == [2.0, 4.0, 6.0]
+    assert by_time.get_xlabel().startswith("wall-clock") and "nats" in by_step.get_ylabel()
+
+
+def test_training_costs_bars(logs, tmp_path):
+    fig = training_costs(load_runs(logs))
+    times, tps = fig.axes
+    assert [p.get_height() for p in times.patches] == [30.0, 60.0]
+    assert [p.get_height() for p in tps.patches] == [100.0, 50.0]
+    fig.savefig(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_missing_run_is_a_clear_error(logs):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        load_runs(logs, ["a", "nope"])
+
+
+def test_over_training_plots_quality_against_tokens_and_energy_only_when_measured():
+    pts = {"r": [{"tokens": 200, "perplexity": 5.0, "energy_j": None}, {"tokens": 100, "perplexity": 9.0}]}
+    fig = over_training(pts)
+    assert len(fig.axes) == 1  # no energy measured: no energy panel
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [9.0, 5.0]
+    pts["r"][0]["energy_j"] = 50.0
+    assert len(over_training(pts).axes) == 2
+
+
+def test_pareto_front():
+    pts = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 6)]
+    assert pareto_front(pts) == [0, 1, 3]
+
+
+def result(tmp_path, model, evaluator, **fields):
+    base = {"evaluator": evaluator, "model": model, "git_commit": "x", "device": "cpu", "torch_version": "t"}
+    (tmp_path / f"{model}-{evaluator}.json").write_text(json.dumps(base | fields))
+
+
+@pytest.fixture
+def results(tmp_path):
+    for model, bpb, ms, comp in (
+        ("base", 1.5, 2.0, None),
+        ("per", 1.4, 3.0, None),
+        ("base-w50", 1.6, 1.0, {"method": "wanda", "sparsity": 0.5, "pattern": None}),
+    ):
+        common = {"n_layers": 4, "per_head": model == "per", "params": 1000}
+        result(
+            tmp_path,
+            model,
+            "quality",
+            compression=comp,
+            **common,
+            perplexity={"perplexity": 2**bpb, "bits_per_byte": bpb},
+            continuation={"bleu": 3.0, "rougeL": 7.0},
+            humaneval={"pass": {"pass@1": 0.0}},
+        )
+        decode = [
+            {
+                "batch": 1,
+                "mode": "eager",
+                "ms_per_token": {"median": ms},
+                "energy": {"method": "unavailable", "reason": "no counter"},
+            },
+            {"batch": 8, "mode": "eager", "ms_per_token": {"median": 9 * ms}, "energy": {"method": "unavailable"}},
+        ]
+        result(
+            tmp_path,
+            model,
+            "efficiency",
+            compression=comp,
+            **common,
+            size_bytes=4000,
+            decode=decode,
+            prefill=[{"batch": 1, "mode": "eager", "ms": {"median": 5.0}}],
+        )
+    (tmp_path / "table.md").write_text("not a result")
+    return tmp_path
+
+
+def test_compare_collects_one_row_per_model(results):
+    rows = {r["model"]: r for r in collect(results)}
+    assert set(rows) == {"base", "per", "base-w50"}
+    assert rows["base-w50"]["compression"] == "wanda 50%" and rows["base"]["compression"] == "none"
+    assert rows["per"]["bits_per_byte"] == 1.4 and rows["per"]["decode_ms"] == 3.0 and rows["per"]["per_head"]
+    assert rows["base"]["j_per_token"] == "unavailable" and rows["base"]["prefill_ms"] == 5.0
+    assert {r["model"]: r["decode_ms"] for r in collect(results, batch=8)} == {
+        "base": 18.0,
+        "per": 27.0,
+        "base-w50": 9.0,
+    }
+    md, csv_path = write_table(list(rows.values()), results / "out")
+    text = md.read_text()
+    assert "| base-w50 |" in text and "unavailable" in text and "wanda 50%" in text
+    assert csv_path.read_text().splitlines()[0].startswith("model,params,n_layers")
+
+
+def test_tradeoff_plot_data_and_front(results):
+    rows = collect(results)
+    fig = tradeoff_figure(rows, "decode_ms")
+    ax = fig.axes[0]
+    offsets = sorted(tuple(c.get_offsets()[0]) for c in ax.collections)
+    assert offsets == [(1.0, 1.6), (2.0, 1.5), (3.0, 1.4)]
+    (front,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert list(front.get_xdata()) == [1.0, 2.0, 3.0]  # every model is on the front here
+    assert tradeoff_figure(rows, "j_per_token") is None  # energy unavailable: no plot rather than zeros
+
+
+def test_compression_labels():
+    assert compression_label({"method": "sparsegpt", "pattern": "2:4"}) == "sparsegpt 2:4"
+    assert compression_label({"method": "drop-angular", "layers": 2}) == "drop 2 (angular)"
+    q = {"method": "quantize", "quantize": "int8-dynamic", "base_compression": {"method": "wanda", "sparsity": 0.5}}
+    assert compression_label(q) == "wanda 50% + int8-dynamic"
