@@ -151,12 +151,9 @@ def from_hf(config: dict, hf_sd: dict[str, torch.Tensor]) -> Transformer:
             elif ours == "attention.wk.weight":
                 w = hf_to_meta_rows(w, args.n_kv_heads)
             sd[f"layers.{i}.{ours}"] = w
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
+    from training.checkpoint import model_from_state_dict
+
+    return model_from_state_dict(args, sd, "HF checkpoint")
 
 
 def import_hf(hf_dir: str | Path) -> Transformer:

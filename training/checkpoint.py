@@ -77,6 +77,27 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {p} does not exist; pass a checkpoints/<run> or step_N folder")
 
 
+def model_from_state_dict(args: ModelArgs, sd: dict[str, torch.Tensor], source: str = "state dict") -> Transformer:
+    """The model for ``args`` around the tensors of ``sd`` (no random init, no copy), after checking that the
+    names and shapes are exactly those ``args`` implies. A tied output weight may be absent from ``sd``."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    if set(sd) != set(expected):
+        missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        raise ValueError(f"{source} does not match the model arguments: missing {missing[:3]}, extra {extra[:3]}")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model arguments imply {tuple(shape)}")
+    model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def tokenizer_path(path: str | os.PathLike) -> Path:
     """The tokenizer saved with a checkpoint (or model folder)."""
     folder = resolve_checkpoint(path)
@@ -95,21 +116,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
         sd = load_file(str(folder / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{folder / MODEL_FILE} is unreadable ({e}); the checkpoint is damaged") from None
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    if set(sd) != set(expected):
-        missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-        raise ValueError(f"{folder} does not match its model_args.json: missing {missing[:3]}, extra {extra[:3]}")
-    for k, shape in expected.items():
-        if sd[k].shape != shape:
-            raise ValueError(f"{folder}: {k} has shape {tuple(sd[k].shape)}, model_args.json implies {tuple(shape)}")
-    model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.to(device)
+    return model_from_state_dict(args, sd, f"{folder} (with its {ARGS_FILE})").to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from eval.compress.calibration import block_inputs, run_block
 from llama.model import Transformer
+from training.checkpoint import model_from_state_dict
 
 
 def drop_layers(model: Transformer, drop: list[int]) -> Transformer:
@@ -43,12 +44,7 @@ def drop_layers(model: Transformer, drop: list[int]) -> Transformer:
                 sd[f"layers.{keep.index(int(i))}.{rest}"] = v
         else:
             sd[k] = v
-    with torch.device("meta"):
-        small = Transformer(args)
-    small.load_state_dict(sd, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
-        small.output.weight = small.tok_embeddings.weight
-    return small
+    return model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
 
 
 @torch.no_grad()

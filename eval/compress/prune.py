@@ -24,6 +24,7 @@ from torch import nn
 
 from eval.compress.calibration import block_inputs, run_block
 from llama.model import Transformer
+from training.checkpoint import model_from_state_dict
 
 LINEARS = (
     "attention.wq",
@@ -309,13 +310,7 @@ def prune_structured(
         n_kv.append(len(g))
         ffn.append(len(c))
     args = dataclasses.replace(a, layer_n_heads=n_heads, layer_n_kv_heads=n_kv, layer_ffn_hidden_dim=ffn)
-    with torch.device("meta"):
-        small = Transformer(args)
-    if a.tie_embeddings:
-        sd.pop("output.weight", None)
-    small.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True, strict=not a.tie_embeddings)
-    if a.tie_embeddings:
-        small.output.weight = small.tok_embeddings.weight
+    small = model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
     before, after = sum(x.numel() for x in model.parameters()), sum(x.numel() for x in small.parameters())
     return small, {
         "params_before": before,
