@@ -113,7 +113,7 @@ def find_counter(device: torch.device | str, rapl_root: str = RAPL_ROOT):
             try:  # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES may renumber them, the UUID does not
                 uuid = str(torch.cuda.get_device_properties(index).uuid)
                 handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-            except (AttributeError, pynvml.NVMLError):
+            except Exception:  # older torch without .uuid, or an NVML that wants the UUID in another form
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception as e:  # ImportError, NVMLError_LibraryNotFound, driver problems ...
             return None, f"NVML unavailable ({type(e).__name__}: {e})"
