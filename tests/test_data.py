@@ -6,7 +6,7 @@ import pytest
 
 import training.data as data_mod
 from training.config import ConfigError, DataConfig, apply_overrides
-from training.data import BatchSampler, Document, load_documents, prepare, split_documents
+from training.data import BatchSampler, Document, describe, load_documents, prepare, split_documents
 
 
 @pytest.fixture
@@ -43,6 +43,7 @@ def test_prepare_writes_tokens_and_manifest_and_reuses_cache(tmp_path, code_fold
     monkeypatch.setattr(data_mod, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer retrained"))
     again = prepare(cfg, progress=False)
     assert again.dir == data.dir and np.array_equal(again.val, data.val)
+    assert again.from_cache and not data.from_cache and "read the cache" in describe(again)
     assert not list((tmp_path / "cache").glob("*.tmp*"))
 
 

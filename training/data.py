@@ -157,6 +157,7 @@ class PreparedData:
     tokenizer: Tokenizer
     train: np.ndarray  # flat token ids (memmap)
     val: np.ndarray
+    from_cache: bool = False  # found prepared by an earlier run
 
     @property
     def vocab_size(self) -> int:
@@ -216,7 +217,9 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
     chash = corpus_hash(docs)
     out = Path(cfg.cache_dir) / f"{chash[:16]}-v{cfg.vocab_size}-{_settings_key(cfg)}"
     if (out / "manifest.json").is_file():
-        return load_prepared(out)
+        data = load_prepared(out)
+        data.from_cache = True
+        return data
     load_s = time.perf_counter() - t0
 
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
@@ -277,6 +280,7 @@ def describe(data: PreparedData) -> str:
     t = m["timings_s"]
     lines.append(
         f"prepared in: load {t['load']:.1f} s, tokenizer {t['tokenizer']:.1f} s, tokenize {t['tokenize']:.1f} s"
+        + (" (by an earlier run; this one read the cache)" if data.from_cache else "")
     )
     return "\n".join(lines)
 
