@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from eval.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
+from training import distributed as D
 from training.config import run_main
-from training.distributed import pick_device
+from training.distributed import compute_dtype, pick_device
 from training.hardware import peak_flops, run_metadata
 from training.trainer import loss_fn, make_optimizer
 
@@ -47,8 +47,8 @@ def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size
     if use_compile:
         model.compile()
     optimizer = make_optimizer(model, cfg, device)
-    bf16 = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    dtype = compute_dtype("auto", device)  # as the trainer runs on this device
+    autocast = D.autocast(device, dtype)
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
 
@@ -74,7 +74,7 @@ def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size
         "params": count_params(model)["total"],
         "batch": B,
         "seq_len": T,
-        "dtype": "bfloat16-autocast" if bf16 else "float32",
+        "dtype": "bfloat16-autocast" if dtype == torch.bfloat16 else "float32",
         "compile": use_compile,
         "warmup_steps": warmup,
         "repeats": steps,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, tokenizer_path
 from training.data import load_prepared
-from training.distributed import pick_device
+from training.distributed import autocast, compute_dtype, pick_device
 from training.hardware import run_metadata
 
 
@@ -37,9 +36,7 @@ class Evaluated:
         return bool(self.compression and self.compression.get("quantize"))
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
 
 def model_name(folder: Path) -> str:
@@ -49,6 +46,7 @@ def model_name(folder: Path) -> str:
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
     folder = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
+    dt = compute_dtype(dtype, dev)
     model = load_model(folder, dev).eval()
     n_params = sum(p.numel() for p in model.parameters())
     compression = read_compression(folder)
@@ -57,14 +55,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     tok = Tokenizer(tokenizer_path(folder))
     if tok.vocab_size != model.params.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
-    dt = {
-        "auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float32": torch.float32,
-    }
-    if dtype not in dt:
-        raise ValueError(f"dtype={dtype!r} is unknown; use auto, bfloat16 or float32")
-    return Evaluated(model_name(folder), folder, model, tok, dev, dt[dtype], compression, n_params)
+    return Evaluated(model_name(folder), folder, model, tok, dev, dt, compression, n_params)
 
 
 def held_out(folder: Path) -> tuple[np.ndarray, int, Path]:

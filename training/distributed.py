@@ -43,6 +43,23 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype forward passes run in: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    choices = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }
+    if name not in choices:
+        raise ValueError(f"dtype={name!r} is unknown; use auto, bfloat16 or float32")
+    return choices[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for ``dtype`` on ``device``; float32 needs none."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the process group torchrun set up (RANK/WORLD_SIZE in the environment), else run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -192,12 +191,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optim_state is not None:
         set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=optim_state, options=full)
-    dtype = {
-        "auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float32": torch.float32,
-    }[cfg.dtype]
-    autocast = torch.autocast(info.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    dtype = D.compute_dtype(cfg.dtype, info.device)
+    autocast = D.autocast(info.device, dtype)
     flops_tok, peak = flops_per_token(model_args, cfg.seq_len), peak_flops(info.device)
 
     if info.is_main:
