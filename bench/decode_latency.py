@@ -20,7 +20,7 @@ from bench.train_throughput import load_config
 from eval.efficiency import evaluate_efficiency, table
 from eval.energy import find_counter, measure_energy
 from eval.latency import decode_fn
-from llama.model import Transformer
+from llama.model import Transformer, count_params
 from training.config import run_main
 from training.distributed import pick_device
 from training.hardware import run_metadata
@@ -86,7 +86,7 @@ def main(argv=None):
                 "config": name,
                 "per_head": cfg.model.head_layer is not None,
                 "n_layers": cfg.model.n_layers,
-                "params": sum(x.numel() for x in model.parameters()),
+                "params": count_params(model)["total"],
                 "dtype": str(dtype).removeprefix("torch."),
                 "context_len": context,
                 **r,

@@ -12,10 +12,10 @@ import torch
 
 from eval.compress import read_compression
 from eval.compress.quantize import quantize
-from llama.model import Transformer
+from llama.model import Transformer, count_params
 from llama.tokenizer import Tokenizer
 from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, tokenizer_path
-from training.data import load_prepared
+from training.data import PreparedData, load_prepared
 from training.distributed import autocast, compute_dtype, pick_device
 from training.hardware import run_metadata
 
@@ -48,7 +48,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
     model = load_model(folder, dev).eval()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)["total"]
     compression = read_compression(folder)
     if compression and compression.get("quantize"):
         model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
@@ -58,20 +58,23 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
     return Evaluated(model_name(folder), folder, model, tok, dev, dt, compression, n_params)
 
 
-def held_out(folder: Path) -> tuple[np.ndarray, int, Path]:
-    """(validation tokens, their UTF-8 byte count, data folder) of the data a checkpoint was trained on."""
+def training_data(checkpoint: str | os.PathLike) -> tuple[PreparedData, dict]:
+    """The prepared data a checkpoint was trained on (its held-out split, calibration windows ...) and the
+    checkpoint's state.json."""
+    folder = resolve_checkpoint(checkpoint)
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{folder} has no {STATE_FILE}, so its training data is unknown; pass --corpus")
-    data_dir = Path(json.loads(state_path.read_text())["data_dir"])
+    state = json.loads(state_path.read_text())
+    if not state.get("data_dir"):
+        raise FileNotFoundError(f"{state_path} names no training data; pass --corpus")
     try:
-        data = load_prepared(data_dir)
+        return load_prepared(state["data_dir"]), state
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"the training data of {folder} ({data_dir}) is gone; prepare it again with the run's data settings "
-            "(python -m training.data ...) or pass --corpus"
+            f"the training data of {folder} ({state['data_dir']}) is gone; prepare it again with the run's data "
+            "settings (python -m training.data ...) or pass --corpus"
         ) from None
-    return data.val, data.manifest["splits"]["val"]["bytes"], data_dir
 
 
 def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:

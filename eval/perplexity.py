@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eval.common import held_out, load_for_eval, write_result
+from eval.common import load_for_eval, training_data, write_result
 from training.config import DataConfig, run_main
 from training.data import load_documents
 
@@ -110,8 +110,8 @@ def evaluate_perplexity(
     context = context or ev.model.params.max_seq_len
     stride = stride or context // 2
     if corpus is None:
-        tokens, _, data_dir = held_out(ev.folder)
-        source = f"held-out split of {data_dir}"
+        data, _ = training_data(ev.folder)
+        tokens, source = data.val, f"held-out split of {data.dir}"
     else:
         tokens, source = corpus_tokens(corpus, ev.tokenizer), corpus.corpus or "default corpus"
     if max_tokens:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval.common import Evaluated, held_out, split_documents_at_bos
+from eval.common import Evaluated, split_documents_at_bos, training_data
 from eval.generate import complete
 
 
@@ -31,7 +31,7 @@ def score_texts(hypotheses: list[str], references: list[str]) -> dict:
 
 def continuation_pairs(ev: Evaluated, n_docs: int, prompt_tokens: int, continuation_tokens: int):
     """(prompts, references) from the first held-out documents long enough for both parts."""
-    tokens, _, _ = held_out(ev.folder)
+    tokens = training_data(ev.folder)[0].val
     docs = [
         d for d in split_documents_at_bos(tokens, ev.tokenizer.bos_id) if len(d) > prompt_tokens + continuation_tokens
     ]

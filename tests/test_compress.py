@@ -28,10 +28,9 @@ def calib(trained_checkpoint):
 
 
 def held_out_tokens(run):
-    from eval.common import held_out
-    from training.checkpoint import resolve_checkpoint
+    from eval.common import training_data
 
-    return held_out(resolve_checkpoint(run))[0][:6000]
+    return training_data(run)[0].val[:6000]
 
 
 def held_out_loss(model, tokens):

@@ -25,6 +25,7 @@ from eval.compress.calibration import calibration_tokens
 from eval.compress.layer_drop import choose_layers, drop_layers
 from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
+from llama.model import count_params
 from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, save_model, tokenizer_path
 from training.config import run_main, train_config_from_dict
 from training.distributed import pick_device
@@ -48,7 +49,7 @@ def compress(a) -> Path:
         raise ValueError(f"{base} is already quantized; compress its unquantized base instead")
     device = pick_device(a.device)
     model = load_model(base, device).eval()
-    before_params = sum(p.numel() for p in model.parameters())
+    before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
     needs_calib = a.method in ("drop-angular", "wanda", "sparsegpt", "structured")
@@ -95,7 +96,7 @@ def compress(a) -> Path:
         "base": str(base),
         "base_compression": read_compression(base),
         "params_before": before_params,
-        "params_after": sum(p.numel() for p in model.parameters()),
+        "params_after": count_params(model)["total"],
         "bytes_before": before_bytes,
         "bytes_after": state_dict_bytes(measured),
         "report": report,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from eval.common import training_data
 from llama.model import rope_cos_sin
-from training.checkpoint import STATE_FILE, resolve_checkpoint
-from training.data import BatchSampler, load_prepared
+from training.data import BatchSampler
 
 
 def calibration_tokens(
@@ -17,13 +16,8 @@ def calibration_tokens(
 ) -> torch.Tensor:
     """(n_samples, seq_len) token windows from the train split of the checkpoint's data (Wanda/SparseGPT use
     128 x 2048 tokens of C4 for 7B models; small models need fewer)."""
-    folder = resolve_checkpoint(checkpoint)
-    state_path = folder / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {STATE_FILE}; its training data (for calibration) is unknown")
-    state = json.loads(state_path.read_text())
-    data = load_prepared(state["data_dir"])
-    if seq_len is None and "config" in state:
+    data, state = training_data(checkpoint)
+    if seq_len is None and state.get("config"):
         seq_len = state["config"]["seq_len"]  # the length the model was trained on
     if not seq_len:
         raise ValueError("pass --calib-seq-len: the checkpoint does not record its training sequence length")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from eval.compress.calibration import block_inputs, run_block
-from llama.model import Transformer
+from llama.model import Transformer, count_params
 from training.checkpoint import model_from_state_dict
 
 LINEARS = (
@@ -197,9 +197,12 @@ def sparsity_report(model: Transformer) -> dict:
             z, n = int((lin.weight == 0).sum()), lin.weight.numel()
             per_layer[f"layers.{i}.{name}"] = z / n
             zeros, total = zeros + z, total + n
-    all_params = sum(p.numel() for p in model.parameters())
     all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
-    return {"linear_sparsity": zeros / total, "model_sparsity": all_zeros / all_params, "per_layer": per_layer}
+    return {
+        "linear_sparsity": zeros / total,
+        "model_sparsity": all_zeros / count_params(model)["total"],
+        "per_layer": per_layer,
+    }
 
 
 def check_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -311,7 +314,7 @@ def prune_structured(
         ffn.append(len(c))
     args = dataclasses.replace(a, layer_n_heads=n_heads, layer_n_kv_heads=n_kv, layer_ffn_hidden_dim=ffn)
     small = model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
-    before, after = sum(x.numel() for x in model.parameters()), sum(x.numel() for x in small.parameters())
+    before, after = count_params(model)["total"], count_params(small)["total"]
     return small, {
         "params_before": before,
         "params_after": after,
