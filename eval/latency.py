@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from eval.timing import spread, sync, time_repeats
+from eval.timing import spread, time_repeats
 from llama.generation import decode_one_token, prefill
 from llama.model import Transformer
 
@@ -44,7 +44,30 @@ def time_prefill(
     return {"ms": spread([1e3 * t for t in times]), "batch": batch, "prompt_len": prompt_len, "mode": mode}
 
 
-@torch.no_grad()
+def decode_steps(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager") -> list:
+    """A KV cache filled by a random ``context_len``-token prompt, and one callable per decode step at positions
+    context_len, context_len + 1, ... (remove the cache with ``model.clear_caches()`` afterwards)."""
+    device = model.tok_embeddings.weight.device
+    model.setup_caches(batch, context_len + n_tokens)
+    with torch.no_grad():
+        prefill(
+            model,
+            torch.randint(0, model.params.vocab_size, (batch, context_len), device=device),
+            torch.arange(context_len, device=device),
+        )
+    step = compiled(decode_one_token, mode, device)
+    token = torch.randint(0, model.params.vocab_size, (batch, 1), device=device)
+
+    def at(pos):
+        @torch.no_grad()
+        def one():
+            return step(model, token, pos)
+
+        return one
+
+    return [at(torch.tensor([context_len + i], device=device)) for i in range(n_tokens)]
+
+
 def time_decode(
     model: Transformer,
     batch: int,
@@ -60,19 +83,10 @@ def time_decode(
     on its own; the spread is over all timed steps. tokens_per_s counts the whole batch.
     """
     device = model.tok_embeddings.weight.device
-    model.setup_caches(batch, context_len + n_tokens)
-    prompt = torch.randint(0, model.params.vocab_size, (batch, context_len), device=device)
-    prefill(model, prompt, torch.arange(context_len, device=device))
-    step = compiled(decode_one_token, mode, device)
-    token = torch.randint(0, model.params.vocab_size, (batch, 1), device=device)
-    positions = [torch.tensor([context_len + i], device=device) for i in range(n_tokens)]
+    steps = decode_steps(model, batch, context_len, n_tokens, mode)
     for i in range(warmup):  # compilation and CUDA graph capture happen here
-        step(model, token, positions[i % n_tokens])
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        for pos in positions:
-            times += time_repeats(lambda pos=pos: step(model, token, pos), device, 0, 1)
+        steps[i % n_tokens]()
+    times = [t for _ in range(repeats) for one in steps for t in time_repeats(one, device, 0, 1)]
     model.clear_caches()
     s = spread([1e3 * t for t in times])
     return {
@@ -88,22 +102,11 @@ def time_decode(
 
 def decode_fn(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
     """A callable that decodes ``n_tokens`` tokens per call (for energy measurements), and its cleanup."""
-    device = model.tok_embeddings.weight.device
-    model.setup_caches(batch, context_len + n_tokens)
-    with torch.no_grad():
-        prefill(
-            model,
-            torch.randint(0, model.params.vocab_size, (batch, context_len), device=device),
-            torch.arange(context_len, device=device),
-        )
-    step = compiled(decode_one_token, mode, device)
-    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    positions = [torch.tensor([context_len + i], device=device) for i in range(n_tokens)]
+    steps = decode_steps(model, batch, context_len, n_tokens, mode)
 
-    @torch.no_grad()
     def run():
-        for pos in positions:
-            step(model, token, pos)
+        for one in steps:
+            one()
 
     return run, model.clear_caches
 
