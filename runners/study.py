@@ -241,35 +241,24 @@ def finished(s: Study, step: Step, marker: Path) -> bool:
 
 
 def build_outputs(s: Study) -> Path:
-    import matplotlib.pyplot as plt
-
     from eval.compare import collect, write_table
-    from visualizations.plot_tradeoffs import AXES, tradeoff_figure
-    from visualizations.plot_training import load_runs, training_costs, training_curves
+    from visualizations import save_figures
+    from visualizations.plot_tradeoffs import tradeoff_figures
+    from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig
     from visualizations.report import write_report
 
     rows = collect(s.out / "evals")
     write_table(rows, s.out)
-    plots = s.out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    figures = {}
     runs = load_runs(s.logs_dir, [r["name"] for r in s.runs])
-    figures["training_curves.png"] = training_curves(runs)
-    figures["training_costs.png"] = training_costs(runs)
-    for key in AXES:
-        fig = tradeoff_figure(rows, key)
-        if fig is not None:
-            figures[f"tradeoff_{key}.png"] = fig
+    figures = training_figures(runs) | tradeoff_figures(rows)
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())
         points.setdefault(r["run"], []).append(r)
     if points:
         figures["over_training.png"] = over_training_fig(points)
-    for name, fig in figures.items():
-        fig.savefig(plots / name, dpi=120)
-        plt.close(fig)
+    save_figures(figures, s.out / "plots")
     return write_report(s, rows, runs, sorted(figures), points)
 
 

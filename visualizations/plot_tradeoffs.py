@@ -10,7 +10,6 @@ baselines in blue, compressed baselines hollow.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
@@ -20,6 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from eval.compare import collect  # noqa: E402
 from training.config import run_main  # noqa: E402
+from visualizations import save_figures  # noqa: E402
 
 AXES = {
     "decode_ms": "decode latency (ms/token, batch 1)",
@@ -90,6 +90,12 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     return fig
 
 
+def tradeoff_figures(rows: list[dict]) -> dict:
+    """{file name: figure} for every cost axis that at least one model has measured."""
+    figures = {f"tradeoff_{key}.png": tradeoff_figure(rows, key) for key in AXES}
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="?", default="results")
@@ -99,16 +105,12 @@ def main(argv=None):
     rows = collect(a.results, a.mode)
     if not rows:
         raise FileNotFoundError(f"no evaluator results in {a.results}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    figures = tradeoff_figures(rows)
     for key in AXES:
-        fig = tradeoff_figure(rows, key)
-        if fig is None:
+        if f"tradeoff_{key}.png" not in figures:
             print(f"no model has {key} measured: no plot (see the table for why)")
-            continue
-        fig.savefig(out / f"tradeoff_{key}.png", dpi=120)
-        plt.close(fig)
-        print(out / f"tradeoff_{key}.png")
+    for path in save_figures(figures, a.out):
+        print(path)
 
 
 if __name__ == "__main__":

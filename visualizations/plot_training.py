@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from training.config import run_main  # noqa: E402
+from visualizations import save_figures  # noqa: E402
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -98,6 +99,10 @@ def over_training(points: dict[str, list[dict]], key: str = "perplexity", label:
     return fig
 
 
+def training_figures(runs: dict[str, dict]) -> dict:
+    return {"training_curves.png": training_curves(runs), "training_costs.png": training_costs(runs)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--log-dir", default="logs")
@@ -107,12 +112,8 @@ def main(argv=None):
     runs = load_runs(a.log_dir, a.runs)
     if not runs:
         raise FileNotFoundError(f"no runs with metrics.jsonl under {a.log_dir}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, fig in (("training_curves.png", training_curves(runs)), ("training_costs.png", training_costs(runs))):
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        print(out / name)
+    for path in save_figures(training_figures(runs), a.out):
+        print(path)
 
 
 if __name__ == "__main__":
