@@ -37,7 +37,7 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     device = torch.device(pref)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={pref!r} but CUDA is not available here; use --device cpu")
+            raise ValueError(f"device={pref!r} but CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device

@@ -21,9 +21,9 @@ def device_name(device: torch.device | str) -> str:
 
 
 def peak_flops(device: torch.device | str) -> float | None:
-    name = device_name(device)
     if torch.device(device).type != "cuda":
         return None
+    name = device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 

@@ -61,10 +61,8 @@ def findings(rows: list[dict]) -> list[str]:
 
 def write_report(study, rows: list[dict], runs: dict[str, dict], figures: list[str], over_training: dict) -> Path:
     out = study.out
-    meta = {}
-    for path in sorted((out / "evals").glob("*.json")):
-        meta = json.loads(path.read_text())
-        break
+    first = next(iter(sorted((out / "evals").glob("*.json"))), None)  # any result names the device and commit
+    meta = json.loads(first.read_text()) if first else {}
     lines = [
         f"# Study `{study.name}`",
         "",
