@@ -3,118 +3,26 @@
     python -m eval.humaneval checkpoints/tiny --limit 20                       # greedy, pass@1
     python -m eval.humaneval checkpoints/run --n-samples 20 --temperature 0.8 --k 1 10
 
-Every program runs in its own subprocess, in an empty temporary folder, under limits: wall-clock time (the
-whole process group is killed), CPU seconds, address space, file size and open files. Started as root, it
-drops to an unprivileged user (the standard-library modules HumanEval uses are imported first, as that user
-may not be able to read the interpreter's files). It gets a new network namespace where the kernel allows
-it, and the dangerous parts of os/shutil/subprocess/socket are disabled inside (HumanEval's own reliability
-guard, extended). This contains the accidents of generated code (endless loops, memory bombs, os.system,
-network calls); it is not a security boundary against code written to escape.
+Every program runs in eval/sandbox.py's bubblewrap sandbox (its docstring and the README say what it
+promises); a program passes only when it ran to its end, tests included.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from eval.sandbox import run_program, sandbox_info
 from training.config import run_main
 
-NOBODY = 65534  # the unprivileged user generated code runs as when we are root
 # Codex's stop sequences: a completion ends where the next top-level statement would begin.
 STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
-
-# Runs inside the sandboxed interpreter: first the limits (done here rather than in a preexec_fn, which is
-# unsafe in a threaded parent), then disable what generated code must not do, then run the program.
-_BOOTSTRAP = r"""
-import builtins, ctypes, faulthandler, os, resource, shutil, socket, subprocess, sys
-program, timeout_s, memory_mb = open(sys.argv[1]).read(), float(sys.argv[2]), int(sys.argv[3])
-resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET: no network where the kernel allows it
-if os.geteuid() == 0:  # never run generated code as root
-    # The unprivileged user may not be able to read this interpreter's standard library (under /root):
-    # import what HumanEval's problems and common solutions use while we still can.
-    import typing, math, re, collections, itertools, functools, heapq, bisect, string, hashlib, fractions
-    import statistics, decimal, operator, copy, random, datetime, json, numbers, array, enum, dataclasses
-    import abc, textwrap, unicodedata, cmath, struct, time, calendar, queue, types, contextlib, io
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
-faulthandler.disable()
-def _blocked(*a, **k):
-    raise PermissionError("blocked in the HumanEval sandbox")
-for name in ["kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
-             "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-             "chroot", "lchown", "chdir", "execv", "execve", "execvp", "execl", "spawnv", "spawnl", "popen",
-             "posix_spawn", "posix_spawnp"]:
-    if hasattr(os, name):
-        setattr(os, name, _blocked)
-for name in ["rmtree", "move", "chown"]:
-    setattr(shutil, name, _blocked)
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = subprocess.check_call = _blocked
-socket.socket = socket.create_connection = socket.socketpair = _blocked
-builtins.exit = builtins.quit = None
-for mod in ["ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing"]:
-    sys.modules[mod] = None
-sys.argv = ["program"]
-exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
-"""
-
-
-@dataclass
-class ExecResult:
-    status: str  # passed | failed | timeout
-    detail: str  # last line of stderr (the exception), or why it was stopped
-    duration_s: float
-
-
-def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
-    """Run ``program`` in a sandboxed subprocess; passed means it exited 0 within the limits."""
-    tmp = Path(tempfile.mkdtemp(prefix="humaneval-"))
-    try:
-        if os.geteuid() == 0:
-            os.chown(tmp, NOBODY, NOBODY)
-        (tmp / "program.py").write_text(program)
-        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(tmp)}
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOTSTRAP, str(tmp / "program.py"), str(timeout_s), str(memory_mb)],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return ExecResult("timeout", f"killed after {timeout_s:g} s", time.perf_counter() - t0)
-        dt = time.perf_counter() - t0
-        if proc.returncode == 0:
-            return ExecResult("passed", "", dt)
-        lines = err.decode(errors="replace").strip().splitlines()
-        if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-            return ExecResult("timeout", f"CPU limit ({proc.returncode})", dt)
-        return ExecResult("failed", lines[-1][:300] if lines else f"exit code {proc.returncode}", dt)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def trim_completion(text: str, stops: list[str] = STOP_STRINGS) -> str:
@@ -152,6 +60,7 @@ def score_completions(
     progress: bool = True,
 ) -> dict:
     """Execute ``completions[i][j]`` (sample j of problem i) and report pass@k and every outcome."""
+    box = sandbox_info()  # fails here, in one line, where no sandbox can be made
     jobs = [
         (i, j, program_for(p, c))
         for i, (p, cs) in enumerate(zip(problems, completions, strict=True))
@@ -182,6 +91,7 @@ def score_completions(
         "samples_per_problem": n,
         "timeout_s": timeout_s,
         "memory_mb": memory_mb,
+        "sandbox": box,
         "per_problem": per_problem,
     }
 

@@ -1,12 +1,17 @@
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from math import comb
+from pathlib import Path
 
 import pytest
 
 from eval.humaneval import load_problems, pass_at_k, program_for, run_program, score_completions, trim_completion
+from eval.sandbox import sandbox_info
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +57,6 @@ def test_os_system_is_blocked(tmp_path):
     assert r.status == "failed" and not marker.exists()
 
 
-def test_no_network_even_to_loopback():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(3)
-    port = server.getsockname()[1]
-    seen = []
-
-    def accept():
-        try:
-            seen.append(server.accept())
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    r = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n")
-    thread.join()
-    server.close()
-    assert r.status == "failed" and seen == []
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges applies only when started as root")
 def test_generated_code_does_not_run_as_root(tmp_path):
     target = tmp_path / "project_file.txt"
@@ -96,3 +79,141 @@ def test_trim_completion_stops_at_the_next_top_level_statement():
     text = "    return x + 1\n\n\ndef other():\n    pass\n"
     assert trim_completion(text) == "    return x + 1\n\n"
     assert trim_completion("    return 1\n") == "    return 1\n"
+
+
+# ---- scoring: a pass means the tests ran to the end ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "escape", ["import sys\n    sys.exit(0)\n", "raise SystemExit\n", "import os\n    os._exit(0)\n", "exit()\n"]
+)
+def test_exiting_before_the_tests_run_is_not_a_pass(problems, escape):
+    r = run_program(program_for(problems[0], "    " + escape))
+    assert r.status == "failed", r
+
+
+def test_printing_a_fake_sentinel_is_not_a_pass():
+    r = run_program(
+        "import sys\nprint('passed')\nsys.stdout.flush()\nimport os\nos.write(1, b'ok\\n')\nraise SystemExit(0)\n"
+    )
+    assert r.status == "failed"
+
+
+# ---- containment: namespaces, filesystem, processes, output ----------------------------------------------
+
+
+def test_network_namespace_blocks_a_raw_socket_to_loopback():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(3)
+    port = server.getsockname()[1]
+    seen = []
+
+    def accept():
+        try:
+            seen.append(server.accept())
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    # _socket is the C module under socket: the in-process guard does not touch it, only the namespace stops it
+    r = run_program(f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n")
+    thread.join()
+    server.close()
+    assert r.status == "failed" and seen == []
+    info = sandbox_info()
+    assert info["network_namespace"] and info["pid_namespace"], info
+
+
+def test_background_processes_die_with_the_program(tmp_path):
+    tag = f"humaneval-orphan-{os.getpid()}-{time.time_ns()}"
+    program = (
+        "import posix, sys\n"
+        f"pid = posix.fork()\n"
+        "if pid == 0:\n"
+        "    posix.setsid()\n"
+        f"    posix.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{tag}'])\n"
+    )
+    t = time.perf_counter()
+    r = run_program(program, timeout_s=5)
+    assert time.perf_counter() - t < 5, "the evaluator waited for a background process"
+    assert r.status == "passed"
+    time.sleep(0.3)
+    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and tag in _cmdline(p)]
+    assert alive == []
+
+
+def test_a_timed_out_program_takes_its_children_with_it():
+    tag = f"humaneval-child-{os.getpid()}-{time.time_ns()}"
+    program = (
+        "import posix, sys, time\n"
+        f"posix.posix_spawn(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{tag}'], {{}})\n"
+        "time.sleep(60)\n"
+    )
+    t = time.perf_counter()
+    r = run_program(program, timeout_s=1.0)
+    assert r.status == "timeout" and time.perf_counter() - t < 5
+    time.sleep(0.3)
+    assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and tag in _cmdline(p)] == []
+
+
+def _cmdline(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_the_host_filesystem_is_out_of_reach(tmp_path):
+    victim = tmp_path / "user_file.txt"
+    victim.write_text("keep")
+    repo_file = Path(__file__).resolve()
+    attacks = [
+        f"import posix\nposix.system('rm -f {victim}')\nopen('{victim}')\n",
+        f"import importlib, os\nos = importlib.reload(os)\nos.remove('{victim}')\n",
+        f"print(open('{repo_file}').read())\n",
+        f"open('{victim}', 'w').write('overwritten')\n",
+    ]
+    for program in attacks:
+        r = run_program(program)
+        assert r.status == "failed", (program, r)
+    assert victim.read_text() == "keep"
+
+
+def test_the_program_cannot_rewrite_itself_or_fill_the_disk(tmp_path):
+    before = shutil.disk_usage("/tmp").free
+    r = run_program("open('/sandbox/program.py', 'w').write('print(1)')\n")
+    assert r.status == "failed" and "Read-only" in r.detail
+    r = run_program(
+        "i = 0\nwhile True:\n    open(f'/tmp/fill{i}', 'wb').write(b'x' * (1 << 20))\n    i += 1\n", timeout_s=10
+    )
+    assert r.status == "failed" and ("No space" in r.detail or "File too large" in r.detail), r
+    assert shutil.disk_usage("/tmp").free > before - (64 << 20)
+
+
+def test_huge_output_is_capped(problems):
+    import resource
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = run_program("import sys\nfor _ in range(2000):\n    sys.stderr.write('x' * (1 << 20))\n", timeout_s=10)
+    assert r.status in ("failed", "timeout") and len(r.detail) <= 300
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000  # kB
+
+
+def test_the_program_cannot_signal_processes_outside():
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        r = run_program(f"import posix\nposix.kill({victim.pid}, 9)\n")
+        assert r.status == "failed" and victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_sandbox_promises_are_recorded(problems):
+    r = score_completions(problems[:1], [[problems[0]["canonical_solution"]]], ks=[1], progress=False)
+    assert r["pass@1"] == 1.0
+    assert r["sandbox"]["tool"].startswith("bwrap") and r["sandbox"]["network_namespace"] is True
+    assert r["sandbox"]["sees_host_files"] is False
