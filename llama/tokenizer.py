@@ -25,7 +25,13 @@ class Tokenizer:
         if not path.is_file() or path.stat().st_size == 0:
             raise FileNotFoundError(f"tokenizer model {path} is missing or empty; train one with train_tokenizer()")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"tokenizer model {path} is unreadable ({str(e).splitlines()[0][:80]}); it is damaged or not a "
+                "SentencePiece model: copy the run's tokenizer.model back, or train one"
+            ) from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
     @property

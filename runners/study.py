@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import tomllib
 from tqdm import tqdm
 
 from training.checkpoint import list_checkpoints
-from training.config import run_main
+from training.config import check_run_name, run_main
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,7 +61,12 @@ def load_study(path: str | Path) -> Study:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
     if not d.get("runs"):
         raise ValueError(f"{path} names no [[runs]]; add at least one runner to train")
-    names = [r["name"] for r in d["runs"]] + [c["name"] for c in d.get("compress", [])]
+    names = [r.get("name") for r in d["runs"]] + [c.get("name") for c in d.get("compress", [])]
+    for n in names:
+        try:
+            check_run_name(n)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run and compressed model names must be unique, got {names}")
     ev = d.get("eval", {})
@@ -175,12 +183,30 @@ def run_step(s: Study, step: Step, log: Path):
     _python(cmd, log)
 
 
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec function asking the kernel to SIGKILL the child when the study process dies, however it
+    dies (kill -9 included), so a rerun never trains beside an orphan. Everything it calls is resolved here,
+    in the parent: between fork and exec the child only makes two system calls."""
+    import ctypes
+
+    prctl, getppid, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getppid, os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec():
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _python(cmd: list[str], log: Path):
     log.parent.mkdir(parents=True, exist_ok=True)
+    preexec = _die_with_parent() if sys.platform == "linux" else None
     with open(log, "a") as f:
         f.write(f"$ python -m {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(

@@ -2,15 +2,19 @@
 
 A model folder holds ``model.safetensors`` and ``model_args.json`` (``asdict(ModelArgs)``); the model is
 rebuilt with ``Transformer(ModelArgs(**saved))``. Folders are written under a temporary name and renamed
-into place, so an interrupted save never leaves a folder that looks complete.
+into place, so an interrupted save never leaves a folder that looks complete; ``checksums.json`` holds the
+SHA-256 of every weight, optimizer and RNG file, checked on load, so a damaged byte is found, not trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +25,42 @@ from safetensors.torch import load_file, save_file
 from llama.model import ModelArgs, Transformer
 
 MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
+CHECKSUM_FILE = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What interrupted saves (.tmp), replacements (.old) and prunes (.del) can leave in a run folder.
+_LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|old|del)\d+$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: list[str]):
+    sums = json.loads((folder / CHECKSUM_FILE).read_text()) if (folder / CHECKSUM_FILE).is_file() else {}
+    sums |= {n: _sha256(folder / n) for n in names if (folder / n).is_file()}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
+
+
+def verify_checksum(folder: Path, name: str):
+    """Raise a one-line ValueError if ``folder/name`` differs from the checksum recorded when it was saved.
+    Folders saved before checksums were recorded are read as they are."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        expected = json.loads(path.read_text()).get(name)
+    except (ValueError, AttributeError):
+        raise ValueError(
+            f"{path} is damaged (not a JSON object of checksums); the checkpoint cannot be checked"
+        ) from None
+    if expected is not None and _sha256(folder / name) != expected:
+        raise ValueError(
+            f"{folder / name} does not match its recorded checksum: the file is damaged; use another checkpoint"
+        )
 
 
 @contextmanager
@@ -56,6 +95,7 @@ def write_model_files(model: Transformer, folder: Path, state_dict: dict | None 
     (folder / ARGS_FILE).write_text(json.dumps(model.params.to_dict(), indent=2))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+    write_checksums(folder, [MODEL_FILE, TOKENIZER_FILE])
 
 
 def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer: Path | None = None) -> Path:
@@ -111,7 +151,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     args_path = folder / ARGS_FILE
     if not args_path.is_file():
         raise FileNotFoundError(f"{folder} has no {ARGS_FILE}; it was not written by save_model")
-    args = ModelArgs.from_dict(json.loads(args_path.read_text()))
+    try:
+        args = ModelArgs.from_dict(json.loads(args_path.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{args_path} is damaged or not model arguments ({e}); use another checkpoint") from None
+    verify_checksum(folder, MODEL_FILE)
     try:
         sd = load_file(str(folder / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -137,6 +181,7 @@ def save_checkpoint(
         torch.save(optim_state, tmp / OPTIM_FILE)
         torch.save(rng, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_checksums(tmp, [OPTIM_FILE, RNG_FILE, STATE_FILE])
     return folder
 
 
@@ -145,10 +190,27 @@ def load_training_state(folder: Path) -> tuple[dict, dict, dict]:
     for name in (STATE_FILE, OPTIM_FILE, RNG_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}; it is a model, not a training checkpoint to resume")
-    state = json.loads((folder / STATE_FILE).read_text())
-    optim = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)
-    rng = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
-    return state, optim, rng
+    fix = f"move {folder} aside to resume from the checkpoint before it"
+    for name in (STATE_FILE, OPTIM_FILE, RNG_FILE):
+        try:
+            verify_checksum(folder, name)
+        except ValueError as e:
+            raise ValueError(f"{e}; {fix}") from None
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        missing = {"step", "tokens", "elapsed_s"} - set(state)
+    except (ValueError, TypeError):
+        state, missing = None, {"a JSON object"}
+    if missing:
+        raise ValueError(f"{folder / STATE_FILE} is damaged (missing {sorted(missing)}); {fix}")
+    loaded = []
+    for name in (OPTIM_FILE, RNG_FILE):
+        try:
+            loaded.append(torch.load(folder / name, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{folder / name} is unreadable ({why}); {fix}") from None
+    return state, loaded[0], loaded[1]
 
 
 def restore_rng(rng: dict):
@@ -165,9 +227,27 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int):
-    """Delete all but the newest ``keep_last`` checkpoints and those at multiples of ``keep_every``."""
+    """Delete all but the newest ``keep_last`` checkpoints and those at multiples of ``keep_every``. Each is
+    renamed out of the ``step_N`` namespace first, so a kill midway never leaves a half-deleted checkpoint
+    under a valid name."""
     ckpts = list_checkpoints(run_dir)
     newest = {step for step, _ in ckpts[-keep_last:]}
     for step, path in ckpts:
         if step not in newest and not (keep_every and step % keep_every == 0):
-            shutil.rmtree(path)
+            doomed = path.with_name(f".{path.name}.del{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Remove what interrupted saves and prunes left in ``run_dir`` (only hidden ``.step_N.tmp|old|delPID``
+    folders of this run; call it while holding the run's lock, so no live save is among them)."""
+    removed = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if _LEFTOVER.match(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(p.name)
+    if removed:
+        print(f"removed {len(removed)} leftover(s) of interrupted saves in {run_dir}: {removed}", file=sys.stderr)
+    return removed

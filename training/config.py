@@ -8,6 +8,9 @@ appears twice. Unknown keys and values of the wrong type are errors, never silen
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
+import re
 import sys
 import types
 import typing
@@ -35,6 +38,10 @@ class DataConfig:
             raise ValueError(f"data val_fraction={self.val_fraction} must be strictly between 0 and 1")
         if self.vocab_size < 260:
             raise ValueError(f"data vocab_size={self.vocab_size} is too small: byte fallback alone needs 259")
+        if self.tokenizer_max_chars <= 0:
+            raise ValueError(f"data tokenizer_max_chars={self.tokenizer_max_chars} must be positive")
+        if not self.cache_dir:
+            raise ValueError("data cache_dir is empty; name a folder for the tokenizer and token files")
 
 
 @dataclass
@@ -49,8 +56,24 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
 
     def __post_init__(self):
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError(f"optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0 (got {self})")
+        # "not x > 0" rather than "x <= 0", so that NaN is rejected too
+        checks = {
+            "lr": 0 < self.lr < math.inf,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "eps": 0 < self.eps < 1,
+            "grad_clip": 0 <= self.grad_clip < math.inf,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"optim: {', '.join(f'{k}={getattr(self, k)}' for k in bad)} out of range; need lr > 0, "
+                "0 <= min_lr_ratio <= 1, warmup_steps >= 0, weight_decay >= 0, betas in [0, 1), eps in (0, 1), "
+                "grad_clip >= 0 (0: off)"
+            )
 
 
 @dataclass
@@ -83,6 +106,9 @@ class TrainConfig:
     overwrite: bool = False  # delete an existing run of this name and start over
 
     def __post_init__(self):
+        check_run_name(self.name)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype={self.dtype!r} is unknown; use auto, bfloat16 or float32")
         if self.parallel not in ("ddp", "fsdp"):
@@ -106,6 +132,21 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError(f"max_tokens={self.max_tokens} must be positive (or None: train max_steps steps)")
+        if self.keep_every < 0:
+            raise ValueError(f"keep_every={self.keep_every} must be >= 0 (0: keep only the newest keep_last)")
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes a folder under checkpoints/ and logs/ that --overwrite deletes: only a plain name,
+    never one that points elsewhere ("", ".", "..", "a/b", "/x")."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]*", name or "") or name in (".", ".."):
+        raise ValueError(
+            f"run name {name!r} is not a plain folder name; use letters, digits and _ - . + = @ "
+            "(starting with a letter, digit or _)"
+        )
+    return name
 
 
 def train_config_from_dict(d: dict) -> TrainConfig:
@@ -164,9 +205,12 @@ def _parse_value(text: str, tp, key: str):
 def apply_overrides(cfg, argv: list[str]):
     """Set fields of the (nested) dataclass ``cfg`` from ``--key value`` or ``--key=value`` pairs, in place.
 
-    A bare ``--flag`` sets a bool field to true. Returns ``cfg``.
+    A bare ``--flag`` sets a bool field to true; ``--help`` prints every key and exits. Returns ``cfg``.
     """
     paths = _field_paths(cfg)
+    if "--help" in argv or "-h" in argv:
+        print(overrides_help(cfg, paths))
+        raise SystemExit(0)
     by_name: dict[str, list[str]] = {}
     for path in paths:
         by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
@@ -200,6 +244,31 @@ def apply_overrides(cfg, argv: list[str]):
     return cfg
 
 
+def overrides_help(cfg, paths: dict | None = None) -> str:
+    paths = paths or _field_paths(cfg)
+    names = [p.rsplit(".", 1)[-1] for p in paths]
+    lines = [
+        f"usage: python -m {_main_module()} [--key value ...]",
+        "every field of the config can be set; a name found in two places needs its path",
+        "",
+    ]
+    for path, (owner, f, tp) in paths.items():
+        key = path.rsplit(".", 1)[-1]
+        shown = key if names.count(key) == 1 else path
+        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        lines.append(f"  --{shown.replace('_', '-'):<28} {tname:<14} (now {getattr(owner, f.name)!r})")
+    return "\n".join(lines)
+
+
+def _main_module() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec else "<runner>"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _revalidate(cfg):
     """Run __post_init__ checks again on every dataclass whose fields may have changed."""
     for f in dataclasses.fields(cfg):
@@ -216,7 +285,16 @@ def run_main(main, *args):
     try:
         return main(*args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: the disk is full ({e.strerror}: {e.filename or 'while writing'}); nothing finished was lost: "
+            "free some space, then run the same command again (training: with --resume)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

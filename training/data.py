@@ -58,7 +58,7 @@ def _read_folder(root: Path, pattern: str) -> list[Document]:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue  # not UTF-8 text (or unreadable): skipped, as documented
-        if text.strip():
+        if text.strip() and "\x00" not in text:  # NUL bytes: valid UTF-8, but a binary file, not text
             docs.append(Document(rel.as_posix(), text))
     return docs
 
@@ -112,7 +112,7 @@ def load_documents(cfg: DataConfig) -> list[Document]:
                 ) from None
     if not docs:
         raise ValueError(
-            f"corpus {source} holds no UTF-8 text documents (glob {cfg.file_glob!r}); "
+            f"corpus {source} holds no UTF-8 text documents (glob {cfg.file_glob!r}; binary files are skipped); "
             "point --corpus at text files or change --file-glob"
         )
     return docs

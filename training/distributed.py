@@ -34,7 +34,12 @@ class DistInfo:
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(pref)
+    try:
+        device = torch.device(pref)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={pref!r} is unknown; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={pref!r} but CUDA is not available here; use --device cpu")

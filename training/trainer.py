@@ -13,11 +13,13 @@ import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,10 +36,11 @@ from training.checkpoint import (
     load_model,
     load_training_state,
     prune_checkpoints,
+    remove_leftovers,
     restore_rng,
     save_checkpoint,
 )
-from training.config import TrainConfig, apply_overrides
+from training.config import TrainConfig, apply_overrides, check_run_name
 from training.data import BatchSampler, prepare
 from training.hardware import peak_flops, run_metadata
 
@@ -69,9 +72,38 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+@contextmanager
+def run_lock(cfg: TrainConfig):
+    """One process trains a run at a time: an OS file lock next to checkpoints/<name>, released by the
+    kernel when its holder exits, however it exits (kill -9 included)."""
+    check_run_name(cfg.name)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(cfg.out_dir) / f".{cfg.name}.lock"
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FileExistsError(
+            f"run {cfg.name!r} is already being trained by another process (lock {path}); wait for it to "
+            "finish or stop it, or pick another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path.resolve().parent == parent.resolve()
+
+
 def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
-    """checkpoints/<name> and logs/<name>; an existing run is never overwritten without --overwrite."""
+    """checkpoints/<name> and logs/<name>; an existing run is never overwritten without --overwrite, and an
+    overwrite deletes nothing but these two folders."""
+    check_run_name(cfg.name)
     ckpt_dir, log_dir = Path(cfg.out_dir) / cfg.name, Path(cfg.log_dir) / cfg.name
+    if not (_inside(ckpt_dir, Path(cfg.out_dir)) and _inside(log_dir, Path(cfg.log_dir))):
+        raise ValueError(f"run {cfg.name!r} would not be a folder of {cfg.out_dir} and {cfg.log_dir}; rename it")
     exists = any(d.is_dir() and any(d.iterdir()) for d in (ckpt_dir, log_dir))
     if exists and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(
@@ -86,15 +118,34 @@ def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
             shutil.rmtree(log_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(ckpt_dir)
     D.barrier(info)
     return ckpt_dir, log_dir
 
 
-def _truncate_jsonl(path: Path, last_step: int):
-    """On resume, drop lines logged after the checkpoint: those steps are trained again."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a log; a line that is not a JSON record (torn by a kill or a full disk) is skipped
+    and named, never fatal."""
+    records = []
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                if line.strip():
+                    print(f"warning: skipped unreadable {path.name} line {i}: {line[:60]!r}", file=sys.stderr)
+                continue
+            records.append(record)
+    return records
+
+
+def _truncate_jsonl(path: Path, last_step: int):
+    """On resume, drop lines logged after the checkpoint (those steps are trained again) and torn ones."""
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _append_jsonl(path: Path, record: dict):
@@ -126,10 +177,22 @@ def unigram_losses(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
     }
 
 
+def _finished_summary(log_dir: Path, step: int, total_steps: int) -> dict | None:
+    """The summary of a run that already reached its last step, if one was written whole."""
+    if step < total_steps:
+        return None
+    try:
+        summary = json.loads((log_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("final_val_loss") is not None else None
+
+
 def train(cfg: TrainConfig) -> dict:
     info = D.init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        with run_lock(cfg) if info.is_main else nullcontext():
+            return _train(cfg, info)
     finally:
         D.cleanup(info)
 
@@ -169,6 +232,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         energy_before = state.get("energy_j") or 0.0
         restore_rng(rng)
+        finished = _finished_summary(log_dir, start_step, total_steps)
+        if finished is not None:
+            if info.is_main:
+                print(f"{cfg.name} already finished at step {start_step}; its summary is {log_dir / 'summary.json'}")
+            return finished
         if info.is_main:
             _truncate_jsonl(log_dir / "metrics.jsonl", start_step)
             _truncate_jsonl(log_dir / "val.jsonl", start_step)
@@ -315,6 +383,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     finally:
         bar.close()
 
+    if last_val is None:  # nothing was left to train (killed between the last checkpoint and the summary)
+        last_val = evaluate(wrapped, val_sampler, cfg, info, autocast)
+        logged = [r["loss"] for r in read_jsonl(log_dir / "metrics.jsonl") if r["step"] == start_step]
+        last_loss = logged[-1] if logged else None
     summary = {
         "name": cfg.name,
         "params": params["total"],
@@ -334,7 +406,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         **run_metadata(info.device),
     }
     trained = tokens_seen - start_step * tokens_per_step
-    summary["tokens_per_s"] = trained / (time.perf_counter() - t0)
+    # this session's rate; a run that had nothing left to train reports its whole run's average
+    summary["tokens_per_s"] = trained / (time.perf_counter() - t0) if trained else tokens_seen / elapsed_before
     # per token this device processed; the run used world_size such devices
     summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
     if info.is_main:
