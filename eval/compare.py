@@ -30,7 +30,8 @@ COLUMNS = [
     ("prefill_ms", "prefill ms"),
     ("decode_ms", "decode ms/token"),
     ("j_per_token", "J/token"),
-    ("size_bytes", "size (bytes)"),
+    ("memory_bytes", "weights in memory (bytes)"),
+    ("disk_bytes", "on disk (bytes)"),
     ("mode", "mode"),
 ]
 
@@ -89,7 +90,7 @@ def collect(results_dir: str | Path, mode: str | None = None, batch: int = 1) ->
         elif r["evaluator"] == "efficiency":
             prefill = _pick(r["prefill"], mode, batch)
             decode = _pick(r["decode"], mode, batch)
-            row["size_bytes"] = r.get("size_bytes")
+            row["memory_bytes"], row["disk_bytes"] = r.get("memory_bytes"), r.get("disk_bytes")
             if decode:
                 energy = decode["energy"]
                 row |= {
@@ -113,7 +114,7 @@ def _fmt(key: str, v) -> str:
         return v
     if key == "params":
         return f"{v / 1e6:.2f}M"
-    if key == "size_bytes":
+    if key in ("memory_bytes", "disk_bytes"):
         return f"{v:,}"
     if key in ("perplexity", "bleu", "rougeL"):
         return f"{v:.2f}"

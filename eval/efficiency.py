@@ -25,6 +25,7 @@ from eval.compress.engines import ENGINES, build, check
 from eval.compress.quantize import state_dict_bytes
 from eval.energy import find_counter, measure_energy
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
+from training.checkpoint import model_file_bytes
 from training.config import run_main
 
 
@@ -44,7 +45,7 @@ def evaluate_efficiency(
     progress=True,
 ) -> dict:
     vocab = model.params.vocab_size
-    out = {"prefill": [], "decode": [], "forward": [], "size_bytes": state_dict_bytes(model)}
+    out = {"prefill": [], "decode": [], "forward": [], "memory_bytes": state_dict_bytes(model)}
     counter, reason = find_counter(device) if energy else (None, "not requested")
     jobs = [(m, b) for m in modes for b in batch_sizes]
     for mode, b in tqdm(jobs, desc="latency", disable=not progress):
@@ -167,6 +168,7 @@ def main(argv=None):
         "params": ev.n_params,
         "n_layers": model.params.n_layers,
         "per_head": model.params.head_layer is not None,
+        "disk_bytes": model_file_bytes(ev.folder),  # quantized models are stored unquantized: see memory_bytes
     }
     out = write_result(a.out or Path("results") / f"{ev.name}-efficiency.json", {**info, **settings, **r}, ev.device)
     print(table(r))

@@ -240,7 +240,12 @@ def test_compress_command_output_is_evaluated_like_any_model(trained_checkpoint,
     )
     ev = load_for_eval(q)
     assert ev.quantized and "quantized" in type(ev.model.layers[0].attention.wq).__module__
-    assert json.loads((q / "compression.json").read_text())["bytes_after"] < info["bytes_after"]
+    qinfo = json.loads((q / "compression.json").read_text())
+    assert qinfo["memory_bytes_after"] < info["memory_bytes_after"]
+    # what the folder holds is named as such: the int8 model is stored unquantized, and its disk size says so
+    assert qinfo["disk_bytes_after"] == (q / "model.safetensors").stat().st_size == info["disk_bytes_after"]
+    assert qinfo["memory_bytes_after"] < 0.6 * qinfo["disk_bytes_after"]
+    assert "bytes_after" not in qinfo
     from eval.perplexity import evaluate_perplexity
 
     r = evaluate_perplexity(ev, None, None, None, 8, 2000, progress=False)

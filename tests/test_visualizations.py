@@ -105,7 +105,7 @@ def results(tmp_path):
             "efficiency",
             compression=comp,
             **common,
-            size_bytes=4000,
+            memory_bytes=4000,
             decode=decode,
             prefill=[{"batch": 1, "mode": "eager", "ms": {"median": 5.0}}],
         )

@@ -117,6 +117,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint {p} does not exist; pass a checkpoints/<run> or step_N folder")
 
 
+def model_file_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a model folder's weight file on disk."""
+    return (resolve_checkpoint(folder) / MODEL_FILE).stat().st_size
+
+
 def model_from_state_dict(args: ModelArgs, sd: dict[str, torch.Tensor], source: str = "state dict") -> Transformer:
     """The model for ``args`` around the tensors of ``sd`` (no random init, no copy), after checking that the
     names and shapes are exactly those ``args`` implies. A tied output weight may be absent from ``sd``."""

@@ -3,7 +3,7 @@
     python -m visualizations.plot_tradeoffs results/ --out results/plots
 
 Bits per byte (lower is better) on the y axis; the Pareto front (no other model is both better and cheaper)
-is drawn as a line; bubble area is proportional to the model's stored size; per-head models in orange,
+is drawn as a line; bubble area is proportional to the model's weights in memory; per-head models in orange,
 baselines in blue, compressed baselines hollow.
 """
 
@@ -49,7 +49,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    sizes = [r.get("size_bytes") or 4 * (r.get("params") or 0) for r in pts]
+    sizes = [r.get("memory_bytes") or 4 * (r.get("params") or 0) for r in pts]
     scale = 1500 / max(sizes) if max(sizes) else 1
     for r, s in zip(pts, sizes, strict=True):
         color = "C1" if r.get("per_head") else "C0"
@@ -82,7 +82,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
         ],
         fontsize=8,
         loc="best",
-        title="bubble area = stored size",
+        title="bubble area = weights in memory",
         title_fontsize=8,
     )
     ax.grid(alpha=0.3)

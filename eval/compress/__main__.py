@@ -9,8 +9,10 @@
 
 The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
-sparsity, parameters, size). Quantized models are stored as their unquantized weights plus the scheme, which
-the evaluators re-apply on load (weight-only and dynamic quantization are deterministic).
+sparsity, parameters, and sizes under two names: ``disk_bytes_*``, the weight file in the folder, and
+``memory_bytes_*``, the weights as they are in memory once loaded). Quantized models are stored as their
+unquantized weights plus the scheme, which the evaluators re-apply on load (weight-only and dynamic
+quantization are deterministic), so their disk size is the unquantized one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from eval.compress.layer_drop import choose_layers, drop_layers
 from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
 from llama.model import count_params
-from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, save_model, tokenizer_path
+from training.checkpoint import (
+    STATE_FILE,
+    load_model,
+    model_file_bytes,
+    resolve_checkpoint,
+    save_model,
+    tokenizer_path,
+)
 from training.config import run_main, train_config_from_dict
 from training.distributed import pick_device
 
@@ -97,14 +106,17 @@ def compress(a) -> Path:
         "base_compression": read_compression(base),
         "params_before": before_params,
         "params_after": count_params(model)["total"],
-        "bytes_before": before_bytes,
-        "bytes_after": state_dict_bytes(measured),
+        "disk_bytes_before": model_file_bytes(base),
+        "disk_bytes_after": model_file_bytes(out),
+        "memory_bytes_before": before_bytes,
+        "memory_bytes_after": state_dict_bytes(measured),
         "report": report,
     }
     (out / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
     print(
         f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
-        f"{info['bytes_before']:,} -> {info['bytes_after']:,} bytes"
+        f"weights in memory {info['memory_bytes_before']:,} -> {info['memory_bytes_after']:,} bytes, "
+        f"on disk {info['disk_bytes_before']:,} -> {info['disk_bytes_after']:,} bytes"
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
     if a.finetune_steps:

@@ -102,8 +102,10 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
 
 
 def state_dict_bytes(model: nn.Module) -> int:
-    """Size of the model's weights as stored (serialized state dict): counts packed int8/int4/NF4 storage
-    and quantization scales, which parameter counts times element sizes would miss."""
+    """Bytes of the model's weights as they are in memory, serialized (torch.save of the state dict): counts
+    packed int8/int4/NF4 storage and quantization scales, which parameter counts times element sizes would
+    miss. This is not the size of a model folder on disk: quantized models are stored unquantized (see
+    ``model_file_bytes``); results name the two ``memory_bytes`` and ``disk_bytes``."""
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
