@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from eval.compress import read_compression
-from eval.compress.quantize import quantize
+from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import Transformer, count_params
 from llama.tokenizer import Tokenizer
 from training.checkpoint import STATE_FILE, load_model, resolve_checkpoint, tokenizer_path
@@ -37,6 +37,10 @@ class Evaluated:
 
     def autocast(self):
         return autocast(self.device, self.dtype)
+
+    def batch_size(self, requested: int) -> int:
+        """The batch to evaluate with: 1 where a sequence's result would depend on its batch neighbours."""
+        return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
 
 
 def model_name(folder: Path) -> str:

@@ -129,7 +129,9 @@ def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [
-        f"Latency and energy at batch {batch}; '-' = not measured.",
+        f"Latency and energy at batch {batch}; '-' = not measured. ROUGE-L uses rouge-score's default tokenizer "
+        "(lowercase [a-z0-9] words only: code symbols and non-Latin text are ignored; the result JSONs also hold "
+        "rougeL_code, which keeps them).",
         "",
         "| " + " | ".join(h for _, h in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -29,6 +29,7 @@ def complete(
 ) -> list[list[str]]:
     """``n_samples`` continuations of each prompt (texts of the new tokens, up to and including a stop string)."""
     tok = ev.tokenizer
+    batch_size = ev.batch_size(batch_size)
     encoded = [fit_prompt(tok.encode(p, bos=True), ev.model.params.max_seq_len, max_new_tokens) for p in prompts]
 
     def stop(ids: list[int]) -> bool:

@@ -6,7 +6,8 @@
 
 Windows of ``context`` tokens start every ``stride`` tokens; each scores only the tokens no earlier window
 scored, so with stride < context every token (but the first) is predicted from at least context - stride
-tokens of history. Bits-per-byte divides the summed NLL by the UTF-8 bytes of the scored tokens, which
+tokens of history (stride must be below context, else the first token of every later window would go
+unscored). Bits-per-byte divides the summed NLL by the UTF-8 bytes of the scored tokens, which
 compares models with different tokenizers.
 """
 
@@ -30,8 +31,9 @@ from training.data import load_documents
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored target) of each window over a stream of ``n_tokens`` tokens."""
-    if not 0 < stride <= context:
-        raise ValueError(f"stride={stride} must be in 1..context={context}")
+    if not 0 < stride < context:
+        # stride = context would leave the first token of every later window unscored (no history in it)
+        raise ValueError(f"stride={stride} must be in 1..context-1={context - 1}; use --stride {context - 1} at most")
     out, prev_end = [], 0
     for begin in range(0, max(n_tokens - 1, 1), stride):
         end = min(begin + context, n_tokens)
@@ -116,16 +118,18 @@ def evaluate_perplexity(
         tokens, source = corpus_tokens(corpus, ev.tokenizer), corpus.corpus or "default corpus"
     if max_tokens:
         tokens = tokens[:max_tokens]
+    batch = ev.batch_size(batch_size)
     t0 = time.perf_counter()
     r = sliding_window_nll(
-        ev.model, tokens, context, stride, batch_size, ev.tokenizer.token_bytes(), ev.autocast(), progress
+        ev.model, tokens, context, stride, batch, ev.tokenizer.token_bytes(), ev.autocast(), progress
     )
     return {
         **summarize(r),
         "source": source,
         "context": context,
         "stride": stride,
-        "batch": batch_size,
+        "batch": batch,  # windows per forward pass; 1 for batch-dependent quantization (see batch_requested)
+        "batch_requested": batch_size,
         "dtype": str(ev.dtype).removeprefix("torch."),
         "time_s": time.perf_counter() - t0,
     }

@@ -47,10 +47,12 @@ def table(r: dict) -> str:
         ("perplexity", f"{ppl['perplexity']:.3f}"),
         ("loss (nats/token)", f"{ppl['loss']:.4f}"),
         ("bits per byte", f"{ppl['bits_per_byte']:.4f}" if ppl["bits_per_byte"] else "n/a"),
-        ("continuation BLEU / chrF / ROUGE-L", f"{cont['bleu']:.2f} / {cont['chrf']:.2f} / {cont['rougeL']:.2f}"),
+        ("continuation BLEU / chrF", f"{cont['bleu']:.2f} / {cont['chrf']:.2f}"),
+        ("continuation ROUGE-L: [a-z0-9] / code tokens", f"{cont['rougeL']:.2f} / {cont['rougeL_code']:.2f}"),
+        ("HumanEval BLEU / chrF", f"{he['text_metrics']['bleu']:.2f} / {he['text_metrics']['chrf']:.2f}"),
         (
-            "HumanEval BLEU / chrF / ROUGE-L",
-            f"{he['text_metrics']['bleu']:.2f} / {he['text_metrics']['chrf']:.2f} / {he['text_metrics']['rougeL']:.2f}",
+            "HumanEval ROUGE-L: [a-z0-9] / code tokens",
+            f"{he['text_metrics']['rougeL']:.2f} / {he['text_metrics']['rougeL_code']:.2f}",
         ),
     ]
     rows += [(f"HumanEval {k}", f"{v:.3f}") for k, v in he["pass"].items() if k.startswith("pass@")]

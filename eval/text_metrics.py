@@ -4,10 +4,14 @@ Two tasks, neither with references written here: (1) held-out continuations: the
 ``prompt_tokens`` tokens of a held-out document and the reference its next ``continuation_tokens`` tokens;
 (2) HumanEval: the prompt is a function's signature and docstring, the reference its canonical solution.
 BLEU and chrF come from sacrebleu (corpus level), ROUGE-1/2/L F1 from rouge-score (mean over pairs), all on
-a 0-100 scale.
+a 0-100 scale. ROUGE comes twice: ``rouge*`` with rouge-score's default tokenizer (comparable with
+published figures; it keeps only lowercase [a-z0-9] runs, so operators, brackets and non-Latin text are
+ignored) and ``rouge*_code`` with a tokenizer that keeps every word and every symbol, case included.
 """
 
 from __future__ import annotations
+
+import re
 
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -15,16 +19,35 @@ from rouge_score import rouge_scorer
 from eval.common import Evaluated, split_documents_at_bos, training_data
 from eval.generate import complete
 
+ROUGE_TOKENIZERS = {
+    "default": "rouge-score's default: lowercased, only [a-z0-9] runs kept (code symbols, non-Latin text ignored)",
+    "code": "every run of word characters (any script) and every other non-space symbol, case kept",
+}
+
+
+class CodeTokenizer:
+    """For rouge-score: identifiers, numbers and words of any script, and each operator or bracket."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+|[^\w\s]", text)
+
+
+def _rouge(hypotheses: list[str], references: list[str], tokenizer=None) -> dict[str, float]:
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
+    rouge = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references, strict=True)]
+    return {k: 100 * sum(r[k].fmeasure for r in rouge) / len(rouge) for k in ("rouge1", "rouge2", "rougeL")}
+
 
 def score_texts(hypotheses: list[str], references: list[str]) -> dict:
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need as many hypotheses as references (got {len(hypotheses)} and {len(references)})")
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    rouge = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references, strict=True)]
+    code = _rouge(hypotheses, references, CodeTokenizer())
     return {
         "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-        **{k: 100 * sum(r[k].fmeasure for r in rouge) / len(rouge) for k in ("rouge1", "rouge2", "rougeL")},
+        **_rouge(hypotheses, references),
+        **{f"{k}_code": v for k, v in code.items()},
+        "rouge_tokenizers": dict(ROUGE_TOKENIZERS),
         "pairs": len(references),
     }
 

@@ -14,6 +14,9 @@ import sentencepiece as spm
 
 # Llama-2's special ids: <unk>=0, <s>=1, </s>=2.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# SentencePiece writes spaces as U+2581 inside its pieces, so a literal U+2581 in the text would come back
+# as a space. It is encoded as its three UTF-8 byte tokens instead, which decode to the character itself.
+META_SPACE = "\u2581"
 # SentencePiece skips training "sentences" longer than max_sentence_length bytes, so documents are cut into
 # pieces of whole lines no longer than this; newlines stay inside a piece so "\n" and indentation get tokens.
 TRAIN_CHUNK_CHARS = 4096
@@ -42,13 +45,24 @@ class Tokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        return self.encode_batch([text], bos, eos, num_threads=1)[0]
 
     def encode_batch(
         self, texts: list[str], bos: bool = True, eos: bool = False, num_threads: int = -1
     ) -> list[list[int]]:
         ids = self.sp.encode(texts, num_threads=num_threads)
+        for i, text in enumerate(texts):
+            if META_SPACE in text:
+                ids[i] = self._encode_with_meta_space(text)
         return [[self.bos_id] * bos + x + [self.eos_id] * eos for x in ids]
+
+    def _encode_with_meta_space(self, text: str) -> list[int]:
+        literal = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
+        parts = text.split(META_SPACE)
+        out = self.sp.encode(parts[0])
+        for part in parts[1:]:
+            out += literal + self.sp.encode(part)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

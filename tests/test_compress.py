@@ -6,7 +6,7 @@ import torch
 from eval.common import load_for_eval
 from eval.compress.__main__ import main as compress_main
 from eval.compress.calibration import calibration_tokens
-from eval.compress.layer_drop import angular_distances, choose_layers, drop_layers
+from eval.compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers, drop_layers
 from eval.compress.prune import (
     check_n_m,
     n_m_mask,
@@ -276,3 +276,35 @@ def test_recovery_finetuning_keeps_pruned_weights_at_zero(trained_checkpoint, tm
     assert json.loads((out / "compression.json").read_text())["finetune_steps"] == 3
     w_t, w_p = tuned.layers[0].feed_forward.w1.weight, pruned.layers[0].feed_forward.w1.weight
     assert torch.equal(w_t == 0, w_p == 0) and not torch.equal(w_t, w_p)
+
+
+def test_dynamic_int8_perplexity_does_not_depend_on_the_batch(trained_checkpoint, tmp_path):
+    # PyTorch's dynamic int8 takes one activation range over the whole batch, so a window's loss would depend
+    # on the windows batched with it: such models are evaluated one window at a time, and the result says so.
+    from eval.perplexity import evaluate_perplexity
+
+    q = compress_main(
+        ["--checkpoint", str(trained_checkpoint), "--method", "quantize", "--scheme", "int8-dynamic"]
+        + ["--out", str(tmp_path / "int8")]
+    )
+    ev = load_for_eval(q)
+    r8 = evaluate_perplexity(ev, None, None, None, 8, 3000, progress=False)
+    r1 = evaluate_perplexity(ev, None, None, None, 1, 3000, progress=False)
+    assert r8["nll_sum"] == r1["nll_sum"] and r8["batch"] == 1 and r8["batch_requested"] == 8
+    # per-token activation scales (torchao) do not depend on the batch: those keep the batch asked for
+    model = load_model(trained_checkpoint).eval()
+    tokens = held_out_tokens(trained_checkpoint)[:2000]
+    quantize(model, "torchao-int8-dynamic")
+    T = model.params.max_seq_len
+    a = sliding_window_nll(model, tokens, T, T // 2, 1)["nll_sum"]
+    b = sliding_window_nll(model, tokens, T, T // 2, 8)["nll_sum"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_block_influence_is_shortgpts_metric_and_can_order_blocks_unlike_the_mean_angle(trained_checkpoint, calib):
+    a, b = block_scores(torch.tensor([1.0, 0.0])), block_scores(torch.tensor([0.6, 0.6]))
+    assert a["bi"] == pytest.approx(0.5) and b["bi"] == pytest.approx(0.4)  # 1 - mean cos
+    assert a["angular"] < b["angular"] and a["bi"] > b["bi"]  # the two scores disagree on these blocks
+    model = load_model(trained_checkpoint)
+    bi = block_importance(model, calib, "bi")
+    assert choose_layers(model, 1, "bi", calib) == [min(range(2), key=lambda i: bi[i])]

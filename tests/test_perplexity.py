@@ -9,7 +9,7 @@ from eval.perplexity import sliding_window_nll, summarize, windows
 from llama.model import Transformer
 
 
-@pytest.mark.parametrize("n, context, stride", [(100, 16, 8), (100, 16, 16), (17, 16, 4), (5, 16, 3), (64, 16, 1)])
+@pytest.mark.parametrize("n, context, stride", [(100, 16, 8), (100, 16, 15), (17, 16, 4), (5, 16, 3), (64, 16, 1)])
 def test_windows_score_each_target_once(n, context, stride):
     scored = []
     for begin, end, first in windows(n, context, stride):
@@ -17,25 +17,27 @@ def test_windows_score_each_target_once(n, context, stride):
         # each scored target sees at least context - stride tokens of history (or all there is)
         assert all(p - begin >= min(p, context - stride) for p in range(first, end))
         scored += range(first, end)
-    assert len(scored) == len(set(scored))
-    if stride < context:
-        assert scored == list(range(1, n))  # every target but the first token
+    assert scored == list(range(1, n))  # every target but the first token, each once
 
 
-def test_stride_equal_to_context_is_the_plain_chunked_loss(tiny_args):
+@pytest.mark.parametrize("stride", [16, 17, 0])
+def test_a_stride_that_leaves_tokens_unscored_is_rejected(stride):
+    # stride = context would skip the first token of every window after the first
+    with pytest.raises(ValueError, match="stride"):
+        windows(100, 16, stride)
+
+
+def test_stride_of_context_minus_one_is_the_chunked_loss_with_every_token_scored(tiny_args):
     model = Transformer(tiny_args).eval()
     tokens = torch.randint(0, 97, (200,))
-    r = sliding_window_nll(model, tokens, context=32, stride=32, batch_size=3)
-    total, count = 0.0, 0
+    r = sliding_window_nll(model, tokens, context=32, stride=31, batch_size=3)
+    total = 0.0
     with torch.no_grad():
-        for b in range(0, 200, 32):
+        for b in range(0, 199, 31):  # chunks overlapping by one token: each chunk's first token is a target
             chunk = tokens[b : b + 32]
-            if len(chunk) < 2:
-                continue
             logits = model(chunk[None, :-1])[0]
             total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            count += len(chunk) - 1
-    assert r["tokens_scored"] == count
+    assert r["tokens_scored"] == 199
     assert r["nll_sum"] == pytest.approx(total, rel=1e-5)
 
 
@@ -60,7 +62,7 @@ class Memorizer(torch.nn.Module):
         return F.one_hot((x + 1) % self.vocab, self.vocab).float() * 30.0
 
 
-@pytest.mark.parametrize("stride", [1, 5, 16])
+@pytest.mark.parametrize("stride", [1, 5, 15])
 def test_perfect_memorisation_has_near_zero_loss(stride):
     tokens = np.arange(300) % 50
     r = summarize(sliding_window_nll(Memorizer(50), tokens, context=16, stride=stride, batch_size=4))

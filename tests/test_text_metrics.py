@@ -31,3 +31,15 @@ def test_chrf_extremes_and_order():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="as many hypotheses as references"):
         score_texts(["a"], ["a", "b"])
+
+
+def test_code_rouge_sees_operators_brackets_and_non_latin_text():
+    # rouge-score's default tokenizer keeps only lowercase [a-z0-9] runs: a+b and a-b look identical to it,
+    # and text without Latin letters has no tokens at all. The *_code scores keep every symbol.
+    s = score_texts(["return a + b"], ["return a - b"])
+    assert s["rougeL"] == pytest.approx(100.0) and s["rougeL_code"] == pytest.approx(75.0)
+    s = score_texts(["x = 漢字"], ["x = 漢字"])
+    assert s["rouge1_code"] == pytest.approx(100.0)
+    assert s["rouge1"] == pytest.approx(100.0)  # only "x" survives the default tokenizer
+    assert score_texts(["漢字"], ["仮名"])["rouge1"] == 0 and score_texts(["漢字"], ["漢字"])["rouge1_code"] == 100
+    assert "a-z0-9" in s["rouge_tokenizers"]["default"]

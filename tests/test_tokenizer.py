@@ -48,3 +48,12 @@ def test_token_bytes_add_up_to_the_text(small_tokenizer, stdlib_docs):
     for d in stdlib_docs[5::97]:
         ids = small_tokenizer.encode(d.text, bos=True, eos=True)
         assert table[ids].sum() == len(d.text.encode("utf-8")), d.name
+
+
+def test_round_trip_is_exact_with_the_meta_space_character(small_tokenizer):
+    # U+2581 is SentencePiece's stand-in for a space; a literal one in the text must survive a round trip
+    for text in ["a\u2581b", "\u2581", " \u2581 x\u2581\u2581\n", "def f():\n    return '\u2581'\n"]:
+        ids = small_tokenizer.encode(text, bos=True, eos=True)
+        assert small_tokenizer.decode(ids) == text
+        assert small_tokenizer.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+        assert small_tokenizer.encode_batch([text, "x"], bos=True, eos=True)[0] == ids

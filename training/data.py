@@ -29,7 +29,7 @@ from llama.tokenizer import Tokenizer, train_tokenizer
 from training.config import DataConfig, apply_overrides, run_main
 
 MANIFEST_VERSION = 1
-TOKENIZER_FORMAT = 2  # bump when train_tokenizer's options change, so cached tokenizers are rebuilt
+TOKENIZER_FORMAT = 3  # bump when train_tokenizer's options or encoding change, so caches are rebuilt
 ENCODE_BATCH_DOCS = 64
 
 

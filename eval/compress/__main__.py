@@ -39,7 +39,7 @@ from training.checkpoint import (
 from training.config import run_main, train_config_from_dict
 from training.distributed import pick_device
 
-METHODS = ("drop-last", "drop-angular", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
+METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -61,9 +61,9 @@ def compress(a) -> Path:
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
-    needs_calib = a.method in ("drop-angular", "wanda", "sparsegpt", "structured")
+    needs_calib = a.method in ("drop-angular", "drop-bi", "wanda", "sparsegpt", "structured")
     calib = calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed) if needs_calib else None
-    if a.method in ("drop-last", "drop-angular"):
+    if a.method in ("drop-last", "drop-angular", "drop-bi"):
         layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
         model = drop_layers(model, layers)
         settings, report = {"layers": a.layers}, {"dropped_layers": layers}

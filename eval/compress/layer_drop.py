@@ -1,7 +1,11 @@
 """Layer dropping: remove whole transformer blocks, the last ones or those that change their input least.
 
-ShortGPT (Men et al., 2024) ranks blocks by Block Influence, 1 - cos(input, output) of the hidden state;
-we report the angular distance arccos(cos) / pi, which orders blocks the same way (Gromov et al., 2024).
+Two published scores of how much a block changes its input, from the cosine between each token's hidden
+state before and after the block on calibration data:
+- ``bi``: ShortGPT's Block Influence (Men et al., 2024), 1 - mean cos;
+- ``angular``: the mean angular distance arccos(cos) / pi (Gromov et al., 2024 use it between blocks).
+Per token the two are monotone in each other, but their means over tokens can order blocks differently
+(cosines {1, 0} against {0.6, 0.6}), so each is offered under its own name.
 """
 
 from __future__ import annotations
@@ -47,33 +51,50 @@ def drop_layers(model: Transformer, drop: list[int]) -> Transformer:
     return model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
 
 
+SCORES = ("angular", "bi")
+
+
+def block_scores(cos: torch.Tensor) -> dict[str, float]:
+    """Both scores of one block from its tokens' cosines between block input and output."""
+    cos = cos.double().clamp(-1, 1)
+    return {"angular": (torch.arccos(cos) / torch.pi).mean().item(), "bi": 1.0 - cos.mean().item()}
+
+
 @torch.no_grad()
-def angular_distances(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """Mean over calibration tokens of arccos(cos(block input, block output)) / pi, per block."""
+def block_cosines(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Per block, cos(block input, block output) of every calibration token."""
     model.eval()
     hs = block_inputs(model, calib, batch_size)
     out = []
     for layer in model.layers:
-        total, count, nxt = 0.0, 0, []
+        cosines, nxt = [], []
         for h in hs:
             o = run_block(layer, h, model.params)
-            cos = torch.nn.functional.cosine_similarity(h, o, dim=-1).clamp(-1, 1)
-            total += (torch.arccos(cos) / torch.pi).sum().item()
-            count += cos.numel()
+            cosines.append(torch.nn.functional.cosine_similarity(h, o, dim=-1).flatten())
             nxt.append(o)
-        out.append(total / count)
+        out.append(torch.cat(cosines))
         hs = nxt
     return out
 
 
+def block_importance(model: Transformer, calib: torch.Tensor, score: str = "angular") -> list[float]:
+    if score not in SCORES:
+        raise ValueError(f"unknown block score {score!r}; use one of {SCORES}")
+    return [block_scores(c)[score] for c in block_cosines(model, calib)]
+
+
+def angular_distances(model: Transformer, calib: torch.Tensor) -> list[float]:
+    return block_importance(model, calib, "angular")
+
+
 def choose_layers(model: Transformer, k: int, method: str = "last", calib: torch.Tensor | None = None) -> list[int]:
-    """Which ``k`` blocks to drop: the last ``k``, or the ``k`` with the smallest angular distance."""
+    """Which ``k`` blocks to drop: the last ``k``, or the ``k`` that change their input least by a score."""
     L = model.params.n_layers
     if method == "last":
         return list(range(L - k, L))
-    if method == "angular":
+    if method in SCORES:
         if calib is None:
-            raise ValueError("angular layer selection needs calibration data")
-        d = angular_distances(model, calib)
+            raise ValueError(f"{method} layer selection needs calibration data")
+        d = block_importance(model, calib, method)
         return sorted(sorted(range(L), key=lambda i: d[i])[:k])
-    raise ValueError(f"unknown layer selection {method!r}; use last or angular")
+    raise ValueError(f"unknown layer selection {method!r}; use last, {' or '.join(SCORES)}")

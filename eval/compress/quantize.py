@@ -31,6 +31,12 @@ SCHEMES = (
 )
 
 
+# Schemes whose activation quantization range is taken over the whole input tensor (PyTorch's dynamic int8:
+# one per-tensor scale), so one sequence's outputs depend on the others batched with it. Evaluators run
+# these one sequence at a time; torchao's dynamic int8 uses per-token scales and is batch-independent.
+BATCH_DEPENDENT_SCHEMES = ("int8-dynamic",)
+
+
 class QuantizationUnavailable(ValueError):
     pass
 
