@@ -274,3 +274,19 @@ def test_checkpoint_checksums_are_recorded_and_checked(tmp_path):
 def test_data_config_rejects_bad_corpus_settings():
     with pytest.raises(ValueError, match="tokenizer_max_chars"):
         DataConfig(tokenizer_max_chars=0)
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_never_executed(tmp_path, make_config, capsys):
+    import pickle
+
+    train(make_config(tmp_path, max_steps=2))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "ckpt/t/step_2/optimizer.pt").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "ckpt/t/step_2/checksums.json").unlink()  # as if crafted to pass the checksum too
+    err = one_line_error(capsys, train, make_config(tmp_path, max_steps=4, resume=True))
+    assert "optimizer.pt" in err and not marker.exists()

@@ -180,6 +180,7 @@ def _run_losses(tmp_path, corpus, nproc, batch_size, parallel):
     return [m["loss"] for m in read_jsonl(tmp_path / "logs/d/metrics.jsonl")], load_model(tmp_path / "ckpt/d")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, parallel):
     single, m1 = _run_losses(tmp_path / "one", corpus, 1, 4, parallel)
