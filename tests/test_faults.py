@@ -162,12 +162,31 @@ def _pids_with(tag: str) -> list[int]:
 
 
 def test_a_full_disk_is_named_in_one_line(tmp_path, make_config, capsys, monkeypatch):
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt"))
+    from safetensors import SafetensorError
+
+    def full(*a, **k):  # what safetensors raises when the disk is full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full)
     err = one_line_error(capsys, train, make_config(tmp_path, max_steps=2))
     assert "disk is full" in err and "--resume" in err
+    assert not [p for p in (tmp_path / "ckpt/t").iterdir()]  # no partial checkpoint left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_is_named_in_one_line(tmp_path, make_config, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("no tmpfs mount allowed here")
+    try:
+        cfg = make_config(tmp_path, max_steps=4, ckpt_interval=2)
+        cfg.out_dir = str(disk / "ckpt")
+        err = one_line_error(capsys, train, cfg)
+        assert "disk is full" in err
+        assert all(p.name.startswith("step_") for p in (disk / "ckpt/t").iterdir())  # nothing torn, no leftovers
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_resume_skips_and_names_a_torn_log_line(tmp_path, make_config, capsys):

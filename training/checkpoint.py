@@ -8,6 +8,7 @@ SHA-256 of every weight, optimizer and RNG file, checked on load, so a damaged b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -80,9 +81,24 @@ def atomic_dir(final: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _disk_full(e, final.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
         raise
+
+
+def _disk_full(e: Exception, folder: Path) -> bool:
+    """Writers report a full disk in their own words: OSError(ENOSPC), safetensors' "os error 28", and
+    torch.save's "unexpected pos" with no reason at all, which we recognise by the free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None, tokenizer: Path | None = None):
