@@ -90,3 +90,15 @@ def trained_checkpoint(tmp_path_factory, make_config):
     root = tmp_path_factory.mktemp("trained")
     train(make_config(root, max_steps=30, ckpt_interval=30, eval_interval=30))
     return root / "ckpt" / "t"
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """The HumanEval sandbox as probed from inside; tests that execute generated code skip, with bubblewrap's
+    own reason, where it cannot be made (CI installs it, so there they run)."""
+    from eval.sandbox import SandboxUnavailable, sandbox_info
+
+    try:
+        return sandbox_info()
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))

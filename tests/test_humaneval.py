@@ -19,7 +19,7 @@ def problems():
     return load_problems(4)
 
 
-def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
+def test_canonical_solutions_pass_and_wrong_ones_fail(problems, sandbox):
     good = [[p["canonical_solution"]] for p in problems]
     bad = [["    return None\n"] for _ in problems]
     r = score_completions(problems, [g + b for g, b in zip(good, bad, strict=True)], ks=[1, 2], progress=False)
@@ -28,19 +28,19 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
     assert r["per_problem"][0]["outcomes"][1]["detail"].startswith("AssertionError")
 
 
-def test_infinite_loop_is_killed(problems):
+def test_infinite_loop_is_killed(problems, sandbox):
     t = time.perf_counter()
     r = run_program(program_for(problems[0], "    while True:\n        pass\n"), timeout_s=1.5)
     assert r.status == "timeout" and time.perf_counter() - t < 10
 
 
-def test_sleeping_program_is_killed_on_wall_clock_time():
+def test_sleeping_program_is_killed_on_wall_clock_time(sandbox):
     # a CPU limit never fires for a sleeping program: the wall-clock limit must
     r = run_program("import time\nwhile True:\n    time.sleep(0.01)\n", timeout_s=1.0)
     assert r.status == "timeout"
 
 
-def test_memory_bomb_fails_without_hurting_us(problems):
+def test_memory_bomb_fails_without_hurting_us(problems, sandbox):
     r = run_program(
         program_for(problems[0], "    a = []\n    while True:\n        a.append(' ' * 10**7)\n"),
         timeout_s=10,
@@ -49,7 +49,7 @@ def test_memory_bomb_fails_without_hurting_us(problems):
     assert r.status in ("failed", "timeout") and ("MemoryError" in r.detail or r.status == "timeout")
 
 
-def test_os_system_is_blocked(tmp_path):
+def test_os_system_is_blocked(tmp_path, sandbox):
     marker = tmp_path / "marker"
     r = run_program(f"import os\nos.system('touch {marker}')\n")
     assert r.status == "failed" and "blocked" in r.detail
@@ -58,7 +58,7 @@ def test_os_system_is_blocked(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges applies only when started as root")
-def test_generated_code_does_not_run_as_root(tmp_path):
+def test_generated_code_does_not_run_as_root(tmp_path, sandbox):
     target = tmp_path / "project_file.txt"
     target.write_text("keep")
     r = run_program(f"open('{target}', 'w').write('overwritten')\n")
@@ -87,12 +87,12 @@ def test_trim_completion_stops_at_the_next_top_level_statement():
 @pytest.mark.parametrize(
     "escape", ["import sys\n    sys.exit(0)\n", "raise SystemExit\n", "import os\n    os._exit(0)\n", "exit()\n"]
 )
-def test_exiting_before_the_tests_run_is_not_a_pass(problems, escape):
+def test_exiting_before_the_tests_run_is_not_a_pass(problems, escape, sandbox):
     r = run_program(program_for(problems[0], "    " + escape))
     assert r.status == "failed", r
 
 
-def test_printing_a_fake_sentinel_is_not_a_pass():
+def test_printing_a_fake_sentinel_is_not_a_pass(sandbox):
     r = run_program(
         "import sys\nprint('passed')\nsys.stdout.flush()\nimport os\nos.write(1, b'ok\\n')\nraise SystemExit(0)\n"
     )
@@ -102,7 +102,7 @@ def test_printing_a_fake_sentinel_is_not_a_pass():
 # ---- containment: namespaces, filesystem, processes, output ----------------------------------------------
 
 
-def test_network_namespace_blocks_a_raw_socket_to_loopback():
+def test_network_namespace_blocks_a_raw_socket_to_loopback(sandbox):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -127,7 +127,7 @@ def test_network_namespace_blocks_a_raw_socket_to_loopback():
     assert info["network_namespace"] and info["pid_namespace"], info
 
 
-def test_background_processes_die_with_the_program(tmp_path):
+def test_background_processes_die_with_the_program(tmp_path, sandbox):
     tag = f"humaneval-orphan-{os.getpid()}-{time.time_ns()}"
     program = (
         "import posix, sys\n"
@@ -145,7 +145,7 @@ def test_background_processes_die_with_the_program(tmp_path):
     assert alive == []
 
 
-def test_a_timed_out_program_takes_its_children_with_it():
+def test_a_timed_out_program_takes_its_children_with_it(sandbox):
     tag = f"humaneval-child-{os.getpid()}-{time.time_ns()}"
     program = (
         "import posix, sys, time\n"
@@ -166,7 +166,7 @@ def _cmdline(proc_dir: Path) -> str:
         return ""
 
 
-def test_the_host_filesystem_is_out_of_reach(tmp_path):
+def test_the_host_filesystem_is_out_of_reach(tmp_path, sandbox):
     victim = tmp_path / "user_file.txt"
     victim.write_text("keep")
     repo_file = Path(__file__).resolve()
@@ -182,7 +182,7 @@ def test_the_host_filesystem_is_out_of_reach(tmp_path):
     assert victim.read_text() == "keep"
 
 
-def test_the_program_cannot_rewrite_itself_or_fill_the_disk(tmp_path):
+def test_the_program_cannot_rewrite_itself_or_fill_the_disk(tmp_path, sandbox):
     before = shutil.disk_usage("/tmp").free
     r = run_program("open('/sandbox/program.py', 'w').write('print(1)')\n")
     assert r.status == "failed" and "Read-only" in r.detail
@@ -193,7 +193,7 @@ def test_the_program_cannot_rewrite_itself_or_fill_the_disk(tmp_path):
     assert shutil.disk_usage("/tmp").free > before - (64 << 20)
 
 
-def test_huge_output_is_capped(problems):
+def test_huge_output_is_capped(problems, sandbox):
     import resource
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -202,7 +202,7 @@ def test_huge_output_is_capped(problems):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000  # kB
 
 
-def test_the_program_cannot_signal_processes_outside():
+def test_the_program_cannot_signal_processes_outside(sandbox):
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         r = run_program(f"import posix\nposix.kill({victim.pid}, 9)\n")
@@ -212,7 +212,7 @@ def test_the_program_cannot_signal_processes_outside():
         victim.wait()
 
 
-def test_sandbox_promises_are_recorded(problems):
+def test_sandbox_promises_are_recorded(problems, sandbox):
     r = score_completions(problems[:1], [[problems[0]["canonical_solution"]]], ks=[1], progress=False)
     assert r["pass@1"] == 1.0
     assert r["sandbox"]["tool"].startswith("bwrap") and r["sandbox"]["network_namespace"] is True

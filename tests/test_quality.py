@@ -3,7 +3,7 @@ import json
 from eval.quality import main
 
 
-def test_quality_command_on_a_trained_checkpoint(trained_checkpoint, tmp_path, capsys):
+def test_quality_command_on_a_trained_checkpoint(trained_checkpoint, tmp_path, capsys, sandbox):
     out = tmp_path / "q.json"
     main(
         [
