@@ -2,7 +2,6 @@
 and the fix, nothing already written lost, nothing outside the run's own folders touched. The README's
 fault table lists these cases."""
 
-import errno
 import json
 import os
 import signal
