@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from bench.train_throughput import load_config
+from common.cli import run_main
+from common.device import pick_device
+from common.energy import find_counter, measure_energy
+from common.hardware import run_metadata
 from eval.efficiency import evaluate_efficiency, table
-from eval.energy import find_counter, measure_energy
 from eval.latency import decode_fn
 from llama.model import Transformer, count_params
-from training.config import run_main
-from training.distributed import pick_device
-from training.hardware import run_metadata
 
 
 def energy_repeats(model, device, batch, context, n_tokens, mode, runs=3) -> dict:

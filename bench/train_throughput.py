@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from eval.timing import spread, sync, time_repeats
+from common.cli import run_main
+from common.device import autocast, compute_dtype, pick_device
+from common.hardware import peak_flops, run_metadata
+from common.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
-from training import distributed as D
-from training.config import run_main
-from training.distributed import compute_dtype, pick_device
-from training.hardware import peak_flops, run_metadata
 from training.trainer import loss_fn, make_optimizer
 
 GPU_CONFIGS = ["baseline_5_layer", "perhead_5_layer", "baseline_8_layer", "perhead_8_layer"]
@@ -48,12 +47,12 @@ def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size
         model.compile()
     optimizer = make_optimizer(model, cfg, device)
     dtype = compute_dtype("auto", device)  # as the trainer runs on this device
-    autocast = D.autocast(device, dtype)
+    amp = autocast(device, dtype)
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
 
     def step():
-        with autocast:
+        with amp:
             loss = loss_fn(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.common import load_for_eval, write_result
-from eval.compress.engines import ENGINES, build, check
+from common.cli import run_main
+from common.energy import find_counter, measure_energy
+from eval.common import write_result
 from eval.compress.quantize import state_dict_bytes
-from eval.energy import find_counter, measure_energy
+from eval.engines import ENGINES, build, check
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
-from training.checkpoint import model_file_bytes
-from training.config import run_main
+from eval.model import load_for_eval
+from llama.model_io import model_file_bytes
 
 
 def evaluate_efficiency(

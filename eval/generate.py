@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from eval.common import Evaluated
+from eval.model import Evaluated
 from llama.generation import generate
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.cli import run_main
 from eval.sandbox import run_program, sandbox_info
-from training.config import run_main
 
 # Codex's stop sequences: a completion ends where the next top-level statement would begin.
 STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
@@ -97,8 +97,9 @@ def score_completions(
 
 
 def main(argv=None):
-    from eval.common import load_for_eval, write_result
+    from eval.common import write_result
     from eval.generate import complete
+    from eval.model import load_for_eval
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from eval.timing import spread, time_repeats
+from common.timing import spread, time_repeats
 from llama.generation import decode_one_token, prefill
 from llama.model import Transformer
 

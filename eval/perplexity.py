@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eval.common import load_for_eval, training_data, write_result
-from training.config import DataConfig, run_main
+from common.cli import run_main
+from eval.common import training_data, write_result
+from eval.model import load_for_eval
+from training.config import DataConfig
 from training.data import load_documents
 
 

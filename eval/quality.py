@@ -12,12 +12,13 @@ import argparse
 import time
 from pathlib import Path
 
-from eval.common import load_for_eval, write_result
+from common.cli import run_main
+from eval.common import write_result
 from eval.generate import complete, prompts_truncated
 from eval.humaneval import STOP_STRINGS, load_problems, score_completions, trim_completion
+from eval.model import load_for_eval
 from eval.perplexity import add_corpus_args, corpus_from_args, evaluate_perplexity
 from eval.text_metrics import continuation_task, score_texts
-from training.config import run_main
 
 
 def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):

@@ -16,8 +16,9 @@ import re
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval.common import Evaluated, split_documents_at_bos, training_data
+from eval.common import split_documents_at_bos, training_data
 from eval.generate import complete
+from eval.model import Evaluated
 
 ROUGE_TOKENIZERS = {
     "default": "rouge-score's default: lowercased, only [a-z0-9] runs kept (code symbols, non-Latin text ignored)",

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.cli import run_main
 from llama.model import ModelArgs, Transformer
-from training.config import run_main
 
 # our name -> HF name, for every layer; the attention projections of q and k are also permuted
 _LAYER_NAMES = {
@@ -151,7 +151,7 @@ def from_hf(config: dict, hf_sd: dict[str, torch.Tensor]) -> Transformer:
             elif ours == "attention.wk.weight":
                 w = hf_to_meta_rows(w, args.n_kv_heads)
             sd[f"layers.{i}.{ours}"] = w
-    from training.checkpoint import model_from_state_dict
+    from llama.model_io import model_from_state_dict
 
     return model_from_state_dict(args, sd, "HF checkpoint")
 
@@ -170,7 +170,7 @@ def import_hf(hf_dir: str | Path) -> Transformer:
 
 
 def main(argv: list[str] | None = None):
-    from training.checkpoint import load_model, save_model  # the trainer's one loader
+    from llama.model_io import load_model, save_model  # the trainer's one loader
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] not in ("export", "import"):

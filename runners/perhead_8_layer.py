@@ -4,8 +4,8 @@ python -m runners.perhead_8_layer                       # one GPU (or CPU, slowl
 torchrun --standalone --nproc_per_node=8 -m runners.perhead_8_layer
 """
 
+from common.cli import run_main
 from runners.common import config_100m
-from training.config import run_main
 from training.trainer import run
 
 

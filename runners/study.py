@@ -27,8 +27,9 @@ from pathlib import Path
 import tomllib
 from tqdm import tqdm
 
-from training.checkpoint import list_checkpoints
-from training.config import check_run_name, run_main
+from common.cli import run_main
+from llama.model_io import list_checkpoints
+from training.config import check_run_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -267,8 +268,8 @@ def finished(s: Study, step: Step, marker: Path) -> bool:
 
 
 def build_outputs(s: Study) -> Path:
-    from eval.compare import collect, write_table
     from visualizations import save_figures
+    from visualizations.compare import collect, write_table
     from visualizations.plot_tradeoffs import tradeoff_figures
     from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig

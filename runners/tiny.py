@@ -6,8 +6,9 @@ python -m runners.tiny --name tiny_baseline --no-head-layer
 
 import sys
 
+from common.cli import run_main
 from llama.model import HeadLayerArgs, ModelArgs
-from training.config import DataConfig, OptimConfig, TrainConfig, run_main
+from training.config import DataConfig, OptimConfig, TrainConfig
 from training.trainer import run
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llama.model import Transformer
-from training.checkpoint import load_model, resolve_checkpoint, save_model
+from llama.model_io import load_model, resolve_checkpoint, save_model
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -41,7 +41,7 @@ def test_bad_checkpoints(tmp_path, tiny_args):
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, tiny_args, monkeypatch):
-    import training.checkpoint as ck
+    import llama.model_io as ck
 
     model = Transformer(tiny_args)
     save_model(model, tmp_path / "m")

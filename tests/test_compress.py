@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from eval.common import load_for_eval
 from eval.compress.__main__ import main as compress_main
 from eval.compress.calibration import calibration_tokens
 from eval.compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers, drop_layers
@@ -17,10 +16,11 @@ from eval.compress.prune import (
     unstructured_mask,
 )
 from eval.compress.quantize import QuantizationUnavailable, quantize, state_dict_bytes
+from eval.model import load_for_eval
 from eval.perplexity import sliding_window_nll, summarize
 from llama.generation import generate
 from llama.model import Transformer
-from training.checkpoint import load_model, save_model
+from llama.model_io import load_model, save_model
 
 
 @pytest.fixture(scope="module")

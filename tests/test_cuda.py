@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_nvml_energy_counter_measures_gpu_work():
-    from eval.energy import measure_energy
+    from common.energy import measure_energy
 
     x = torch.randn(4096, 4096, device="cuda")
     r = measure_energy(lambda: x @ x, 1, "cuda", min_window_s=1.0, idle_s=0.5)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import training.data as data_mod
-from training.config import ConfigError, DataConfig, apply_overrides
+from common.cli import ConfigError, apply_overrides
+from training.config import DataConfig
 from training.data import BatchSampler, Document, describe, load_documents, prepare, split_documents
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eval.compress.engines import build, check
+from eval.engines import build, check
 from eval.latency import time_decode, time_forward, time_prefill
 from llama.model import Transformer
 
@@ -58,7 +58,7 @@ def test_engines_match_eager_and_accept_new_shapes(model, name):
 
 
 def test_engine_check_catches_a_wrong_engine(model):
-    from eval.compress.engines import Engine
+    from eval.engines import Engine
 
     wrong = Engine("wrong", lambda tokens: model(tokens) + 1e-2)
     with pytest.raises(AssertionError, match="differs from eager"):

@@ -1,6 +1,6 @@
 import pytest
 
-from eval.energy import EnergyMeter, RaplCounter, find_counter, measure_energy
+from common.energy import EnergyMeter, RaplCounter, find_counter, measure_energy
 
 
 class FakeClock:

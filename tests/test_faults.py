@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama.model_io as model_io
 import training.checkpoint as ckpt_mod
 import training.trainer as trainer_mod
-from training.checkpoint import list_checkpoints, load_model, prune_checkpoints
-from training.config import DataConfig, TrainConfig, apply_overrides, run_main
+from common.cli import apply_overrides, run_main
+from llama.model_io import list_checkpoints, load_model
+from training.checkpoint import prune_checkpoints
+from training.config import DataConfig, TrainConfig
 from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +169,7 @@ def test_a_full_disk_is_named_in_one_line(tmp_path, make_config, capsys, monkeyp
     def full(*a, **k):  # what safetensors raises when the disk is full
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    monkeypatch.setattr(model_io, "save_file", full)
     err = one_line_error(capsys, train, make_config(tmp_path, max_steps=2))
     assert "disk is full" in err and "--resume" in err
     assert not [p for p in (tmp_path / "ckpt/t").iterdir()]  # no partial checkpoint left
@@ -276,7 +279,7 @@ def test_runner_help_lists_the_keys():
 
 def test_checkpoint_checksums_are_recorded_and_checked(tmp_path):
     from llama.model import ModelArgs, Transformer
-    from training.checkpoint import save_model
+    from llama.model_io import save_model
 
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16))
     folder = save_model(model, tmp_path / "m")

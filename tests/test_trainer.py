@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
+from common.cli import ConfigError, apply_overrides
 from llama.model import HeadLayerArgs
-from training.checkpoint import list_checkpoints, load_model
-from training.config import ConfigError, OptimConfig, TrainConfig, apply_overrides
+from llama.model_io import list_checkpoints, load_model
+from training.config import OptimConfig, TrainConfig
 from training.data import BatchSampler
 from training.trainer import NonFiniteLoss, lr_at, train
 

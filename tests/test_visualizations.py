@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eval.compare import collect, compression_label, write_table
+from visualizations.compare import collect, compression_label, write_table
 from visualizations.plot_tradeoffs import pareto_front, tradeoff_figure
 from visualizations.plot_training import load_runs, over_training, training_costs, training_curves
 

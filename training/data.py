@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import apply_overrides, run_main
 from llama.tokenizer import Tokenizer, train_tokenizer
-from training.config import DataConfig, apply_overrides, run_main
+from training.config import DataConfig
 
 MANIFEST_VERSION = 1
 TOKENIZER_FORMAT = 3  # bump when train_tokenizer's options or encoding change, so caches are rebuilt

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -29,40 +31,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(pref)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={pref!r} is unknown; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={pref!r} but CUDA is not available here; use --device cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype forward passes run in: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
-    choices = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float32": torch.float32,
-    }
-    if name not in choices:
-        raise ValueError(f"dtype={name!r} is unknown; use auto, bfloat16 or float32")
-    return choices[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for ``dtype`` on ``device``; float32 needs none."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:

@@ -28,21 +28,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from eval.energy import EnergyMeter
+from common.cli import apply_overrides
+from common.device import autocast, compute_dtype
+from common.energy import EnergyMeter
+from common.hardware import peak_flops, run_metadata
 from llama.model import Transformer, count_params, flops_per_token
+from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
-from training.checkpoint import (
-    list_checkpoints,
-    load_model,
-    load_training_state,
-    prune_checkpoints,
-    remove_leftovers,
-    restore_rng,
-    save_checkpoint,
-)
-from training.config import TrainConfig, apply_overrides, check_run_name
+from training.checkpoint import load_training_state, prune_checkpoints, remove_leftovers, restore_rng, save_checkpoint
+from training.config import TrainConfig, check_run_name
 from training.data import BatchSampler, prepare
-from training.hardware import peak_flops, run_metadata
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -154,13 +149,13 @@ def _append_jsonl(path: Path, record: dict):
 
 
 @torch.no_grad()
-def evaluate(model, sampler: BatchSampler, cfg: TrainConfig, info: D.DistInfo, autocast) -> float:
+def evaluate(model, sampler: BatchSampler, cfg: TrainConfig, info: D.DistInfo, amp) -> float:
     """Mean loss over the same ``eval_iters`` validation batches every time, split across ranks."""
     model.eval()
     losses = []
     for i in range(cfg.eval_iters):
         x, y = sampler.get(i, start=info.rank * cfg.batch_size, count=cfg.batch_size)
-        with autocast:
+        with amp:
             losses.append(loss_fn(model(x.to(info.device)), y.to(info.device)))
     model.train()
     return D.all_reduce_mean(torch.stack(losses).mean(), info).item()
@@ -259,8 +254,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optim_state is not None:
         set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=optim_state, options=full)
-    dtype = D.compute_dtype(cfg.dtype, info.device)
-    autocast = D.autocast(info.device, dtype)
+    dtype = compute_dtype(cfg.dtype, info.device)
+    amp = autocast(info.device, dtype)
     flops_tok, peak = flops_per_token(model_args, cfg.seq_len), peak_flops(info.device)
 
     if info.is_main:
@@ -315,7 +310,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                     x, y = train_sampler.get(step, start=start, count=cfg.batch_size)
                     x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
                     with D.grad_sync(wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
-                        with autocast:
+                        with amp:
                             loss = loss_fn(wrapped(x), y) / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
@@ -354,7 +349,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                     _append_jsonl(log_dir / "metrics.jsonl", record)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
                 if done % cfg.eval_interval == 0 or done == total_steps:
-                    last_val = evaluate(wrapped, val_sampler, cfg, info, autocast)
+                    last_val = evaluate(wrapped, val_sampler, cfg, info, amp)
                     if info.is_main:
                         _append_jsonl(
                             log_dir / "val.jsonl",
@@ -384,7 +379,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         bar.close()
 
     if last_val is None:  # nothing was left to train (killed between the last checkpoint and the summary)
-        last_val = evaluate(wrapped, val_sampler, cfg, info, autocast)
+        last_val = evaluate(wrapped, val_sampler, cfg, info, amp)
         logged = [r["loss"] for r in read_jsonl(log_dir / "metrics.jsonl") if r["step"] == start_step]
         last_loss = logged[-1] if logged else None
     summary = {

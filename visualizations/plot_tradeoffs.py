@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from eval.compare import collect  # noqa: E402
-from training.config import run_main  # noqa: E402
+from common.cli import run_main  # noqa: E402
 from visualizations import save_figures  # noqa: E402
+from visualizations.compare import collect  # noqa: E402
 
 AXES = {
     "decode_ms": "decode latency (ms/token, batch 1)",

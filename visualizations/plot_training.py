@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.config import run_main  # noqa: E402
+from common.cli import run_main  # noqa: E402
 from visualizations import save_figures  # noqa: E402
 
 

@@ -22,22 +22,17 @@ import copy
 import json
 from pathlib import Path
 
+from common.cli import run_main
+from common.device import pick_device
 from eval.compress import COMPRESSION_FILE, read_compression
 from eval.compress.calibration import calibration_tokens
 from eval.compress.layer_drop import choose_layers, drop_layers
 from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
 from llama.model import count_params
-from training.checkpoint import (
-    STATE_FILE,
-    load_model,
-    model_file_bytes,
-    resolve_checkpoint,
-    save_model,
-    tokenizer_path,
-)
-from training.config import run_main, train_config_from_dict
-from training.distributed import pick_device
+from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, save_model, tokenizer_path
+from training.checkpoint import STATE_FILE
+from training.config import train_config_from_dict
 
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 

@@ -16,7 +16,7 @@ import torch
 
 from eval.compress.calibration import block_inputs, run_block
 from llama.model import Transformer
-from training.checkpoint import model_from_state_dict
+from llama.model_io import model_from_state_dict
 
 
 def drop_layers(model: Transformer, drop: list[int]) -> Transformer:

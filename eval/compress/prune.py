@@ -24,7 +24,7 @@ from torch import nn
 
 from eval.compress.calibration import block_inputs, run_block
 from llama.model import Transformer, count_params
-from training.checkpoint import model_from_state_dict
+from llama.model_io import model_from_state_dict
 
 LINEARS = (
     "attention.wq",

@@ -1,7 +1,7 @@
 """One table of every evaluated model, from the evaluators' result JSONs (nothing is re-run).
 
-    python -m eval.compare results/                 # -> results/table.md and results/table.csv
-    python -m eval.compare results/study_tiny/evals --out results/study_tiny --mode eager --batch 1
+    python -m visualizations.compare results/                 # -> results/table.md and results/table.csv
+    python -m visualizations.compare results/study_tiny/evals --out results/study_tiny --mode eager --batch 1
 
 Latency and energy columns come from one decoding mode and batch size for every model, named in the table;
 a value that was not measured is left empty ("-"), and energy that could not be measured reads "unavailable".
@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from training.config import run_main
+from common.cli import run_main
 
 COLUMNS = [
     ("model", "model"),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from common.timing import sync
+
 RAPL_ROOT = "/sys/class/powercap"
 
 
@@ -127,11 +129,6 @@ def find_counter(device: torch.device | str, rapl_root: str = RAPL_ROOT):
         return None, f"no readable RAPL energy counter for the CPU ({type(e).__name__}: {e})"
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class EnergyMeter:
     """Context manager: idle power for ``idle_s`` just before, then the energy of the ``with`` body."""
 
@@ -156,19 +153,19 @@ class EnergyMeter:
         if hasattr(self.counter, "start"):
             self.counter.start()
         if self.idle_s > 0:
-            _sync(self.device)
+            sync(self.device)
             e0, t0 = self.counter.read_j(), self.clock()
             self.sleep(self.idle_s)
             e1, t1 = self.counter.read_j(), self.clock()
             self.idle_power_w = (e1 - e0) / (t1 - t0) if e1 > e0 else None
-        _sync(self.device)
+        sync(self.device)
         self._e0, self._t0 = self.counter.read_j(), self.clock()
         return self
 
     def __exit__(self, *exc):
         if self.counter is None:
             return False
-        _sync(self.device)
+        sync(self.device)
         self.energy_j, self.window_s = self.counter.read_j() - self._e0, self.clock() - self._t0
         if hasattr(self.counter, "stop"):
             self.counter.stop()
@@ -224,7 +221,7 @@ def measure_energy(
         while True:
             fn()
             calls += 1
-            _sync(device)
+            sync(device)
             if meter.clock() - start >= min_window_s:
                 break
     return {**meter.result(calls * units_per_call, unit), "calls": calls, "min_window_s": min_window_s}

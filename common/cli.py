@@ -1,0 +1,268 @@
+"""The one command-line layer: every command's options are a typed dataclass, filled from ``--key value``.
+
+    python -m runners.tiny --max-steps 200 --lr 3e-4 --no-head-layer
+    python -m eval.perplexity checkpoints/tiny --stride 128
+    python -m eval.efficiency checkpoints/tiny --batch-sizes 1 8 --modes eager compile
+
+- ``--key value`` or ``--key=value`` sets the one field of that name anywhere in a nested config; a name
+  found in two places needs its path (``--data.vocab-size``). ``-`` and ``_`` are the same.
+- Types are checked: ``int``, ``float``, ``str``, ``bool`` (a bare ``--flag`` is true, ``--no-flag`` false),
+  ``X | None`` (``none``), ``Literal[...]`` choices and ``list[X]`` (the values up to the next ``--key``).
+- ``--no-<field>`` sets an optional nested config (such as ``head_layer``) to None.
+- Fields marked ``positional`` are filled, in order, from the arguments that are not ``--key`` pairs.
+- ``--help`` lists every key with its type, current value and the comment written next to the field.
+- Unknown keys, wrong types and values that fail a config's ``__post_init__`` checks are one-line errors.
+
+Written here rather than taken from tyro or jsonargparse: both prefix nested fields (``--optim.lr`` where
+users type ``--lr``) and turn an optional nested dataclass into a subcommand (``head-layer:None`` where
+users type ``--no-head-layer``); this layer keeps the commands people already use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import inspect
+import re
+import sys
+import types
+import typing
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def positional(default=None, required: bool = True, **kw):
+    """A field filled from a bare command-line argument (``python -m eval.perplexity CHECKPOINT``); a
+    required one left at None is an error naming it."""
+    meta = {"positional": True, "required": required}
+    if "default_factory" in kw:
+        return dataclasses.field(metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _field_paths(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field, object]]:
+    """Every leaf field of a nested dataclass config: dotted path -> (owner, field, resolved type). An
+    optional nested config (``X | None`` holding an X) is a node; its path itself maps to the field too."""
+    out = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        path = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(_field_paths(value, path + "."))
+            if type(None) in typing.get_args(hints[f.name]):
+                out[path] = (cfg, f, hints[f.name])  # for --no-<field>
+        else:
+            out[path] = (cfg, f, hints[f.name])
+    return out
+
+
+def _scalar(text: str, tp, key: str):
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true or false, got {text!r}")
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            if text == str(c):
+                return c
+        raise ConfigError(f"--{key} must be one of {', '.join(map(str, choices))}; got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects {tp.__name__}, got {text!r}") from None
+    raise ConfigError(f"--{key} has type {tp} that cannot be set from the command line; set it in the runner")
+
+
+def _optional_inner(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and type(None) in typing.get_args(tp):
+            return inner[0]
+    return None
+
+
+def _is_list(tp) -> bool:
+    inner = _optional_inner(tp)
+    return typing.get_origin(inner if inner is not None else tp) is list
+
+
+def _parse(values: list[str], tp, key: str):
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if len(values) == 1 and values[0].lower() in ("none", "null"):
+            return None
+        return _parse(values, inner, key)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return [_scalar(v, item, key) for v in values]
+    if len(values) != 1:
+        raise ConfigError(f"--{key} takes one value, got {values}")
+    return _scalar(values[0], tp, key)
+
+
+def apply_overrides(cfg, argv: list[str]):
+    """Fill the (nested) dataclass ``cfg`` from ``argv`` in place, check it, and return it."""
+    paths = _field_paths(cfg)
+    if "--help" in argv or "-h" in argv:
+        print(overrides_help(cfg, paths))
+        raise SystemExit(0)
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    slots = [p for p, (_, f, _) in paths.items() if f.metadata.get("positional")]
+    bare: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            bare.append(arg)
+            i += 1
+            continue
+        raw, eq, value = arg[2:].partition("=")
+        key = raw.replace("-", "_")
+        negated = False
+        path = _resolve(key, by_name, paths, raw)
+        if path is None and key.startswith("no_"):
+            path, negated = _resolve(key[3:], by_name, paths, raw), True
+        if path is None:
+            raise ConfigError(
+                f"unknown config key --{raw}; known keys: " + ", ".join(_shown(p, by_name) for p in paths)
+            )
+        owner, f, tp = paths[path]
+        if negated:
+            if not (tp is bool or _optional_inner(tp) is not None) or eq:
+                raise ConfigError(f"--{raw}: only a true/false option or an optional part can be negated")
+            setattr(owner, f.name, False if tp is bool else None)
+            i += 1
+            continue
+        if eq:
+            values = [value]
+        else:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--") and (j == i + 1 or _is_list(tp)):
+                j += 1
+            values = argv[i + 1 : j]
+            if not values and tp is bool:
+                values = ["true"]
+            if not values:
+                raise ConfigError(f"--{raw} needs a value")
+            i = j - 1
+        setattr(owner, f.name, _parse(values, tp, raw))
+        i += 1
+    _fill_positional(cfg, paths, slots, bare)
+    _revalidate(cfg)
+    return cfg
+
+
+def _resolve(key: str, by_name: dict, paths: dict, raw: str) -> str | None:
+    if key in paths:
+        return key
+    found = by_name.get(key, [])
+    if len(found) > 1:
+        raise ConfigError(f"--{raw} is ambiguous; name one of: " + ", ".join("--" + p for p in found))
+    return found[0] if found else None
+
+
+def _shown(path: str, by_name: dict) -> str:
+    name = path.rsplit(".", 1)[-1]
+    return "--" + (name if len(by_name[name]) == 1 else path).replace("_", "-")
+
+
+def _fill_positional(cfg, paths: dict, slots: list[str], bare: list[str]):
+    for k, path in enumerate(slots):
+        owner, f, tp = paths[path]
+        if _is_list(tp):  # a list takes what is left
+            setattr(owner, f.name, _parse(bare, tp, f.name) if bare else [])
+            bare = []
+        elif bare:
+            setattr(owner, f.name, _parse([bare.pop(0)], tp, f.name))
+        elif getattr(owner, f.name) is None and f.metadata.get("required"):
+            names = " ".join(s.rsplit(".", 1)[-1].upper() for s in slots[k:])
+            raise ConfigError(f"missing {names}; see --help")
+    if bare:
+        raise ConfigError(f"unexpected argument {bare[0]!r}; options look like --max-steps 200 (see --help)")
+
+
+def _comments(cls) -> dict[str, str]:
+    """The comment written after each field in the class body: what ``--help`` shows for it."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def overrides_help(cfg, paths: dict | None = None) -> str:
+    paths = paths or _field_paths(cfg)
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    doc = (inspect.getdoc(sys.modules.get("__main__")) or "").strip()
+    lines = [f"usage: python -m {_main_module()} [options]", ""]
+    if doc:
+        lines += [doc, ""]
+    lines.append("options (a name found in two places needs its path):")
+    comments: dict[int, dict[str, str]] = {}
+    for path, (owner, f, tp) in paths.items():
+        note = comments.setdefault(id(type(owner)), _comments(type(owner))).get(f.name, "")
+        tname = re.sub(r"typing\.|<class '|'>", "", str(tp) if not isinstance(tp, type) else tp.__name__)
+        value = getattr(owner, f.name)
+        shown = f.name.upper() if f.metadata.get("positional") else _shown(path, by_name)
+        now = "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+        lines.append(f"  {shown:<30} {tname}{now}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def _main_module() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec else "<command>"
+
+
+def _revalidate(cfg):
+    """Run __post_init__ checks again on every dataclass whose fields may have changed."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _revalidate(value)
+    post = getattr(cfg, "__post_init__", None)
+    if post is not None:
+        post()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_main(main, *args):
+    """Run a command's ``main``; the errors our checks raise print as one line (no traceback) and exit 2."""
+    try:
+        return main(*args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: the disk is full ({e.strerror}: {e.filename or 'while writing'}); nothing finished was lost: "
+            "free some space, then run the same command again (training: with --resume)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

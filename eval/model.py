@@ -1,0 +1,59 @@
+"""A checkpoint loaded for evaluation: the model (quantized again if its folder says so), its tokenizer,
+device and dtype, and what compression made it. Every evaluator loads through ``load_for_eval``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.device import autocast, compute_dtype, pick_device
+from eval.compress import read_compression
+from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
+from llama.model import Transformer, count_params
+from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
+from llama.tokenizer import Tokenizer
+
+
+@dataclass
+class Evaluated:
+    name: str  # run@step_N, or the model folder's name
+    folder: Path
+    model: Transformer
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype used for the forward passes
+    compression: dict | None = None  # compression.json of a compressed baseline
+    n_params: int = 0  # parameters before any quantization (packed int8 weights are not nn.Parameters)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.compression and self.compression.get("quantize"))
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def batch_size(self, requested: int) -> int:
+        """The batch to evaluate with: 1 where a sequence's result would depend on its batch neighbours."""
+        return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
+
+
+def model_name(folder: Path) -> str:
+    return f"{folder.parent.name}@{folder.name}" if folder.name.startswith("step_") else folder.name
+
+
+def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
+    folder = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    dt = compute_dtype(dtype, dev)
+    model = load_model(folder, dev).eval()
+    n_params = count_params(model)["total"]
+    compression = read_compression(folder)
+    if compression and compression.get("quantize"):
+        model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
+    tok = Tokenizer(tokenizer_path(folder))
+    if tok.vocab_size != model.params.vocab_size:
+        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
+    return Evaluated(model_name(folder), folder, model, tok, dev, dt, compression, n_params)

@@ -1,0 +1,187 @@
+"""One save and one load for model folders (the trainer adds what resuming needs: training/checkpoint.py).
+
+A model folder holds ``model.safetensors`` and ``model_args.json`` (``asdict(ModelArgs)``); the model is
+rebuilt with ``Transformer(ModelArgs(**saved))``. Folders are written under a temporary name and renamed
+into place, so an interrupted save never leaves a folder that looks complete; ``checksums.json`` holds the
+SHA-256 of every weight, optimizer and RNG file, checked on load, so a damaged byte is found, not trained on.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llama.model import ModelArgs, Transformer
+
+MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
+CHECKSUM_FILE = "checksums.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: list[str]):
+    sums = json.loads((folder / CHECKSUM_FILE).read_text()) if (folder / CHECKSUM_FILE).is_file() else {}
+    sums |= {n: _sha256(folder / n) for n in names if (folder / n).is_file()}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
+
+
+def verify_checksum(folder: Path, name: str):
+    """Raise a one-line ValueError if ``folder/name`` differs from the checksum recorded when it was saved.
+    Folders saved before checksums were recorded are read as they are."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        expected = json.loads(path.read_text()).get(name)
+    except (ValueError, AttributeError):
+        raise ValueError(
+            f"{path} is damaged (not a JSON object of checksums); the checkpoint cannot be checked"
+        ) from None
+    if expected is not None and _sha256(folder / name) != expected:
+        raise ValueError(
+            f"{folder / name} does not match its recorded checksum: the file is damaged; use another checkpoint"
+        )
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():  # replacing: move the old one aside first so a crash here loses neither
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _disk_full(e, final.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
+        raise
+
+
+def _disk_full(e: Exception, folder: Path) -> bool:
+    """Writers report a full disk in their own words: OSError(ENOSPC), safetensors' "os error 28", and
+    torch.save's "unexpected pos" with no reason at all, which we recognise by the free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None, tokenizer: Path | None = None):
+    """``state_dict`` defaults to the model's; the trainer passes the full one gathered from FSDP shards.
+    A copy of the tokenizer makes the folder self-contained for evaluation."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    if model.params.tie_embeddings:
+        sd.pop("output.weight")  # the same tensor as tok_embeddings.weight; safetensors refuses shared memory
+    save_file(sd, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    (folder / ARGS_FILE).write_text(json.dumps(model.params.to_dict(), indent=2))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+    write_checksums(folder, [MODEL_FILE, TOKENIZER_FILE])
+
+
+def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer: Path | None = None) -> Path:
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, tokenizer=tokenizer)
+    return Path(out_dir)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A model folder, or a run folder (``checkpoints/<run>``) whose latest ``step_N`` is taken."""
+    p = Path(path)
+    if (p / MODEL_FILE).is_file():
+        return p
+    if p.is_dir():
+        steps = list_checkpoints(p)
+        if steps:
+            return steps[-1][1]
+        raise FileNotFoundError(f"{p} holds no {MODEL_FILE} and no step_N checkpoints; train first")
+    raise FileNotFoundError(f"checkpoint {p} does not exist; pass a checkpoints/<run> or step_N folder")
+
+
+def model_file_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a model folder's weight file on disk."""
+    return (resolve_checkpoint(folder) / MODEL_FILE).stat().st_size
+
+
+def model_from_state_dict(args: ModelArgs, sd: dict[str, torch.Tensor], source: str = "state dict") -> Transformer:
+    """The model for ``args`` around the tensors of ``sd`` (no random init, no copy), after checking that the
+    names and shapes are exactly those ``args`` implies. A tied output weight may be absent from ``sd``."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    if set(sd) != set(expected):
+        missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        raise ValueError(f"{source} does not match the model arguments: missing {missing[:3]}, extra {extra[:3]}")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model arguments imply {tuple(shape)}")
+    model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """The tokenizer saved with a checkpoint (or model folder)."""
+    folder = resolve_checkpoint(path)
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}; save the model with its tokenizer")
+    return folder / TOKENIZER_FILE
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
+    folder = resolve_checkpoint(path)
+    args_path = folder / ARGS_FILE
+    if not args_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {ARGS_FILE}; it was not written by save_model")
+    try:
+        args = ModelArgs.from_dict(json.loads(args_path.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{args_path} is damaged or not model arguments ({e}); use another checkpoint") from None
+    verify_checksum(folder, MODEL_FILE)
+    try:
+        sd = load_file(str(folder / MODEL_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{folder / MODEL_FILE} is unreadable ({e}); the checkpoint is damaged") from None
+    return model_from_state_dict(args, sd, f"{folder} (with its {ARGS_FILE})").to(device)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), c) for c in run_dir.iterdir() if (m := _STEP_DIR.match(c.name)) and c.is_dir()]
+    return sorted(found)

@@ -1,0 +1,78 @@
+"""Imports point down the layers (DESIGN.md): common <- llama <- training <- eval <- serve <- visualizations
+<- runners <- bench, and no two parts of the project import each other in a loop."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ["common", "llama", "training", "eval", "serve", "visualizations", "runners", "bench"]
+
+
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a project module in ``path``, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+            # "from eval.compress import prune" imports the module eval.compress.prune
+            for a in node.names:
+                if (REPO / node.module.replace(".", "/") / f"{a.name}.py").is_file():
+                    out.append((node.lineno, f"{node.module}.{a.name}"))
+    return [(line, m) for line, m in out if m.split(".")[0] in LAYERS]
+
+
+def sources():
+    for layer in LAYERS:
+        yield from sorted((REPO / layer).rglob("*.py")) if (REPO / layer).is_dir() else []
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for path in sources():
+        here = LAYERS.index(path.relative_to(REPO).parts[0])
+        for line, module in project_imports(path):
+            if LAYERS.index(module.split(".")[0]) > here:
+                upward.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+    assert upward == [], "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def test_no_import_loops_between_parts():
+    # Parts are a layer's modules and sub-packages (eval.common, eval.compress, training.trainer ...).
+    def part(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for path in sources():
+        src = part(module_of(path))
+        graph.setdefault(src, set()).update(part(m) for _, m in project_imports(path) if part(m) != src)
+    loops, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                loops.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert loops == [], "import loops:\n" + "\n".join(loops)
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    # the checker itself: a llama module importing training must be caught
+    bad = tmp_path / "llama" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text("import os\ndef f():\n    from training.trainer import train\n")
+    monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
+    assert project_imports(bad) == [(3, "training.trainer")]
