@@ -9,20 +9,21 @@ at batch 1 is measured three times to show how repeatable it is. Writes bench/re
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from bench.train_throughput import load_config
-from common.cli import run_main
+from common.cli import parse_args, run_main
 from common.device import pick_device
 from common.energy import find_counter, measure_energy
 from common.hardware import run_metadata
 from eval.efficiency import evaluate_efficiency, table
-from eval.latency import decode_fn
+from eval.latency import MODES, decode_fn
 from llama.model import Transformer, count_params
 
 
@@ -44,15 +45,18 @@ def energy_repeats(model, device, batch, context, n_tokens, mode, runs=3) -> dic
     return out
 
 
+@dataclass
+class Args:
+    configs: list[str] | None = None  # runner names (default: the 8-block pair on CUDA, tiny on CPU)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    batch_sizes: list[int] | None = None  # default: 1 8 32
+    context: int | None = None  # tokens in the cache (default: max_seq_len / 2)
+    modes: list[Literal[MODES]] | None = None  # default: all on CUDA, eager and compile on CPU
+    out: str = "bench/results/decode_latency.json"  # result JSON
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
-    p.add_argument("--context", type=int, default=None)
-    p.add_argument("--modes", nargs="+", default=None)
-    p.add_argument("--out", default="bench/results/decode_latency.json")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     device = pick_device(a.device)
     cuda = device.type == "cuda"
     names = a.configs or (["baseline_8_layer", "perhead_8_layer"] if cuda else ["tiny_baseline", "tiny"])

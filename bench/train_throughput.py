@@ -10,14 +10,14 @@ Batches are random tokens: throughput does not depend on the text. Writes bench/
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.cli import run_main
+from common.cli import parse_args, run_main
 from common.device import autocast, compute_dtype, pick_device
 from common.hardware import peak_flops, run_metadata
 from common.timing import spread, sync, time_repeats
@@ -29,10 +29,6 @@ CPU_CONFIGS = ["tiny_baseline", "tiny"]
 
 
 def load_config(name: str):
-    if name in ("tiny", "tiny_baseline"):
-        from runners.tiny import config
-
-        return config(per_head=name == "tiny")
     return importlib.import_module(f"runners.{name}").config()
 
 
@@ -102,16 +98,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class Args:
+    configs: list[str] | None = None  # runner names (default: 100M configs on CUDA, tiny on CPU)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    steps: int = 20  # timed steps
+    warmup: int = 5  # untimed steps first (compilation happens here)
+    batch_size: int | None = None  # default: the runner's
+    compile: bool | None = None  # torch.compile (default: on CUDA only)
+    out: str = "bench/results/train_throughput.json"  # result JSON
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", help="runner names (default: 100M configs on CUDA, tiny on CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the runner's")
-    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-    p.add_argument("--out", default="bench/results/train_throughput.json")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     device = pick_device(a.device)
     names = a.configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     rows = [measure(n, device, a.steps, a.warmup, a.batch_size, a.compile) for n in names]

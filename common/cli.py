@@ -212,8 +212,10 @@ def overrides_help(cfg, paths: dict | None = None) -> str:
     by_name: dict[str, list[str]] = {}
     for path in paths:
         by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
-    doc = (inspect.getdoc(sys.modules.get("__main__")) or "").strip()
-    lines = [f"usage: python -m {_main_module()} [options]", ""]
+    module = _command_module(cfg)
+    doc = (inspect.getdoc(module) or "").strip()
+    name = module.__spec__.name.removesuffix(".__main__") if getattr(module, "__spec__", None) else "<command>"
+    lines = [f"usage: python -m {name} [options]", ""]
     if doc:
         lines += [doc, ""]
     lines.append("options (a name found in two places needs its path):")
@@ -228,9 +230,11 @@ def overrides_help(cfg, paths: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def _main_module() -> str:
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name if spec else "<command>"
+def _command_module(cfg):
+    """The command whose options these are: the options class's own module when it is a command (it has a
+    ``main``), else the module run with ``python -m`` (a runner filling a TrainConfig)."""
+    own = sys.modules.get(type(cfg).__module__)
+    return own if hasattr(own, "main") else sys.modules.get("__main__")
 
 
 def _revalidate(cfg):
@@ -266,3 +270,8 @@ def run_main(main, *args):
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def parse_args(options, argv: list[str] | None = None):
+    """A command's options dataclass filled from ``argv`` (default: the command line)."""
+    return apply_overrides(options, sys.argv[1:] if argv is None else argv)

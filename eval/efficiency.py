@@ -14,13 +14,14 @@ CPU too, after a compilation of tens of seconds). Writes results/<model>-efficie
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from common.energy import find_counter, measure_energy
 from eval.common import write_result
 from eval.compress.quantize import state_dict_bytes
@@ -104,29 +105,31 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+Mode = Literal[MODES]
+EngineName = Literal[ENGINES]
+
+
+@dataclass
+class Args:
+    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes timed
+    context: int | None = None  # tokens in the cache before decoding (default: max_seq_len/2); also the forward length
+    prompt_len: int | None = None  # prefill length (default: --context)
+    n_tokens: int = 32  # decode steps timed per repeat
+    repeats: int = 3  # timed repeats
+    modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU)
+    engines: list[EngineName] = field(default_factory=lambda: list(ENGINES))  # runtime engines for the full forward
+    energy: bool = True  # measure energy per token where a counter exists (--no-energy: skip)
+    sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
+    min_window: float = 1.0  # seconds; energy windows are at least this
+    idle: float = 1.0  # seconds of idle power measured before each window
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA), bfloat16, float32
+    out: str | None = None  # default: results/<model>-efficiency.json
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument(
-        "--context",
-        type=int,
-        default=None,
-        help="tokens in the cache before decoding (default: max_seq_len/2); also the forward length",
-    )
-    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default: --context)")
-    p.add_argument("--n-tokens", type=int, default=32, help="decode steps timed per repeat")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None)
-    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    p.add_argument("--no-energy", action="store_true")
-    p.add_argument("--sparse-2of4", action="store_true", help="CUDA: run 2:4-pruned weights on sparse tensor cores")
-    p.add_argument("--min-window", type=float, default=1.0, help="seconds; energy windows are at least this")
-    p.add_argument("--idle", type=float, default=1.0, help="seconds of idle power measured before each window")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="weights dtype: auto (bfloat16 on CUDA), bfloat16, float32")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
     # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
     model = ev.model if ev.quantized else ev.model.to(ev.dtype)
@@ -146,7 +149,7 @@ def main(argv=None):
         a.n_tokens,
         modes,
         a.engines,
-        not a.no_energy,
+        a.energy,
         a.min_window,
         a.idle,
         a.repeats,

@@ -9,16 +9,15 @@ promises); a program passes only when it ran to its end, tests included.
 
 from __future__ import annotations
 
-import argparse
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from eval.sandbox import run_program, sandbox_info
 
 # Codex's stop sequences: a completion ends where the next top-level statement would begin.
@@ -96,25 +95,28 @@ def score_completions(
     }
 
 
+@dataclass
+class Args:
+    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    limit: int | None = None  # first N problems only (default: all 164)
+    n_samples: int = 1  # completions per problem
+    temperature: float = 0.0  # 0 = greedy (use > 0 with --n-samples > 1)
+    top_p: float = 0.95  # nucleus sampling (with temperature > 0)
+    k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
+    max_new_tokens: int = 256  # completion length
+    batch_size: int = 8  # prompts per generation batch
+    timeout: float = 5.0  # seconds per program
+    memory_mb: int = 1024  # address space per program
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    out: str | None = None  # default: results/<model>-humaneval.json
+
+
 def main(argv=None):
     from eval.common import write_result
     from eval.generate import complete
     from eval.model import load_for_eval
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--limit", type=int, default=None, help="first N problems only (default: all 164)")
-    p.add_argument("--n-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--k", type=int, nargs="+", default=[1])
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--memory-mb", type=int, default=1024)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     ev = load_for_eval(a.checkpoint, a.device)
     problems = load_problems(a.limit)
     texts = complete(

@@ -13,10 +13,10 @@ compares models with different tokenizers.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from eval.common import training_data, write_result
 from eval.model import load_for_eval
 from training.config import DataConfig
@@ -137,36 +137,43 @@ def evaluate_perplexity(
     }
 
 
-def add_corpus_args(p: argparse.ArgumentParser):
-    p.add_argument("--corpus", help="text folder/file or HF dataset (default: the run's held-out split)")
-    p.add_argument("--file-glob", default="**/*.py")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--hf-config", default=None)
-    p.add_argument("--hf-split", default="test")
+@dataclass
+class CorpusArgs:
+    corpus: str | None = None  # text folder/file or HF dataset to score (default: the run's held-out split)
+    file_glob: str = "**/*.py"  # files of a folder corpus
+    text_field: str = "text"  # column of a jsonl/parquet/HF corpus
+    hf_config: str | None = None  # HF dataset configuration
+    hf_split: str = "test"  # HF dataset split
+
+    def data_config(self) -> DataConfig | None:
+        if self.corpus is None:
+            return None
+        return DataConfig(
+            corpus=self.corpus,
+            file_glob=self.file_glob,
+            text_field=self.text_field,
+            hf_config=self.hf_config,
+            hf_split=self.hf_split,
+        )
 
 
-def corpus_from_args(a) -> DataConfig | None:
-    if a.corpus is None:
-        return None
-    return DataConfig(
-        corpus=a.corpus, file_glob=a.file_glob, text_field=a.text_field, hf_config=a.hf_config, hf_split=a.hf_split
-    )
+@dataclass
+class Args:
+    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    text: CorpusArgs = field(default_factory=CorpusArgs)
+    context: int | None = None  # window length (default: the model's max_seq_len)
+    stride: int | None = None  # default: context / 2; must be below context
+    batch_size: int = 8  # windows per forward pass
+    max_tokens: int | None = None  # evaluate only the first N tokens
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA), bfloat16, float32
+    out: str | None = None  # default: results/<model>-perplexity.json
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    add_corpus_args(p)
-    p.add_argument("--context", type=int, default=None, help="window length (default: model max_seq_len)")
-    p.add_argument("--stride", type=int, default=None, help="default: context / 2")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default=None, help="default: results/<model>-perplexity.json")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
-    r = evaluate_perplexity(ev, corpus_from_args(a), a.context, a.stride, a.batch_size, a.max_tokens)
+    r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens)
     out = write_result(
         a.out or Path("results") / f"{ev.name}-perplexity.json",
         {

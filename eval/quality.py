@@ -8,16 +8,16 @@ Writes results/<model>-quality.json and prints a short table.
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from eval.common import write_result
 from eval.generate import complete, prompts_truncated
 from eval.humaneval import STOP_STRINGS, load_problems, score_completions, trim_completion
 from eval.model import load_for_eval
-from eval.perplexity import add_corpus_args, corpus_from_args, evaluate_perplexity
+from eval.perplexity import CorpusArgs, evaluate_perplexity
 from eval.text_metrics import continuation_task, score_texts
 
 
@@ -61,28 +61,31 @@ def table(r: dict) -> str:
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
+@dataclass
+class Args:
+    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    text: CorpusArgs = field(default_factory=CorpusArgs)
+    stride: int | None = None  # perplexity stride (default: context / 2)
+    max_tokens: int | None = None  # perplexity on the first N tokens only
+    n_docs: int = 50  # held-out documents for continuations
+    prompt_tokens: int = 128  # continuation prompt length
+    continuation_tokens: int = 64  # continuation reference length
+    humaneval_limit: int | None = None  # first N of the 164 problems
+    humaneval_samples: int = 1  # completions per problem
+    temperature: float = 0.0  # HumanEval sampling; 0 = greedy
+    top_p: float = 0.95  # nucleus sampling for HumanEval (with temperature > 0)
+    k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
+    max_new_tokens: int = 128  # HumanEval completion length
+    batch_size: int = 8  # sequences per forward pass
+    timeout: float = 5.0  # seconds per HumanEval program
+    memory_mb: int = 1024  # address space per HumanEval program
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA), bfloat16, float32
+    out: str | None = None  # default: results/<model>-quality.json
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    add_corpus_args(p)
-    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: context / 2)")
-    p.add_argument("--max-tokens", type=int, default=None, help="perplexity on the first N tokens only")
-    p.add_argument("--n-docs", type=int, default=50, help="held-out documents for continuations")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--continuation-tokens", type=int, default=64)
-    p.add_argument("--humaneval-limit", type=int, default=None, help="first N of the 164 problems")
-    p.add_argument("--humaneval-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--k", type=int, nargs="+", default=[1])
-    p.add_argument("--max-new-tokens", type=int, default=128, help="HumanEval completion length")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space per HumanEval program")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     t0 = time.perf_counter()
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
     result = {
@@ -93,7 +96,7 @@ def main(argv=None):
         "n_layers": ev.model.params.n_layers,
         "per_head": ev.model.params.head_layer is not None,
         "compression": ev.compression,
-        "perplexity": evaluate_perplexity(ev, corpus_from_args(a), None, a.stride, a.batch_size, a.max_tokens),
+        "perplexity": evaluate_perplexity(ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens),
         "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),
         "humaneval": humaneval_task(
             ev,

@@ -10,13 +10,14 @@ by a permutation of the rows of wq and wk (the same one HF's convert_llama_weigh
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from llama.model import ModelArgs, Transformer
 
 # our name -> HF name, for every layer; the attention projections of q and k are also permuted
@@ -169,16 +170,21 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     return from_hf(json.loads((d / "config.json").read_text()), sd)
 
 
-def main(argv: list[str] | None = None):
-    from llama.model_io import load_model, save_model  # the trainer's one loader
+@dataclass
+class Args:
+    direction: Literal["export", "import"] = positional()  # export: ours -> HF; import: HF -> ours
+    source: str = positional()  # export: a checkpoint or model folder; import: an HF Llama folder
+    target: str = positional()  # the folder to write
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in ("export", "import"):
-        sys.exit("usage: python -m llama.convert export CHECKPOINT_DIR HF_DIR | import HF_DIR OUT_DIR")
-    if argv[0] == "export":
-        print(export_hf(load_model(argv[1]), argv[2]))
+
+def main(argv: list[str] | None = None):
+    from llama.model_io import load_model, save_model  # the one model-folder loader
+
+    a = parse_args(Args(), argv)
+    if a.direction == "export":
+        print(export_hf(load_model(a.source), a.target))
     else:
-        print(save_model(import_hf(argv[1]), argv[2]))
+        print(save_model(import_hf(a.source), a.target))
 
 
 if __name__ == "__main__":

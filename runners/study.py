@@ -13,7 +13,6 @@ rebuilt from the results every time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 import tomllib
 from tqdm import tqdm
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 from llama.model_io import list_checkpoints
 from training.config import check_run_name
 
@@ -289,11 +288,14 @@ def build_outputs(s: Study) -> Path:
     return write_report(s, rows, runs, sorted(figures), points)
 
 
+@dataclass
+class Args:
+    what: list[str] = positional(required=False, default_factory=list)  # a study .toml file, or runner names
+    tiny: bool = False  # the CPU study of runners/study_tiny.toml
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="*", help="a study .toml file, or runner names")
-    p.add_argument("--tiny", action="store_true", help="the CPU study of runners/study_tiny.toml")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     if a.tiny:
         study = load_study(HERE / "study_tiny.toml")
         study.source = "--tiny"
@@ -302,7 +304,7 @@ def main(argv=None):
     elif a.what:
         study = study_from_runners(a.what)
     else:
-        p.error("name a study .toml file or runner names, or pass --tiny")
+        raise ValueError("name a study .toml file or runner names, or pass --tiny (see --help)")
     study.source = study.source or " ".join(a.what)
     report = run_study(study)
     print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")

@@ -1,10 +1,8 @@
 """The embedded default: a small per-head Llama trained on the Python standard library on CPU in minutes.
 
 python -m runners.tiny                          # per-head layers on
-python -m runners.tiny --name tiny_baseline --no-head-layer
+python -m runners.tiny_baseline                 # the same without them (= --name tiny_baseline --no-head-layer)
 """
-
-import sys
 
 from common.cli import run_main
 from llama.model import HeadLayerArgs, ModelArgs
@@ -12,16 +10,16 @@ from training.config import DataConfig, OptimConfig, TrainConfig
 from training.trainer import run
 
 
-def config(per_head: bool = True) -> TrainConfig:
+def config() -> TrainConfig:
     return TrainConfig(
-        name="tiny" if per_head else "tiny_baseline",
+        name="tiny",
         model=ModelArgs(
             dim=128,
             n_layers=4,
             n_heads=4,
             vocab_size=4096,  # replaced by the tokenizer's size at start
             max_seq_len=256,
-            head_layer=HeadLayerArgs() if per_head else None,
+            head_layer=HeadLayerArgs(),
         ),
         data=DataConfig(vocab_size=4096),
         optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1),
@@ -38,9 +36,7 @@ def config(per_head: bool = True) -> TrainConfig:
 
 
 def main():
-    argv = sys.argv[1:]
-    per_head = "--no-head-layer" not in argv
-    run(config(per_head), [a for a in argv if a != "--no-head-layer"])
+    run(config())
 
 
 if __name__ == "__main__":

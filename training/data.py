@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import apply_overrides, run_main
+from common.cli import parse_args, run_main
 from llama.tokenizer import Tokenizer, train_tokenizer
 from training.config import DataConfig
 
@@ -316,7 +315,7 @@ class BatchSampler:
 
 
 def main(argv: list[str] | None = None):
-    cfg = apply_overrides(DataConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(DataConfig(), argv)
     data = prepare(cfg)
     print(describe(data))
 

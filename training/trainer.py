@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from common.cli import apply_overrides
+from common.cli import parse_args
 from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
 from common.hardware import peak_flops, run_metadata
@@ -416,5 +416,5 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """What runner scripts call: apply ``--key value`` overrides from the command line, then train."""
-    apply_overrides(cfg, sys.argv[1:] if argv is None else argv)
+    parse_args(cfg, argv)
     return train(cfg)

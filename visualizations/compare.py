@@ -9,12 +9,12 @@ a value that was not measured is left empty ("-"), and energy that could not be 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import parse_args, positional, run_main
 
 COLUMNS = [
     ("model", "model"),
@@ -145,13 +145,16 @@ def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[
     return out / "table.md", out / "table.csv"
 
 
+@dataclass
+class Args:
+    results: str = positional("results", required=False)  # folder of evaluator result JSONs
+    out: str | None = None  # default: the results folder
+    mode: str | None = None  # decoding mode for latency columns (default: first measured)
+    batch: int = 1  # batch size of the latency and energy columns
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="?", default="results")
-    p.add_argument("--out", default=None, help="default: the results folder")
-    p.add_argument("--mode", default=None, help="decoding mode for latency columns (default: first measured)")
-    p.add_argument("--batch", type=int, default=1)
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     rows = collect(a.results, a.mode, a.batch)
     if not rows:
         raise FileNotFoundError(f"no evaluator results in {a.results}; run python -m eval.quality / eval.efficiency")

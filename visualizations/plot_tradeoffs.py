@@ -9,7 +9,7 @@ baselines in blue, compressed baselines hollow.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from common.cli import run_main  # noqa: E402
+from common.cli import parse_args, positional, run_main  # noqa: E402
 from visualizations import save_figures  # noqa: E402
 from visualizations.compare import collect  # noqa: E402
 
@@ -96,12 +96,15 @@ def tradeoff_figures(rows: list[dict]) -> dict:
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
+@dataclass
+class Args:
+    results: str = positional("results", required=False)  # folder of evaluator result JSONs
+    out: str = "results/plots"  # where the PNGs go
+    mode: str | None = None  # decoding mode for latency and energy (default: first measured)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="?", default="results")
-    p.add_argument("--out", default="results/plots")
-    p.add_argument("--mode", default=None, help="decoding mode for latency and energy (default: first measured)")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     rows = collect(a.results, a.mode)
     if not rows:
         raise FileNotFoundError(f"no evaluator results in {a.results}")

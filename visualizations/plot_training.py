@@ -6,8 +6,8 @@ python -m visualizations.plot_training --runs tiny tiny_baseline --out results/p
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.cli import run_main  # noqa: E402
+from common.cli import parse_args, run_main  # noqa: E402
 from visualizations import save_figures  # noqa: E402
 
 
@@ -103,12 +103,15 @@ def training_figures(runs: dict[str, dict]) -> dict:
     return {"training_curves.png": training_curves(runs), "training_costs.png": training_costs(runs)}
 
 
+@dataclass
+class Args:
+    log_dir: str = "logs"  # folder of logs/<run>/
+    runs: list[str] | None = None  # runs to plot (default: all under --log-dir)
+    out: str = "results/plots"  # where the PNGs go
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--log-dir", default="logs")
-    p.add_argument("--runs", nargs="+", default=None)
-    p.add_argument("--out", default="results/plots")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
     runs = load_runs(a.log_dir, a.runs)
     if not runs:
         raise FileNotFoundError(f"no runs with metrics.jsonl under {a.log_dir}")

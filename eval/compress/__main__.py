@@ -17,12 +17,13 @@ quantization are deterministic), so their disk size is the unquantized one.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from common.cli import run_main
+from common.cli import parse_args, run_main
 from common.device import pick_device
 from eval.compress import COMPRESSION_FILE, read_compression
 from eval.compress.calibration import calibration_tokens
@@ -35,6 +36,8 @@ from training.checkpoint import STATE_FILE
 from training.config import train_config_from_dict
 
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
+Method = Literal[METHODS]
+Scheme = Literal[SCHEMES]
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -140,28 +143,34 @@ def finetune(folder: Path, base_state: dict, a) -> Path:
     return final
 
 
+@dataclass
+class Args:
+    checkpoint: str | None = None  # the model to compress: checkpoints/<run> or a model folder (required)
+    method: Method | None = None  # what to do (required)
+    out: str | None = None  # folder for the compressed model (required)
+    sparsity: float = 0.5  # unstructured pruning: share of weights zeroed
+    pattern: str | None = None  # N:M semi-structured pattern, e.g. 2:4 (replaces --sparsity)
+    layers: int = 1  # layer dropping: how many blocks to remove
+    head_ratio: float = 0.25  # structured: share of head groups removed
+    ffn_ratio: float = 0.25  # structured: share of SwiGLU channels removed
+    skip_first: int = 0  # structured: leave the first N blocks intact
+    skip_last: int = 0  # structured: leave the last N blocks intact
+    scheme: Scheme | None = None  # quantization scheme
+    calib_samples: int = 64  # calibration windows from the train split
+    calib_seq_len: int | None = None  # default: the run's training seq_len
+    batch_size: int = 8  # calibration windows per forward pass
+    finetune_steps: int = 0  # recovery fine-tuning steps after pruning
+    finetune_lr: float = 1e-4  # recovery fine-tuning learning rate
+    log_dir: str = "logs"  # where the fine-tuning run logs
+    seed: int = 0  # calibration draw
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--out", required=True, help="folder for the compressed model")
-    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured pruning: share of weights zeroed")
-    p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (replaces --sparsity)")
-    p.add_argument("--layers", type=int, default=1, help="layer dropping: how many blocks to remove")
-    p.add_argument("--head-ratio", type=float, default=0.25, help="structured: share of head groups removed")
-    p.add_argument("--ffn-ratio", type=float, default=0.25, help="structured: share of SwiGLU channels removed")
-    p.add_argument("--skip-first", type=int, default=0, help="structured: leave the first N blocks intact")
-    p.add_argument("--skip-last", type=int, default=0, help="structured: leave the last N blocks intact")
-    p.add_argument("--scheme", choices=SCHEMES, default=None, help="quantization scheme")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split")
-    p.add_argument("--calib-seq-len", type=int, default=None, help="default: the run's training seq_len")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps after pruning")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
-    p.add_argument("--log-dir", default="logs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
+    a = parse_args(Args(), argv)
+    missing = [k for k in ("checkpoint", "method", "out") if getattr(a, k) is None]
+    if missing:
+        raise ValueError(f"eval.compress needs {', '.join('--' + k for k in missing)}; see --help")
     if a.method == "quantize" and a.finetune_steps:
         raise ValueError("fine-tune before quantizing: quantized weights are not trained here")
     return compress(a)

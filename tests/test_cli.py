@@ -1,0 +1,104 @@
+"""The one command-line layer (common/cli.py) and every command built on it."""
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from common.cli import ConfigError, apply_overrides, positional
+
+COMMANDS = [
+    "llama.convert",
+    "training.data",
+    "runners.tiny",
+    "runners.tiny_baseline",
+    "runners.baseline_5_layer",
+    "runners.perhead_8_layer",
+    "runners.study",
+    "eval.perplexity",
+    "eval.quality",
+    "eval.humaneval",
+    "eval.efficiency",
+    "eval.compress.__main__",
+    "visualizations.compare",
+    "visualizations.plot_tradeoffs",
+    "visualizations.plot_training",
+    "bench.train_throughput",
+    "bench.decode_latency",
+]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_has_help_from_the_one_layer(module, capsys, monkeypatch):
+    main = importlib.import_module(module).main
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: python -m") and "options" in out
+    assert "\n  --" in out or "\n  SOURCE" in out  # options (or convert's positionals), listed by the layer
+
+
+@pytest.mark.parametrize("module", ["eval.perplexity", "eval.efficiency", "runners.study", "visualizations.compare"])
+def test_unknown_keys_are_errors_everywhere(module, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [module, "x", "--no-such-key", "1"])
+    with pytest.raises(ConfigError, match="unknown config key --no-such-key"):
+        importlib.import_module(module).main()
+
+
+@dataclass
+class Inner:
+    width: int = 4  # an inner size
+    mode: Literal["a", "b"] = "a"  # a choice
+
+
+@dataclass
+class Opts:
+    path: str = positional()  # where
+    sizes: list[int] = field(default_factory=lambda: [1])  # several values
+    inner: Inner | None = field(default_factory=Inner)  # optional part
+    energy: bool = True  # a switch
+    rate: float | None = None  # optional number
+
+
+def test_types_lists_choices_negation_and_positionals():
+    o = apply_overrides(Opts(), ["here", "--sizes", "1", "8", "32", "--width", "6", "--mode", "b", "--no-energy"])
+    assert (o.path, o.sizes, o.inner.width, o.inner.mode, o.energy, o.rate) == ("here", [1, 8, 32], 6, "b", False, None)
+    assert apply_overrides(Opts(), ["--rate=0.5", "p", "--inner.width", "2"]).inner.width == 2
+    assert apply_overrides(Opts(), ["p", "--no-inner"]).inner is None
+    with pytest.raises(ConfigError, match="must be one of a, b"):
+        apply_overrides(Opts(), ["p", "--mode", "c"])
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(Opts(), ["p", "--sizes", "1", "x"])
+    with pytest.raises(ConfigError, match="missing PATH"):
+        apply_overrides(Opts(), ["--width", "3"])
+    with pytest.raises(ConfigError, match="unexpected argument 'extra'"):
+        apply_overrides(Opts(), ["p", "extra"])
+    with pytest.raises(ConfigError, match="only a true/false option or an optional part"):
+        apply_overrides(Opts(), ["p", "--no-width"])
+
+
+def test_command_help_names_the_command(capsys):
+    from eval.perplexity import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m eval.perplexity") and "sliding window" in out and "CHECKPOINT" in out
+    assert "--stride" in out and "must be below context" in out and "--corpus" in out
+
+
+def test_help_shows_each_fields_comment(capsys):
+    with pytest.raises(SystemExit):
+        apply_overrides(Opts(), ["--help"])
+    out = capsys.readouterr().out
+    assert "--sizes" in out and "several values" in out and "PATH" in out and "a choice" in out
+
+
+def test_no_head_layer_turns_a_runner_into_its_baseline():
+    from runners import tiny, tiny_baseline
+
+    cfg = apply_overrides(tiny.config(), ["--no-head-layer", "--name", "b"])
+    assert cfg.model.head_layer is None and cfg.model == tiny_baseline.config().model
