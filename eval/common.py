@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import atomic_write
 from common.hardware import run_metadata
 from llama.model_io import resolve_checkpoint
 from training.checkpoint import STATE_FILE
@@ -44,9 +45,4 @@ def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
 
 def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -> Path:
     """Write ``payload`` plus where it was measured (commit, device, torch) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**run_metadata(device), **payload}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps({**run_metadata(device), **payload}, indent=2))

@@ -8,19 +8,18 @@ SHA-256 of every weight, optimizer and RNG file, checked on load, so a damaged b
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 
 MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
@@ -58,43 +57,6 @@ def verify_checksum(folder: Path, name: str):
         raise ValueError(
             f"{folder / name} does not match its recorded checksum: the file is damaged; use another checkpoint"
         )
-
-
-@contextmanager
-def atomic_dir(final: str | os.PathLike):
-    """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():  # replacing: move the old one aside first so a crash here loses neither
-            old = final.with_name(f".{final.name}.old{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _disk_full(e, final.parent):
-            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
-        raise
-
-
-def _disk_full(e: Exception, folder: Path) -> bool:
-    """Writers report a full disk in their own words: OSError(ENOSPC), safetensors' "os error 28", and
-    torch.save's "unexpected pos" with no reason at all, which we recognise by the free space left."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left on device" in str(e) or "os error 28" in str(e):
-        return True
-    try:
-        return shutil.disk_usage(folder).free < (1 << 20)
-    except OSError:
-        return False
 
 
 def write_model_files(model: Transformer, folder: Path, state_dict: dict | None = None, tokenizer: Path | None = None):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from common.files import atomic_write
+
 # Llama-2's special ids: <unk>=0, <s>=1, </s>=2.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # SentencePiece writes spaces as U+2581 inside its pieces, so a literal U+2581 in the text would come back
@@ -143,7 +145,5 @@ def train_tokenizer(
                 "or a larger corpus"
             ) from None
         raise
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(proto.getvalue())
-    os.replace(tmp, out_path)
+    atomic_write(out_path, proto.getvalue())
     return Tokenizer(out_path)

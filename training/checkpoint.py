@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from common.files import atomic_dir
 from llama.model import Transformer
-from llama.model_io import atomic_dir, list_checkpoints, verify_checksum, write_checksums, write_model_files
+from llama.model_io import list_checkpoints, verify_checksum, write_checksums, write_model_files
 
 # What interrupted saves (.tmp), replacements (.old) and prunes (.del) can leave in a run folder.
 _LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|old|del)\d+$")

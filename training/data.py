@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
+from common.files import atomic_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
 from training.config import DataConfig
 
@@ -224,11 +224,9 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
 
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     # Everything is written into a temporary folder renamed into place at the end: an interrupted
-    # preparation leaves no half-written cache that a later run would trust.
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # preparation leaves no half-written cache that a later run would trust; if another process finished
+    # the same preparation first, theirs is kept.
+    with atomic_dir(out, replace=False) as tmp:
         t1 = time.perf_counter()
         if progress:
             print(f"training a {cfg.vocab_size}-token SentencePiece BPE on {len(train_docs)} documents ...")
@@ -255,13 +253,6 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished the same preparation first; theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_prepared(out)
 
 

@@ -1,0 +1,72 @@
+"""Writing files and folders so that a kill, Ctrl-C or a full disk never leaves a torn one behind: everything
+is written under a temporary name next to its target and renamed into place (one rename is atomic)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and _disk_full(e, path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise
+    return path
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, replace: bool = True):
+    """Yield a temporary folder next to ``final``; on success it becomes ``final`` in one rename. With
+    ``replace=False`` an existing ``final`` (another process finished the same work first) is kept and ours
+    is discarded."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not replace:
+            try:
+                os.replace(tmp, final)
+            except OSError:  # a folder of that name appeared: the other process's is as good as ours
+                if not final.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():  # replacing: move the old one aside first so a crash here loses neither
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _disk_full(e, final.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
+        raise
+
+
+def _disk_full(e: Exception, folder: Path) -> bool:
+    """Writers report a full disk in their own words: OSError(ENOSPC), safetensors' "os error 28", and
+    torch.save's "unexpected pos" with no reason at all, which we recognise by the free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
