@@ -15,7 +15,6 @@ CPU too, after a compilation of tens of seconds). Writes results/<model>-efficie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,7 +22,6 @@ from tqdm import tqdm
 
 from common.cli import parse_args, positional, run_main
 from common.energy import find_counter, measure_energy
-from eval.common import write_result
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import ENGINES, build, check
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
@@ -163,18 +161,9 @@ def main(argv=None):
         "batch_sizes": a.batch_sizes,
         "modes": modes,
         "sparse_2of4": a.sparse_2of4,
-        "compression": ev.compression,
     }
-    info = {
-        "evaluator": "efficiency",
-        "model": ev.name,
-        "checkpoint": str(ev.folder),
-        "params": ev.n_params,
-        "n_layers": model.params.n_layers,
-        "per_head": model.params.head_layer is not None,
-        "disk_bytes": model_file_bytes(ev.folder),  # quantized models are stored unquantized: see memory_bytes
-    }
-    out = write_result(a.out or Path("results") / f"{ev.name}-efficiency.json", {**info, **settings, **r}, ev.device)
+    # quantized models are stored unquantized: disk_bytes is the file, memory_bytes the weights as loaded
+    out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a.out)
     print(table(r))
     print(f"-> {out}")
 

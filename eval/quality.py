@@ -10,36 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from common.cli import parse_args, positional, run_main
-from eval.common import write_result
-from eval.generate import complete, prompts_truncated
-from eval.humaneval import STOP_STRINGS, load_problems, score_completions, trim_completion
+from eval.humaneval import humaneval_task
 from eval.model import load_for_eval
 from eval.perplexity import CorpusArgs, evaluate_perplexity
-from eval.text_metrics import continuation_task, score_texts
-
-
-def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):
-    problems = load_problems(limit)
-    prompts = [p["prompt"] for p in problems]
-    texts = complete(ev, prompts, max_new_tokens, temperature, top_p, STOP_STRINGS, batch_size, n_samples)
-    completions = [[trim_completion(t) for t in ts] for ts in texts]
-    executed = score_completions(problems, completions, ks, timeout_s, memory_mb)
-    text = score_texts([c[0] for c in completions], [p["canonical_solution"] for p in problems])
-    return {
-        "pass": executed,
-        "text_metrics": text,
-        "n_samples": n_samples,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "prompts_truncated": prompts_truncated(ev, prompts, max_new_tokens),
-        "examples": [
-            {"task_id": p["task_id"], "completion": c[0]} for p, c in zip(problems[:3], completions[:3], strict=True)
-        ],
-    }
+from eval.text_metrics import continuation_task
 
 
 def table(r: dict) -> str:
@@ -89,13 +65,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     ev = load_for_eval(a.checkpoint, a.device, a.dtype)
     result = {
-        "evaluator": "quality",
-        "model": ev.name,
-        "checkpoint": str(ev.folder),
-        "params": ev.n_params,
-        "n_layers": ev.model.params.n_layers,
-        "per_head": ev.model.params.head_layer is not None,
-        "compression": ev.compression,
         "perplexity": evaluate_perplexity(ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens),
         "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),
         "humaneval": humaneval_task(
@@ -112,7 +81,7 @@ def main(argv=None):
         ),
     }
     result["time_s"] = time.perf_counter() - t0
-    out = write_result(a.out or Path("results") / f"{ev.name}-quality.json", result, ev.device)
+    out = ev.write("quality", result, a.out)
     print(table(result))
     print(f"-> {out} ({result['time_s']:.0f} s)")
 

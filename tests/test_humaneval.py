@@ -217,3 +217,15 @@ def test_sandbox_promises_are_recorded(problems, sandbox):
     assert r["pass@1"] == 1.0
     assert r["sandbox"]["tool"].startswith("bwrap") and r["sandbox"]["network_namespace"] is True
     assert r["sandbox"]["sees_host_files"] is False
+
+
+def test_humaneval_command_shares_the_quality_pipeline(trained_checkpoint, tmp_path, sandbox):
+    import json
+
+    from eval.humaneval import main
+
+    main([str(trained_checkpoint), "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "he.json")])
+    r = json.loads((tmp_path / "he.json").read_text())
+    assert r["evaluator"] == "humaneval" and r["pass"]["problems"] == 2 and "pass@1" in r["pass"]
+    assert r["prompts_truncated"] >= 1 and r["text_metrics"]["pairs"] == 2  # 32-token context: prompts are cut
+    assert r["per_head"] is True and r["pass"]["sandbox"]["pid_namespace"] is True
