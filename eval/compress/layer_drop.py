@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from eval.compress.calibration import block_inputs, run_block
+from eval.compress.calibration import block_by_block
 from llama.model import Transformer
 from llama.model_io import model_from_state_dict
 
@@ -63,17 +63,10 @@ def block_scores(cos: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def block_cosines(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
     """Per block, cos(block input, block output) of every calibration token."""
-    model.eval()
-    hs = block_inputs(model, calib, batch_size)
     out = []
-    for layer in model.layers:
-        cosines, nxt = [], []
-        for h in hs:
-            o = run_block(layer, h, model.params)
-            cosines.append(torch.nn.functional.cosine_similarity(h, o, dim=-1).flatten())
-            nxt.append(o)
-        out.append(torch.cat(cosines))
-        hs = nxt
+    for _, block in block_by_block(model, calib, batch_size):
+        pairs = zip(block.inputs, block.outputs(), strict=True)
+        out.append(torch.cat([torch.nn.functional.cosine_similarity(h, o, dim=-1).flatten() for h, o in pairs]))
     return out
 
 

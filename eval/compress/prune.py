@@ -17,12 +17,11 @@ intact. The result is a physically smaller model with per-layer sizes in its Mod
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
 
-from eval.compress.calibration import block_inputs, run_block
+from eval.compress.calibration import block_by_block, input_stats, run_block
 from llama.model import Transformer, count_params
 from llama.model_io import model_from_state_dict
 
@@ -115,27 +114,6 @@ def sparsegpt_prune(
 # Unstructured / N:M pruning of a whole model
 
 
-class _Stats:
-    """Running calibration statistics of one linear layer's input."""
-
-    def __init__(self, cols: int, hessian: bool, device):
-        self.sq = torch.zeros(cols, dtype=torch.float64, device=device)  # sum of x_j^2 (Wanda)
-        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
-        self.n = 0
-
-    def add(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sq += (x.double() ** 2).sum(0)
-        if self.H is not None:  # running mean of 2 x x^T, as SparseGPT's add_batch
-            t = x.shape[0]
-            self.H *= self.n / (self.n + t)
-            self.n += t
-            x = math.sqrt(2 / self.n) * x
-            self.H += x.T @ x
-        else:
-            self.n += x.shape[0]
-
-
 @torch.no_grad()
 def prune_model(
     model: Transformer,
@@ -160,34 +138,31 @@ def prune_model(
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
     if method != "magnitude" and calib is None:
         raise ValueError(f"{method} needs calibration data")
-    model.eval()
-    hs = block_inputs(model, calib, batch_size) if method != "magnitude" else None
-    for layer in model.layers:
-        linears = block_linears(layer)
-        stats = {}
-        if hs is not None:  # one pass through the (still dense) block collects every linear's input
-            stats = {n: _Stats(m.in_features, method == "sparsegpt", m.weight.device) for n, m in linears.items()}
-            hooks = [
-                m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in linears.items()
-            ]
-            for h in hs:
-                run_block(layer, h, model.params)
-            for hook in hooks:
-                hook.remove()
-        for name, lin in linears.items():
-            W = lin.weight.data.float()
-            if method == "sparsegpt":
-                new = sparsegpt_prune(W, stats[name].H, sparsity, n_m)
-            else:
-                score = W.abs()
-                if method == "wanda":
-                    score = score * torch.sqrt(stats[name].sq).float()[None, :]
-                mask = n_m_mask(score, *n_m) if n_m else unstructured_mask(score, sparsity, per_row=group == "row")
-                new = W.masked_fill(mask, 0.0)
-            lin.weight.data.copy_(new.to(lin.weight.dtype))
-        if hs is not None:  # the next block is calibrated on what this pruned block outputs
-            hs = [run_block(layer, h, model.params) for h in hs]
+    if method == "magnitude":  # no calibration: each block on its own
+        for layer in model.layers:
+            _prune_block(block_linears(layer), {}, method, sparsity, n_m, group)
+        return sparsity_report(model)
+    for _, block in block_by_block(model, calib, batch_size):
+        linears = block_linears(block.layer)
+        with input_stats(linears, hessian=method == "sparsegpt") as stats:  # one pass through the dense block
+            for h in block.inputs:
+                run_block(block.layer, h, model.params)
+        _prune_block(linears, stats, method, sparsity, n_m, group)
     return sparsity_report(model)
+
+
+def _prune_block(linears: dict, stats: dict, method: str, sparsity: float, n_m, group: str):
+    for name, lin in linears.items():
+        W = lin.weight.data.float()
+        if method == "sparsegpt":
+            new = sparsegpt_prune(W, stats[name].H, sparsity, n_m)
+        else:
+            score = W.abs()
+            if method == "wanda":
+                score = score * torch.sqrt(stats[name].sq).float()[None, :]
+            mask = n_m_mask(score, *n_m) if n_m else unstructured_mask(score, sparsity, per_row=group == "row")
+            new = W.masked_fill(mask, 0.0)
+        lin.weight.data.copy_(new.to(lin.weight.dtype))
 
 
 def sparsity_report(model: Transformer) -> dict:
@@ -235,21 +210,15 @@ def to_semi_structured(model: Transformer) -> int:
 @torch.no_grad()
 def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: int = 8):
     """Per block: importance of each key/value head group and of each SwiGLU channel."""
-    sq = {}
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        for name in ("attention.wo", "feed_forward.w2"):
-            lin = layer.get_submodule(name)
-            sq[(i, name)] = torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
-
-            def hook(mod, inp, out, key=(i, name)):
-                sq[key] += (inp[0].reshape(-1, inp[0].shape[-1]).double() ** 2).sum(0)
-
-            hooks.append(lin.register_forward_hook(hook))
-    for i in range(0, len(calib), batch_size):
-        model(calib[i : i + batch_size].to(model.tok_embeddings.weight.device))
-    for h in hooks:
-        h.remove()
+    linears = {
+        (i, n): layer.get_submodule(n)
+        for i, layer in enumerate(model.layers)
+        for n in ("attention.wo", "feed_forward.w2")
+    }
+    with input_stats(linears) as stats:
+        for i in range(0, len(calib), batch_size):
+            model(calib[i : i + batch_size].to(model.tok_embeddings.weight.device))
+    sq = {k: s.sq for k, s in stats.items()}
     out = []
     hd = model.params.head_dim
     for i, layer in enumerate(model.layers):
