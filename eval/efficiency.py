@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.cli import parse_args, positional, run_main
 from common.energy import find_counter, measure_energy
 from eval.compress.quantize import state_dict_bytes
-from eval.engines import ENGINES, build, check
+from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
 from eval.model import load_for_eval
 from llama.model_io import model_file_bytes
@@ -116,7 +116,9 @@ class Args:
     n_tokens: int = 32  # decode steps timed per repeat
     repeats: int = 3  # timed repeats
     modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU)
-    engines: list[EngineName] = field(default_factory=lambda: list(ENGINES))  # runtime engines for the full forward
+    engines: list[EngineName] = field(
+        default_factory=lambda: list(DEFAULT_ENGINES)
+    )  # engines for the full forward (torchscript: legacy, by name)
     energy: bool = True  # measure energy per token where a counter exists (--no-energy: skip)
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
     min_window: float = 1.0  # seconds; energy windows are at least this

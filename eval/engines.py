@@ -1,7 +1,13 @@
-"""The same model served by other runtime engines: torch.compile, TorchScript and ONNX Runtime.
+"""The same model served by other runtime engines: torch.compile, torch.export + AOTInductor, ONNX Runtime,
+and TorchScript as a legacy engine.
 
 Engines serve the full forward without KV cache (tokens -> logits), exported with a dynamic batch and
 sequence length; each is checked against eager PyTorch on fresh inputs before it is timed.
+
+- ``aoti``: ``torch.export`` then AOTInductor, PyTorch's recommended way to deploy a model ahead of time
+  (a compiled .pt2 package; compiling takes tens of seconds on a CPU).
+- ``torchscript``: legacy. ``torch.jit`` is deprecated since torch 2.13; it is kept only to compare with
+  studies that used it, is not among the default engines, and its deprecation warnings are silenced here.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import torch
 
 from llama.model import Transformer
 
-ENGINES = ("torch", "compile", "torchscript", "onnxruntime")
+ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
+DEFAULT_ENGINES = ("torch", "compile", "aoti", "onnxruntime")  # torchscript is legacy: ask for it by name
 
 
 @dataclass
@@ -35,11 +42,33 @@ def compile_engine(model: Transformer) -> Engine:
     return Engine("compile", torch.compile(model, dynamic=True), "torch.compile, dynamic shapes")
 
 
+def _dynamic_shapes(model: Transformer):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max(2, model.params.max_seq_len))
+    return ({0: batch, 1: seq},)
+
+
+def aoti_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
+    path = Path(path or tempfile.mkdtemp(prefix="aoti-")) / "model.pt2"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    runner = torch._inductor.aoti_load_package(package)
+    return Engine("aoti", lambda tokens: runner(tokens), f"torch.export + AOTInductor, {path}")
+
+
 def torchscript_engine(model: Transformer, example: torch.Tensor) -> Engine:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values; checked below
+        warnings.simplefilter("ignore")  # deprecation, and tracer warnings about shapes (checked below)
         traced = torch.jit.trace(model, (example,), check_trace=False)
-    return Engine("torchscript", traced, "torch.jit.trace")
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return traced(tokens)
+
+    return Engine("torchscript", run, "legacy: torch.jit.trace (deprecated since torch 2.13)")
 
 
 def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
@@ -47,15 +76,13 @@ def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os
 
     device = example.device
     path = Path(path or tempfile.mkdtemp(prefix="onnx-")) / "model.onnx"
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=max(2, model.params.max_seq_len))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
             (example,),
             dynamo=True,
-            dynamic_shapes=({0: batch, 1: seq},),
+            dynamic_shapes=_dynamic_shapes(model),
             input_names=["tokens"],
             output_names=["logits"],
             verbose=False,
@@ -79,6 +106,8 @@ def build(name: str, model: Transformer, example: torch.Tensor) -> Engine:
         return torch_engine(model)
     if name == "compile":
         return compile_engine(model)
+    if name == "aoti":
+        return aoti_engine(model, example)
     if name == "torchscript":
         return torchscript_engine(model, example)
     if name == "onnxruntime":

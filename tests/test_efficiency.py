@@ -49,7 +49,7 @@ def test_cudagraphs_mode_needs_cuda(model):
         time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile+cudagraphs")
 
 
-@pytest.mark.parametrize("name", ["torch", "torchscript", "onnxruntime"])
+@pytest.mark.parametrize("name", ["torch", "torchscript", "onnxruntime", pytest.param("aoti", marks=pytest.mark.slow)])
 def test_engines_match_eager_and_accept_new_shapes(model, name):
     engine = build(name, model, torch.randint(0, 97, (2, 16)))
     assert check(engine, model, shapes=((1, 5), (3, 20)), atol=1e-4) < 1e-4
