@@ -26,7 +26,8 @@ from pathlib import Path
 import tomllib
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+import eval.compress.__main__ as compress_cli
+from common.cli import apply_overrides, parse_args, positional, run_main
 from llama.model_io import list_checkpoints
 from training.config import check_run_name
 
@@ -104,13 +105,6 @@ def study_from_runners(names: list[str]) -> Study:
 # Steps
 
 
-@dataclass
-class Step:
-    key: str  # unique, also the marker's and the log's file name
-    cmd: list[str]  # arguments after "python -m"
-    done_if: Path | None = None  # an output whose presence also proves the step finished
-
-
 def train_cmd(s: Study, run: dict) -> list[str]:
     name = run["name"]
     ckpt, logs = Path(s.checkpoints_dir) / name, Path(s.logs_dir) / name
@@ -131,56 +125,119 @@ def train_cmd(s: Study, run: dict) -> list[str]:
     return cmd
 
 
+@dataclass
+class TrainStep:
+    """Train (or resume) one run; its output is the run folder checkpoints/<name>."""
+
+    run: dict
+
+    @property
+    def key(self) -> str:
+        return f"train-{self.run['name']}"
+
+    def output(self, s: Study) -> Path:
+        return Path(s.checkpoints_dir) / self.run["name"]
+
+    def done(self, s: Study) -> bool:  # a run trained before the study (summary and a checkpoint) is reused
+        return (Path(s.logs_dir) / self.run["name"] / "summary.json").is_file() and bool(
+            list_checkpoints(self.output(s))
+        )
+
+    def execute(self, s: Study, log: Path):
+        _python(train_cmd(s, self.run), log)
+
+
+@dataclass
+class CompressStep:
+    """Build one compressed baseline with eval.compress; its output is the folder eval.compress says."""
+
+    name: str
+    argv: list[str]  # eval.compress's command line
+    options: compress_cli.Args  # the same, parsed by eval.compress's own options class
+
+    @classmethod
+    def of(cls, s: Study, spec: dict) -> CompressStep:
+        out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / spec["name"]
+        argv = ["--checkpoint", str(Path(s.checkpoints_dir) / spec["base"]), "--out", str(out), *spec["args"]]
+        try:
+            return cls(spec["name"], argv, apply_overrides(compress_cli.Args(), list(argv)))
+        except ValueError as e:
+            raise ValueError(f"study {s.name}, compressed model {spec['name']!r}: {e}") from None
+
+    @property
+    def key(self) -> str:
+        return f"compress-{self.name}"
+
+    def output(self, s: Study) -> Path:
+        return compress_cli.model_folder(self.options)
+
+    def done(self, s: Study) -> bool:
+        return not self.options.finetune_steps and (Path(self.options.out) / "compression.json").is_file()
+
+    def execute(self, s: Study, log: Path):
+        _python(["eval.compress", *self.argv], log)
+
+
+@dataclass
+class EvaluateStep:
+    """One evaluator (eval.quality or eval.efficiency) on one model, writing results/<study>/evals/."""
+
+    evaluator: str
+    name: str
+    model: Path
+    extra: list[str]
+
+    @property
+    def key(self) -> str:
+        return f"{self.evaluator}-{self.name}"
+
+    def output(self, s: Study) -> Path:
+        return s.out / "evals" / f"{self.name}-{self.evaluator}.json"
+
+    def done(self, s: Study) -> bool:
+        return False  # results are written atomically, but only the marker says all of a step finished
+
+    def execute(self, s: Study, log: Path):
+        _python([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra], log)
+
+
+@dataclass
+class OverTrainingStep:
+    """Held-out perplexity of every kept checkpoint of one run."""
+
+    run: str
+
+    @property
+    def key(self) -> str:
+        return f"over_training-{self.run}"
+
+    def output(self, s: Study) -> Path:
+        return s.out / "over_training"
+
+    def done(self, s: Study) -> bool:
+        return False
+
+    def execute(self, s: Study, log: Path):
+        over_training(s, self.run, log)
+
+
+Step = TrainStep | CompressStep | EvaluateStep | OverTrainingStep
+
+
 def plan(s: Study) -> list[Step]:
-    steps = []
-    for run in s.runs:
-        steps.append(Step(f"train-{run['name']}", ["<train>", run["name"]]))
-    for c in s.compress:
-        out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / c["name"]
-        steps.append(
-            Step(
-                f"compress-{c['name']}",
-                [
-                    "eval.compress",
-                    "--checkpoint",
-                    str(Path(s.checkpoints_dir) / c["base"]),
-                    "--out",
-                    str(out),
-                    *c["args"],
-                ],
-                out / "compression.json",
-            )
-        )
-    evals = s.out / "evals"
-    models = [(r["name"], Path(s.checkpoints_dir) / r["name"]) for r in s.runs]
-    for c in s.compress:
-        folder = Path(s.checkpoints_dir) / f"{s.name}-compressed" / c["name"]
-        if "--finetune-steps" in c["args"]:  # the fine-tuned model is a run of its own next to it
-            folder = folder.with_name(folder.name + "-ft")
-        models.append((c["name"], folder))
-    for name, folder in models:
-        steps.append(
-            Step(
-                f"quality-{name}",
-                ["eval.quality", str(folder), "--out", str(evals / f"{name}-quality.json"), *s.quality],
-            )
-        )
-        steps.append(
-            Step(
-                f"efficiency-{name}",
-                ["eval.efficiency", str(folder), "--out", str(evals / f"{name}-efficiency.json"), *s.efficiency],
-            )
-        )
-    for run in s.runs:
-        steps.append(Step(f"over_training-{run['name']}", ["<over_training>", run["name"]]))
-    return steps
+    train = [TrainStep(r) for r in s.runs]
+    compress = [CompressStep.of(s, c) for c in s.compress]
+    models = [(t.run["name"], t.output(s)) for t in train] + [(c.name, c.output(s)) for c in compress]
+    evaluate = [
+        EvaluateStep(evaluator, name, folder, extra)
+        for name, folder in models
+        for evaluator, extra in (("quality", s.quality), ("efficiency", s.efficiency))
+    ]
+    return [*train, *compress, *evaluate, *(OverTrainingStep(r["name"]) for r in s.runs)]
 
 
 def run_step(s: Study, step: Step, log: Path):
-    if step.cmd[0] == "<over_training>":
-        return over_training(s, step.cmd[1], log)
-    cmd = train_cmd(s, next(r for r in s.runs if r["name"] == step.cmd[1])) if step.cmd[0] == "<train>" else step.cmd
-    _python(cmd, log)
+    step.execute(s, log)
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -252,14 +309,7 @@ def run_study(s: Study, progress: bool = True) -> Path:
 
 
 def finished(s: Study, step: Step, marker: Path) -> bool:
-    if marker.is_file():
-        return True
-    if step.key.startswith("train-"):  # a run trained before the study (summary and a checkpoint) is reused
-        name = step.cmd[1]
-        return (Path(s.logs_dir) / name / "summary.json").is_file() and bool(
-            list_checkpoints(Path(s.checkpoints_dir) / name)
-        )
-    return step.done_if is not None and step.done_if.is_file()
+    return marker.is_file() or step.done(s)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,3 +78,26 @@ def test_runner_names_build_a_default_study():
     assert {c["base"] for c in s.compress} == {"baseline_8_layer"} and len(s.compress) == 4
     with pytest.raises(ValueError, match="no runner runners/nope.py"):
         study_from_runners(["nope"])
+
+
+def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
+    from pathlib import Path
+
+    from runners.study import CompressStep, EvaluateStep, OverTrainingStep, TrainStep
+
+    study.compress.append(
+        {"base": "r1", "name": "r1-m50ft", "args": ["--method", "magnitude", "--finetune-steps", "3"]}
+    )
+    steps = plan(study)
+    kinds = [type(s) for s in steps]
+    assert kinds[:3] == [TrainStep, CompressStep, CompressStep] and kinds[-1] is OverTrainingStep
+    ft = steps[2]
+    assert ft.options.finetune_steps == 3 and ft.options.method == "magnitude"
+    # the fine-tuned model's folder comes from eval.compress itself, and the evaluations use it
+    assert ft.output(study) == Path(study.checkpoints_dir) / "s-compressed" / "r1-m50ft-ft"
+    evals = {s.key: s for s in steps if isinstance(s, EvaluateStep)}
+    assert evals["quality-r1-m50ft"].model == ft.output(study)
+    assert evals["efficiency-r1"].model == steps[0].output(study)
+    study.compress.append({"base": "r1", "name": "bad", "args": ["--method", "prune-everything"]})
+    with pytest.raises(ValueError, match="compressed model 'bad'.*must be one of"):
+        plan(study)

@@ -123,6 +123,13 @@ def compress(a) -> Path:
     return out
 
 
+def model_folder(a: Args) -> Path:
+    """Where the compressed model ends up: ``--out``, or with ``--finetune-steps`` the fine-tuning run next to
+    it, ``<out>-ft`` (a run folder; evaluators take its newest checkpoint)."""
+    out = Path(a.out)
+    return out.with_name(f"{out.name}-ft") if a.finetune_steps else out
+
+
 def finetune(folder: Path, base_state: dict, a) -> Path:
     """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero."""
     from training.trainer import train
@@ -130,7 +137,8 @@ def finetune(folder: Path, base_state: dict, a) -> Path:
     if not base_state.get("config"):
         raise ValueError("--finetune-steps needs the base run's training config (its state.json)")
     cfg = train_config_from_dict(base_state["config"])
-    cfg.name, cfg.out_dir, cfg.log_dir = f"{folder.name}-ft", str(folder.parent), str(Path(a.log_dir))
+    run = model_folder(a)
+    cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(Path(a.log_dir))
     cfg.init_from, cfg.freeze_zeros = str(folder), a.method in ("magnitude", "wanda", "sparsegpt")
     cfg.max_steps, cfg.max_tokens, cfg.resume, cfg.overwrite = a.finetune_steps, None, False, True
     cfg.optim.lr, cfg.optim.warmup_steps = a.finetune_lr, min(cfg.optim.warmup_steps, a.finetune_steps // 10)
