@@ -42,18 +42,20 @@ def positional(default=None, required: bool = True, **kw):
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
-def _field_paths(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field, object]]:
+def _field_paths(cfg, prefix: str = "", derived: tuple = ()) -> dict[str, tuple[object, dataclasses.Field, object]]:
     """Every leaf field of a nested dataclass config: dotted path -> (owner, field, resolved type). An
-    optional nested config (``X | None`` holding an X) is a node; its path itself maps to the field too."""
+    optional nested config (``X | None`` holding an X) is a node; its path itself maps to the field too.
+    Paths a config lists in its ``DERIVED`` class attribute are computed from others and are not options."""
     out = {}
     hints = typing.get_type_hints(type(cfg))
+    derived = derived + tuple(prefix + p for p in getattr(type(cfg), "DERIVED", ()))
     for f in dataclasses.fields(cfg):
-        if not f.init:
+        if not f.init or prefix + f.name in derived:
             continue
         value = getattr(cfg, f.name)
         path = prefix + f.name
         if dataclasses.is_dataclass(value):
-            out.update(_field_paths(value, path + "."))
+            out.update(_field_paths(value, path + ".", derived))
             if type(None) in typing.get_args(hints[f.name]):
                 out[path] = (cfg, f, hints[f.name])  # for --no-<field>
         else:

@@ -13,13 +13,14 @@ import torch
 from common.files import atomic_write
 from common.hardware import run_metadata
 from llama.model_io import resolve_checkpoint
-from training.checkpoint import STATE_FILE
+from training.checkpoint import STATE_FILE, training_config
+from training.config import TrainConfig
 from training.data import PreparedData, load_prepared
 
 
-def training_data(checkpoint: str | os.PathLike) -> tuple[PreparedData, dict]:
+def training_data(checkpoint: str | os.PathLike) -> tuple[PreparedData, TrainConfig | None]:
     """The prepared data a checkpoint was trained on (its held-out split, calibration windows ...) and the
-    checkpoint's state.json."""
+    config it was trained with (None where it records none)."""
     folder = resolve_checkpoint(checkpoint)
     state_path = folder / STATE_FILE
     if not state_path.is_file():
@@ -28,7 +29,7 @@ def training_data(checkpoint: str | os.PathLike) -> tuple[PreparedData, dict]:
     if not state.get("data_dir"):
         raise FileNotFoundError(f"{state_path} names no training data; pass --corpus")
     try:
-        return load_prepared(state["data_dir"]), state
+        return load_prepared(state["data_dir"]), training_config(folder)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"the training data of {folder} ({state['data_dir']}) is gone; prepare it again with the run's data "

@@ -14,7 +14,6 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
             dim=768,
             n_layers=n_layers,
             n_heads=12,
-            vocab_size=32000,  # replaced by the tokenizer's size at start
             max_seq_len=1024,
             head_layer=HeadLayerArgs(hidden_dim=64, activation="silu") if per_head else None,
         ),

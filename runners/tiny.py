@@ -17,7 +17,6 @@ def config() -> TrainConfig:
             dim=128,
             n_layers=4,
             n_heads=4,
-            vocab_size=4096,  # replaced by the tokenizer's size at start
             max_seq_len=256,
             head_layer=HeadLayerArgs(),
         ),

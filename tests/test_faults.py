@@ -274,7 +274,7 @@ def test_runner_help_lists_the_keys():
         [sys.executable, "-m", "runners.tiny", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert "--max-steps" in out.stdout and "--lr" in out.stdout and "--data.vocab-size" in out.stdout
+    assert "--max-steps" in out.stdout and "--lr" in out.stdout and "--vocab-size" in out.stdout
 
 
 def test_checkpoint_checksums_are_recorded_and_checked(tmp_path):

@@ -116,8 +116,11 @@ def test_runner_configs_and_overrides():
     assert cfg.model.n_layers == 6 and cfg.seq_len == 1024 and cfg.model.dim == 768
     with pytest.raises(ConfigError, match="unknown config key --max-step"):
         apply_overrides(p6.config(), ["--max-step", "2"])
-    with pytest.raises(ConfigError, match="ambiguous.*--model.vocab_size.*--data.vocab_size"):
-        apply_overrides(p6.config(), ["--vocab-size", "2"])
+    # one vocabulary size: the tokenizer's (data.vocab_size); the model's follows it and is not an option
+    cfg = apply_overrides(p6.config(), ["--vocab-size", "8000"])
+    assert cfg.data.vocab_size == cfg.model.vocab_size == 8000
+    with pytest.raises(ConfigError, match="unknown config key --model.vocab-size"):
+        apply_overrides(p6.config(), ["--model.vocab-size", "8000"])
     with pytest.raises(ConfigError, match="expects int"):
         apply_overrides(p6.config(), ["--batch-size", "1.5"])
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):

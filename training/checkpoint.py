@@ -16,6 +16,7 @@ import torch
 from common.files import atomic_dir
 from llama.model import Transformer
 from llama.model_io import list_checkpoints, verify_checksum, write_checksums, write_model_files
+from training.config import TrainConfig, train_config_from_dict
 
 # What interrupted saves (.tmp), replacements (.old) and prunes (.del) can leave in a run folder.
 _LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|old|del)\d+$")
@@ -66,6 +67,19 @@ def load_training_state(folder: Path) -> tuple[dict, dict, dict]:
             why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             raise ValueError(f"{folder / name} is unreadable ({why}); {fix}") from None
     return state, loaded[0], loaded[1]
+
+
+def training_config(folder: str | os.PathLike) -> TrainConfig | None:
+    """The TrainConfig a checkpoint (or a compressed model made from one) was trained with; None where its
+    state.json records none."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text()).get("config")
+        return train_config_from_dict(saved) if saved else None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} holds no readable training config ({e}); it is damaged") from None
 
 
 def restore_rng(rng: dict):

@@ -71,7 +71,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"  # run name: checkpoints/<name>/ and logs/<name>/
-    model: ModelArgs = field(default_factory=ModelArgs)  # vocab_size is set from the tokenizer at start
+    model: ModelArgs = field(default_factory=ModelArgs)  # its vocab_size follows data.vocab_size (not an option)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     out_dir: str = "checkpoints"
@@ -97,7 +97,12 @@ class TrainConfig:
     resume: bool = False  # continue checkpoints/<name> from its latest checkpoint
     overwrite: bool = False  # delete an existing run of this name and start over
 
+    # Fields that are derived here, never set directly (the command-line layer does not offer them): the
+    # model's vocabulary is the tokenizer's, whose size is data.vocab_size.
+    DERIVED = ("model.vocab_size",)
+
     def __post_init__(self):
+        self.model.vocab_size = self.data.vocab_size
         check_run_name(self.name)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")

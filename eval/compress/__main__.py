@@ -32,8 +32,8 @@ from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
 from llama.model import count_params
 from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, save_model, tokenizer_path
-from training.checkpoint import STATE_FILE
-from training.config import train_config_from_dict
+from training.checkpoint import STATE_FILE, training_config
+from training.config import TrainConfig
 
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 Method = Literal[METHODS]
@@ -118,7 +118,7 @@ def compress(a) -> Path:
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
     if a.finetune_steps:
-        out = finetune(out, base_state, a)
+        out = finetune(out, training_config(base), a)
     print(f"-> {out}")
     return out
 
@@ -130,13 +130,13 @@ def model_folder(a: Args) -> Path:
     return out.with_name(f"{out.name}-ft") if a.finetune_steps else out
 
 
-def finetune(folder: Path, base_state: dict, a) -> Path:
+def finetune(folder: Path, trained: TrainConfig | None, a) -> Path:
     """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero."""
     from training.trainer import train
 
-    if not base_state.get("config"):
+    if trained is None:
         raise ValueError("--finetune-steps needs the base run's training config (its state.json)")
-    cfg = train_config_from_dict(base_state["config"])
+    cfg = trained
     run = model_folder(a)
     cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(Path(a.log_dir))
     cfg.init_from, cfg.freeze_zeros = str(folder), a.method in ("magnitude", "wanda", "sparsegpt")

@@ -20,9 +20,9 @@ def calibration_tokens(
 ) -> torch.Tensor:
     """(n_samples, seq_len) token windows from the train split of the checkpoint's data (Wanda/SparseGPT use
     128 x 2048 tokens of C4 for 7B models; small models need fewer)."""
-    data, state = training_data(checkpoint)
-    if seq_len is None and state.get("config"):
-        seq_len = state["config"]["seq_len"]  # the length the model was trained on
+    data, trained = training_data(checkpoint)
+    if seq_len is None and trained is not None:
+        seq_len = trained.seq_len  # the length the model was trained on
     if not seq_len:
         raise ValueError("pass --calib-seq-len: the checkpoint does not record its training sequence length")
     x, _ = BatchSampler(data.train, seq_len, n_samples, seed).get(0)
