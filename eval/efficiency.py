@@ -20,12 +20,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+from common.cli import parse_args, run_main
 from common.energy import find_counter, measure_energy
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
-from eval.model import load_for_eval
+from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
 
 
@@ -108,8 +108,7 @@ EngineName = Literal[ENGINES]
 
 
 @dataclass
-class Args:
-    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+class Args(EvalOptions):
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes timed
     context: int | None = None  # tokens in the cache before decoding (default: max_seq_len/2); also the forward length
     prompt_len: int | None = None  # prefill length (default: --context)
@@ -123,14 +122,11 @@ class Args:
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
     min_window: float = 1.0  # seconds; energy windows are at least this
     idle: float = 1.0  # seconds of idle power measured before each window
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA), bfloat16, float32
-    out: str | None = None  # default: results/<model>-efficiency.json
 
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    ev = a.load()
     # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
     model = ev.model if ev.quantized else ev.model.to(ev.dtype)
     if a.sparse_2of4:

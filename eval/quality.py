@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common.cli import parse_args, positional, run_main
+from common.cli import parse_args, run_main
 from eval.humaneval import humaneval_task
-from eval.model import load_for_eval
+from eval.model import EvalOptions
 from eval.perplexity import CorpusArgs, evaluate_perplexity
 from eval.text_metrics import continuation_task
 
@@ -38,8 +38,7 @@ def table(r: dict) -> str:
 
 
 @dataclass
-class Args:
-    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+class Args(EvalOptions):
     text: CorpusArgs = field(default_factory=CorpusArgs)
     stride: int | None = None  # perplexity stride (default: context / 2)
     max_tokens: int | None = None  # perplexity on the first N tokens only
@@ -55,15 +54,12 @@ class Args:
     batch_size: int = 8  # sequences per forward pass
     timeout: float = 5.0  # seconds per HumanEval program
     memory_mb: int = 1024  # address space per HumanEval program
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA), bfloat16, float32
-    out: str | None = None  # default: results/<model>-quality.json
 
 
 def main(argv=None):
     a = parse_args(Args(), argv)
     t0 = time.perf_counter()
-    ev = load_for_eval(a.checkpoint, a.device, a.dtype)
+    ev = a.load()
     result = {
         "perplexity": evaluate_perplexity(ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens),
         "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),

@@ -39,6 +39,17 @@ _TOP_NAMES = {
 }
 
 
+def _name_pairs(a: ModelArgs):
+    """(our name, HF's name, heads of a q/k projection whose rows are permuted, else 0) of every tensor."""
+    for ours, theirs in _TOP_NAMES.items():
+        if not (ours == "output.weight" and a.tie_embeddings):  # HF ties lm_head to embed_tokens itself
+            yield ours, theirs, 0
+    for i in range(a.n_layers):
+        for ours, theirs in _LAYER_NAMES.items():
+            heads = {"attention.wq.weight": a.n_heads, "attention.wk.weight": a.n_kv_heads}.get(ours, 0)
+            yield f"layers.{i}.{ours}", f"model.layers.{i}.{theirs}", heads
+
+
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder each head's rows from interleaved pairs (0,1),(2,3).. to halves (0..D/2),(D/2..D)."""
     rows, cols = w.shape
@@ -60,19 +71,7 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
     if any(x is not None for x in (a.layer_n_heads, a.layer_n_kv_heads, a.layer_ffn_hidden_dim)):
         raise ValueError("HF Llama has one size for every layer; a structurally pruned model cannot be exported")
     sd = model.state_dict()
-    out = {}
-    for ours, theirs in _TOP_NAMES.items():
-        if ours == "output.weight" and a.tie_embeddings:
-            continue  # HF ties lm_head to embed_tokens itself
-        out[theirs] = sd[ours]
-    for i in range(a.n_layers):
-        for ours, theirs in _LAYER_NAMES.items():
-            w = sd[f"layers.{i}.{ours}"]
-            if ours == "attention.wq.weight":
-                w = meta_to_hf_rows(w, a.n_heads)
-            elif ours == "attention.wk.weight":
-                w = meta_to_hf_rows(w, a.n_kv_heads)
-            out[f"model.layers.{i}.{theirs}"] = w
+    out = {theirs: meta_to_hf_rows(sd[ours], h) if h else sd[ours] for ours, theirs, h in _name_pairs(a)}
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -139,19 +138,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 def from_hf(config: dict, hf_sd: dict[str, torch.Tensor]) -> Transformer:
     args = args_from_hf_config(config)
-    sd = {}
-    for ours, theirs in _TOP_NAMES.items():
-        if ours == "output.weight" and args.tie_embeddings:
-            continue
-        sd[ours] = hf_sd[theirs]
-    for i in range(args.n_layers):
-        for ours, theirs in _LAYER_NAMES.items():
-            w = hf_sd[f"model.layers.{i}.{theirs}"]
-            if ours == "attention.wq.weight":
-                w = hf_to_meta_rows(w, args.n_heads)
-            elif ours == "attention.wk.weight":
-                w = hf_to_meta_rows(w, args.n_kv_heads)
-            sd[f"layers.{i}.{ours}"] = w
+    sd = {ours: hf_to_meta_rows(hf_sd[theirs], h) if h else hf_sd[theirs] for ours, theirs, h in _name_pairs(args)}
     from llama.model_io import model_from_state_dict
 
     return model_from_state_dict(args, sd, "HF checkpoint")

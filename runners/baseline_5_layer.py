@@ -4,18 +4,14 @@ python -m runners.baseline_5_layer                       # one GPU (or CPU, slow
 torchrun --standalone --nproc_per_node=8 -m runners.baseline_5_layer
 """
 
-from common.cli import run_main
-from runners.common import config_100m
-from training.trainer import run
+from runners.common import config_100m, runner_main
 
 
 def config():
     return config_100m(n_layers=5, per_head=False)
 
 
-def main():
-    run(config())
-
+main = runner_main(config)
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from common.cli import run_main
 from llama.model import HeadLayerArgs, ModelArgs
 from training.config import DataConfig, OptimConfig, TrainConfig
+from training.trainer import run
 
 
 def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
@@ -28,3 +32,8 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
         keep_last=2,
         keep_every=1000,  # kept for checkpoints-over-training studies
     )
+
+
+def runner_main(config: Callable[[], TrainConfig]) -> Callable[[], None]:
+    """A runner's ``main``: its config, the command line's overrides on top, then training; errors in one line."""
+    return lambda: run_main(lambda: run(config()))

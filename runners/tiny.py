@@ -4,10 +4,9 @@ python -m runners.tiny                          # per-head layers on
 python -m runners.tiny_baseline                 # the same without them (= --name tiny_baseline --no-head-layer)
 """
 
-from common.cli import run_main
 from llama.model import HeadLayerArgs, ModelArgs
+from runners.common import runner_main
 from training.config import DataConfig, OptimConfig, TrainConfig
-from training.trainer import run
 
 
 def config() -> TrainConfig:
@@ -34,9 +33,7 @@ def config() -> TrainConfig:
     )
 
 
-def main():
-    run(config())
-
+main = runner_main(config)
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

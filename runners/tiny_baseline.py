@@ -5,9 +5,8 @@ python -m runners.tiny_baseline
 
 import dataclasses
 
-from common.cli import run_main
 from runners import tiny
-from training.trainer import run
+from runners.common import runner_main
 
 
 def config():
@@ -16,9 +15,7 @@ def config():
     return cfg
 
 
-def main():
-    run(config())
-
+main = runner_main(config)
 
 if __name__ == "__main__":
-    run_main(main)
+    main()
