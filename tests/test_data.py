@@ -132,3 +132,19 @@ def test_overrides_are_type_checked():
         apply_overrides(DataConfig(), ["--vocab_size", "big"])
     with pytest.raises(ValueError, match="between 0 and 1"):
         apply_overrides(DataConfig(), ["--val-fraction", "1.5"])
+
+
+def test_python_sources_corpus_is_offline_deduplicated_and_recorded(tmp_path):
+    from training.data import PYTHON_SOURCES, load_documents, prepare
+
+    cfg = DataConfig(corpus=PYTHON_SOURCES, file_glob="**/json/*.py", vocab_size=400, cache_dir=str(tmp_path))
+    docs = load_documents(cfg)
+    roots = {d.name.split("/")[0] for d in docs}
+    assert roots == {"stdlib", "site-packages"}, roots  # the standard library and installed packages
+    assert len({d.text for d in docs}) == len(docs) and len({d.name for d in docs}) == len(docs)
+    stdlib_only = load_documents(DataConfig(file_glob="**/json/*.py"))
+    assert len(docs) > len(stdlib_only)
+    data = prepare(cfg, progress=False)
+    m = data.manifest
+    assert m["corpus"]["source"] == PYTHON_SOURCES and m["corpus"]["docs"] == len(docs)
+    assert "torch" in m["packages"] and m["splits"]["train"]["tokens"] > 0

@@ -37,6 +37,7 @@ def test_train_logs_checkpoints_and_learns(tmp_path, make_config):
     assert [s for s, _ in list_checkpoints(tmp_path / "ckpt/t")] == [4, 8, 10, 12]
     saved = json.loads((tmp_path / "logs/t/summary.json").read_text())
     assert saved["final_val_loss"] == summary["final_val_loss"] and saved["per_head"] is True
+    assert saved["epochs"] == pytest.approx(12 * 4 * 32 / saved["train_tokens_available"]) and saved["epochs"] > 0
     energy = saved["energy"]  # a measured figure or an explicit "unavailable", never a silent guess
     assert (energy["method"] == "unavailable" and "energy_j" not in energy and energy["reason"]) or energy[
         "energy_j"

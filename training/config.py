@@ -13,9 +13,10 @@ from llama.model import ModelArgs
 
 @dataclass
 class DataConfig:
-    # Where the text comes from: a folder, a .txt/.jsonl/.json/.parquet file, or a Hugging Face dataset name
-    # (needs network access). None = the Python standard library's own .py sources (always present).
-    corpus: str | None = None
+    # Where the text comes from: a folder, a .txt/.jsonl/.json/.parquet file, a Hugging Face dataset name
+    # (needs network access), or "python-sources" (every .py of the standard library and the installed
+    # packages, deduplicated: tens of millions of tokens offline). None = the standard library alone.
+    corpus: str | None = None  # a folder, a file, an HF dataset, python-sources, or none (the standard library)
     file_glob: str = "**/*.py"  # which files of a folder corpus to read (non-UTF-8 files are skipped)
     text_field: str = "text"  # column holding the text in jsonl/parquet/HF datasets
     hf_config: str | None = None  # HF dataset configuration, e.g. "wikitext-2-raw-v1"

@@ -263,7 +263,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         print(
             f"{cfg.name}: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M "
             f"non-embedding), {info.world_size} process(es) on {info.device}, {global_batch}x{cfg.seq_len} "
-            f"tokens per step, {total_steps} steps"
+            f"tokens per step, {total_steps} steps = {total_steps * tokens_per_step / len(data.train):.2f} epochs "
+            f"over {len(data.train):,} training tokens"
         )
 
     def checkpoint(step: int):
@@ -390,6 +391,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         "per_head": model_args.head_layer is not None,
         "steps": total_steps,
         "tokens": tokens_seen,
+        "train_tokens_available": int(len(data.train)),
+        "epochs": tokens_seen / len(data.train),  # passes over the training split (>1: data repeated)
         "train_time_s": elapsed_before + time.perf_counter() - t0,
         "final_train_loss": last_loss,
         "final_val_loss": last_val,
