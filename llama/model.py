@@ -126,9 +126,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32, back to x's dtype, then the gain: Meta's order of operations,
+        # in PyTorch's fused kernel (twice as fast on a CPU as the same arithmetic op by op)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -143,7 +143,20 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.
 
 
 def apply_rotary_emb(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by position-dependent angles (Meta's layout)."""
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by position-dependent angles (Meta's layout).
+
+    Eagerly as Meta's code does it, one complex multiplication per pair (about 5x faster forward and backward
+    on a CPU than four real products); under torch.compile in the real-valued form, which Inductor fuses
+    (it does not generate code for complex numbers). Both compute the same products.
+    """
+    if torch.compiler.is_compiling():
+        return _rotate_real(x, cos_sin)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
+    rot = torch.view_as_complex(cos_sin.contiguous())[None, :, None, :]  # cos + i sin, (1, T, 1, D/2)
+    return torch.view_as_real(xc * rot).flatten(3).type_as(x)
+
+
+def _rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
     cs = cos_sin.view(1, T, 1, D // 2, 2)

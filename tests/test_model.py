@@ -189,3 +189,13 @@ def test_gqa_equals_mha_with_repeated_kv_heads(tiny_args):
     mha.load_state_dict(sd)
     x = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_eager_and_compiled_forms_agree():
+    from llama.model import _rotate_real, apply_rotary_emb, rope_cos_sin
+
+    x = torch.randn(2, 9, 4, 16, dtype=torch.float64).float()
+    cs = rope_cos_sin(torch.arange(3, 12), 16, 10000.0)
+    torch.testing.assert_close(apply_rotary_emb(x, cs), _rotate_real(x, cs), atol=1e-6, rtol=1e-6)
+    # a rotation keeps each pair's length
+    torch.testing.assert_close(apply_rotary_emb(x, cs).norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
