@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import eval.compress.__main__ as compress_cli
 from common.cli import apply_overrides, parse_args, positional, run_main
+from common.files import atomic_write
 from llama.model_io import list_checkpoints
 from training.config import check_run_name
 
@@ -42,14 +43,34 @@ class Study:
     quality: list[str] = field(default_factory=list)  # extra arguments of eval.quality
     efficiency: list[str] = field(default_factory=list)  # extra arguments of eval.efficiency
     over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
+    side_by_side: list[str] = field(default_factory=list)  # extra arguments of eval.side_by_side
+    seeds: int = 1  # each run is trained this many times (seeds 1337, 1338 ...: init and data order differ)
+    reference: str | None = None  # the model latency ratios are taken to (default: the first run)
     checkpoints_dir: str = "checkpoints"
     logs_dir: str = "logs"
     results_dir: str = "results"
     source: str = ""  # how the study was named on the command line (for the report)
+    watch: Callable[[str], None] | None = field(default=None, repr=False)  # shown what a running step prints
 
     @property
     def out(self) -> Path:
         return Path(self.results_dir) / self.name
+
+    def member(self, group: str, seed: int) -> str:
+        """The run or folder name of one seed of a model of the study (the name itself with one seed)."""
+        return group if self.seeds == 1 else f"{group}-s{seed}"
+
+    def members(self) -> list[dict]:
+        """Every model the study trains or builds, one entry per seed: what the table and report group by."""
+        out = []
+        for k in range(self.seeds):
+            for r in self.runs:
+                name = self.member(r["name"], k)
+                out.append({"group": r["name"], "seed": k, "name": name, "kind": "trained", "run": name})
+            for c in self.compress:
+                name = self.member(c["name"], k)
+                out.append({"group": c["name"], "seed": k, "name": name, "kind": "compressed", "base": c["base"]})
+        return out
 
 
 def load_study(path: str | Path) -> Study:
@@ -57,7 +78,8 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise FileNotFoundError(f"study file {path} does not exist")
     d = tomllib.loads(path.read_text())
-    unknown = set(d) - {"name", "runs", "compress", "eval", "checkpoints_dir", "logs_dir", "results_dir"}
+    keys = {"name", "runs", "compress", "eval", "seeds", "reference", "checkpoints_dir", "logs_dir", "results_dir"}
+    unknown = set(d) - keys
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
     if not d.get("runs"):
@@ -71,6 +93,11 @@ def load_study(path: str | Path) -> Study:
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run and compressed model names must be unique, got {names}")
     ev = d.get("eval", {})
+    seeds = d.get("seeds", 1)
+    if not isinstance(seeds, int) or not 1 <= seeds <= 100:
+        raise ValueError(f"{path}: seeds = {seeds!r}; give a whole number from 1 to 100")
+    if d.get("reference") is not None and d["reference"] not in names:
+        raise ValueError(f"{path}: reference {d['reference']!r} is none of the study's models {names}")
     return Study(
         name=d.get("name", path.stem),
         runs=d["runs"],
@@ -78,6 +105,9 @@ def load_study(path: str | Path) -> Study:
         quality=ev.get("quality", []),
         efficiency=ev.get("efficiency", []),
         over_training=ev.get("over_training", []),
+        side_by_side=ev.get("side_by_side", []),
+        seeds=seeds,
+        reference=d.get("reference"),
         **{k: d[k] for k in ("checkpoints_dir", "logs_dir", "results_dir") if k in d},
     )
 
@@ -105,8 +135,11 @@ def study_from_runners(names: list[str]) -> Study:
 # Steps
 
 
-def train_cmd(s: Study, run: dict) -> list[str]:
-    name = run["name"]
+SEED = 1337  # the runners' default seed; seed k of a study trains with SEED + k
+
+
+def train_cmd(s: Study, run: dict, seed: int = 0) -> list[str]:
+    name = s.member(run["name"], seed)
     ckpt, logs = Path(s.checkpoints_dir) / name, Path(s.logs_dir) / name
     cmd = [
         f"runners.{run['runner']}",
@@ -118,6 +151,8 @@ def train_cmd(s: Study, run: dict) -> list[str]:
         s.logs_dir,
         *run.get("args", []),
     ]
+    if s.seeds > 1:
+        cmd += ["--seed", str(SEED + seed)]
     if list_checkpoints(ckpt):
         cmd.append("--resume")  # interrupted before: continue from the newest checkpoint
     elif logs.exists() or ckpt.exists():
@@ -127,40 +162,43 @@ def train_cmd(s: Study, run: dict) -> list[str]:
 
 @dataclass
 class TrainStep:
-    """Train (or resume) one run; its output is the run folder checkpoints/<name>."""
+    """Train (or resume) one seed of one run; its output is the run folder checkpoints/<name>."""
 
     run: dict
+    name: str  # the run's name for this seed
+    seed: int = 0
 
     @property
     def key(self) -> str:
-        return f"train-{self.run['name']}"
+        return f"train-{self.name}"
 
     def output(self, s: Study) -> Path:
-        return Path(s.checkpoints_dir) / self.run["name"]
+        return Path(s.checkpoints_dir) / self.name
 
     def done(self, s: Study) -> bool:  # a run trained before the study (summary and a checkpoint) is reused
-        return (Path(s.logs_dir) / self.run["name"] / "summary.json").is_file() and bool(
-            list_checkpoints(self.output(s))
-        )
+        return (Path(s.logs_dir) / self.name / "summary.json").is_file() and bool(list_checkpoints(self.output(s)))
 
     def execute(self, s: Study, log: Path):
-        _python(train_cmd(s, self.run), log)
+        _python(train_cmd(s, self.run, self.seed), log, s.watch)
 
 
 @dataclass
 class CompressStep:
-    """Build one compressed baseline with eval.compress; its output is the folder eval.compress says."""
+    """Build one compressed baseline (one seed of its base) with eval.compress; its output is the folder
+    eval.compress says."""
 
     name: str
     argv: list[str]  # eval.compress's command line
     options: compress_cli.Args  # the same, parsed by eval.compress's own options class
 
     @classmethod
-    def of(cls, s: Study, spec: dict) -> CompressStep:
-        out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / spec["name"]
-        argv = ["--checkpoint", str(Path(s.checkpoints_dir) / spec["base"]), "--out", str(out), *spec["args"]]
+    def of(cls, s: Study, spec: dict, seed: int = 0) -> CompressStep:
+        name = s.member(spec["name"], seed)
+        out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / name
+        base = Path(s.checkpoints_dir) / s.member(spec["base"], seed)
+        argv = ["--checkpoint", str(base), "--out", str(out), *spec["args"]]
         try:
-            return cls(spec["name"], argv, apply_overrides(compress_cli.Args(), list(argv)))
+            return cls(name, argv, apply_overrides(compress_cli.Args(), list(argv)))
         except ValueError as e:
             raise ValueError(f"study {s.name}, compressed model {spec['name']!r}: {e}") from None
 
@@ -175,7 +213,7 @@ class CompressStep:
         return not self.options.finetune_steps and (Path(self.options.out) / "compression.json").is_file()
 
     def execute(self, s: Study, log: Path):
-        _python(["eval.compress", *self.argv], log)
+        _python(["eval.compress", *self.argv], log, s.watch)
 
 
 @dataclass
@@ -198,7 +236,29 @@ class EvaluateStep:
         return False  # results are written atomically, but only the marker says all of a step finished
 
     def execute(self, s: Study, log: Path):
-        _python([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra], log)
+        _python([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra], log, s.watch)
+
+
+@dataclass
+class SideBySideStep:
+    """Latency (and energy) of every model of the study, one seed each, timed in one process, interleaved."""
+
+    models: dict[str, Path]  # model name in the study -> its folder
+    reference: str
+
+    @property
+    def key(self) -> str:
+        return "side_by_side"
+
+    def output(self, s: Study) -> Path:
+        return s.out / "side_by_side.json"
+
+    def done(self, s: Study) -> bool:
+        return False
+
+    def execute(self, s: Study, log: Path):
+        cmd = ["eval.side_by_side", *map(str, self.models.values()), "--names", *self.models]
+        _python([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side], log, s.watch)
 
 
 @dataclass
@@ -221,19 +281,24 @@ class OverTrainingStep:
         over_training(s, self.run, log)
 
 
-Step = TrainStep | CompressStep | EvaluateStep | OverTrainingStep
+Step = TrainStep | CompressStep | EvaluateStep | SideBySideStep | OverTrainingStep
 
 
 def plan(s: Study) -> list[Step]:
-    train = [TrainStep(r) for r in s.runs]
-    compress = [CompressStep.of(s, c) for c in s.compress]
-    models = [(t.run["name"], t.output(s)) for t in train] + [(c.name, c.output(s)) for c in compress]
-    evaluate = [
-        EvaluateStep(evaluator, name, folder, extra)
-        for name, folder in models
-        for evaluator, extra in (("quality", s.quality), ("efficiency", s.efficiency))
-    ]
-    return [*train, *compress, *evaluate, *(OverTrainingStep(r["name"]) for r in s.runs)]
+    """Every step of the study in order: train each seed, compress each seed, evaluate the quality of each,
+    time seed 0 of every model side by side, then the checkpoints over training of seed 0."""
+    train = [TrainStep(r, s.member(r["name"], k), k) for k in range(s.seeds) for r in s.runs]
+    compress = [CompressStep.of(s, c, k) for k in range(s.seeds) for c in s.compress]
+    models = [(t.name, t.output(s)) for t in train] + [(c.name, c.output(s)) for c in compress]
+    steps: list[Step] = [*train, *compress]
+    steps += [EvaluateStep("quality", name, folder, s.quality) for name, folder in models]
+    first = {t.run["name"]: t.output(s) for t in train if t.seed == 0}
+    first |= {spec["name"]: c.output(s) for spec, c in zip(s.compress, compress[: len(s.compress)], strict=True)}
+    if s.efficiency:  # the per-model efficiency evaluator (all modes, batch sizes, engines), seed 0
+        steps += [EvaluateStep("efficiency", s.member(g, 0), folder, s.efficiency) for g, folder in first.items()]
+    if len(first) >= 2:
+        steps.append(SideBySideStep(first, s.reference or s.runs[0]["name"]))
+    return steps + [OverTrainingStep(s.member(r["name"], 0)) for r in s.runs]
 
 
 def run_step(s: Study, step: Step, log: Path):
@@ -257,18 +322,31 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-def _python(cmd: list[str], log: Path):
+def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = None):
     log.parent.mkdir(parents=True, exist_ok=True)
     preexec = _die_with_parent() if sys.platform == "linux" else None
     with open(log, "a") as f:
         f.write(f"$ python -m {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        while proc.poll() is None:  # show what the child is doing (its own progress line) while it runs
+            time.sleep(1.0)
+            if watch is not None:
+                watch(_last_status(log))
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(
             f"`python -m {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail)
         )
+
+
+def _last_status(log: Path) -> str:
+    """The child's latest progress line: the last piece of its log after a newline or a carriage return."""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 400))
+        tail = f.read().decode(errors="replace")
+    parts = [p.strip() for p in tail.replace("\r", "\n").splitlines() if p.strip()]
+    return parts[-1][:70] if parts else ""
 
 
 def over_training(s: Study, run: str, log: Path):
@@ -277,7 +355,7 @@ def over_training(s: Study, run: str, log: Path):
     for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run):
         target = out / f"{run}@step_{step}-perplexity.json"
         if not target.is_file():
-            _python(["eval.perplexity", str(folder), "--out", str(target), *s.over_training], log)
+            _python(["eval.perplexity", str(folder), "--out", str(target), *s.over_training], log, s.watch)
         r = json.loads(target.read_text())
         state = json.loads((folder / "state.json").read_text())
         r |= {"run": run, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
@@ -288,18 +366,21 @@ def run_study(s: Study, progress: bool = True) -> Path:
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)
+    atomic_write(s.out / "members.json", json.dumps(s.members(), indent=2))  # what the report groups by
     with tqdm(steps, desc=s.name, unit="step", disable=not progress) as bar:
         for step in bar:
-            marker = markers / f"{step.key}.json"
+            key = step.key
+            marker = markers / f"{key}.json"
             if finished(s, step, marker):
                 continue
-            bar.set_postfix_str(step.key)
+            bar.set_postfix_str(key)
+            s.watch = lambda status, key=key: bar.set_postfix_str(f"{key}: {status}")
             t0 = time.perf_counter()
-            run_step(s, step, s.out / "logs" / f"{step.key}.log")
+            run_step(s, step, s.out / "logs" / f"{key}.log")
             marker.write_text(
                 json.dumps(
                     {
-                        "step": step.key,
+                        "step": key,
                         "seconds": time.perf_counter() - t0,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     }
@@ -318,16 +399,19 @@ def finished(s: Study, step: Step, marker: Path) -> bool:
 
 def build_outputs(s: Study) -> Path:
     from visualizations import save_figures
-    from visualizations.compare import collect, write_table
-    from visualizations.plot_tradeoffs import tradeoff_figures
+    from visualizations.grouped import comparisons, group_rows, write_grouped_table
+    from visualizations.plot_tradeoffs import grouped_tradeoff_figures
     from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig
     from visualizations.report import write_report
 
-    rows = collect(s.out / "evals")
-    write_table(rows, s.out)
-    runs = load_runs(s.logs_dir, [r["name"] for r in s.runs])
-    figures = training_figures(runs) | tradeoff_figures(rows)
+    rows = group_rows(s.out, Path(s.logs_dir))
+    write_grouped_table(rows, s.out)
+    comps = comparisons(rows, Path(s.logs_dir))
+    atomic_write(s.out / "comparisons.json", json.dumps(comps, indent=2))
+    trained = [m["run"] for m in s.members() if m["kind"] == "trained"]
+    runs = load_runs(s.logs_dir, [r for r in trained if (Path(s.logs_dir) / r / "metrics.jsonl").is_file()])
+    figures = training_figures(runs) | grouped_tradeoff_figures(rows)
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())
@@ -335,7 +419,7 @@ def build_outputs(s: Study) -> Path:
     if points:
         figures["over_training.png"] = over_training_fig(points)
     save_figures(figures, s.out / "plots")
-    return write_report(s, rows, runs, sorted(figures), points)
+    return write_report(s, rows, comps, runs, sorted(figures), points)
 
 
 @dataclass

@@ -23,7 +23,9 @@ def test_the_tiny_study_file_is_valid():
 
     s = load_study(HERE / "study_tiny.toml")
     assert [r["name"] for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
-    assert len(plan(s)) == 3 + 4 + 2 * 7 + 3
+    assert s.seeds == 3 and s.reference == "tiny_baseline_4l"
+    # 3 seeds x (3 trainings + 4 compressions + 7 quality evaluations), one side-by-side, 3 over-training
+    assert len(plan(s)) == 3 * (3 + 4 + 7) + 1 + 3
     load_study(HERE / "study_100m.toml")
 
 
@@ -42,7 +44,7 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
 
     def fake_step(s, step, log):
         calls.append(step.key)
-        if step.key == "efficiency-r1" and calls.count("efficiency-r1") == 1:
+        if step.key == "quality-r1-w50" and calls.count("quality-r1-w50") == 1:
             raise KeyboardInterrupt  # interrupted in the middle of the study
 
     monkeypatch.setattr(study_mod, "run_step", fake_step)
@@ -50,10 +52,10 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_study(study, progress=False)
     first = list(calls)
-    assert first == ["train-r1", "compress-r1-w50", "quality-r1", "efficiency-r1"]
+    assert first == ["train-r1", "compress-r1-w50", "quality-r1", "quality-r1-w50"]
     run_study(study, progress=False)
     # finished steps are skipped; the interrupted one runs again, then the rest
-    assert calls[len(first) :] == ["efficiency-r1", "quality-r1-w50", "efficiency-r1-w50", "over_training-r1"]
+    assert calls[len(first) :] == ["quality-r1-w50", "side_by_side", "over_training-r1"]
     marker = json.loads((study.out / "steps" / "train-r1.json").read_text())
     assert marker["step"] == "train-r1"
     calls.clear()
@@ -83,7 +85,7 @@ def test_runner_names_build_a_default_study():
 def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     from pathlib import Path
 
-    from runners.study import CompressStep, EvaluateStep, OverTrainingStep, TrainStep
+    from runners.study import CompressStep, EvaluateStep, OverTrainingStep, SideBySideStep, TrainStep
 
     study.compress.append(
         {"base": "r1", "name": "r1-m50ft", "args": ["--method", "magnitude", "--finetune-steps", "3"]}
@@ -97,7 +99,23 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     assert ft.output(study) == Path(study.checkpoints_dir) / "s-compressed" / "r1-m50ft-ft"
     evals = {s.key: s for s in steps if isinstance(s, EvaluateStep)}
     assert evals["quality-r1-m50ft"].model == ft.output(study)
-    assert evals["efficiency-r1"].model == steps[0].output(study)
+    side = next(s for s in steps if isinstance(s, SideBySideStep))
+    assert side.models == {"r1": steps[0].output(study), "r1-w50": steps[1].output(study), "r1-m50ft": ft.output(study)}
+    assert side.reference == "r1"  # the first run, as no reference is named
     study.compress.append({"base": "r1", "name": "bad", "args": ["--method", "prune-everything"]})
     with pytest.raises(ValueError, match="compressed model 'bad'.*must be one of"):
         plan(study)
+
+
+def test_seeds_make_one_run_per_seed_and_compress_each(study):
+    from runners.study import CompressStep, TrainStep, train_cmd
+
+    study.seeds = 2
+    steps = plan(study)
+    trains = [s for s in steps if isinstance(s, TrainStep)]
+    assert [t.name for t in trains] == ["r1-s0", "r1-s1"]
+    assert train_cmd(study, study.runs[0], 1)[-2:] == ["--seed", "1338"]  # different init and data order
+    comps = [s for s in steps if isinstance(s, CompressStep)]
+    assert [c.options.checkpoint.rsplit("/", 1)[-1] for c in comps] == ["r1-s0", "r1-s1"]  # each seed compressed
+    members = study.members()
+    assert {(m["group"], m["seed"]) for m in members} == {("r1", 0), ("r1", 1), ("r1-w50", 0), ("r1-w50", 1)}

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,104 @@ def test_compression_labels():
     assert compression_label({"method": "drop-angular", "layers": 2}) == "drop 2 (angular)"
     q = {"method": "quantize", "quantize": "int8-dynamic", "base_compression": {"method": "wanda", "sparsity": 0.5}}
     assert compression_label(q) == "wanda 50% + int8-dynamic"
+
+
+def _fake_study(tmp_path, bpb: dict, decode: dict):
+    """A study folder as runners.study leaves it: members, per-seed quality, run logs, side-by-side latency."""
+    from runners.study import Study
+
+    s = Study(
+        name="s",
+        runs=[
+            {"runner": "tiny", "name": "base4", "args": []},
+            {"runner": "tiny", "name": "ph3", "args": []},
+        ],
+        seeds=3,
+        checkpoints_dir=str(tmp_path / "ck"),
+        logs_dir=str(tmp_path / "logs"),
+        results_dir=str(tmp_path / "res"),
+    )
+    (s.out / "evals").mkdir(parents=True)
+    (s.out / "members.json").write_text(json.dumps(s.members()))
+    layers, flops = {"base4": 4, "ph3": 3}, {"base4": 4.0e6, "ph3": 3.2e6}
+    for m in s.members():
+        g, k = m["group"], m["seed"]
+        quality = {
+            "evaluator": "quality",
+            "model": m["name"],
+            "params": 1000,
+            "n_layers": layers[g],
+            "per_head": g == "ph3",
+            "compression": None,
+            "perplexity": {"bits_per_byte": bpb[g][k], "perplexity": 2 ** bpb[g][k]},
+            "continuation": {"bleu": 1.0, "rougeL": 2.0, "rougeL_code": 3.0},
+            "humaneval": {"pass": {"pass@1": 0.0}},
+        }
+        (s.out / "evals" / f"{m['name']}-quality.json").write_text(json.dumps(quality))
+        log = Path(s.logs_dir) / m["run"]
+        log.mkdir(parents=True)
+        summary = {"flops_per_token": flops[g], "tokens": 1000, "epochs": 0.5, "train_time_s": 10.0 + k}
+        (log / "summary.json").write_text(json.dumps(summary))
+        val = [
+            {"step": st, "tokens": 250 * st, "val_loss": 5.0 - st * (0.5 if g == "ph3" else 0.4) - 0.01 * k}
+            for st in (1, 2, 3, 4)
+        ]
+        (log / "val.jsonl").write_text("".join(json.dumps(v) + "\n" for v in val))
+        (log / "metrics.jsonl").write_text(
+            json.dumps({"step": 4, "loss": 1.0, "tokens": 1000, "elapsed_s": 1.0}) + "\n"
+        )
+    side = {
+        "reference": "base4",
+        "models": {
+            g: {
+                "decode_ms_per_token": {"median": sum(v) / len(v), "p10": min(v), "p90": max(v), "n": len(v)},
+                "decode_ms_samples": v,
+                "energy": {"method": "unavailable", "reason": "no counter"},
+            }
+            for g, v in decode.items()
+        },
+    }
+    (s.out / "side_by_side.json").write_text(json.dumps(side))
+    return s
+
+
+def test_grouped_comparisons_state_only_what_the_tests_support(tmp_path):
+    from visualizations.grouped import comparisons, group_rows, sentence, write_grouped_table
+    from visualizations.report import write_report
+
+    # per-head bpb clearly lower; latency samples overlapping: only the first may be called a difference
+    s = _fake_study(
+        tmp_path,
+        bpb={"base4": [2.00, 2.01, 2.02], "ph3": [1.90, 1.91, 1.90]},
+        decode={"base4": [1.0, 1.2, 0.9, 1.1, 1.05, 0.95], "ph3": [1.01, 1.19, 0.91, 1.09, 1.06, 0.94]},
+    )
+    rows = group_rows(s.out, Path(s.logs_dir))
+    row = {r["model"]: r for r in rows}
+    assert row["ph3"]["bits_per_byte"]["values"] == [1.90, 1.91, 1.90] and row["ph3"]["seeds_measured"] == 3
+    assert row["base4"]["bits_per_byte"]["ci_low"] < 2.01 < row["base4"]["bits_per_byte"]["ci_high"]
+    comps = comparisons(rows, Path(s.logs_dir))
+    by_what = {c["what"].split(" (")[0]: c for c in comps}
+    assert by_what["bits per byte"]["distinguishable"] and "**lower**" in sentence(by_what["bits per byte"], 3)
+    assert not by_what["decode ms/token"]["distinguishable"]
+    assert "**not distinguishable** at 6 interleaved rounds" in sentence(by_what["decode ms/token"], 3)
+    flops = next(c for c in comps if c["what"].startswith("val loss at matched training FLOPs"))
+    assert flops["budget_flops"] == 3.2e6 * 1000  # the smaller of the two budgets
+    write_grouped_table(rows, s.out)
+    report = write_report(s, rows, comps, {}, [], {}).read_text()
+    assert "How to read this report" in report and "not distinguishable" in report and "**lower**" in report
+    assert "no latency ranking is stated" in report
+
+
+def test_overlapping_seeds_are_not_distinguishable(tmp_path):
+    from visualizations.grouped import comparisons, group_rows
+
+    s = _fake_study(
+        tmp_path,
+        bpb={"base4": [2.00, 1.95, 2.05], "ph3": [1.98, 2.04, 1.96]},
+        decode={"base4": [1.0, 1.0, 1.0, 1.0], "ph3": [2.0, 2.0, 2.0, 2.0]},
+    )
+    comps = comparisons(group_rows(s.out, Path(s.logs_dir)), Path(s.logs_dir))
+    bpb = next(c for c in comps if c["what"].startswith("bits per byte"))
+    assert not bpb["distinguishable"]
+    lat = next(c for c in comps if c["what"].startswith("decode"))
+    assert lat["ratio"]["median"] == 2.0

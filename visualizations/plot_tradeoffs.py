@@ -90,6 +90,52 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     return fig
 
 
+GROUPED_AXES = {
+    "decode_ms": "decode latency (ms/token, batch 1; median, bars p10-p90)",
+    "params": "parameters",
+    "flops_per_token": "training FLOPs per token",
+}
+
+
+def grouped_tradeoff_figure(rows: list[dict], x_key: str):
+    """Bits per byte (mean, bars: 95% CI over seeds) against one cost, one point per model of a study. No
+    front is drawn: which model beats which is for the report's tests to say, not for the eye."""
+    pts = [r for r in rows if r.get("bits_per_byte") and r.get(x_key)]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in pts:
+        x = r[x_key]["median"] if isinstance(r[x_key], dict) else r[x_key]
+        xerr = [[x - r[x_key]["p10"]], [r[x_key]["p90"] - x]] if isinstance(r[x_key], dict) else None
+        b = r["bits_per_byte"]
+        yerr = [[b["mean"] - b["ci_low"]], [b["ci_high"] - b["mean"]]] if b.get("ci_low") is not None else None
+        color = "C1" if r.get("per_head") else "C0"
+        face = "none" if r.get("kind") == "compressed" else color
+        ax.errorbar(x, b["mean"], xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, ms=8, capsize=3)
+        ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel=GROUPED_AXES[x_key], ylabel="bits per byte (lower is better)")
+    ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
+    if x_key != "decode_ms":
+        ax.set_xscale("log")
+    ax.legend(
+        handles=[
+            Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
+            Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
+            Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
+        ],
+        fontsize=8,
+        loc="best",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_tradeoff_figures(rows: list[dict]) -> dict:
+    figures = {f"tradeoff_{key}.png": grouped_tradeoff_figure(rows, key) for key in GROUPED_AXES}
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
 def tradeoff_figures(rows: list[dict]) -> dict:
     """{file name: figure} for every cost axis that at least one model has measured."""
     figures = {f"tradeoff_{key}.png": tradeoff_figure(rows, key) for key in AXES}

@@ -10,56 +10,27 @@ import json
 import time
 from pathlib import Path
 
-from visualizations.plot_tradeoffs import pareto_front, usable
+from visualizations.grouped import sentence
 
 
 def _num(v, fmt):
     return "-" if not isinstance(v, (int, float)) or isinstance(v, bool) else format(v, fmt)
 
 
-def findings(rows: list[dict]) -> list[str]:
-    out = []
-    q = usable(rows, "bits_per_byte", "bits_per_byte")
-    if q:
-        best = min(q, key=lambda r: r["bits_per_byte"])
-        out.append(f"Lowest bits per byte: **{best['model']}** ({best['bits_per_byte']:.4f}).")
-    for key, what in (("decode_ms", "decode latency"), ("j_per_token", "energy per token"), ("params", "parameters")):
-        pts = usable(rows, key, "bits_per_byte")
-        if len(pts) >= 2:
-            front = [pts[i]["model"] for i in pareto_front([(r[key], r["bits_per_byte"]) for r in pts])]
-            out.append(f"Pareto front of bits per byte vs {what}: {', '.join(front)}.")
-    # the research question: a per-head model with fewer blocks against deeper baselines and their compressions
-    trained = [r for r in rows if r.get("compression") == "none" and isinstance(r.get("bits_per_byte"), float)]
-    for ph in (r for r in trained if r.get("per_head")):
-        for other in rows:
-            if other is ph or other.get("per_head") or not isinstance(other.get("bits_per_byte"), float):
-                continue
-            if (other.get("n_layers") or 0) < (ph.get("n_layers") or 0):
-                continue
-            better = "better" if ph["bits_per_byte"] < other["bits_per_byte"] else "worse"
-            line = (
-                f"{ph['model']} ({ph['n_layers']} layers, per-head) vs {other['model']} ({other['n_layers']} "
-                f"layers, {other['compression']}): bits per byte {ph['bits_per_byte']:.4f} vs "
-                f"{other['bits_per_byte']:.4f} ({better})"
-            )
-            if isinstance(ph.get("decode_ms"), float) and isinstance(other.get("decode_ms"), float):
-                line += f"; decode {ph['decode_ms']:.3f} vs {other['decode_ms']:.3f} ms/token"
-            out.append(line + ".")
-    if any(isinstance(r.get("decode_ms"), float) for r in rows):
-        out.append(
-            "Latencies are medians; their p10-p90 spreads are in evals/*-efficiency.json. On a small shared "
-            "CPU, differences smaller than those spreads are noise, not findings."
-        )
-    energies = [r.get("j_per_token") for r in rows]
-    if energies and all(e == "unavailable" or e is None for e in energies):
-        out.append(
-            "Energy per token was not measured on this machine (no NVML or readable RAPL counter): "
-            "every J/token field says so, and no energy figure is drawn."
-        )
-    return out
+HOW_TO_READ = """How to read this report. Each model was trained (or compressed) once per seed; quality is the mean over
+seeds with the half-width of its 95% t-interval. Latency was measured for one seed of each model, all models in
+one process, in rounds of the rotated order A B C, B C A, ... so that a busy machine slows every model alike.
+A comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
+report (Benjamini-Hochberg), gives q < 0.05: Welch's t-test over seeds for quality, Mann-Whitney over rounds
+for latency. Otherwise it says **not distinguishable** at the number of seeds or rounds it had: the difference
+may be real, but this study cannot tell it from seed-to-seed or round-to-round variation. Matched tokens:
+every run of the study saw the same number of training tokens. Matched FLOPs: each seed's validation loss is
+read off its curve at the smaller of the two runs' training FLOP budgets (FLOPs per token x tokens)."""
 
 
-def write_report(study, rows: list[dict], runs: dict[str, dict], figures: list[str], over_training: dict) -> Path:
+def write_report(
+    study, rows: list[dict], comps: list[dict], runs: dict[str, dict], figures: list[str], over_training: dict
+) -> Path:
     out = study.out
     first = next(iter(sorted((out / "evals").glob("*.json"))), None)  # any result names the device and commit
     meta = json.loads(first.read_text()) if first else {}
@@ -73,17 +44,23 @@ def write_report(study, rows: list[dict], runs: dict[str, dict], figures: list[s
         "quality, latency and energy? Every figure below was measured by the commands of this study; "
         "'-' marks what was not measured.",
         "",
+        HOW_TO_READ,
+        "",
         "## Training runs",
         "",
-        "| run | runner arguments | params | layers | per-head | tokens | time (s) | tokens/s | final val loss "
-        "| unigram val loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | runner arguments | params | layers | per-head | train FLOPs/token | tokens | epochs | time (s) "
+        "| tokens/s | final val loss | unigram val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in study.runs:
-        s = runs.get(r["name"], {}).get("summary") or {}
+    specs = {m["name"]: m for m in study.members() if m["kind"] == "trained"}
+    for name, r in runs.items():
+        s = r.get("summary") or {}
+        spec = next((x for x in study.runs if x["name"] == specs.get(name, {}).get("group")), {})
         lines.append(
-            f"| {r['name']} | `{r['runner']} {' '.join(r.get('args', []))}` | {_num(s.get('params'), ',')} | "
-            f"{_num(s.get('n_layers'), 'd')} | {'yes' if s.get('per_head') else 'no'} | {_num(s.get('tokens'), ',')} | "
+            f"| {name} | `{spec.get('runner', '?')} {' '.join(spec.get('args', []))}` | {_num(s.get('params'), ',')} | "
+            f"{_num(s.get('n_layers'), 'd')} | {'yes' if s.get('per_head') else 'no'} | "
+            f"{_num(s.get('flops_per_token'), '.3g')} | {_num(s.get('tokens'), ',')} | "
+            f"{_num(s.get('epochs'), '.2f')} | "
             f"{_num(s.get('train_time_s'), '.0f')} | {_num(s.get('tokens_per_s'), ',.0f')} | "
             f"{_num(s.get('final_val_loss'), '.4f')} | {_num(s.get('unigram_val_loss'), '.4f')} |"
         )
@@ -94,14 +71,28 @@ def write_report(study, rows: list[dict], runs: dict[str, dict], figures: list[s
             + "; ".join(f"{c['name']} = `eval.compress {' '.join(c['args'])}` on {c['base']}" for c in study.compress)
             + ".",
         ]
+    seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)
     lines += ["", "## Comparison", "", (out / "table.md").read_text().strip(), "", "## What the measurements say", ""]
-    lines += [f"- {f}" for f in findings(rows)] or ["- (no model has been evaluated yet)"]
+    lines += [f"- {sentence(c, seeds)}" for c in comps] or ["- (nothing to compare: no per-head model was evaluated)"]
+    latency = [c for c in comps if "ratio" in c]
+    if latency and not any(c.get("distinguishable") for c in latency):
+        lines.append(
+            "- No latency difference between the compared models is distinguishable on this machine at these "
+            "rounds: no latency ranking is stated."
+        )
+    energies = [r.get("energy") for r in rows if r.get("energy")]
+    if energies and all(e["method"] == "unavailable" for e in energies):
+        lines.append(
+            "- Energy per token was not measured on this machine (no NVML or readable RAPL counter): every "
+            "J/token field says so, and no energy figure is drawn."
+        )
     captions = {
         "training_curves.png": "Training (solid) and validation (dashed) loss against steps and wall-clock time.",
         "training_costs.png": "Training time and throughput per run.",
-        "tradeoff_decode_ms.png": "Bits per byte against decode latency at batch 1.",
-        "tradeoff_j_per_token.png": "Bits per byte against energy per decoded token.",
-        "tradeoff_params.png": "Bits per byte against parameter count.",
+        "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
+        "(median, p10-p90 over interleaved rounds).",
+        "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
+        "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
         "over_training.png": "Held-out perplexity of periodic checkpoints against training tokens.",
     }
     lines += ["", "## Figures", ""]

@@ -1,0 +1,272 @@
+"""A study's models grouped over seeds, and the comparisons its report may state (reads results/ only).
+
+One row per model of the study (all seeds of a run, or of a compressed baseline, together): quality as the
+mean and 95% t-interval over seeds with the per-seed values kept; latency from the side-by-side
+measurement (median, p10-p90, ratio to the reference with its bootstrap interval); parameters, training
+FLOPs per token, training time and epochs from the runs' summaries.
+
+``comparisons`` sets each per-head model against every baseline at least as deep (trained, or compressed
+from one): bits per byte by Welch's t-test over seeds, at matched training tokens (the study's runs share
+a token budget) and at matched training FLOPs (validation loss read off each seed's curve at the smaller
+of the two FLOP budgets); decode latency by a Mann-Whitney test over the interleaved rounds. All p-values
+are adjusted together (Benjamini-Hochberg); a difference is stated only where the adjusted p < 0.05.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.stats import adjust, mann_whitney, mean_ci, ratio_ci, welch
+from visualizations.compare import compression_label
+
+QUALITY = {"bits_per_byte": ("perplexity", "bits_per_byte"), "perplexity": ("perplexity", "perplexity")}
+QUALITY |= {"bleu": ("continuation", "bleu"), "rougeL": ("continuation", "rougeL")}
+QUALITY |= {"rougeL_code": ("continuation", "rougeL_code")}
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def group_rows(out: Path, logs_dir: Path) -> list[dict]:
+    members = _read(out / "members.json") or []
+    side = _read(out / "side_by_side.json")
+    groups: dict[str, dict] = {}
+    for m in members:
+        g = groups.setdefault(m["group"], {"model": m["group"], "kind": m["kind"], "base": m.get("base"), "seeds": []})
+        q = _read(out / "evals" / f"{m['name']}-quality.json")
+        summary = _read(logs_dir / m["run"] / "summary.json") if m["kind"] == "trained" else None
+        g["seeds"].append({"seed": m["seed"], "name": m["name"], "quality": q, "summary": summary, "run": m.get("run")})
+    rows = []
+    for g in groups.values():
+        measured = [s for s in g["seeds"] if s["quality"]]
+        row = {"model": g["model"], "kind": g["kind"], "base": g["base"], "seeds_measured": len(measured)}
+        if measured:
+            q0 = measured[0]["quality"]
+            row |= {
+                "params": q0.get("params"),
+                "n_layers": q0.get("n_layers"),
+                "per_head": q0.get("per_head"),
+                "compression": compression_label(q0.get("compression")),
+            }
+            for key, (part, field) in QUALITY.items():
+                vals = [s["quality"][part][field] for s in measured if s["quality"][part].get(field) is not None]
+                row[key] = mean_ci(vals) if vals else None
+            passes = [s["quality"]["humaneval"]["pass"].get("pass@1") for s in measured]
+            row["pass@1"] = (
+                mean_ci([p for p in passes if p is not None]) if any(p is not None for p in passes) else None
+            )
+        summaries = [s["summary"] for s in g["seeds"] if s["summary"]]
+        if summaries:
+            row |= {
+                "flops_per_token": summaries[0].get("flops_per_token"),
+                "train_tokens": summaries[0].get("tokens"),
+                "epochs": summaries[0].get("epochs"),
+                "train_time_s": mean_ci([s["train_time_s"] for s in summaries]),
+                "runs": [s["run"] for s in g["seeds"] if s["summary"]],
+            }
+        if side and g["model"] in side["models"]:
+            lat = side["models"][g["model"]]
+            row["decode_ms"] = lat["decode_ms_per_token"]
+            row["decode_ms_samples"] = lat["decode_ms_samples"]
+            row["decode_ratio"] = lat.get("decode_ratio_to_reference")
+            row["energy"] = lat["energy"]
+            row["latency_reference"] = side["reference"]
+        rows.append(row)
+    return rows
+
+
+def _val_loss_at(curve: list[dict], flops_per_token: float, budget: float) -> float | None:
+    """Validation loss at ``budget`` training FLOPs, linearly interpolated on the run's val.jsonl."""
+    pts = [(r["tokens"] * flops_per_token, r["val_loss"]) for r in curve]
+    if not pts or budget < pts[0][0] or budget > pts[-1][0] * (1 + 1e-9):
+        return None
+    xs, ys = zip(*pts, strict=True)
+    return float(np.interp(budget, xs, ys))
+
+
+def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
+    """Every comparison the report states, each with its test, adjusted together."""
+    by_name = {r["model"]: r for r in rows}
+    depth = {r["model"]: r.get("n_layers") or 0 for r in rows}
+    out = []
+    for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
+        for other in rows:
+            if other is ph or other.get("per_head"):
+                continue
+            base = by_name.get(other["base"]) if other["kind"] == "compressed" else other
+            if base is None or depth.get(base["model"], 0) < depth[ph["model"]]:
+                continue  # only baselines at least as deep as the per-head model (or compressed from one)
+            pair = {"a": ph["model"], "b": other["model"]}
+            if ph.get("bits_per_byte") and other.get("bits_per_byte"):
+                a, b = ph["bits_per_byte"]["values"], other["bits_per_byte"]["values"]
+                out.append(
+                    pair
+                    | {
+                        "what": "bits per byte (matched tokens)",
+                        "a_stat": ph["bits_per_byte"],
+                        "b_stat": other["bits_per_byte"],
+                    }
+                    | welch(a, b)
+                )
+            if other["kind"] == "trained" and ph.get("flops_per_token") and other.get("flops_per_token"):
+                out.append(pair | _matched_flops(ph, other, logs_dir))
+            if ph.get("decode_ms_samples") and other.get("decode_ms_samples"):
+                a, b = ph["decode_ms_samples"], other["decode_ms_samples"]
+                ratio = ratio_ci([x / y for x, y in zip(a, b, strict=True)])
+                out.append(pair | {"what": "decode ms/token (side by side)", "ratio": ratio} | mann_whitney(a, b))
+    return adjust(out)
+
+
+def _matched_flops(a: dict, b: dict, logs_dir: Path) -> dict:
+    def curves(row):
+        return [
+            [json.loads(x) for x in (logs_dir / r / "val.jsonl").read_text().splitlines() if x] for r in row["runs"]
+        ]
+
+    ca, cb = curves(a), curves(b)
+    budget = min(a["flops_per_token"] * a["train_tokens"], b["flops_per_token"] * b["train_tokens"])
+    va = [v for c in ca if (v := _val_loss_at(c, a["flops_per_token"], budget)) is not None]
+    vb = [v for c in cb if (v := _val_loss_at(c, b["flops_per_token"], budget)) is not None]
+    stat = {"what": f"val loss at matched training FLOPs ({budget:.3g})", "budget_flops": budget}
+    if not va or not vb:
+        return stat | {"p": None, "reason": "the matched budget falls before a run's first validation"}
+    return stat | {"a_stat": mean_ci(va), "b_stat": mean_ci(vb)} | welch(va, vb)
+
+
+def sentence(c: dict, seeds: int) -> str:
+    """One line of the report for one comparison: what was measured, and only what the test supports."""
+    what = c["what"]
+    if "ratio" in c:
+        r = c["ratio"]
+        nums = f"{c['a']} / {c['b']} = x{r['median']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        n = f"{r['n']} interleaved rounds"
+    else:
+        sa, sb = c.get("a_stat"), c.get("b_stat")
+        nums = f"{c['a']} {_cell(sa)} vs {c['b']} {_cell(sb)}" if sa and sb else f"{c['a']} vs {c['b']}"
+        n = f"{seeds} seed(s)"
+    if c.get("p") is None:
+        return f"{what}: {nums}; not tested ({c.get('reason', 'too few values')})."
+    if not c["distinguishable"]:
+        return f"{what}: {nums}; **not distinguishable** at {n} (q = {c['q']:.3g})."
+    lower = (c["effect"] > 0.5) if "effect" in c else c["diff"] < 0
+    return f"{what}: {nums}; {c['a']} is **{'lower' if lower else 'higher'}** (q = {c['q']:.3g}, {n})."
+
+
+def _cell(v, fmt=".4f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict) and "mean" in v:
+        if v.get("ci_high") is None:
+            return format(v["mean"], fmt) + f" (n={v['n']})"
+        return f"{v['mean']:{fmt}} ± {v['ci_high'] - v['mean']:{fmt}}"
+    if isinstance(v, dict) and "median" in v:
+        return f"{v['median']:.3f} ({v['p10']:.3f}-{v['p90']:.3f})"
+    if isinstance(v, float):
+        return format(v, fmt)
+    return str(v)
+
+
+COLUMNS = [
+    ("model", "model"),
+    ("params", "params"),
+    ("n_layers", "layers"),
+    ("per_head", "per-head"),
+    ("compression", "compression"),
+    ("seeds_measured", "seeds"),
+    ("bits_per_byte", "bpb (mean ± 95% CI)"),
+    ("perplexity", "ppl"),
+    ("bleu", "BLEU"),
+    ("rougeL", "ROUGE-L"),
+    ("pass@1", "pass@1"),
+    ("decode_ms", "decode ms/token, median (p10-p90)"),
+    ("decode_ratio", "decode ratio to reference [95% CI]"),
+    ("energy", "J/token"),
+    ("flops_per_token", "train FLOPs/token"),
+    ("epochs", "epochs"),
+]
+
+
+def _format(key: str, v) -> str:
+    if key == "params" and v:
+        return f"{v / 1e6:.2f}M"
+    if key == "per_head":
+        return "yes" if v else "no"
+    if key == "decode_ratio":
+        return "reference" if v is None else f"x{v['median']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+    if key == "energy":
+        return "-" if v is None else ("unavailable" if v["method"] == "unavailable" else _cell(v, ".3g"))
+    if key in ("flops_per_token",) and v:
+        return f"{v:.3g}"
+    if key == "epochs" and v:
+        return f"{v:.2f}"
+    if key in ("perplexity", "bleu", "rougeL"):
+        return _cell(v, ".2f")
+    if key == "pass@1":
+        return _cell(v, ".3f")
+    return _cell(v)
+
+
+def write_grouped_table(rows: list[dict], out: Path) -> Path:
+    md = [
+        "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs). Latency: one "
+        "seed per model, all models timed in one process in interleaved rounds. ROUGE-L: rouge-score's default "
+        "tokenizer ([a-z0-9] words only). '-' = not measured.",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    md += ["| " + " | ".join(_format(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "model",
+                "seeds",
+                "bpb_mean",
+                "bpb_ci_low",
+                "bpb_ci_high",
+                "bpb_per_seed",
+                "decode_ms_median",
+                "decode_ratio",
+                "decode_ratio_ci_low",
+                "decode_ratio_ci_high",
+                "params",
+                "n_layers",
+                "per_head",
+                "compression",
+                "flops_per_token",
+                "epochs",
+            ]
+        )
+        for r in rows:
+            b, d, q = r.get("bits_per_byte") or {}, r.get("decode_ms") or {}, r.get("decode_ratio") or {}
+            w.writerow(
+                [
+                    r["model"],
+                    r.get("seeds_measured"),
+                    b.get("mean"),
+                    b.get("ci_low"),
+                    b.get("ci_high"),
+                    " ".join(f"{v:.5f}" for v in b.get("values", [])),
+                    d.get("median"),
+                    q.get("median"),
+                    q.get("ci_low"),
+                    q.get("ci_high"),
+                    r.get("params"),
+                    r.get("n_layers"),
+                    r.get("per_head"),
+                    r.get("compression"),
+                    r.get("flops_per_token"),
+                    r.get("epochs"),
+                ]
+            )
+    return out / "table.md"
