@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Study:
     logs_dir: str = "logs"
     results_dir: str = "results"
     source: str = ""  # how the study was named on the command line (for the report)
-    watch: Callable[[str], None] | None = field(default=None, repr=False)  # shown what a running step prints
+    workers: int = 1  # steps run at once within a phase (each child then gets cores / workers threads)
 
     @property
     def out(self) -> Path:
@@ -78,7 +79,8 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise FileNotFoundError(f"study file {path} does not exist")
     d = tomllib.loads(path.read_text())
-    keys = {"name", "runs", "compress", "eval", "seeds", "reference", "checkpoints_dir", "logs_dir", "results_dir"}
+    keys = {"name", "runs", "compress", "eval", "seeds", "reference", "workers", "checkpoints_dir", "logs_dir"}
+    keys |= {"results_dir"}
     unknown = set(d) - keys
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
@@ -108,6 +110,7 @@ def load_study(path: str | Path) -> Study:
         side_by_side=ev.get("side_by_side", []),
         seeds=seeds,
         reference=d.get("reference"),
+        workers=max(1, int(d.get("workers", 1))),
         **{k: d[k] for k in ("checkpoints_dir", "logs_dir", "results_dir") if k in d},
     )
 
@@ -178,8 +181,8 @@ class TrainStep:
     def done(self, s: Study) -> bool:  # a run trained before the study (summary and a checkpoint) is reused
         return (Path(s.logs_dir) / self.name / "summary.json").is_file() and bool(list_checkpoints(self.output(s)))
 
-    def execute(self, s: Study, log: Path):
-        _python(train_cmd(s, self.run, self.seed), log, s.watch)
+    def execute(self, s: Study, run: Callable[[list[str]], None]):
+        run(train_cmd(s, self.run, self.seed))
 
 
 @dataclass
@@ -212,8 +215,8 @@ class CompressStep:
     def done(self, s: Study) -> bool:
         return not self.options.finetune_steps and (Path(self.options.out) / "compression.json").is_file()
 
-    def execute(self, s: Study, log: Path):
-        _python(["eval.compress", *self.argv], log, s.watch)
+    def execute(self, s: Study, run: Callable[[list[str]], None]):
+        run(["eval.compress", *self.argv])
 
 
 @dataclass
@@ -235,8 +238,8 @@ class EvaluateStep:
     def done(self, s: Study) -> bool:
         return False  # results are written atomically, but only the marker says all of a step finished
 
-    def execute(self, s: Study, log: Path):
-        _python([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra], log, s.watch)
+    def execute(self, s: Study, run: Callable[[list[str]], None]):
+        run([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra])
 
 
 @dataclass
@@ -256,9 +259,9 @@ class SideBySideStep:
     def done(self, s: Study) -> bool:
         return False
 
-    def execute(self, s: Study, log: Path):
+    def execute(self, s: Study, run: Callable[[list[str]], None]):
         cmd = ["eval.side_by_side", *map(str, self.models.values()), "--names", *self.models]
-        _python([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side], log, s.watch)
+        run([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side])
 
 
 @dataclass
@@ -277,8 +280,8 @@ class OverTrainingStep:
     def done(self, s: Study) -> bool:
         return False
 
-    def execute(self, s: Study, log: Path):
-        over_training(s, self.run, log)
+    def execute(self, s: Study, run: Callable[[list[str]], None]):
+        over_training(s, self.run, run)
 
 
 Step = TrainStep | CompressStep | EvaluateStep | SideBySideStep | OverTrainingStep
@@ -301,8 +304,10 @@ def plan(s: Study) -> list[Step]:
     return steps + [OverTrainingStep(s.member(r["name"], 0)) for r in s.runs]
 
 
-def run_step(s: Study, step: Step, log: Path):
-    step.execute(s, log)
+def run_step(s: Study, step: Step, log: Path, watch: Callable[[str], None] | None = None, threads: int | None = None):
+    """Run one step, its subprocesses logging to ``log``; ``threads`` caps each child's CPU threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    step.execute(s, lambda cmd: _python(cmd, log, watch, env))
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -322,13 +327,15 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = None):
+def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = None, env: dict | None = None):
     log.parent.mkdir(parents=True, exist_ok=True)
     preexec = _die_with_parent() if sys.platform == "linux" else None
     with open(log, "a") as f:
         f.write(f"$ python -m {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec, env=env
+        )
         while proc.poll() is None:  # show what the child is doing (its own progress line) while it runs
             time.sleep(1.0)
             if watch is not None:
@@ -349,43 +356,67 @@ def _last_status(log: Path) -> str:
     return parts[-1][:70] if parts else ""
 
 
-def over_training(s: Study, run: str, log: Path):
+def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
     """Held-out perplexity of each kept checkpoint of ``run``, with the tokens (and energy) it had seen."""
     out = s.out / "over_training"
-    for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run):
-        target = out / f"{run}@step_{step}-perplexity.json"
+    for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run_name):
+        target = out / f"{run_name}@step_{step}-perplexity.json"
         if not target.is_file():
-            _python(["eval.perplexity", str(folder), "--out", str(target), *s.over_training], log, s.watch)
+            run(["eval.perplexity", str(folder), "--out", str(target), *s.over_training])
         r = json.loads(target.read_text())
         state = json.loads((folder / "state.json").read_text())
-        r |= {"run": run, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
+        r |= {"run": run_name, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
         target.write_text(json.dumps(r, indent=2))
 
 
 def run_study(s: Study, progress: bool = True) -> Path:
+    """Run every unfinished step, phase by phase (training, compression, quality, side-by-side timing, over
+    training); with ``workers`` > 1 the independent steps of a phase run at once, each child with its share
+    of the cores. The side-by-side timing always runs alone."""
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)
     atomic_write(s.out / "members.json", json.dumps(s.members(), indent=2))  # what the report groups by
-    with tqdm(steps, desc=s.name, unit="step", disable=not progress) as bar:
-        for step in bar:
+    phases: dict[str, list[Step]] = {}
+    for step in steps:
+        phases.setdefault(step.key.split("-")[0], []).append(step)
+    running: dict[str, str] = {}
+    with tqdm(total=len(steps), desc=s.name, unit="step", disable=not progress) as bar:
+
+        def show():
+            bar.set_postfix_str(" | ".join(f"{k}: {v}" if v else k for k, v in running.items())[:150])
+
+        def one(step: Step, threads: int | None):
             key = step.key
-            marker = markers / f"{key}.json"
-            if finished(s, step, marker):
-                continue
-            bar.set_postfix_str(key)
-            s.watch = lambda status, key=key: bar.set_postfix_str(f"{key}: {status}")
+            running[key] = ""
+            show()
+
+            def watch(status: str):
+                running[key] = status
+                show()
+
             t0 = time.perf_counter()
-            run_step(s, step, s.out / "logs" / f"{key}.log")
-            marker.write_text(
-                json.dumps(
-                    {
-                        "step": key,
-                        "seconds": time.perf_counter() - t0,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    }
-                )
-            )
+            try:
+                run_step(s, step, s.out / "logs" / f"{key}.log", watch, threads)
+            finally:
+                running.pop(key, None)
+            record = {"step": key, "seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write(markers / f"{key}.json", json.dumps(record))
+            bar.update(1)
+            show()
+
+        for phase in phases.values():
+            todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
+            bar.update(len(phase) - len(todo))
+            workers = 1 if isinstance(phase[0], SideBySideStep) else min(s.workers, len(todo))
+            if workers <= 1:
+                for step in todo:
+                    one(step, None)
+                continue
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ThreadPoolExecutor(workers) as pool:
+                for future in [pool.submit(one, step, threads) for step in todo]:
+                    future.result()  # the first failure stops the study once the steps under way end
     return build_outputs(s)
 
 

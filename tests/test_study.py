@@ -42,7 +42,7 @@ def test_bad_study_files(tmp_path):
 def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
     calls = []
 
-    def fake_step(s, step, log):
+    def fake_step(s, step, log, *rest):
         calls.append(step.key)
         if step.key == "quality-r1-w50" and calls.count("quality-r1-w50") == 1:
             raise KeyboardInterrupt  # interrupted in the middle of the study
@@ -119,3 +119,24 @@ def test_seeds_make_one_run_per_seed_and_compress_each(study):
     assert [c.options.checkpoint.rsplit("/", 1)[-1] for c in comps] == ["r1-s0", "r1-s1"]  # each seed compressed
     members = study.members()
     assert {(m["group"], m["seed"]) for m in members} == {("r1", 0), ("r1", 1), ("r1-w50", 0), ("r1-w50", 1)}
+
+
+def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
+    import time
+
+    study.seeds, study.workers = 2, 2
+    live, peak, threads_seen = set(), {}, {}
+
+    def fake_step(s, step, log, watch, threads):
+        live.add(step.key)
+        peak[step.key.split("-")[0]] = max(peak.get(step.key.split("-")[0], 0), len(live))
+        threads_seen[step.key] = threads
+        time.sleep(0.3)
+        live.discard(step.key)
+
+    monkeypatch.setattr(study_mod, "run_step", fake_step)
+    monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
+    run_study(study, progress=False)
+    assert peak["train"] == 2 and peak["quality"] == 2  # two seeds trained, two models evaluated at once
+    assert peak["side_by_side"] == 1 and threads_seen["side_by_side"] is None  # timing never shares the machine
+    assert len(list((study.out / "steps").glob("*.json"))) == len(plan(study))  # every step left its marker
