@@ -5,6 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def write_tables(
+    out: Path, note: str, headers: list[str], md_rows: list[list[str]], csv_header: list[str], csv_rows: list[list]
+) -> tuple[Path, Path]:
+    """``table.md`` (a note, then a Markdown table) and ``table.csv`` (machine-readable values) in ``out``."""
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = [note, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(row) + " |" for row in md_rows]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(csv_header)
+        w.writerows(csv_rows)
+    return out / "table.md", out / "table.csv"
+
+
 def save_figures(figures: dict, out_dir: str | Path, dpi: int = 120) -> list[Path]:
     """Write each {file name: matplotlib figure} as a PNG under ``out_dir`` and free the figure."""
     import matplotlib.pyplot as plt

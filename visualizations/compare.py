@@ -9,12 +9,12 @@ a value that was not measured is left empty ("-"), and energy that could not be 
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import parse_args, positional, run_main
+from visualizations import write_tables
 
 COLUMNS = [
     ("model", "model"),
@@ -126,23 +126,14 @@ def _fmt(key: str, v) -> str:
 
 
 def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = [
+    note = (
         f"Latency and energy at batch {batch}; '-' = not measured. ROUGE-L uses rouge-score's default tokenizer "
         "(lowercase [a-z0-9] words only: code symbols and non-Latin text are ignored; the result JSONs also hold "
-        "rougeL_code, which keeps them).",
-        "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    md += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([k for k, _ in COLUMNS])
-        w.writerows([[r.get(k) for k, _ in COLUMNS] for r in rows])
-    return out / "table.md", out / "table.csv"
+        "rougeL_code, which keeps them)."
+    )
+    md_rows = [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    csv_rows = [[r.get(k) for k, _ in COLUMNS] for r in rows]
+    return write_tables(Path(out_dir), note, [h for _, h in COLUMNS], md_rows, [k for k, _ in COLUMNS], csv_rows)
 
 
 @dataclass

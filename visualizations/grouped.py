@@ -14,13 +14,13 @@ are adjusted together (Benjamini-Hochberg); a difference is stated only where th
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
 from common.stats import adjust, mann_whitney, mean_ci, ratio_ci, welch
+from visualizations import write_tables
 from visualizations.compare import compression_label
 
 QUALITY = {"bits_per_byte": ("perplexity", "bits_per_byte"), "perplexity": ("perplexity", "perplexity")}
@@ -215,58 +215,22 @@ def _format(key: str, v) -> str:
 
 
 def write_grouped_table(rows: list[dict], out: Path) -> Path:
-    md = [
+    note = (
         "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs). Latency: one "
         "seed per model, all models timed in one process in interleaved rounds. ROUGE-L: rouge-score's default "
-        "tokenizer ([a-z0-9] words only). '-' = not measured.",
-        "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    md += ["| " + " | ".join(_format(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "model",
-                "seeds",
-                "bpb_mean",
-                "bpb_ci_low",
-                "bpb_ci_high",
-                "bpb_per_seed",
-                "decode_ms_median",
-                "decode_ratio",
-                "decode_ratio_ci_low",
-                "decode_ratio_ci_high",
-                "params",
-                "n_layers",
-                "per_head",
-                "compression",
-                "flops_per_token",
-                "epochs",
-            ]
+        "tokenizer ([a-z0-9] words only). '-' = not measured."
+    )
+    header = ["model", "seeds", "bpb_mean", "bpb_ci_low", "bpb_ci_high", "bpb_per_seed", "decode_ms_median"]
+    header += ["decode_ratio", "decode_ratio_ci_low", "decode_ratio_ci_high", "params", "n_layers", "per_head"]
+    header += ["compression", "flops_per_token", "epochs"]
+    csv_rows = []
+    for r in rows:
+        b, d, q = r.get("bits_per_byte") or {}, r.get("decode_ms") or {}, r.get("decode_ratio") or {}
+        seeds = " ".join(f"{v:.5f}" for v in b.get("values", []))
+        csv_rows.append(
+            [r["model"], r.get("seeds_measured"), b.get("mean"), b.get("ci_low"), b.get("ci_high"), seeds]
+            + [d.get("median"), q.get("median"), q.get("ci_low"), q.get("ci_high"), r.get("params")]
+            + [r.get("n_layers"), r.get("per_head"), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
         )
-        for r in rows:
-            b, d, q = r.get("bits_per_byte") or {}, r.get("decode_ms") or {}, r.get("decode_ratio") or {}
-            w.writerow(
-                [
-                    r["model"],
-                    r.get("seeds_measured"),
-                    b.get("mean"),
-                    b.get("ci_low"),
-                    b.get("ci_high"),
-                    " ".join(f"{v:.5f}" for v in b.get("values", [])),
-                    d.get("median"),
-                    q.get("median"),
-                    q.get("ci_low"),
-                    q.get("ci_high"),
-                    r.get("params"),
-                    r.get("n_layers"),
-                    r.get("per_head"),
-                    r.get("compression"),
-                    r.get("flops_per_token"),
-                    r.get("epochs"),
-                ]
-            )
-    return out / "table.md"
+    md_rows = [[_format(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    return write_tables(out, note, [h for _, h in COLUMNS], md_rows, header, csv_rows)[0]

@@ -2,9 +2,9 @@
 
     python -m visualizations.plot_tradeoffs results/ --out results/plots
 
-Bits per byte (lower is better) on the y axis; the Pareto front (no other model is both better and cheaper)
-is drawn as a line; bubble area is proportional to the model's weights in memory; per-head models in orange,
-baselines in blue, compressed baselines hollow.
+Bits per byte (lower is better) on the y axis; bubble area is proportional to the model's weights in memory;
+per-head models in orange, baselines in blue, compressed baselines hollow. No front is drawn: one measurement
+per model cannot say which differences are noise (a study's report says, with its tests).
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ AXES = {
 }
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (lower is better), by increasing x."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best_y = [], float("inf")
-    for i in order:
-        if points[i][1] < best_y:
-            front.append(i)
-            best_y = points[i][1]
-    return front
+def _legend(ax, title: str | None = None):
+    handles = [
+        Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
+        Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
+        Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best", title=title, title_fontsize=8)
 
 
 def usable(rows: list[dict], x_key: str, y_key: str) -> list[dict]:
@@ -64,8 +62,6 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
             facecolors="none" if compressed else color,
         )
         ax.annotate(r["model"], (r[x_key], r[y_key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    front = pareto_front([(r[x_key], r[y_key]) for r in pts])
-    ax.plot([pts[i][x_key] for i in front], [pts[i][y_key] for i in front], "k--", lw=1)
     ax.set(
         xlabel=AXES.get(x_key, x_key),
         ylabel="bits per byte (lower is better)",
@@ -73,18 +69,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     )
     if x_key == "params":
         ax.set_xscale("log")
-    ax.legend(
-        handles=[
-            Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
-            Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
-            Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
-            Line2D([], [], ls="--", color="k", label="Pareto front"),
-        ],
-        fontsize=8,
-        loc="best",
-        title="bubble area = weights in memory",
-        title_fontsize=8,
-    )
+    _legend(ax, title="bubble area = weights in memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -117,15 +102,7 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
     if x_key != "decode_ms":
         ax.set_xscale("log")
-    ax.legend(
-        handles=[
-            Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
-            Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
-            Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
-        ],
-        fontsize=8,
-        loc="best",
-    )
+    _legend(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
