@@ -21,8 +21,8 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
             max_seq_len=1024,
             head_layer=HeadLayerArgs(hidden_dim=64, activation="silu") if per_head else None,
         ),
-        # every .py of the standard library and installed packages (272M characters here; its manifest counts
-        # the tokens): the standard library alone would be repeated about ten times
+        # every .py of the standard library and installed packages: 80M training tokens with this project's
+        # requirements (the standard library alone, 8M, would be repeated about ten times)
         data=DataConfig(corpus="python-sources", vocab_size=32000),
         optim=OptimConfig(lr=6e-4, warmup_steps=200, weight_decay=0.1),
         max_steps=5000,  # 5000 x 16 x 1024 = 82M tokens; summary.json reports the epochs this makes

@@ -48,8 +48,8 @@ def default_corpus_dir() -> Path:
 
 
 # Built-in corpora, always present offline: --corpus python-sources reads every .py file of the standard
-# library and of the packages installed in this environment (about 240 MB with requirements.txt, tens of
-# millions of tokens), deduplicated by content. The standard library alone (no --corpus) stays the default.
+# library and of the packages installed in this environment (292M characters, 84M tokens at a 32k vocabulary
+# with requirements.txt), deduplicated by content. The standard library alone (no --corpus) stays the default.
 PYTHON_SOURCES = "python-sources"
 
 
