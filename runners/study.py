@@ -1,6 +1,6 @@
 """The whole study in one command: train, compress, evaluate, tabulate, plot, report.
 
-    python -m runners.study --tiny                              # CPU, about 10 minutes on 2 cores
+    python -m runners.study --tiny                              # CPU, 3 seeds, about 13 minutes on 2 cores
     python -m runners.study runners/study_100m.toml             # the 100M configs (GPU)
     python -m runners.study baseline_8_layer perhead_6_layer    # runner names, default baselines and evaluations
 
