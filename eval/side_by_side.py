@@ -26,7 +26,7 @@ from common.cli import parse_args, positional, run_main
 from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
 from common.stats import adjust, mann_whitney, ratio_ci
-from common.timing import spread, sync
+from common.timing import spread, time_repeats
 from eval.common import write_result
 from eval.latency import MODES, decode_steps
 from eval.model import load_for_eval
@@ -64,15 +64,19 @@ class _Entry:
     decode_ms: list[float] = field(default_factory=list)  # per token
     energy: list[dict] = field(default_factory=list)
 
+    def decode_all(self):
+        for step in self.decode:
+            step()
 
-def _time(fn, device) -> float:
-    import time
 
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
+def _rotated(entries: list, r: int) -> list:
+    """Round ``r``'s order: A B C, then B C A, then C A B ... so no model is always timed first."""
+    k = r % len(entries)
+    return entries[k:] + entries[:k]
+
+
+def _once(fn, device) -> float:
+    return time_repeats(fn, device, warmup=0, repeats=1)[0]
 
 
 def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: bool = True) -> dict:
@@ -92,15 +96,11 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     pos = torch.arange(a.prompt_len, device=device)
     try:
         for r in tqdm(range(a.rounds), desc="side by side", unit="round", disable=not progress):
-            for e in entries[r % len(entries) :] + entries[: r % len(entries)]:  # rotated round-robin
-                steps = e.decode
-                seconds = _time(lambda steps=steps: [s() for s in steps], device)
-                e.decode_ms.append(1e3 * seconds / a.n_tokens)
+            for e in _rotated(entries, r):
+                e.decode_ms.append(1e3 * _once(e.decode_all, device) / a.n_tokens)
                 if counter is not None:
-                    run = lambda steps=steps: [s() for s in steps]  # noqa: E731
-                    e.energy.append(
-                        measure_energy(run, a.batch * a.n_tokens, device, a.min_window, 0.0, counter=counter)
-                    )
+                    units = a.batch * a.n_tokens
+                    e.energy.append(measure_energy(e.decode_all, units, device, a.min_window, 0.0, counter=counter))
         # prefill needs its own cache length: timed after decoding, in rounds again
         for e in entries:
             e.model.clear_caches()
@@ -109,8 +109,8 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
             for e in entries:
                 prefill(e.model, prompt, pos)
             for r in range(a.rounds):
-                for e in entries[r % len(entries) :] + entries[: r % len(entries)]:
-                    e.prefill_ms.append(1e3 * _time(lambda e=e: prefill(e.model, prompt, pos), device))
+                for e in _rotated(entries, r):
+                    e.prefill_ms.append(1e3 * _once(lambda e=e: prefill(e.model, prompt, pos), device))
     finally:
         for e in entries:
             e.model.clear_caches()
