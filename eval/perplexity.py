@@ -17,6 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
-from eval.common import training_data
+from eval.common import split_documents_at_bos, training_data
 from eval.model import EvalOptions
 from training.config import DataConfig
 from training.data import load_documents
@@ -45,6 +46,61 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
         if end == n_tokens:
             break
     return out
+
+
+def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
+    """lm-evaluation-harness's rolling windows over one document (get_rolling_token_windows with
+    context_len=1, then made disjoint), as (first input position, end, first scored target) in a stream that
+    starts with one prefix token at position 0 and the document's tokens at 1..n_tokens. Every token of the
+    document is scored exactly once; the first window predicts the first token from the prefix alone, each
+    later window scores the next at most ``max_len`` tokens from the ``max_len`` tokens before them."""
+    if max_len < 1:
+        raise ValueError(f"max_len={max_len} must be positive")
+    out, predicted = [], 0
+    while predicted < n_tokens:
+        end = predicted + min(max_len, n_tokens - predicted) + 1  # stream positions predicted+1 .. end-1
+        out.append((max(0, end - 1 - max_len), end, predicted + 1))
+        predicted = end - 1
+    return out
+
+
+@torch.no_grad()
+def document_nll(model, docs: list[np.ndarray], prefix_id: int, max_len: int, autocast=None, progress=False):
+    """Summed NLL of each document on its own, scored with ``rolling_windows`` (lm-eval's
+    loglikelihood_rolling): the per-document figures lm-eval's word and byte perplexity are made from."""
+    out = []
+    for doc in tqdm(docs, desc="documents", unit="doc", disable=not progress):
+        stream = torch.as_tensor(np.concatenate([[prefix_id], np.asarray(doc, dtype=np.int64)]))
+        total = 0.0
+        for begin, end, first in rolling_windows(len(doc), max_len):
+            x = stream[begin : end - 1][None].to(next(model.parameters()).device)  # inputs predict begin+1..end-1
+            with autocast or nullcontext():
+                logits = model(x)
+            nll = F.cross_entropy(logits.float()[0], stream[begin + 1 : end].to(logits.device), reduction="none")
+            total += nll[first - begin - 1 :].double().sum().item()  # only the targets this window adds
+        out.append(total)
+    return out
+
+
+def lm_eval_metrics(nll: list[float], texts: list[str]) -> dict:
+    r"""lm-evaluation-harness's perplexity metrics (its wikitext task): word_perplexity = exp(sum NLL / words),
+    byte_perplexity = exp(sum NLL / UTF-8 bytes), bits_per_byte = sum NLL / bytes / ln 2, words counted as
+    ``re.split(r"\s+", text)`` does. Summed over documents before dividing (its weighted_perplexity)."""
+    import re
+
+    total = sum(nll)
+    words = sum(len(re.split(r"\s+", t)) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {
+        "mode": "lm-eval",
+        "nll_sum": total,
+        "documents": len(texts),
+        "words": words,
+        "bytes": nbytes,
+        "word_perplexity": math.exp(total / words),
+        "byte_perplexity": math.exp(total / nbytes),
+        "bits_per_byte": total / nbytes / math.log(2),
+    }
 
 
 @torch.no_grad()
@@ -109,8 +165,13 @@ def evaluate_perplexity(
     batch_size: int,
     max_tokens: int | None,
     progress: bool = True,
+    mode: str = "sliding",
 ) -> dict:
     context = context or ev.model.params.max_seq_len
+    if mode == "lm-eval":
+        return _lm_eval_mode(ev, corpus, context, max_tokens, progress)
+    if mode != "sliding":
+        raise ValueError(f"perplexity mode {mode!r} is unknown; use sliding or lm-eval")
     stride = stride or context // 2
     if corpus is None:
         data, _ = training_data(ev.folder)
@@ -126,11 +187,40 @@ def evaluate_perplexity(
     )
     return {
         **summarize(r),
+        "mode": "sliding",  # token perplexity over the packed held-out stream (not lm-eval's word perplexity)
         "source": source,
         "context": context,
         "stride": stride,
         "batch": batch,  # windows per forward pass; 1 for batch-dependent quantization (see batch_requested)
         "batch_requested": batch_size,
+        "dtype": str(ev.dtype).removeprefix("torch."),
+        "time_s": time.perf_counter() - t0,
+    }
+
+
+def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int | None, progress: bool) -> dict:
+    """Each document scored on its own from a <s> prefix with lm-eval's disjoint rolling windows."""
+    tok = ev.tokenizer
+    if corpus is None:
+        data, _ = training_data(ev.folder)
+        docs = [d[:-1] if len(d) and d[-1] == tok.eos_id else d for d in split_documents_at_bos(data.val, tok.bos_id)]
+        texts, source = [tok.decode(d) for d in docs], f"held-out split of {data.dir}"
+    else:
+        texts = [d.text for d in load_documents(corpus)]
+        docs, source = [np.asarray(x) for x in tok.encode_batch(texts, bos=False)], corpus.corpus or "default corpus"
+    if max_tokens:  # whole documents, up to the budget
+        keep, seen = 0, 0
+        while keep < len(docs) and seen + len(docs[keep]) <= max_tokens:
+            seen += len(docs[keep])
+            keep += 1
+        docs, texts = docs[: max(keep, 1)], texts[: max(keep, 1)]
+    t0 = time.perf_counter()
+    nll = document_nll(ev.model, docs, tok.bos_id, context, ev.autocast(), progress)
+    return {
+        **lm_eval_metrics(nll, texts),
+        "tokens_scored": int(sum(len(d) for d in docs)),
+        "source": source,
+        "context": context,
         "dtype": str(ev.dtype).removeprefix("torch."),
         "time_s": time.perf_counter() - t0,
     }
@@ -160,7 +250,8 @@ class CorpusArgs:
 class Args(EvalOptions):
     text: CorpusArgs = field(default_factory=CorpusArgs)
     context: int | None = None  # window length (default: the model's max_seq_len)
-    stride: int | None = None  # default: context / 2; must be below context
+    stride: int | None = None  # default: context / 2; must be below context (sliding mode)
+    mode: Literal["sliding", "lm-eval"] = "sliding"  # sliding: token ppl over the packed stream; lm-eval: per document
     batch_size: int = 8  # windows per forward pass
     max_tokens: int | None = None  # evaluate only the first N tokens
 
@@ -168,12 +259,16 @@ class Args(EvalOptions):
 def main(argv=None):
     a = parse_args(Args(), argv)
     ev = a.load()
-    r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens)
+    r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens, mode=a.mode)
     out = ev.write("perplexity", r, a.out)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+    if r["mode"] == "lm-eval":
+        what = f"word perplexity {r['word_perplexity']:.2f}, byte perplexity {r['byte_perplexity']:.4f}"
+    else:
+        what = f"loss {r['loss']:.4f} nats/token, token perplexity {r['perplexity']:.2f}"
     print(
-        f"{ev.name}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, bits/byte {bpb} "
-        f"over {r['tokens_scored']:,} tokens ({r['source']}) -> {out}"
+        f"{ev.name} ({r['mode']} mode): {what}, bits/byte {bpb} over {r['tokens_scored']:,} tokens "
+        f"({r['source']}) -> {out}"
     )
 
 

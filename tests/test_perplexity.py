@@ -78,3 +78,67 @@ def test_bits_per_byte_by_hand():
     table = np.full(50, 3)
     r = sliding_window_nll(Memorizer(50), np.arange(10), context=4, stride=2, token_bytes=table)
     assert r["bytes_scored"] == 9 * 3
+
+
+@pytest.mark.parametrize("n, max_len", [(1, 4), (4, 4), (5, 4), (13, 4), (9, 1), (30, 7)])
+def test_rolling_windows_score_every_token_once_as_lm_eval(n, max_len):
+    from eval.perplexity import rolling_windows
+
+    scored = []
+    for i, (begin, end, first) in enumerate(rolling_windows(n, max_len)):
+        assert end - 1 - begin <= max_len  # at most max_len inputs
+        if i == 0:
+            assert begin == 0 and first == 1  # the first token is predicted from the prefix alone
+        else:
+            assert end - 1 - begin == max_len  # later windows carry a full context
+        scored += range(first, end)
+    assert scored == list(range(1, n + 1))
+
+
+def test_lm_eval_mode_metrics_by_hand():
+    import re
+
+    from eval.perplexity import document_nll, lm_eval_metrics
+
+    # the memorizer knows every next token (logit 30, nearly zero loss), and the prefix predicts token 0 too
+    docs = [np.arange(0, 11) % 50, np.arange(0, 3) % 50]
+    prefix = 49  # (49 + 1) % 50 = 0: the first token of each document is predicted correctly
+    nll = document_nll(Memorizer(50), docs, prefix, max_len=4)
+    assert all(x < 1e-9 for x in nll)
+    texts = ["a b  c\nd", "éé"]
+    r = lm_eval_metrics([math.log(2) * 8, math.log(2) * 4], texts)
+    words = sum(len(re.split(r"\s+", t)) for t in texts)  # 4 + 1, as lm-eval counts them
+    assert r["words"] == words == 5 and r["bytes"] == 8 + 4
+    assert r["bits_per_byte"] == pytest.approx(1.0) and r["word_perplexity"] == pytest.approx(2 ** (12 / 5))
+    assert r["mode"] == "lm-eval"
+
+
+def test_lm_eval_mode_equals_a_direct_computation(tiny_args):
+    from eval.perplexity import document_nll
+
+    model = Transformer(tiny_args).eval()
+    doc = torch.randint(3, 97, (40,))
+    got = document_nll(model, [doc.numpy()], 1, max_len=16)[0]
+    # by hand: [prefix + doc[:15]] predicts doc[:16]; then doc[k-16:k] predicts the next 16 (and the last 8)
+    stream = torch.cat([torch.tensor([1]), doc])
+    want = 0.0
+    with torch.no_grad():
+        for begin, end, first in [(0, 17, 1), (16, 33, 17), (24, 41, 33)]:
+            logits = model(stream[begin : end - 1][None])[0]
+            nll = F.cross_entropy(logits, stream[begin + 1 : end], reduction="none")
+            want += nll[first - begin - 1 :].sum().item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_both_modes_from_the_command_name_themselves(trained_checkpoint, tmp_path):
+    import json
+
+    from eval.perplexity import main
+
+    main([str(trained_checkpoint), "--mode", "lm-eval", "--max-tokens", "3000", "--out", str(tmp_path / "l.json")])
+    main([str(trained_checkpoint), "--max-tokens", "3000", "--out", str(tmp_path / "s.json")])
+    lm, sliding = json.loads((tmp_path / "l.json").read_text()), json.loads((tmp_path / "s.json").read_text())
+    assert lm["mode"] == "lm-eval" and sliding["mode"] == "sliding"
+    assert lm["word_perplexity"] > lm["byte_perplexity"] > 1 and lm["documents"] >= 1
+    assert lm["bits_per_byte"] == pytest.approx(math.log2(lm["byte_perplexity"]))
+    assert "word_perplexity" not in sliding and sliding["perplexity"] > 1
