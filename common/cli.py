@@ -117,9 +117,7 @@ def apply_overrides(cfg, argv: list[str]):
     if "--help" in argv or "-h" in argv:
         print(overrides_help(cfg, paths))
         raise SystemExit(0)
-    by_name: dict[str, list[str]] = {}
-    for path in paths:
-        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    by_name = _by_name(paths)
     slots = [p for p, (_, f, _) in paths.items() if f.metadata.get("positional")]
     bare: list[str] = []
     i = 0
@@ -163,6 +161,14 @@ def apply_overrides(cfg, argv: list[str]):
     _fill_positional(cfg, paths, slots, bare)
     _revalidate(cfg)
     return cfg
+
+
+def _by_name(paths: dict) -> dict[str, list[str]]:
+    """Field name -> the dotted paths that end in it (more than one: the name needs its path)."""
+    out: dict[str, list[str]] = {}
+    for path in paths:
+        out.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return out
 
 
 def _resolve(key: str, by_name: dict, paths: dict, raw: str) -> str | None:
@@ -211,9 +217,7 @@ def _comments(cls) -> dict[str, str]:
 
 def overrides_help(cfg, paths: dict | None = None) -> str:
     paths = paths or _field_paths(cfg)
-    by_name: dict[str, list[str]] = {}
-    for path in paths:
-        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    by_name = _by_name(paths)
     module = _command_module(cfg)
     doc = (inspect.getdoc(module) or "").strip()
     name = module.__spec__.name.removesuffix(".__main__") if getattr(module, "__spec__", None) else "<command>"

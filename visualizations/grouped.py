@@ -23,9 +23,14 @@ from common.stats import adjust, mann_whitney, mean_ci, ratio_ci, welch
 from visualizations import write_tables
 from visualizations.compare import compression_label
 
-QUALITY = {"bits_per_byte": ("perplexity", "bits_per_byte"), "perplexity": ("perplexity", "perplexity")}
-QUALITY |= {"bleu": ("continuation", "bleu"), "rougeL": ("continuation", "rougeL")}
-QUALITY |= {"rougeL_code": ("continuation", "rougeL_code")}
+# row key -> (part of the quality result, field)
+QUALITY = {
+    "bits_per_byte": ("perplexity", "bits_per_byte"),
+    "perplexity": ("perplexity", "perplexity"),
+    "bleu": ("continuation", "bleu"),
+    "rougeL": ("continuation", "rougeL"),
+    "rougeL_code": ("continuation", "rougeL_code"),
+}
 
 
 def _read(path: Path) -> dict | None:
