@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from eval.common import training_data
-from llama.model import rope_cos_sin
-from training.data import BatchSampler
+from training.config import DataConfig
+from training.data import BatchSampler, load_documents
 
 
 def calibration_tokens(
@@ -29,31 +31,85 @@ def calibration_tokens(
     return x
 
 
+def corpus_calibration_tokens(
+    corpus: DataConfig, tokenizer, n_samples: int = 64, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """(n_samples, seq_len) random windows of a text corpus, for models whose training data is not at hand
+    (Hugging Face models): documents in a seeded random order, tokenized with the model's tokenizer and packed
+    until there are four times the tokens drawn (or the corpus ends)."""
+    docs = load_documents(corpus)
+    parts, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(docs)):
+        parts.append(np.asarray(tokenizer.encode(docs[i].text, bos=True, eos=True), dtype=np.int64))
+        total += len(parts[-1])
+        if total >= 4 * n_samples * (seq_len + 1):
+            break
+    x, _ = BatchSampler(np.concatenate(parts), seq_len, n_samples, seed).get(0)
+    return x
+
+
+class _FirstBlockReached(Exception):
+    pass
+
+
 @torch.no_grad()
-def block_inputs(model, tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Embeddings of the calibration tokens in batches: the inputs of the first transformer block."""
+def block_inputs(model, tokens: torch.Tensor, batch_size: int) -> list[BlockInput]:
+    """What the first block receives for each batch of calibration tokens: its hidden states and every other
+    argument the model passes it (rotary tables, masks, positions), caught by a hook that stops the forward
+    there, as the "Catcher" of the Wanda and SparseGPT code does. The same code serves this project's
+    Transformer and any transformers model, whose blocks take different arguments."""
     device = model.tok_embeddings.weight.device
-    return [
-        model.tok_embeddings(tokens[i : i + batch_size].to(device)).float() for i in range(0, len(tokens), batch_size)
-    ]
+    caught = []
+
+    def catch(module, args, kwargs):
+        if args:
+            h, rest = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            h, rest = kwargs.pop("hidden_states"), ()
+        caught.append(BlockInput(h.float(), rest, kwargs))
+        raise _FirstBlockReached
+
+    handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(0, len(tokens), batch_size):
+            try:
+                model(tokens[i : i + batch_size].to(device))
+            except _FirstBlockReached:
+                pass
+    finally:
+        handle.remove()
+    return caught
 
 
-def run_block(layer, h: torch.Tensor, params) -> torch.Tensor:
-    """One transformer block over full sequences (causal, no cache), as the model runs it."""
-    cos_sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), params.head_dim, params.rope_theta)
+@dataclass
+class BlockInput:
+    """One batch at the input of a block: hidden states (float32) and the block's other arguments."""
+
+    h: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+    def with_hidden(self, h: torch.Tensor) -> BlockInput:
+        return BlockInput(h, self.args, self.kwargs)
+
+
+def run_block(layer: nn.Module, x: BlockInput) -> torch.Tensor:
+    """One block over full sequences (causal, no cache), called as the model calls it; float32 outputs."""
     dtype = next(layer.parameters()).dtype
-    return layer(h.to(dtype), cos_sin, None, None).float()
+    out = layer(x.h.to(dtype), *x.args, **x.kwargs)
+    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 class BlockPass:
     """One block during block-by-block calibration: its inputs, and its outputs computed on first use."""
 
-    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], params):
-        self.layer, self.inputs, self.params, self._outputs = layer, inputs, params, None
+    def __init__(self, layer: nn.Module, inputs: list[BlockInput]):
+        self.layer, self.inputs, self._outputs = layer, inputs, None
 
     def outputs(self) -> list[torch.Tensor]:
         if self._outputs is None:
-            self._outputs = [run_block(self.layer, h, self.params) for h in self.inputs]
+            self._outputs = [run_block(self.layer, x) for x in self.inputs]
         return self._outputs
 
 
@@ -63,11 +119,11 @@ def block_by_block(model, tokens: torch.Tensor, batch_size: int = 8) -> Iterator
     inputs are this block's outputs as they are once the caller is done with it: after pruning it, they are
     the pruned block's outputs (as in the Wanda and SparseGPT papers' code)."""
     model.eval()
-    hs = block_inputs(model, tokens, batch_size)
+    xs = block_inputs(model, tokens, batch_size)
     for i, layer in enumerate(model.layers):
-        block = BlockPass(layer, hs, model.params)
+        block = BlockPass(layer, xs)
         yield i, block
-        hs = block.outputs()
+        xs = [x.with_hidden(h) for x, h in zip(xs, block.outputs(), strict=True)]
 
 
 class InputStats:

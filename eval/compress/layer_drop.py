@@ -66,7 +66,7 @@ def block_cosines(model: Transformer, calib: torch.Tensor, batch_size: int = 8) 
     out = []
     for _, block in block_by_block(model, calib, batch_size):
         pairs = zip(block.inputs, block.outputs(), strict=True)
-        out.append(torch.cat([torch.nn.functional.cosine_similarity(h, o, dim=-1).flatten() for h, o in pairs]))
+        out.append(torch.cat([torch.nn.functional.cosine_similarity(x.h, o, dim=-1).flatten() for x, o in pairs]))
     return out
 
 

@@ -25,19 +25,11 @@ from eval.compress.calibration import block_by_block, input_stats, run_block
 from llama.model import Transformer, count_params
 from llama.model_io import model_from_state_dict
 
-LINEARS = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-)
-
 
 def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: layer.get_submodule(name) for name in LINEARS}
+    """Every linear layer of a block: wq, wk, wv, wo, w1, w2, w3 here; q/k/v/o and the MLP's in a transformers
+    model (GPT-2's Conv1D layers are nn.Linear once loaded, eval/hf.py)."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,8 +137,8 @@ def prune_model(
     for _, block in block_by_block(model, calib, batch_size):
         linears = block_linears(block.layer)
         with input_stats(linears, hessian=method == "sparsegpt") as stats:  # one pass through the dense block
-            for h in block.inputs:
-                run_block(block.layer, h, model.params)
+            for x in block.inputs:
+                run_block(block.layer, x)
         _prune_block(linears, stats, method, sparsity, n_m, group)
     return sparsity_report(model)
 
