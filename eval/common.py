@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,25 @@ def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
     starts = np.flatnonzero(np.asarray(tokens) == bos_id)
     ends = list(starts[1:]) + [len(tokens)]
     return [np.asarray(tokens[s + 1 : e]) for s, e in zip(starts, ends, strict=True)]
+
+
+@dataclass
+class HeldOut:
+    """Score the held-out documents of ``checkpoint``'s training data, as text: how a model with another
+    tokenizer (a Hugging Face model) is measured on the same text as this project's models."""
+
+    checkpoint: str
+
+
+def heldout_texts(checkpoint: str | os.PathLike) -> list[str]:
+    """The held-out documents of a checkpoint's training data, decoded with the checkpoint's tokenizer."""
+    from llama.model_io import tokenizer_path
+    from llama.tokenizer import Tokenizer
+
+    data, _ = training_data(checkpoint)
+    tok = Tokenizer(tokenizer_path(checkpoint))
+    docs = split_documents_at_bos(data.val, tok.bos_id)
+    return [tok.decode(d[:-1] if len(d) and d[-1] == tok.eos_id else d) for d in docs]
 
 
 def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -> Path:

@@ -24,6 +24,7 @@ from common.cli import parse_args, run_main
 from common.energy import find_counter, measure_energy
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
+from eval.hf import HFModel
 from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
@@ -115,9 +116,9 @@ class Args(EvalOptions):
     n_tokens: int = 32  # decode steps timed per repeat
     repeats: int = 3  # timed repeats
     modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU)
-    engines: list[EngineName] = field(
-        default_factory=lambda: list(DEFAULT_ENGINES)
-    )  # engines for the full forward (torchscript: legacy, by name)
+    # engines for the full forward (default: torch, compile, aoti, onnxruntime; torch and compile for a HF
+    # model, whose export is not set up here; torchscript: legacy, by name)
+    engines: list[EngineName] | None = None
     energy: bool = True  # measure energy per token where a counter exists (--no-energy: skip)
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
     min_window: float = 1.0  # seconds; energy windows are at least this
@@ -144,7 +145,7 @@ def main(argv=None):
         a.prompt_len or context,
         a.n_tokens,
         modes,
-        a.engines,
+        a.engines or (["torch", "compile"] if isinstance(model, HFModel) else list(DEFAULT_ENGINES)),
         a.energy,
         a.min_window,
         a.idle,

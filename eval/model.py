@@ -1,5 +1,6 @@
-"""A checkpoint loaded for evaluation: the model (quantized again if its folder says so), its tokenizer,
-device and dtype, and what compression made it. Every evaluator loads through ``load_for_eval``."""
+"""A model loaded for evaluation: the model (quantized again if its folder says so), its tokenizer, device
+and dtype, and what compression made it. Every evaluator loads through ``load_for_eval``, which takes this
+project's checkpoints and Hugging Face model folders (eval/hf.py) alike."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from common.device import autocast, compute_dtype, pick_device
 from eval.common import write_result
 from eval.compress import read_compression
 from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
+from eval.hf import HFModel, HFTokenizer, is_hf_folder, load_hf
 from llama.model import Transformer, count_params
 from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
@@ -23,7 +25,7 @@ from llama.tokenizer import Tokenizer
 class EvalOptions:
     """What every evaluator command takes: which model, on which device and dtype, and where results go."""
 
-    checkpoint: str = positional()  # a checkpoints/<run> folder (its newest step) or a model folder
+    checkpoint: str = positional()  # checkpoints/<run> (its newest step), a model folder, or a HF model folder
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
     out: str | None = None  # result JSON (default: results/<model>-<evaluator>.json)
@@ -36,12 +38,17 @@ class EvalOptions:
 class Evaluated:
     name: str  # run@step_N, or the model folder's name
     folder: Path
-    model: Transformer
-    tokenizer: Tokenizer
+    model: Transformer | HFModel
+    tokenizer: Tokenizer | HFTokenizer
     device: torch.device
     dtype: torch.dtype  # autocast dtype used for the forward passes
     compression: dict | None = None  # compression.json of a compressed baseline
     n_params: int = 0  # parameters before any quantization (packed int8 weights are not nn.Parameters)
+
+    @property
+    def architecture(self) -> str:
+        """``perhead-llama`` for this project's models, else the transformers model_type (llama, gpt2 ...)."""
+        return self.model.params.model_type if isinstance(self.model, HFModel) else "perhead-llama"
 
     @property
     def quantized(self) -> bool:
@@ -60,6 +67,7 @@ class Evaluated:
             "params": self.n_params,
             "n_layers": self.model.params.n_layers,
             "per_head": self.model.params.head_layer is not None,
+            "architecture": self.architecture,
             "compression": self.compression,
         }
         return write_result(out or Path("results") / f"{self.name}-{evaluator}.json", header | payload, self.device)
@@ -74,15 +82,19 @@ def model_name(folder: Path) -> str:
 
 
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
-    folder = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
-    model = load_model(folder, dev).eval()
+    if is_hf_folder(checkpoint):
+        folder = Path(checkpoint)
+        model, tok = load_hf(folder, dev)
+    else:
+        folder = resolve_checkpoint(checkpoint)
+        model = load_model(folder, dev).eval()
+        tok = Tokenizer(tokenizer_path(folder))
+        if tok.vocab_size != model.params.vocab_size:
+            raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
     n_params = count_params(model)["total"]
     compression = read_compression(folder)
     if compression and compression.get("quantize"):
         model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
-    tok = Tokenizer(tokenizer_path(folder))
-    if tok.vocab_size != model.params.vocab_size:
-        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
     return Evaluated(model_name(folder), folder, model, tok, dev, dt, compression, n_params)

@@ -3,6 +3,7 @@
     python -m eval.perplexity checkpoints/tiny                              # the run's held-out split
     python -m eval.perplexity checkpoints/tiny --corpus notes/ --file-glob '**/*.md'
     python -m eval.perplexity checkpoints/run --corpus wikitext --hf-config wikitext-2-raw-v1 --hf-split test
+    python -m eval.perplexity hf/pythia-160m --heldout-of checkpoints/tiny --mode lm-eval   # a HF model
 
 Windows of ``context`` tokens start every ``stride`` tokens; each scores only the tokens no earlier window
 scored, so with stride < context every token (but the first) is predicted from at least context - stride
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
-from eval.common import split_documents_at_bos, training_data
+from eval.common import HeldOut, heldout_texts, split_documents_at_bos, training_data
 from eval.model import EvalOptions
 from training.config import DataConfig
 from training.data import load_documents
@@ -151,10 +152,17 @@ def summarize(r: dict) -> dict:
     return out
 
 
-def corpus_tokens(cfg: DataConfig, tokenizer) -> np.ndarray:
-    docs = load_documents(cfg)
-    ids = tokenizer.encode_batch([d.text for d in docs], bos=True, eos=True)
-    return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+def corpus_texts(corpus: DataConfig | HeldOut) -> tuple[list[str], str]:
+    """The documents of a corpus, or of another checkpoint's held-out split, and how to name the source."""
+    if isinstance(corpus, HeldOut):
+        return heldout_texts(corpus.checkpoint), f"held-out split of {corpus.checkpoint}'s training data, as text"
+    return [d.text for d in load_documents(corpus)], corpus.corpus or "default corpus"
+
+
+def corpus_tokens(corpus: DataConfig | HeldOut, tokenizer) -> tuple[np.ndarray, str]:
+    texts, source = corpus_texts(corpus)
+    ids = tokenizer.encode_batch(texts, bos=True, eos=True)
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), source
 
 
 def evaluate_perplexity(
@@ -177,7 +185,7 @@ def evaluate_perplexity(
         data, _ = training_data(ev.folder)
         tokens, source = data.val, f"held-out split of {data.dir}"
     else:
-        tokens, source = corpus_tokens(corpus, ev.tokenizer), corpus.corpus or "default corpus"
+        tokens, source = corpus_tokens(corpus, ev.tokenizer)
     if max_tokens:
         tokens = tokens[:max_tokens]
     batch = ev.batch_size(batch_size)
@@ -206,8 +214,8 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
         docs = [d[:-1] if len(d) and d[-1] == tok.eos_id else d for d in split_documents_at_bos(data.val, tok.bos_id)]
         texts, source = [tok.decode(d) for d in docs], f"held-out split of {data.dir}"
     else:
-        texts = [d.text for d in load_documents(corpus)]
-        docs, source = [np.asarray(x) for x in tok.encode_batch(texts, bos=False)], corpus.corpus or "default corpus"
+        texts, source = corpus_texts(corpus)
+        docs = [np.asarray(x) for x in tok.encode_batch(texts, bos=False)]
     if max_tokens:  # whole documents, up to the budget
         keep, seen = 0, 0
         while keep < len(docs) and seen + len(docs[keep]) <= max_tokens:
@@ -233,8 +241,13 @@ class CorpusArgs:
     text_field: str = "text"  # column of a jsonl/parquet/HF corpus
     hf_config: str | None = None  # HF dataset configuration
     hf_split: str = "test"  # HF dataset split
+    heldout_of: str | None = None  # score the held-out split of this checkpoint's data as text (other tokenizers)
 
-    def data_config(self) -> DataConfig | None:
+    def data_config(self) -> DataConfig | HeldOut | None:
+        if self.heldout_of is not None:
+            if self.corpus is not None:
+                raise ValueError("pass --corpus or --heldout-of, not both")
+            return HeldOut(self.heldout_of)
         if self.corpus is None:
             return None
         return DataConfig(

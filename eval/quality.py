@@ -2,6 +2,7 @@
 
     python -m eval.quality checkpoints/tiny
     python -m eval.quality checkpoints/baseline_8_layer --humaneval-samples 20 --temperature 0.8 --k 1 10
+    python -m eval.quality hf/codeparrot-small --heldout-of checkpoints/baseline_8_layer   # a HF model, same text
 
 Writes results/<model>-quality.json and prints a short table.
 """
@@ -62,7 +63,9 @@ def main(argv=None):
     ev = a.load()
     result = {
         "perplexity": evaluate_perplexity(ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens),
-        "continuation": continuation_task(ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size),
+        "continuation": continuation_task(
+            ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size, a.text.heldout_of
+        ),
         "humaneval": humaneval_task(
             ev,
             a.humaneval_limit,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval.common import split_documents_at_bos, training_data
+from eval.common import heldout_texts, split_documents_at_bos, training_data
 from eval.generate import complete
 from eval.model import Evaluated
 
@@ -53,12 +54,16 @@ def score_texts(hypotheses: list[str], references: list[str]) -> dict:
     }
 
 
-def continuation_pairs(ev: Evaluated, n_docs: int, prompt_tokens: int, continuation_tokens: int):
-    """(prompts, references) from the first held-out documents long enough for both parts."""
-    tokens = training_data(ev.folder)[0].val
-    docs = [
-        d for d in split_documents_at_bos(tokens, ev.tokenizer.bos_id) if len(d) > prompt_tokens + continuation_tokens
-    ]
+def continuation_pairs(
+    ev: Evaluated, n_docs: int, prompt_tokens: int, continuation_tokens: int, heldout_of: str | None = None
+):
+    """(prompts, references) from the first held-out documents long enough for both parts: the model's own
+    held-out split, or ``heldout_of``'s as text, tokenized with the model's tokenizer (a HF model)."""
+    if heldout_of is None:
+        docs = split_documents_at_bos(training_data(ev.folder)[0].val, ev.tokenizer.bos_id)
+    else:
+        docs = [np.asarray(x) for x in ev.tokenizer.encode_batch(heldout_texts(heldout_of), bos=False)]
+    docs = [d for d in docs if len(d) > prompt_tokens + continuation_tokens]
     docs = docs[:n_docs]
     if not docs:
         raise ValueError(
@@ -71,9 +76,14 @@ def continuation_pairs(ev: Evaluated, n_docs: int, prompt_tokens: int, continuat
 
 
 def continuation_task(
-    ev: Evaluated, n_docs: int = 50, prompt_tokens: int = 128, continuation_tokens: int = 64, batch_size: int = 8
+    ev: Evaluated,
+    n_docs: int = 50,
+    prompt_tokens: int = 128,
+    continuation_tokens: int = 64,
+    batch_size: int = 8,
+    heldout_of: str | None = None,
 ) -> dict:
-    prompts, refs = continuation_pairs(ev, n_docs, prompt_tokens, continuation_tokens)
+    prompts, refs = continuation_pairs(ev, n_docs, prompt_tokens, continuation_tokens, heldout_of)
     hyps = [c[0] for c in complete(ev, prompts, continuation_tokens, batch_size=batch_size)]
     return {
         **score_texts(hyps, refs),

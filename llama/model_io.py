@@ -92,7 +92,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def model_file_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of a model folder's weight file on disk."""
+    """Bytes of a model folder's weight files on disk (a Hugging Face folder may hold several shards)."""
+    p = Path(folder)
+    shards = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if shards:
+        return sum(s.stat().st_size for s in shards)
     return (resolve_checkpoint(folder) / MODEL_FILE).stat().st_size
 
 

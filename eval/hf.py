@@ -1,0 +1,305 @@
+"""Hugging Face causal LMs behind the interface the evaluators and compressors use for this project's models.
+
+A model folder written by ``save_pretrained`` (``config.json`` + safetensors + tokenizer files) loads with
+``AutoModelForCausalLM`` and ``AutoTokenizer``; ``HFModel`` gives it what the evaluators read off a
+``Transformer``: ``params`` (n_layers, vocab_size, max_seq_len), ``layers``, ``tok_embeddings``, and a
+``forward(tokens, input_pos, mask)`` that uses a KV cache after ``setup_caches``, so ``llama.generation``,
+the latency code and the calibration code run on it unchanged. ``HFTokenizer`` does the same for the
+tokenizer. The model's own code (transformers) computes every forward pass: nothing here re-implements an
+architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# model_type -> where the decoder blocks are; the architectures tested here
+SUPPORTED = {
+    "llama": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "gpt2": "transformer.h",
+    "starcoder2": "model.layers",
+}
+CONFIG_FILE = "config.json"
+# linear layers whose sizes differ from the config after structured pruning (eval/compress/structured_hf.py)
+SHAPES_FILE, PRUNED_WEIGHTS = "pruned_shapes.json", "pruned.safetensors"
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A folder written by transformers' ``save_pretrained`` (this project's folders hold model_args.json)."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and not (p / "model_args.json").is_file()
+
+
+def hf_model_type(folder: str | os.PathLike) -> str:
+    """The folder's ``model_type``, after checking that it is one this code handles."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path} is not a JSON model config; the folder is damaged") from None
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"{folder} is a {model_type!r} model; supported Hugging Face architectures: {', '.join(SUPPORTED)}"
+        )
+    return model_type
+
+
+@dataclass
+class HFParams:
+    """The model facts evaluators read (``Transformer.params`` has the same names)."""
+
+    n_layers: int
+    vocab_size: int
+    max_seq_len: int
+    model_type: str
+    head_layer: None = None  # no per-head layers in an external model
+
+
+class HFModel(nn.Module):
+    """A transformers causal LM with this project's model interface."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+        # transformers renamed past_key_values to cache (5.x); both are accepted here
+        self._cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        self.cache = None
+        self.causal_mask: torch.Tensor | None = None
+
+    @property
+    def params(self) -> HFParams:
+        c = self.hf.config
+        return HFParams(
+            n_layers=c.num_hidden_layers,
+            vocab_size=c.vocab_size,
+            max_seq_len=getattr(c, "max_position_embeddings", None) or c.n_positions,
+            model_type=c.model_type,
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.hf.get_submodule(SUPPORTED[self.hf.config.model_type])
+
+    @property
+    def tok_embeddings(self) -> nn.Embedding:
+        return self.hf.get_input_embeddings()
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None):
+        from transformers import DynamicCache
+
+        device = self.tok_embeddings.weight.device
+        self.cache = DynamicCache(config=self.hf.config)
+        self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+
+    def clear_caches(self):
+        self.cache, self.causal_mask = None, None
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """(B, T) tokens -> (B, T, V) logits. Without a cache: a full causal forward. With one: ``tokens`` sit at
+        positions ``input_pos`` (T,); ``mask`` (B, 1, T, cache_len), from ``llama.generation.padding_mask``,
+        marks left padding, which becomes transformers' 2-D attention mask and per-row position ids (as its
+        own ``generate`` does: positions count from each row's first real token)."""
+        if self.cache is None:
+            return self.hf(input_ids=tokens, use_cache=False).logits
+        B = tokens.shape[0]
+        end = int(input_pos[-1]) + 1
+        if mask is None:
+            attention, positions = None, input_pos[None].expand(B, -1)
+        else:
+            keys = mask[:, 0, -1, :end]  # (B, end): what the last (never a padding) query may attend to
+            first_valid = keys.int().argmax(-1)
+            attention, positions = keys.long(), (input_pos[None] - first_valid[:, None]).clamp(min=0)
+        out = self.hf(
+            input_ids=tokens,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: self.cache},
+        )
+        return out.logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2's Conv1D: a linear layer with its weight stored transposed (in, out). It becomes nn.Linear on load, so
+# pruning and quantization see one kind of layer, and is stored back as Conv1D on save.
+
+
+def conv1d_to_linear(model: nn.Module) -> list[str]:
+    """Replace every transformers Conv1D by the equal nn.Linear; returns the names replaced."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            nx, nf = module.weight.shape
+            lin = nn.Linear(
+                nx, nf, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype
+            )
+            lin.weight.data.copy_(module.weight.data.T)
+            if module.bias is not None:
+                lin.bias.data.copy_(module.bias.data)
+            model.set_submodule(name, lin)
+            names.append(name)
+    return names
+
+
+def hf_state_dict(model: HFModel) -> dict[str, torch.Tensor]:
+    """The transformers state dict of ``model.hf`` as its own class stores it (Conv1D weights transposed back)."""
+    sd = {k: v.contiguous() for k, v in model.hf.state_dict().items()}
+    for name in getattr(model, "conv1d_names", []):
+        key = f"{name}.weight"
+        if key in sd:
+            sd[key] = sd[key].T.contiguous()
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class HFTokenizer:
+    """An AutoTokenizer with ``llama.tokenizer.Tokenizer``'s methods.
+
+    ``bos=True`` follows the tokenizer's own convention (``add_special_tokens``: Llama adds <s>, GPT-2,
+    GPT-NeoX and Starcoder2 add nothing), which is how these models are used. ``bos_id`` is the token a
+    document is scored after: BOS where the tokenizer has one, else EOS, as lm-evaluation-harness's
+    ``prefix_token_id``."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = Path(folder)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:120]})") from None
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"{folder}: the tokenizer has no end-of-sequence token")
+        self.eos_id = self.tok.eos_token_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def sha256(self) -> str:
+        files = sorted(p for p in self.path.glob("tokenizer*") if p.is_file())
+        return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return self.encode_batch([text], bos, eos)[0]
+
+    def encode_batch(
+        self, texts: list[str], bos: bool = True, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
+        ids = self.tok(list(texts), add_special_tokens=bos)["input_ids"]
+        return [list(x) + [self.eos_id] * eos for x in ids]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (0 for special tokens): exact for byte-level BPE (GPT-2, GPT-NeoX,
+        Starcoder2) through the 256 characters standing for bytes, and for SentencePiece-style vocabularies
+        (Llama: ``<0xNN>`` byte tokens, U+2581 for a space)."""
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        decoder = json.loads(self.tok.backend_tokenizer.to_str()).get("decoder") or {}
+        byte_level = '"ByteLevel"' in json.dumps(decoder)
+        byte_chars = set(ByteLevel.alphabet())  # GPT-2's 256 printable stand-ins, one per byte
+        special = set(self.tok.all_special_ids)
+        pieces = self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i, p in enumerate(pieces):
+            if i in special or p is None:
+                continue
+            if byte_level and all(c in byte_chars for c in p):
+                out[i] = len(p)  # one character per byte
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", p):
+                out[i] = 1
+            else:
+                out[i] = len(p.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_hf(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[HFModel, HFTokenizer]:
+    """The model (float32, eval mode) and tokenizer of a transformers model folder."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model_type(folder)
+    try:
+        if (Path(folder) / SHAPES_FILE).is_file():
+            hf = _load_pruned(Path(folder))
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder}: the model does not load ({str(e).splitlines()[0][:160]})") from None
+    model = HFModel(hf.to(device).eval())
+    model.conv1d_names = conv1d_to_linear(model.hf)
+    tok = HFTokenizer(folder)
+    if tok.vocab_size > model.params.vocab_size:
+        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model only {model.params.vocab_size}")
+    return model, tok
+
+
+def _load_pruned(folder: Path) -> nn.Module:
+    """A structurally pruned model: built from its config, the layers named in pruned_shapes.json rebuilt at
+    their sizes, then its weights loaded (safetensors checks every name and shape)."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+    for name, (out_features, in_features) in json.loads((folder / SHAPES_FILE).read_text()).items():
+        old = hf.get_submodule(name)
+        hf.set_submodule(name, nn.Linear(in_features, out_features, bias=old.bias is not None))
+    load_model(hf, str(folder / PRUNED_WEIGHTS))
+    return hf
+
+
+def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path, shapes: dict | None = None):
+    """``save_pretrained`` of the model (its config updated by the caller) and its tokenizer into ``out``;
+    ``shapes``: the pruned layer sizes the config cannot say (pruned_shapes.json)."""
+    from safetensors.torch import save_model
+
+    if shapes:  # transformers cannot load these sizes: the weights go under the model's own names, for _load_pruned
+        model.hf.config.save_pretrained(str(out))
+        save_model(model.hf, str(out / PRUNED_WEIGHTS))
+        (out / SHAPES_FILE).write_text(json.dumps(shapes, indent=2))
+    else:
+        model.hf.save_pretrained(str(out), state_dict=hf_state_dict(model))
+    tokenizer.tok.save_pretrained(str(out))
+
+
+def drop_hf_layers(model: HFModel, drop: list[int]) -> HFModel:
+    """``model`` without the decoder blocks in ``drop`` (in place); its config says the new depth."""
+    L = model.params.n_layers
+    drop = sorted(set(drop))
+    if any(not 0 <= i < L for i in drop) or len(drop) >= L:
+        raise ValueError(f"layers to drop {drop} must be in 0..{L - 1} and leave at least one")
+    keep = [i for i in range(L) if i not in drop]
+    kept = nn.ModuleList([model.layers[i] for i in keep])
+    for new_index, layer in enumerate(kept):
+        for m in layer.modules():  # each attention finds its slot in the KV cache by its layer index
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_index
+    model.hf.set_submodule(SUPPORTED[model.hf.config.model_type], kept)
+    cfg = model.hf.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return model
