@@ -6,6 +6,11 @@
     python -m eval.compress --checkpoint checkpoints/tiny --method structured --head-ratio 0.25 --ffn-ratio 0.25 \\
         --skip-first 1 --skip-last 1 --finetune-steps 100 --out ...
     python -m eval.compress --checkpoint checkpoints/tiny --method quantize --scheme int8-dynamic --out ...
+    python -m eval.compress --checkpoint hf/pythia-160m --method wanda --calib-corpus python-sources --out ...
+
+A Hugging Face model folder (Llama, GPT-NeoX, GPT-2, Starcoder2) is compressed the same way and saved as a
+Hugging Face folder again (``save_pretrained``, its config saying the new depth); it has no training data
+here, so calibration needs ``--calib-corpus``.
 
 The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
@@ -23,18 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from common.cli import parse_args, run_main
 from common.device import pick_device
+from common.files import atomic_dir
 from eval.compress import COMPRESSION_FILE, read_compression
-from eval.compress.calibration import calibration_tokens
+from eval.compress.calibration import calibration_tokens, corpus_calibration_tokens
 from eval.compress.layer_drop import choose_layers, drop_layers
 from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
+from eval.compress.structured_hf import prune_structured_hf, pruned_shapes
+from eval.hf import drop_hf_layers, is_hf_folder, load_hf, save_hf
 from llama.model import count_params
 from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, save_model, tokenizer_path
 from training.checkpoint import STATE_FILE, training_config
-from training.config import TrainConfig
+from training.config import DataConfig, TrainConfig
 
+NEEDS_CALIBRATION = ("drop-angular", "drop-bi", "wanda", "sparsegpt", "structured")
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 Method = Literal[METHODS]
 Scheme = Literal[SCHEMES]
@@ -50,25 +61,48 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
+def calibration(a, base: Path, hf_tokenizer) -> tuple[torch.Tensor, str]:
+    """Calibration windows and where they came from: ``--calib-corpus``, else the base run's training data."""
+    if a.calib_corpus is None and hf_tokenizer is None:
+        return calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed), "training data of the base run"
+    if a.calib_corpus is None:
+        raise ValueError(f"{base} is a Hugging Face model without training data here; pass --calib-corpus")
+    corpus = DataConfig(corpus=None if a.calib_corpus == "stdlib" else a.calib_corpus, file_glob=a.calib_file_glob)
+    tokens = corpus_calibration_tokens(corpus, hf_tokenizer, a.calib_samples, a.calib_seq_len or 512, a.seed)
+    return tokens, a.calib_corpus
+
+
 def compress(a) -> Path:
-    base = resolve_checkpoint(a.checkpoint)
+    hf = is_hf_folder(a.checkpoint)
+    base = Path(a.checkpoint) if hf else resolve_checkpoint(a.checkpoint)
     if (read_compression(base) or {}).get("quantize"):
         raise ValueError(f"{base} is already quantized; compress its unquantized base instead")
+    if hf and a.finetune_steps:
+        raise ValueError("--finetune-steps trains this project's models only; leave it out for a Hugging Face model")
     device = pick_device(a.device)
-    model = load_model(base, device).eval()
+    model, tok = load_hf(base, device) if hf else (load_model(base, device).eval(), None)
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
-    needs_calib = a.method in ("drop-angular", "drop-bi", "wanda", "sparsegpt", "structured")
-    calib = calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed) if needs_calib else None
+    calib, calib_source = calibration(a, base, tok) if a.method in NEEDS_CALIBRATION else (None, None)
     if a.method in ("drop-last", "drop-angular", "drop-bi"):
         layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
-        model = drop_layers(model, layers)
+        model = drop_hf_layers(model, layers) if hf else drop_layers(model, layers)
         settings, report = {"layers": a.layers}, {"dropped_layers": layers}
     elif a.method in ("magnitude", "wanda", "sparsegpt"):
         n_m = parse_pattern(a.pattern) if a.pattern else None
         report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
         settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
+    elif a.method == "structured" and hf:
+        model, report = prune_structured_hf(
+            model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
+        )
+        settings = {
+            "head_ratio": a.head_ratio,
+            "ffn_ratio": a.ffn_ratio,
+            "skip_first": a.skip_first,
+            "skip_last": a.skip_last,
+        }
     elif a.method == "structured":
         model, report = prune_structured(
             model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
@@ -89,17 +123,28 @@ def compress(a) -> Path:
     # Quantize a copy first, to measure it and to fail (scheme unavailable here) before anything is written.
     measured = quantize(copy.deepcopy(model), quant) if quant else model
     out = Path(a.out)
-    save_model(model, out, tokenizer_path(base))
-    base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
-    (out / STATE_FILE).write_text(
-        json.dumps(
-            {"data_dir": base_state.get("data_dir"), "config": base_state.get("config"), "compressed_from": str(base)}
+    if hf:
+        with atomic_dir(out) as tmp:
+            save_hf(model, tok, tmp, pruned_shapes(model) if a.method == "structured" else None)
+    else:
+        save_model(model, out, tokenizer_path(base))
+        base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
+        (out / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "data_dir": base_state.get("data_dir"),
+                    "config": base_state.get("config"),
+                    "compressed_from": str(base),
+                }
+            )
         )
-    )
     info = {
         "method": a.method,
         **settings,
         "quantize": quant,
+        "calibration": None
+        if calib is None
+        else {"source": calib_source, "windows": list(calib.shape), "seed": a.seed},
         "base": str(base),
         "base_compression": read_compression(base),
         "params_before": before_params,
@@ -153,7 +198,7 @@ def finetune(folder: Path, trained: TrainConfig | None, a) -> Path:
 
 @dataclass
 class Args:
-    checkpoint: str | None = None  # the model to compress: checkpoints/<run> or a model folder (required)
+    checkpoint: str | None = None  # the model to compress: checkpoints/<run>, a model folder or a HF folder (required)
     method: Method | None = None  # what to do (required)
     out: str | None = None  # folder for the compressed model (required)
     sparsity: float = 0.5  # unstructured pruning: share of weights zeroed
@@ -165,7 +210,11 @@ class Args:
     skip_last: int = 0  # structured: leave the last N blocks intact
     scheme: Scheme | None = None  # quantization scheme
     calib_samples: int = 64  # calibration windows from the train split
-    calib_seq_len: int | None = None  # default: the run's training seq_len
+    calib_seq_len: int | None = None  # default: the run's training seq_len (512 with --calib-corpus)
+    calib_corpus: str | None = (
+        None  # calibrate on this corpus (a folder, file, python-sources or stdlib); needed for HF models
+    )
+    calib_file_glob: str = "**/*.py"  # files of a folder calibration corpus
     batch_size: int = 8  # calibration windows per forward pass
     finetune_steps: int = 0  # recovery fine-tuning steps after pruning
     finetune_lr: float = 1e-4  # recovery fine-tuning learning rate
