@@ -1,0 +1,92 @@
+"""lm-evaluation-harness tasks on one model, one task at a time, with each task's time and energy.
+
+    python -m eval.harness checkpoints/tiny --tasks my_task --include-path my_tasks/
+    python -m eval.harness hf/pythia-160m --tasks lambada_openai hellaswag --limit 200     # (needs the network)
+
+Each task runs through ``lm_eval.simple_evaluate`` with the ``perhead-llama`` adapter (eval/lm_eval_model.py)
+inside its own energy window (NVML on GPUs, RAPL on CPUs where readable, else "unavailable" with the
+reason), so the joules of a task are those of its own requests. Windows shorter than one second carry no
+figure (the counters update too coarsely), only their length. Writes results/<model>-harness.json: the
+harness's metrics per task, requests served by type, seconds, energy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from common.cli import parse_args, run_main
+from common.energy import EnergyMeter
+from eval.model import EvalOptions
+
+MIN_WINDOW_S = 1.0
+
+
+def run_tasks(
+    lm, tasks: list[str], include_path: str | None, limit: int | None, num_fewshot: int | None, idle_s: float
+):
+    """{task: {metrics, requests, time_s, energy}} for each task, run on its own."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    out = {}
+    for task in tasks:
+        before = dict(lm.requests)
+        t0 = time.perf_counter()
+        with EnergyMeter(lm.ev.device, idle_s=idle_s) as meter:
+            r = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot)
+        served = {k: lm.requests[k] - before[k] for k in before}
+        energy = meter.result(units=sum(served.values()) or None, unit="request")
+        if energy.get("window_s") is not None and energy["window_s"] < MIN_WINDOW_S:
+            energy = {
+                "method": energy["method"],
+                "window_s": energy["window_s"],
+                "energy_j": None,
+                "reason": f"the task took {energy['window_s']:.2f} s, under the {MIN_WINDOW_S:.0f} s a reading needs",
+            }
+        metrics = {
+            name: {k: v for k, v in values.items() if k != "alias" and isinstance(v, (int, float, str))}
+            for name, values in r["results"].items()
+        }
+        out[task] = {
+            "metrics": metrics,
+            "requests": served,
+            "n_samples": r.get("n-samples", {}).get(task),
+            "time_s": time.perf_counter() - t0,
+            "energy": energy,
+        }
+    return out
+
+
+@dataclass
+class Args(EvalOptions):
+    tasks: list[str] = field(default_factory=list)  # harness task names (required)
+    include_path: str | None = None  # a folder of task YAML files (local tasks)
+    limit: int | None = None  # documents per task (default: all)
+    num_fewshot: int | None = None  # few-shot examples (default: the task's)
+    batch_size: int = 8  # sequences per forward pass for loglikelihood requests
+    max_length: int | None = None  # tokens of context (default: the model's max_seq_len)
+    idle: float = 1.0  # seconds of idle power measured before each task's window
+
+
+def main(argv=None):
+    from eval.lm_eval_model import ProjectLM
+
+    a = parse_args(Args(), argv)
+    if not a.tasks:
+        raise ValueError("eval.harness needs --tasks (harness task names; local ones with --include-path)")
+    lm = ProjectLM(a.checkpoint, a.device, a.dtype, a.batch_size, a.max_length)
+    results = run_tasks(lm, a.tasks, a.include_path, a.limit, a.num_fewshot, a.idle)
+    settings = {"tasks": a.tasks, "limit": a.limit, "num_fewshot": a.num_fewshot, "max_length": lm.max_length}
+    out = lm.ev.write("harness", {**settings, "results": results}, a.out)
+    for task, r in results.items():
+        e = r["energy"]
+        joules = f"{e['energy_j']:.1f} J" if e.get("energy_j") else f"energy {e.get('reason', e['method'])}"
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].get(task, {}).items() if isinstance(v, float))
+        print(f"{task}: {shown}; {sum(r['requests'].values())} requests in {r['time_s']:.1f} s, {joules}")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
