@@ -4,6 +4,10 @@
     python -m runners.study runners/study_100m.toml             # the 100M configs (GPU)
     python -m runners.study baseline_8_layer perhead_6_layer    # runner names, default baselines and evaluations
 
+A study file may also name ``[[external]]`` models (Hugging Face folders such as codeparrot-small or
+pythia-160m): each is evaluated on the held-out text of the study's reference run and timed side by side
+with the rest; with ``checkpoints`` and ``tokens`` its checkpoints over training are plotted with the runs'.
+
 Every step is a command a user could type (``python -m runners.X``, ``python -m eval.compress``,
 ``python -m eval.quality`` ...), run in a subprocess with its output in ``results/<study>/logs/``. A finished
 step leaves a marker in ``results/<study>/steps/``; running the study again skips finished steps, resumes an
@@ -41,6 +45,9 @@ class Study:
     name: str
     runs: list[dict]  # {runner, name, args}
     compress: list[dict] = field(default_factory=list)  # {base, name, args}
+    # models not trained here (Hugging Face folders, e.g. codeparrot-small, pythia-160m), compared as rows:
+    # {name, path, and optionally checkpoints = [folders over training] with tokens = [tokens each had seen]}
+    external: list[dict] = field(default_factory=list)
     quality: list[str] = field(default_factory=list)  # extra arguments of eval.quality
     efficiency: list[str] = field(default_factory=list)  # extra arguments of eval.efficiency
     over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
@@ -71,7 +78,19 @@ class Study:
             for c in self.compress:
                 name = self.member(c["name"], k)
                 out.append({"group": c["name"], "seed": k, "name": name, "kind": "compressed", "base": c["base"]})
+        for e in self.external:  # one model each: no seeds
+            out.append({"group": e["name"], "seed": 0, "name": e["name"], "kind": "external", "path": e["path"]})
         return out
+
+    def heldout_reference(self) -> list[str]:
+        """Extra evaluator arguments for external models: score the held-out text of the reference run's
+        first seed, so they see the same text as the trained models (bits per byte compare across
+        tokenizers). None without trained runs: then the study's evaluator arguments must name a corpus."""
+        trained = [r["name"] for r in self.runs]
+        if not trained:
+            return []
+        ref = self.reference if self.reference in trained else trained[0]
+        return ["--heldout-of", str(Path(self.checkpoints_dir) / self.member(ref, 0))]
 
 
 def load_study(path: str | Path) -> Study:
@@ -79,14 +98,19 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise FileNotFoundError(f"study file {path} does not exist")
     d = tomllib.loads(path.read_text())
-    keys = {"name", "runs", "compress", "eval", "seeds", "reference", "workers", "checkpoints_dir", "logs_dir"}
+    keys = {"name", "runs", "compress", "external", "eval", "seeds", "reference", "workers", "checkpoints_dir"}
+    keys |= {"logs_dir"}
     keys |= {"results_dir"}
     unknown = set(d) - keys
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if not d.get("runs"):
-        raise ValueError(f"{path} names no [[runs]]; add at least one runner to train")
-    names = [r.get("name") for r in d["runs"]] + [c.get("name") for c in d.get("compress", [])]
+    if not d.get("runs") and not d.get("external"):
+        raise ValueError(f"{path} names no [[runs]] and no [[external]] models; add a runner to train")
+    external = d.get("external", [])
+    for e in external:
+        check_external(path, e)
+    names = [r.get("name") for r in d.get("runs", [])] + [c.get("name") for c in d.get("compress", [])]
+    names += [e["name"] for e in external]
     for n in names:
         try:
             check_run_name(n)
@@ -102,8 +126,9 @@ def load_study(path: str | Path) -> Study:
         raise ValueError(f"{path}: reference {d['reference']!r} is none of the study's models {names}")
     return Study(
         name=d.get("name", path.stem),
-        runs=d["runs"],
+        runs=d.get("runs", []),
         compress=d.get("compress", []),
+        external=external,
         quality=ev.get("quality", []),
         efficiency=ev.get("efficiency", []),
         over_training=ev.get("over_training", []),
@@ -113,6 +138,20 @@ def load_study(path: str | Path) -> Study:
         workers=max(1, int(d.get("workers", 1))),
         **{k: d[k] for k in ("checkpoints_dir", "logs_dir", "results_dir") if k in d},
     )
+
+
+def check_external(path: Path, e: dict):
+    unknown = set(e) - {"name", "path", "checkpoints", "tokens"}
+    if unknown or "name" not in e or "path" not in e:
+        raise ValueError(f"{path}: an [[external]] model takes name, path, checkpoints, tokens; got {sorted(e)}")
+    for folder in [e["path"], *e.get("checkpoints", [])]:
+        if not Path(folder).is_dir():
+            raise ValueError(f"{path}: external model {e['name']!r}: folder {folder} does not exist")
+    if len(e.get("tokens", [])) != len(e.get("checkpoints", [])):
+        raise ValueError(
+            f"{path}: external model {e['name']!r}: give one tokens value per checkpoint "
+            f"({len(e.get('checkpoints', []))} checkpoints, {len(e.get('tokens', []))} tokens)"
+        )
 
 
 def study_from_runners(names: list[str]) -> Study:
@@ -295,13 +334,18 @@ def plan(s: Study) -> list[Step]:
     models = [(t.name, t.output(s)) for t in train] + [(c.name, c.output(s)) for c in compress]
     steps: list[Step] = [*train, *compress]
     steps += [EvaluateStep("quality", name, folder, s.quality) for name, folder in models]
+    steps += [
+        EvaluateStep("quality", e["name"], Path(e["path"]), s.quality + s.heldout_reference()) for e in s.external
+    ]
     first = {t.run["name"]: t.output(s) for t in train if t.seed == 0}
     first |= {spec["name"]: c.output(s) for spec, c in zip(s.compress, compress[: len(s.compress)], strict=True)}
+    first |= {e["name"]: Path(e["path"]) for e in s.external}
     if s.efficiency:  # the per-model efficiency evaluator (all modes, batch sizes, engines), seed 0
         steps += [EvaluateStep("efficiency", s.member(g, 0), folder, s.efficiency) for g, folder in first.items()]
     if len(first) >= 2:
-        steps.append(SideBySideStep(first, s.reference or s.runs[0]["name"]))
-    return steps + [OverTrainingStep(s.member(r["name"], 0)) for r in s.runs]
+        steps.append(SideBySideStep(first, s.reference or next(iter(first))))
+    steps += [OverTrainingStep(s.member(r["name"], 0)) for r in s.runs]
+    return steps + [OverTrainingStep(e["name"]) for e in s.external if e.get("checkpoints")]
 
 
 def run_step(s: Study, step: Step, log: Path, watch: Callable[[str], None] | None = None, threads: int | None = None):
@@ -357,16 +401,29 @@ def _last_status(log: Path) -> str:
 
 
 def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
-    """Held-out perplexity of each kept checkpoint of ``run``, with the tokens (and energy) it had seen."""
+    """Held-out perplexity of each kept checkpoint of ``run`` (or of an external model's list of checkpoint
+    folders, e.g. Pythia revisions), with the tokens (and energy) it had seen."""
     out = s.out / "over_training"
-    for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run_name):
+    external = {e["name"]: e for e in s.external}.get(run_name)
+    if external:
+        points = [
+            (i, Path(f), {"tokens": t})
+            for i, (f, t) in enumerate(zip(external["checkpoints"], external["tokens"], strict=True))
+        ]
+        extra = s.heldout_reference()
+    else:
+        points = [
+            (step, folder, json.loads((folder / "state.json").read_text()))
+            for step, folder in list_checkpoints(Path(s.checkpoints_dir) / run_name)
+        ]
+        extra = []
+    for step, folder, state in points:
         target = out / f"{run_name}@step_{step}-perplexity.json"
         if not target.is_file():
-            run(["eval.perplexity", str(folder), "--out", str(target), *s.over_training])
+            run(["eval.perplexity", str(folder), "--out", str(target), *s.over_training, *extra])
         r = json.loads(target.read_text())
-        state = json.loads((folder / "state.json").read_text())
         r |= {"run": run_name, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
-        target.write_text(json.dumps(r, indent=2))
+        atomic_write(target, json.dumps(r, indent=2))
 
 
 def run_study(s: Study, progress: bool = True) -> Path:
@@ -447,7 +504,9 @@ def build_outputs(s: Study) -> Path:
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())
         points.setdefault(r["run"], []).append(r)
-    if points:
+    if points and any(e.get("checkpoints") for e in s.external):  # other tokenizers: only bits per byte compare
+        figures["over_training.png"] = over_training_fig(points, "bits_per_byte", "held-out bits per byte")
+    elif points:
         figures["over_training.png"] = over_training_fig(points)
     save_figures(figures, s.out / "plots")
     return write_report(s, rows, comps, runs, sorted(figures), points)

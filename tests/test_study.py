@@ -140,3 +140,53 @@ def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
     assert peak["train"] == 2 and peak["quality"] == 2  # two seeds trained, two models evaluated at once
     assert peak["side_by_side"] == 1 and threads_seen["side_by_side"] is None  # timing never shares the machine
     assert len(list((study.out / "steps").glob("*.json"))) == len(plan(study))  # every step left its marker
+
+
+def test_external_models_join_the_study(tmp_path):
+    from runners.study import EvaluateStep, OverTrainingStep, SideBySideStep, over_training
+
+    for name in ("ext", "ext-a", "ext-b"):
+        (tmp_path / name).mkdir()
+    toml = tmp_path / "s.toml"
+    body = f"""
+name = "s"
+checkpoints_dir = "{tmp_path / "ck"}"
+results_dir = "{tmp_path / "res"}"
+[[runs]]
+runner = "tiny"
+name = "r1"
+[[external]]
+name = "pythia"
+path = "{tmp_path / "ext"}"
+checkpoints = ["{tmp_path / "ext-a"}", "{tmp_path / "ext-b"}"]
+tokens = [1000, 2000]
+"""
+    toml.write_text(body)
+    s = load_study(toml)
+    steps = {st.key: st for st in plan(s)}
+    quality = steps["quality-pythia"]
+    assert isinstance(quality, EvaluateStep) and quality.model == tmp_path / "ext"
+    assert quality.extra[-2:] == ["--heldout-of", str(tmp_path / "ck" / "r1")]  # the same text as the runs
+    assert isinstance(steps["side_by_side"], SideBySideStep) and "pythia" in steps["side_by_side"].models
+    assert isinstance(steps["over_training-pythia"], OverTrainingStep)
+    assert [m["kind"] for m in s.members()] == ["trained", "external"]
+
+    ran = []
+
+    def fake_run(cmd):
+        ran.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        (tmp_path / "res" / "s" / "over_training").mkdir(parents=True, exist_ok=True)
+        open(out, "w").write(json.dumps({"bits_per_byte": 1.0}))
+
+    over_training(s, "pythia", fake_run)
+    assert [c[1] for c in ran] == [str(tmp_path / "ext-a"), str(tmp_path / "ext-b")]
+    points = sorted((s.out / "over_training").glob("pythia@*.json"))
+    assert [json.loads(p.read_text())["tokens"] for p in points] == [1000, 2000]
+
+    toml.write_text(body.replace("tokens = [1000, 2000]", "tokens = [1000]"))
+    with pytest.raises(ValueError, match="one tokens value per checkpoint"):
+        load_study(toml)
+    toml.write_text(body.replace(f'path = "{tmp_path / "ext"}"', 'path = "/nonexistent/hf"'))
+    with pytest.raises(ValueError, match="folder /nonexistent/hf does not exist"):
+        load_study(toml)

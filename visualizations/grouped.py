@@ -110,7 +110,8 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             if base is None or depth.get(base["model"], 0) < depth[ph["model"]]:
                 continue  # only baselines at least as deep as the per-head model (or compressed from one)
             pair = {"a": ph["model"], "b": other["model"]}
-            if ph.get("bits_per_byte") and other.get("bits_per_byte"):
+            # an external model is one model (no seeds): shown in the table, not tested for quality
+            if ph.get("bits_per_byte") and other.get("bits_per_byte") and other["kind"] != "external":
                 a, b = ph["bits_per_byte"]["values"], other["bits_per_byte"]["values"]
                 out.append(
                     pair
