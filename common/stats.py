@@ -83,3 +83,12 @@ def adjust(tests: list[dict]) -> list[dict]:
             t["q"] = float(next(qs))
             t["distinguishable"] = t["q"] < ALPHA
     return tests
+
+
+def kruskal(groups: dict[str, list[float]]) -> dict:
+    """Kruskal-Wallis H test: do the groups' distributions differ at all (before any pairwise test)?"""
+    kept = {k: v for k, v in groups.items() if len(v) >= 3}
+    if len(kept) < 2:
+        return {"test": "kruskal-wallis", "p": None, "reason": "needs 2+ groups of 3+ samples"}
+    r = stats.kruskal(*kept.values())
+    return {"test": "kruskal-wallis", "p": float(r.pvalue), "h": float(r.statistic), "groups": sorted(kept)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from tqdm import tqdm
 import eval.compress.__main__ as compress_cli
 from common.cli import apply_overrides, parse_args, positional, run_main
 from common.files import atomic_write
+from common.process import die_with_parent
 from llama.model_io import list_checkpoints
 from training.config import check_run_name
 
@@ -354,26 +354,9 @@ def run_step(s: Study, step: Step, log: Path, watch: Callable[[str], None] | Non
     step.execute(s, lambda cmd: _python(cmd, log, watch, env))
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """A preexec function asking the kernel to SIGKILL the child when the study process dies, however it
-    dies (kill -9 included), so a rerun never trains beside an orphan. Everything it calls is resolved here,
-    in the parent: between fork and exec the child only makes two system calls."""
-    import ctypes
-
-    prctl, getppid, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getppid, os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec():
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = None, env: dict | None = None):
     log.parent.mkdir(parents=True, exist_ok=True)
-    preexec = _die_with_parent() if sys.platform == "linux" else None
+    preexec = die_with_parent() if sys.platform == "linux" else None
     with open(log, "a") as f:
         f.write(f"$ python -m {' '.join(cmd)}\n")
         f.flush()

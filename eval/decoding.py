@@ -1,0 +1,246 @@
+"""Runtime engines that decode: one prompt at a time, token by token with a KV cache, each token timed.
+
+- ``torch``: eager PyTorch (this project's models and Hugging Face folders);
+- ``compile``: the decode step under torch.compile (static KV cache, so one graph serves every step; the
+  prompt runs eager, as gpt-fast does); this project's models;
+- ``onnxruntime``: the model exported once with ``torch.export`` -> ONNX, its KV cache passed in and
+  returned as tensors (``k0..k{L-1}``, ``v0..v{L-1}``, fixed length ``max_seq_len``; the prompt length is
+  dynamic); CPU execution provider, or CUDA where the model is on a GPU and ONNX Runtime has it;
+- ``openvino``: the same ONNX file compiled by OpenVINO for the CPU.
+TorchScript is left out: ``torch.jit`` is deprecated on the pinned torch (2.13).
+
+Every engine is checked token for token against eager greedy generation (``llama.generation.generate``)
+before it is used (``check``); one that differs is reported, not served.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.timing import sync
+from eval.hf import HFModel
+from llama.generation import decode_one_token, generate, prefill, sample
+
+DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
+
+
+class Decoder:
+    """One engine's decoding. Subclasses give ``start(ids) -> logits`` (the prompt into a fresh cache) and
+    ``next(token, pos) -> logits`` (one step); ``generate`` is the same loop and clock for all."""
+
+    name = ""
+    note = ""
+
+    def __init__(self, max_seq_len: int, device: torch.device):
+        self.max_seq_len, self.device = max_seq_len, device
+
+    def start(self, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def next(self, token: int, pos: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        stop=None,
+        seed: int = 0,
+    ) -> tuple[list[int], list[float]]:
+        """New tokens (ending at EOS, not included, or when ``stop(tokens)``) and the time each was ready, in
+        seconds from the call (the first is the time to first token)."""
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the context {self.max_seq_len}"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        logits = self.start(ids)
+        out, times = [], []
+        for i in range(max_new_tokens):
+            token = int(sample(logits[None].float().cpu(), temperature, None, top_p, gen)[0])
+            sync(self.device)
+            if token == eos_id:
+                break
+            out.append(token)
+            times.append(time.perf_counter() - t0)
+            if (stop is not None and stop(out)) or i == max_new_tokens - 1:
+                break
+            logits = self.next(token, len(ids) + i)
+        return out, times
+
+
+class TorchDecoder(Decoder):
+    def __init__(self, model: nn.Module, device: torch.device, compiled: bool = False):
+        super().__init__(model.params.max_seq_len, device)
+        self.model, self.hf = model, isinstance(model, HFModel)
+        if compiled and self.hf:
+            raise ValueError("compile decodes this project's models (static KV cache); use torch for a HF model")
+        self.name = "compile" if compiled else "torch"
+        self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
+        self.step = torch.compile(decode_one_token, dynamic=False) if compiled else decode_one_token
+
+    def start(self, ids):
+        # This project's models keep one static cache for every request (entries past the prompt are masked
+        # until written; the compiled step keeps its graph); transformers' cache grows: a fresh one each time.
+        if self.hf or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != self.max_seq_len:
+            self.model.setup_caches(1, self.max_seq_len)
+        x = torch.tensor([ids], device=self.device)
+        return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0]
+
+    def next(self, token, pos):
+        x = torch.tensor([[token]], device=self.device)
+        return self.step(self.model, x, torch.tensor([pos], device=self.device))[0]
+
+
+class CachedStep(nn.Module):
+    """The model's forward with its KV cache as inputs and outputs (for export): the cache buffers are set to
+    copies of the inputs, the forward writes the new keys and values into them, and they are returned."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *caches: torch.Tensor):
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            layer.attention.kv_cache.k_cache = caches[i].clone()
+            layer.attention.kv_cache.v_cache = caches[len(layers) + i].clone()
+        logits = self.model(tokens, input_pos)[:, -1]  # (1, V): only the last position is needed
+        ks = [layer.attention.kv_cache.k_cache for layer in layers]
+        vs = [layer.attention.kv_cache.v_cache for layer in layers]
+        return (logits, *ks, *vs)
+
+
+def export_onnx(model: nn.Module, folder: Path) -> tuple[Path, list[str], list[tuple[int, ...]]]:
+    """``CachedStep`` of ``model`` (float32, CPU) as an ONNX file; its cache input names and shapes."""
+    if isinstance(model, HFModel):
+        raise ValueError("ONNX/OpenVINO decoding exports this project's models; serve a HF model with torch")
+    model = model.float().cpu().eval()
+    S = model.params.max_seq_len
+    model.setup_caches(1, S)
+    caches = [layer.attention.kv_cache.k_cache.clone() for layer in model.layers]
+    caches += [layer.attention.kv_cache.v_cache.clone() for layer in model.layers]
+    n = len(model.layers)
+    names = [f"k{i}" for i in range(n)] + [f"v{i}" for i in range(n)]
+    t = torch.export.Dim("t", min=1, max=S)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # export first, then convert: torch.onnx.export's own call turns the caches' tuple of shapes into a list
+        program = torch.export.export(
+            CachedStep(model),
+            (*example, *caches),
+            dynamic_shapes={"tokens": {1: t}, "input_pos": {0: t}, "caches": (None,) * len(caches)},
+        )
+        onnx = torch.onnx.export(
+            program,
+            dynamo=True,
+            input_names=["tokens", "input_pos", *names],
+            output_names=["logits", *[f"{c}_out" for c in names]],
+            verbose=False,
+        )
+    model.clear_caches()
+    path = folder / "decode.onnx"
+    onnx.save(str(path))
+    return path, names, [tuple(c.shape) for c in caches]
+
+
+class ArrayDecoder(Decoder):
+    """Decoding with an exported step that takes and returns numpy arrays (ONNX Runtime, OpenVINO)."""
+
+    def __init__(self, run, names: list[str], shapes: list[tuple[int, ...]], max_seq_len: int, device):
+        super().__init__(max_seq_len, device)
+        self.run, self.names, self.shapes = run, names, shapes
+        self.caches: list[np.ndarray] = []
+
+    def _step(self, ids: list[int], first: int) -> torch.Tensor:
+        feeds = {
+            "tokens": np.asarray([ids], dtype=np.int64),
+            "input_pos": np.arange(first, first + len(ids), dtype=np.int64),
+            **dict(zip(self.names, self.caches, strict=True)),
+        }
+        out = self.run(feeds)
+        self.caches = list(out[1:])
+        return torch.from_numpy(np.asarray(out[0][0]))
+
+    def start(self, ids):
+        self.caches = [np.zeros(s, dtype=np.float32) for s in self.shapes]
+        return self._step(ids, 0)
+
+    def next(self, token, pos):
+        return self._step([token], pos)
+
+
+def onnxruntime_decoder(path: Path, names, shapes, max_seq_len: int, device: torch.device) -> ArrayDecoder:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    dec = ArrayDecoder(lambda feeds: session.run(None, feeds), names, shapes, max_seq_len, torch.device("cpu"))
+    dec.name = "onnxruntime"
+    dec.note = f"ONNX Runtime, {session.get_providers()[0]}, KV cache as inputs/outputs (numpy in and out)"
+    return dec
+
+
+def openvino_decoder(path: Path, names, shapes, max_seq_len: int) -> ArrayDecoder:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    outputs = compiled.outputs
+
+    def run(feeds):
+        result = compiled(feeds)
+        return [result[o] for o in outputs]
+
+    dec = ArrayDecoder(run, names, shapes, max_seq_len, torch.device("cpu"))
+    dec.name, dec.note = "openvino", f"OpenVINO {ov.get_version().split('-')[0]} on the CPU, KV cache as inputs/outputs"
+    return dec
+
+
+def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Path | None = None) -> Decoder:
+    """The ``name`` engine for ``model`` (ONNX and OpenVINO export a float32 CPU copy into ``workdir``)."""
+    if name not in DECODE_ENGINES:
+        raise ValueError(f"unknown engine {name!r}; use one of {DECODE_ENGINES}")
+    if name in ("torch", "compile"):
+        return TorchDecoder(model, device, compiled=name == "compile")
+    import copy
+    import json
+
+    folder = Path(workdir or tempfile.mkdtemp(prefix="decode-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "decode.json"
+    if meta.is_file():  # exported already for the other engine
+        path, d = folder / "decode.onnx", json.loads(meta.read_text())
+        names, shapes = d["names"], [tuple(x) for x in d["shapes"]]
+    else:
+        path, names, shapes = export_onnx(copy.deepcopy(model), folder)
+        meta.write_text(json.dumps({"names": names, "shapes": shapes}))
+    if name == "onnxruntime":
+        return onnxruntime_decoder(path, names, shapes, model.params.max_seq_len, device)
+    return openvino_decoder(path, names, shapes, model.params.max_seq_len)
+
+
+def check(decoder: Decoder, model: nn.Module, prompts: list[list[int]], n_tokens: int = 16) -> None:
+    """Raise unless ``decoder``'s greedy tokens equal eager generation's for every prompt."""
+    for p in prompts:
+        expected = generate(model, [p], n_tokens)[0]
+        got, _ = decoder.generate(p, n_tokens)
+        if got != expected[: len(got)] or len(got) != len(expected):
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected))
+            )
+            raise ValueError(f"{decoder.name} differs from eager greedy decoding at new token {first}")

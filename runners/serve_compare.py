@@ -1,0 +1,93 @@
+"""The whole serving comparison in one command: start the server on loopback, load it, write table, plots,
+report.
+
+    python -m runners.serve_compare checkpoints/tiny                        # every engine this machine has
+    python -m runners.serve_compare checkpoints/tiny --engines torch onnxruntime --requests 200 --concurrency 8
+
+The server runs as a child process (``python -m serve.server``, killed with this one however it ends) on a
+free port of 127.0.0.1; the load client (serve/client.py) sends HumanEval prompts rotated over the engines;
+visualizations/serving.py writes ``table.md``, ``plots/serving_boxplots.png`` and ``report.md`` next to
+``requests.jsonl/.csv`` and ``summary.json`` in ``--out``. The server's own log is ``server.log`` there.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.cli import parse_args, positional, run_main
+from common.process import die_with_parent
+from eval.decoding import DECODE_ENGINES
+from serve.client import run_load
+from visualizations.serving import write_serving_report
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until the server answers /health (it checks every engine first), or its death, or the timeout."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-600:] if log.is_file() else ""
+            raise RuntimeError(f"the server exited ({proc.returncode}) before it was ready; its log ends: {tail}")
+        try:
+            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server did not answer within {timeout_s:.0f} s; see {log}")
+
+
+@dataclass
+class Args:
+    checkpoint: str = positional()  # checkpoints/<run>, a model folder or a HF model folder
+    engines: list[str] = field(default_factory=lambda: list(DECODE_ENGINES))  # those that work here are compared
+    requests: int = 80  # requests in all, rotated over the engines
+    concurrency: int = 4  # requests in flight at once
+    max_tokens: int = 64  # new tokens per request
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    out: str = "results/serving"  # folder for the requests, summary, table, plots and report
+    startup_timeout: float = 600.0  # seconds for the server to export, compile and check its engines
+
+
+def main(argv=None):
+    a = parse_args(Args(), argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = out / "server.log"
+    cmd = [sys.executable, "-m", "serve.server", a.checkpoint, "--port", str(port), "--device", a.device]
+    cmd += ["--engines", *a.engines, "--max-tokens-limit", str(a.max_tokens), "--workdir", str(out / "export")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    try:
+        wait_ready(url, proc, log, a.startup_timeout)
+        summary = run_load(url, None, a.requests, a.concurrency, a.max_tokens, out)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    report = write_serving_report(out)
+    if summary["server"]["unavailable"]:
+        print(f"not served here: {summary['server']['unavailable']}")
+    print((out / "table.md").read_text())
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    run_main(main)

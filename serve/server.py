@@ -1,0 +1,219 @@
+"""An HTTP endpoint (FastAPI + uvicorn) that completes prompts with a chosen runtime engine and returns, with
+each completion, its measurements.
+
+    python -m serve.server checkpoints/tiny --engines torch onnxruntime openvino      # http://127.0.0.1:8000
+    curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "def add(a, b):", "max_tokens": 32, "engine": "onnxruntime"}'
+
+Serves this project's checkpoints and Hugging Face model folders (torch engine), each engine checked token
+for token against eager greedy decoding at start-up (an engine that fails to build or differs is listed
+under ``unavailable`` with the reason). Binds to 127.0.0.1 unless told otherwise.
+
+Requests are served one at a time, in arrival order, so that a request's latency and energy are its own;
+the time a request waited for the ones before it is ``queue_ms``. Measurements follow MLPerf / LLMPerf /
+GenAI-Perf: ``ttft_ms`` (time to first token: prompt processing and the first token), ``tpot_ms`` (time per
+output token after the first: (e2e - ttft) / (tokens_out - 1)), ``itl_ms`` (each inter-token latency),
+``e2e_ms`` (from the start of processing to the last token; the client adds the HTTP round trip and the
+queue), ``tokens_in``/``tokens_out``, and ``energy`` (NVML or RAPL, else "unavailable" with the reason; a
+request shorter than one second carries no figure, the counters update too coarsely).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from common.cli import parse_args, positional, run_main
+from common.energy import EnergyMeter, find_counter
+from common.hardware import run_metadata
+from eval.decoding import DECODE_ENGINES, build_decoder, check
+from eval.model import load_for_eval
+
+MIN_ENERGY_WINDOW_S = 1.0
+CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
+
+
+class CompletionRequest(BaseModel):
+    prompt: str = Field(min_length=1, description="text to continue")
+    max_tokens: int = Field(32, gt=0, description="new tokens at most")
+    engine: str = Field("torch", description="runtime engine; GET /health lists those served")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
+    stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends before them)")
+    seed: int = 0
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _first_error(exc: RequestValidationError) -> str:
+    e = exc.errors()[0]
+    where = ".".join(str(x) for x in e.get("loc", []) if x != "body") or "body"
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    return f"{where}: {e.get('msg', 'invalid')}"
+
+
+@dataclass
+class Served:
+    """The model, its engines and what the server was asked to do."""
+
+    ev: object
+    decoders: dict
+    unavailable: dict
+    max_tokens_limit: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    counter: object = None
+    counter_reason: str | None = None
+
+
+def load_served(
+    checkpoint: str, engines: list[str], device: str, max_tokens_limit: int, workdir: Path | None
+) -> Served:
+    ev = load_for_eval(checkpoint, device, "float32")  # numerics as the ONNX / OpenVINO exports (float32)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="serve-"))
+    S = ev.model.params.max_seq_len
+    n_check = max(1, min(16, S // 4))  # new tokens compared per check prompt; prompts cut to leave room
+    prompts = [ev.tokenizer.encode(p)[-(S - n_check) :] for p in CHECK_PROMPTS]
+    decoders, unavailable = {}, {}
+    for name in engines:
+        try:
+            decoder = build_decoder(name, ev.model, ev.device, workdir)
+            check(decoder, ev.model, prompts, n_check)
+            decoders[name] = decoder
+        except Exception as e:  # reported on /health and in every answer, never hidden
+            unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if not decoders:
+        raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
+    counter, reason = find_counter(ev.device)
+    return Served(ev, decoders, unavailable, max_tokens_limit, counter=counter, counter_reason=reason)
+
+
+def complete(served: Served, req: CompletionRequest, received: float) -> dict:
+    """Run one request (the caller holds no lock; this takes the server's)."""
+    ev = served.ev
+    if req.engine not in served.decoders:
+        known = ", ".join(served.decoders)
+        why = f" ({served.unavailable[req.engine]})" if req.engine in served.unavailable else ""
+        raise BadRequest(400, f"engine {req.engine!r} is not served{why}; use one of: {known}")
+    if req.max_tokens > served.max_tokens_limit:
+        raise BadRequest(400, f"max_tokens {req.max_tokens} is over this server's limit of {served.max_tokens_limit}")
+    ids = ev.tokenizer.encode(req.prompt, bos=True)
+    room = ev.model.params.max_seq_len - req.max_tokens
+    if len(ids) > room:
+        raise BadRequest(
+            413, f"the prompt is {len(ids)} tokens; with max_tokens {req.max_tokens} at most {room} fit the context"
+        )
+    decoder = served.decoders[req.engine]
+    tok = ev.tokenizer
+
+    def stop(out: list[int]) -> bool:
+        return bool(req.stop) and any(s in tok.decode(out) for s in req.stop)
+
+    with served.lock:
+        started = time.perf_counter()
+        meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
+        with meter:
+            out, times = decoder.generate(ids, req.max_tokens, req.temperature, req.top_p, tok.eos_id, stop, req.seed)
+        energy = meter.result(units=len(out) or None, unit="token")
+    if energy.get("window_s") is not None and energy["window_s"] < MIN_ENERGY_WINDOW_S:
+        energy = {
+            "method": energy["method"],
+            "window_s": energy["window_s"],
+            "energy_j": None,
+            "reason": f"the request took {energy['window_s']:.3f} s, under the {MIN_ENERGY_WINDOW_S:.0f} s a "
+            "reading needs",
+        }
+    text = tok.decode(out)
+    for s in req.stop:
+        text = text.split(s)[0]
+    itl = [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)]
+    e2e = 1e3 * times[-1] if times else 0.0
+    return {
+        "completion": text,
+        "engine": req.engine,
+        "engine_note": decoder.note,
+        "device": str(ev.device),
+        "model": ev.name,
+        "tokens_in": len(ids),
+        "tokens_out": len(out),
+        "queue_ms": 1e3 * (started - received),
+        "ttft_ms": 1e3 * times[0] if times else None,
+        "tpot_ms": (e2e - 1e3 * times[0]) / (len(out) - 1) if len(out) > 1 else None,
+        "itl_ms": itl,
+        "e2e_ms": e2e,
+        "energy": energy,
+    }
+
+
+def create_app(served: Served) -> FastAPI:
+    app = FastAPI(title="perhead-llama server")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"error": _first_error(exc)})
+
+    @app.exception_handler(BadRequest)
+    async def bad(request: Request, exc: BadRequest):
+        return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+    @app.get("/health")
+    def health():
+        return {
+            "model": served.ev.name,
+            "architecture": served.ev.architecture,
+            "engines": {n: d.note for n, d in served.decoders.items()},
+            "unavailable": served.unavailable,
+            "max_seq_len": served.ev.model.params.max_seq_len,
+            "max_tokens_limit": served.max_tokens_limit,
+            "energy": "unavailable: " + served.counter_reason if served.counter is None else served.counter.method,
+            **run_metadata(served.ev.device),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        received = time.perf_counter()
+        # the model runs in a worker thread so the server keeps accepting (and queueing) requests meanwhile
+        return await asyncio.to_thread(complete, served, req, received)
+
+    return app
+
+
+@dataclass
+class Args:
+    checkpoint: str = positional()  # checkpoints/<run>, a model folder or a HF model folder
+    engines: list[str] = field(default_factory=lambda: list(DECODE_ENGINES))  # engines to serve (those that work)
+    host: str = "127.0.0.1"  # interface to bind (loopback by default)
+    port: int = 8000
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    workdir: str | None = None  # where the ONNX export goes (default: a temporary folder)
+
+
+def main(argv=None):
+    import uvicorn
+
+    a = parse_args(Args(), argv)
+    unknown = [e for e in a.engines if e not in DECODE_ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
+    served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir)
+    print(f"serving {served.ev.name} with {', '.join(served.decoders)} on http://{a.host}:{a.port}")
+    for name, why in served.unavailable.items():
+        print(f"  not served: {name}: {why}")
+    uvicorn.run(create_app(served), host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,173 @@
+"""The HTTP server and the load client, over real HTTP on 127.0.0.1 (a free port chosen in the test)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from eval.decoding import DECODE_ENGINES
+from llama.generation import generate
+from serve.server import create_app, load_served
+
+PROMPT = "def add(a, b):\n"
+
+
+def _start(app):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(trained_checkpoint, tmp_path_factory):
+    return load_served(str(trained_checkpoint), list(DECODE_ENGINES), "cpu", 48, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    server, thread, url = _start(create_app(served))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def post(url, body, **kw):
+    return httpx.post(url + "/v1/completions", json=body, timeout=120, trust_env=False, **kw)
+
+
+def eager(served, prompt: str, n: int) -> str:
+    tok = served.ev.tokenizer
+    return tok.decode(generate(served.ev.model, [tok.encode(prompt)], n, eos_id=tok.eos_id)[0])
+
+
+def test_health_lists_every_engine(url):
+    h = httpx.get(url + "/health", trust_env=False).json()
+    assert set(h["engines"]) == set(DECODE_ENGINES) and h["unavailable"] == {}
+    assert h["energy"].startswith("unavailable") or h["energy"] in ("rapl", "nvml-energy-counter")
+
+
+@pytest.mark.parametrize("engine", DECODE_ENGINES)
+def test_each_engine_completes_as_eager_greedy_generation(served, url, engine):
+    r = post(url, {"prompt": PROMPT, "max_tokens": 20, "engine": engine})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["engine"] == engine and d["completion"] == eager(served, PROMPT, 20)
+    n = d["tokens_out"]
+    assert d["tokens_in"] == len(served.ev.tokenizer.encode(PROMPT)) and 0 < n <= 20
+    assert len(d["itl_ms"]) == n - 1 and 0 < d["ttft_ms"] <= d["e2e_ms"]
+    assert d["tpot_ms"] == pytest.approx((d["e2e_ms"] - d["ttft_ms"]) / (n - 1))
+    assert d["tpot_ms"] == pytest.approx(sum(d["itl_ms"]) / (n - 1))
+    e = d["energy"]
+    assert e["method"] == "unavailable" and e["reason"] or e.get("energy_j") is None or e["energy_j"] > 0
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(served, url):
+    raw = httpx.post(
+        url + "/v1/completions",
+        content=b'{"prompt": "x',
+        headers={"content-type": "application/json"},
+        trust_env=False,
+    )
+    assert raw.status_code == 422 and raw.json() == {"error": "the request body is not valid JSON"}
+    cases = [
+        ({"prompt": "", "max_tokens": 4}, 422, "prompt: String should have at least 1 character"),
+        ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens: Input should be greater than 0"),
+        ({"prompt": "x", "max_tokens": -3}, 422, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 49}, 400, "over this server's limit of 48"),
+        ({"prompt": "x", "engine": "tensorrt"}, 400, "engine 'tensorrt' is not served; use one of: torch"),
+        ({"prompt": "x " * 5000, "max_tokens": 8}, 413, "at most"),
+        ({"max_tokens": 8}, 422, "prompt: Field required"),
+        ({"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ]
+    for body, status, message in cases:
+        r = post(url, body)
+        assert r.status_code == status, (body, r.text)
+        assert message in r.json()["error"], (body, r.text)
+    ok = post(url, {"prompt": PROMPT, "max_tokens": 5})
+    assert ok.status_code == 200 and ok.json()["completion"] == eager(served, PROMPT, 5)
+
+
+def test_a_burst_of_concurrent_requests_is_all_answered(served, url):
+    engines = list(DECODE_ENGINES)
+    bodies = [{"prompt": PROMPT, "max_tokens": 6, "engine": engines[i % len(engines)], "seed": i} for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda b: post(url, b), bodies))
+    assert [a.status_code for a in answers] == [200] * 24
+    expected = eager(served, PROMPT, 6)
+    assert all(a.json()["completion"] == expected for a in answers)  # none lost, none mixed up
+    assert max(a.json()["queue_ms"] for a in answers) > 0  # they queued: served one at a time
+
+
+def test_load_client_writes_requests_summary_statistics_and_report(url, tmp_path):
+    from serve.client import run_load
+    from visualizations.serving import write_serving_report
+
+    prompts = ["def f(x):\n", "import os\n", "class A:\n"]
+    s = run_load(url, ["torch", "onnxruntime"], 12, 3, 8, tmp_path, prompts, progress=False)
+    assert s["ok"] == 12 and s["requests_per_s"] > 0
+    for engine in ("torch", "onnxruntime"):
+        e = s["engines"][engine]
+        assert e["ok"] == 6 and e["failed"] == 0
+        assert e["tpot_ms"]["p50"] <= e["tpot_ms"]["p90"] <= e["tpot_ms"]["p99"]
+    tests = {(t["metric"], t["test"]) for t in s["tests"]}
+    assert ("tpot_ms", "kruskal-wallis") in tests and ("tpot_ms", "mann-whitney") in tests
+    assert all("q" in t and "distinguishable" in t for t in s["tests"])
+    rows = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [r["engine"] for r in rows[:4]] == ["torch", "onnxruntime"] * 2  # rotated, same prompts per engine
+    assert rows[0]["prompt_index"] == rows[1]["prompt_index"]
+    assert (tmp_path / "requests.csv").read_text().startswith("index,engine,prompt_index,status")
+    report = write_serving_report(tmp_path).read_text()
+    assert "Kruskal-Wallis" in report and "not distinguishable" in report or "is lower" in report
+    assert (tmp_path / "plots" / "serving_boxplots.png").stat().st_size > 1000
+
+
+def test_load_client_refuses_anything_but_loopback(tmp_path):
+    from serve.client import run_load
+
+    with pytest.raises(ValueError, match="loopback only"):
+        run_load("http://example.com:8000", None, 4, 1, 4, tmp_path)
+
+
+def test_a_hugging_face_folder_is_served_by_torch(tmp_path):
+    from tests.hf_models import make_hf_model
+
+    folder = make_hf_model("llama", tmp_path / "hf")
+    served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
+    assert list(served.decoders) == ["torch"]
+    assert "exports this project's models" in served.unavailable["onnxruntime"]
+    server, thread, url = _start(create_app(served))
+    try:
+        r = post(url, {"prompt": PROMPT, "max_tokens": 6})
+        assert r.status_code == 200 and r.json()["completion"] == eager(served, PROMPT, 6)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_check_refuses_an_engine_that_decodes_differently(served):
+    from eval.decoding import TorchDecoder, check
+
+    class Shifted(TorchDecoder):  # right prompt, wrong steps
+        def next(self, token, pos):
+            return super().next(token, pos).roll(1)
+
+    ids = served.ev.tokenizer.encode(PROMPT)
+    with pytest.raises(ValueError, match="torch differs from eager greedy decoding at new token 1"):
+        check(Shifted(served.ev.model, served.ev.device), served.ev.model, [ids], 4)
