@@ -47,7 +47,8 @@ class ProjectLM(LM):
         super().__init__()
         self.ev = load_for_eval(checkpoint, "auto" if device in (None, "") else device, dtype)
         self.max_length = int(max_length or self.ev.model.params.max_seq_len)
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        # one sequence at a time where a quantization scheme makes results depend on the batch (eval/model.py)
+        self.batch_size = self.ev.batch_size(8 if str(batch_size).startswith("auto") else int(batch_size))
         self.requests = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}  # served, by type
 
     # -- encoding ----------------------------------------------------------------------------------------

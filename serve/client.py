@@ -45,6 +45,7 @@ CSV_FIELDS = (
     "e2e_ms",
     "client_ms",
     "energy_j",
+    "prompt_truncated",
 )
 
 
@@ -90,9 +91,8 @@ async def _run(
                     status, payload, ms = 0, {"error": f"{type(e).__name__}: {e}"}, None
             row = {k: v for k, v in job.items() if k != "body"} | {"status": status, "client_ms": ms}
             if status == 200:
-                row |= {
-                    k: payload.get(k) for k in ("tokens_in", "tokens_out", "queue_ms", "ttft_ms", "tpot_ms", "e2e_ms")
-                }
+                keys = ("tokens_in", "tokens_out", "queue_ms", "ttft_ms", "tpot_ms", "e2e_ms", "prompt_truncated")
+                row |= {k: payload.get(k) for k in keys}
                 row |= {
                     "itl_ms": payload.get("itl_ms"),
                     "energy": payload.get("energy"),
@@ -132,6 +132,7 @@ def summarize(rows: list[dict], engines: list[str], wall_s: float) -> dict:
             "requests": sum(r["engine"] == e for r in rows),
             "ok": len(ok),
             "failed": sum(r["engine"] == e and r["status"] != 200 for r in rows),
+            "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in ok),
             **{m: percentiles([r.get(m) for r in ok]) for m in METRICS},
             "tokens_out": tokens,
             "tokens_per_s_while_serving": tokens / busy_s if busy_s else None,  # its own requests' decode time
@@ -190,6 +191,7 @@ def jobs_for(
                     "engine": e,
                     "temperature": temperature,
                     "stop": ["\ndef ", "\nclass ", "\nif __name__"],
+                    "truncate_prompt": True,  # a prompt longer than a small model's context keeps its end
                 },
             }
         )

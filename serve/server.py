@@ -50,6 +50,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
     stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends before them)")
     seed: int = 0
+    truncate_prompt: bool = Field(False, description="keep the end of a prompt too long for the context (else 413)")
 
 
 class BadRequest(Exception):
@@ -111,6 +112,9 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
         raise BadRequest(400, f"max_tokens {req.max_tokens} is over this server's limit of {served.max_tokens_limit}")
     ids = ev.tokenizer.encode(req.prompt, bos=True)
     room = ev.model.params.max_seq_len - req.max_tokens
+    truncated = len(ids) > room and req.truncate_prompt
+    if truncated:
+        ids = ids[-room:]  # as eval.generate.fit_prompt: the end of the prompt is what the model continues
     if len(ids) > room:
         raise BadRequest(
             413, f"the prompt is {len(ids)} tokens; with max_tokens {req.max_tokens} at most {room} fit the context"
@@ -147,6 +151,7 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
         "device": str(ev.device),
         "model": ev.name,
         "tokens_in": len(ids),
+        "prompt_truncated": truncated,
         "tokens_out": len(out),
         "queue_ms": 1e3 * (started - received),
         "ttft_ms": 1e3 * times[0] if times else None,

@@ -122,6 +122,7 @@ def test_load_client_writes_requests_summary_statistics_and_report(url, tmp_path
     prompts = ["def f(x):\n", "import os\n", "class A:\n"]
     s = run_load(url, ["torch", "onnxruntime"], 12, 3, 8, tmp_path, prompts, progress=False)
     assert s["ok"] == 12 and s["requests_per_s"] > 0
+    assert all(e["prompts_truncated"] == 0 for e in s["engines"].values())
     for engine in ("torch", "onnxruntime"):
         e = s["engines"][engine]
         assert e["ok"] == 6 and e["failed"] == 0
@@ -171,3 +172,11 @@ def test_check_refuses_an_engine_that_decodes_differently(served):
     ids = served.ev.tokenizer.encode(PROMPT)
     with pytest.raises(ValueError, match="torch differs from eager greedy decoding at new token 1"):
         check(Shifted(served.ev.model, served.ev.device), served.ev.model, [ids], 4)
+
+
+def test_a_long_prompt_is_cut_only_when_asked(served, url):
+    long = "x = 1\n" * 200
+    assert post(url, {"prompt": long, "max_tokens": 8}).status_code == 413
+    r = post(url, {"prompt": long, "max_tokens": 8, "truncate_prompt": True})
+    assert r.status_code == 200 and r.json()["prompt_truncated"] is True
+    assert r.json()["tokens_in"] == served.ev.model.params.max_seq_len - 8

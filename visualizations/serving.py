@@ -114,6 +114,9 @@ def write_serving_report(folder: str | Path) -> Path:
         "",
         table(summary),
         "",
+        f"Prompts longer than the context minus max_tokens kept their end: "
+        f"{sum(r.get('prompts_truncated', 0) for r in summary['engines'].values())} requests.",
+        "",
         "TTFT: prompt processing and the first token; TPOT: (end-to-end - TTFT) / (tokens - 1); end-to-end on the"
         " server excludes the HTTP round trip and the queue, which the client's figure includes.",
         "" if not energy else f"Energy: unavailable ({sorted(energy)[0]}).",
