@@ -93,18 +93,8 @@ def compress(a) -> Path:
         n_m = parse_pattern(a.pattern) if a.pattern else None
         report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
         settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
-    elif a.method == "structured" and hf:
-        model, report = prune_structured_hf(
-            model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
-        )
-        settings = {
-            "head_ratio": a.head_ratio,
-            "ffn_ratio": a.ffn_ratio,
-            "skip_first": a.skip_first,
-            "skip_last": a.skip_last,
-        }
     elif a.method == "structured":
-        model, report = prune_structured(
+        model, report = (prune_structured_hf if hf else prune_structured)(
             model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
         )
         settings = {

@@ -199,6 +199,25 @@ def to_semi_structured(model: Transformer) -> int:
 # Structured pruning: heads and channels
 
 
+def input_importance(weight: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """Wanda's |W_ij| ||X_j|| summed over a layer's outputs: one importance per input (per head dimension of
+    an attention output projection, per channel of an MLP output projection)."""
+    return (weight.float().abs() * sq.sqrt().float()[None, :]).sum(0)
+
+
+def kept(
+    groups: torch.Tensor, channels: torch.Tensor, skip: bool, head_ratio: float, ffn_ratio: float, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) of the key/value head groups and MLP channels a block keeps: all of them in a skipped
+    block, else the most important (1 - ratio), channels rounded down to a multiple of ``multiple``."""
+    n_g, n_c = len(groups), len(channels)
+    keep_g = n_g if skip else max(1, round(n_g * (1 - head_ratio)))
+    keep_c = n_c if skip else max(multiple, int(n_c * (1 - ffn_ratio)) // multiple * multiple)
+    return torch.sort(torch.topk(groups, keep_g).indices).values, torch.sort(
+        torch.topk(channels, keep_c).indices
+    ).values
+
+
 @torch.no_grad()
 def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: int = 8):
     """Per block: importance of each key/value head group and of each SwiGLU channel."""
@@ -216,11 +235,11 @@ def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: i
     for i, layer in enumerate(model.layers):
         att = layer.attention
         # |W_ij| ||X_j|| summed over a head's (or channel's) inputs to the output projection
-        wo = (att.wo.weight.float().abs() * sq[(i, "attention.wo")].sqrt().float()[None, :]).sum(0)
+        wo = input_importance(att.wo.weight, sq[(i, "attention.wo")])
         per_head = wo.view(att.n_heads, hd).sum(-1)
         per_group = per_head.view(att.n_kv_heads, att.n_heads // att.n_kv_heads).sum(-1)
         w2 = layer.feed_forward.w2
-        per_channel = (w2.weight.float().abs() * sq[(i, "feed_forward.w2")].sqrt().float()[None, :]).sum(0)
+        per_channel = input_importance(w2.weight, sq[(i, "feed_forward.w2")])
         out.append({"groups": per_group, "channels": per_channel})
     return out
 
@@ -247,13 +266,7 @@ def prune_structured(
         att, groups, channels = layer.attention, imp[i]["groups"], imp[i]["channels"]
         rep = att.n_heads // att.n_kv_heads
         skip = i < skip_first or i >= a.n_layers - skip_last
-        keep_g = att.n_kv_heads if skip else max(1, round(att.n_kv_heads * (1 - head_ratio)))
-        n_ch = layer.feed_forward.w2.in_features
-        keep_c = (
-            n_ch if skip else max(channel_multiple, int(n_ch * (1 - ffn_ratio)) // channel_multiple * channel_multiple)
-        )
-        g = torch.sort(torch.topk(groups, keep_g).indices).values
-        c = torch.sort(torch.topk(channels, keep_c).indices).values
+        g, c = kept(groups, channels, skip, head_ratio, ffn_ratio, channel_multiple)
         q_heads = (g[:, None] * rep + torch.arange(rep, device=g.device)[None, :]).flatten()
 
         def rows(heads):  # the rows of a projection that belong to ``heads``

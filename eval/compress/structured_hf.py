@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 
 from eval.compress.calibration import input_stats
+from eval.compress.prune import input_importance, kept
 from llama.model import count_params
 
 # model_type -> names inside a block: the query/key/value projections (or the fused one), the attention output
@@ -95,16 +96,11 @@ def prune_structured_hf(
     for i, block in enumerate(blocks):
         skip = i < skip_first or i >= len(blocks) - skip_last
         o, down = outs[(i, "o")], outs[(i, "mlp_out")]
-        per_head = (o.weight.abs() * stats[(i, "o")].sq.sqrt().float()[None, :]).sum(0).view(n_heads, hd).sum(-1)
-        per_group = per_head.view(n_kv, rep).sum(-1)
-        per_channel = (down.weight.abs() * stats[(i, "mlp_out")].sq.sqrt().float()[None, :]).sum(0)
+        per_group = input_importance(o.weight, stats[(i, "o")].sq).view(n_kv, rep * hd).sum(-1)
+        per_channel = input_importance(down.weight, stats[(i, "mlp_out")].sq)
         n_ch = down.in_features
-        keep_g = n_kv if skip else max(1, round(n_kv * (1 - head_ratio)))
-        keep_c = (
-            n_ch if skip else max(channel_multiple, int(n_ch * (1 - ffn_ratio)) // channel_multiple * channel_multiple)
-        )
-        groups = torch.sort(torch.topk(per_group, keep_g).indices).values
-        channels = torch.sort(torch.topk(per_channel, keep_c).indices).values.tolist()
+        groups, channels = kept(per_group, per_channel, skip, head_ratio, ffn_ratio, channel_multiple)
+        keep_g, keep_c, channels = len(groups), len(channels), channels.tolist()
         heads = (groups[:, None] * rep + torch.arange(rep, device=groups.device)[None, :]).flatten()
 
         if keep_g < n_kv:
