@@ -35,6 +35,23 @@ CONFIG_FILE = "config.json"
 SHAPES_FILE, PRUNED_WEIGHTS = "pruned_shapes.json", "pruned.safetensors"
 
 
+def from_hub(name: str | os.PathLike) -> Path | None:
+    """A Hub name (``EleutherAI/pythia-160m``) that is not a local path: the local copy of its files,
+    downloaded where the network allows (huggingface_hub's cache). None for anything that is not such a name."""
+    text = str(name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or Path(text.split("/")[0]).exists():
+        return None  # not org/name, or a path under a local folder (checkpoints/<run>)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown name, gated model: one line
+        raise ValueError(
+            f"{text} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}); download it where the network allows and pass the folder"
+        ) from None
+
+
 def is_hf_folder(path: str | os.PathLike) -> bool:
     """A folder written by transformers' ``save_pretrained`` (this project's folders hold model_args.json)."""
     p = Path(path)

@@ -15,7 +15,7 @@ from common.device import autocast, compute_dtype, pick_device
 from eval.common import write_result
 from eval.compress import read_compression
 from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
-from eval.hf import HFModel, HFTokenizer, is_hf_folder, load_hf
+from eval.hf import HFModel, HFTokenizer, from_hub, is_hf_folder, load_hf
 from llama.model import Transformer, count_params
 from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
@@ -84,6 +84,7 @@ def model_name(folder: Path) -> str:
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
+    checkpoint = from_hub(checkpoint) or checkpoint
     if is_hf_folder(checkpoint):
         folder = Path(checkpoint)
         model, tok = load_hf(folder, dev)

@@ -328,3 +328,16 @@ def test_harness_runs_local_tasks_with_time_and_energy(hf_models, tmp_path):
         assert t["time_s"] > 0
         e = t["energy"]
         assert e["method"] == "unavailable" and e["reason"] or e.get("energy_j") is None or e["energy_j"] > 0
+
+
+def test_a_hub_name_without_network_is_one_clear_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match="EleutherAI/pythia-14m is not a local folder and could not be fetched"):
+        load_for_eval("EleutherAI/pythia-14m", "cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a local path stays a local path
+        load_for_eval("tests/no-such-run", "cpu")

@@ -39,7 +39,7 @@ from eval.compress.layer_drop import choose_layers, drop_layers
 from eval.compress.prune import prune_model, prune_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
 from eval.compress.structured_hf import prune_structured_hf, pruned_shapes
-from eval.hf import drop_hf_layers, is_hf_folder, load_hf, save_hf
+from eval.hf import drop_hf_layers, from_hub, is_hf_folder, load_hf, save_hf
 from llama.model import count_params
 from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, save_model, tokenizer_path
 from training.checkpoint import STATE_FILE, training_config
@@ -73,6 +73,7 @@ def calibration(a, base: Path, hf_tokenizer) -> tuple[torch.Tensor, str]:
 
 
 def compress(a) -> Path:
+    a.checkpoint = str(from_hub(a.checkpoint) or a.checkpoint)
     hf = is_hf_folder(a.checkpoint)
     base = Path(a.checkpoint) if hf else resolve_checkpoint(a.checkpoint)
     if (read_compression(base) or {}).get("quantize"):
