@@ -341,3 +341,27 @@ def test_a_hub_name_without_network_is_one_clear_line(monkeypatch):
         load_for_eval("EleutherAI/pythia-14m", "cpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):  # a local path stays a local path
         load_for_eval("tests/no-such-run", "cpu")
+
+
+def test_quality_and_efficiency_evaluators_take_a_hf_folder(hf_models, trained_checkpoint, tmp_path, sandbox):
+    from eval.efficiency import main as efficiency
+    from eval.quality import main as quality
+
+    folder = str(hf_models["starcoder2"])
+    q = tmp_path / "q.json"
+    quality(
+        [folder, "--heldout-of", str(trained_checkpoint), "--max-tokens", "300", "--n-docs", "2"]
+        + ["--prompt-tokens", "16", "--continuation-tokens", "8", "--humaneval-limit", "1"]
+        + ["--max-new-tokens", "8", "--device", "cpu", "--out", str(q)]
+    )
+    r = json.loads(q.read_text())
+    assert r["architecture"] == "starcoder2" and r["perplexity"]["bits_per_byte"] > 0
+    assert r["perplexity"]["source"].startswith("held-out split of") and r["continuation"]["pairs"] == 2
+    e = tmp_path / "e.json"
+    efficiency(
+        [folder, "--batch-sizes", "1", "--context", "16", "--n-tokens", "2", "--repeats", "1"]
+        + ["--no-energy", "--device", "cpu", "--out", str(e)]
+    )
+    r = json.loads(e.read_text())
+    assert [f["engine"] for f in r["forward"]] == ["torch", "compile"]  # the engines set up for HF models
+    assert r["decode"][0]["ms_per_token"]["median"] > 0 and r["disk_bytes"] > 0
