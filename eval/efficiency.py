@@ -115,7 +115,7 @@ class Args(EvalOptions):
     prompt_len: int | None = None  # prefill length (default: --context)
     n_tokens: int = 32  # decode steps timed per repeat
     repeats: int = 3  # timed repeats
-    modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU)
+    modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU and for HF models)
     # engines for the full forward (default: torch, compile, aoti, onnxruntime; torch and compile for a HF
     # model, whose export is not set up here; torchscript: legacy, by name)
     engines: list[EngineName] | None = None
@@ -136,7 +136,11 @@ def main(argv=None):
         if not to_semi_structured(model):
             raise ValueError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")
     context = a.context or model.params.max_seq_len // 2
-    modes = a.modes or (list(MODES) if ev.device.type == "cuda" else ["eager"])
+    hf = isinstance(model, HFModel)
+    if hf and a.modes and a.modes != ["eager"]:
+        # transformers' growing cache has no static shapes for compile / CUDA graphs to capture
+        raise ValueError("a Hugging Face model decodes in eager mode only here; leave out --modes or pass eager")
+    modes = a.modes or (list(MODES) if ev.device.type == "cuda" and not hf else ["eager"])
     r = evaluate_efficiency(
         model,
         ev.device,

@@ -15,7 +15,8 @@ GenAI-Perf: ``ttft_ms`` (time to first token: prompt processing and the first to
 output token after the first: (e2e - ttft) / (tokens_out - 1)), ``itl_ms`` (each inter-token latency),
 ``e2e_ms`` (from the start of processing to the last token; the client adds the HTTP round trip and the
 queue), ``tokens_in``/``tokens_out``, and ``energy`` (NVML or RAPL, else "unavailable" with the reason; a
-request shorter than one second carries no figure, the counters update too coarsely).
+request shorter than one second carries no figure, the counters update too coarsely; idle power is measured
+once at start-up and the net energy above it is reported beside the total).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from eval.decoding import DECODE_ENGINES, build_decoder, check
 from eval.model import load_for_eval
 
 MIN_ENERGY_WINDOW_S = 1.0
+IDLE_S = 2.0  # idle power measured this long when the server starts
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
 
 
@@ -77,6 +79,7 @@ class Served:
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: object = None
     counter_reason: str | None = None
+    idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
 
 
 def load_served(
@@ -98,7 +101,12 @@ def load_served(
     if not decoders:
         raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
-    return Served(ev, decoders, unavailable, max_tokens_limit, counter=counter, counter_reason=reason)
+    served = Served(ev, decoders, unavailable, max_tokens_limit, counter=counter, counter_reason=reason)
+    if counter is not None:  # idle power once, at start: a request is too short to measure it beside
+        with EnergyMeter(ev.device, idle_s=IDLE_S, counter=counter) as meter:
+            pass
+        served.idle_power_w = meter.idle_power_w
+    return served
 
 
 def complete(served: Served, req: CompletionRequest, received: float) -> dict:
@@ -130,6 +138,7 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
         meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
         with meter:
             out, times = decoder.generate(ids, req.max_tokens, req.temperature, req.top_p, tok.eos_id, stop, req.seed)
+        meter.idle_power_w = served.idle_power_w
         energy = meter.result(units=len(out) or None, unit="token")
     if energy.get("window_s") is not None and energy["window_s"] < MIN_ENERGY_WINDOW_S:
         energy = {

@@ -365,3 +365,6 @@ def test_quality_and_efficiency_evaluators_take_a_hf_folder(hf_models, trained_c
     r = json.loads(e.read_text())
     assert [f["engine"] for f in r["forward"]] == ["torch", "compile"]  # the engines set up for HF models
     assert r["decode"][0]["ms_per_token"]["median"] > 0 and r["disk_bytes"] > 0
+    assert [d["mode"] for d in r["decode"]] == ["eager"]
+    with pytest.raises(ValueError, match="decodes in eager mode only"):
+        efficiency([folder, "--modes", "compile", "--device", "cpu", "--out", str(e)])

@@ -180,3 +180,26 @@ def test_a_long_prompt_is_cut_only_when_asked(served, url):
     r = post(url, {"prompt": long, "max_tokens": 8, "truncate_prompt": True})
     assert r.status_code == 200 and r.json()["prompt_truncated"] is True
     assert r.json()["tokens_in"] == served.ev.model.params.max_seq_len - 8
+
+
+def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeypatch):
+    import serve.server as srv
+
+    class Watts50:  # a counter reading 50 W at every instant
+        method = "fake-50w"
+
+        def read_j(self):
+            return 50.0 * time.perf_counter()
+
+    monkeypatch.setattr(srv, "find_counter", lambda device: (Watts50(), None))
+    monkeypatch.setattr(srv, "IDLE_S", 0.2)
+    served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path)
+    assert served.idle_power_w == pytest.approx(50.0, rel=1e-3)
+    req = srv.CompletionRequest(prompt=PROMPT, max_tokens=8)
+    short = srv.complete(served, req, time.perf_counter())["energy"]
+    assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
+    monkeypatch.setattr(srv, "MIN_ENERGY_WINDOW_S", 0.0)
+    e = srv.complete(served, req, time.perf_counter())["energy"]
+    assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
+    assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power
+    assert e["j_per_token"] == pytest.approx(e["energy_j"] / e["units"])
