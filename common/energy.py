@@ -23,6 +23,7 @@ import torch
 from common.timing import sync
 
 RAPL_ROOT = "/sys/class/powercap"
+MIN_WINDOW_S = 1.0  # shorter windows get no figure: the counters update too coarsely
 
 
 class NvmlEnergyCounter:
@@ -177,9 +178,18 @@ class EnergyMeter:
             return None
         return self.counter.read_j() - self._e0
 
-    def result(self, units: int | None = None, unit: str = "token") -> dict:
+    def result(self, units: int | None = None, unit: str = "token", min_window_s: float = 0.0) -> dict:
+        """Joules of the window (and per unit); a window shorter than ``min_window_s`` (for work that cannot
+        be repeated to fill one, e.g. a served request) gets no figure, only its length and why."""
         if self.counter is None:
             return {"method": "unavailable", "reason": self.reason}
+        if self.window_s is not None and self.window_s < min_window_s:
+            return {
+                "method": self.counter.method,
+                "window_s": self.window_s,
+                "energy_j": None,
+                "reason": f"the window lasted {self.window_s:.3f} s, under the {min_window_s:g} s a reading needs",
+            }
         out = {
             "method": self.counter.method,
             "window_s": self.window_s,
@@ -205,7 +215,7 @@ def measure_energy(
     fn: Callable[[], object],
     units_per_call: int,
     device: torch.device | str,
-    min_window_s: float = 1.0,
+    min_window_s: float = MIN_WINDOW_S,
     idle_s: float = 1.0,
     unit: str = "token",
     **meter_kw,

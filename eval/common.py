@@ -45,6 +45,12 @@ def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
     return [np.asarray(tokens[s + 1 : e]) for s, e in zip(starts, ends, strict=True)]
 
 
+def heldout_documents(tokens: np.ndarray, tokenizer) -> list[np.ndarray]:
+    """The packed held-out stream back into each document's own tokens, without its <s> and </s>."""
+    docs = split_documents_at_bos(tokens, tokenizer.bos_id)
+    return [d[:-1] if len(d) and d[-1] == tokenizer.eos_id else d for d in docs]
+
+
 @dataclass
 class HeldOut:
     """Score the held-out documents of ``checkpoint``'s training data, as text: how a model with another
@@ -60,8 +66,7 @@ def heldout_texts(checkpoint: str | os.PathLike) -> list[str]:
 
     data, _ = training_data(checkpoint)
     tok = Tokenizer(tokenizer_path(checkpoint))
-    docs = split_documents_at_bos(data.val, tok.bos_id)
-    return [tok.decode(d[:-1] if len(d) and d[-1] == tok.eos_id else d) for d in docs]
+    return [tok.decode(d) for d in heldout_documents(data.val, tok)]
 
 
 def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -> Path:

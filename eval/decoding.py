@@ -15,6 +15,8 @@ before it is used (``check``); one that differs is reported, not served.
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
 import time
 import warnings
@@ -217,9 +219,6 @@ def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Pa
         raise ValueError(f"unknown engine {name!r}; use one of {DECODE_ENGINES}")
     if name in ("torch", "compile"):
         return TorchDecoder(model, device, compiled=name == "compile")
-    import copy
-    import json
-
     folder = Path(workdir or tempfile.mkdtemp(prefix="decode-"))
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "decode.json"
@@ -239,7 +238,7 @@ def check(decoder: Decoder, model: nn.Module, prompts: list[list[int]], n_tokens
     for p in prompts:
         expected = generate(model, [p], n_tokens)[0]
         got, _ = decoder.generate(p, n_tokens)
-        if got != expected[: len(got)] or len(got) != len(expected):
+        if got != expected:
             first = next(
                 (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected))
             )

@@ -16,10 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 from common.cli import parse_args, run_main
-from common.energy import EnergyMeter
+from common.energy import MIN_WINDOW_S, EnergyMeter
 from eval.model import EvalOptions
-
-MIN_WINDOW_S = 1.0
 
 
 def run_tasks(
@@ -37,14 +35,7 @@ def run_tasks(
         with EnergyMeter(lm.ev.device, idle_s=idle_s) as meter:
             r = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot)
         served = {k: lm.requests[k] - before[k] for k in before}
-        energy = meter.result(units=sum(served.values()) or None, unit="request")
-        if energy.get("window_s") is not None and energy["window_s"] < MIN_WINDOW_S:
-            energy = {
-                "method": energy["method"],
-                "window_s": energy["window_s"],
-                "energy_j": None,
-                "reason": f"the task took {energy['window_s']:.2f} s, under the {MIN_WINDOW_S:.0f} s a reading needs",
-            }
+        energy = meter.result(units=sum(served.values()) or None, unit="request", min_window_s=MIN_WINDOW_S)
         metrics = {
             name: {k: v for k, v in values.items() if k != "alias" and isinstance(v, (int, float, str))}
             for name, values in r["results"].items()

@@ -93,6 +93,7 @@ class HFModel(nn.Module):
         self._cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         self.cache = None
         self.causal_mask: torch.Tensor | None = None
+        self.conv1d_names = conv1d_to_linear(hf)  # GPT-2's Conv1D layers, now nn.Linear (stored back on save)
 
     @property
     def params(self) -> HFParams:
@@ -174,7 +175,7 @@ def conv1d_to_linear(model: nn.Module) -> list[str]:
 def hf_state_dict(model: HFModel) -> dict[str, torch.Tensor]:
     """The transformers state dict of ``model.hf`` as its own class stores it (Conv1D weights transposed back)."""
     sd = {k: v.contiguous() for k, v in model.hf.state_dict().items()}
-    for name in getattr(model, "conv1d_names", []):
+    for name in model.conv1d_names:
         key = f"{name}.weight"
         if key in sd:
             sd[key] = sd[key].T.contiguous()
@@ -267,7 +268,6 @@ def load_hf(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tu
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: the model does not load ({str(e).splitlines()[0][:160]})") from None
     model = HFModel(hf.to(device).eval())
-    model.conv1d_names = conv1d_to_linear(model.hf)
     tok = HFTokenizer(folder)
     if tok.vocab_size > model.params.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model only {model.params.vocab_size}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
-from eval.common import HeldOut, heldout_texts, split_documents_at_bos, training_data
+from eval.common import HeldOut, heldout_documents, heldout_texts, training_data
 from eval.model import EvalOptions
 from training.config import DataConfig
 from training.data import load_documents
@@ -211,7 +211,7 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
     tok = ev.tokenizer
     if corpus is None:
         data, _ = training_data(ev.folder)
-        docs = [d[:-1] if len(d) and d[-1] == tok.eos_id else d for d in split_documents_at_bos(data.val, tok.bos_id)]
+        docs = heldout_documents(data.val, tok)
         texts, source = [tok.decode(d) for d in docs], f"held-out split of {data.dir}"
     else:
         texts, source = corpus_texts(corpus)

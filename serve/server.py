@@ -34,12 +34,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from common.cli import parse_args, positional, run_main
+from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
 from eval.decoding import DECODE_ENGINES, build_decoder, check
 from eval.model import load_for_eval
 
-MIN_ENERGY_WINDOW_S = 1.0
 IDLE_S = 2.0  # idle power measured this long when the server starts
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
 
@@ -139,15 +139,7 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
         with meter:
             out, times = decoder.generate(ids, req.max_tokens, req.temperature, req.top_p, tok.eos_id, stop, req.seed)
         meter.idle_power_w = served.idle_power_w
-        energy = meter.result(units=len(out) or None, unit="token")
-    if energy.get("window_s") is not None and energy["window_s"] < MIN_ENERGY_WINDOW_S:
-        energy = {
-            "method": energy["method"],
-            "window_s": energy["window_s"],
-            "energy_j": None,
-            "reason": f"the request took {energy['window_s']:.3f} s, under the {MIN_ENERGY_WINDOW_S:.0f} s a "
-            "reading needs",
-        }
+        energy = meter.result(units=len(out) or None, unit="token", min_window_s=MIN_ENERGY_WINDOW_S)
     text = tok.decode(out)
     for s in req.stop:
         text = text.split(s)[0]

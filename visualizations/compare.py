@@ -16,12 +16,15 @@ from pathlib import Path
 from common.cli import parse_args, positional, run_main
 from visualizations import write_tables
 
-COLUMNS = [
+# what identifies a model in every table (this flat one and the study's grouped one)
+MODEL_COLUMNS = [
     ("model", "model"),
     ("params", "params"),
     ("n_layers", "layers"),
     ("per_head", "per-head"),
     ("compression", "compression"),
+]
+COLUMNS = MODEL_COLUMNS + [
     ("perplexity", "ppl"),
     ("bits_per_byte", "bpb"),
     ("bleu", "BLEU"),

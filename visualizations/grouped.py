@@ -21,7 +21,7 @@ import numpy as np
 
 from common.stats import adjust, mann_whitney, mean_ci, ratio_ci, welch
 from visualizations import write_tables
-from visualizations.compare import compression_label
+from visualizations.compare import MODEL_COLUMNS, compression_label
 
 # row key -> (part of the quality result, field)
 QUALITY = {
@@ -180,12 +180,7 @@ def _cell(v, fmt=".4f") -> str:
     return str(v)
 
 
-COLUMNS = [
-    ("model", "model"),
-    ("params", "params"),
-    ("n_layers", "layers"),
-    ("per_head", "per-head"),
-    ("compression", "compression"),
+COLUMNS = MODEL_COLUMNS + [
     ("seeds_measured", "seeds"),
     ("bits_per_byte", "bpb (mean ± 95% CI)"),
     ("perplexity", "ppl"),

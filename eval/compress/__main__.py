@@ -202,9 +202,7 @@ class Args:
     scheme: Scheme | None = None  # quantization scheme
     calib_samples: int = 64  # calibration windows from the train split
     calib_seq_len: int | None = None  # default: the run's training seq_len (512 with --calib-corpus)
-    calib_corpus: str | None = (
-        None  # calibrate on this corpus (a folder, file, python-sources or stdlib); needed for HF models
-    )
+    calib_corpus: str | None = None  # calibration corpus: folder, file, python-sources, stdlib (HF models)
     calib_file_glob: str = "**/*.py"  # files of a folder calibration corpus
     batch_size: int = 8  # calibration windows per forward pass
     finetune_steps: int = 0  # recovery fine-tuning steps after pruning

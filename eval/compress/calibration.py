@@ -158,3 +158,14 @@ def input_stats(linears: dict, hessian: bool = False):
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def input_sq_norms(model, linears: dict, calib: torch.Tensor, batch_size: int = 8) -> dict[object, torch.Tensor]:
+    """{key: ||X_j||^2 per input feature} of each linear layer over the calibration windows, run through the
+    whole (unpruned) model in batches: the activation term of structured-pruning importance."""
+    device = model.tok_embeddings.weight.device
+    with input_stats(linears) as stats:
+        for i in range(0, len(calib), batch_size):
+            model(calib[i : i + batch_size].to(device))
+    return {k: st.sq for k, st in stats.items()}

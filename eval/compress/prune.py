@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from eval.compress.calibration import block_by_block, input_stats, run_block
+from eval.compress.calibration import block_by_block, input_sq_norms, input_stats, run_block
 from llama.model import Transformer, count_params
 from llama.model_io import model_from_state_dict
 
@@ -213,9 +213,15 @@ def kept(
     n_g, n_c = len(groups), len(channels)
     keep_g = n_g if skip else max(1, round(n_g * (1 - head_ratio)))
     keep_c = n_c if skip else max(multiple, int(n_c * (1 - ffn_ratio)) // multiple * multiple)
-    return torch.sort(torch.topk(groups, keep_g).indices).values, torch.sort(
-        torch.topk(channels, keep_c).indices
-    ).values
+    g = torch.topk(groups, keep_g).indices.sort().values
+    c = torch.topk(channels, keep_c).indices.sort().values
+    return g, c
+
+
+def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices covered by ``units`` of ``size`` consecutive entries each: the query heads of key/value
+    groups (size = heads per group), the rows of heads in a projection (size = head_dim)."""
+    return (units[:, None] * size + torch.arange(size, device=units.device)[None, :]).flatten()
 
 
 @torch.no_grad()
@@ -226,10 +232,7 @@ def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: i
         for i, layer in enumerate(model.layers)
         for n in ("attention.wo", "feed_forward.w2")
     }
-    with input_stats(linears) as stats:
-        for i in range(0, len(calib), batch_size):
-            model(calib[i : i + batch_size].to(model.tok_embeddings.weight.device))
-    sq = {k: s.sq for k, s in stats.items()}
+    sq = input_sq_norms(model, linears, calib, batch_size)
     out = []
     hd = model.params.head_dim
     for i, layer in enumerate(model.layers):
@@ -267,16 +270,13 @@ def prune_structured(
         rep = att.n_heads // att.n_kv_heads
         skip = i < skip_first or i >= a.n_layers - skip_last
         g, c = kept(groups, channels, skip, head_ratio, ffn_ratio, channel_multiple)
-        q_heads = (g[:, None] * rep + torch.arange(rep, device=g.device)[None, :]).flatten()
-
-        def rows(heads):  # the rows of a projection that belong to ``heads``
-            return (heads[:, None] * hd + torch.arange(hd, device=heads.device)[None, :]).flatten()
-
+        q_heads = unit_rows(g, rep)
+        q_rows, kv_rows = unit_rows(q_heads, hd), unit_rows(g, hd)
         p = f"layers.{i}."
-        sd[p + "attention.wq.weight"] = sd[p + "attention.wq.weight"][rows(q_heads)]
-        sd[p + "attention.wk.weight"] = sd[p + "attention.wk.weight"][rows(g)]
-        sd[p + "attention.wv.weight"] = sd[p + "attention.wv.weight"][rows(g)]
-        sd[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"][:, rows(q_heads)]
+        sd[p + "attention.wq.weight"] = sd[p + "attention.wq.weight"][q_rows]
+        sd[p + "attention.wk.weight"] = sd[p + "attention.wk.weight"][kv_rows]
+        sd[p + "attention.wv.weight"] = sd[p + "attention.wv.weight"][kv_rows]
+        sd[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"][:, q_rows]
         if att.head_layer is not None:
             sd[p + "attention.head_layer.w1"] = sd[p + "attention.head_layer.w1"][q_heads]
             sd[p + "attention.head_layer.w2"] = sd[p + "attention.head_layer.w2"][q_heads]

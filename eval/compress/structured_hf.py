@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch_pruning as tp
 
-from eval.compress.calibration import input_stats
-from eval.compress.prune import input_importance, kept
+from eval.compress.calibration import input_sq_norms
+from eval.compress.prune import input_importance, kept, unit_rows
 from llama.model import count_params
 
 # model_type -> names inside a block: the query/key/value projections (or the fused one), the attention output
@@ -50,14 +50,10 @@ LAYOUT = {
 }
 
 
-def _rows(units: torch.Tensor, size: int) -> list[int]:
-    """Rows (or columns) of the ``units`` (heads, of ``size`` rows each)."""
-    return (units[:, None] * size + torch.arange(size, device=units.device)[None, :]).flatten().tolist()
-
-
-def _complement(keep: list[int], n: int) -> list[int]:
-    kept = set(keep)
-    return [i for i in range(n) if i not in kept]
+def _pruned(keep: torch.Tensor, n: int) -> list[int]:
+    """The indices of 0..n-1 not in ``keep``: what Torch-Pruning's functions remove."""
+    keep_set = set(keep.tolist())
+    return [i for i in range(n) if i not in keep_set]
 
 
 @torch.no_grad()
@@ -86,38 +82,34 @@ def prune_structured_hf(
     rep = n_heads // n_kv
     blocks = list(model.layers)
     outs = {(i, k): b.get_submodule(lay[k]) for i, b in enumerate(blocks) for k in ("o", "mlp_out")}
-    device = model.tok_embeddings.weight.device
-    with input_stats(outs) as stats:
-        for i in range(0, len(calib), batch_size):
-            model(calib[i : i + batch_size].to(device))
+    sq = input_sq_norms(model, outs, calib, batch_size)
 
     before = count_params(model)["total"]
     sizes = []
     for i, block in enumerate(blocks):
         skip = i < skip_first or i >= len(blocks) - skip_last
         o, down = outs[(i, "o")], outs[(i, "mlp_out")]
-        per_group = input_importance(o.weight, stats[(i, "o")].sq).view(n_kv, rep * hd).sum(-1)
-        per_channel = input_importance(down.weight, stats[(i, "mlp_out")].sq)
+        per_group = input_importance(o.weight, sq[(i, "o")]).view(n_kv, rep * hd).sum(-1)
+        per_channel = input_importance(down.weight, sq[(i, "mlp_out")])
         n_ch = down.in_features
         groups, channels = kept(per_group, per_channel, skip, head_ratio, ffn_ratio, channel_multiple)
-        keep_g, keep_c, channels = len(groups), len(channels), channels.tolist()
-        heads = (groups[:, None] * rep + torch.arange(rep, device=groups.device)[None, :]).flatten()
+        heads = unit_rows(groups, rep)
 
-        if keep_g < n_kv:
+        if len(groups) < n_kv:
             if "qkv" in lay:  # GPT-NeoX: no GQA, one fused projection
                 qkv = block.get_submodule(lay["qkv"])
-                tp.prune_linear_out_channels(qkv, _complement(_rows(heads, 3 * hd), qkv.out_features))
+                tp.prune_linear_out_channels(qkv, _pruned(unit_rows(heads, 3 * hd), qkv.out_features))
             else:
                 q = block.get_submodule(lay["q"])
-                tp.prune_linear_out_channels(q, _complement(_rows(heads, hd), q.out_features))
+                tp.prune_linear_out_channels(q, _pruned(unit_rows(heads, hd), q.out_features))
                 for name in lay["kv"]:
                     kv = block.get_submodule(name)
-                    tp.prune_linear_out_channels(kv, _complement(_rows(groups, hd), kv.out_features))
-            tp.prune_linear_in_channels(o, _complement(_rows(heads, hd), o.in_features))
-        if keep_c < n_ch:
+                    tp.prune_linear_out_channels(kv, _pruned(unit_rows(groups, hd), kv.out_features))
+            tp.prune_linear_in_channels(o, _pruned(unit_rows(heads, hd), o.in_features))
+        if len(channels) < n_ch:
             for name in lay["mlp_in"]:
-                tp.prune_linear_out_channels(block.get_submodule(name), _complement(channels, n_ch))
-            tp.prune_linear_in_channels(down, _complement(channels, n_ch))
+                tp.prune_linear_out_channels(block.get_submodule(name), _pruned(channels, n_ch))
+            tp.prune_linear_in_channels(down, _pruned(channels, n_ch))
         sizes.append({"heads": len(heads), "kv_heads": len(groups), "mlp_channels": len(channels)})
     return model, {"params_before": before, "params_after": count_params(model)["total"], "layers": sizes}
 
