@@ -1,17 +1,18 @@
 """Decode latency, prefill, full-forward per engine, and energy per token of the runner configs.
 
-    python -m bench.decode_latency          # CUDA: 8-layer baseline and per-head, bf16; CPU: tiny, float32
+    python -m bench.decode_latency      # CUDA: baseline_8_layer and perhead_6_layer, bf16; CPU: tiny, float32
 
 Models are freshly initialised (latency does not depend on trained weights). On CUDA the modes are eager,
-compile and compile+cudagraphs at batch 1, 8 and 32, and the energy per token of compile+cudagraphs decoding
-at batch 1 is measured three times to show how repeatable it is. Writes bench/results/decode_latency.json.
+compile and compile+cudagraphs (static KV cache) at batch 1 and 16 after 512 tokens of context, and every
+decode row's energy per token is measured three times (windows of at least 2 s, idle power measured before
+each and subtracted) to show how repeatable it is. Writes bench/results/decode_latency.json and prints
+the tables, decode in microseconds per token.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -20,38 +21,52 @@ import torch
 from bench.train_throughput import load_config
 from common.cli import parse_args, run_main
 from common.device import pick_device
-from common.energy import find_counter, measure_energy
 from common.hardware import run_metadata
 from eval.efficiency import evaluate_efficiency, table
-from eval.latency import MODES, decode_fn
+from eval.engines import ENGINES
+from eval.latency import MODES
 from llama.model import Transformer, count_params
 
 
-def energy_repeats(model, device, batch, context, n_tokens, mode, runs=3) -> dict:
-    counter, reason = find_counter(device)
-    if counter is None:
-        return {"method": "unavailable", "reason": reason}
-    run, cleanup = decode_fn(model, batch, context, n_tokens, mode)
-    results = [
-        measure_energy(run, batch * n_tokens, device, min_window_s=2.0, idle_s=1.0, counter=counter)
-        for _ in range(runs)
+def decode_table(rows: list[dict]) -> str:
+    """One line per decode row: µs per token, and the energy per token of each run with their spread."""
+    out = [
+        "| config | mode | batch | µs/token (median) | p10-p90 | tokens/s | J/token net of idle (3 runs) | spread |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    cleanup()
-    per_token = [r.get("j_per_token") for r in results]
-    out = {"method": counter.method, "mode": mode, "batch": batch, "runs": results}
-    if all(v is not None for v in per_token):
-        med = statistics.median(per_token)
-        out |= {"j_per_token": per_token, "median": med, "max_rel_spread": (max(per_token) - min(per_token)) / med}
-    return out
+    for r in rows:
+        for d in r["decode"]:
+            s, e = d["ms_per_token"], d["energy"]
+            runs = e.get("net_j_per_token_runs")
+            energy = (
+                ", ".join(f"{v:.4f}" for v in runs)
+                if runs
+                else "unavailable"
+                if e["method"] == "unavailable"
+                else "n/a"
+            )
+            spread = e.get("net_j_per_token_spread")
+            verdict = "" if spread is None else f"{100 * spread:.1f}%" + ("" if spread <= e["tolerance"] else " (over)")
+            out.append(
+                f"| {r['config']} | {d['mode']} | {d['batch']} | {1e3 * s['median']:.0f} | "
+                f"{1e3 * s['p10']:.0f}-{1e3 * s['p90']:.0f} | {d['tokens_per_s']:,.0f} | {energy} | {verdict} |"
+            )
+    return "\n".join(out)
 
 
 @dataclass
 class Args:
-    configs: list[str] | None = None  # runner names (default: the 8-block pair on CUDA, tiny on CPU)
+    configs: list[str] | None = None  # runner names (default: baseline_8_layer, perhead_6_layer on CUDA; tiny on CPU)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    batch_sizes: list[int] | None = None  # default: 1 8 32
-    context: int | None = None  # tokens in the cache (default: max_seq_len / 2)
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
+    context: int | None = None  # tokens in the cache (default: max_seq_len / 2, 512 for the 100M configs)
     modes: list[Literal[MODES]] | None = None  # default: all on CUDA, eager and compile on CPU
+    n_tokens: int = 64  # decode steps per timed pass
+    repeats: int = 10  # timed passes per row
+    energy_runs: int = 3  # energy windows per decode row
+    min_window: float = 2.0  # seconds; each energy window is at least this
+    # full forward per runtime engine (default: none on CUDA, where decode is the question; three on CPU)
+    engines: list[Literal[ENGINES]] | None = None
     out: str = "bench/results/decode_latency.json"  # result JSON
 
 
@@ -59,9 +74,9 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     device = pick_device(a.device)
     cuda = device.type == "cuda"
-    names = a.configs or (["baseline_8_layer", "perhead_8_layer"] if cuda else ["tiny_baseline", "tiny"])
-    modes = a.modes or (["eager", "compile", "compile+cudagraphs"] if cuda else ["eager", "compile"])
-    batch_sizes = a.batch_sizes or [1, 8, 32]
+    names = a.configs or (["baseline_8_layer", "perhead_6_layer"] if cuda else ["tiny_baseline", "tiny"])
+    modes = a.modes or (list(MODES) if cuda else ["eager", "compile"])
+    engines = a.engines if a.engines is not None else ([] if cuda else ["torch", "compile", "onnxruntime"])
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     for name in names:
@@ -75,16 +90,18 @@ def main(argv=None):
         r = evaluate_efficiency(
             model,
             device,
-            batch_sizes,
+            a.batch_sizes,
             context,
             context,
-            32,
+            a.n_tokens,
             modes,
-            ["torch", "compile", "torchscript", "onnxruntime"],
+            engines,
             energy=True,
-            repeats=3,
+            min_window_s=a.min_window,
+            idle_s=1.0,
+            repeats=a.repeats,
+            energy_runs=a.energy_runs,
         )
-        r["energy_repeatability"] = energy_repeats(model, device, 1, context, 32, modes[-1])
         rows.append(
             {
                 "config": name,
@@ -98,12 +115,12 @@ def main(argv=None):
         )
         print(f"\n### {name} ({rows[-1]['params'] / 1e6:.1f}M parameters, {rows[-1]['dtype']}, context {context})")
         print(table(r))
-        e = r["energy_repeatability"]
-        print("energy per token, 3 runs:", e.get("j_per_token", e.get("reason")))
-    result = {**run_metadata(device), "benchmark": "decode_latency", "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+        # written after every config: a run stopped by a time limit keeps what it measured
+        result = {**run_metadata(device), "benchmark": "decode_latency", "rows": rows}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"\n{result['device']}, torch {result['torch_version']}, commit {result['git_commit'][:12]} -> {a.out}")
+    print(decode_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""Training throughput (tokens/s) and MFU of the runner configs: forward, backward and AdamW step.
+"""Training throughput (tokens/s), MFU and peak memory of the runner configs, timed side by side.
 
-    python -m bench.train_throughput                        # CUDA: the 5- and 8-layer 100M configs; CPU: tiny
-    python -m bench.train_throughput --configs tiny tiny_baseline --steps 10
+    python -m bench.train_throughput                        # CUDA: the 5- to 8-block 100M configs; CPU: tiny
+    python -m bench.train_throughput --configs tiny tiny_baseline --rounds 5
+    python -m bench.train_throughput --configs baseline_8_layer --profile   # where a step's time goes
 
-MFU = tokens/s x training FLOPs per token (llama.model.flops_per_token, the PaLM/nanoGPT convention)
-divided by the device's dense bf16 peak (989e12 on H100/H200); on a CPU there is no known peak and no MFU.
-Batches are random tokens: throughput does not depend on the text. Writes bench/results/train_throughput.json.
+One step is what the trainer does: forward under autocast, loss, backward, gradient clipping, AdamW (fused
+on CUDA) and zero_grad, on random tokens (throughput does not depend on the text). Every model is built,
+compiled and warmed up first (its peak memory is read then), then all are timed in interleaved rounds, the
+order rotated each round, ``--steps-per-round`` steps each, so that the machine's state hits every model
+alike. Per model: tokens/s median and p10-p90 over rounds; MFU = tokens/s x training FLOPs per token
+(llama.model.flops_per_token, the PaLM/nanoGPT convention) / the device's dense bf16 peak (989e12 on
+H100/H200; no MFU on a CPU). Per-head against the baseline of the same depth: the median of per-round ratios
+of time per token with a bootstrap 95% interval. ``--profile`` adds torch.profiler's top operations of three
+steps per model. Writes bench/results/train_throughput.json after every phase.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from common.cli import parse_args, run_main
 from common.device import autocast, compute_dtype, pick_device
 from common.hardware import peak_flops, run_metadata
+from common.stats import ratio_ci
 from common.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
 from training.trainer import loss_fn, make_optimizer
 
-GPU_CONFIGS = ["baseline_5_layer", "perhead_5_layer", "baseline_8_layer", "perhead_8_layer"]
+GPU_CONFIGS = [f"{kind}_{n}_layer" for n in (5, 6, 7, 8) for kind in ("baseline", "perhead")]
 CPU_CONFIGS = ["tiny_baseline", "tiny"]
 
 
@@ -32,93 +41,184 @@ def load_config(name: str):
     return importlib.import_module(f"runners.{name}").config()
 
 
-def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size: int | None, compile_: bool | None):
-    cfg = load_config(name)
-    args = cfg.model
-    B, T = batch_size or cfg.batch_size, cfg.seq_len
-    torch.manual_seed(0)
-    model = Transformer(args).to(device)
-    use_compile = compile_ if compile_ is not None else device.type == "cuda"
-    if use_compile:
-        model.compile()
-    optimizer = make_optimizer(model, cfg, device)
-    dtype = compute_dtype("auto", device)  # as the trainer runs on this device
-    amp = autocast(device, dtype)
-    x = torch.randint(0, args.vocab_size, (B, T), device=device)
-    y = torch.randint(0, args.vocab_size, (B, T), device=device)
+class Bench:
+    """One config's model, optimizer and batch, and a ``step`` that trains on it exactly as the trainer does."""
 
-    def step():
-        with amp:
-            loss = loss_fn(model(x), y)
+    def __init__(self, name: str, device: torch.device, batch_size: int | None, compile_: bool | None):
+        cfg = load_config(name)
+        self.name, self.args, self.device = name, cfg.model, device
+        self.batch, self.seq_len = batch_size or cfg.batch_size, cfg.seq_len
+        torch.manual_seed(0)
+        self.model = Transformer(self.args).to(device)
+        self.compile = compile_ if compile_ is not None else device.type == "cuda"
+        if self.compile:
+            self.model.compile()
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.dtype = compute_dtype("auto", device)  # as the trainer runs on this device
+        self.amp = autocast(device, self.dtype)
+        self.x = torch.randint(0, self.args.vocab_size, (self.batch, self.seq_len), device=device)
+        self.y = torch.randint(0, self.args.vocab_size, (self.batch, self.seq_len), device=device)
+        self.seconds: list[float] = []  # per step, one sample per round
+
+    def step(self):
+        with self.amp:
+            loss = loss_fn(self.model(self.x), self.y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = time_repeats(step, device, warmup, steps)
-    sync(device)
-    tps = [B * T / t for t in times]
-    flops_tok, peak = flops_per_token(args, T), peak_flops(device)
+    def warm_up(self, steps: int) -> float | None:
+        """Untimed steps (compilation happens here); the GB of device memory this model added at its peak."""
+        if self.device.type != "cuda":
+            time_repeats(self.step, self.device, steps, 0)
+            return None
+        sync(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        time_repeats(self.step, self.device, steps, 0)
+        return (torch.cuda.max_memory_allocated(self.device) - before) / 1e9
+
+
+def profile(b: Bench, steps: int = 3, top: int = 15) -> list[dict]:
+    """torch.profiler over ``steps`` steps: the operations taking the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = b.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            b.step()
+        sync(b.device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda and not hasattr(events[0], key):  # older name
+        key = "self_cuda_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [
+        {"op": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total} for e in rows
+    ]
+
+
+def summarise(b: Bench, warmup: int, steps_per_round: int, peak_gb: float | None) -> dict:
+    tokens = b.batch * b.seq_len
+    tps = [tokens / t for t in b.seconds]
+    flops_tok, peak = flops_per_token(b.args, b.seq_len), peak_flops(b.device)
     s = spread(tps)
     return {
-        "config": name,
-        "n_layers": args.n_layers,
-        "per_head": args.head_layer is not None,
-        "params": count_params(model)["total"],
-        "batch": B,
-        "seq_len": T,
-        "dtype": "bfloat16-autocast" if dtype == torch.bfloat16 else "float32",
-        "compile": use_compile,
+        "config": b.name,
+        "n_layers": b.args.n_layers,
+        "per_head": b.args.head_layer is not None,
+        "params": count_params(b.model)["total"],
+        "batch": b.batch,
+        "seq_len": b.seq_len,
+        "dtype": "bfloat16-autocast" if b.dtype == torch.bfloat16 else "float32",
+        "compile": b.compile,
+        "fused_adamw": b.device.type == "cuda",
         "warmup_steps": warmup,
-        "repeats": steps,
+        "steps_per_round": steps_per_round,
+        "rounds": len(b.seconds),
         "tokens_per_s": s,
-        "step_ms": spread([1e3 * t for t in times]),
+        "step_ms": spread([1e3 * t for t in b.seconds]),
         "flops_per_token": flops_tok,
         "mfu": None if peak is None else {k: (v * flops_tok / peak if k != "n" else v) for k, v in s.items()},
         "peak_flops": peak,
-        "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "peak_memory_gb": peak_gb,
     }
+
+
+def per_head_cost(benches: list[Bench]) -> list[dict]:
+    """Per-head model against the baseline of the same depth: time per token, per-round ratios."""
+    by = {(b.args.n_layers, b.args.head_layer is not None): b for b in benches}
+    out = []
+    for (n, per_head), b in sorted(by.items()):
+        base = by.get((n, False))
+        if not per_head or base is None:
+            continue
+        ratios = [mine / theirs for mine, theirs in zip(b.seconds, base.seconds, strict=True)]
+        out.append({"per_head": b.name, "baseline": base.name, "time_per_token_ratio": ratio_ci(ratios)})
+    return out
 
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| config | layers | per-head | params | batch x seq | tokens/s (median) | p10-p90 | MFU | step ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | layers | per-head | params | batch x seq | tokens/s (median) | p10-p90 | MFU | step ms | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["tokens_per_s"]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']['median']:.1f}%"
+        mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
         out.append(
             f"| {r['config']} | {r['n_layers']} | {'yes' if r['per_head'] else 'no'} | {r['params'] / 1e6:.1f}M | "
             f"{r['batch']}x{r['seq_len']} | {t['median']:,.0f} | {t['p10']:,.0f}-{t['p90']:,.0f} | "
-            f"{mfu} | {r['step_ms']['median']:.1f} |"
+            f"{mfu} | {r['step_ms']['median']:.1f} | {mem} |"
         )
+    return "\n".join(out)
+
+
+def cost_table(costs: list[dict]) -> str:
+    out = ["| per-head | baseline | time per token, ratio [95% CI] |", "|---|---|---|"]
+    for c in costs:
+        r = c["time_per_token_ratio"]
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else "(no interval)"
+        out.append(f"| {c['per_head']} | {c['baseline']} | x{r['median']:.3f} {ci} |")
     return "\n".join(out)
 
 
 @dataclass
 class Args:
-    configs: list[str] | None = None  # runner names (default: 100M configs on CUDA, tiny on CPU)
+    configs: list[str] | None = None  # runner names (default: the 5- to 8-block 100M configs on CUDA, tiny on CPU)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    steps: int = 20  # timed steps
-    warmup: int = 5  # untimed steps first (compilation happens here)
+    rounds: int = 10  # interleaved rounds: one sample per model each
+    steps_per_round: int = 3  # timed steps per model per round
+    warmup: int = 5  # untimed steps per model first (compilation happens here)
     batch_size: int | None = None  # default: the runner's
     compile: bool | None = None  # torch.compile (default: on CUDA only)
+    profile: bool = False  # also torch.profiler's top operations per model
     out: str = "bench/results/train_throughput.json"  # result JSON
+
+    def __post_init__(self):
+        if self.rounds < 3 or self.steps_per_round < 1 or self.warmup < 1:
+            raise ValueError("need --rounds >= 3, --steps-per-round >= 1 and --warmup >= 1")
 
 
 def main(argv=None):
     a = parse_args(Args(), argv)
     device = pick_device(a.device)
     names = a.configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
-    rows = [measure(n, device, a.steps, a.warmup, a.batch_size, a.compile) for n in names]
-    result = {**run_metadata(device), "benchmark": "train_throughput", "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    result = {**run_metadata(device), "benchmark": "train_throughput", "rows": [], "per_head_cost": []}
+
+    def write():  # after every phase: a run stopped by a time limit keeps what it measured
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2))
+
+    benches, peaks = [], {}
+    for name in tqdm(names, desc="build, compile, warm up"):
+        b = Bench(name, device, a.batch_size, a.compile)
+        peaks[name] = b.warm_up(a.warmup)
+        benches.append(b)
+    for r in tqdm(range(a.rounds), desc="rounds"):
+        k = r % len(benches)
+        for b in benches[k:] + benches[:k]:
+            b.seconds.append(sum(time_repeats(b.step, device, 0, a.steps_per_round)) / a.steps_per_round)
+        result["rows"] = [summarise(b, a.warmup, a.steps_per_round, peaks[b.name]) for b in benches]
+        result["per_head_cost"] = per_head_cost(benches)
+        write()
+    if a.profile:
+        for b, row in zip(benches, result["rows"], strict=True):
+            row["profile"] = profile(b)
+            write()
     print(f"{result['device']}, torch {result['torch_version']}, commit {result['git_commit'][:12]}")
-    print(table(rows))
+    print(table(result["rows"]))
+    print(cost_table(result["per_head_cost"]))
+    for row in result["rows"] if a.profile else []:
+        print(f"\n{row['config']}: top operations by self time per step")
+        for op in row["profile"][:10]:
+            print(f"  {op['self_ms_per_step']:8.2f} ms  {100 * op['share']:5.1f}%  {op['op'][:90]}")
+    print(f"-> {a.out}")
 
 
 if __name__ == "__main__":

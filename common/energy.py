@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -235,3 +236,33 @@ def measure_energy(
             if meter.clock() - start >= min_window_s:
                 break
     return {**meter.result(calls * units_per_call, unit), "calls": calls, "min_window_s": min_window_s}
+
+
+def repeated_energy(
+    fn: Callable[[], object],
+    units_per_call: int,
+    device: torch.device | str,
+    runs: int = 3,
+    tolerance: float = 0.05,
+    unit: str = "token",
+    **measure_kw,
+) -> dict:
+    """``measure_energy`` ``runs`` times over: the median J per unit (gross and net of idle), every run's
+    figure, and their spread, (max - min) / median, judged against ``tolerance``. One run's dict is under
+    ``runs``; a figure any run lacks is left out rather than taken from the others."""
+    results = [measure_energy(fn, units_per_call, device, unit=unit, **measure_kw) for _ in range(runs)]
+    if results[0]["method"] == "unavailable":
+        return results[0]
+    out = {"method": results[0]["method"], "runs": results, "tolerance": tolerance}
+    for key in (f"j_per_{unit}", f"net_j_per_{unit}"):
+        values = [r.get(key) for r in results]
+        if any(v is None for v in values):
+            continue
+        med = statistics.median(values)
+        out[key], out[f"{key}_runs"] = med, values
+        if runs >= 2 and med > 0:
+            out[f"{key}_spread"] = (max(values) - min(values)) / med
+            out[f"{key}_within_tolerance"] = out[f"{key}_spread"] <= tolerance
+    if f"j_per_{unit}" not in out:
+        out["reason"] = next(r.get("reason") for r in results if r.get(f"j_per_{unit}") is None)
+    return out

@@ -21,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
-from common.energy import find_counter, measure_energy
+from common.energy import find_counter, repeated_energy
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
 from eval.hf import HFModel
-from eval.latency import MODES, decode_fn, time_decode, time_forward, time_prefill
+from eval.latency import MODES, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
 
@@ -42,8 +42,9 @@ def evaluate_efficiency(
     energy=True,
     min_window_s=1.0,
     idle_s=1.0,
-    repeats=3,
+    repeats=5,
     progress=True,
+    energy_runs=1,
 ) -> dict:
     vocab = model.params.vocab_size
     out = {"prefill": [], "decode": [], "forward": [], "memory_bytes": state_dict_bytes(model)}
@@ -51,12 +52,16 @@ def evaluate_efficiency(
     jobs = [(m, b) for m in modes for b in batch_sizes]
     for mode, b in tqdm(jobs, desc="latency", disable=not progress):
         out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)))
-        row = time_decode(model, b, context, n_tokens, mode, repeats=repeats)
+        measure = None
         if counter is not None:
-            run, cleanup = decode_fn(model, b, context, n_tokens, mode)
-            row["energy"] = measure_energy(run, b * n_tokens, device, min_window_s, idle_s, counter=counter)
-            cleanup()
-        else:
+
+            def measure(run, units):
+                return repeated_energy(
+                    run, units, device, energy_runs, min_window_s=min_window_s, idle_s=idle_s, counter=counter
+                )
+
+        row = time_decode(model, b, context, n_tokens, mode, repeats=repeats, energy=measure)
+        if counter is None:
             row["energy"] = {"method": "unavailable", "reason": reason}
         out["decode"].append(row)
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
@@ -113,8 +118,8 @@ class Args(EvalOptions):
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes timed
     context: int | None = None  # tokens in the cache before decoding (default: max_seq_len/2); also the forward length
     prompt_len: int | None = None  # prefill length (default: --context)
-    n_tokens: int = 32  # decode steps timed per repeat
-    repeats: int = 3  # timed repeats
+    n_tokens: int = 32  # decode steps per timed pass
+    repeats: int = 5  # timed passes
     modes: list[Mode] | None = None  # decoding modes (default: all on CUDA, eager on CPU and for HF models)
     # engines for the full forward (default: torch, compile, aoti, onnxruntime; torch and compile for a HF
     # model, whose export is not set up here; torchscript: legacy, by name)
@@ -123,6 +128,14 @@ class Args(EvalOptions):
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
     min_window: float = 1.0  # seconds; energy windows are at least this
     idle: float = 1.0  # seconds of idle power measured before each window
+    energy_runs: int = 1  # energy windows per decode row: 3 gives the median and how far the runs spread
+
+    def __post_init__(self):
+        counts = {"batch-sizes": min(self.batch_sizes, default=0), "n-tokens": self.n_tokens}
+        counts |= {"repeats": self.repeats, "energy-runs": self.energy_runs}
+        for name, v in counts.items():
+            if v < 1:
+                raise ValueError(f"--{name} must be at least 1 (got {v})")
 
 
 def main(argv=None):
@@ -154,6 +167,7 @@ def main(argv=None):
         a.min_window,
         a.idle,
         a.repeats,
+        energy_runs=a.energy_runs,
     )
     settings = {
         "dtype": str(ev.dtype).removeprefix("torch."),
@@ -161,6 +175,7 @@ def main(argv=None):
         "prompt_len": a.prompt_len or context,
         "n_tokens": a.n_tokens,
         "repeats": a.repeats,
+        "energy_runs": a.energy_runs,
         "batch_sizes": a.batch_sizes,
         "modes": modes,
         "sparse_2of4": a.sparse_2of4,

@@ -8,6 +8,8 @@ first, synchronises the device before each clock read and reports median, p10 an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from common.timing import spread, time_repeats
@@ -17,9 +19,23 @@ from llama.model import Transformer
 MODES = ("eager", "compile", "compile+cudagraphs")
 
 
+def _allow_recompiles(limit: int = 64):
+    """Every model, batch size and mode is its own compiled graph of the same decode function, and dynamo
+    keeps at most 8 per function by default: a ninth would silently run eager under a "compile" label. Raise
+    the limit, and make reaching it an error rather than a silent fallback."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name and the older one
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
 def compiled(fn, mode: str, device: torch.device):
     if mode == "eager":
         return fn
+    if mode in MODES:
+        _allow_recompiles()
     if mode == "compile":
         return torch.compile(fn, dynamic=False)
     if mode == "compile+cudagraphs":
@@ -68,47 +84,57 @@ def decode_steps(model: Transformer, batch: int, context_len: int, n_tokens: int
     return [at(torch.tensor([context_len + i], device=device)) for i in range(n_tokens)]
 
 
-def time_decode(
-    model: Transformer,
-    batch: int,
-    context_len: int,
-    n_tokens: int = 32,
-    mode: str = "eager",
-    warmup: int = 3,
-    repeats: int = 3,
-) -> dict:
-    """Per-token decode latency with the KV cache, after a ``context_len``-token prefill.
-
-    Each of ``repeats`` passes decodes ``n_tokens`` tokens at positions context_len.. and every step is timed
-    on its own; the spread is over all timed steps. tokens_per_s counts the whole batch.
-    """
-    device = model.tok_embeddings.weight.device
-    steps = decode_steps(model, batch, context_len, n_tokens, mode)
-    for i in range(warmup):  # compilation and CUDA graph capture happen here
-        steps[i % n_tokens]()
-    times = [t for _ in range(repeats) for one in steps for t in time_repeats(one, device, 0, 1)]
-    model.clear_caches()
-    s = spread([1e3 * t for t in times])
-    return {
-        "ms_per_token": s,
-        "tokens_per_s": batch * 1e3 / s["median"],
-        "batch": batch,
-        "context_len": context_len,
-        "n_tokens": n_tokens,
-        "repeats": repeats,
-        "mode": mode,
-    }
-
-
-def decode_fn(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
-    """A callable that decodes ``n_tokens`` tokens per call (for energy measurements), and its cleanup."""
+def decode_run(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
+    """One callable that decodes ``n_tokens`` tokens in a row, as a generation loop does: the steps are
+    queued one after another with no device sync between them (remove the cache with ``model.clear_caches()``
+    afterwards)."""
     steps = decode_steps(model, batch, context_len, n_tokens, mode)
 
     def run():
         for one in steps:
             one()
 
-    return run, model.clear_caches
+    return run
+
+
+def time_decode(
+    model: Transformer,
+    batch: int,
+    context_len: int,
+    n_tokens: int = 32,
+    mode: str = "eager",
+    warmup: int = 2,
+    repeats: int = 5,
+    energy: Callable[[Callable[[], None], int], dict] | None = None,
+) -> dict:
+    """Per-token decode latency with the KV cache, after a ``context_len``-token prefill.
+
+    Each of ``repeats`` timed passes decodes ``n_tokens`` tokens at positions context_len.. with one device
+    sync at its end (a sync after every token would add its own cost to each, which a generation loop does
+    not pay); ms_per_token is a pass's time over ``n_tokens``, its spread over the passes. ``warmup`` untimed
+    passes first: compilation and CUDA graph capture happen there. tokens_per_s counts the whole batch.
+    ``energy(run, tokens_per_run)``, if given, measures the same warmed-up decode (its dict lands under
+    "energy").
+    """
+    device = model.tok_embeddings.weight.device
+    run = decode_run(model, batch, context_len, n_tokens, mode)
+    try:
+        times = time_repeats(run, device, warmup, repeats)
+        s = spread([1e3 * t / n_tokens for t in times])
+        row = {
+            "ms_per_token": s,
+            "tokens_per_s": batch * 1e3 / s["median"],
+            "batch": batch,
+            "context_len": context_len,
+            "n_tokens": n_tokens,
+            "repeats": repeats,
+            "mode": mode,
+        }
+        if energy is not None:
+            row["energy"] = energy(run, batch * n_tokens)
+    finally:
+        model.clear_caches()
+    return row
 
 
 @torch.no_grad()

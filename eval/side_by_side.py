@@ -16,6 +16,7 @@ adjusted over the models. A model is called faster or slower only when that adju
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +29,7 @@ from common.energy import find_counter, measure_energy
 from common.stats import adjust, mann_whitney, ratio_ci
 from common.timing import spread, time_repeats
 from eval.common import write_result
-from eval.latency import MODES, decode_steps
+from eval.latency import MODES, decode_run
 from eval.model import load_for_eval
 from llama.generation import prefill
 
@@ -59,14 +60,10 @@ class Args:
 class _Entry:
     name: str
     model: torch.nn.Module
-    decode: list = field(default_factory=list)  # one callable per decode step
+    decode: Callable[[], None] | None = None  # decodes n_tokens tokens
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)  # per token
     energy: list[dict] = field(default_factory=list)
-
-    def decode_all(self):
-        for step in self.decode:
-            step()
 
 
 def _rotated(entries: list, r: int) -> list:
@@ -87,9 +84,9 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     entries = []
     for name, model in models.items():
         e = _Entry(name, model)
-        e.decode = decode_steps(model, a.batch, a.context, a.n_tokens, a.mode)
-        for step in e.decode:  # warm up (and compile) before any timing
-            step()
+        e.decode = decode_run(model, a.batch, a.context, a.n_tokens, a.mode)
+        for _ in range(2):  # warm up before any timing: compilation, then CUDA graph recording
+            e.decode()
         entries.append(e)
     counter, reason = find_counter(device) if a.energy else (None, "not requested")
     prompt = torch.randint(0, min(m.params.vocab_size for m in models.values()), (a.batch, a.prompt_len), device=device)
@@ -97,10 +94,10 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     try:
         for r in tqdm(range(a.rounds), desc="side by side", unit="round", disable=not progress):
             for e in _rotated(entries, r):
-                e.decode_ms.append(1e3 * _once(e.decode_all, device) / a.n_tokens)
+                e.decode_ms.append(1e3 * _once(e.decode, device) / a.n_tokens)
                 if counter is not None:
                     units = a.batch * a.n_tokens
-                    e.energy.append(measure_energy(e.decode_all, units, device, a.min_window, 0.0, counter=counter))
+                    e.energy.append(measure_energy(e.decode, units, device, a.min_window, 0.0, counter=counter))
         # prefill needs its own cache length: timed after decoding, in rounds again
         for e in entries:
             e.model.clear_caches()

@@ -16,10 +16,26 @@ def model(tiny_perhead_args):
 
 def test_latency_fields_and_spread(model):
     p = time_prefill(model, batch=2, prompt_len=16, warmup=1, repeats=3)
-    d = time_decode(model, batch=2, context_len=16, n_tokens=4, warmup=1, repeats=2)
+    seen = []
+    d = time_decode(
+        model, batch=2, context_len=16, n_tokens=4, warmup=1, repeats=2, energy=lambda run, n: seen.append(n) or {}
+    )
     assert p["ms"]["n"] == 3 and 0 < p["ms"]["p10"] <= p["ms"]["median"] <= p["ms"]["p90"]
-    assert d["ms_per_token"]["n"] == 8 and d["tokens_per_s"] == pytest.approx(2e3 / d["ms_per_token"]["median"])
+    assert d["ms_per_token"]["n"] == 2 and d["tokens_per_s"] == pytest.approx(2e3 / d["ms_per_token"]["median"])
+    assert seen == [8] and d["energy"] == {}  # the energy callback gets the decode's tokens (batch x n_tokens)
     assert model.causal_mask is None  # caches removed afterwards
+
+
+def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model, monkeypatch):
+    import eval.latency as latency
+
+    positions = []
+    real = latency.decode_one_token
+    monkeypatch.setattr(latency, "decode_one_token", lambda m, t, pos: positions.append(int(pos)) or real(m, t, pos))
+    run = latency.decode_run(model, batch=1, context_len=5, n_tokens=3)
+    run()
+    model.clear_caches()
+    assert positions == [5, 6, 7]
 
 
 @pytest.mark.slow
@@ -38,7 +54,7 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
     finally:
         model.clear_caches()
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
-    d = time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile", warmup=1, repeats=1)
+    d = time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile", warmup=1, repeats=2)
     assert d["mode"] == "compile" and d["ms_per_token"]["n"] == 2
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from common.energy import EnergyMeter, RaplCounter, find_counter, measure_energy
+from common.energy import EnergyMeter, RaplCounter, find_counter, measure_energy, repeated_energy
 
 
 class FakeClock:
@@ -119,3 +119,23 @@ def test_rapl_counter_sums_packages_and_unwraps(tmp_path):
     (tmp_path / "intel-rapl:0/energy_uj").write_text("100")  # wrapped: 900 -> 1000 -> 100 is +200 uJ
     (tmp_path / "intel-rapl:1/energy_uj").write_text("150")  # +50 uJ
     assert c.read_j() == pytest.approx(250e-6)
+
+
+def test_repeated_energy_gives_the_median_and_the_spread_of_the_runs():
+    clock = FakeClock()
+    counter = FakeCounter(clock, idle_w=20.0)
+    per_call = iter([10.0] * 8 + [11.0] * 8 + [10.5] * 8)  # J above idle per 1/8 s call: three runs of 8 calls
+
+    def work():
+        clock.t += 0.125
+        counter.extra += next(per_call)
+
+    kw = dict(min_window_s=1.0, idle_s=1.0, counter=counter, clock=clock, sleep=clock.sleep)
+    r = repeated_energy(work, 5, "cpu", runs=3, tolerance=0.05, **kw)
+    assert r["method"] == "fake" and len(r["runs"]) == 3
+    assert r["net_j_per_token_runs"] == pytest.approx([2.0, 2.2, 2.1])  # 80, 88, 84 J over 40 tokens
+    assert r["net_j_per_token"] == pytest.approx(2.1)
+    assert r["net_j_per_token_spread"] == pytest.approx(0.2 / 2.1) and r["net_j_per_token_within_tolerance"] is False
+    assert r["j_per_token"] == pytest.approx(2.6)  # (84 + 20 J of idle) / 40
+    assert r["j_per_token_spread"] == pytest.approx(0.2 / 2.6) and not r["j_per_token_within_tolerance"]
+    assert repeated_energy(work, 1, "cpu", counter=None, reason="no counter")["method"] == "unavailable"

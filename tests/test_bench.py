@@ -1,0 +1,103 @@
+"""The benchmarks run end to end on the CPU at toy sizes (their GPU runs use the same code with other defaults)."""
+
+import json
+
+import pytest
+import torch
+
+import bench.compressed_decode as compressed
+import bench.decode_latency as decode_latency
+import bench.train_throughput as train_throughput
+
+
+def test_train_throughput_interleaves_models_and_compares_per_head_to_its_baseline(tmp_path):
+    out = tmp_path / "t.json"
+    train_throughput.main(
+        ["--configs", "tiny_baseline", "tiny", "--rounds", "3", "--steps-per-round", "1", "--warmup", "1"]
+        + ["--batch-size", "2", "--device", "cpu", "--profile", "--out", str(out)]
+    )
+    r = json.loads(out.read_text())
+    rows = {row["config"]: row for row in r["rows"]}
+    assert set(rows) == {"tiny_baseline", "tiny"} and rows["tiny"]["per_head"] and not rows["tiny_baseline"]["per_head"]
+    for row in rows.values():
+        assert row["rounds"] == 3 and row["tokens_per_s"]["median"] > 0 and row["mfu"] is None  # no CPU peak
+        assert row["profile"] and 0 < sum(op["share"] for op in row["profile"]) <= 1.0 + 1e-9
+    (cost,) = r["per_head_cost"]
+    assert (cost["per_head"], cost["baseline"]) == ("tiny", "tiny_baseline")
+    assert cost["time_per_token_ratio"]["n"] == 3 and cost["time_per_token_ratio"]["median"] > 0
+
+
+def test_train_throughput_refuses_too_few_rounds():
+    with pytest.raises(ValueError, match="--rounds"):
+        train_throughput.main(["--rounds", "2"])
+
+
+def test_decode_latency_writes_every_decode_row_with_its_energy(tmp_path):
+    out = tmp_path / "d.json"
+    decode_latency.main(
+        ["--configs", "tiny", "--batch-sizes", "1", "2", "--modes", "eager", "--n-tokens", "4", "--repeats", "2"]
+        + ["--engines", "torch", "--device", "cpu", "--out", str(out)]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert [d["batch"] for d in row["decode"]] == [1, 2] and row["context_len"] == 128
+    for d in row["decode"]:
+        assert d["repeats"] == 2 and d["n_tokens"] == 4 and d["ms_per_token"]["median"] > 0
+        assert d["energy"]["method"] in ("unavailable", "rapl")  # never a made-up figure
+    assert [f["engine"] for f in row["forward"]] == ["torch", "torch"]
+
+
+def test_decode_table_shows_each_energy_run_and_flags_a_spread_over_the_tolerance():
+    def decode(batch, runs):
+        e = {"method": "nvml-energy", "tolerance": 0.05, "net_j_per_token_runs": runs}
+        e["net_j_per_token_spread"] = (max(runs) - min(runs)) / sorted(runs)[1]
+        ms = {"median": 0.2, "p10": 0.19, "p90": 0.25}
+        return {"mode": "compile+cudagraphs", "batch": batch, "ms_per_token": ms, "tokens_per_s": 5000.0, "energy": e}
+
+    text = decode_latency.decode_table(
+        [{"config": "c", "decode": [decode(1, [1.0, 1.01, 1.02]), decode(16, [1, 1.1, 1])]}]
+    )
+    lines = text.splitlines()[2:]
+    assert "| 200 | 190-250 |" in lines[0] and "1.0000, 1.0100, 1.0200" in lines[0] and "2.0%" in lines[0]
+    assert "(over)" not in lines[0] and "10.0% (over)" in lines[1]
+
+
+class _Const(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, tokens):
+        return self.out
+
+
+def test_output_check_passes_the_same_function_and_fails_nan_and_far_outputs():
+    ref = torch.randn(2, 8, 50)
+    models = {
+        "dense": _Const(ref),
+        "2:4 sparse kernels": _Const(ref * (1 + 1e-3)),
+        "close": _Const(ref + 0.01 * torch.randn_like(ref)),
+        "nan": _Const(torch.full_like(ref, float("nan"))),
+        "far": _Const(torch.randn_like(ref)),
+    }
+    refs = dict.fromkeys(models, "dense")
+    c = compressed.check_outputs(models, refs, torch.zeros(2, 8, dtype=torch.long))
+    assert c["dense"]["ok"] and c["dense"]["rel_error"] == 0 and c["dense"]["top1_agreement"] == 1
+    assert c["2:4 sparse kernels"]["ok"] and c["2:4 sparse kernels"]["bound"] == compressed.SPARSE_TOLERANCE
+    assert c["close"]["ok"] and not c["nan"]["ok"] and not c["far"]["ok"]
+
+
+def test_compressed_decode_checks_every_variant_and_times_the_ones_that_pass(tmp_path):
+    out = tmp_path / "c.json"
+    compressed.main(
+        ["--rounds", "3", "--n-tokens", "2", "--batch-sizes", "1", "--context", "16", "--device", "cpu"]
+        + ["--schemes", "int8-dynamic", "bnb-nf4", "--out", str(out)]
+    )
+    r = json.loads(out.read_text())
+    assert "CUDA" in r["unavailable"]["2:4 sparse kernels"] and "CUDA" in r["unavailable"]["bnb-nf4"]
+    checks = r["checks"]
+    assert checks["dense"]["rel_error"] == 0 and checks["2:4 pruned"]["rel_error"] > 0  # pruning changes the model
+    assert checks["int8-dynamic"]["ok"] and 0 < checks["int8-dynamic"]["rel_error"] < 0.2
+    (run,) = r["timings"]
+    assert set(run["models"]) == {"dense", "2:4 pruned", "int8-dynamic"} and run["reference"] == "dense"
+    assert run["models"]["int8-dynamic"]["decode_ratio_to_reference"]["n"] == 3
+    assert r["memory_bytes"]["int8-dynamic"] < r["memory_bytes"]["dense"]
