@@ -54,6 +54,8 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
     finally:
         model.clear_caches()
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    # many models/batch sizes compile the same decode function: past dynamo's limit it must fail, not run eager
+    assert torch._dynamo.config.recompile_limit >= 64 and torch._dynamo.config.fail_on_recompile_limit_hit
     d = time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile", warmup=1, repeats=2)
     assert d["mode"] == "compile" and d["ms_per_token"]["n"] == 2
 
