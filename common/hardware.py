@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -28,6 +29,9 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 
 def git_commit() -> str:
+    """HEAD (+dirty); in a copy of the tree without git (a remote machine), $GIT_COMMIT if set."""
+    if not (Path(__file__).parent.parent / ".git").exists() and os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5

@@ -101,3 +101,48 @@ def test_compressed_decode_checks_every_variant_and_times_the_ones_that_pass(tmp
     assert set(run["models"]) == {"dense", "2:4 pruned", "int8-dynamic"} and run["reference"] == "dense"
     assert run["models"]["int8-dynamic"]["decode_ratio_to_reference"]["n"] == 3
     assert r["memory_bytes"]["int8-dynamic"] < r["memory_bytes"]["dense"]
+
+
+def test_commit_of_a_tree_copied_without_git_comes_from_the_environment(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import common.hardware
+
+    copy = tmp_path / "common" / "hardware.py"  # the tree as a remote machine gets it: files, no .git
+    copy.parent.mkdir()
+    shutil.copy(Path(common.hardware.__file__), copy)
+    spec = importlib.util.spec_from_file_location("hardware_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("GIT_COMMIT", "abc123")
+    assert module.git_commit() == "abc123"
+    assert common.hardware.git_commit() != "abc123"  # in the checkout git itself answers
+
+
+@pytest.mark.slow
+def test_the_gpu_call_script_runs_its_steps_and_collects_their_files(tmp_path):
+    # The script a lent GPU machine runs, in its CPU smoke mode: every step ends, its files land in $OUT.
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SMOKE": "1", "PYTHON": sys.executable, "GIT_COMMIT": "c0ffee"}
+    r = subprocess.run(
+        ["bash", "bench/gpu/call.sh", "train", "decode"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    header, steps = (out / "steps.txt").read_text().split("steps:\n")
+    steps = steps.splitlines()
+    assert [s.split(":")[0] for s in steps] == ["train_throughput", "decode_latency", "compressed_decode", "pytest_bnb"]
+    assert all(": exit 0 " in s for s in steps), steps
+    for name in ("train_throughput", "decode_latency", "compressed_decode"):
+        assert json.loads((out / f"{name}.json").read_text())["benchmark"] == name
+    assert "commit c0ffee" in header and "torch" in header
+    log = (out / "log.txt").read_text()
+    assert "=== train_throughput:" in log and "=== pytest_bnb:" in log
+    assert len(list(out.iterdir())) <= 8  # what comes back from one call
+    bad = subprocess.run(["bash", "bench/gpu/call.sh", "nonsense"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown part nonsense" in bad.stderr
