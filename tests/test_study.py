@@ -190,3 +190,30 @@ tokens = [1000, 2000]
     toml.write_text(body.replace(f'path = "{tmp_path / "ext"}"', 'path = "/nonexistent/hf"'))
     with pytest.raises(ValueError, match="folder /nonexistent/hf does not exist"):
         load_study(toml)
+
+
+@pytest.mark.parametrize("toml", ["study_tiny.toml", "study_100m.toml", "study_100m_lease.toml"])
+def test_every_command_of_the_shipped_studies_parses(toml):
+    # A typo in a study file should fail here, not minutes into a run on a rented GPU.
+    import importlib
+
+    import eval.compress.__main__ as compress_cli
+    from common.cli import parse_args
+    from eval.efficiency import Args as EfficiencyArgs
+    from eval.perplexity import Args as PerplexityArgs
+    from eval.quality import Args as QualityArgs
+    from eval.side_by_side import Args as SideBySideArgs
+    from runners.study import HERE
+
+    s = load_study(HERE / toml)
+    for run in s.runs:
+        cfg = parse_args(importlib.import_module(f"runners.{run['runner']}").config(), run.get("args", []))
+        assert cfg.max_steps > 0
+    for c in s.compress:
+        a = parse_args(compress_cli.Args(), ["--checkpoint", "x", "--out", "y", *c["args"]])
+        assert a.method is not None
+    parse_args(QualityArgs(), ["x", *s.quality])
+    parse_args(SideBySideArgs(), ["x", "y", *s.side_by_side])
+    parse_args(EfficiencyArgs(), ["x", *s.efficiency])
+    parse_args(PerplexityArgs(), ["x", *s.over_training])
+    assert len(plan(s)) >= len(s.runs) + len(s.compress)
