@@ -9,7 +9,7 @@ import torch
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        return _check_index(torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"), pref)
     try:
         device = torch.device(pref)
     except RuntimeError:
@@ -21,6 +21,15 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
             raise ValueError(f"device={pref!r} but CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+    return _check_index(device, pref)
+
+
+def _check_index(device: torch.device, pref: str) -> torch.device:
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={pref!r} means cuda:{device.index}, but this machine has {torch.cuda.device_count()} GPU(s); "
+            "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu"
+        )
     return device
 
 

@@ -63,3 +63,53 @@ def test_train_step_with_compile_and_bf16(tmp_path, make_config):
     summary = json.loads((tmp_path / "gpu/logs/t/summary.json").read_text())
     assert summary["compile"] is True and summary["dtype"] == "bfloat16"
     assert summary["energy"]["method"].startswith("nvml")
+
+
+def test_a_rank_beyond_the_gpus_is_one_clear_error():
+    from common.device import pick_device
+
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="one process per GPU"):
+        pick_device("auto", local_rank=n)
+    assert pick_device("auto", local_rank=n - 1) == torch.device(f"cuda:{n - 1}")
+
+
+def test_cudagraph_decoding_equals_eager(tiny_perhead_args):
+    # The mode behind the decode latency table computes what eager decoding computes.
+    from eval.latency import compiled
+    from llama.generation import decode_one_token
+
+    model = Transformer(tiny_perhead_args).cuda().to(torch.bfloat16).eval()
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    model.setup_caches(2, 32)
+    step = compiled(decode_one_token, "compile+cudagraphs", torch.device("cuda"))
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, 97, (2, 8), device="cuda"), torch.arange(8, device="cuda"))
+            tok = torch.randint(0, 97, (2, 1), device="cuda")
+            outs = []
+            for i in range(3):  # warm-up, recording, then replays
+                pos = torch.tensor([8 + i], device="cuda")
+                eager = decode_one_token(model, tok, pos).float()
+                outs.append((step(model, tok, pos).float().clone(), eager))
+    finally:
+        model.clear_caches()
+    for graph, eager in outs:
+        torch.testing.assert_close(graph, eager, atol=3e-2, rtol=3e-2)
+
+
+def test_compressed_decode_benchmark_on_the_gpu(tmp_path):
+    import json
+
+    import bench.compressed_decode as compressed
+
+    out = tmp_path / "c.json"
+    compressed.main(
+        ["--config", "tiny_baseline", "--rounds", "3", "--n-tokens", "4", "--batch-sizes", "1", "--context", "32"]
+        + ["--modes", "eager", "compile+cudagraphs", "--schemes", "torchao-int8-weight", "--out", str(out)]
+    )
+    r = json.loads(out.read_text())
+    assert r["checks"]["2:4 sparse kernels"]["ok"], r["checks"]  # the sparse kernels reproduce the pruned model
+    assert {t["mode"] for t in r["timings"]} == {"eager", "compile+cudagraphs"}
+    assert all("dense" in t["models"] for t in r["timings"])

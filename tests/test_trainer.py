@@ -176,6 +176,8 @@ def _run_losses(tmp_path, corpus, nproc, batch_size, parallel):
         "1e-2",
         "--warmup-steps",
         "2",
+        "--device",
+        "cpu",  # gloo: the test is about equal results, and one GPU cannot hold two NCCL ranks
     ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "runners.tiny"] + args
@@ -194,3 +196,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, pa
     assert multi == pytest.approx(single, abs=1e-4)
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    # torchrun --nproc_per_node=2 on a one-GPU machine: rank 1 would ask for cuda:1
+    from common.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto", local_rank=0) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="has 1 GPU.*one process per GPU"):
+        pick_device("auto", local_rank=1)
+    with pytest.raises(ValueError, match="cuda:3"):
+        pick_device("cuda:3")
