@@ -113,3 +113,17 @@ def test_compressed_decode_benchmark_on_the_gpu(tmp_path):
     assert r["checks"]["2:4 sparse kernels"]["ok"], r["checks"]  # the sparse kernels reproduce the pruned model
     assert {t["mode"] for t in r["timings"]} == {"eager", "compile+cudagraphs"}
     assert all("dense" in t["models"] for t in r["timings"])
+
+
+def test_torchao_int4_weight_only_runs_on_the_gpu(tiny_args):
+    pytest.importorskip("torchao")
+    from eval.compress.quantize import quantize
+
+    tiny_args.dim, tiny_args.n_heads, tiny_args.n_kv_heads, tiny_args.multiple_of = 256, 4, 4, 128
+    tiny_args.vocab_size = 128  # tinygemm takes output sizes in multiples of 8
+    model = Transformer(tiny_args).cuda().to(torch.bfloat16).eval()
+    x = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        ref = model(x).float()
+        out = quantize(model, "torchao-int4-weight")(x).float()
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2

@@ -5,8 +5,9 @@ Schemes:
 - ``int8-dynamic``: PyTorch's dynamic int8 quantization of nn.Linear (int8 weights, activations quantized on
   the fly; CPU kernels);
 - ``torchao-int8-weight``, ``torchao-int8-dynamic``, ``torchao-int4-weight``: torchao's
-  Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig and Int4WeightOnlyConfig (int4 needs torchao's
-  extra kernel package; without it the scheme reports why it is unavailable);
+  Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig and Int4WeightOnlyConfig (int4: on CUDA in
+  tinygemm's layout, PyTorch's own kernel; elsewhere it needs torchao's extra kernel package, and without it
+  the scheme reports why it is unavailable);
 - ``bnb-nf4``, ``bnb-int8``: bitsandbytes Linear4bit (NF4) and Linear8bitLt, CUDA only.
 Embeddings stay in their dtype; every nn.Linear (the output head included) is quantized.
 """
@@ -94,6 +95,10 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
             "torchao-int8-dynamic": Int8DynamicActivationInt8WeightConfig,
             "torchao-int4-weight": Int4WeightOnlyConfig,
         }[scheme]()
+        if scheme == "torchao-int4-weight" and device.type == "cuda":
+            # tinygemm's layout runs on PyTorch's own CUDA int4 kernel; torchao's default layout needs its
+            # separate kernel package (mslk)
+            config = Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")
         if scheme == "torchao-int4-weight":
             model = model.to(torch.bfloat16)
         try:
