@@ -38,7 +38,9 @@ def git_commit() -> str:
         )
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results committed beside the code (bench/results, docs/results) do not make the code dirty: a
+            # benchmark that rewrote one would otherwise mark every later one of the same commit
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs/results"],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,

@@ -146,3 +146,34 @@ def test_the_gpu_call_script_runs_its_steps_and_collects_their_files(tmp_path):
     assert len(list(out.iterdir())) <= 8  # what comes back from one call
     bad = subprocess.run(["bash", "bench/gpu/call.sh", "nonsense"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part nonsense" in bad.stderr
+
+
+def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
+    import importlib.util
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import common.hardware
+
+    repo = tmp_path / "repo"
+    (repo / "common").mkdir(parents=True)
+    (repo / "bench" / "results").mkdir(parents=True)
+    shutil.copy(Path(common.hardware.__file__), repo / "common" / "hardware.py")
+    (repo / "bench" / "results" / "r.json").write_text("{}")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    spec = importlib.util.spec_from_file_location("hardware_repo", repo / "common" / "hardware.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    clean = module.git_commit()
+    assert len(clean) == 40
+    (repo / "bench" / "results" / "r.json").write_text('{"new": 1}')  # a benchmark rewrote its result
+    assert module.git_commit() == clean
+    (repo / "common" / "hardware.py").write_text((repo / "common" / "hardware.py").read_text() + "\n# edit\n")
+    assert module.git_commit() == clean + "+dirty"
