@@ -31,7 +31,7 @@ from common.hardware import peak_flops, run_metadata
 from common.stats import ratio_ci
 from common.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
-from training.trainer import loss_fn, make_optimizer
+from training.trainer import make_optimizer, training_loss
 
 GPU_CONFIGS = [f"{kind}_{n}_layer" for n in (5, 6, 7, 8) for kind in ("baseline", "perhead")]
 CPU_CONFIGS = ["tiny_baseline", "tiny"]
@@ -53,6 +53,7 @@ class Bench:
         self.compile = compile_ if compile_ is not None else device.type == "cuda"
         if self.compile:
             self.model.compile()
+        self.loss = training_loss(self.compile)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.dtype = compute_dtype("auto", device)  # as the trainer runs on this device
         self.amp = autocast(device, self.dtype)
@@ -62,7 +63,7 @@ class Bench:
 
     def step(self):
         with self.amp:
-            loss = loss_fn(self.model(self.x), self.y)
+            loss = self.loss(self.model(self.x), self.y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -209,3 +209,18 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
         pick_device("auto", local_rank=1)
     with pytest.raises(ValueError, match="cuda:3"):
         pick_device("cuda:3")
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_as_eager_training_does(tmp_path, make_config):
+    # torch.compile of the model and of the loss (as on GPUs) on the CPU: the same losses up to the float
+    # rounding that fused kernels reorder.
+    def losses(root, compile_):
+        train(make_config(root, max_steps=6, ckpt_interval=6, eval_interval=6, compile=compile_))
+        return [m["loss"] for m in read_jsonl(root / "logs/t/metrics.jsonl")]
+
+    eager, compiled = losses(tmp_path / "eager", False), losses(tmp_path / "compiled", True)
+    assert len(eager) == len(compiled) == 6
+    assert compiled == pytest.approx(eager, rel=1e-3)
+    summary = json.loads((tmp_path / "compiled/logs/t/summary.json").read_text())
+    assert summary["compile"] is True

@@ -67,6 +67,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def training_loss(compile_: bool):
+    """The loss a training step uses: compiled with the model when the model is, so that the float32 cast and
+    the softmax over the vocabulary run as one fused pass over the logits (eager, they write and read
+    float32 copies of batch x seq x vocab values, forward and backward); the same function either way."""
+    return torch.compile(loss_fn) if compile_ else loss_fn
+
+
 @contextmanager
 def run_lock(cfg: TrainConfig):
     """One process trains a run at a time: an OS file lock next to checkpoints/<name>, released by the
@@ -250,6 +257,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     use_compile = cfg.compile if cfg.compile is not None else info.device.type == "cuda"
     if use_compile:
         wrapped.compile()  # in place: parameter names stay those of the model
+    train_loss = training_loss(use_compile)
     optimizer = make_optimizer(wrapped, cfg, info.device)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optim_state is not None:
@@ -312,7 +320,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
                     x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
                     with D.grad_sync(wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
                         with amp:
-                            loss = loss_fn(wrapped(x), y) / cfg.grad_accum
+                            loss = train_loss(wrapped(x), y) / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
                 grad_norm = (
