@@ -10,6 +10,9 @@
 #   suite   the whole test suite, CUDA tests included
 #   study   runners/study_100m_lease.toml; its table, report, plots and JSON come back as study.tar.gz
 #
+# One part per call: each ends within about 9.5 minutes (its steps' limits, installs and a 20 s grace per
+# step included); a 30-minute lease holds three, so run them in order of need (train, decode, study; suite
+# where time is left) and send the next call within the 30 s a machine stays warm (it keeps its compile cache).
 # Carry .whl (train, suite, study) or .whl-kernels (decode): bench/gpu/wheels.sh builds both here. The
 # machine's own torch is used. Each step runs under its own time limit (SIGINT, then SIGKILL), so a call ends
 # inside the 10 minutes a command has, keeping what finished: the benchmarks write their JSON as they go.
@@ -101,15 +104,15 @@ for part in "$@"; do
     step 540 train_throughput $PY -m bench.train_throughput --out "$out/train_throughput.json" "${TRAIN[@]}"
     ;;
   decode)
-    step 300 decode_latency $PY -m bench.decode_latency --out "$out/decode_latency.json" "${DECODE[@]}"
-    step 200 compressed_decode $PY -m bench.compressed_decode --out "$out/compressed_decode.json" "${COMPRESSED[@]}"
-    step 60 pytest_bnb $PY -m pytest -p no:cacheprovider -rA -m cuda -k bitsandbytes tests/test_cuda.py
+    step 280 decode_latency $PY -m bench.decode_latency --out "$out/decode_latency.json" "${DECODE[@]}"
+    step 190 compressed_decode $PY -m bench.compressed_decode --out "$out/compressed_decode.json" "${COMPRESSED[@]}"
+    step 50 pytest_bnb $PY -m pytest -p no:cacheprovider -rA -m cuda -k bitsandbytes tests/test_cuda.py
     ;;
   suite)
-    step 540 pytest $PY -m pytest -p no:cacheprovider -rfEs "${SUITE[@]}"
+    step 520 pytest $PY -m pytest -p no:cacheprovider -rfEs "${SUITE[@]}"
     ;;
   study)
-    step 550 study $PY -m runners.study "$STUDY"
+    step 530 study $PY -m runners.study "$STUDY"
     name=$($PY -c "import sys, tomllib; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$STUDY")
     if [ -d "$results/$name" ]; then
       tar -czf "$out/study.tar.gz" -C "$results" --exclude "$name/logs" --exclude "$name/steps" "$name"
