@@ -28,6 +28,9 @@ def peak_flops(device: torch.device | str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+RESULTS = ("bench/results", "docs/results")  # result folders committed beside the code
+
+
 def git_commit() -> str:
     """HEAD (+dirty); in a copy of the tree without git (a remote machine), $GIT_COMMIT if set."""
     if not (Path(__file__).parent.parent / ".git").exists() and os.environ.get("GIT_COMMIT"):
@@ -40,7 +43,8 @@ def git_commit() -> str:
         dirty = subprocess.run(
             # results committed beside the code (bench/results, docs/results) do not make the code dirty: a
             # benchmark that rewrote one would otherwise mark every later one of the same commit
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs/results"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/"]
+            + [f":(top,exclude){d}" for d in RESULTS],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,

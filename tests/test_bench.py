@@ -161,6 +161,8 @@ def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
     (repo / "bench" / "results").mkdir(parents=True)
     shutil.copy(Path(common.hardware.__file__), repo / "common" / "hardware.py")
     (repo / "bench" / "results" / "r.json").write_text("{}")
+    (repo / "eval").mkdir()
+    (repo / "eval" / "m.py").write_text("x = 1\n")
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True)
@@ -175,5 +177,5 @@ def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
     assert len(clean) == 40
     (repo / "bench" / "results" / "r.json").write_text('{"new": 1}')  # a benchmark rewrote its result
     assert module.git_commit() == clean
-    (repo / "common" / "hardware.py").write_text((repo / "common" / "hardware.py").read_text() + "\n# edit\n")
+    (repo / "eval" / "m.py").write_text("x = 2\n")  # code anywhere in the tree, not beside this module
     assert module.git_commit() == clean + "+dirty"
