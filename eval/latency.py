@@ -34,8 +34,7 @@ def _allow_recompiles(limit: int = 64):
 def compiled(fn, mode: str, device: torch.device):
     if mode == "eager":
         return fn
-    if mode in MODES:
-        _allow_recompiles()
+    _allow_recompiles()
     if mode == "compile":
         return torch.compile(fn, dynamic=False)
     if mode == "compile+cudagraphs":
