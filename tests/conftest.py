@@ -12,6 +12,16 @@ from training.data import load_documents
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """A test not marked ``cuda`` sees the machine CI has, a CPU, on a GPU machine too: "auto" would otherwise
+    pick the GPU and compare bf16 results with CPU references, or refuse CPU-only schemes. Child processes get
+    no visible GPU either. The ``cuda`` tests are the ones that exercise the GPU paths."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def tiny_args():
     return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=64)

@@ -61,8 +61,6 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
 
 
 def test_cudagraphs_mode_needs_cuda(model):
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU error path")
     with pytest.raises(ValueError, match="needs CUDA"):
         time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile+cudagraphs")
 
@@ -85,17 +83,33 @@ def test_engine_check_catches_a_wrong_engine(model):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cudagraph_decode_matches_eager_on_gpu(tiny_args):
+def test_cudagraph_decode_matches_eager_on_gpu(tiny_perhead_args):
+    # The mode behind the GPU decode table computes what eager decoding computes, at every position: the
+    # replayed graph reads each step's new position and writes the cache where eager decoding would.
     from eval.latency import compiled
     from llama.generation import decode_one_token
 
-    m = Transformer(tiny_args).cuda().eval()
-    m.setup_caches(1, 16)
-    with torch.no_grad():
-        m(torch.randint(0, 97, (1, 8), device="cuda"), torch.arange(8, device="cuda"))
-        tok, pos = torch.tensor([[3]], device="cuda"), torch.tensor([8], device="cuda")
-        eager = decode_one_token(m, tok, pos)
-        step = compiled(decode_one_token, "compile+cudagraphs", torch.device("cuda"))
-        for _ in range(3):
-            out = step(m, tok, pos)
-    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    m = Transformer(tiny_perhead_args).cuda().eval()
+    for layer in m.layers:
+        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    m.setup_caches(2, 16)
+    step = compiled(decode_one_token, "compile+cudagraphs", torch.device("cuda"))
+    try:
+        with torch.no_grad():
+            m(torch.randint(0, 97, (2, 8), device="cuda"), torch.arange(8, device="cuda"))
+            tok = torch.randint(0, 97, (2, 1), device="cuda")
+            for i in range(4):  # warm-up, recording, then replays
+                pos = torch.tensor([8 + i], device="cuda")
+                eager = decode_one_token(m, tok, pos).clone()
+                torch.testing.assert_close(step(m, tok, pos), eager, atol=1e-4, rtol=1e-4)
+    finally:
+        m.clear_caches()
+
+
+def test_tests_not_marked_cuda_see_a_cpu_machine():
+    # conftest's cpu_unless_marked_cuda: on a GPU machine too, "auto" means the CPU here and in child processes
+    import os
+
+    from common.device import pick_device
+
+    assert pick_device("auto") == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == ""
