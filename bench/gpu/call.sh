@@ -43,6 +43,7 @@ fi
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   echo "commit ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   echo "bwrap: $(bwrap --version 2>&1 || echo missing)"
+  $PY -m pip list 2>/dev/null | grep -iE "^(torch|transformers|huggingface.hub|datasets|pyarrow|numpy|bitsandbytes|torchao|lm.eval|onnxruntime) "
   echo "steps:"
 } >"$out/steps.txt" 2>&1
 grep -A99 '^steps:' "$out/steps.txt"
