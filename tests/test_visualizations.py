@@ -227,6 +227,8 @@ def test_grouped_comparisons_state_only_what_the_tests_support(tmp_path):
     report = write_report(s, rows, comps, {}, [], {}).read_text()
     assert "How to read this report" in report and "not distinguishable" in report and "**lower**" in report
     assert "no latency ranking is stated" in report
+    empty = write_report(s, rows, [], {}, [], {}).read_text()  # e.g. the per-head model is the deepest
+    assert "nothing to compare" in empty and "at least as deep" in empty
 
 
 def test_overlapping_seeds_are_not_distinguishable(tmp_path):

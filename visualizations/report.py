@@ -73,7 +73,10 @@ def write_report(
         ]
     seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)
     lines += ["", "## Comparison", "", (out / "table.md").read_text().strip(), "", "## What the measurements say", ""]
-    lines += [f"- {sentence(c, seeds)}" for c in comps] or ["- (nothing to compare: no per-head model was evaluated)"]
+    lines += [f"- {sentence(c, seeds)}" for c in comps] or [
+        "- (nothing to compare: each per-head model is compared with the baselines at least as deep, trained or "
+        "compressed from one, and this study has no such pair)"
+    ]
     latency = [c for c in comps if "ratio" in c]
     if latency and not any(c.get("distinguishable") for c in latency):
         lines.append(
