@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from eval.common import kept_layers
+
 # model_type -> where the decoder blocks are; the architectures tested here
 SUPPORTED = {
     "llama": "model.layers",
@@ -304,11 +306,7 @@ def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path, shapes: dict | No
 
 def drop_hf_layers(model: HFModel, drop: list[int]) -> HFModel:
     """``model`` without the decoder blocks in ``drop`` (in place); its config says the new depth."""
-    L = model.params.n_layers
-    drop = sorted(set(drop))
-    if any(not 0 <= i < L for i in drop) or len(drop) >= L:
-        raise ValueError(f"layers to drop {drop} must be in 0..{L - 1} and leave at least one")
-    keep = [i for i in range(L) if i not in drop]
+    keep = kept_layers(model.params.n_layers, drop)
     kept = nn.ModuleList([model.layers[i] for i in keep])
     for new_index, layer in enumerate(kept):
         for m in layer.modules():  # each attention finds its slot in the KV cache by its layer index

@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from eval.common import kept_layers
 from eval.compress.calibration import block_by_block
 from llama.model import Transformer
 from llama.model_io import model_from_state_dict
@@ -21,13 +22,7 @@ from llama.model_io import model_from_state_dict
 
 def drop_layers(model: Transformer, drop: list[int]) -> Transformer:
     """A new, smaller model without the blocks in ``drop``; everything else is copied unchanged."""
-    L = model.params.n_layers
-    drop = sorted(set(drop))
-    if any(not 0 <= i < L for i in drop):
-        raise ValueError(f"layers to drop {drop} must be in 0..{L - 1}")
-    if len(drop) >= L:
-        raise ValueError(f"cannot drop all {L} layers; keep at least one")
-    keep = [i for i in range(L) if i not in drop]
+    keep = kept_layers(model.params.n_layers, drop)
     a = model.params
 
     def per_layer(sizes):
