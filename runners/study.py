@@ -98,9 +98,8 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise FileNotFoundError(f"study file {path} does not exist")
     d = tomllib.loads(path.read_text())
-    keys = {"name", "runs", "compress", "external", "eval", "seeds", "reference", "workers", "checkpoints_dir"}
-    keys |= {"logs_dir"}
-    keys |= {"results_dir"}
+    folders = ("checkpoints_dir", "logs_dir", "results_dir")
+    keys = {"name", "runs", "compress", "external", "eval", "seeds", "reference", "workers", *folders}
     unknown = set(d) - keys
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
@@ -136,7 +135,7 @@ def load_study(path: str | Path) -> Study:
         seeds=seeds,
         reference=d.get("reference"),
         workers=max(1, int(d.get("workers", 1))),
-        **{k: d[k] for k in ("checkpoints_dir", "logs_dir", "results_dir") if k in d},
+        **{k: d[k] for k in folders if k in d},
     )
 
 
