@@ -103,19 +103,27 @@ def test_compressed_decode_checks_every_variant_and_times_the_ones_that_pass(tmp
     assert r["memory_bytes"]["int8-dynamic"] < r["memory_bytes"]["dense"]
 
 
-def test_commit_of_a_tree_copied_without_git_comes_from_the_environment(tmp_path, monkeypatch):
+def _hardware_module_in(root):
+    """common/hardware.py copied into ``root``/common and imported from there (git_commit looks at ``root``)."""
     import importlib.util
     import shutil
     from pathlib import Path
 
     import common.hardware
 
-    copy = tmp_path / "common" / "hardware.py"  # the tree as a remote machine gets it: files, no .git
-    copy.parent.mkdir()
+    copy = root / "common" / "hardware.py"
+    copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(common.hardware.__file__), copy)
-    spec = importlib.util.spec_from_file_location("hardware_copy", copy)
+    spec = importlib.util.spec_from_file_location(f"hardware_in_{root.name}", copy)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_commit_of_a_tree_copied_without_git_comes_from_the_environment(tmp_path, monkeypatch):
+    import common.hardware
+
+    module = _hardware_module_in(tmp_path)  # the tree as a remote machine gets it: files, no .git
     monkeypatch.setenv("GIT_COMMIT", "abc123")
     assert module.git_commit() == "abc123"
     assert common.hardware.git_commit() != "abc123"  # in the checkout git itself answers
@@ -149,17 +157,11 @@ def test_the_gpu_call_script_runs_its_steps_and_collects_their_files(tmp_path):
 
 
 def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
-    import importlib.util
-    import shutil
     import subprocess
-    from pathlib import Path
-
-    import common.hardware
 
     repo = tmp_path / "repo"
-    (repo / "common").mkdir(parents=True)
+    module = _hardware_module_in(repo)
     (repo / "bench" / "results").mkdir(parents=True)
-    shutil.copy(Path(common.hardware.__file__), repo / "common" / "hardware.py")
     (repo / "bench" / "results" / "r.json").write_text("{}")
     (repo / "eval").mkdir()
     (repo / "eval" / "m.py").write_text("x = 1\n")
@@ -170,9 +172,6 @@ def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "x")
-    spec = importlib.util.spec_from_file_location("hardware_repo", repo / "common" / "hardware.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     clean = module.git_commit()
     assert len(clean) == 40
     (repo / "bench" / "results" / "r.json").write_text('{"new": 1}')  # a benchmark rewrote its result
