@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from bench.train_throughput import load_config
-from common.cli import parse_args, run_main
+from common.cli import failure, parse_args, run_main
 from common.device import pick_device
 from common.hardware import run_metadata
 from eval.compress.prune import block_linears, check_n_m, prune_model, to_semi_structured
@@ -45,10 +45,6 @@ from llama.model import Transformer
 
 SPARSE_TOLERANCE = 1e-2  # bf16 rounding: the sparse kernels compute the pruned model's function
 QUANT_FAIL = 0.5  # a quantized model this far from the dense one is not computing the same function
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
 
 
 def build_variants(dense: Transformer, schemes: list[str]) -> tuple[dict, dict, dict]:
@@ -64,13 +60,13 @@ def build_variants(dense: Transformer, schemes: list[str]) -> tuple[dict, dict, 
             raise ValueError("no linear layer was converted (needs fp16/bf16 weights holding a 2:4 pattern)")
         models["2:4 sparse kernels"], refs["2:4 sparse kernels"] = sparse, "2:4 pruned"
     except Exception as e:  # reported, not hidden
-        unavailable["2:4 sparse kernels"] = _error(e)
+        unavailable["2:4 sparse kernels"] = failure(e)
     for scheme in schemes:
         try:
             models[scheme] = quantize(copy.deepcopy(dense), scheme).eval()
             refs[scheme] = "dense"
         except Exception as e:
-            unavailable[scheme] = _error(e)
+            unavailable[scheme] = failure(e)
     return models, refs, unavailable
 
 
@@ -81,7 +77,7 @@ def check_outputs(models: dict, refs: dict, tokens: torch.Tensor) -> dict:
         try:
             logits[name] = m(tokens).float()
         except Exception as e:
-            logits[name] = _error(e)
+            logits[name] = failure(e)
     out = {}
     for name in models:
         mine, ref = logits[name], logits[refs[name]]
@@ -104,7 +100,7 @@ def decodes(model: Transformer, batch: int, context: int, mode: str) -> str | No
         run()
         return None
     except Exception as e:
-        return _error(e)
+        return failure(e)
     finally:
         model.clear_caches()
 

@@ -258,6 +258,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def failure(e: BaseException, limit: int = 300) -> str:
+    """An exception as a one-line record of why something was not done (an engine, a variant): its type and
+    the first line of its message, or the type alone when it has none."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
 def run_main(main, *args):
     """Run a command's ``main``; the errors our checks raise print as one line (no traceback) and exit 2."""
     try:

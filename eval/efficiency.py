@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.cli import parse_args, run_main
+from common.cli import failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
@@ -70,7 +70,7 @@ def evaluate_efficiency(
             engine = build(name, model, example)
             diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
         except Exception as e:  # an engine that cannot serve this model is reported, not hidden
-            out["forward"].append({"engine": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            out["forward"].append({"engine": name, "error": failure(e)})
             continue
         for b in batch_sizes:
             row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from common.cli import parse_args, positional, run_main
+from common.cli import failure, parse_args, positional, run_main
 from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
@@ -98,7 +98,7 @@ def load_served(
             check(decoder, ev.model, prompts, n_check)
             decoders[name] = decoder
         except Exception as e:  # reported on /health and in every answer, never hidden
-            unavailable[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            unavailable[name] = failure(e, 200)
     if not decoders:
         raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)

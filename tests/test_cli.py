@@ -102,3 +102,11 @@ def test_no_head_layer_turns_a_runner_into_its_baseline():
 
     cfg = apply_overrides(tiny.config(), ["--no-head-layer", "--name", "b"])
     assert cfg.model.head_layer is None and cfg.model == tiny_baseline.config().model
+
+
+def test_a_failure_is_one_line_even_without_a_message():
+    from common.cli import failure
+
+    assert failure(ValueError("first line\nsecond")) == "ValueError: first line"
+    assert failure(AssertionError()) == "AssertionError"  # no message: the type alone, not an IndexError
+    assert failure(RuntimeError("x" * 500), 200) == "RuntimeError: " + "x" * 200
