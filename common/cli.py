@@ -29,8 +29,13 @@ import types
 import typing
 
 
-class ConfigError(ValueError):
-    pass
+class UserError(ValueError):
+    """Bad input (a file, a setting, a request, a folder) that the user can fix: a command prints it as one line
+    naming the problem and the fix, and exits 2. A ValueError subclass, so callers that catch ValueError still do."""
+
+
+class ConfigError(UserError):
+    """A command-line option or config field that is unknown, of the wrong type or out of range."""
 
 
 def positional(default=None, required: bool = True, **kw):
@@ -252,6 +257,58 @@ def _revalidate(cfg):
     post = getattr(cfg, "__post_init__", None)
     if post is not None:
         post()
+
+
+def from_table(cls, table, where: str):
+    """A dataclass ``cls`` from a TOML/JSON table, checked as the command line is: an unknown key, a missing
+    required one or a value of the wrong type (a string where a list belongs, ``true`` where a number does)
+    is a one-line ConfigError naming ``where`` and the key."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of keys, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; the keys are {', '.join(fields)}")
+    required = [
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in table
+    ]
+    if required:
+        raise ConfigError(f"{where}: missing {', '.join(required)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        if not _has_type(value, hints[key]):
+            raise ConfigError(f"{where}: {key} = {value!r} is not {_type_name(hints[key])}")
+    return cls(**table)
+
+
+def _has_type(value, tp) -> bool:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return value is None or _has_type(value, inner)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if tp is float:
+        return type(value) in (int, float)
+    return type(value) is tp  # exact: a bool is not an int here, as TOML's true is not 1
+
+
+_TYPE_NAMES = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _type_name(tp) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return _type_name(inner) + " or nothing"
+    if typing.get_origin(tp) is list:
+        item = typing.get_args(tp)[0]
+        example = ', e.g. ["--max-steps", "4"]' if item is str else ""
+        return f"a list of {_TYPE_NAMES.get(item, (None, str(item)))[1]}{example}"
+    if tp is bool:
+        return "true or false"
+    return _TYPE_NAMES.get(tp, (str(tp),))[0]
 
 
 def _one_line(e: BaseException) -> str:

@@ -9,6 +9,13 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.cli import UserError
+
+# A folder a command writes as its output (--out) names that command in this file. The command may replace
+# such a folder later; any other folder that is not empty (a user's notes, checkpoints/, another command's
+# output) is never deleted: the command stops and says so.
+OWNER_FILE = ".written-by"
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` whole or not at all."""
@@ -26,18 +33,45 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
+def check_replaceable(final: str | os.PathLike, owner: str, option: str = "--out"):
+    """Raise a one-line UserError unless ``final`` is absent, an empty folder, or a folder ``owner`` wrote."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise UserError(f"{option} {final} exists and is not a folder; nothing was changed: name a new folder")
+    if not any(final.iterdir()):
+        return
+    try:
+        written_by = (final / OWNER_FILE).read_text().strip()
+    except OSError:
+        written_by = None
+    if written_by != owner:
+        raise UserError(
+            f"{option} {final} already holds files that {owner} did not write; nothing was changed: name a new "
+            "folder, or move that one away yourself"
+        )
+
+
 @contextmanager
-def atomic_dir(final: str | os.PathLike, replace: bool = True):
+def atomic_dir(final: str | os.PathLike, replace: bool = True, owner: str | None = None):
     """Yield a temporary folder next to ``final``; on success it becomes ``final`` in one rename. With
     ``replace=False`` an existing ``final`` (another process finished the same work first) is kept and ours
-    is discarded."""
+    is discarded. With ``owner`` (the command writing it) the folder is marked as that command's, and an
+    existing ``final`` is replaced only if it is empty or marked as that command's (check_replaceable)."""
     final = Path(final)
+    if owner is not None:
+        check_replaceable(final, owner)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if owner is not None:
+            (tmp / OWNER_FILE).write_text(owner + "\n")
         yield tmp
+        if owner is not None:
+            check_replaceable(final, owner)  # again: something may have appeared there meanwhile
         if not replace:
             try:
                 os.replace(tmp, final)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.cli import parse_args, positional, run_main
+from common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 
 # our name -> HF name, for every layer; the attention projections of q and k are also permuted
@@ -99,11 +100,10 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def export_hf(model: Transformer, out_dir: str | Path) -> Path:
     config, sd = to_hf(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    with atomic_dir(out_dir, owner="llama.convert export") as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None):
     if a.direction == "export":
         print(export_hf(load_model(a.source), a.target))
     else:
-        print(save_model(import_hf(a.source), a.target))
+        print(save_model(import_hf(a.source), a.target, owner="llama.convert import"))
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ def write_model_files(model: Transformer, folder: Path, state_dict: dict | None 
     write_checksums(folder, [MODEL_FILE, TOKENIZER_FILE])
 
 
-def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer: Path | None = None) -> Path:
-    with atomic_dir(out_dir) as tmp:
+def save_model(
+    model: Transformer, out_dir: str | os.PathLike, tokenizer: Path | None = None, owner: str | None = None
+) -> Path:
+    """A model folder at ``out_dir``; with ``owner`` (the command writing it), an existing ``out_dir`` is
+    replaced only if that command wrote it (common.files.atomic_dir)."""
+    with atomic_dir(out_dir, owner=owner) as tmp:
         write_model_files(model, tmp, tokenizer=tokenizer)
     return Path(out_dir)
 

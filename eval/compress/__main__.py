@@ -32,7 +32,7 @@ import torch
 
 from common.cli import parse_args, run_main
 from common.device import pick_device
-from common.files import atomic_dir
+from common.files import atomic_dir, check_replaceable
 from eval.compress import COMPRESSION_FILE, read_compression
 from eval.compress.calibration import calibration_tokens, corpus_calibration_tokens
 from eval.compress.layer_drop import choose_layers, drop_layers
@@ -41,10 +41,11 @@ from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
 from eval.compress.structured_hf import prune_structured_hf, pruned_shapes
 from eval.hf import drop_hf_layers, from_hub, is_hf_folder, load_hf, save_hf
 from llama.model import count_params
-from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, save_model, tokenizer_path
+from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, tokenizer_path, write_model_files
 from training.checkpoint import STATE_FILE, training_config
 from training.config import DataConfig, TrainConfig
 
+OWNER = "eval.compress"  # the mark on its output folders: only those may be replaced by a later run
 NEEDS_CALIBRATION = ("drop-angular", "drop-bi", "wanda", "sparsegpt", "structured")
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 Method = Literal[METHODS]
@@ -114,21 +115,6 @@ def compress(a) -> Path:
     # Quantize a copy first, to measure it and to fail (scheme unavailable here) before anything is written.
     measured = quantize(copy.deepcopy(model), quant) if quant else model
     out = Path(a.out)
-    if hf:
-        with atomic_dir(out) as tmp:
-            save_hf(model, tok, tmp, pruned_shapes(model) if a.method == "structured" else None)
-    else:
-        save_model(model, out, tokenizer_path(base))
-        base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
-        (out / STATE_FILE).write_text(
-            json.dumps(
-                {
-                    "data_dir": base_state.get("data_dir"),
-                    "config": base_state.get("config"),
-                    "compressed_from": str(base),
-                }
-            )
-        )
     info = {
         "method": a.method,
         **settings,
@@ -141,12 +127,22 @@ def compress(a) -> Path:
         "params_before": before_params,
         "params_after": count_params(model)["total"],
         "disk_bytes_before": model_file_bytes(base),
-        "disk_bytes_after": model_file_bytes(out),
         "memory_bytes_before": before_bytes,
         "memory_bytes_after": state_dict_bytes(measured),
         "report": report,
     }
-    (out / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+    # One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
+    # together or not at all, and an existing --out is replaced only if eval.compress wrote it.
+    with atomic_dir(out, owner=OWNER) as tmp:
+        if hf:
+            save_hf(model, tok, tmp, pruned_shapes(model) if a.method == "structured" else None)
+        else:
+            write_model_files(model, tmp, tokenizer=tokenizer_path(base))
+            base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
+            state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}
+            (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
+        info["disk_bytes_after"] = model_file_bytes(tmp)
+        (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
     print(
         f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
         f"weights in memory {info['memory_bytes_before']:,} -> {info['memory_bytes_after']:,} bytes, "
@@ -219,6 +215,7 @@ def main(argv=None):
         raise ValueError(f"eval.compress needs {', '.join('--' + k for k in missing)}; see --help")
     if a.method == "quantize" and a.finetune_steps:
         raise ValueError("fine-tune before quantizing: quantized weights are not trained here")
+    check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
     return compress(a)
 
 
