@@ -76,23 +76,28 @@ def training_loss(compile_: bool):
 
 @contextmanager
 def run_lock(cfg: TrainConfig):
-    """One process trains a run at a time: an OS file lock next to checkpoints/<name>, released by the
-    kernel when its holder exits, however it exits (kill -9 included)."""
+    """One process trains a run at a time: an OS file lock next to checkpoints/<name> and one next to
+    logs/<name> (a run writes both, and two runs of one name may share either), released by the kernel when
+    its holder exits, however it exits (kill -9 included)."""
     check_run_name(cfg.name)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(cfg.out_dir) / f".{cfg.name}.lock"
-    lock = FileLock(path, timeout=0)
+    locks = []
     try:
-        lock.acquire()
-    except Timeout:
-        raise FileExistsError(
-            f"run {cfg.name!r} is already being trained by another process (lock {path}); wait for it to "
-            "finish or stop it, or pick another --name"
-        ) from None
-    try:
+        for folder in dict.fromkeys(Path(d).resolve() for d in (cfg.out_dir, cfg.log_dir)):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f".{cfg.name}.lock"
+            lock = FileLock(path, timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise FileExistsError(
+                    f"run {cfg.name!r} is already being trained by another process (lock {path}); wait for it "
+                    "to finish or stop it, or pick another --name"
+                ) from None
+            locks.append(lock)
         yield
     finally:
-        lock.release()
+        for lock in reversed(locks):
+            lock.release()
 
 
 def _inside(path: Path, parent: Path) -> bool:
