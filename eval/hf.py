@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import UserError
 from eval.common import kept_layers
 
 # model_type -> where the decoder blocks are; the architectures tested here
@@ -62,16 +63,101 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 def hf_model_type(folder: str | os.PathLike) -> str:
     """The folder's ``model_type``, after checking that it is one this code handles."""
+    return hf_config(folder)["model_type"]
+
+
+def hf_config(folder: str | os.PathLike) -> dict:
+    """config.json as a dict, checked before anything is built from it: a supported ``model_type`` and sizes
+    that are positive whole numbers (a string or a float would make transformers fail deep inside)."""
     path = Path(folder) / CONFIG_FILE
     try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError):
-        raise ValueError(f"{path} is not a JSON model config; the folder is damaged") from None
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a JSON model config ({type(e).__name__}); the folder is damaged") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object; the folder is damaged")
+    model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
-        raise ValueError(
+        raise UserError(
             f"{folder} is a {model_type!r} model; supported Hugging Face architectures: {', '.join(SUPPORTED)}"
         )
-    return model_type
+    for key in SIZE_KEYS:
+        value = cfg.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise UserError(f"{path}: {key} = {value!r}; a size must be a positive whole number (no quotes)")
+    return cfg
+
+
+SIZE_KEYS = (  # the sizes of the four architectures' configs (GPT-2 has its own names)
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "n_inner",
+)
+
+
+def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in the folder's safetensors files, read from their headers only (nothing
+    is allocated): a damaged, empty or foreign file is a one-line error here, before any model is built.
+    Only safetensors are read: a pickle (pytorch_model.bin) can run code when loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (it holds {', '.join(pickles)}: pickles, which this project does not load)" if pickles else ""
+        raise UserError(
+            f"{folder} has no .safetensors weights{hint}; save the model with save_pretrained(safe_serialization=True)"
+        )
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    shapes[name] = tuple(st.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({str(e)[:100]}); the folder is damaged") from None
+    return shapes
+
+
+def check_weights_fit(folder: Path, cfg: dict, shapes: dict[str, tuple[int, ...]]):
+    """Before a model is built from ``cfg``: its depth must be the weights' depth (a config claiming more blocks
+    than the files hold would get random ones), and the float32 weights must fit in the memory available."""
+    prefix = re.escape(SUPPORTED[cfg["model_type"]]) + r"\.(\d+)\."
+    blocks = {int(m.group(1)) for name in shapes if (m := re.search(prefix, name))}
+    depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    if depth != len(blocks):
+        raise UserError(
+            f"{folder / CONFIG_FILE} says {depth} blocks, but the weights hold {len(blocks)}; the folder is damaged "
+            "or its config.json belongs to another model"
+        )
+    need = 4 * sum(int(np.prod(s)) for s in shapes.values())
+    available = available_memory()
+    if available is not None and need > available:
+        raise UserError(
+            f"{folder}: the weights need {need / 2**30:.1f} GiB in float32, {available / 2**30:.1f} GiB of memory "
+            "is available; use a machine with more memory"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to allocate (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @dataclass
@@ -201,9 +287,10 @@ class HFTokenizer:
 
         self.path = Path(folder)
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:120]})") from None
+            # never code shipped in a model folder (auto_map): transformers' built-in classes only
+            self.tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception as e:  # transformers raises many kinds for a damaged or foreign tokenizer
+            raise UserError(f"{folder}: no usable tokenizer ({_why(e)})") from None
         if self.tok.eos_token_id is None:
             raise ValueError(f"{folder}: the tokenizer has no end-of-sequence token")
         self.eos_id = self.tok.eos_token_id
@@ -258,22 +345,54 @@ class HFTokenizer:
 
 
 def load_hf(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[HFModel, HFTokenizer]:
-    """The model (float32, eval mode) and tokenizer of a transformers model folder."""
+    """The model (float32, eval mode) and tokenizer of a transformers model folder. Every weight the model has
+    must come from the folder, and nothing in the folder may be left over: transformers would initialise a
+    missing one at random (and only print a report), so figures would change from run to run."""
     from transformers import AutoModelForCausalLM
 
-    hf_model_type(folder)
+    folder = Path(folder)
+    cfg = hf_config(folder)
+    pruned = (folder / SHAPES_FILE).is_file()
+    check_weights_fit(folder, cfg, weight_shapes(folder))
     try:
-        if (Path(folder) / SHAPES_FILE).is_file():
-            hf = _load_pruned(Path(folder))
+        if pruned:
+            hf = _load_pruned(folder)
         else:
-            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{folder}: the model does not load ({str(e).splitlines()[0][:160]})") from None
+            hf, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, trust_remote_code=False, output_loading_info=True
+            )
+            problems = {
+                "missing": sorted(info["missing_keys"]),
+                "unexpected": sorted(info["unexpected_keys"]),
+                "wrong shape": sorted(str(k) for k in info.get("mismatched_keys", ())),
+            }
+            if any(problems.values()):
+                listed = "; ".join(f"{what} {_names(keys)}" for what, keys in problems.items() if keys)
+                raise UserError(
+                    f"{folder}: the weights do not match config.json: {listed} (a damaged folder, or a config.json "
+                    "of another model)"
+                )
+    except UserError:
+        raise
+    except Exception as e:  # transformers and safetensors raise many kinds for a damaged folder
+        raise UserError(f"{folder}: the model does not load ({_why(e)})") from None
     model = HFModel(hf.to(device).eval())
     tok = HFTokenizer(folder)
     if tok.vocab_size > model.params.vocab_size:
-        raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model only {model.params.vocab_size}")
+        raise UserError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model only {model.params.vocab_size}")
     return model, tok
+
+
+def _names(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _why(e: Exception) -> str:
+    """A transformers error in a few words: remote code named as such, else the first line of its message."""
+    text = str(e)
+    if "trust_remote_code" in text:
+        return "it asks to run code shipped in the folder (auto_map); this project never runs a model folder's code"
+    return f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
 
 
 def _load_pruned(folder: Path) -> nn.Module:
@@ -282,7 +401,8 @@ def _load_pruned(folder: Path) -> nn.Module:
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     for name, (out_features, in_features) in json.loads((folder / SHAPES_FILE).read_text()).items():
         old = hf.get_submodule(name)
         hf.set_submodule(name, nn.Linear(in_features, out_features, bias=old.bias is not None))
