@@ -17,8 +17,10 @@ rebuilt from the results every time.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,23 +33,61 @@ import tomllib
 from tqdm import tqdm
 
 import eval.compress.__main__ as compress_cli
-from common.cli import apply_overrides, parse_args, positional, run_main
+from common.cli import UserError, apply_overrides, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.process import die_with_parent
-from llama.model_io import list_checkpoints
+from eval.hf import hf_config, is_hf_folder
+from llama.model_io import MODEL_FILE, list_checkpoints
 from training.config import check_run_name
 
 HERE = Path(__file__).resolve().parent
 
 
 @dataclass
+class RunSpec:
+    """A ``[[runs]]`` entry: a model trained by one runner (one run per seed)."""
+
+    runner: str  # a runner of runners/ (tiny, baseline_8_layer ...)
+    name: str  # the run's name (with seeds > 1, seed k is <name>-s<k>)
+    args: list[str] = field(default_factory=list)  # the runner's overrides, e.g. ["--max-steps", "120"]
+
+
+@dataclass
+class CompressSpec:
+    """A ``[[compress]]`` entry: a compressed baseline built from every seed of one run of the study."""
+
+    base: str  # the [[runs]] name it is built from
+    name: str
+    args: list[str] = field(default_factory=list)  # eval.compress's options (the study sets --checkpoint and --out)
+
+
+@dataclass
+class ExternalSpec:
+    """An ``[[external]]`` entry: a model not trained here (a Hugging Face folder such as pythia-160m)."""
+
+    name: str
+    path: str  # its folder
+    checkpoints: list[str] = field(default_factory=list)  # optional: its folders over training
+    tokens: list[int] = field(default_factory=list)  # the tokens each of those had seen
+
+
+@dataclass
+class EvalSpec:
+    """The ``[eval]`` table: extra options of each evaluator the study runs."""
+
+    quality: list[str] = field(default_factory=list)  # eval.quality
+    efficiency: list[str] = field(default_factory=list)  # eval.efficiency (per model; off when empty)
+    over_training: list[str] = field(default_factory=list)  # eval.perplexity on each kept checkpoint
+    side_by_side: list[str] = field(default_factory=list)  # eval.side_by_side
+
+
+@dataclass
 class Study:
     name: str
-    runs: list[dict]  # {runner, name, args}
-    compress: list[dict] = field(default_factory=list)  # {base, name, args}
-    # models not trained here (Hugging Face folders, e.g. codeparrot-small, pythia-160m), compared as rows:
-    # {name, path, and optionally checkpoints = [folders over training] with tokens = [tokens each had seen]}
-    external: list[dict] = field(default_factory=list)
+    runs: list[RunSpec]
+    compress: list[CompressSpec] = field(default_factory=list)
+    # models not trained here (Hugging Face folders, e.g. codeparrot-small, pythia-160m), compared as rows
+    external: list[ExternalSpec] = field(default_factory=list)
     quality: list[str] = field(default_factory=list)  # extra arguments of eval.quality
     efficiency: list[str] = field(default_factory=list)  # extra arguments of eval.efficiency
     over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
@@ -73,103 +113,192 @@ class Study:
         out = []
         for k in range(self.seeds):
             for r in self.runs:
-                name = self.member(r["name"], k)
-                out.append({"group": r["name"], "seed": k, "name": name, "kind": "trained", "run": name})
+                name = self.member(r.name, k)
+                out.append({"group": r.name, "seed": k, "name": name, "kind": "trained", "run": name})
             for c in self.compress:
-                name = self.member(c["name"], k)
-                out.append({"group": c["name"], "seed": k, "name": name, "kind": "compressed", "base": c["base"]})
+                name = self.member(c.name, k)
+                out.append({"group": c.name, "seed": k, "name": name, "kind": "compressed", "base": c.base})
         for e in self.external:  # one model each: no seeds
-            out.append({"group": e["name"], "seed": 0, "name": e["name"], "kind": "external", "path": e["path"]})
+            out.append({"group": e.name, "seed": 0, "name": e.name, "kind": "external", "path": e.path})
         return out
 
     def heldout_reference(self) -> list[str]:
         """Extra evaluator arguments for external models: score the held-out text of the reference run's
         first seed, so they see the same text as the trained models (bits per byte compare across
         tokenizers). None without trained runs: then the study's evaluator arguments must name a corpus."""
-        trained = [r["name"] for r in self.runs]
+        trained = [r.name for r in self.runs]
         if not trained:
             return []
         ref = self.reference if self.reference in trained else trained[0]
         return ["--heldout-of", str(Path(self.checkpoints_dir) / self.member(ref, 0))]
 
 
+@dataclass
+class StudyFile:
+    """The top level of a study .toml file (every key it may hold; see runners/study_tiny.toml)."""
+
+    name: str | None = None  # default: the file's name
+    runs: list = field(default_factory=list)  # [[runs]] tables
+    compress: list = field(default_factory=list)  # [[compress]] tables
+    external: list = field(default_factory=list)  # [[external]] tables
+    eval: dict = field(default_factory=dict)  # the [eval] table
+    seeds: int = 1
+    reference: str | None = None
+    workers: int = 1
+    checkpoints_dir: str = "checkpoints"
+    logs_dir: str = "logs"
+    results_dir: str = "results"
+
+
+# options each step sets itself: a study file that sets them would send outputs where the study never looks
+SET_BY_STUDY = {
+    "runs": ("--name", "--out-dir", "--log-dir", "--seed", "--resume", "--overwrite"),
+    "compress": ("--checkpoint", "--out", "--log-dir"),
+    "eval": ("--out",),
+}
+
+
 def load_study(path: str | Path) -> Study:
+    """A study file, checked whole before anything runs: every key and type, every name, every runner and its
+    options, every compression and evaluator option, every external folder. A mistake anywhere is one line
+    naming the file and the entry, not a failure an hour into the study."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"study file {path} does not exist")
-    d = tomllib.loads(path.read_text())
-    folders = ("checkpoints_dir", "logs_dir", "results_dir")
-    keys = {"name", "runs", "compress", "external", "eval", "seeds", "reference", "workers", *folders}
-    unknown = set(d) - keys
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if not d.get("runs") and not d.get("external"):
-        raise ValueError(f"{path} names no [[runs]] and no [[external]] models; add a runner to train")
-    external = d.get("external", [])
-    for e in external:
-        check_external(path, e)
-    names = [r.get("name") for r in d.get("runs", [])] + [c.get("name") for c in d.get("compress", [])]
-    names += [e["name"] for e in external]
-    for n in names:
+        raise UserError(f"study file {path} does not exist")
+    try:
+        d = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a TOML file ({e})") from None
+    top = from_table(StudyFile, d, str(path))
+    for key in ("runs", "compress", "external"):
+        if not all(isinstance(t, dict) for t in getattr(top, key)):
+            raise UserError(f"{path}: {key} must be [[{key}]] tables, got {getattr(top, key)!r}")
+    runs = [from_table(RunSpec, t, f"{path} [[runs]] #{i + 1}") for i, t in enumerate(top.runs)]
+    compress = [from_table(CompressSpec, t, f"{path} [[compress]] #{i + 1}") for i, t in enumerate(top.compress)]
+    external = [from_table(ExternalSpec, t, f"{path} [[external]] #{i + 1}") for i, t in enumerate(top.external)]
+    ev = from_table(EvalSpec, top.eval, f"{path} [eval]")
+    if not runs and not external:
+        raise UserError(f"{path} names no [[runs]] and no [[external]] models; add a runner to train")
+    name = top.name if top.name is not None else path.stem
+    names = [r.name for r in runs] + [c.name for c in compress] + [e.name for e in external]
+    for n in [name, *names]:  # each becomes a folder (results/<study>, checkpoints/<run> ...)
         try:
             check_run_name(n)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise UserError(f"{path}: {e}") from None
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: run and compressed model names must be unique, got {names}")
-    ev = d.get("eval", {})
-    seeds = d.get("seeds", 1)
-    if not isinstance(seeds, int) or not 1 <= seeds <= 100:
-        raise ValueError(f"{path}: seeds = {seeds!r}; give a whole number from 1 to 100")
-    if d.get("reference") is not None and d["reference"] not in names:
-        raise ValueError(f"{path}: reference {d['reference']!r} is none of the study's models {names}")
-    return Study(
-        name=d.get("name", path.stem),
-        runs=d.get("runs", []),
-        compress=d.get("compress", []),
+        raise UserError(f"{path}: run and compressed model names must be unique, got {names}")
+    if not 1 <= top.seeds <= 100:
+        raise UserError(f"{path}: seeds = {top.seeds}; give a whole number from 1 to 100")
+    if not 1 <= top.workers <= 64:
+        raise UserError(f"{path}: workers = {top.workers}; give a whole number from 1 to 64")
+    if top.reference is not None and top.reference not in names:
+        raise UserError(f"{path}: reference {top.reference!r} is none of the study's models {names}")
+    study = Study(
+        name=name,
+        runs=runs,
+        compress=compress,
         external=external,
-        quality=ev.get("quality", []),
-        efficiency=ev.get("efficiency", []),
-        over_training=ev.get("over_training", []),
-        side_by_side=ev.get("side_by_side", []),
-        seeds=seeds,
-        reference=d.get("reference"),
-        workers=max(1, int(d.get("workers", 1))),
-        **{k: d[k] for k in folders if k in d},
+        quality=ev.quality,
+        efficiency=ev.efficiency,
+        over_training=ev.over_training,
+        side_by_side=ev.side_by_side,
+        seeds=top.seeds,
+        reference=top.reference,
+        workers=top.workers,
+        checkpoints_dir=top.checkpoints_dir,
+        logs_dir=top.logs_dir,
+        results_dir=top.results_dir,
     )
+    check_study(study, str(path))
+    return study
 
 
-def check_external(path: Path, e: dict):
-    unknown = set(e) - {"name", "path", "checkpoints", "tokens"}
-    if unknown or "name" not in e or "path" not in e:
-        raise ValueError(f"{path}: an [[external]] model takes name, path, checkpoints, tokens; got {sorted(e)}")
-    for folder in [e["path"], *e.get("checkpoints", [])]:
+def check_study(s: Study, where: str):
+    """What every step of ``s`` will run, checked now: runners exist and take their options, compressed
+    baselines name a run of the study and valid eval.compress options, evaluator options parse, external
+    models are model folders. Raises a one-line UserError naming ``where`` and the entry."""
+    import eval.efficiency
+    import eval.perplexity
+    import eval.quality
+    import eval.side_by_side
+
+    def parses(options, argv: list[str], what: str, forbidden: tuple[str, ...]):
+        for arg in argv:
+            if arg.split("=")[0] in forbidden:
+                raise UserError(f"{where}: {what}: {arg.split('=')[0]} is set by the study itself; leave it out")
+        try:
+            return apply_overrides(options, list(argv))
+        except ValueError as e:
+            raise UserError(f"{where}: {what}: {e}") from None
+
+    for r in s.runs:
+        if not re.fullmatch(r"\w+", r.runner) or not (HERE / f"{r.runner}.py").is_file():
+            runners = sorted(p.stem for p in HERE.glob("*.py") if _is_runner(p.stem))
+            raise UserError(f"{where}: run {r.name!r}: no runner {r.runner!r}; the runners are {', '.join(runners)}")
+        module = importlib.import_module(f"runners.{r.runner}")
+        if not callable(getattr(module, "config", None)):
+            raise UserError(f"{where}: run {r.name!r}: runners/{r.runner}.py is not a runner (it has no config())")
+        parses(module.config(), r.args, f"run {r.name!r}", SET_BY_STUDY["runs"])
+    trained = [r.name for r in s.runs]
+    for c in s.compress:
+        if c.base not in trained:
+            raise UserError(f"{where}: compressed model {c.name!r}: base {c.base!r} is none of the runs {trained}")
+        options = parses(compress_cli.Args(), c.args, f"compressed model {c.name!r}", SET_BY_STUDY["compress"])
+        if options.method is None:
+            raise UserError(f"{where}: compressed model {c.name!r}: args name no --method")
+    for e in s.external:
+        check_external(where, e)
+    for evaluator, argv, options in (
+        ("quality", s.quality, eval.quality.Args(checkpoint="x")),
+        ("efficiency", s.efficiency, eval.efficiency.Args(checkpoint="x")),
+        ("over_training", s.over_training, eval.perplexity.Args(checkpoint="x")),
+        ("side_by_side", s.side_by_side, eval.side_by_side.Args(checkpoints=["x", "y"])),
+    ):
+        parses(options, argv, f"[eval] {evaluator}", SET_BY_STUDY["eval"])
+
+
+def _is_runner(stem: str) -> bool:
+    return stem not in ("__init__", "common", "study", "serve_compare")
+
+
+def check_external(where: str, e: ExternalSpec):
+    for folder in [e.path, *e.checkpoints]:
         if not Path(folder).is_dir():
-            raise ValueError(f"{path}: external model {e['name']!r}: folder {folder} does not exist")
-    if len(e.get("tokens", [])) != len(e.get("checkpoints", [])):
-        raise ValueError(
-            f"{path}: external model {e['name']!r}: give one tokens value per checkpoint "
-            f"({len(e.get('checkpoints', []))} checkpoints, {len(e.get('tokens', []))} tokens)"
+            raise UserError(f"{where}: external model {e.name!r}: folder {folder} does not exist")
+        if is_hf_folder(folder):
+            hf_config(folder)  # a supported architecture with sane sizes, or one line now
+        elif not list_checkpoints(Path(folder)) and not (Path(folder) / MODEL_FILE).is_file():
+            raise UserError(
+                f"{where}: external model {e.name!r}: {folder} is not a model folder (no config.json, "
+                f"{MODEL_FILE} or step_N checkpoints)"
+            )
+    if len(e.tokens) != len(e.checkpoints):
+        raise UserError(
+            f"{where}: external model {e.name!r}: give one tokens value per checkpoint "
+            f"({len(e.checkpoints)} checkpoints, {len(e.tokens)} tokens)"
         )
 
 
 def study_from_runners(names: list[str]) -> Study:
     """Runner names with the default baselines: the deepest baseline pruned, 2:4, quantized, one block shorter."""
     for n in names:
-        if not (HERE / f"{n}.py").is_file():
-            raise ValueError(f"no runner runners/{n}.py; pass runner names (e.g. baseline_8_layer) or a .toml file")
-    runs = [{"runner": n, "name": n, "args": []} for n in names]
+        if not _is_runner(n) or not (HERE / f"{n}.py").is_file():
+            raise UserError(f"no runner runners/{n}.py; pass runner names (e.g. baseline_8_layer) or a .toml file")
+    runs = [RunSpec(runner=n, name=n) for n in names]
     baselines = [n for n in names if n.startswith("baseline_")]
     compress = []
     if baselines:
         base = max(baselines, key=lambda n: int(n.split("_")[1]))
         compress = [
-            {"base": base, "name": f"{base}-wanda50", "args": ["--method", "wanda", "--sparsity", "0.5"]},
-            {"base": base, "name": f"{base}-sparsegpt24", "args": ["--method", "sparsegpt", "--pattern", "2:4"]},
-            {"base": base, "name": f"{base}-drop1", "args": ["--method", "drop-angular", "--layers", "1"]},
-            {"base": base, "name": f"{base}-int8", "args": ["--method", "quantize", "--scheme", "torchao-int8-weight"]},
+            CompressSpec(base, f"{base}-wanda50", ["--method", "wanda", "--sparsity", "0.5"]),
+            CompressSpec(base, f"{base}-sparsegpt24", ["--method", "sparsegpt", "--pattern", "2:4"]),
+            CompressSpec(base, f"{base}-drop1", ["--method", "drop-angular", "--layers", "1"]),
+            CompressSpec(base, f"{base}-int8", ["--method", "quantize", "--scheme", "torchao-int8-weight"]),
         ]
-    return Study(name="study_" + "_".join(names), runs=runs, compress=compress)
+    study = Study(name="study_" + "_".join(names), runs=runs, compress=compress)
+    check_study(study, "runner names")
+    return study
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,18 +308,18 @@ def study_from_runners(names: list[str]) -> Study:
 SEED = 1337  # the runners' default seed; seed k of a study trains with SEED + k
 
 
-def train_cmd(s: Study, run: dict, seed: int = 0) -> list[str]:
-    name = s.member(run["name"], seed)
+def train_cmd(s: Study, run: RunSpec, seed: int = 0) -> list[str]:
+    name = s.member(run.name, seed)
     ckpt, logs = Path(s.checkpoints_dir) / name, Path(s.logs_dir) / name
     cmd = [
-        f"runners.{run['runner']}",
+        f"runners.{run.runner}",
         "--name",
         name,
         "--out-dir",
         s.checkpoints_dir,
         "--log-dir",
         s.logs_dir,
-        *run.get("args", []),
+        *run.args,
     ]
     if s.seeds > 1:
         cmd += ["--seed", str(SEED + seed)]
@@ -205,7 +334,7 @@ def train_cmd(s: Study, run: dict, seed: int = 0) -> list[str]:
 class TrainStep:
     """Train (or resume) one seed of one run; its output is the run folder checkpoints/<name>."""
 
-    run: dict
+    run: RunSpec
     name: str  # the run's name for this seed
     seed: int = 0
 
@@ -233,15 +362,12 @@ class CompressStep:
     options: compress_cli.Args  # the same, parsed by eval.compress's own options class
 
     @classmethod
-    def of(cls, s: Study, spec: dict, seed: int = 0) -> CompressStep:
-        name = s.member(spec["name"], seed)
+    def of(cls, s: Study, spec: CompressSpec, seed: int = 0) -> CompressStep:
+        name = s.member(spec.name, seed)
         out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / name
-        base = Path(s.checkpoints_dir) / s.member(spec["base"], seed)
-        argv = ["--checkpoint", str(base), "--out", str(out), *spec["args"]]
-        try:
-            return cls(name, argv, apply_overrides(compress_cli.Args(), list(argv)))
-        except ValueError as e:
-            raise ValueError(f"study {s.name}, compressed model {spec['name']!r}: {e}") from None
+        base = Path(s.checkpoints_dir) / s.member(spec.base, seed)
+        argv = ["--checkpoint", str(base), "--out", str(out), *spec.args]
+        return cls(name, argv, apply_overrides(compress_cli.Args(), list(argv)))  # checked by check_study
 
     @property
     def key(self) -> str:
@@ -328,23 +454,21 @@ Step = TrainStep | CompressStep | EvaluateStep | SideBySideStep | OverTrainingSt
 def plan(s: Study) -> list[Step]:
     """Every step of the study in order: train each seed, compress each seed, evaluate the quality of each,
     time seed 0 of every model side by side, then the checkpoints over training of seed 0."""
-    train = [TrainStep(r, s.member(r["name"], k), k) for k in range(s.seeds) for r in s.runs]
+    train = [TrainStep(r, s.member(r.name, k), k) for k in range(s.seeds) for r in s.runs]
     compress = [CompressStep.of(s, c, k) for k in range(s.seeds) for c in s.compress]
     models = [(t.name, t.output(s)) for t in train] + [(c.name, c.output(s)) for c in compress]
     steps: list[Step] = [*train, *compress]
     steps += [EvaluateStep("quality", name, folder, s.quality) for name, folder in models]
-    steps += [
-        EvaluateStep("quality", e["name"], Path(e["path"]), s.quality + s.heldout_reference()) for e in s.external
-    ]
-    first = {t.run["name"]: t.output(s) for t in train if t.seed == 0}
-    first |= {spec["name"]: c.output(s) for spec, c in zip(s.compress, compress[: len(s.compress)], strict=True)}
-    first |= {e["name"]: Path(e["path"]) for e in s.external}
+    steps += [EvaluateStep("quality", e.name, Path(e.path), s.quality + s.heldout_reference()) for e in s.external]
+    first = {t.run.name: t.output(s) for t in train if t.seed == 0}
+    first |= {spec.name: c.output(s) for spec, c in zip(s.compress, compress[: len(s.compress)], strict=True)}
+    first |= {e.name: Path(e.path) for e in s.external}
     if s.efficiency:  # the per-model efficiency evaluator (all modes, batch sizes, engines), seed 0
         steps += [EvaluateStep("efficiency", s.member(g, 0), folder, s.efficiency) for g, folder in first.items()]
     if len(first) >= 2:
         steps.append(SideBySideStep(first, s.reference or next(iter(first))))
-    steps += [OverTrainingStep(s.member(r["name"], 0)) for r in s.runs]
-    return steps + [OverTrainingStep(e["name"]) for e in s.external if e.get("checkpoints")]
+    steps += [OverTrainingStep(s.member(r.name, 0)) for r in s.runs]
+    return steps + [OverTrainingStep(e.name) for e in s.external if e.checkpoints]
 
 
 def run_step(s: Study, step: Step, log: Path, watch: Callable[[str], None] | None = None, threads: int | None = None):
@@ -367,10 +491,20 @@ def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = Non
             if watch is not None:
                 watch(_last_status(log))
     if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-5:]
-        raise RuntimeError(
-            f"`python -m {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail)
+        raise StepFailed(
+            f"`python -m {' '.join(cmd[:2])} ...` failed (exit {proc.returncode}): {_last_error(log)}; full log: {log}"
         )
+
+
+class StepFailed(UserError):
+    """A step's command failed: its log holds the traceback; the study says which step and where in one line."""
+
+
+def _last_error(log: Path) -> str:
+    """The line of a failed step's log that says why: its "error: ..." line, or the last line of a traceback."""
+    lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("error: ")]
+    return (said or lines or ["(no output)"])[-1][:300]
 
 
 def _last_status(log: Path) -> str:
@@ -386,11 +520,11 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
     """Held-out perplexity of each kept checkpoint of ``run`` (or of an external model's list of checkpoint
     folders, e.g. Pythia revisions), with the tokens (and energy) it had seen."""
     out = s.out / "over_training"
-    external = {e["name"]: e for e in s.external}.get(run_name)
+    external = {e.name: e for e in s.external}.get(run_name)
     if external:
         points = [
             (i, Path(f), {"tokens": t})
-            for i, (f, t) in enumerate(zip(external["checkpoints"], external["tokens"], strict=True))
+            for i, (f, t) in enumerate(zip(external.checkpoints, external.tokens, strict=True))
         ]
         extra = s.heldout_reference()
     else:
@@ -486,7 +620,7 @@ def build_outputs(s: Study) -> Path:
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())
         points.setdefault(r["run"], []).append(r)
-    if points and any(e.get("checkpoints") for e in s.external):  # other tokenizers: only bits per byte compare
+    if points and any(e.checkpoints for e in s.external):  # other tokenizers: only bits per byte compare
         figures["over_training.png"] = over_training_fig(points, "bits_per_byte", "held-out bits per byte")
     elif points:
         figures["over_training.png"] = over_training_fig(points)

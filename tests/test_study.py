@@ -3,15 +3,15 @@ import json
 import pytest
 
 import runners.study as study_mod
-from runners.study import Study, load_study, plan, run_study, train_cmd
+from runners.study import CompressSpec, RunSpec, Study, check_study, load_study, plan, run_study, train_cmd
 
 
 @pytest.fixture
 def study(tmp_path):
     return Study(
         name="s",
-        runs=[{"runner": "tiny", "name": "r1", "args": ["--max-steps", "5"]}],
-        compress=[{"base": "r1", "name": "r1-w50", "args": ["--method", "wanda"]}],
+        runs=[RunSpec("tiny", "r1", ["--max-steps", "5"])],
+        compress=[CompressSpec("r1", "r1-w50", ["--method", "wanda"])],
         checkpoints_dir=str(tmp_path / "ck"),
         logs_dir=str(tmp_path / "logs"),
         results_dir=str(tmp_path / "res"),
@@ -22,7 +22,7 @@ def test_the_tiny_study_file_is_valid():
     from runners.study import HERE
 
     s = load_study(HERE / "study_tiny.toml")
-    assert [r["name"] for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
+    assert [r.name for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
     assert s.seeds == 3 and s.reference == "tiny_baseline_4l"
     # 3 seeds x (3 trainings + 4 compressions + 7 quality evaluations), one side-by-side, 3 over-training
     assert len(plan(s)) == 3 * (3 + 4 + 7) + 1 + 3
@@ -77,7 +77,7 @@ def test_runner_names_build_a_default_study():
     from runners.study import study_from_runners
 
     s = study_from_runners(["baseline_8_layer", "perhead_6_layer"])
-    assert {c["base"] for c in s.compress} == {"baseline_8_layer"} and len(s.compress) == 4
+    assert {c.base for c in s.compress} == {"baseline_8_layer"} and len(s.compress) == 4
     with pytest.raises(ValueError, match="no runner runners/nope.py"):
         study_from_runners(["nope"])
 
@@ -87,9 +87,7 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
 
     from runners.study import CompressStep, EvaluateStep, OverTrainingStep, SideBySideStep, TrainStep
 
-    study.compress.append(
-        {"base": "r1", "name": "r1-m50ft", "args": ["--method", "magnitude", "--finetune-steps", "3"]}
-    )
+    study.compress.append(CompressSpec("r1", "r1-m50ft", ["--method", "magnitude", "--finetune-steps", "3"]))
     steps = plan(study)
     kinds = [type(s) for s in steps]
     assert kinds[:3] == [TrainStep, CompressStep, CompressStep] and kinds[-1] is OverTrainingStep
@@ -102,9 +100,9 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     side = next(s for s in steps if isinstance(s, SideBySideStep))
     assert side.models == {"r1": steps[0].output(study), "r1-w50": steps[1].output(study), "r1-m50ft": ft.output(study)}
     assert side.reference == "r1"  # the first run, as no reference is named
-    study.compress.append({"base": "r1", "name": "bad", "args": ["--method", "prune-everything"]})
+    study.compress.append(CompressSpec("r1", "bad", ["--method", "prune-everything"]))
     with pytest.raises(ValueError, match="compressed model 'bad'.*must be one of"):
-        plan(study)
+        check_study(study, "s")
 
 
 def test_seeds_make_one_run_per_seed_and_compress_each(study):
@@ -145,8 +143,9 @@ def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
 def test_external_models_join_the_study(tmp_path):
     from runners.study import EvaluateStep, OverTrainingStep, SideBySideStep, over_training
 
-    for name in ("ext", "ext-a", "ext-b"):
+    for name in ("ext", "ext-a", "ext-b"):  # Hugging Face folders as far as the study checks them (config.json)
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "gpt_neox"}')
     toml = tmp_path / "s.toml"
     body = f"""
 name = "s"
@@ -207,10 +206,10 @@ def test_every_command_of_the_shipped_studies_parses(toml):
 
     s = load_study(HERE / toml)
     for run in s.runs:
-        cfg = parse_args(importlib.import_module(f"runners.{run['runner']}").config(), run.get("args", []))
+        cfg = parse_args(importlib.import_module(f"runners.{run.runner}").config(), run.args)
         assert cfg.max_steps > 0
     for c in s.compress:
-        a = parse_args(compress_cli.Args(), ["--checkpoint", "x", "--out", "y", *c["args"]])
+        a = parse_args(compress_cli.Args(), ["--checkpoint", "x", "--out", "y", *c.args])
         assert a.method is not None
     parse_args(QualityArgs(), ["x", *s.quality])
     parse_args(SideBySideArgs(), ["x", "y", *s.side_by_side])

@@ -145,14 +145,11 @@ def test_compression_labels():
 
 def _fake_study(tmp_path, bpb: dict, decode: dict):
     """A study folder as runners.study leaves it: members, per-seed quality, run logs, side-by-side latency."""
-    from runners.study import Study
+    from runners.study import RunSpec, Study
 
     s = Study(
         name="s",
-        runs=[
-            {"runner": "tiny", "name": "base4", "args": []},
-            {"runner": "tiny", "name": "ph3", "args": []},
-        ],
+        runs=[RunSpec("tiny", "base4"), RunSpec("tiny", "ph3")],
         seeds=3,
         checkpoints_dir=str(tmp_path / "ck"),
         logs_dir=str(tmp_path / "logs"),

@@ -55,9 +55,10 @@ def write_report(
     specs = {m["name"]: m for m in study.members() if m["kind"] == "trained"}
     for name, r in runs.items():
         s = r.get("summary") or {}
-        spec = next((x for x in study.runs if x["name"] == specs.get(name, {}).get("group")), {})
+        spec = next((x for x in study.runs if x.name == specs.get(name, {}).get("group")), None)
+        command = f"{spec.runner} {' '.join(spec.args)}" if spec else "?"
         lines.append(
-            f"| {name} | `{spec.get('runner', '?')} {' '.join(spec.get('args', []))}` | {_num(s.get('params'), ',')} | "
+            f"| {name} | `{command}` | {_num(s.get('params'), ',')} | "
             f"{_num(s.get('n_layers'), 'd')} | {'yes' if s.get('per_head') else 'no'} | "
             f"{_num(s.get('flops_per_token'), '.3g')} | {_num(s.get('tokens'), ',')} | "
             f"{_num(s.get('epochs'), '.2f')} | "
@@ -68,7 +69,7 @@ def write_report(
         lines += [
             "",
             "Compressed baselines: "
-            + "; ".join(f"{c['name']} = `eval.compress {' '.join(c['args'])}` on {c['base']}" for c in study.compress)
+            + "; ".join(f"{c.name} = `eval.compress {' '.join(c.args)}` on {c.base}" for c in study.compress)
             + ".",
         ]
     seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)
