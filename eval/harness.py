@@ -14,22 +14,51 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, failure, parse_args, run_main
 from common.energy import MIN_WINDOW_S, EnergyMeter
 from eval.model import EvalOptions
 
 
-def run_tasks(
-    lm, tasks: list[str], include_path: str | None, limit: int | None, num_fewshot: int | None, idle_s: float
-):
-    """{task: {metrics, requests, time_s, energy}} for each task, run on its own."""
-    from lm_eval import simple_evaluate
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's TaskManager, after checking what it is asked for: the include path is a folder and every task
+    name is one the harness knows (a one-line error otherwise, before any model is loaded)."""
     from lm_eval.tasks import TaskManager
 
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include-path {include_path} is not a folder of task YAML files")
     manager = TaskManager(include_path=include_path)
+    check_tasks(manager, tasks)
+    return manager
+
+
+def check_tasks(manager, tasks: list[str]):
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" (nor in {manager.include_path})" if manager.include_path else "; local tasks need --include-path"
+        raise UserError(f"unknown task(s) {unknown}: not among lm-eval's {len(manager.all_tasks)} tasks{where}")
+
+
+def load_task(task: str, manager):
+    """The task with its documents read: data that does not load (a missing file, one that is not a data file)
+    is a one-line error naming the task."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        return get_task_dict([task], manager)
+    except Exception as e:  # datasets and lm-eval raise many kinds for unreadable data
+        cause = e.__cause__ or e
+        raise UserError(f"task {task!r}: its data does not load ({failure(cause)})") from None
+
+
+def run_tasks(lm, tasks: list[str], manager, limit: int | None, num_fewshot: int | None, idle_s: float):
+    """{task: {metrics, requests, time_s, energy}} for each task of ``manager`` (task_manager), run on its own."""
+    from lm_eval import simple_evaluate
+
     out = {}
     for task in tasks:
+        load_task(task, manager)  # its data read once here (then cached), so a bad file is one line
         before = dict(lm.requests)
         t0 = time.perf_counter()
         with EnergyMeter(lm.ev.device, idle_s=idle_s) as meter:
@@ -66,9 +95,10 @@ def main(argv=None):
 
     a = parse_args(Args(), argv)
     if not a.tasks:
-        raise ValueError("eval.harness needs --tasks (harness task names; local ones with --include-path)")
+        raise UserError("eval.harness needs --tasks (harness task names; local ones with --include-path)")
+    manager = task_manager(a.tasks, a.include_path)  # unknown tasks fail now, not after the model has loaded
     lm = ProjectLM(a.checkpoint, a.device, a.dtype, a.batch_size, a.max_length)
-    results = run_tasks(lm, a.tasks, a.include_path, a.limit, a.num_fewshot, a.idle)
+    results = run_tasks(lm, a.tasks, manager, a.limit, a.num_fewshot, a.idle)
     settings = {"tasks": a.tasks, "limit": a.limit, "num_fewshot": a.num_fewshot, "max_length": lm.max_length}
     out = lm.ev.write("harness", {**settings, "results": results}, a.out)
     for task, r in results.items():

@@ -9,6 +9,7 @@ or a Hugging Face model folder (see eval/lm_eval_model.py).
 from lm_eval.__main__ import cli_evaluate
 
 import eval.lm_eval_model  # noqa: F401  (registers the model with lm-eval)
+from common.cli import run_main
 
 if __name__ == "__main__":
-    cli_evaluate()
+    run_main(cli_evaluate)  # bad --model_args, a missing checkpoint, unknown tasks: one line, not a traceback

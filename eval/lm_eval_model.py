@@ -26,6 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from common.cli import UserError
 from eval.generate import complete, cut_at_stops
 from eval.model import load_for_eval
 from eval.perplexity import document_nll
@@ -42,9 +43,15 @@ class ProjectLM(LM):
         dtype: str = "auto",
         batch_size: int | str = 8,
         max_length: int | None = None,
-        **unused,  # lm-eval passes its own settings (max_batch_size ...) to every model
+        max_batch_size: int | None = None,  # lm-eval passes it to every model; batches here are fixed
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise UserError(
+                f"unknown --model_args key(s) {sorted(unknown)}; {MODEL_NAME} takes checkpoint, device, dtype, "
+                "batch_size, max_length"
+            )
         self.ev = load_for_eval(checkpoint, "auto" if device in (None, "") else device, dtype)
         self.max_length = int(max_length or self.ev.model.params.max_seq_len)
         # one sequence at a time where a quantization scheme makes results depend on the batch (eval/model.py)
