@@ -26,6 +26,7 @@ def logits_to_probs(
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # the token that crosses stays
+        drop_sorted[..., 0] = False  # and the most likely one always does (a top_p that rounds to 0 in float32)
         drop = drop_sorted.scatter(-1, idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)

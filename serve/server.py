@@ -9,6 +9,11 @@ Serves this project's checkpoints and Hugging Face model folders (torch engine),
 for token against eager greedy decoding at start-up (an engine that fails to build or differs is listed
 under ``unavailable`` with the reason). Binds to 127.0.0.1 unless told otherwise.
 
+Limits, so that no client can exhaust the server: a request body is at most ``--max-body-bytes`` (413 above
+it, counted as it arrives), a prompt far longer than the context is refused (or cut, with ``truncate_prompt``)
+before it is tokenized, and a client has ``--request-timeout`` seconds from its first byte to send a whole
+request (a connection that sends nothing, or a byte at a time, is closed).
+
 Requests are served one at a time, in arrival order, so that a request's latency and energy are its own;
 the time a request waited for the ones before it is ``queue_ms``. Measurements follow MLPerf / LLMPerf /
 GenAI-Perf: ``ttft_ms`` (time to first token: prompt processing and the first token), ``tpot_ms`` (time per
@@ -32,8 +37,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from common.cli import failure, parse_args, positional, run_main
+from common.cli import ConfigError, failure, parse_args, positional, run_main
 from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
@@ -42,6 +49,7 @@ from eval.generate import cut_at_stops, fit_prompt, stop_check
 from eval.model import load_for_eval
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
+TOKENS_PER_CHAR_SLACK = 4  # normalisation may merge characters: the cheap length bound allows 4x for it
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
 
 
@@ -52,13 +60,18 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
     stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends before them)")
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="sampling seed (torch.Generator's range)")
     truncate_prompt: bool = Field(False, description="keep the end of a prompt too long for the context (else 413)")
 
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """Every error the server answers, in one shape."""
+    return JSONResponse(status_code=status, content={"error": message})
 
 
 def _first_error(exc: RequestValidationError) -> str:
@@ -77,6 +90,7 @@ class Served:
     decoders: dict
     unavailable: dict
     max_tokens_limit: int
+    max_token_bytes: int = 1  # the longest token's UTF-8 bytes: a prompt's length bounds its token count
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: object = None
     counter_reason: str | None = None
@@ -102,7 +116,9 @@ def load_served(
     if not decoders:
         raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
-    served = Served(ev, decoders, unavailable, max_tokens_limit, counter=counter, counter_reason=reason)
+    longest = max(1, int(ev.tokenizer.token_bytes().max()))
+    max_tokens_limit = min(max_tokens_limit, S - 1)  # at least one prompt token must fit beside the completion
+    served = Served(ev, decoders, unavailable, max_tokens_limit, longest, counter=counter, counter_reason=reason)
     if counter is not None:  # idle power once, at start: a request is too short to measure it beside
         with EnergyMeter(ev.device, idle_s=IDLE_S, counter=counter) as meter:
             pass
@@ -118,10 +134,24 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
         why = f" ({served.unavailable[req.engine]})" if req.engine in served.unavailable else ""
         raise BadRequest(400, f"engine {req.engine!r} is not served{why}; use one of: {known}")
     if req.max_tokens > served.max_tokens_limit:
-        raise BadRequest(400, f"max_tokens {req.max_tokens} is over this server's limit of {served.max_tokens_limit}")
-    ids = ev.tokenizer.encode(req.prompt, bos=True)
+        raise BadRequest(
+            400,
+            f"max_tokens {req.max_tokens} is over this server's limit of {served.max_tokens_limit} (the model's "
+            f"context holds {ev.model.params.max_seq_len} tokens, prompt included)",
+        )
     room = ev.model.params.max_seq_len - req.max_tokens
-    truncated = len(ids) > room and req.truncate_prompt
+    # A token stands for at most max_token_bytes bytes (>= characters), so a prompt with more characters than
+    # room x that (x slack for normalisation) cannot fit: refuse it, or keep only its end, before tokenizing.
+    most_chars = (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK
+    cut = len(req.prompt) > most_chars
+    if cut and not req.truncate_prompt:
+        raise BadRequest(
+            413,
+            f"the prompt has {len(req.prompt):,} characters; with max_tokens {req.max_tokens} at most {room} "
+            "tokens fit the context (or pass truncate_prompt)",
+        )
+    ids = ev.tokenizer.encode(req.prompt[-most_chars:] if cut else req.prompt, bos=not cut)
+    truncated = cut or (len(ids) > room and req.truncate_prompt)
     if truncated:  # the end of the prompt is what the model continues
         ids = fit_prompt(ids, ev.model.params.max_seq_len, req.max_tokens)
     if len(ids) > room:
@@ -159,16 +189,104 @@ def complete(served: Served, req: CompletionRequest, received: float) -> dict:
     }
 
 
-def create_app(served: Served) -> FastAPI:
+class TooLarge(HTTPException):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413, by its Content-Length before
+    it is read, or as soon as its streamed chunks pass the limit (uvicorn and FastAPI read any size)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await error(413, f"the request body is over this server's limit of {self.limit:,} bytes")(
+                scope, receive, send
+            )
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise TooLarge(413, f"the request body is over this server's limit of {self.limit:,} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for receiving a whole request. uvicorn's own keep-alive timer
+    starts only after a response and stops at the first byte of the next request, so a client that connects
+    and sends nothing, or a byte at a time, would hold its connection (and a file descriptor) forever."""
+
+    request_timeout_s = 10.0  # set by create_server
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = None
+        self._arm()
+
+    def _arm(self):
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.request_timeout_s, self._expire)
+
+    def _expire(self):
+        self._deadline = None
+        receiving = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
+        if receiving and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes):
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm()  # a new request starts arriving
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.more_body and self._deadline is not None:
+            self._deadline.cancel()  # the whole request is in: the model's time is not the client's
+            self._deadline = None
+
+    def connection_lost(self, exc):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+def create_server(app: FastAPI, host: str, port: int, request_timeout_s: float = 10.0, max_connections: int = 256):
+    """The uvicorn server: requests must arrive within ``request_timeout_s``; beyond ``max_connections`` open at
+    once, new requests get 503."""
+    import uvicorn
+
+    protocol = type("Deadline", (DeadlineProtocol,), {"request_timeout_s": request_timeout_s})
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", http=protocol, limit_concurrency=max_connections
+    )
+    return uvicorn.Server(config)
+
+
+def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="perhead-llama server")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse(status_code=422, content={"error": _first_error(exc)})
+        return error(400, _first_error(exc))
 
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest):
-        return JSONResponse(status_code=exc.status, content={"error": exc.message})
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http(request: Request, exc: HTTPException):  # FastAPI's own: unknown path, unparsable body ...
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # invalid UTF-8, nesting, huge numbers
+            return error(400, "the request body is not valid JSON (or nests too deep, or holds a number too long)")
+        return error(exc.status_code, str(exc.detail))
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.get("/health")
     def health():
@@ -199,13 +317,19 @@ class Args:
     host: str = "127.0.0.1"  # interface to bind (loopback by default)
     port: int = 8000
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for (at most the context - 1)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    request_timeout: float = 10.0  # seconds a client has to send a whole request (then its connection closes)
+    max_connections: int = 256  # connections open at once; beyond, requests get 503
     workdir: str | None = None  # where the ONNX export goes (default: a temporary folder)
+
+    def __post_init__(self):
+        for key in ("port", "max_tokens_limit", "max_body_bytes", "request_timeout", "max_connections"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
 
 
 def main(argv=None):
-    import uvicorn
-
     a = parse_args(Args(), argv)
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
@@ -214,7 +338,8 @@ def main(argv=None):
     print(f"serving {served.ev.name} with {', '.join(served.decoders)} on http://{a.host}:{a.port}")
     for name, why in served.unavailable.items():
         print(f"  not served: {name}: {why}")
-    uvicorn.run(create_app(served), host=a.host, port=a.port, log_level="warning")
+    app = create_app(served, a.max_body_bytes)
+    create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ import pytest
 
 from eval.decoding import DECODE_ENGINES
 from llama.generation import generate
-from serve.server import create_app, load_served
+from serve.server import create_app, create_server, load_served
 
 PROMPT = "def add(a, b):\n"
 
 
-def _start(app):
-    import uvicorn
-
+def _start(app, request_timeout_s: float = 10.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = create_server(app, "127.0.0.1", port, request_timeout_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -84,17 +82,23 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
         headers={"content-type": "application/json"},
         trust_env=False,
     )
-    assert raw.status_code == 422 and raw.json() == {"error": "the request body is not valid JSON"}
+    assert raw.status_code == 400 and raw.json() == {"error": "the request body is not valid JSON"}
+    limit = f"over this server's limit of {served.max_tokens_limit}"  # 48 asked, capped at the context - 1
     cases = [
-        ({"prompt": "", "max_tokens": 4}, 422, "prompt: String should have at least 1 character"),
-        ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens: Input should be greater than 0"),
-        ({"prompt": "x", "max_tokens": -3}, 422, "max_tokens"),
-        ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
-        ({"prompt": "x", "max_tokens": 49}, 400, "over this server's limit of 48"),
+        ({"prompt": "", "max_tokens": 4}, 400, "prompt: String should have at least 1 character"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens: Input should be greater than 0"),
+        ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 49}, 400, limit),
+        ({"prompt": "x", "max_tokens": 10**30}, 400, limit),
         ({"prompt": "x", "engine": "tensorrt"}, 400, "engine 'tensorrt' is not served; use one of: torch"),
         ({"prompt": "x " * 5000, "max_tokens": 8}, 413, "at most"),
-        ({"max_tokens": 8}, 422, "prompt: Field required"),
-        ({"prompt": "x", "temperature": -1}, 422, "temperature"),
+        ({"max_tokens": 8}, 400, "prompt: Field required"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        # seeds beyond torch.Generator's 64-bit range used to overflow into a 500
+        ({"prompt": "x", "seed": 2**64}, 400, "seed"),
+        ({"prompt": "x", "seed": 10**30}, 400, "seed"),
+        ({"prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
     ]
     for body, status, message in cases:
         r = post(url, body)
@@ -203,3 +207,114 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
     assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power
     assert e["j_per_token"] == pytest.approx(e["energy_j"] / e["units"])
+
+
+# ---- hostile clients: every one gets a 4xx in the server's own shape, and the server goes on ----------------
+
+
+def test_extreme_but_valid_sampling_settings_work(served, url):
+    greedy = eager(served, PROMPT, 6)
+    for body in (
+        {"seed": 2**64 - 1, "temperature": 0.8},
+        {"seed": -(2**63), "temperature": 0.8},
+        {"top_p": 1e-300, "temperature": 1.0},  # rounds to 0 in float32: the most likely token alone is kept
+    ):
+        r = post(url, {"prompt": PROMPT, "max_tokens": 6, **body})
+        assert r.status_code == 200, (body, r.text)
+        if "top_p" in body:
+            assert r.json()["completion"] == greedy
+
+
+def test_malformed_bodies_get_the_servers_error_shape(url):
+    bodies = [
+        b'{"prompt": "\xff\xfe"}',  # invalid UTF-8
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nesting deeper than any parser allows
+        b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",  # a number longer than Python parses
+    ]
+    for body in bodies:
+        r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+    r = httpx.get(url + "/v1/nothing-here", trust_env=False)
+    assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+def test_a_request_larger_than_the_body_limit_is_refused_unread(served):
+    app = create_app(served, max_body_bytes=10_000)
+    server, thread, url = _start(app)
+    try:
+        big = {"prompt": "x" * 20_000, "max_tokens": 4}
+        r = post(url, big)
+        assert r.status_code == 413 and "over this server's limit of 10,000 bytes" in r.json()["error"]
+
+        def chunks():  # no Content-Length: counted as it streams in
+            for _ in range(30):
+                yield b" " * 1000
+            yield json.dumps({"prompt": "x", "max_tokens": 4}).encode()
+
+        r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert post(url, {"prompt": PROMPT, "max_tokens": 4}).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_before_it_is_tokenized(served, url, monkeypatch):
+    seen = []
+    real = served.ev.tokenizer.encode
+    monkeypatch.setattr(
+        served.ev.tokenizer, "encode", lambda text, *a, **k: seen.append(len(text)) or real(text, *a, **k)
+    )
+    huge = "def f(x):\n    return x\n" * 20_000  # 500k characters, under the 1 MB body limit
+    r = post(url, {"prompt": huge, "max_tokens": 8})
+    assert r.status_code == 413 and "characters" in r.json()["error"] and seen == []
+    r = post(url, {"prompt": huge, "max_tokens": 8, "truncate_prompt": True})
+    assert r.status_code == 200 and r.json()["tokens_in"] == served.ev.model.params.max_seq_len - 8
+    assert seen and max(seen) < 100_000  # only the end of the prompt was tokenized
+
+
+def test_max_tokens_is_capped_by_the_context(trained_checkpoint, tmp_path):
+    served = load_served(str(trained_checkpoint), ["torch"], "cpu", 512, tmp_path)
+    context = served.ev.model.params.max_seq_len
+    assert served.max_tokens_limit == context - 1
+    server, thread, url = _start(create_app(served))
+    try:
+        r = post(url, {"prompt": "x", "max_tokens": 512})
+        assert r.status_code == 400 and f"context holds {context} tokens" in r.json()["error"]
+        assert "-" not in r.json()["error"].split("limit of")[1]  # never "at most -N fit"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_idle_and_slow_clients_are_disconnected(served):
+    server, thread, url = _start(create_app(served), request_timeout_s=1.0)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        slow = socket.create_connection(("127.0.0.1", port))
+        request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n"
+        t0 = time.monotonic()
+        closed_at = None
+        for byte in request:  # a byte every 0.1 s: never a whole request
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed_at = time.monotonic() - t0
+                break
+            time.sleep(0.1)
+        slow.settimeout(5)
+        try:
+            assert slow.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        closed_at = closed_at or time.monotonic() - t0
+        assert closed_at < 4, closed_at
+        for sock in idle:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server, not by us
+            sock.close()
+        assert post(url, {"prompt": PROMPT, "max_tokens": 4}).status_code == 200  # and it still serves
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
