@@ -12,11 +12,14 @@ What the sandbox promises (the README states the same, and tests/test_humaneval.
 - Limits per program: wall-clock time (the whole sandbox is killed), CPU seconds, address space per process,
   file size (which also caps what it can print: output goes to files, of which the last 4 KB are read),
   open files and processes.
-- It passes only when the program ran to its end: after the program returns, the bootstrap writes a random
-  token (sent over stdin) to a saved copy of stdout. ``sys.exit``, ``SystemExit``, ``os._exit`` or a kill
-  before that count as failed.
+- It passes only when the program ran to its end: a supervisor process inside the sandbox runs the program
+  in a child, and writes a random token (sent over stdin, read only after the child was started, so never in
+  the program's process) to stdout once the child has reported over a pipe that the program returned and has
+  exited 0. ``sys.exit``, ``SystemExit``, ``os._exit``, a kill, or printing anything before that count as
+  failed; the supervisor cannot be traced or read by the program.
 What it does not promise: protection against kernel exploits; scoring that resists a program written to
-read the token out of its own interpreter's memory; a bound on the total memory of all its processes
+imitate the child's side of the protocol (find the pipe among its file descriptors, write the message, exit
+0): that takes knowing this file, not one attribute lookup; a bound on the total memory of all its processes
 (each is bounded, and so is their number).
 
 Why bubblewrap and not in-process guards alone: patching ``os``/``subprocess`` inside the interpreter is
@@ -44,43 +47,80 @@ FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: any one file, stdout and stderr included
 TAIL_BYTES = 4096  # what is read back of stdout and stderr
 MAX_PROCESSES = 64  # RLIMIT_NPROC inside
 
-# Runs inside the sandbox: limits, privilege drop, HumanEval's guard, the program, then the token.
+# Runs inside the sandbox. The supervisor (trusted code only) forks the child that runs the program, and
+# reads the pass token from stdin only after the fork, so the token is never in the program's process: not
+# in its memory, its namespace or its frames. The child closes stdin, tells the supervisor over a pipe that
+# the program returned, and exits; the supervisor then writes the token to stdout if the child exited 0
+# after saying so. The supervisor makes itself non-dumpable (no ptrace, no /proc/<pid>/mem or fd/ for the
+# child), and when started as root it stays root while the child runs as nobody.
 _BOOTSTRAP = r"""
-import builtins, faulthandler, os, resource, shutil, subprocess, sys
-token = sys.stdin.readline().strip()
-program, timeout_s, memory_mb, file_bytes, nproc, nobody = (
-    open(sys.argv[1]).read(), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-    int(sys.argv[6]))
-resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if os.geteuid() == 0:  # never run generated code as root, even inside the namespaces
-    os.setgroups([]); os.setgid(nobody); os.setuid(nobody)
-resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-result = os.dup(1)  # the token goes here even if the program closes or redirects stdout
-faulthandler.disable()
-def _blocked(*a, **k):
-    raise PermissionError("blocked in the HumanEval sandbox")
-for name in ["kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
-             "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-             "chroot", "lchown", "chdir", "execv", "execve", "execvp", "execl", "spawnv", "spawnl", "popen",
-             "posix_spawn", "posix_spawnp", "_exit"]:
-    if hasattr(os, name):
-        setattr(os, name, _blocked)
-for name in ["rmtree", "move", "chown"]:
-    setattr(shutil, name, _blocked)
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = subprocess.check_call = _blocked
-builtins.exit = builtins.quit = None
-sys.argv = ["program.py"]
+import os, sys
+program_path, timeout_s, memory_mb, file_bytes, nproc, nobody = (
+    sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
 try:
-    exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
-except SystemExit as e:
-    sys.stderr.write(f"SystemExit: the program exited ({e.code!r}) before it ran to the end\n")
-    sys.exit(1)
-sys.stdout.flush()
-os.write(result, (token + "\n").encode())
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
+except Exception:
+    pass
+done_r, done_w = os.pipe()  # child -> supervisor: the program returned
+go_r, go_w = os.pipe()  # supervisor -> child: the token has been read off stdin, go on
+pid = os.fork()
+if pid == 0:
+    os.close(0); os.close(done_r); os.close(go_w)
+    os.read(go_r, 1); os.close(go_r)
+    import builtins, faulthandler, resource, shutil, subprocess
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+    resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.geteuid() == 0:  # never run generated code as root, even inside the namespaces
+        os.setgroups([]); os.setgid(nobody); os.setuid(nobody)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    faulthandler.disable()
+    program = open(program_path).read()
+    _exit, _write = os._exit, os.write
+    def _blocked(*a, **k):
+        raise PermissionError("blocked in the HumanEval sandbox")
+    for name in ["kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+                 "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
+                 "chmod", "chown", "chroot", "lchown", "chdir", "execv", "execve", "execvp", "execl", "spawnv",
+                 "spawnl", "popen", "posix_spawn", "posix_spawnp", "_exit"]:
+        if hasattr(os, name):
+            setattr(os, name, _blocked)
+    for name in ["rmtree", "move", "chown"]:
+        setattr(shutil, name, _blocked)
+    subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = subprocess.check_call = _blocked
+    builtins.exit = builtins.quit = None
+    sys.argv = ["program.py"]
+    try:
+        exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
+    except SystemExit as e:
+        sys.stderr.write(f"SystemExit: the program exited ({e.code!r}) before it ran to the end\n")
+        sys.stderr.flush()
+        _exit(1)
+    except BaseException as e:
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        _exit(1)
+    sys.stdout.flush(); sys.stderr.flush()
+    _write(done_w, b"returned\n")
+    _exit(0)
+os.close(done_w); os.close(go_r)
+token = sys.stdin.readline().strip()
+os.close(0)
+os.write(go_w, b"1"); os.close(go_w)
+_, status = os.waitpid(pid, 0)
+os.set_blocking(done_r, False)  # what the child said before it exited (a process it left behind keeps the pipe)
+try:
+    said = os.read(done_r, 64)
+except BlockingIOError:
+    said = b""
+if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and said == b"returned\n":
+    os.write(1, (token + "\n").encode())
+    os._exit(0)
+os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 """
 
 # Runs inside the sandbox once per process: what the namespaces look like from inside.

@@ -99,6 +99,49 @@ def test_printing_a_fake_sentinel_is_not_a_pass(sandbox):
     assert r.status == "failed"
 
 
+FORGERIES = {
+    # the exact completion that once scored passed: the token was a global of the bootstrap's __main__
+    "main-module": "import sys, posix\n    print(sys.modules['__main__'].token, flush=True)\n    posix._exit(0)\n",
+    # every frame up the stack, every string the garbage collector knows of that looks like a token
+    "frames-and-gc": (
+        "import sys, gc, posix, re\n"
+        "    seen = set()\n"
+        "    f = sys._getframe()\n"
+        "    while f:\n"
+        "        seen |= {v for v in list(f.f_globals.values()) + list(f.f_locals.values()) if isinstance(v, str)}\n"
+        "        f = f.f_back\n"
+        "    seen |= {o for o in gc.get_objects() if isinstance(o, str)}\n"
+        "    for v in seen:\n"
+        "        if re.fullmatch('[0-9a-f]{32}', v): print(v)\n"
+        "    sys.stdout.flush()\n"
+        "    posix._exit(0)\n"
+    ),
+    # the token's way in, read by the program itself
+    "stdin": "import sys, posix\n    print(sys.stdin.readline().strip())\n    sys.stdout.flush()\n    posix._exit(0)\n",
+    # the supervisor's memory and descriptors, through /proc
+    "proc": (
+        "import posix, os\n"
+        "    for pid in os.listdir('/proc'):\n"
+        "        if pid.isdigit() and int(pid) != os.getpid():\n"
+        "            for what in ('mem', 'fd/0', 'environ', 'cmdline'):\n"
+        "                try: print(open(f'/proc/{pid}/{what}', 'rb').read(4096))\n"
+        "                except Exception: pass\n"
+        "    posix._exit(0)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_reading_the_pass_token_from_inside_is_not_a_pass(problems, forgery, sandbox):
+    r = run_program(program_for(problems[0], "    " + FORGERIES[forgery]))
+    assert r.status == "failed", r
+
+
+def test_a_correct_program_still_passes(problems, sandbox):
+    r = run_program(program_for(problems[0], problems[0]["canonical_solution"]))
+    assert r.status == "passed", r
+
+
 # ---- containment: namespaces, filesystem, processes, output ----------------------------------------------
 
 
