@@ -311,3 +311,325 @@ def test_a_malicious_pickle_in_a_checkpoint_is_never_executed(tmp_path, make_con
     (tmp_path / "ckpt/t/step_2/checksums.json").unlink()  # as if crafted to pass the checksum too
     err = one_line_error(capsys, train, make_config(tmp_path, max_steps=4, resume=True))
     assert "optimizer.pt" in err and not marker.exists()
+
+
+# ---- outputs of the newer commands: never delete what they did not write (issue: compression --out) -------
+
+
+def _compress_argv(checkpoint, out, *extra):
+    return ["--checkpoint", str(checkpoint), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("target", ["notes", "checkpoints"])
+def test_compress_never_replaces_a_folder_it_did_not_write(trained_checkpoint, tmp_path, capsys, target):
+    from eval.compress.__main__ import main as compress_main
+
+    folder = tmp_path / target
+    folder.mkdir()
+    if target == "notes":
+        (folder / "thesis.txt").write_text("three years of work")
+    else:  # a checkpoints/ folder holding a run
+        import shutil
+
+        shutil.copytree(trained_checkpoint, folder / "t")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    err = one_line_error(capsys, compress_main, _compress_argv(trained_checkpoint, folder))
+    assert "did not write" in err and str(folder) in err
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    # a file as --out is refused too, and kept
+    note = tmp_path / "note.txt"
+    note.write_text("keep")
+    err = one_line_error(capsys, compress_main, _compress_argv(trained_checkpoint, note))
+    assert "not a folder" in err and note.read_text() == "keep"
+
+
+def test_compress_replaces_its_own_earlier_output(trained_checkpoint, tmp_path):
+    from eval.compress.__main__ import main as compress_main
+
+    out = tmp_path / "m50"
+    compress_main(_compress_argv(trained_checkpoint, out))
+    (out / "leftover").write_text("from the first run")
+    compress_main(_compress_argv(trained_checkpoint, out))  # its own folder: replaced whole
+    assert not (out / "leftover").exists() and (out / "compression.json").is_file()
+
+
+def test_a_study_cannot_point_a_compression_elsewhere(tmp_path):
+    from runners.study import load_study
+
+    study = tmp_path / "s.toml"
+    body = 'name = "s"\n[[runs]]\nrunner = "tiny"\nname = "r"\n[[compress]]\nbase = "r"\nname = "c"\nargs = [{}]\n'
+    for args in ('"--method", "magnitude", "--out", "/home"', '"--method", "magnitude", "--checkpoint=x"'):
+        study.write_text(body.format(args))
+        with pytest.raises(ValueError, match="is set by the study itself"):
+            load_study(study)
+
+
+def test_convert_never_replaces_a_folder_it_did_not_write(hf_llama, tmp_path, capsys):
+    from llama.convert import main as convert_main
+
+    imported = tmp_path / "imported"
+    convert_main(["import", str(hf_llama), str(imported)])
+    convert_main(["import", str(hf_llama), str(imported)])  # its own output: replaced
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    for argv in (["import", str(hf_llama), str(folder)], ["export", str(imported), str(folder)]):
+        err = one_line_error(capsys, convert_main, argv)
+        assert "did not write" in err and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+# ---- one run at a time, whatever folders it shares --------------------------------------------------------
+
+
+def test_two_runs_of_one_name_sharing_a_log_folder_cannot_run_at_once(tmp_path, make_config):
+    first = make_config(tmp_path, max_steps=2)
+    second = make_config(tmp_path, max_steps=2, overwrite=True)
+    second.out_dir = str(tmp_path / "elsewhere")  # another checkpoint folder, the same logs/<name>
+    with trainer_mod.run_lock(first):
+        (tmp_path / "logs" / "t").mkdir(parents=True)
+        (tmp_path / "logs" / "t" / "metrics.jsonl").write_text('{"step": 1}\n')
+        with pytest.raises(FileExistsError, match="already being trained"):
+            train(second)
+        assert (tmp_path / "logs" / "t" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # not deleted
+
+
+# ---- Hugging Face folders: no foreign code, no silent random weights, one line for a damaged folder --------
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from tests.hf_models import make_hf_model
+
+    return make_hf_model("llama", tmp_path_factory.mktemp("hf") / "llama")
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_code_in_a_model_folder_is_never_run(hf_llama, tmp_path):
+    folder = _copy(hf_llama, tmp_path / "remote")
+    marker = tmp_path / "pwned"
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTok(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg |= {"auto_map": {"AutoTokenizer": ["evil.EvilTok", None]}, "tokenizer_class": "EvilTok"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    # what once ran it: transformers asked "run the custom code? [y/N]" and read y from stdin
+    out = subprocess.run(
+        [sys.executable, "-m", "eval.perplexity", str(folder), "--corpus", str(REPO / "common"), "--max-tokens", "50"],
+        cwd=REPO,
+        input="y\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert not marker.exists()
+    assert out.returncode == 2 and "never runs a model folder's code" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing-tensor", "more-blocks", "extra-tensor"])
+def test_missing_or_unexpected_weights_are_named(hf_llama, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from eval.hf import load_hf
+
+    folder = _copy(hf_llama, tmp_path / damage)
+    sd = load_file(folder / "model.safetensors")
+    if damage == "missing-tensor":
+        del sd["model.layers.1.mlp.down_proj.weight"]
+    elif damage == "extra-tensor":
+        sd["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    if damage == "more-blocks":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 5}))
+    with pytest.raises(ValueError) as e:
+        load_hf(folder)
+    message = str(e.value)
+    expected = {
+        "missing-tensor": "missing model.layers.1.mlp.down_proj.weight",
+        "extra-tensor": "unexpected model.layers.1.mlp.extra.weight",
+        "more-blocks": "says 5 blocks, but the weights hold 3",
+    }[damage]
+    assert expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "empty", "garbage", "symlink-to-dev-zero", "symlink-to-folder", "pickle-only"]
+)
+def test_a_damaged_weight_file_is_one_line(hf_llama, tmp_path, capsys, damage):
+    from eval.perplexity import main as perplexity_main
+
+    folder = _copy(hf_llama, tmp_path / damage)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) - 1000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "garbage":
+        weights.write_bytes(os.urandom(4000))
+    elif damage == "symlink-to-dev-zero":
+        weights.unlink()
+        weights.symlink_to("/dev/zero")
+    elif damage == "symlink-to-folder":
+        weights.unlink()
+        weights.symlink_to(tmp_path)
+    else:  # a pickle that would run a command when unpickled, and no safetensors
+        import pickle
+
+        marker = tmp_path / "pwned"
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    err = one_line_error(capsys, perplexity_main, [str(folder), "--corpus", str(REPO / "common"), "--max-tokens", "50"])
+    assert ("safetensors" in err or "model.safetensors" in err) and str(folder) in err
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"vocab_size": "400"}, "vocab_size"),
+        ({"num_hidden_layers": 10**6}, "blocks"),
+        ({"hidden_size": -64}, "hidden_size"),
+    ],
+)
+def test_absurd_hf_configs_are_one_line_before_anything_is_allocated(hf_llama, tmp_path, capsys, change, key):
+    from eval.perplexity import main as perplexity_main
+
+    folder = _copy(hf_llama, tmp_path / "cfg")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | change))
+    t0 = time.perf_counter()
+    err = one_line_error(capsys, perplexity_main, [str(folder), "--corpus", str(REPO / "common"), "--max-tokens", "50"])
+    assert key in err and time.perf_counter() - t0 < 60  # the 10**6-block config once ran for minutes
+
+
+def test_weights_larger_than_memory_are_refused_before_loading(hf_llama, monkeypatch):
+    import eval.hf as hf_mod
+
+    monkeypatch.setattr(hf_mod, "available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match="GiB of memory is available"):
+        hf_mod.load_hf(hf_llama)
+
+
+# ---- study files: every key, type, name and reference checked when the file is loaded ----------------------
+
+STUDY = """name = "s"
+[[runs]]
+runner = "tiny"
+name = "r"
+args = ["--max-steps", "4"]
+[[compress]]
+base = "r"
+name = "c"
+args = ["--method", "magnitude"]
+"""
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('name = "s"', 'name = "../../../../tmp/x"'), "run name"),
+        (('name = "s"', 'name = ""'), "run name"),
+        (('args = ["--max-steps", "4"]', 'arg = ["--max-steps", "4"]'), "unknown key(s) ['arg']"),
+        (('args = ["--max-steps", "4"]', 'args = "--max-steps 4"'), "is not a list of strings"),
+        (('args = ["--max-steps", "4"]', 'args = ["--max-stepz", "4"]'), "unknown config key --max-stepz"),
+        (('args = ["--max-steps", "4"]', 'args = ["--max-steps", "4", "--name", "x"]'), "--name is set by the study"),
+        (('name = "s"', 'name = "s"\nseeds = true'), "seeds = True is not a whole number"),
+        (('name = "s"', 'name = "s"\nworkers = [1]'), "workers = [1] is not a whole number"),
+        (('name = "s"', 'name = "s"\n[eval]\nqualty = ["--n-docs", "2"]'), "unknown key(s) ['qualty']"),
+        (('name = "s"', 'name = "s"\n[eval]\nquality = ["--n-dox", "2"]'), "unknown config key --n-dox"),
+        (('args = ["--method", "magnitude"]', 'args = ["--method", "magnitude"]\nsparsity = 0.9'), "['sparsity']"),
+        (
+            ('args = ["--method", "magnitude"]', 'args = ["--method", "magnitude", "--sparsity", "lots"]'),
+            "expects float",
+        ),
+        (('base = "r"', 'base = "nope"'), "base 'nope' is none of the runs"),
+        (('runner = "tiny"', 'runner = "nope"'), "no runner 'nope'"),
+        (('runner = "tiny"', 'runner = "../tiny"'), "no runner '../tiny'"),
+        (('runner = "tiny"\n', ""), "missing runner"),
+        (
+            ('[[runs]]\nrunner = "tiny"\nname = "r"\nargs = ["--max-steps", "4"]\n', "runs = [1, 2]\n"),
+            "must be [[runs]] tables",
+        ),
+        (('name = "s"', 'name = "s"\n[[external]]\nname = "e"\npath = "/etc"'), "/etc is not a model folder"),
+        (('name = "s"', 'name = "s\n'), "not a TOML file"),
+    ],
+)
+def test_a_bad_study_file_is_one_line_before_anything_runs(tmp_path, capsys, edit, message):
+    from runners.study import main as study_main
+
+    old, new = edit
+    assert old in STUDY
+    path = tmp_path / "s.toml"
+    path.write_text(STUDY.replace(old, new, 1))
+    err = one_line_error(capsys, study_main, [str(path)])
+    assert message in err, err
+    assert not (tmp_path / "results").exists() and not (REPO / "results" / "s").exists()
+
+
+def test_a_failing_study_step_is_one_line_naming_its_log(tmp_path, capsys, monkeypatch):
+    import runners.study as study_mod
+
+    path = tmp_path / "s.toml"
+    folders = f'checkpoints_dir = "{tmp_path}/ck"\nlogs_dir = "{tmp_path}/logs"\nresults_dir = "{tmp_path}/res"\n'
+    path.write_text(folders + STUDY)
+
+    def failing_train(s, step, log, *rest):  # the step's command itself fails (a RuntimeError inside it)
+        study_mod._python(["runpy", "--nonexistent"], log)
+
+    monkeypatch.setattr(study_mod, "run_step", failing_train)
+    err = one_line_error(capsys, study_mod.main, [str(path)])
+    assert "failed (exit" in err and "train-r.log" in err
+
+
+# ---- lm-evaluation-harness: bad tasks, paths, data and model arguments are one line ----------------------
+
+
+def test_harness_tasks_paths_and_data_are_checked_in_one_line(hf_llama, tmp_path, capsys):
+    from eval.harness import check_tasks, load_task, task_manager
+    from eval.harness import main as harness_main
+
+    err = one_line_error(capsys, harness_main, [str(hf_llama), "--tasks", "x", "--include-path", "/nonexistent"])
+    assert "--include-path /nonexistent is not a folder" in err
+    (tmp_path / "passwd.yaml").write_text(
+        "task: not_data\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /etc/passwd\ntest_split: test\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    manager = task_manager(["not_data"], str(tmp_path))
+    err = one_line_error(capsys, load_task, "not_data", manager)
+    assert "task 'not_data': its data does not load" in err
+    err = one_line_error(capsys, check_tasks, manager, ["no_such_task"])
+    assert "unknown task(s) ['no_such_task']" in err
+
+
+def test_lm_eval_model_args_are_checked(hf_llama, tmp_path, capsys, monkeypatch):
+    from lm_eval.__main__ import cli_evaluate
+
+    from eval.lm_eval_model import ProjectLM
+
+    err = one_line_error(capsys, lambda: ProjectLM(str(hf_llama), device="cpu", bogus="1"))
+    assert "unknown --model_args key(s) ['bogus']" in err
+    (tmp_path / "t.yaml").write_text(
+        "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /etc/passwd\ntest_split: test\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    argv = ["lm_eval", "run", "--model", "perhead-llama", "--model_args", "checkpoint=/nonexistent"]
+    monkeypatch.setattr(sys, "argv", argv + ["--tasks", "t", "--include_path", str(tmp_path), "--device", "cpu"])
+    err = one_line_error(capsys, cli_evaluate)  # eval.lm_eval_cli runs lm-eval's command line through run_main
+    assert "checkpoint /nonexistent does not exist" in err
