@@ -131,6 +131,7 @@ class Args(EvalOptions):
     energy_runs: int = 1  # energy windows per decode row: 3 gives the median and how far the runs spread
 
     def __post_init__(self):
+        super().__post_init__()
         counts = {"batch-sizes": min(self.batch_sizes, default=0), "n-tokens": self.n_tokens}
         counts |= {"repeats": self.repeats, "energy-runs": self.energy_runs}
         for name, v in counts.items():

@@ -12,7 +12,7 @@ import torch
 
 from common.cli import positional
 from common.device import autocast, compute_dtype, pick_device
-from eval.common import write_result
+from eval.common import check_result_path, write_result
 from eval.compress import read_compression
 from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from eval.hf import HFModel, HFTokenizer, from_hub, is_hf_folder, load_hf
@@ -29,6 +29,9 @@ class EvalOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
     out: str | None = None  # result JSON (default: results/<model>-<evaluator>.json)
+
+    def __post_init__(self):
+        check_result_path(self.out)  # a user's file named as --out stops the command now, not after the work
 
     def load(self):
         return load_for_eval(self.checkpoint, self.device, self.dtype)

@@ -28,7 +28,7 @@ from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
 from common.stats import adjust, mann_whitney, ratio_ci
 from common.timing import spread, time_repeats
-from eval.common import write_result
+from eval.common import check_result_path, write_result
 from eval.latency import MODES, decode_run
 from eval.model import load_for_eval
 from llama.generation import prefill
@@ -54,6 +54,7 @@ class Args:
     def __post_init__(self):
         if self.rounds < 3 or self.n_tokens < 1 or self.batch < 1 or self.context < 1 or self.prompt_len < 1:
             raise ValueError("need --rounds >= 3 and positive --n-tokens, --batch, --context, --prompt-len")
+        check_result_path(self.out)
 
 
 @dataclass

@@ -378,6 +378,19 @@ def test_convert_never_replaces_a_folder_it_did_not_write(hf_llama, tmp_path, ca
         assert "did not write" in err and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+def test_an_evaluator_never_overwrites_a_file_that_is_not_its_result(trained_checkpoint, tmp_path, capsys):
+    from eval.perplexity import main as perplexity_main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a result")
+    err = one_line_error(capsys, perplexity_main, [str(trained_checkpoint), "--max-tokens", "200", "--out", str(notes)])
+    assert "is not a result this project wrote" in err and notes.read_text() == "not a result"
+    result = tmp_path / "r.json"
+    perplexity_main([str(trained_checkpoint), "--max-tokens", "200", "--out", str(result)])
+    perplexity_main([str(trained_checkpoint), "--max-tokens", "200", "--out", str(result)])  # its own: replaced
+    assert json.loads(result.read_text())["evaluator"] == "perplexity"
+
+
 # ---- one run at a time, whatever folders it shares --------------------------------------------------------
 
 
