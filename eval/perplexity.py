@@ -14,8 +14,10 @@ compares models with different tokenizers.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,7 +31,7 @@ from common.cli import parse_args, run_main
 from eval.common import HeldOut, heldout_documents, heldout_texts, training_data
 from eval.model import EvalOptions
 from training.config import DataConfig
-from training.data import load_documents
+from training.data import ENCODE_BATCH_DOCS, iter_documents
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -152,17 +154,36 @@ def summarize(r: dict) -> dict:
     return out
 
 
-def corpus_texts(corpus: DataConfig | HeldOut) -> tuple[list[str], str]:
-    """The documents of a corpus, or of another checkpoint's held-out split, and how to name the source."""
+def corpus_documents(corpus: DataConfig | HeldOut) -> tuple[Iterator[str], str]:
+    """The documents of a corpus, or of another checkpoint's held-out split, read as they are asked for, and
+    how to name the source."""
     if isinstance(corpus, HeldOut):
-        return heldout_texts(corpus.checkpoint), f"held-out split of {corpus.checkpoint}'s training data, as text"
-    return [d.text for d in load_documents(corpus)], corpus.corpus or "default corpus"
+        return iter(heldout_texts(corpus.checkpoint)), f"held-out split of {corpus.checkpoint}'s training data, as text"
+    return (d.text for d in iter_documents(corpus)), corpus.corpus or "default corpus"
 
 
-def corpus_tokens(corpus: DataConfig | HeldOut, tokenizer) -> tuple[np.ndarray, str]:
-    texts, source = corpus_texts(corpus)
-    ids = tokenizer.encode_batch(texts, bos=True, eos=True)
-    return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), source
+def encoded_documents(texts: Iterator[str], tokenizer, bos: bool, eos: bool, batch: int = ENCODE_BATCH_DOCS):
+    """(text, token ids) of each document, tokenized a batch of documents at a time."""
+    while chunk := list(itertools.islice(texts, batch)):
+        yield from zip(chunk, tokenizer.encode_batch(chunk, bos=bos, eos=eos), strict=True)
+
+
+def corpus_tokens(corpus: DataConfig | HeldOut, tokenizer, max_tokens: int | None = None) -> tuple[np.ndarray, str]:
+    """The packed stream <s> doc </s> <s> doc </s> ... of a corpus, cut at ``max_tokens``: documents are read and
+    tokenized only until the budget is reached (a whole corpus tokenized first once took 24 GB)."""
+    texts, source = corpus_documents(corpus)
+    parts, total = [], 0
+    with tqdm(
+        total=max_tokens, desc="tokenizing", unit="tok", disable=max_tokens is not None and max_tokens < 100_000
+    ) as bar:
+        for _, ids in encoded_documents(texts, tokenizer, bos=True, eos=True):
+            parts.append(np.asarray(ids, dtype=np.int64))
+            total += len(ids)
+            bar.update(len(ids))
+            if max_tokens is not None and total >= max_tokens:
+                break
+    tokens = np.concatenate(parts)
+    return (tokens[:max_tokens] if max_tokens else tokens), source
 
 
 def evaluate_perplexity(
@@ -185,7 +206,7 @@ def evaluate_perplexity(
         data, _ = training_data(ev.folder)
         tokens, source = data.val, f"held-out split of {data.dir}"
     else:
-        tokens, source = corpus_tokens(corpus, ev.tokenizer)
+        tokens, source = corpus_tokens(corpus, ev.tokenizer, max_tokens)
     if max_tokens:
         tokens = tokens[:max_tokens]
     batch = ev.batch_size(batch_size)
@@ -212,16 +233,17 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
     if corpus is None:
         data, _ = training_data(ev.folder)
         docs = heldout_documents(data.val, tok)
-        texts, source = [tok.decode(d) for d in docs], f"held-out split of {data.dir}"
+        pairs, source = ((tok.decode(d), d) for d in docs), f"held-out split of {data.dir}"
     else:
-        texts, source = corpus_texts(corpus)
-        docs = [np.asarray(x) for x in tok.encode_batch(texts, bos=False)]
-    if max_tokens:  # whole documents, up to the budget
-        keep, seen = 0, 0
-        while keep < len(docs) and seen + len(docs[keep]) <= max_tokens:
-            seen += len(docs[keep])
-            keep += 1
-        docs, texts = docs[: max(keep, 1)], texts[: max(keep, 1)]
+        texts, source = corpus_documents(corpus)
+        pairs = encoded_documents(texts, tok, bos=False, eos=False)
+    texts, docs, seen = [], [], 0
+    for text, ids in pairs:  # whole documents, up to the budget (at least one), read no further
+        if max_tokens and docs and seen + len(ids) > max_tokens:
+            break
+        texts.append(text)
+        docs.append(np.asarray(ids))
+        seen += len(ids)
     t0 = time.perf_counter()
     nll = document_nll(ev.model, docs, tok.bos_id, context, ev.autocast(), progress)
     return {

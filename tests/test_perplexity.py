@@ -142,3 +142,30 @@ def test_both_modes_from_the_command_name_themselves(trained_checkpoint, tmp_pat
     assert lm["word_perplexity"] > lm["byte_perplexity"] > 1 and lm["documents"] >= 1
     assert lm["bits_per_byte"] == pytest.approx(math.log2(lm["byte_perplexity"]))
     assert "word_perplexity" not in sliding and sliding["perplexity"] > 1
+
+
+@pytest.mark.parametrize("mode", ["sliding", "lm-eval"])
+def test_a_token_budget_reads_and_tokenizes_only_what_it_needs_of_a_large_corpus(tmp_path, mode):
+    # The README's Hugging Face example once tokenized the whole corpus before --max-tokens applied (24 GB).
+    import tracemalloc
+
+    from eval.model import load_for_eval
+    from eval.perplexity import evaluate_perplexity
+    from tests.hf_models import make_hf_model
+    from training.config import DataConfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "def f(x):\n    return [x * i for i in range(10)]  # a line of code\n" * 500  # 33 kB a file
+    for i in range(3000):  # about 100 MB in all
+        (corpus / f"m{i:05d}.py").write_text(text)
+    ev = load_for_eval(make_hf_model("gpt_neox", tmp_path / "hf"), "cpu")
+    seen = []
+    encode_batch = ev.tokenizer.encode_batch
+    ev.tokenizer.encode_batch = lambda texts, *a, **k: seen.append(len(texts)) or encode_batch(texts, *a, **k)
+    tracemalloc.start()
+    r = evaluate_perplexity(ev, DataConfig(corpus=str(corpus)), None, None, 8, 5000, progress=False, mode=mode)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sum(seen) <= 64 and peak < 40e6, (sum(seen), peak)  # one batch of documents, not 3000 (100 MB)
+    assert 0 < r["tokens_scored"] <= 5000 or r["documents"] == 1  # lm-eval mode scores whole documents, one at least

@@ -16,6 +16,7 @@ import json
 import os
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,15 @@ def _python_source_roots() -> list[tuple[str, Path]]:
     return roots
 
 
-def _read_python_sources(pattern: str) -> list[Document]:
+def _read_python_sources(pattern: str) -> Iterator[Document]:
     """Every UTF-8 .py document of the roots, each text once (the first name in sorted order keeps it)."""
-    seen, docs = set(), []
+    seen = set()
     for prefix, root in _python_source_roots():
         for d in _read_folder(root, pattern, skip_installed=prefix == "stdlib"):
             digest = hashlib.sha256(d.text.encode("utf-8", errors="surrogatepass")).digest()
             if digest not in seen:
                 seen.add(digest)
-                docs.append(Document(f"{prefix}/{d.name}", d.text))
-    return docs
+                yield Document(f"{prefix}/{d.name}", d.text)
 
 
 def installed_packages() -> dict[str, str]:
@@ -81,8 +81,8 @@ def installed_packages() -> dict[str, str]:
     return dict(sorted((d.metadata["Name"], d.version) for d in distributions() if d.metadata["Name"]))
 
 
-def _read_folder(root: Path, pattern: str, skip_installed: bool = True) -> list[Document]:
-    docs = []
+def _read_folder(root: Path, pattern: str, skip_installed: bool = True) -> Iterator[Document]:
+    """The folder's text files in sorted order, read one at a time (a reader that stops early reads no more)."""
     skip = {"site-packages", "dist-packages", "__pycache__"} if skip_installed else {"__pycache__"}
     for path in sorted(root.glob(pattern)):
         rel = path.relative_to(root)
@@ -94,11 +94,10 @@ def _read_folder(root: Path, pattern: str, skip_installed: bool = True) -> list[
         except (UnicodeDecodeError, OSError):
             continue  # not UTF-8 text (or unreadable): skipped, as documented
         if text.strip() and "\x00" not in text:  # NUL bytes: valid UTF-8, but a binary file, not text
-            docs.append(Document(rel.as_posix(), text))
-    return docs
+            yield Document(rel.as_posix(), text)
 
 
-def _read_with_datasets(source: str, cfg: DataConfig) -> list[Document]:
+def _read_with_datasets(source: str, cfg: DataConfig) -> Iterator[Document]:
     import datasets  # imported here: it is slow to import and only these corpora need it
 
     suffix = Path(source).suffix.lower()
@@ -118,11 +117,22 @@ def _read_with_datasets(source: str, cfg: DataConfig) -> list[Document]:
         raise ValueError(
             f"corpus {source} has no column {cfg.text_field!r} (columns: {ds.column_names}); set --text-field"
         )
-    return [Document(f"row-{i}", t) for i, t in enumerate(ds[cfg.text_field]) if isinstance(t, str) and t.strip()]
+    return _rows(ds, cfg.text_field)
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
-    """All non-empty UTF-8 documents of the configured corpus; a clear error if there are none."""
+def _rows(ds, field: str) -> Iterator[Document]:
+    i = 0
+    for batch in ds.select_columns([field]).iter(batch_size=1024):  # Arrow is memory-mapped: a batch at a time
+        for t in batch[field]:
+            if isinstance(t, str) and t.strip():
+                yield Document(f"row-{i}", t)
+            i += 1
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+    """The non-empty UTF-8 documents of the configured corpus, in a fixed order, read as they are asked for:
+    a reader that needs only the first N tokens (an evaluation budget) never reads the rest. A clear error if
+    there are none."""
     if cfg.corpus is None:
         source, docs = str(default_corpus_dir()), _read_folder(default_corpus_dir(), cfg.file_glob)
     elif cfg.corpus == PYTHON_SOURCES:
@@ -147,12 +157,20 @@ def load_documents(cfg: DataConfig) -> list[Document]:
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                     "check the name and network access, or pass a local folder/file"
                 ) from None
-    if not docs:
+    empty = True
+    for d in docs:
+        empty = False
+        yield d
+    if empty:
         raise ValueError(
             f"corpus {source} holds no UTF-8 text documents (glob {cfg.file_glob!r}; binary files are skipped); "
             "point --corpus at text files or change --file-glob"
         )
-    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    """All non-empty UTF-8 documents of the configured corpus (iter_documents, read whole)."""
+    return list(iter_documents(cfg))
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
