@@ -14,6 +14,8 @@ CPU too, after a compilation of tens of seconds). Writes results/<model>-efficie
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,16 +67,19 @@ def evaluate_efficiency(
             row["energy"] = {"method": "unavailable", "reason": reason}
         out["decode"].append(row)
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
-    for name in tqdm(engines, desc="engines", disable=not progress):
-        try:
-            engine = build(name, model, example)
-            diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
-        except Exception as e:  # an engine that cannot serve this model is reported, not hidden
-            out["forward"].append({"engine": name, "error": failure(e)})
-            continue
-        for b in batch_sizes:
-            row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))
-            out["forward"].append({"engine": name, "note": engine.note, "max_abs_diff": diff, **row})
+    with tempfile.TemporaryDirectory(prefix="engines-") as workdir:  # the exports go when the timing is done
+        for name in tqdm(engines, desc="engines", disable=not progress):
+            try:
+                engine = build(name, model, example, workdir)
+                diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
+            except Exception as e:  # an engine that cannot serve this model is reported, not hidden
+                out["forward"].append({"engine": name, "error": failure(e)})
+                print(f"engine {name} not timed: {type(e).__name__}: {e}", file=sys.stderr)  # the full reason
+                continue
+            for b in batch_sizes:
+                row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))
+                out["forward"].append({"engine": name, "note": engine.note, "max_abs_diff": diff, **row})
+            del engine
     return out
 
 

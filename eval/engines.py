@@ -101,18 +101,30 @@ def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os
     return Engine("onnxruntime", run, f"{session.get_providers()[0]}, numpy I/O, {path}")
 
 
-def build(name: str, model: Transformer, example: torch.Tensor) -> Engine:
+def build(name: str, model: Transformer, example: torch.Tensor, workdir: str | os.PathLike | None = None) -> Engine:
+    """The engine ``name`` for ``model``; exports go under ``workdir`` (the caller removes it; default: a new
+    temporary folder). ``example`` only shows the export the input's type: a batch of one would make
+    torch.export specialise the batch size to 1 ("Constraints violated (batch)"), so it gets two rows."""
+    if example.shape[0] < 2:
+        example = example.expand(2, -1).contiguous()
     if name == "torch":
         return torch_engine(model)
     if name == "compile":
         return compile_engine(model)
     if name == "aoti":
-        return aoti_engine(model, example)
+        return aoti_engine(model, example, _folder(workdir, name))
     if name == "torchscript":
         return torchscript_engine(model, example)
     if name == "onnxruntime":
-        return onnxruntime_engine(model, example)
+        return onnxruntime_engine(model, example, _folder(workdir, name))
     raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
+
+
+def _folder(workdir: str | os.PathLike | None, name: str) -> Path | None:
+    if workdir is None:
+        return None
+    (Path(workdir) / name).mkdir(parents=True, exist_ok=True)
+    return Path(workdir) / name
 
 
 @torch.no_grad()
