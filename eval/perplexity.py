@@ -295,7 +295,8 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     ev = a.load()
     r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens, mode=a.mode)
-    out = ev.write("perplexity", r, a.out)
+    # each mode its own result (results/<model>-perplexity.json, -perplexity-lm-eval.json): their figures differ
+    out = ev.write("perplexity" if r["mode"] == "sliding" else "perplexity-lm-eval", r, a.out)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
     if r["mode"] == "lm-eval":
         what = f"word perplexity {r['word_perplexity']:.2f}, byte perplexity {r['byte_perplexity']:.4f}"

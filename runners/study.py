@@ -620,7 +620,8 @@ def build_outputs(s: Study) -> Path:
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())
         points.setdefault(r["run"], []).append(r)
-    if points and any(e.checkpoints for e in s.external):  # other tokenizers: only bits per byte compare
+    token_ppl = all("perplexity" in r for ps in points.values() for r in ps)  # lm-eval mode has none
+    if points and (any(e.checkpoints for e in s.external) or not token_ppl):  # only bits per byte compare then
         figures["over_training.png"] = over_training_fig(points, "bits_per_byte", "held-out bits per byte")
     elif points:
         figures["over_training.png"] = over_training_fig(points)

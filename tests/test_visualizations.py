@@ -241,3 +241,37 @@ def test_overlapping_seeds_are_not_distinguishable(tmp_path):
     assert not bpb["distinguishable"]
     lat = next(c for c in comps if c["what"].startswith("decode"))
     assert lat["ratio"]["median"] == 2.0
+
+
+def test_compare_and_tradeoffs_read_a_folder_of_every_result_kind(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    # Results written by the evaluators themselves, with their default names, into one folder.
+    from eval.efficiency import main as efficiency_main
+    from eval.model import load_for_eval
+    from eval.perplexity import main as perplexity_main
+    from visualizations.compare import main as compare_main
+    from visualizations.plot_tradeoffs import main as tradeoffs_main
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(trained_checkpoint)
+    perplexity_main([ckpt, "--max-tokens", "300"])
+    perplexity_main([ckpt, "--max-tokens", "300", "--mode", "lm-eval"])
+    efficiency_main(
+        [ckpt, "--batch-sizes", "1", "--n-tokens", "2", "--repeats", "1", "--engines", "torch", "--no-energy"]
+    )
+    ev = load_for_eval(ckpt, "cpu")
+    ev.write("harness", {"tasks": ["t"], "results": {}})  # a kind the table has no column for
+    names = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
+    model = ev.name
+    assert f"{model}-perplexity.json" in names and f"{model}-perplexity-lm-eval.json" in names  # both kept
+    compare_main(["results"])
+    out = capsys.readouterr().out
+    assert f"skipped {model}-harness.json" in out
+    [row] = list(__import__("csv").DictReader((tmp_path / "results" / "table.csv").open()))
+    sliding = json.loads((tmp_path / "results" / f"{model}-perplexity.json").read_text())
+    lm_eval = json.loads((tmp_path / "results" / f"{model}-perplexity-lm-eval.json").read_text())
+    assert float(row["perplexity"]) == pytest.approx(sliding["perplexity"])
+    assert float(row["word_perplexity"]) == pytest.approx(lm_eval["word_perplexity"])
+    assert float(row["bits_per_byte_lm_eval"]) == pytest.approx(lm_eval["bits_per_byte"])
+    assert float(row["decode_ms"]) > 0
+    tradeoffs_main(["results", "--out", "plots"])
+    assert (tmp_path / "plots" / "tradeoff_decode_ms.png").stat().st_size > 1000

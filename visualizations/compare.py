@@ -27,6 +27,8 @@ MODEL_COLUMNS = [
 COLUMNS = MODEL_COLUMNS + [
     ("perplexity", "ppl"),
     ("bits_per_byte", "bpb"),
+    ("word_perplexity", "word ppl (lm-eval)"),
+    ("bits_per_byte_lm_eval", "bpb (lm-eval)"),
     ("bleu", "BLEU"),
     ("rougeL", "ROUGE-L"),
     ("pass@1", "pass@1"),
@@ -65,47 +67,84 @@ def _pick(rows: list[dict], mode: str | None, batch: int) -> dict | None:
     return rows[0] if rows else None
 
 
-def collect(results_dir: str | Path, mode: str | None = None, batch: int = 1) -> list[dict]:
+def collect(
+    results_dir: str | Path, mode: str | None = None, batch: int = 1, skipped: list | None = None
+) -> list[dict]:
+    """One row per model from every evaluator result in ``results_dir``. A JSON file that is not a result this
+    table shows (a harness run, a side-by-side timing, a table, a result missing its fields) is listed in
+    ``skipped`` with why, never a crash."""
     by_model: dict[str, dict] = {}
+    skipped = [] if skipped is None else skipped
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
             r = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
-        if "evaluator" not in r or "model" not in r:
+        if not isinstance(r, dict) or "evaluator" not in r or "model" not in r:
             continue  # not an evaluator's result (a table, a study state ...)
+        if r["evaluator"] not in READERS:
+            skipped.append((path, f"{r['evaluator']} results have no column in this table"))
+            continue
         row = by_model.setdefault(r["model"], {"model": r["model"]})
+        try:
+            READERS[r["evaluator"]](r, row, mode, batch)
+        except (KeyError, TypeError, IndexError) as e:
+            skipped.append((path, f"a {r['evaluator']} result without {e} (written by another version?)"))
+            continue
         for key in ("params", "n_layers", "per_head"):
             row.setdefault(key, r.get(key))
         if "compression" in r:
             row["compression"] = compression_label(r["compression"])
-        if r["evaluator"] == "quality":
-            ppl = r["perplexity"]
-            row |= {
-                "perplexity": ppl["perplexity"],
-                "bits_per_byte": ppl["bits_per_byte"],
-                "bleu": r["continuation"]["bleu"],
-                "rougeL": r["continuation"]["rougeL"],
-                "pass@1": r["humaneval"]["pass"].get("pass@1"),
-            }
-        elif r["evaluator"] == "perplexity" and "perplexity" not in row:
-            row |= {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
-        elif r["evaluator"] == "efficiency":
-            prefill = _pick(r["prefill"], mode, batch)
-            decode = _pick(r["decode"], mode, batch)
-            row["memory_bytes"], row["disk_bytes"] = r.get("memory_bytes"), r.get("disk_bytes")
-            if decode:
-                energy = decode["energy"]
-                row |= {
-                    "decode_ms": decode["ms_per_token"]["median"],
-                    "mode": decode["mode"],
-                    "j_per_token": energy.get("j_per_token") if energy["method"] != "unavailable" else "unavailable",
-                }
-            if prefill:
-                row["prefill_ms"] = prefill["ms"]["median"]
     for row in by_model.values():
         row.setdefault("compression", "none")
     return sorted(by_model.values(), key=lambda r: (r.get("n_layers") or 0, r["model"]))
+
+
+def _quality(r: dict, row: dict, mode, batch):
+    ppl = r["perplexity"]
+    row |= {
+        "perplexity": ppl["perplexity"],
+        "bits_per_byte": ppl["bits_per_byte"],
+        "bleu": r["continuation"]["bleu"],
+        "rougeL": r["continuation"]["rougeL"],
+        "pass@1": r["humaneval"]["pass"].get("pass@1"),
+    }
+
+
+def _perplexity(r: dict, row: dict, mode, batch):
+    """Either mode of eval.perplexity, each in its own columns (their figures do not compare)."""
+    if r.get("mode") == "lm-eval":
+        row |= {"word_perplexity": r["word_perplexity"], "bits_per_byte_lm_eval": r["bits_per_byte"]}
+    elif "perplexity" not in row:  # eval.quality's figure, where there is one, is the table's
+        row |= {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+
+
+def _humaneval(r: dict, row: dict, mode, batch):
+    row.setdefault("pass@1", r["pass"].get("pass@1"))
+
+
+def _efficiency(r: dict, row: dict, mode, batch):
+    prefill = _pick(r["prefill"], mode, batch)
+    decode = _pick(r["decode"], mode, batch)
+    row["memory_bytes"], row["disk_bytes"] = r.get("memory_bytes"), r.get("disk_bytes")
+    if decode:
+        energy = decode["energy"]
+        row |= {
+            "decode_ms": decode["ms_per_token"]["median"],
+            "mode": decode["mode"],
+            "j_per_token": energy.get("j_per_token") if energy["method"] != "unavailable" else "unavailable",
+        }
+    if prefill:
+        row["prefill_ms"] = prefill["ms"]["median"]
+
+
+READERS = {
+    "quality": _quality,
+    "perplexity": _perplexity,
+    "perplexity-lm-eval": _perplexity,
+    "humaneval": _humaneval,
+    "efficiency": _efficiency,
+}
 
 
 def _fmt(key: str, v) -> str:
@@ -119,9 +158,9 @@ def _fmt(key: str, v) -> str:
         return f"{v / 1e6:.2f}M"
     if key in ("memory_bytes", "disk_bytes"):
         return f"{v:,}"
-    if key in ("perplexity", "bleu", "rougeL"):
+    if key in ("perplexity", "word_perplexity", "bleu", "rougeL"):
         return f"{v:.2f}"
-    if key in ("prefill_ms", "decode_ms", "bits_per_byte", "pass@1"):
+    if key in ("prefill_ms", "decode_ms", "bits_per_byte", "bits_per_byte_lm_eval", "pass@1"):
         return f"{v:.3f}"
     if key == "j_per_token":
         return f"{v:.3g}"
@@ -139,6 +178,11 @@ def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[
     return write_tables(Path(out_dir), note, [h for _, h in COLUMNS], md_rows, [k for k, _ in COLUMNS], csv_rows)
 
 
+def say_skipped(skipped: list[tuple[Path, str]]):
+    for path, why in skipped:
+        print(f"skipped {path.name}: {why}")
+
+
 @dataclass
 class Args:
     results: str = positional("results", required=False)  # folder of evaluator result JSONs
@@ -149,7 +193,9 @@ class Args:
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    rows = collect(a.results, a.mode, a.batch)
+    skipped = []
+    rows = collect(a.results, a.mode, a.batch, skipped)
+    say_skipped(skipped)
     if not rows:
         raise FileNotFoundError(f"no evaluator results in {a.results}; run python -m eval.quality / eval.efficiency")
     md, csv_path = write_table(rows, a.out or a.results, a.batch)

@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from common.cli import parse_args, positional, run_main  # noqa: E402
 from visualizations import save_figures  # noqa: E402
-from visualizations.compare import collect  # noqa: E402
+from visualizations.compare import collect, say_skipped  # noqa: E402
 
 AXES = {
     "decode_ms": "decode latency (ms/token, batch 1)",
@@ -128,7 +128,9 @@ class Args:
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    rows = collect(a.results, a.mode)
+    skipped = []
+    rows = collect(a.results, a.mode, skipped=skipped)
+    say_skipped(skipped)
     if not rows:
         raise FileNotFoundError(f"no evaluator results in {a.results}")
     figures = tradeoff_figures(rows)
