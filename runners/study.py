@@ -374,10 +374,10 @@ class CompressStep:
         return f"compress-{self.name}"
 
     def output(self, s: Study) -> Path:
-        return compress_cli.model_folder(self.options)
+        return Path(self.options.out)  # the final model, fine-tuned or not
 
     def done(self, s: Study) -> bool:
-        return not self.options.finetune_steps and (Path(self.options.out) / "compression.json").is_file()
+        return (Path(self.options.out) / "compression.json").is_file()  # written last, with the model
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         run(["eval.compress", *self.argv])

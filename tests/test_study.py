@@ -94,7 +94,7 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     ft = steps[2]
     assert ft.options.finetune_steps == 3 and ft.options.method == "magnitude"
     # the fine-tuned model's folder comes from eval.compress itself, and the evaluations use it
-    assert ft.output(study) == Path(study.checkpoints_dir) / "s-compressed" / "r1-m50ft-ft"
+    assert ft.output(study) == Path(study.checkpoints_dir) / "s-compressed" / "r1-m50ft"
     evals = {s.key: s for s in steps if isinstance(s, EvaluateStep)}
     assert evals["quality-r1-m50ft"].model == ft.output(study)
     side = next(s for s in steps if isinstance(s, SideBySideStep))

@@ -12,6 +12,9 @@ A Hugging Face model folder (Llama, GPT-NeoX, GPT-2, Starcoder2) is compressed t
 Hugging Face folder again (``save_pretrained``, its config saying the new depth); it has no training data
 here, so calibration needs ``--calib-corpus``.
 
+With ``--finetune-steps`` the compressed model is fine-tuned by the trainer (a run ``<out>-ft``, with its logs
+under ``--log-dir``) and ``--out`` holds the fine-tuned model, its compression.json saying so.
+
 The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
 sparsity, parameters, and sizes under two names: ``disk_bytes_*``, the weight file in the folder, and
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
 from eval.compress import COMPRESSION_FILE, read_compression
@@ -131,18 +135,11 @@ def compress(a) -> Path:
         "memory_bytes_after": state_dict_bytes(measured),
         "report": report,
     }
-    # One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
-    # together or not at all, and an existing --out is replaced only if eval.compress wrote it.
-    with atomic_dir(out, owner=OWNER) as tmp:
-        if hf:
-            save_hf(model, tok, tmp, pruned_shapes(model) if a.method == "structured" else None)
-        else:
-            write_model_files(model, tmp, tokenizer=tokenizer_path(base))
-            base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
-            state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}
-            (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
-        info["disk_bytes_after"] = model_file_bytes(tmp)
-        (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+    if a.finetune_steps:  # the compressed model is only the fine-tuning's start: --out gets the tuned one
+        staging = out.with_name(f".{out.name}.compressed")
+        write_compressed(staging, hf, model, tok, base, info)
+    else:
+        write_compressed(out, hf, model, tok, base, info)
     print(
         f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
         f"weights in memory {info['memory_bytes_before']:,} -> {info['memory_bytes_after']:,} bytes, "
@@ -150,26 +147,58 @@ def compress(a) -> Path:
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
     if a.finetune_steps:
-        out = finetune(out, training_config(base), a)
+        tuned = finetune(staging, training_config(base), a)
+        info |= {"finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "finetune_run": str(tuned.parent)}
+        write_compressed(out, False, load_model(tuned).eval(), None, base, info)
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"-> {out}")
     return out
 
 
-def model_folder(a: Args) -> Path:
-    """Where the compressed model ends up: ``--out``, or with ``--finetune-steps`` the fine-tuning run next to
-    it, ``<out>-ft`` (a run folder; evaluators take its newest checkpoint)."""
+def write_compressed(out: Path, hf: bool, model, tok, base: Path, info: dict):
+    """One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
+    together or not at all, and an existing folder is replaced only if eval.compress wrote it."""
+    with atomic_dir(out, owner=OWNER) as tmp:
+        if hf:
+            save_hf(model, tok, tmp, pruned_shapes(model) if info["method"] == "structured" else None)
+        else:
+            write_model_files(model, tmp, tokenizer=tokenizer_path(base))
+            base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
+            state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}
+            (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
+        info["disk_bytes_after"] = model_file_bytes(tmp)
+        (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+
+
+def finetune_run(a) -> tuple[Path, Path]:
+    """The fine-tuning run's checkpoint and log folders: ``<out>-ft`` beside --out, and under --log-dir."""
     out = Path(a.out)
-    return out.with_name(f"{out.name}-ft") if a.finetune_steps else out
+    return out.with_name(f"{out.name}-ft"), Path(a.log_dir) / f"{out.name}-ft"
+
+
+def check_finetune_run(a):
+    """The fine-tuning run starts over (--overwrite): allowed only where no run of that name exists or the one
+    there is this --out's own earlier fine-tuning (its compression.json names it)."""
+    ckpt, logs = finetune_run(a)
+    if not (ckpt.exists() or logs.exists()):
+        return
+    earlier = read_compression(Path(a.out)) if (Path(a.out) / COMPRESSION_FILE).is_file() else None
+    if not earlier or Path(earlier.get("finetune_run", "")).resolve() != ckpt.resolve():
+        raise UserError(
+            f"the fine-tuning run {ckpt} (logs {logs}) exists and is not {a.out}'s own; nothing was changed: name "
+            "another --out, or move that run away"
+        )
 
 
 def finetune(folder: Path, trained: TrainConfig | None, a) -> Path:
-    """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero."""
+    """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero. Returns
+    the run's last checkpoint."""
     from training.trainer import train
 
     if trained is None:
-        raise ValueError("--finetune-steps needs the base run's training config (its state.json)")
+        raise UserError("--finetune-steps needs the base run's training config (its state.json)")
     cfg = trained
-    run = model_folder(a)
+    run, _ = finetune_run(a)
     cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(Path(a.log_dir))
     cfg.init_from, cfg.freeze_zeros = str(folder), a.method in ("magnitude", "wanda", "sparsegpt")
     cfg.max_steps, cfg.max_tokens, cfg.resume, cfg.overwrite = a.finetune_steps, None, False, True
@@ -177,10 +206,7 @@ def finetune(folder: Path, trained: TrainConfig | None, a) -> Path:
     cfg.eval_interval = cfg.ckpt_interval = a.finetune_steps
     cfg.device = a.device if a.device != "auto" else cfg.device
     train(cfg)
-    final = resolve_checkpoint(Path(cfg.out_dir) / cfg.name)
-    info = read_compression(folder) | {"finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr}
-    (final / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
-    return final
+    return resolve_checkpoint(Path(cfg.out_dir) / cfg.name)
 
 
 @dataclass
@@ -216,6 +242,8 @@ def main(argv=None):
     if a.method == "quantize" and a.finetune_steps:
         raise ValueError("fine-tune before quantizing: quantized weights are not trained here")
     check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
+    if a.finetune_steps:
+        check_finetune_run(a)
     return compress(a)
 
 
