@@ -322,8 +322,37 @@ def failure(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
 
 
+# Log lines of libraries that say nothing a user of this project can act on: torchao's kernels built for other
+# GPUs failing to load on this machine (it is imported by transformers whenever it is installed), torchao's use
+# of a torch API that torch has deprecated, and torch's ONNX exporter noting that torchvision (whose operators
+# these models never use) is absent. Only these exact messages are dropped; every other warning still shows.
+KNOWN_NOISE = {
+    "torchao": ("Failed to load",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
+}
+
+
+def silence_known_noise():
+    import logging
+
+    class KnownNoise(logging.Filter):
+        def __init__(self, phrases: tuple[str, ...]):
+            super().__init__()
+            self.phrases = phrases
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not any(p in record.getMessage() for p in self.phrases)
+
+    for name, phrases in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "KnownNoise" for f in logger.filters):
+            logger.addFilter(KnownNoise(phrases))
+
+
 def run_main(main, *args):
     """Run a command's ``main``; the errors our checks raise print as one line (no traceback) and exit 2."""
+    silence_known_noise()
     try:
         return main(*args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:

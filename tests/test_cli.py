@@ -110,3 +110,18 @@ def test_a_failure_is_one_line_even_without_a_message():
     assert failure(ValueError("first line\nsecond")) == "ValueError: first line"
     assert failure(AssertionError()) == "AssertionError"  # no message: the type alone, not an IndexError
     assert failure(RuntimeError("x" * 500), 200) == "RuntimeError: " + "x" * 200
+
+
+def test_only_known_noise_is_silenced(caplog):
+    import logging
+
+    from common.cli import silence_known_noise
+
+    silence_known_noise()
+    silence_known_noise()  # twice: one filter each
+    assert len(logging.getLogger("torchao").filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_cutlass_90a.abi3.so: Could not load")
+        logging.getLogger("torchao").warning("a torchao warning that matters")
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchvision is not installed. x")
+    assert [r.getMessage() for r in caplog.records] == ["a torchao warning that matters"]
