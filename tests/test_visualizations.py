@@ -221,6 +221,13 @@ def test_grouped_comparisons_state_only_what_the_tests_support(tmp_path):
     flops = next(c for c in comps if c["what"].startswith("val loss at matched training FLOPs"))
     assert flops["budget_flops"] == 3.2e6 * 1000  # the smaller of the two budgets
     write_grouped_table(rows, s.out)
+    import csv
+
+    table = {r["model"]: r for r in csv.DictReader((s.out / "table.csv").open())}
+    for column in ("ppl_mean", "bleu_mean", "rougeL_mean", "pass1_mean"):  # every figure of table.md, as numbers
+        assert table["ph3"][column] != "", column
+    assert float(table["ph3"]["ppl_mean"]) == pytest.approx(row["ph3"]["perplexity"]["mean"])
+    assert float(table["ph3"]["decode_ms_median"]) == pytest.approx(row["ph3"]["decode_ms"]["median"])
     report = write_report(s, rows, comps, {}, [], {}).read_text()
     assert "How to read this report" in report and "not distinguishable" in report and "**lower**" in report
     assert "no latency ranking is stated" in report

@@ -221,17 +221,28 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
         "seed per model, all models timed in one process in interleaved rounds. ROUGE-L: rouge-score's default "
         "tokenizer ([a-z0-9] words only). '-' = not measured."
     )
-    header = ["model", "seeds", "bpb_mean", "bpb_ci_low", "bpb_ci_high", "bpb_per_seed", "decode_ms_median"]
-    header += ["decode_ratio", "decode_ratio_ci_low", "decode_ratio_ci_high", "params", "n_layers", "per_head"]
-    header += ["compression", "flops_per_token", "epochs"]
+    # every figure of table.md, as numbers: quality as mean and 95% interval over seeds (bpb also per seed)
+    header = ["model", "seeds", "bpb_mean", "bpb_ci_low", "bpb_ci_high", "bpb_per_seed"]
+    header += [f"{k}_{part}" for k in ("ppl", "bleu", "rougeL", "pass1") for part in ("mean", "ci_low", "ci_high")]
+    header += ["decode_ms_median", "decode_ms_p10", "decode_ms_p90"]
+    header += ["decode_ratio", "decode_ratio_ci_low", "decode_ratio_ci_high", "j_per_token", "params", "n_layers"]
+    header += ["per_head", "compression", "flops_per_token", "epochs"]
     csv_rows = []
     for r in rows:
         b, d, q = r.get("bits_per_byte") or {}, r.get("decode_ms") or {}, r.get("decode_ratio") or {}
         seeds = " ".join(f"{v:.5f}" for v in b.get("values", []))
+        quality = []
+        for key in ("perplexity", "bleu", "rougeL", "pass@1"):
+            m = r.get(key) or {}
+            quality += [m.get("mean"), m.get("ci_low"), m.get("ci_high")]
+        energy = r.get("energy") or {}
+        joules = "unavailable" if energy.get("method") == "unavailable" else energy.get("median")
         csv_rows.append(
             [r["model"], r.get("seeds_measured"), b.get("mean"), b.get("ci_low"), b.get("ci_high"), seeds]
-            + [d.get("median"), q.get("median"), q.get("ci_low"), q.get("ci_high"), r.get("params")]
-            + [r.get("n_layers"), r.get("per_head"), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
+            + quality
+            + [d.get("median"), d.get("p10"), d.get("p90"), q.get("median"), q.get("ci_low"), q.get("ci_high")]
+            + [joules, r.get("params"), r.get("n_layers")]
+            + [r.get("per_head"), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
         )
     md_rows = [[_format(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
     return write_tables(out, note, [h for _, h in COLUMNS], md_rows, header, csv_rows)[0]
