@@ -122,6 +122,22 @@ class Study:
             out.append({"group": e.name, "seed": 0, "name": e.name, "kind": "external", "path": e.path})
         return out
 
+    def evaluation_set(self) -> list[str]:
+        """eval.perplexity options that select the text eval.quality scores (its --max-tokens, --stride and text
+        options): the checkpoints over training are scored on exactly that set, so the report has one."""
+        import eval.quality
+
+        q = apply_overrides(eval.quality.Args(checkpoint="x"), list(self.quality))
+        argv = [] if q.max_tokens is None else ["--max-tokens", str(q.max_tokens)]
+        argv += [] if q.stride is None else ["--stride", str(q.stride)]
+        t = q.text
+        for key in ("corpus", "hf_config", "heldout_of"):
+            if getattr(t, key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(getattr(t, key))]
+        if t.corpus is not None:
+            argv += ["--file-glob", t.file_glob, "--text-field", t.text_field, "--hf-split", t.hf_split]
+        return argv
+
     def heldout_reference(self) -> list[str]:
         """Extra evaluator arguments for external models: score the held-out text of the reference run's
         first seed, so they see the same text as the trained models (bits per byte compare across
@@ -155,6 +171,8 @@ SET_BY_STUDY = {
     "runs": ("--name", "--out-dir", "--log-dir", "--seed", "--resume", "--overwrite"),
     "compress": ("--checkpoint", "--out", "--log-dir"),
     "eval": ("--out",),
+    # the checkpoints over training are scored on eval.quality's text (Study.evaluation_set): one set per report
+    "over_training": ("--out", "--max-tokens", "--stride", "--corpus", "--heldout-of", "--file-glob", "--hf-config"),
 }
 
 
@@ -255,7 +273,7 @@ def check_study(s: Study, where: str):
         ("over_training", s.over_training, eval.perplexity.Args(checkpoint="x")),
         ("side_by_side", s.side_by_side, eval.side_by_side.Args(checkpoints=["x", "y"])),
     ):
-        parses(options, argv, f"[eval] {evaluator}", SET_BY_STUDY["eval"])
+        parses(options, argv, f"[eval] {evaluator}", SET_BY_STUDY.get(evaluator, SET_BY_STUDY["eval"]))
 
 
 def _is_runner(stem: str) -> bool:
@@ -536,7 +554,7 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
     for step, folder, state in points:
         target = out / f"{run_name}@step_{step}-perplexity.json"
         if not target.is_file():
-            run(["eval.perplexity", str(folder), "--out", str(target), *s.over_training, *extra])
+            run(["eval.perplexity", str(folder), "--out", str(target), *s.evaluation_set(), *s.over_training, *extra])
         r = json.loads(target.read_text())
         r |= {"run": run_name, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
         atomic_write(target, json.dumps(r, indent=2))
@@ -615,7 +633,9 @@ def build_outputs(s: Study) -> Path:
     atomic_write(s.out / "comparisons.json", json.dumps(comps, indent=2))
     trained = [m["run"] for m in s.members() if m["kind"] == "trained"]
     runs = load_runs(s.logs_dir, [r for r in trained if (Path(s.logs_dir) / r / "metrics.jsonl").is_file()])
-    figures = training_figures(runs) | grouped_tradeoff_figures(rows)
+    figures = training_figures(runs, timed_alone=s.workers == 1) | grouped_tradeoff_figures(rows)
+    if s.workers > 1:  # not drawn (see training_figures); one from an earlier build with one worker goes too
+        (s.out / "plots" / "training_costs.png").unlink(missing_ok=True)
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = json.loads(path.read_text())

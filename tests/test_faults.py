@@ -580,6 +580,10 @@ args = ["--method", "magnitude"]
         ),
         (('name = "s"', 'name = "s"\n[[external]]\nname = "e"\npath = "/etc"'), "/etc is not a model folder"),
         (('name = "s"', 'name = "s\n'), "not a TOML file"),
+        (
+            ('name = "s"', 'name = "s"\n[eval]\nover_training = ["--max-tokens", "9"]'),
+            "--max-tokens is set by the study",
+        ),
     ],
 )
 def test_a_bad_study_file_is_one_line_before_anything_runs(tmp_path, capsys, edit, message):

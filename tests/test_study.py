@@ -216,3 +216,25 @@ def test_every_command_of_the_shipped_studies_parses(toml):
     parse_args(EfficiencyArgs(), ["x", *s.efficiency])
     parse_args(PerplexityArgs(), ["x", *s.over_training])
     assert len(plan(s)) >= len(s.runs) + len(s.compress)
+
+
+def test_checkpoints_over_training_are_scored_on_the_quality_evaluation_set(study, tmp_path):
+    from pathlib import Path
+
+    from runners.study import over_training
+
+    study.quality = ["--max-tokens", "4000", "--stride", "64", "--n-docs", "2"]
+    assert study.evaluation_set() == ["--max-tokens", "4000", "--stride", "64"]
+    step = Path(study.checkpoints_dir) / "r1" / "step_2"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"tokens": 100}))
+    ran = []
+
+    def fake_run(cmd):
+        ran.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"perplexity": 9.0}))
+
+    over_training(study, "r1", fake_run)
+    assert ran[0][-4:] == ["--max-tokens", "4000", "--stride", "64"]

@@ -143,21 +143,24 @@ def test_compression_labels():
     assert compression_label(q) == "wanda 50% + int8-dynamic"
 
 
-def _fake_study(tmp_path, bpb: dict, decode: dict):
-    """A study folder as runners.study leaves it: members, per-seed quality, run logs, side-by-side latency."""
+def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
+    """A study folder as runners.study leaves it: members, per-seed quality, run logs, side-by-side latency.
+    Groups are named <kind><layers> (base4, ph3, base3): ph is per-head."""
     from runners.study import RunSpec, Study
 
     s = Study(
         name="s",
-        runs=[RunSpec("tiny", "base4"), RunSpec("tiny", "ph3")],
+        runs=[RunSpec("tiny", g) for g in bpb],
         seeds=3,
         checkpoints_dir=str(tmp_path / "ck"),
         logs_dir=str(tmp_path / "logs"),
         results_dir=str(tmp_path / "res"),
+        workers=workers,
     )
     (s.out / "evals").mkdir(parents=True)
     (s.out / "members.json").write_text(json.dumps(s.members()))
-    layers, flops = {"base4": 4, "ph3": 3}, {"base4": 4.0e6, "ph3": 3.2e6}
+    layers = {g: int(g[-1]) for g in bpb}
+    flops = {"base4": 4.0e6, "ph3": 3.2e6, "base3": 3.0e6}
     for m in s.members():
         g, k = m["group"], m["seed"]
         quality = {
@@ -165,7 +168,7 @@ def _fake_study(tmp_path, bpb: dict, decode: dict):
             "model": m["name"],
             "params": 1000,
             "n_layers": layers[g],
-            "per_head": g == "ph3",
+            "per_head": g.startswith("ph"),
             "compression": None,
             "perplexity": {"bits_per_byte": bpb[g][k], "perplexity": 2 ** bpb[g][k]},
             "continuation": {"bleu": 1.0, "rougeL": 2.0, "rougeL_code": 3.0},
@@ -177,7 +180,7 @@ def _fake_study(tmp_path, bpb: dict, decode: dict):
         summary = {"flops_per_token": flops[g], "tokens": 1000, "epochs": 0.5, "train_time_s": 10.0 + k}
         (log / "summary.json").write_text(json.dumps(summary))
         val = [
-            {"step": st, "tokens": 250 * st, "val_loss": 5.0 - st * (0.5 if g == "ph3" else 0.4) - 0.01 * k}
+            {"step": st, "tokens": 250 * st, "val_loss": 5.0 - st * (0.5 if g.startswith("ph") else 0.4) - 0.01 * k}
             for st in (1, 2, 3, 4)
         ]
         (log / "val.jsonl").write_text("".join(json.dumps(v) + "\n" for v in val))
@@ -282,3 +285,54 @@ def test_compare_and_tradeoffs_read_a_folder_of_every_result_kind(trained_checkp
     assert float(row["decode_ms"]) > 0
     tradeoffs_main(["results", "--out", "plots"])
     assert (tmp_path / "plots" / "tradeoff_decode_ms.png").stat().st_size > 1000
+
+
+def test_the_report_says_what_was_evaluated_and_what_it_cannot_answer(tmp_path):
+    from visualizations.grouped import comparisons, group_rows, write_grouped_table
+    from visualizations.report import write_report
+
+    # the 3-block baseline no better than the 4-block one: depth has not paid, so the per-head question is open
+    s = _fake_study(
+        tmp_path,
+        bpb={"base4": [2.00, 2.02, 2.01], "base3": [2.00, 2.01, 2.02], "ph3": [1.99, 2.00, 2.01]},
+        decode={"base4": [1.0, 1.1, 0.9], "base3": [0.8, 0.9, 0.85], "ph3": [0.9, 0.95, 0.92]},
+        workers=2,
+    )
+    for path in (s.out / "evals").glob("*-quality.json"):  # what eval.quality records about its evaluation set
+        q = json.loads(path.read_text())
+        q["device"] = "cpu: x86_64 (1 threads)"
+        q["perplexity"] |= {"tokens_scored": 40000, "source": "held-out split", "context": 256, "stride": 128}
+        q["continuation"] |= {"pairs": 8, "prompt_tokens": 128, "continuation_tokens": 64}
+        q["humaneval"] = {"pass": {"pass@1": 0.0, "problems": 8, "samples_per_problem": 1, "timeout_s": 3.0}}
+        path.write_text(json.dumps(q))
+    side = json.loads((s.out / "side_by_side.json").read_text())
+    side |= {"device": "cpu: x86_64 (2 threads)", "rounds": 3, "n_tokens": 16, "context": 128, "prompt_len": 128}
+    (s.out / "side_by_side.json").write_text(json.dumps(side | {"batch": 1, "mode": "eager"}))
+    rows = group_rows(s.out, Path(s.logs_dir))
+    comps = comparisons(rows, Path(s.logs_dir))
+    depth = [c for c in comps if c.get("depth_check")]
+    assert [(c["a"], c["b"]) for c in depth] == [("base4", "base3")]
+    write_grouped_table(rows, s.out)
+    report = write_report(s, rows, comps, {}, [], {}).read_text()
+    assert "40,000 held-out tokens" in report and "8 of the 164 problems" in report and "8 held-out documents" in report
+    assert "3 interleaved rounds; decode of 16 tokens after a context of 128" in report
+    assert "(1 threads)" not in report.split("\n")[2]  # the header names the machine, then each step's threads
+    assert "1 thread(s) each, 2 step(s) at once" in report and "timed alone with 2 thread(s)" in report
+    assert "Depth has not paid yet" in report and "cannot say whether per-head layers" in report
+    assert "† Taken with up to 2 steps" in report
+
+
+def test_matched_tokens_is_said_only_when_the_tokens_match(tmp_path):
+    from visualizations.grouped import comparisons, group_rows
+
+    s = _fake_study(
+        tmp_path, bpb={"base4": [2.0, 2.1, 2.05], "ph3": [1.9, 2.0, 1.95]}, decode={"base4": [1.0], "ph3": [1.0]}
+    )
+    summary = Path(s.logs_dir) / "ph3-s0" / "summary.json"
+    for seed in range(3):
+        path = Path(s.logs_dir) / f"ph3-s{seed}" / "summary.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"tokens": 2000}))
+    assert summary.is_file()
+    comps = comparisons(group_rows(s.out, Path(s.logs_dir)), Path(s.logs_dir))
+    bpb = next(c for c in comps if c["what"].startswith("bits per byte"))
+    assert bpb["what"] == "bits per byte (tokens differ: 2000 vs 1000)"

@@ -102,6 +102,20 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
     by_name = {r["model"]: r for r in rows}
     depth = {r["model"]: r.get("n_layers") or 0 for r in rows}
     out = []
+    # Does depth pay at all here? Each trained baseline against the next shallower one: where the deeper is not
+    # better, the study cannot speak to whether per-head layers replace blocks (the report says so).
+    plain = sorted(
+        (r for r in rows if r["kind"] == "trained" and not r.get("per_head") and r.get("bits_per_byte")),
+        key=lambda r: depth[r["model"]],
+    )
+    for shallow, deep in zip(plain, plain[1:], strict=False):
+        if depth[deep["model"]] > depth[shallow["model"]]:
+            a, b = deep["bits_per_byte"], shallow["bits_per_byte"]
+            out.append(
+                {"a": deep["model"], "b": shallow["model"], "depth_check": True}
+                | {"what": "bits per byte, deeper vs shallower baseline", "a_stat": a, "b_stat": b}
+                | welch(a["values"], b["values"])
+            )
     for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
         for other in rows:
             if other is ph or other.get("per_head"):
@@ -113,10 +127,12 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             # an external model is one model (no seeds): shown in the table, not tested for quality
             if ph.get("bits_per_byte") and other.get("bits_per_byte") and other["kind"] != "external":
                 a, b = ph["bits_per_byte"]["values"], other["bits_per_byte"]["values"]
+                tokens = (ph.get("train_tokens"), base.get("train_tokens"))
+                matched = "matched tokens" if tokens[0] == tokens[1] else f"tokens differ: {tokens[0]} vs {tokens[1]}"
                 out.append(
                     pair
                     | {
-                        "what": "bits per byte (matched tokens)",
+                        "what": f"bits per byte ({matched})",
                         "a_stat": ph["bits_per_byte"],
                         "b_stat": other["bits_per_byte"],
                     }

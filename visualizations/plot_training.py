@@ -99,8 +99,13 @@ def over_training(points: dict[str, list[dict]], key: str = "perplexity", label:
     return fig
 
 
-def training_figures(runs: dict[str, dict]) -> dict:
-    return {"training_curves.png": training_curves(runs), "training_costs.png": training_costs(runs)}
+def training_figures(runs: dict[str, dict], timed_alone: bool = True) -> dict:
+    """The loss curves, and the training times and throughputs where the runs had the machine to themselves
+    (timed beside other runs, those figures measure the machine's load, not the models)."""
+    figures = {"training_curves.png": training_curves(runs)}
+    if timed_alone:
+        figures["training_costs.png"] = training_costs(runs)
+    return figures
 
 
 @dataclass

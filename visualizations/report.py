@@ -7,6 +7,7 @@ measured. Written by ``python -m runners.study``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -28,17 +29,91 @@ every run of the study saw the same number of training tokens. Matched FLOPs: ea
 read off its curve at the smaller of the two runs' training FLOP budgets (FLOPs per token x tokens)."""
 
 
+def _first(paths) -> dict | None:
+    for path in paths:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _machine(device: str | None) -> str:
+    """The device without the thread count run_metadata appends: threads differ per step (_threads says)."""
+    return re.sub(r" \(\d+ threads\)$", "", device or "unknown device")
+
+
+def _threads(quality: dict | None, side: dict | None, workers: int) -> str:
+    def n(r):
+        m = re.search(r"\((\d+) threads\)", (r or {}).get("device", ""))
+        return m.group(1) if m else "?"
+
+    parts = []
+    if quality:
+        parts.append(f"quality evaluations ran with {n(quality)} thread(s) each, {workers} step(s) at once")
+    if side:
+        parts.append(f"latency was timed alone with {n(side)} thread(s)")
+    return ("; ".join(parts) + ".") if parts else ""
+
+
+def evaluation_sizes(quality: dict | None, side: dict | None) -> list[str]:
+    """What every figure of the report was measured on, read from the results (one set for the whole report)."""
+    out = []
+    if quality:
+        ppl, cont, he = quality.get("perplexity", {}), quality.get("continuation", {}), quality.get("humaneval", {})
+        passed = he.get("pass", {})
+        out += [
+            f"- Perplexity and bits per byte: {_num(ppl.get('tokens_scored'), ',')} held-out tokens "
+            f"({ppl.get('source', '?')}), windows of {ppl.get('context', '?')} tokens every {ppl.get('stride', '?')}; "
+            "the same text for every model and every checkpoint.",
+            f"- Continuations (BLEU, ROUGE-L): {cont.get('pairs', '?')} held-out documents, prompted with their first "
+            f"{cont.get('prompt_tokens', '?')} tokens, scored against the next {cont.get('continuation_tokens', '?')}.",
+            f"- HumanEval: {passed.get('problems', '?')} of the 164 problems, {passed.get('samples_per_problem', '?')} "
+            f"sample(s) each, {he.get('max_new_tokens', '?')} new tokens, {passed.get('timeout_s', '?')} s per program;"
+            f" pass@1 over {passed.get('problems', '?')} problems moves in steps of "
+            f"{1 / max(1, passed.get('problems') or 1):.3f}.",
+        ]
+    if side:
+        out.append(
+            f"- Latency: {side.get('rounds', '?')} interleaved rounds; decode of {side.get('n_tokens', '?')} tokens "
+            f"after a context of {side.get('context', '?')}, prefill of {side.get('prompt_len', '?')} tokens, "
+            f"batch {side.get('batch', '?')}, {side.get('mode', '?')} mode."
+        )
+    return out or ["- (no evaluation results yet)"]
+
+
+def depth_caveat(comps: list[dict], rows: list[dict]) -> list[str]:
+    """Where a deeper baseline is not distinguishably better than a shallower one, the study cannot say whether
+    per-head layers let a model use fewer blocks: depth itself has not paid yet at this training length."""
+    epochs = {r["model"]: r.get("epochs") for r in rows}
+    out = []
+    for c in comps:
+        if c.get("depth_check") and not (c.get("distinguishable") and c.get("diff", 0) < 0):
+            e = epochs.get(c["a"])
+            out.append(
+                f"- Depth has not paid yet: the deeper baseline {c['a']} is not distinguishably better than "
+                f"{c['b']} in bits per byte"
+                + (f" after {e:.2f} epochs of training" if isinstance(e, float) else "")
+                + ". Until it is, this study cannot say whether per-head layers let a model use fewer blocks; "
+                "train longer (more steps or tokens) before reading the per-head comparisons as an answer."
+            )
+    return out
+
+
 def write_report(
     study, rows: list[dict], comps: list[dict], runs: dict[str, dict], figures: list[str], over_training: dict
 ) -> Path:
     out = study.out
-    first = next(iter(sorted((out / "evals").glob("*.json"))), None)  # any result names the device and commit
-    meta = json.loads(first.read_text()) if first else {}
+    quality = _first(sorted((out / "evals").glob("*-quality.json")))
+    side = _first([out / "side_by_side.json"])
+    meta = quality or side or {}
+    shared = study.workers > 1  # steps ran several at once: their wall-clock times share the machine
     lines = [
         f"# Study `{study.name}`",
         "",
-        f"Measured on {meta.get('device', 'unknown device')}, torch {meta.get('torch_version', '?')}, commit "
-        f"`{str(meta.get('git_commit', '?'))[:12]}`; report written {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Measured on {_machine(meta.get('device'))}, torch {meta.get('torch_version', '?')}, commit "
+        f"`{str(meta.get('git_commit', '?'))[:12]}`; report written {time.strftime('%Y-%m-%d %H:%M')}. "
+        + _threads(quality, side, study.workers),
         "",
         "Does a per-head model with fewer blocks match deeper baselines and their compressed versions on "
         "quality, latency and energy? Every figure below was measured by the commands of this study; "
@@ -46,10 +121,14 @@ def write_report(
         "",
         HOW_TO_READ,
         "",
+        "## What was evaluated",
+        "",
+        *evaluation_sizes(quality, side),
+        "",
         "## Training runs",
         "",
-        "| run | runner arguments | params | layers | per-head | train FLOPs/token | tokens | epochs | time (s) "
-        "| tokens/s | final val loss | unigram val loss |",
+        "| run | runner arguments | params | layers | per-head | train FLOPs/token | tokens | epochs | "
+        f"time (s){' †' if shared else ''} | tokens/s{' †' if shared else ''} | final val loss | unigram val loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     specs = {m["name"]: m for m in study.members() if m["kind"] == "trained"}
@@ -65,6 +144,13 @@ def write_report(
             f"{_num(s.get('train_time_s'), '.0f')} | {_num(s.get('tokens_per_s'), ',.0f')} | "
             f"{_num(s.get('final_val_loss'), '.4f')} | {_num(s.get('unigram_val_loss'), '.4f')} |"
         )
+    if shared:
+        lines += [
+            "",
+            f"† Taken with up to {study.workers} steps of the study running at once on this machine: the runs' "
+            "times and throughputs say how busy the machine was, not how fast the models train (runs of equal "
+            "cost can differ by half). They are not plotted; bench.train_throughput times models side by side.",
+        ]
     if study.compress:
         lines += [
             "",
@@ -78,6 +164,7 @@ def write_report(
         "- (nothing to compare: each per-head model is compared with the baselines at least as deep, trained or "
         "compressed from one, and this study has no such pair)"
     ]
+    lines += depth_caveat(comps, rows)
     latency = [c for c in comps if "ratio" in c]
     if latency and not any(c.get("distinguishable") for c in latency):
         lines.append(
@@ -97,7 +184,8 @@ def write_report(
         "(median, p10-p90 over interleaved rounds).",
         "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
         "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
-        "over_training.png": "Held-out perplexity of periodic checkpoints against training tokens.",
+        "over_training.png": "Held-out perplexity of periodic checkpoints against training tokens, on the "
+        "evaluation set of the table.",
     }
     lines += ["", "## Figures", ""]
     for f in figures:
@@ -105,6 +193,9 @@ def write_report(
     if over_training:
         lines += [
             "## Checkpoints over training",
+            "",
+            "Scored on the same held-out text as the table (the study passes eval.quality's --max-tokens and text "
+            "options to each checkpoint's eval.perplexity), so the last checkpoint's figures are the table's.",
             "",
             "| run | step | tokens | perplexity | bits per byte | training energy (J) |",
             "|---|---|---|---|---|---|",

@@ -87,7 +87,6 @@ args = ["--method", "drop-last", "--layers", "1"]
 [eval]
 quality = ["--max-tokens", "2000", "--n-docs", "2", "--humaneval-limit", "2", "--max-new-tokens", "8"]
 side_by_side = ["--rounds", "3", "--context", "16", "--prompt-len", "16", "--n-tokens", "2"]
-over_training = ["--max-tokens", "2000"]
 EOF
   results=$work/results
 else
