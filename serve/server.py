@@ -106,13 +106,17 @@ def load_served(
     n_check = max(1, min(16, S // 4))  # new tokens compared per check prompt; prompts cut to leave room
     prompts = [ev.tokenizer.encode(p)[-(S - n_check) :] for p in CHECK_PROMPTS]
     decoders, unavailable = {}, {}
-    for name in engines:
+    for name in engines:  # exports and compilation take most of the start-up: each says what it is doing
+        t0 = time.perf_counter()
+        print(f"engine {name}: building and checking against eager decoding ...", flush=True)
         try:
             decoder = build_decoder(name, ev.model, ev.device, workdir)
             check(decoder, ev.model, prompts, n_check)
             decoders[name] = decoder
+            print(f"engine {name}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         except Exception as e:  # reported on /health and in every answer, never hidden
             unavailable[name] = failure(e, 200)
+            print(f"engine {name}: not served ({unavailable[name]})", flush=True)
     if not decoders:
         raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
