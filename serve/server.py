@@ -340,8 +340,6 @@ def main(argv=None):
         raise ValueError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
     served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir)
     print(f"serving {served.ev.name} with {', '.join(served.decoders)} on http://{a.host}:{a.port}")
-    for name, why in served.unavailable.items():
-        print(f"  not served: {name}: {why}")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
 
