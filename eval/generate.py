@@ -45,11 +45,31 @@ def complete(
 ) -> list[list[str]]:
     """``n_samples`` continuations of each prompt (texts of the new tokens, up to and including a stop string)."""
     tok = ev.tokenizer
-    batch_size = ev.batch_size(batch_size)
     encoded = [fit_prompt(tok.encode(p, bos=True), ev.model.params.max_seq_len, max_new_tokens) for p in prompts]
+    new = generate_ids(
+        ev, encoded, max_new_tokens, temperature, top_p, stop_strings, batch_size, n_samples, seed, progress
+    )
+    return [[tok.decode(ids) for ids in samples] for samples in new]
+
+
+def generate_ids(
+    ev: Evaluated,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    stop_strings: list[str] | None = None,
+    batch_size: int = 8,
+    n_samples: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[list[list[int]]]:
+    """``n_samples`` lists of new token ids for each already-encoded prompt, batched by length."""
+    tok = ev.tokenizer
+    batch_size = ev.batch_size(batch_size)
     stop = stop_check(tok, stop_strings)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    out: list[list[str]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    out: list[list[list[int]]] = [[] for _ in prompts]
     gen = torch.Generator(device=ev.device).manual_seed(seed)
     total = n_samples * len(prompts)
     with tqdm(total=total, desc="generate", unit="seq", disable=not progress) as bar, ev.autocast():
@@ -58,7 +78,7 @@ def complete(
                 idx = order[b : b + batch_size]
                 new = generate(
                     ev.model,
-                    [encoded[i] for i in idx],
+                    [prompts[i] for i in idx],
                     max_new_tokens,
                     temperature=temperature,
                     top_p=top_p,
@@ -67,7 +87,7 @@ def complete(
                     generator=gen,
                 )
                 for i, ids in zip(idx, new, strict=True):
-                    out[i].append(tok.decode(ids))
+                    out[i].append(ids)
                 bar.update(len(idx))
     return out
 

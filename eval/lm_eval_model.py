@@ -2,40 +2,47 @@
 
     python -m eval.lm_eval_cli run --model perhead-llama --model_args checkpoint=checkpoints/tiny \\
         --tasks my_task --include_path my_tasks/ --device cpu --limit 50
+    python -m eval.lm_eval_cli run --model hf --model_args pretrained=hf/pythia-160m ...   # lm-eval's own, beside it
 
-is lm-eval's own command line (``lm_eval run ...``) with the model ``perhead-llama`` registered first (by
-importing this module); every harness option works. ``--device`` goes to the harness's option, not into
-``--model_args``. ``python -m eval.harness`` runs tasks one at a time through the same adapter and records
-each task's time and energy.
+is lm-eval's own command line (``lm_eval run ...``) with the model ``perhead-llama`` registered beside every
+model lm-eval registers itself; every harness option works. ``--device`` goes to the harness's option, not
+into ``--model_args``. ``python -m eval.harness`` runs tasks one at a time through the same adapter and
+records each task's time and energy.
 
-The three request types follow lm-eval's HFLM, so scores compare with its numbers for the same model:
-- ``loglikelihood(context, continuation)``: trailing spaces of the context move to the continuation, the
-  pair is encoded whole and the continuation is the tokens after the context's (HFLM's ``_encode_pair``);
-  an empty context is replaced by the prefix token; no BOS is added (HFLM's ``add_bos_token=False``); the
-  input is cut to the last ``max_length`` tokens.
-- ``loglikelihood_rolling(text)``: disjoint rolling windows after the prefix token (eval.perplexity's
-  ``document_nll``, the same windows as lm-eval's ``get_rolling_token_windows``).
-- ``generate_until(context, gen_kwargs)``: eval.generate's batched generation, cut at the first stop string.
+The adapter is lm-eval's ``TemplateLM`` (its ``loglikelihood`` and ``_encode_pair``: empty contexts, trailing
+spaces) with what its ``hf`` model (HFLM) does for the rest, so the figures equal HFLM's for the same model:
+- tokens: HFLM's ``tok_encode``: ``add_bos_token`` unset means the tokenizer's own default (a Llama tokenizer
+  and this project's put ``<s>`` first, GPT-2/NeoX/Starcoder2 put nothing), True/False force it, and a text
+  that already starts with the BOS string gets no second one;
+- ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, right-padded in batches;
+- ``loglikelihood_rolling``: lm-eval's own ``get_rolling_token_windows`` + ``make_disjoint_window`` over the
+  document as ``tok_encode`` gives it, after the prefix token (BOS, else EOS);
+- ``generate_until``: the context encoded as above and cut from the left to ``max_length - max_gen_toks``,
+  greedy or sampled decoding of ``max_gen_toks`` tokens, stopped at EOS, and the text cut at the first stop
+  string, EOS's text included (``handle_stop_sequences``, ``postprocess_generated_text``).
 """
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models: registering ours must not hide them)
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
 from common.cli import UserError
-from eval.generate import complete, cut_at_stops
+from eval.generate import generate_ids
 from eval.model import load_for_eval
-from eval.perplexity import document_nll
+from eval.perplexity import hflm_tokens
 
 MODEL_NAME = "perhead-llama"
 
 
 @register_model(MODEL_NAME)
-class ProjectLM(LM):
+class ProjectLM(TemplateLM):
     def __init__(
         self,
         checkpoint: str,
@@ -43,6 +50,8 @@ class ProjectLM(LM):
         dtype: str = "auto",
         batch_size: int | str = 8,
         max_length: int | None = None,
+        add_bos_token: bool | None = None,
+        max_gen_toks: int = 256,
         max_batch_size: int | None = None,  # lm-eval passes it to every model; batches here are fixed
         **unknown,
     ):
@@ -50,36 +59,40 @@ class ProjectLM(LM):
         if unknown:
             raise UserError(
                 f"unknown --model_args key(s) {sorted(unknown)}; {MODEL_NAME} takes checkpoint, device, dtype, "
-                "batch_size, max_length"
+                "batch_size, max_length, add_bos_token, max_gen_toks"
             )
         self.ev = load_for_eval(checkpoint, "auto" if device in (None, "") else device, dtype)
         self.max_length = int(max_length or self.ev.model.params.max_seq_len)
+        # lm-eval passes model_args as strings ("True"); HFLM reads them the same way
+        self.add_bos_token = None if add_bos_token in (None, "None") else str(add_bos_token).lower() == "true"
+        self.max_gen_toks = int(max_gen_toks)
         # one sequence at a time where a quantization scheme makes results depend on the batch (eval/model.py)
         self.batch_size = self.ev.batch_size(8 if str(batch_size).startswith("auto") else int(batch_size))
         self.requests = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}  # served, by type
 
-    # -- encoding ----------------------------------------------------------------------------------------
-    def tok_encode(self, text: str) -> list[int]:
-        return self.ev.tokenizer.encode(text, bos=False)
+    # -- tokens, as HFLM makes them ------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.ev.tokenizer.eos_id
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if not context:
-            return [self.ev.tokenizer.bos_id], self.tok_encode(continuation)
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
-        return ctx, whole[len(ctx) :]
+    @property
+    def prefix_token_id(self) -> int:
+        return self.ev.tokenizer.bos_id  # BOS where the tokenizer has one, else EOS (HFTokenizer.bos_id)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return hflm_tokens(self.ev.tokenizer, string, add_special_tokens, self.add_bos_token)
 
     # -- the three request types ------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self.requests["loglikelihood"] += len(requests)
+        return super().loglikelihood(requests, disable_tqdm)
+
     @torch.no_grad()
-    def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per pair."""
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request
+        ((texts), context tokens, continuation tokens)."""
         model, device = self.ev.model, self.ev.device
-        rows = []
-        for ctx, cont in pairs:
-            full = (ctx + cont)[-(self.max_length + 1) :]
-            rows.append((full[:-1], len(cont)))
+        rows = [((ctx + cont)[-(self.max_length + 1) :][:-1], cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
         for b in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", disable=len(order) < 64):
@@ -91,37 +104,40 @@ class ProjectLM(LM):
             with self.ev.autocast():
                 logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
             for j, i in enumerate(idx):
-                inp, n = rows[i]
-                cont = torch.tensor(pairs[i][1][-n:], device=device)
-                lp = logp[j, len(inp) - n : len(inp)]
-                out[i] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+                inp, cont = rows[i]
+                target = torch.tensor(cont, device=device)
+                lp = logp[j, len(inp) - len(cont) : len(inp)]
+                out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return out
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        self.requests["loglikelihood"] += len(requests)
-        return self.loglikelihood_tokens([self.encode_pair(*r.args) for r in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         self.requests["loglikelihood_rolling"] += len(requests)
-        docs = [self.tok_encode(r.args[0]) for r in requests]
-        with torch.no_grad():
-            nll = document_nll(self.ev.model, docs, self.ev.tokenizer.bos_id, self.max_length, self.ev.autocast())
-        return [-x for x in nll]
+        out = []
+        for (text,) in (r.args for r in requests):
+            windows = [
+                (None, *lm_utils.make_disjoint_window(w))
+                for w in lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            out.append(sum(ll for ll, _ in self._loglikelihood_tokens(windows)))
+        return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self.requests["generate_until"] += len(requests)
+        eos = self.ev.tokenizer.special_text(self.eot_token_id)
         out = []
-        for r in requests:  # one at a time: each request carries its own stop strings and length
-            context, kw = r.args
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            text = complete(
-                self.ev,
-                [context],
-                int(kw.get("max_gen_toks", 256)),
-                temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
-                stop_strings=until,
-                progress=False,
-            )[0][0]
-            out.append(cut_at_stops(text, until))
+        for context, gen_kwargs in (r.args for r in requests):  # each request has its own stops and length
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if max_gen_toks >= self.max_length:
+                raise UserError(f"max_gen_toks {max_gen_toks} must be below the model's length {self.max_length}")
+            ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :]
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            [new] = generate_ids(self.ev, [ids], max_gen_toks, temperature, kwargs.get("top_p"), until)[0]
+            out.append(postprocess_generated_text(self.ev.tokenizer.decode(new), stop=until, think_end_token=None))
         return out

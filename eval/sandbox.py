@@ -190,7 +190,7 @@ def _tail(f) -> str:
     return f.read().decode(errors="replace")
 
 
-def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
+def run_program(program: str, timeout_s: float = 3.0, memory_mb: int = 1024) -> ExecResult:
     """Run ``program`` in the sandbox; passed means it ran to its end and exited 0 within the limits."""
     with tempfile.TemporaryDirectory(prefix="humaneval-") as d:
         d = Path(d)

@@ -1,4 +1,5 @@
-"""Export a model to the Hugging Face transformers Llama format (config.json + safetensors) and import one.
+"""Export a model to the Hugging Face transformers Llama format (a complete model folder: config, weights,
+generation config, tokenizer) and import one.
 
     python -m llama.convert export checkpoints/<run>/step_N  hf_out/
     python -m llama.convert import hf_dir/  our_model/
@@ -10,6 +11,7 @@ by a permutation of the rows of wq and wk (the same one HF's convert_llama_weigh
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from common.cli import parse_args, positional, run_main
 from common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
+from llama.model_io import TOKENIZER_FILE, load_model, resolve_checkpoint, save_model
+from llama.tokenizer import BOS_ID, EOS_ID
 
 # our name -> HF name, for every layer; the attention projections of q and k are also permuted
 _LAYER_NAMES = {
@@ -91,19 +95,44 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
         "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     return config, out
 
 
-def export_hf(model: Transformer, out_dir: str | Path) -> Path:
+def export_hf(model: Transformer, out_dir: str | Path, tokenizer: Path | None = None) -> Path:
+    """A Hugging Face Llama folder: config.json, model.safetensors, generation_config.json and, given this
+    project's ``tokenizer`` (its tokenizer.model), tokenizer files that AutoTokenizer loads and that give this
+    project's token ids, <s> included (hf_tokenizer), plus the tokenizer.model itself for importing back."""
     config, sd = to_hf(model)
     with atomic_dir(out_dir, owner="llama.convert export") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if tokenizer is not None:
+            hf_tokenizer(tokenizer).save_pretrained(str(tmp))
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return Path(out_dir)
+
+
+def hf_tokenizer(model_file: Path):
+    """This project's SentencePiece model as transformers' LlamaTokenizer (tokenizers backend, converted from
+    the .model file by transformers itself) with this project's conventions: no space prepended, <s> before
+    every text, and "<s>"/"</s>"/"<unk>" written in a text tokenized as text (split_special_tokens), as
+    SentencePiece does. One difference remains: SentencePiece reads a literal U+2581 as a space, which
+    this project's tokenizer avoids by encoding it as bytes (llama/tokenizer.py); the export reads it as a space."""
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as d:  # transformers converts a folder's tokenizer.model
+        shutil.copyfile(model_file, Path(d) / TOKENIZER_FILE)
+        return LlamaTokenizer.from_pretrained(
+            d, add_prefix_space=False, add_bos_token=True, add_eos_token=False, split_special_tokens=True
+        )
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
@@ -157,6 +186,12 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     return from_hf(json.loads((d / "config.json").read_text()), sd)
 
 
+def import_tokenizer(hf_dir: str | Path) -> Path | None:
+    """The SentencePiece model a Llama folder carries (an export of this project's, Meta's Llama-2), if any."""
+    path = Path(hf_dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
 @dataclass
 class Args:
     direction: Literal["export", "import"] = positional()  # export: ours -> HF; import: HF -> ours
@@ -165,13 +200,13 @@ class Args:
 
 
 def main(argv: list[str] | None = None):
-    from llama.model_io import load_model, save_model  # the one model-folder loader
-
     a = parse_args(Args(), argv)
     if a.direction == "export":
-        print(export_hf(load_model(a.source), a.target))
+        source = resolve_checkpoint(a.source)
+        tokenizer = source / TOKENIZER_FILE if (source / TOKENIZER_FILE).is_file() else None
+        print(export_hf(load_model(source), a.target, tokenizer))
     else:
-        print(save_model(import_hf(a.source), a.target, owner="llama.convert import"))
+        print(save_model(import_hf(a.source), a.target, import_tokenizer(a.source), owner="llama.convert import"))
 
 
 if __name__ == "__main__":

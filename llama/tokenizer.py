@@ -72,6 +72,10 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def special_text(self, i: int) -> str:
+        """The text of one token, special ones included ("<s>", "</s>"), as a Hugging Face tokenizer decodes it."""
+        return self.id_to_piece(i) if self.sp.is_control(int(i)) else self.decode([i])
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes of text each token stands for: 1 for a byte-fallback token, 0 for <unk>/<s>/</s>."""
         out = np.zeros(self.vocab_size, dtype=np.int64)

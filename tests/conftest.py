@@ -112,3 +112,23 @@ def sandbox():
         return sandbox_info()
     except SandboxUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """A random-weight Hugging Face folder of each supported architecture, with a tokenizer trained here."""
+    from tests.hf_models import ARCHITECTURES, make_hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: make_hf_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def trained_baseline(tmp_path_factory, make_config):
+    """A plain Llama (no per-head layers) trained for 30 steps, context 64: what llama.convert can export."""
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("baseline")
+    model = ModelArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=64)
+    train(make_config(root, model=model, seq_len=64, max_steps=30, ckpt_interval=30, eval_interval=30))
+    return root / "ckpt" / "t"

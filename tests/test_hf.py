@@ -17,16 +17,10 @@ from eval.hf import load_hf
 from eval.model import load_for_eval
 from eval.perplexity import document_nll, evaluate_perplexity
 from llama.generation import generate
-from tests.hf_models import ARCHITECTURES, make_hf_model
+from tests.hf_models import ARCHITECTURES
 from training.config import DataConfig
 
 TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"
-
-
-@pytest.fixture(scope="session")
-def hf_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    return {arch: make_hf_model(arch, root / arch) for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")
@@ -292,7 +286,10 @@ def test_lm_eval_adapter_loglikelihoods_equal_the_model_own(hf_models, trained_c
     got = lm.loglikelihood([_Request(*p) for p in pairs])
     tok, model = lm.ev.tokenizer, lm.ev.model
     for (context, continuation), (logp, greedy) in zip(pairs, got, strict=True):
-        ctx, cont = lm.encode_pair(context, continuation)
+        if context:
+            ctx, cont = lm._encode_pair(context, continuation)
+        else:  # lm-eval's rule for an empty context: the prefix token stands for it
+            ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
         ids = torch.tensor([ctx + cont])
         with torch.no_grad():
             lp = F.log_softmax(model(ids[:, :-1]).float(), -1)[0, len(ctx) - 1 :]
@@ -301,7 +298,7 @@ def test_lm_eval_adapter_loglikelihoods_equal_the_model_own(hf_models, trained_c
         assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
     short = "import os\nprint(os.sep)\n"  # one window: shorter than every model's context
     [rolling] = lm.loglikelihood_rolling([_Request(short)])
-    doc = tok.encode(short, bos=False)
+    doc = lm.tok_encode(short)  # as HFLM encodes a document: the tokenizer's default (<s> first for Llama's)
     assert len(doc) < lm.max_length
     with torch.no_grad():
         lp = F.log_softmax(model(torch.tensor([[tok.bos_id, *doc[:-1]]])).float(), -1)[0]

