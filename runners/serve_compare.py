@@ -37,7 +37,13 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) ->
     import httpx
 
     deadline = time.monotonic() + timeout_s
+    shown = 0
     while time.monotonic() < deadline:
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        for line in lines[shown:]:  # the server's own account of its start-up (engine exports, checks)
+            if line.startswith(("engine ", "serving ")):
+                print(f"server: {line}", flush=True)
+        shown = len(lines)
         if proc.poll() is not None:
             tail = log.read_text()[-600:] if log.is_file() else ""
             raise RuntimeError(f"the server exited ({proc.returncode}) before it was ready; its log ends: {tail}")

@@ -61,3 +61,48 @@ def make_hf_model(arch: str, folder: Path, seed: int = 0, n_layers: int = 3) -> 
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+def write_local_tasks(folder: Path, rows: list[dict], prefix: str) -> Path:
+    """Three lm-eval tasks over ``rows`` (question, choices, answer, text) in ``folder``, read from a local
+    JSONL file: <prefix>_mc (multiple choice), <prefix>_rolling (rolling loglikelihood), <prefix>_gen."""
+    import textwrap
+
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\ntest_split: test\n"
+    )
+    specs = {
+        "mc": """\
+            output_type: multiple_choice
+            doc_to_text: "{{question}}"
+            doc_to_choice: "{{choices}}"
+            doc_to_target: "{{answer}}"
+            metric_list:
+              - metric: acc
+              - metric: acc_norm
+            """,
+        "rolling": """\
+            output_type: loglikelihood_rolling
+            doc_to_text: ""
+            doc_to_target: "{{text}}"
+            metric_list:
+              - metric: word_perplexity
+              - metric: byte_perplexity
+              - metric: bits_per_byte
+            """,
+        "gen": """\
+            output_type: generate_until
+            doc_to_text: "{{question}}"
+            doc_to_target: "{{choices[answer]}}"
+            generation_kwargs:
+              until: ["\\n\\n"]
+              max_gen_toks: 6
+              do_sample: false
+            metric_list:
+              - metric: exact_match
+            """,
+    }
+    for name, spec in specs.items():
+        (folder / f"{name}.yaml").write_text(f"task: {prefix}_{name}\n" + common + textwrap.dedent(spec))
+    return folder

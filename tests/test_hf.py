@@ -4,7 +4,6 @@ random-weight models of each supported architecture (tests/hf_models.py), offlin
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from eval.hf import load_hf
 from eval.model import load_for_eval
 from eval.perplexity import document_nll, evaluate_perplexity
 from llama.generation import generate
-from tests.hf_models import ARCHITECTURES
+from tests.hf_models import ARCHITECTURES, write_local_tasks
 from training.config import DataConfig
 
 TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"
@@ -226,49 +225,7 @@ def _tasks(folder: Path) -> Path:
             "text": "for i in range(3):\n",
         },
     ]
-    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    common = f"""\
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {folder / "data.jsonl"}
-        test_split: test
-        """
-    specs = {
-        "mc": """\
-            task: local_mc
-            output_type: multiple_choice
-            doc_to_text: "{{question}}"
-            doc_to_choice: "{{choices}}"
-            doc_to_target: "{{answer}}"
-            metric_list:
-              - metric: acc
-            """,
-        "rolling": """\
-            task: local_rolling
-            output_type: loglikelihood_rolling
-            doc_to_text: ""
-            doc_to_target: "{{text}}"
-            metric_list:
-              - metric: word_perplexity
-              - metric: bits_per_byte
-            """,
-        "gen": """\
-            task: local_gen
-            output_type: generate_until
-            doc_to_text: "{{question}}"
-            doc_to_target: "{{choices[answer]}}"
-            generation_kwargs:
-              until: ["\\n"]
-              max_gen_toks: 6
-              do_sample: false
-            metric_list:
-              - metric: exact_match
-            """,
-    }
-    for name, spec in specs.items():
-        (folder / f"{name}.yaml").write_text(textwrap.dedent(common) + textwrap.dedent(spec))
-    return folder
+    return write_local_tasks(folder, rows, "local")
 
 
 class _Request:

@@ -5,13 +5,12 @@ lm-evaluation-harness's own HF model (HFLM), transformers' ``generate`` and huma
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.hf_models import ARCHITECTURES
+from tests.hf_models import ARCHITECTURES, write_local_tasks
 
 TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"
 DOCS = [
@@ -26,49 +25,8 @@ ATOL = 1e-4  # nats, per request and per document
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
-    """Three local lm-eval tasks over DOCS: multiple choice, rolling loglikelihood, generation."""
-    folder = tmp_path_factory.mktemp("tasks")
-    (folder / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    common = (
-        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\ntest_split: test\n"
-    )
-    specs = {
-        "mc": """\
-            task: parity_mc
-            output_type: multiple_choice
-            doc_to_text: "{{question}}"
-            doc_to_choice: "{{choices}}"
-            doc_to_target: "{{answer}}"
-            metric_list:
-              - metric: acc
-              - metric: acc_norm
-            """,
-        "rolling": """\
-            task: parity_rolling
-            output_type: loglikelihood_rolling
-            doc_to_text: ""
-            doc_to_target: "{{text}}"
-            metric_list:
-              - metric: word_perplexity
-              - metric: byte_perplexity
-              - metric: bits_per_byte
-            """,
-        "gen": """\
-            task: parity_gen
-            output_type: generate_until
-            doc_to_text: "{{question}}"
-            doc_to_target: "{{choices[answer]}}"
-            generation_kwargs:
-              until: ["\\n\\n"]
-              max_gen_toks: 6
-              do_sample: false
-            metric_list:
-              - metric: exact_match
-            """,
-    }
-    for name, spec in specs.items():
-        (folder / f"{name}.yaml").write_text(common + textwrap.dedent(spec))
-    return folder
+    """Three local lm-eval tasks over DOCS: parity_mc, parity_rolling, parity_gen."""
+    return write_local_tasks(tmp_path_factory.mktemp("tasks"), DOCS, "parity")
 
 
 @pytest.fixture(scope="module")
