@@ -33,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 from bench.train_throughput import load_config
-from common.cli import failure, parse_args, run_main
+from common.cli import UserError, failure, parse_args, run_main
 from common.device import pick_device
+from common.files import atomic_write
 from common.hardware import run_metadata
 from eval.compress.prune import block_linears, check_n_m, prune_model, to_semi_structured
 from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
@@ -57,7 +58,7 @@ def build_variants(dense: Transformer, schemes: list[str]) -> tuple[dict, dict, 
     try:
         sparse = copy.deepcopy(pruned)
         if not to_semi_structured(sparse):
-            raise ValueError("no linear layer was converted (needs fp16/bf16 weights holding a 2:4 pattern)")
+            raise UserError("no linear layer was converted (needs fp16/bf16 weights holding a 2:4 pattern)")
         models["2:4 sparse kernels"], refs["2:4 sparse kernels"] = sparse, "2:4 pruned"
     except Exception as e:  # reported, not hidden
         unavailable["2:4 sparse kernels"] = failure(e)
@@ -197,7 +198,7 @@ def main(argv=None):
                 run |= side_by_side(timed, device, sbs, progress=False)
             result["timings"].append(run)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(result, indent=2))
+            atomic_write(a.out, json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch_version']}, commit {result['git_commit'][:12]}, {cfg.name}")
     print(table(result))
     print(f"-> {a.out}")

@@ -21,6 +21,7 @@ import torch
 from bench.train_throughput import load_config
 from common.cli import parse_args, run_main
 from common.device import pick_device
+from common.files import atomic_write
 from common.hardware import run_metadata
 from eval.efficiency import evaluate_efficiency, table
 from eval.engines import ENGINES
@@ -118,7 +119,7 @@ def main(argv=None):
         # written after every config: a run stopped by a time limit keeps what it measured
         result = {**run_metadata(device), "benchmark": "decode_latency", "rows": rows}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2))
+        atomic_write(a.out, json.dumps(result, indent=2))
     print(f"\n{result['device']}, torch {result['torch_version']}, commit {result['git_commit'][:12]} -> {a.out}")
     print(decode_table(rows))
 

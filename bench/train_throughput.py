@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, parse_args, run_main
 from common.device import autocast, compute_dtype, pick_device
+from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
 from common.stats import ratio_ci
 from common.timing import spread, sync, time_repeats
@@ -112,6 +113,7 @@ def summarise(b: Bench, warmup: int, steps_per_round: int, peak_gb: float | None
         "config": b.name,
         "n_layers": b.args.n_layers,
         "per_head": b.args.head_layer is not None,
+        "head_layer": b.args.head_layer_spec(),
         "params": count_params(b.model)["total"],
         "batch": b.batch,
         "seq_len": b.seq_len,
@@ -183,7 +185,7 @@ class Args:
 
     def __post_init__(self):
         if self.rounds < 3 or self.steps_per_round < 1 or self.warmup < 1:
-            raise ValueError("need --rounds >= 3, --steps-per-round >= 1 and --warmup >= 1")
+            raise UserError("need --rounds >= 3, --steps-per-round >= 1 and --warmup >= 1")
 
 
 def main(argv=None):
@@ -194,7 +196,7 @@ def main(argv=None):
 
     def write():  # after every phase: a run stopped by a time limit keeps what it measured
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2))
+        atomic_write(a.out, json.dumps(result, indent=2))
 
     benches, peaks = [], {}
     for name in tqdm(names, desc="build, compile, warm up"):

@@ -125,6 +125,7 @@ def apply_overrides(cfg, argv: list[str]):
     by_name = _by_name(paths)
     slots = [p for p, (_, f, _) in paths.items() if f.metadata.get("positional")]
     bare: list[str] = []
+    removed, set_paths = {}, {}  # --no-<part> and --key paths given, to refuse a key of a part removed
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -147,6 +148,8 @@ def apply_overrides(cfg, argv: list[str]):
             if not (tp is bool or _optional_inner(tp) is not None) or eq:
                 raise ConfigError(f"--{raw}: only a true/false option or an optional part can be negated")
             setattr(owner, f.name, False if tp is bool else None)
+            if tp is not bool:
+                removed[path] = raw
             i += 1
             continue
         if eq:
@@ -162,7 +165,12 @@ def apply_overrides(cfg, argv: list[str]):
                 raise ConfigError(f"--{raw} needs a value")
             i = j - 1
         setattr(owner, f.name, _parse(values, tp, raw))
+        set_paths[path] = raw
         i += 1
+    for part, no in removed.items():  # its fields were set on a part that no longer exists: silently lost
+        lost = [k for p, k in set_paths.items() if p.startswith(part + ".")]
+        if lost:
+            raise ConfigError(f"--{lost[0]} sets a field of {part}, which --{no} removes; pass one of the two")
     _fill_positional(cfg, paths, slots, bare)
     _revalidate(cfg)
     return cfg
@@ -351,11 +359,13 @@ def silence_known_noise():
 
 
 def run_main(main, *args):
-    """Run a command's ``main``; the errors our checks raise print as one line (no traceback) and exit 2."""
+    """Run a command's ``main``; the errors our checks raise for bad input (UserError, a missing or existing
+    file, a non-finite loss) print as one line (no traceback) and exit 2. Any other exception, a ValueError
+    included, is a bug and keeps its traceback."""
     silence_known_noise()
     try:
         return main(*args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:

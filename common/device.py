@@ -6,6 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
+from common.cli import UserError
+
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "auto":
@@ -15,10 +17,10 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={pref!r} is unknown; use auto, cpu, cuda or cuda:N")
+        raise UserError(f"device={pref!r} is unknown; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={pref!r} but CUDA is not available here; use --device cpu")
+            raise UserError(f"device={pref!r} but CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return _check_index(device, pref)
@@ -26,7 +28,7 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
 
 def _check_index(device: torch.device, pref: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(
+        raise UserError(
             f"device={pref!r} means cuda:{device.index}, but this machine has {torch.cuda.device_count()} GPU(s); "
             "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu"
         )
@@ -41,7 +43,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
         "float32": torch.float32,
     }
     if name not in choices:
-        raise ValueError(f"dtype={name!r} is unknown; use auto, bfloat16 or float32")
+        raise UserError(f"dtype={name!r} is unknown; use auto, bfloat16 or float32")
     return choices[name]
 
 

@@ -2,9 +2,11 @@
 
 - Quality over seeds (a handful of values per model): mean with a t-distribution 95% confidence interval,
   and Welch's t-test between two models (unequal variances).
-- Latency and energy samples (many rounds, skewed, with outliers): medians; the Mann-Whitney U test with its
-  common-language effect size (the probability that a draw from A is below a draw from B); ratios to a
-  reference paired by round, with a bootstrap confidence interval of their median.
+- Latency and energy samples (many rounds, skewed, with outliers): medians. Measurements paired by round (or
+  by prompt) are compared by their per-pair ratios: the Wilcoxon signed-rank test on the log ratios, with the
+  interval that inverts the same test (Hodges-Lehmann), so a verdict and its interval cannot disagree
+  (``paired_ratio``). Unpaired samples: the Mann-Whitney U test with its common-language effect size (the
+  probability that a draw from A is below a draw from B).
 - Many comparisons in one report: Benjamini-Hochberg adjusted p-values (q-values).
 A difference is stated only when its adjusted p-value is below ``ALPHA``; otherwise it is "not distinguishable".
 """
@@ -58,6 +60,60 @@ def mann_whitney(a: list[float], b: list[float]) -> dict:
     return {"test": "mann-whitney", "p": float(r.pvalue), "effect": 1.0 - float(r.statistic) / (len(a) * len(b))}
 
 
+def paired_ratio(a: list[float], b: list[float], confidence: float = 1 - ALPHA) -> dict:
+    """A / B from measurements paired by round: the Hodges-Lehmann estimate of the ratio (exp of the median of
+    the Walsh averages of the log ratios), the interval of ratios the Wilcoxon signed-rank test (scipy) does not
+    reject at 1 - ``confidence``, and that test's p-value for a ratio of 1. The interval is found by inverting
+    the very test that gives p, so p < 1 - confidence exactly when the interval excludes 1."""
+    d = np.log(np.asarray(a, dtype=float)) - np.log(np.asarray(b, dtype=float))
+    n = len(d)
+    out = {"test": "wilcoxon signed-rank (log ratios)", "n": n, "confidence": confidence}
+    if n < 3:
+        return out | {
+            "median": float(np.exp(np.median(d))) if n else None,
+            "p": None,
+            "reason": f"needs 3+ pairs (have {n})",
+        }
+    alpha = 1 - confidence
+    walsh = np.sort((d[:, None] + d[None, :])[np.triu_indices(n)] / 2)
+
+    def p_at(shift: float) -> float:
+        x = d - shift
+        if not np.any(x):
+            return 1.0
+        return float(stats.wilcoxon(x, zero_method="wilcox", method="auto").pvalue)
+
+    # p(shift) rises to its peak near the estimate and falls on either side, changing only at Walsh averages:
+    # the interval is the run of gaps between consecutive Walsh averages where p >= alpha
+    mids = np.concatenate([[walsh[0] - 1.0], (walsh[1:] + walsh[:-1]) / 2, [walsh[-1] + 1.0]])
+    estimate = float(np.median(walsh))
+    centre = int(np.searchsorted(mids, estimate))
+    centre = min(max(centre, 0), len(mids) - 1)
+
+    def edge(step: int) -> int:
+        """The farthest gap from the centre (going ``step``) where the test does not reject: a binary search,
+        p falling monotonically away from the centre."""
+        inside, outside = centre, centre + step * len(mids)  # p(inside) >= alpha (or the centre); outside: past
+        while abs(outside - inside) > 1:
+            mid = (inside + outside) // 2
+            if 0 <= mid < len(mids) and p_at(mids[mid]) >= alpha:
+                inside = mid
+            else:
+                outside = mid
+        return inside
+
+    left, right = edge(-1), edge(+1)
+    low = walsh[left - 1] if left > 0 else -math.inf
+    high = walsh[right] if right < len(walsh) else math.inf
+    p = p_at(0.0)
+    return out | {
+        "median": float(np.exp(estimate)),
+        "ci_low": float(np.exp(low)),
+        "ci_high": float(np.exp(high)),
+        "p": p,
+    }
+
+
 def ratio_ci(paired_ratios: list[float], confidence: float = 0.95, seed: int = 0) -> dict:
     """Median of per-round ratios with a percentile-bootstrap interval (scipy.stats.bootstrap)."""
     xs = np.asarray(paired_ratios, dtype=float)
@@ -73,7 +129,9 @@ def ratio_ci(paired_ratios: list[float], confidence: float = 0.95, seed: int = 0
 
 
 def adjust(tests: list[dict]) -> list[dict]:
-    """Add Benjamini-Hochberg q-values to the tests that have a p-value, and a verdict to every test."""
+    """Add Benjamini-Hochberg q-values to the tests that have a p-value, and a verdict to every test. A test
+    that carries an interval (paired_ratio) is distinguishable only if its interval also excludes 1, so the
+    verdict never contradicts the interval printed beside it."""
     ps = [t["p"] for t in tests if t.get("p") is not None]
     qs = iter(stats.false_discovery_control(ps, method="bh") if ps else [])
     for t in tests:
@@ -81,7 +139,8 @@ def adjust(tests: list[dict]) -> list[dict]:
             t["q"], t["distinguishable"] = None, False
         else:
             t["q"] = float(next(qs))
-            t["distinguishable"] = t["q"] < ALPHA
+            excludes_one = "ci_low" not in t or not t["ci_low"] <= 1.0 <= t["ci_high"]
+            t["distinguishable"] = t["q"] < ALPHA and excludes_one
     return tests
 
 

@@ -56,9 +56,9 @@ def kept_layers(n_layers: int, drop: list[int]) -> list[int]:
     """The block indices left after dropping ``drop`` (checked: real indices, at least one block left)."""
     drop = sorted(set(drop))
     if any(not 0 <= i < n_layers for i in drop):
-        raise ValueError(f"layers to drop {drop} must be in 0..{n_layers - 1}")
+        raise UserError(f"layers to drop {drop} must be in 0..{n_layers - 1}")
     if len(drop) >= n_layers:
-        raise ValueError(f"cannot drop all {n_layers} layers; keep at least one")
+        raise UserError(f"cannot drop all {n_layers} layers; keep at least one")
     return [i for i in range(n_layers) if i not in drop]
 
 

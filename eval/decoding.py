@@ -16,6 +16,7 @@ before it is used (``check``); one that differs is reported, not served.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 import time
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import UserError
 from common.timing import sync
 from eval.hf import HFModel
 from llama.generation import decode_one_token, generate, prefill, sample
@@ -63,7 +65,7 @@ class Decoder:
         """New tokens (ending at EOS, not included, or when ``stop(tokens)``) and the time each was ready, in
         seconds from the call (the first is the time to first token)."""
         if len(ids) + max_new_tokens > self.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the context {self.max_seq_len}"
             )
         gen = torch.Generator().manual_seed(seed)
@@ -88,7 +90,7 @@ class TorchDecoder(Decoder):
         super().__init__(model.params.max_seq_len, device)
         self.model, self.hf = model, isinstance(model, HFModel)
         if compiled and self.hf:
-            raise ValueError("compile decodes this project's models (static KV cache); use torch for a HF model")
+            raise UserError("compile decodes this project's models (static KV cache); use torch for a HF model")
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
         self.step = torch.compile(decode_one_token, dynamic=False) if compiled else decode_one_token
@@ -128,7 +130,7 @@ class CachedStep(nn.Module):
 def export_onnx(model: nn.Module, folder: Path) -> tuple[Path, list[str], list[tuple[int, ...]]]:
     """``CachedStep`` of ``model`` (float32, CPU) as an ONNX file; its cache input names and shapes."""
     if isinstance(model, HFModel):
-        raise ValueError("ONNX/OpenVINO decoding exports this project's models; serve a HF model with torch")
+        raise UserError("ONNX/OpenVINO decoding exports this project's models; serve a HF model with torch")
     model = model.float().cpu().eval()
     S = model.params.max_seq_len
     model.setup_caches(1, S)
@@ -213,13 +215,25 @@ def openvino_decoder(path: Path, names, shapes, max_seq_len: int) -> ArrayDecode
     return dec
 
 
+def model_checksum(model: nn.Module) -> str:
+    """SHA-256 of a model's arguments and every tensor of its state (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256(json.dumps(getattr(model.params, "__dict__", {}), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Path | None = None) -> Decoder:
     """The ``name`` engine for ``model`` (ONNX and OpenVINO export a float32 CPU copy into ``workdir``)."""
     if name not in DECODE_ENGINES:
-        raise ValueError(f"unknown engine {name!r}; use one of {DECODE_ENGINES}")
+        raise UserError(f"unknown engine {name!r}; use one of {DECODE_ENGINES}")
     if name in ("torch", "compile"):
         return TorchDecoder(model, device, compiled=name == "compile")
-    folder = Path(workdir or tempfile.mkdtemp(prefix="decode-"))
+    # One export per model, found again by the model's checksum: another model's graph in the same work folder
+    # (serve_compare's default) must never decode this one.
+    folder = Path(workdir or tempfile.mkdtemp(prefix="decode-")) / f"model-{model_checksum(model)[:16]}"
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "decode.json"
     if meta.is_file():  # exported already for the other engine

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.cli import failure, parse_args, run_main
+from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
 from eval.compress.quantize import state_dict_bytes
 from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
@@ -141,7 +141,7 @@ class Args(EvalOptions):
         counts |= {"repeats": self.repeats, "energy-runs": self.energy_runs}
         for name, v in counts.items():
             if v < 1:
-                raise ValueError(f"--{name} must be at least 1 (got {v})")
+                raise UserError(f"--{name} must be at least 1 (got {v})")
 
 
 def main(argv=None):
@@ -153,12 +153,12 @@ def main(argv=None):
         from eval.compress.prune import to_semi_structured
 
         if not to_semi_structured(model):
-            raise ValueError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")
+            raise UserError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")
     context = a.context or model.params.max_seq_len // 2
     hf = isinstance(model, HFModel)
     if hf and a.modes and a.modes != ["eager"]:
         # transformers' growing cache has no static shapes for compile / CUDA graphs to capture
-        raise ValueError("a Hugging Face model decodes in eager mode only here; leave out --modes or pass eager")
+        raise UserError("a Hugging Face model decodes in eager mode only here; leave out --modes or pass eager")
     modes = a.modes or (list(MODES) if ev.device.type == "cuda" and not hf else ["eager"])
     r = evaluate_efficiency(
         model,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import UserError
 from llama.model import Transformer
 
 ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
@@ -117,7 +118,7 @@ def build(name: str, model: Transformer, example: torch.Tensor, workdir: str | o
         return torchscript_engine(model, example)
     if name == "onnxruntime":
         return onnxruntime_engine(model, example, _folder(workdir, name))
-    raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
+    raise UserError(f"unknown engine {name!r}; use one of {ENGINES}")
 
 
 def _folder(workdir: str | os.PathLike | None, name: str) -> Path | None:

@@ -49,7 +49,7 @@ def from_hub(name: str | os.PathLike) -> Path | None:
     try:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # offline, unknown name, gated model: one line
-        raise ValueError(
+        raise UserError(
             f"{text} is not a local folder and could not be fetched from the Hugging Face Hub "
             f"({type(e).__name__}); download it where the network allows and pass the folder"
         ) from None
@@ -292,7 +292,7 @@ class HFTokenizer:
         except Exception as e:  # transformers raises many kinds for a damaged or foreign tokenizer
             raise UserError(f"{folder}: no usable tokenizer ({_why(e)})") from None
         if self.tok.eos_token_id is None:
-            raise ValueError(f"{folder}: the tokenizer has no end-of-sequence token")
+            raise UserError(f"{folder}: the tokenizer has no end-of-sequence token")
         self.eos_id = self.tok.eos_token_id
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
 

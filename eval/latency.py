@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from common.cli import UserError
 from common.timing import spread, time_repeats
 from llama.generation import decode_one_token, prefill
 from llama.model import Transformer
@@ -39,9 +40,9 @@ def compiled(fn, mode: str, device: torch.device):
         return torch.compile(fn, dynamic=False)
     if mode == "compile+cudagraphs":
         if device.type != "cuda":
-            raise ValueError("compile+cudagraphs needs CUDA; use eager or compile on this device")
+            raise UserError("compile+cudagraphs needs CUDA; use eager or compile on this device")
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
 
 
 @torch.no_grad()

@@ -9,7 +9,17 @@ or a Hugging Face model folder (see eval/lm_eval_model.py).
 from lm_eval.__main__ import cli_evaluate
 
 import eval.lm_eval_model  # noqa: F401  (registers the model with lm-eval)
-from common.cli import run_main
+from common.cli import UserError, run_main
+
+
+def main():
+    try:
+        cli_evaluate()
+    except ValueError as e:  # lm-eval's own words for a bad command line (unknown task or model)
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"lm-eval: {e}") from e
+
 
 if __name__ == "__main__":
-    run_main(cli_evaluate)  # bad --model_args, a missing checkpoint, unknown tasks: one line, not a traceback
+    run_main(main)  # bad --model_args, a missing checkpoint, unknown tasks: one line, not a traceback

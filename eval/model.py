@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import positional
+from common.cli import UserError, positional
 from common.device import autocast, compute_dtype, pick_device
 from eval.common import check_result_path, write_result
 from eval.compress import read_compression
@@ -54,6 +54,12 @@ class Evaluated:
         return self.model.params.model_type if isinstance(self.model, HFModel) else "perhead-llama"
 
     @property
+    def head_layer(self) -> dict | None:
+        """The per-head layers' settings (ModelArgs.head_layer_spec); None for plain blocks and HF models."""
+        spec = getattr(self.model.params, "head_layer_spec", None)
+        return spec() if spec else None
+
+    @property
     def quantized(self) -> bool:
         return bool(self.compression and self.compression.get("quantize"))
 
@@ -70,6 +76,7 @@ class Evaluated:
             "params": self.n_params,
             "n_layers": self.model.params.n_layers,
             "per_head": self.model.params.head_layer is not None,
+            "head_layer": self.head_layer,
             "architecture": self.architecture,
             "compression": self.compression,
         }
@@ -96,7 +103,7 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: st
         model = load_model(folder, dev).eval()
         tok = Tokenizer(tokenizer_path(folder))
         if tok.vocab_size != model.params.vocab_size:
-            raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
+            raise UserError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
     n_params = count_params(model)["total"]
     compression = read_compression(folder)
     if compression and compression.get("quantize"):

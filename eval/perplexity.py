@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, parse_args, run_main
 from eval.common import HeldOut, heldout_documents, heldout_texts, training_data
 from eval.model import EvalOptions
 from training.config import DataConfig
@@ -38,7 +38,7 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     """(begin, end, first scored target) of each window over a stream of ``n_tokens`` tokens."""
     if not 0 < stride < context:
         # stride = context would leave the first token of every later window unscored (no history in it)
-        raise ValueError(f"stride={stride} must be in 1..context-1={context - 1}; use --stride {context - 1} at most")
+        raise UserError(f"stride={stride} must be in 1..context-1={context - 1}; use --stride {context - 1} at most")
     out, prev_end = [], 0
     for begin in range(0, max(n_tokens - 1, 1), stride):
         end = min(begin + context, n_tokens)
@@ -58,7 +58,7 @@ def rolling_windows(n_tokens: int, max_len: int) -> list[tuple[int, int, int]]:
     document is scored exactly once; the first window predicts the first token from the prefix alone, each
     later window scores the next at most ``max_len`` tokens from the ``max_len`` tokens before them."""
     if max_len < 1:
-        raise ValueError(f"max_len={max_len} must be positive")
+        raise UserError(f"max_len={max_len} must be positive")
     out, predicted = [], 0
     while predicted < n_tokens:
         end = predicted + min(max_len, n_tokens - predicted) + 1  # stream positions predicted+1 .. end-1
@@ -211,7 +211,7 @@ def evaluate_perplexity(
     if mode == "lm-eval":
         return _lm_eval_mode(ev, corpus, context, max_tokens, progress)
     if mode != "sliding":
-        raise ValueError(f"perplexity mode {mode!r} is unknown; use sliding or lm-eval")
+        raise UserError(f"perplexity mode {mode!r} is unknown; use sliding or lm-eval")
     stride = stride or context // 2
     if corpus is None:
         data, _ = training_data(ev.folder)
@@ -280,7 +280,7 @@ class CorpusArgs:
     def data_config(self) -> DataConfig | HeldOut | None:
         if self.heldout_of is not None:
             if self.corpus is not None:
-                raise ValueError("pass --corpus or --heldout-of, not both")
+                raise UserError("pass --corpus or --heldout-of, not both")
             return HeldOut(self.heldout_of)
         if self.corpus is None:
             return None

@@ -23,10 +23,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, run_main
 from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
-from common.stats import adjust, mann_whitney, ratio_ci
+from common.stats import adjust, paired_ratio
 from common.timing import spread, time_repeats
 from eval.common import check_result_path, write_result
 from eval.latency import MODES, decode_run
@@ -53,7 +53,7 @@ class Args:
 
     def __post_init__(self):
         if self.rounds < 3 or self.n_tokens < 1 or self.batch < 1 or self.context < 1 or self.prompt_len < 1:
-            raise ValueError("need --rounds >= 3 and positive --n-tokens, --batch, --context, --prompt-len")
+            raise UserError("need --rounds >= 3 and positive --n-tokens, --batch, --context, --prompt-len")
         check_result_path(self.out)
 
 
@@ -81,7 +81,7 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     names = list(models)
     reference = a.reference or names[0]
     if reference not in models:
-        raise ValueError(f"--reference {reference!r} is not one of the models {names}")
+        raise UserError(f"--reference {reference!r} is not one of the models {names}")
     entries = []
     for name, model in models.items():
         e = _Entry(name, model)
@@ -131,15 +131,15 @@ def _summarise(entries: list[_Entry], reference: str, counter, reason) -> dict:
                 ("decode", e.decode_ms, ref.decode_ms),
                 ("prefill", e.prefill_ms, ref.prefill_ms),
             ):
-                ratios = [m / t for m, t in zip(mine, theirs, strict=True)]  # same round, so same machine state
-                test = mann_whitney(mine, theirs) | {"model": e.name, "what": what}
-                row[f"{what}_ratio_to_reference"] = ratio_ci(ratios) | {"test": test}
-                tests.append(test)
+                # the same round, so the same machine state: paired by round
+                ratio = paired_ratio(mine, theirs) | {"model": e.name, "what": what}
+                row[f"{what}_ratio_to_reference"] = ratio | {"test": ratio}
+                tests.append(ratio)
         out[e.name] = row
     adjust(tests)
     for t in tests:
         t["verdict"] = (
-            ("faster" if t["effect"] > 0.5 else "slower") + " than the reference"
+            ("faster" if t["median"] < 1 else "slower") + " than the reference"
             if t["distinguishable"]
             else f"not distinguishable from the reference at {len(ref.decode_ms)} rounds"
         )
@@ -160,9 +160,9 @@ def _summarise(entries: list[_Entry], reference: str, counter, reason) -> dict:
 def main(argv=None):
     a = parse_args(Args(), argv)
     if len(a.checkpoints) < 2:
-        raise ValueError("name at least two models to compare side by side")
+        raise UserError("name at least two models to compare side by side")
     if a.names is not None and len(a.names) != len(a.checkpoints):
-        raise ValueError(f"--names gives {len(a.names)} names for {len(a.checkpoints)} models")
+        raise UserError(f"--names gives {len(a.names)} names for {len(a.checkpoints)} models")
     device = pick_device(a.device)
     dtype = compute_dtype(a.dtype, device)
     models = {}
@@ -170,7 +170,7 @@ def main(argv=None):
         ev = load_for_eval(ckpt, a.device, a.dtype)
         name = a.names[i] if a.names else ev.name
         if name in models:
-            raise ValueError(f"two models are named {name!r}; pass --names")
+            raise UserError(f"two models are named {name!r}; pass --names")
         models[name] = ev.model if ev.quantized else ev.model.to(dtype)  # as eval.efficiency runs them
     r = side_by_side(models, device, a)
     settings = {k: getattr(a, k) for k in ("rounds", "batch", "context", "prompt_len", "n_tokens", "mode", "dtype")}

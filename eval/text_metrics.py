@@ -17,6 +17,7 @@ import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from common.cli import UserError
 from eval.common import heldout_texts, split_documents_at_bos, training_data
 from eval.generate import complete
 from eval.model import Evaluated
@@ -66,7 +67,7 @@ def continuation_pairs(
     docs = [d for d in docs if len(d) > prompt_tokens + continuation_tokens]
     docs = docs[:n_docs]
     if not docs:
-        raise ValueError(
+        raise UserError(
             f"no held-out document has more than {prompt_tokens + continuation_tokens} tokens; "
             "lower --prompt-tokens / --continuation-tokens"
         )

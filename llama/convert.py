@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.cli import parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, run_main
 from common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 from llama.model_io import TOKENIZER_FILE, load_model, resolve_checkpoint, save_model
@@ -51,7 +51,7 @@ def _name_pairs(a: ModelArgs):
             yield ours, theirs, 0
     for i in range(a.n_layers):
         for ours, theirs in _LAYER_NAMES.items():
-            heads = {"attention.wq.weight": a.n_heads, "attention.wk.weight": a.n_kv_heads}.get(ours, 0)
+            heads = {"attention.wq.weight": a.n_heads, "attention.wk.weight": a.kv_heads(i)}.get(ours, 0)
             yield f"layers.{i}.{ours}", f"model.layers.{i}.{theirs}", heads
 
 
@@ -72,9 +72,9 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
     """(HF config dict, HF state dict) for a plain Llama-2 model."""
     a = model.params
     if a.head_layer is not None:
-        raise ValueError("per-head layers have no equivalent in HF Llama; only baseline models can be exported")
+        raise UserError("per-head layers have no equivalent in HF Llama; only baseline models can be exported")
     if any(x is not None for x in (a.layer_n_heads, a.layer_n_kv_heads, a.layer_ffn_hidden_dim)):
-        raise ValueError("HF Llama has one size for every layer; a structurally pruned model cannot be exported")
+        raise UserError("HF Llama has one size for every layer; a structurally pruned model cannot be exported")
     sd = model.state_dict()
     out = {theirs: meta_to_hf_rows(sd[ours], h) if h else sd[ours] for ours, theirs, h in _name_pairs(a)}
     config = {
@@ -85,7 +85,7 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
         "intermediate_size": a.ffn_hidden_dim,
         "num_hidden_layers": a.n_layers,
         "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
+        "num_key_value_heads": a.kv_heads(0),
         "head_dim": a.head_dim,
         "max_position_embeddings": a.max_seq_len,
         "rms_norm_eps": a.norm_eps,
@@ -137,14 +137,14 @@ def hf_tokenizer(model_file: Path):
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError("HF config uses an activation or biases that Llama-2 does not have; cannot import")
+        raise UserError("HF config uses an activation or biases that Llama-2 does not have; cannot import")
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, dim // heads):
-        raise ValueError(f"HF config head_dim={cfg['head_dim']} differs from hidden_size/heads; cannot import")
+        raise UserError(f"HF config head_dim={cfg['head_dim']} differs from hidden_size/heads; cannot import")
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type", "default") != "default":
-        raise ValueError(f"HF config uses rope_type={scaling['rope_type']!r}; only plain RoPE is supported")
+        raise UserError(f"HF config uses rope_type={scaling['rope_type']!r}; only plain RoPE is supported")
     # Reproduce intermediate_size exactly: with multiple_of = I the rounding lands on I (see ffn_hidden_dim).
     inter = cfg["intermediate_size"]
     base = int(2 * 4 * dim / 3)

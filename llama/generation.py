@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from common.cli import UserError
 from llama.model import Transformer
 
 
@@ -88,7 +89,7 @@ def generate(
     trim stop strings themselves). Sets up a KV cache sized for this call.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+        raise UserError("generate needs at least one prompt and every prompt needs at least one token")
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     model.setup_caches(B, T + max_new_tokens)

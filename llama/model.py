@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import UserError
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -25,9 +27,9 @@ class HeadLayerArgs:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"head_layer.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+            raise UserError(f"head_layer.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
         if self.hidden_dim is not None and self.hidden_dim <= 0:
-            raise ValueError(f"head_layer.hidden_dim={self.hidden_dim} must be positive (or None for head_dim)")
+            raise UserError(f"head_layer.hidden_dim={self.hidden_dim} must be positive (or None for head_dim)")
 
 
 @dataclass
@@ -53,27 +55,29 @@ class ModelArgs:
         # A checkpoint stores asdict(args); rebuilding with ModelArgs(**saved) hands head_layer back as a dict.
         if isinstance(self.head_layer, dict):
             self.head_layer = HeadLayerArgs(**self.head_layer)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "multiple_of"):
+        # n_kv_heads stays None when unset (it then follows n_heads, resolved by kv_heads): a value filled in
+        # here would go stale when --n-heads is overridden later
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model {name}={getattr(self, name)} must be positive")
+                raise UserError(f"model {name}={getattr(self, name)} must be positive")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise UserError(f"model n_kv_heads={self.n_kv_heads} must be positive (or None: n_heads)")
         if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; choose n_heads dividing dim")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise UserError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; choose n_heads dividing dim")
+        if self.n_heads % self.kv_heads(0) and self.layer_n_heads is None:
+            raise UserError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 "choose n_kv_heads dividing n_heads"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} (dim/n_heads) must be even for RoPE")
+            raise UserError(f"head_dim={self.head_dim} (dim/n_heads) must be even for RoPE")
         for name in ("layer_n_heads", "layer_n_kv_heads", "layer_ffn_hidden_dim"):
             sizes = getattr(self, name)
             if sizes is not None and (len(sizes) != self.n_layers or min(sizes) <= 0):
-                raise ValueError(f"{name} needs {self.n_layers} positive sizes (one per layer), got {sizes}")
+                raise UserError(f"{name} needs {self.n_layers} positive sizes (one per layer), got {sizes}")
         for i in range(self.n_layers):
             if self.heads(i) % self.kv_heads(i):
-                raise ValueError(f"layer {i}: {self.heads(i)} query heads do not split into {self.kv_heads(i)} groups")
+                raise UserError(f"layer {i}: {self.heads(i)} query heads do not split into {self.kv_heads(i)} groups")
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +85,7 @@ class ModelArgs:
 
     @property
     def n_rep(self) -> int:  # query heads per key/value head
-        return self.n_heads // self.n_kv_heads
+        return self.n_heads // self.kv_heads(0)
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -95,7 +99,9 @@ class ModelArgs:
         return self.n_heads if self.layer_n_heads is None else self.layer_n_heads[layer]
 
     def kv_heads(self, layer: int) -> int:
-        return self.n_kv_heads if self.layer_n_kv_heads is None else self.layer_n_kv_heads[layer]
+        if self.layer_n_kv_heads is not None:
+            return self.layer_n_kv_heads[layer]
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def ffn_dim(self, layer: int) -> int:
         return self.ffn_hidden_dim if self.layer_ffn_hidden_dim is None else self.layer_ffn_hidden_dim[layer]
@@ -105,6 +111,16 @@ class ModelArgs:
         hl = self.head_layer
         return 0 if hl is None else (hl.hidden_dim or self.head_dim)
 
+    def head_layer_spec(self) -> dict | None:
+        """The per-head layers as results record them (None: plain Llama blocks), the hidden size resolved: two
+        variants (hidden 64 vs 256, SiLU vs GELU) are two different models in every table and report."""
+        hl = self.head_layer
+        return (
+            None
+            if hl is None
+            else {"hidden_dim": self.head_layer_dim, "activation": hl.activation, "residual": hl.residual}
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -113,7 +129,7 @@ class ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model argument(s) {unknown}; known: {sorted(known)}")
+            raise UserError(f"unknown model argument(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.cli import UserError
 from common.files import atomic_dir
 from llama.model import ModelArgs, Transformer
 
@@ -50,11 +51,11 @@ def verify_checksum(folder: Path, name: str):
     try:
         expected = json.loads(path.read_text()).get(name)
     except (ValueError, AttributeError):
-        raise ValueError(
+        raise UserError(
             f"{path} is damaged (not a JSON object of checksums); the checkpoint cannot be checked"
         ) from None
     if expected is not None and _sha256(folder / name) != expected:
-        raise ValueError(
+        raise UserError(
             f"{folder / name} does not match its recorded checksum: the file is damaged; use another checkpoint"
         )
 
@@ -115,10 +116,10 @@ def model_from_state_dict(args: ModelArgs, sd: dict[str, torch.Tensor], source: 
         sd = {k: v for k, v in sd.items() if k != "output.weight"}
     if set(sd) != set(expected):
         missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-        raise ValueError(f"{source} does not match the model arguments: missing {missing[:3]}, extra {extra[:3]}")
+        raise UserError(f"{source} does not match the model arguments: missing {missing[:3]}, extra {extra[:3]}")
     for k, shape in expected.items():
         if sd[k].shape != shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model arguments imply {tuple(shape)}")
+            raise UserError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model arguments imply {tuple(shape)}")
     model.load_state_dict(sd, strict=not args.tie_embeddings, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -141,12 +142,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     try:
         args = ModelArgs.from_dict(json.loads(args_path.read_text()))
     except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{args_path} is damaged or not model arguments ({e}); use another checkpoint") from None
+        raise UserError(f"{args_path} is damaged or not model arguments ({e}); use another checkpoint") from None
     verify_checksum(folder, MODEL_FILE)
     try:
         sd = load_file(str(folder / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{folder / MODEL_FILE} is unreadable ({e}); the checkpoint is damaged") from None
+        raise UserError(f"{folder / MODEL_FILE} is unreadable ({e}); the checkpoint is damaged") from None
     return model_from_state_dict(args, sd, f"{folder} (with its {ARGS_FILE})").to(device)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from common.cli import UserError
 from common.files import atomic_write
 
 # Llama-2's special ids: <unk>=0, <s>=1, </s>=2.
@@ -33,7 +34,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer model {path} is unreadable ({str(e).splitlines()[0][:80]}); it is damaged or not a "
                 "SentencePiece model: copy the run's tokenizer.model back, or train one"
             ) from None
@@ -144,7 +145,7 @@ def train_tokenizer(
     except RuntimeError as e:
         m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
         if m:
-            raise ValueError(
+            raise UserError(
                 f"vocab_size={m.group(1)} is larger than this corpus supports; use vocab_size <= {m.group(2)} "
                 "or a larger corpus"
             ) from None

@@ -665,7 +665,7 @@ def main(argv=None):
     elif a.what:
         study = study_from_runners(a.what)
     else:
-        raise ValueError("name a study .toml file or runner names, or pass --tiny (see --help)")
+        raise UserError("name a study .toml file or runner names, or pass --tiny (see --help)")
     study.source = study.source or " ".join(a.what)
     report = run_study(study)
     print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")

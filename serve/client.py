@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, run_main
 from common.files import atomic_write
 from common.stats import adjust, kruskal, mann_whitney, ratio_ci
 
@@ -58,7 +58,7 @@ def humaneval_prompts() -> list[str]:
 def check_loopback(url: str):
     host = urlparse(url).hostname
     if host not in LOOPBACK:
-        raise ValueError(f"{url}: the load client sends requests to loopback only (127.0.0.1, localhost)")
+        raise UserError(f"{url}: the load client sends requests to loopback only (127.0.0.1, localhost)")
 
 
 async def _send(client, url: str, body: dict) -> tuple[int, dict, float]:
@@ -223,12 +223,12 @@ def run_load(
 
     check_loopback(url)
     if n_requests <= 0 or concurrency <= 0:
-        raise ValueError("--requests and --concurrency must be positive")
+        raise UserError("--requests and --concurrency must be positive")
     health = httpx.get(url.rstrip("/") + "/health", timeout=30, trust_env=False).json()
     engines = engines or list(health["engines"])
     missing = [e for e in engines if e not in health["engines"]]
     if missing:
-        raise ValueError(f"the server does not serve {missing}; it serves {list(health['engines'])}")
+        raise UserError(f"the server does not serve {missing}; it serves {list(health['engines'])}")
     prompts = prompts or humaneval_prompts()
     jobs = jobs_for(prompts, engines, n_requests, max_tokens, temperature)
     rows, wall = asyncio.run(_run(url, jobs, concurrency, timeout_s, progress))
@@ -271,7 +271,7 @@ def main(argv=None):
             raise FileNotFoundError(f"--prompts {path} does not exist")
         prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompts {path} holds no prompts")
+            raise UserError(f"--prompts {path} holds no prompts")
     s = run_load(a.url, a.engines, a.requests, a.concurrency, a.max_tokens, Path(a.out), prompts, a.temperature)
     for e, r in s["engines"].items():
         tp = r["tpot_ms"]

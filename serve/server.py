@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from common.cli import ConfigError, failure, parse_args, positional, run_main
+from common.cli import ConfigError, UserError, failure, parse_args, positional, run_main
 from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
@@ -118,7 +118,7 @@ def load_served(
             unavailable[name] = failure(e, 200)
             print(f"engine {name}: not served ({unavailable[name]})", flush=True)
     if not decoders:
-        raise ValueError(f"no engine could serve {checkpoint}: {unavailable}")
+        raise UserError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
     longest = max(1, int(ev.tokenizer.token_bytes().max()))
     max_tokens_limit = min(max_tokens_limit, S - 1)  # at least one prompt token must fit beside the completion
@@ -337,7 +337,7 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
-        raise ValueError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
+        raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
     served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir)
     print(f"serving {served.ev.name} with {', '.join(served.decoders)} on http://{a.host}:{a.port}")
     app = create_app(served, a.max_body_bytes)

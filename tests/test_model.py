@@ -17,7 +17,7 @@ from llama.model import (
 
 def expected_param_count(a: ModelArgs) -> int:
     hd, hidden = a.dim // a.n_heads, a.ffn_hidden_dim
-    attn = a.dim * a.n_heads * hd * 2 + a.dim * a.n_kv_heads * hd * 2
+    attn = a.dim * a.n_heads * hd * 2 + a.dim * a.kv_heads(0) * hd * 2
     ffn = 3 * a.dim * hidden
     head = 0 if a.head_layer is None else 2 * a.n_heads * hd * (a.head_layer.hidden_dim or hd)
     per_layer = attn + ffn + head + 2 * a.dim  # + two RMSNorm weights

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import UserError
 from common.files import atomic_dir
 from llama.model import Transformer
 from llama.model_io import list_checkpoints, verify_checksum, write_checksums, write_model_files
@@ -51,21 +52,21 @@ def load_training_state(folder: Path) -> tuple[dict, dict, dict]:
         try:
             verify_checksum(folder, name)
         except ValueError as e:
-            raise ValueError(f"{e}; {fix}") from None
+            raise UserError(f"{e}; {fix}") from None
     try:
         state = json.loads((folder / STATE_FILE).read_text())
         missing = {"step", "tokens", "elapsed_s"} - set(state)
     except (ValueError, TypeError):
         state, missing = None, {"a JSON object"}
     if missing:
-        raise ValueError(f"{folder / STATE_FILE} is damaged (missing {sorted(missing)}); {fix}")
+        raise UserError(f"{folder / STATE_FILE} is damaged (missing {sorted(missing)}); {fix}")
     loaded = []
     for name in (OPTIM_FILE, RNG_FILE):
         try:
             loaded.append(torch.load(folder / name, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
             why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{folder / name} is unreadable ({why}); {fix}") from None
+            raise UserError(f"{folder / name} is unreadable ({why}); {fix}") from None
     return state, loaded[0], loaded[1]
 
 
@@ -79,7 +80,7 @@ def training_config(folder: str | os.PathLike) -> TrainConfig | None:
         saved = json.loads(path.read_text()).get("config")
         return train_config_from_dict(saved) if saved else None
     except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} holds no readable training config ({e}); it is damaged") from None
+        raise UserError(f"{path} holds no readable training config ({e}); it is damaged") from None
 
 
 def restore_rng(rng: dict):

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from common.cli import UserError
 from llama.model import ModelArgs
 
 
@@ -28,13 +29,13 @@ class DataConfig:
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data val_fraction={self.val_fraction} must be strictly between 0 and 1")
+            raise UserError(f"data val_fraction={self.val_fraction} must be strictly between 0 and 1")
         if self.vocab_size < 260:
-            raise ValueError(f"data vocab_size={self.vocab_size} is too small: byte fallback alone needs 259")
+            raise UserError(f"data vocab_size={self.vocab_size} is too small: byte fallback alone needs 259")
         if self.tokenizer_max_chars <= 0:
-            raise ValueError(f"data tokenizer_max_chars={self.tokenizer_max_chars} must be positive")
+            raise UserError(f"data tokenizer_max_chars={self.tokenizer_max_chars} must be positive")
         if not self.cache_dir:
-            raise ValueError("data cache_dir is empty; name a folder for the tokenizer and token files")
+            raise UserError("data cache_dir is empty; name a folder for the tokenizer and token files")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class OptimConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"optim: {', '.join(f'{k}={getattr(self, k)}' for k in bad)} out of range; need lr > 0, "
                 "0 <= min_lr_ratio <= 1, warmup_steps >= 0, weight_decay >= 0, betas in [0, 1), eps in (0, 1), "
                 "grad_clip >= 0 (0: off)"
@@ -106,17 +107,17 @@ class TrainConfig:
         self.model.vocab_size = self.data.vocab_size
         check_run_name(self.name)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+            raise UserError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"dtype={self.dtype!r} is unknown; use auto, bfloat16 or float32")
+            raise UserError(f"dtype={self.dtype!r} is unknown; use auto, bfloat16 or float32")
         if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel={self.parallel!r} is unknown; use ddp or fsdp")
+            raise UserError(f"parallel={self.parallel!r} is unknown; use ddp or fsdp")
         if self.freeze_zeros and self.parallel == "fsdp":
-            raise ValueError("freeze_zeros works with ddp or one process, not with fsdp's sharded parameters")
+            raise UserError("freeze_zeros works with ddp or one process, not with fsdp's sharded parameters")
         if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other; pass one")
+            raise UserError("--resume and --overwrite contradict each other; pass one")
         if self.seq_len > self.model.max_seq_len:
-            raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+            raise UserError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         for name in (
             "max_steps",
             "batch_size",
@@ -129,18 +130,18 @@ class TrainConfig:
             "keep_last",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise UserError(f"{name}={getattr(self, name)} must be positive")
         if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens={self.max_tokens} must be positive (or None: train max_steps steps)")
+            raise UserError(f"max_tokens={self.max_tokens} must be positive (or None: train max_steps steps)")
         if self.keep_every < 0:
-            raise ValueError(f"keep_every={self.keep_every} must be >= 0 (0: keep only the newest keep_last)")
+            raise UserError(f"keep_every={self.keep_every} must be >= 0 (0: keep only the newest keep_last)")
 
 
 def check_run_name(name: str) -> str:
     """A run name becomes a folder under checkpoints/ and logs/ that --overwrite deletes: only a plain name,
     never one that points elsewhere ("", ".", "..", "a/b", "/x")."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]*", name or "") or name in (".", ".."):
-        raise ValueError(
+        raise UserError(
             f"run name {name!r} is not a plain folder name; use letters, digits and _ - . + = @ "
             "(starting with a letter, digit or _)"
         )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import parse_args, run_main
+from common.cli import UserError, parse_args, run_main
 from common.files import atomic_dir
 from llama.tokenizer import Tokenizer, train_tokenizer
 from training.config import DataConfig
@@ -110,11 +110,11 @@ def _read_with_datasets(source: str, cfg: DataConfig) -> Iterator[Document]:
         elif suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=source, split="train")
         else:
-            raise ValueError(f"corpus file {source} has an unsupported type; use .txt, .jsonl, .json or .parquet")
+            raise UserError(f"corpus file {source} has an unsupported type; use .txt, .jsonl, .json or .parquet")
     else:
         ds = datasets.load_dataset(source, cfg.hf_config, split=cfg.hf_split)
     if cfg.text_field not in ds.column_names:
-        raise ValueError(
+        raise UserError(
             f"corpus {source} has no column {cfg.text_field!r} (columns: {ds.column_names}); set --text-field"
         )
     return _rows(ds, cfg.text_field)
@@ -144,7 +144,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
             docs = _read_folder(path, cfg.file_glob)
         elif path.is_file():
             if path.stat().st_size == 0:
-                raise ValueError(f"corpus file {path} is empty; point --corpus at a file with text")
+                raise UserError(f"corpus file {path} is empty; point --corpus at a file with text")
             docs = _read_with_datasets(source, cfg)
         elif source.startswith(("/", ".", "~")) or path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet"):
             raise FileNotFoundError(f"corpus path {source} does not exist; check --corpus")
@@ -152,7 +152,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
             try:
                 docs = _read_with_datasets(source, cfg)
             except Exception as e:  # the datasets library raises many kinds; the user needs one line
-                raise ValueError(
+                raise UserError(
                     f"could not load corpus {source!r} as a local path or Hugging Face dataset "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                     "check the name and network access, or pass a local folder/file"
@@ -162,7 +162,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
         empty = False
         yield d
     if empty:
-        raise ValueError(
+        raise UserError(
             f"corpus {source} holds no UTF-8 text documents (glob {cfg.file_glob!r}; binary files are skipped); "
             "point --corpus at text files or change --file-glob"
         )
@@ -177,7 +177,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     """Deterministic split by document: a document is held out iff the hash of its name falls below
     ``val_fraction``, so the split does not depend on order, machine or adding other documents."""
     if len(docs) < 2:
-        raise ValueError(f"the corpus has {len(docs)} document(s); a train/val split needs at least 2")
+        raise UserError(f"the corpus has {len(docs)} document(s); a train/val split needs at least 2")
 
     def u(doc):
         return int.from_bytes(hashlib.sha256(doc.name.encode()).digest()[:8], "big") / 2**64
@@ -226,14 +226,14 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
         raise FileNotFoundError(f"{d} has no manifest.json; prepare the data with `python -m training.data`")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION}")
+        raise UserError(f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION}")
     dtype = np.dtype(manifest["dtype"])
     arrays = {}
     for split in ("train", "val"):
         path = d / f"{split}.bin"
         n = manifest["splits"][split]["tokens"]
         if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
-            raise ValueError(f"{path} is missing or truncated; delete {d} and prepare again")
+            raise UserError(f"{path} is missing or truncated; delete {d} and prepare again")
         arrays[split] = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
     tok = Tokenizer(d / "tokenizer.model")
     return PreparedData(d, manifest, tok, arrays["train"], arrays["val"])
@@ -345,7 +345,7 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
         if len(tokens) < seq_len + 2:
-            raise ValueError(
+            raise UserError(
                 f"this split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
                 "use a shorter seq_len or a larger corpus"
             )

@@ -28,9 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from common.cli import parse_args
+from common.cli import UserError, parse_args
 from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
+from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
@@ -110,7 +111,7 @@ def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
     check_run_name(cfg.name)
     ckpt_dir, log_dir = Path(cfg.out_dir) / cfg.name, Path(cfg.log_dir) / cfg.name
     if not (_inside(ckpt_dir, Path(cfg.out_dir)) and _inside(log_dir, Path(cfg.log_dir))):
-        raise ValueError(f"run {cfg.name!r} would not be a folder of {cfg.out_dir} and {cfg.log_dir}; rename it")
+        raise UserError(f"run {cfg.name!r} would not be a folder of {cfg.out_dir} and {cfg.log_dir}; rename it")
     exists = any(d.is_dir() and any(d.iterdir()) for d in (ckpt_dir, log_dir))
     if exists and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(
@@ -152,7 +153,7 @@ def _truncate_jsonl(path: Path, last_step: int):
     """On resume, drop lines logged after the checkpoint (those steps are trained again) and torn ones."""
     if path.is_file():
         kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill here must not lose the log
 
 
 def _append_jsonl(path: Path, record: dict):
@@ -223,7 +224,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     if init is not None:
         model_args = init.params  # sizes come with the weights (a pruned model has its own)
         if model_args.vocab_size != data.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"--init-from {cfg.init_from} has a {model_args.vocab_size}-token vocabulary, the data "
                 f"{data.vocab_size}; fine-tune on the data it was trained on"
             )
@@ -235,7 +236,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         state, optim_state, rng = load_training_state(step_dir)
         model = load_model(step_dir, info.device)
         if model.params != model_args:
-            raise ValueError(f"--resume: {step_dir} holds a different model than this config; use a new --name")
+            raise UserError(f"--resume: {step_dir} holds a different model than this config; use a new --name")
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         energy_before = state.get("energy_j") or 0.0
         restore_rng(rng)
@@ -272,7 +273,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     flops_tok, peak = flops_per_token(model_args, cfg.seq_len), peak_flops(info.device)
 
     if info.is_main:
-        (log_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write(log_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         print(
             f"{cfg.name}: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M "
             f"non-embedding), {info.world_size} process(es) on {info.device}, {global_batch}x{cfg.seq_len} "
@@ -402,6 +403,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         "non_embedding_params": params["non_embedding"],
         "n_layers": model_args.n_layers,
         "per_head": model_args.head_layer is not None,
+        "head_layer": model_args.head_layer_spec(),
         "steps": total_steps,
         "tokens": tokens_seen,
         "train_tokens_available": int(len(data.train)),
@@ -422,7 +424,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     # per token this device processed; the run used world_size such devices
     summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
     if info.is_main:
-        (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(log_dir / "summary.json", json.dumps(summary, indent=2))
         print(
             f"done: val loss {last_val:.4f} (unigram {summary['unigram_val_loss']:.4f}), "
             f"{summary['train_time_s']:.0f} s, checkpoints in {ckpt_dir}"

@@ -10,15 +10,18 @@ def write_tables(
 ) -> tuple[Path, Path]:
     """``table.md`` (a note, then a Markdown table) and ``table.csv`` (machine-readable values) in ``out``."""
     import csv
+    import io
 
-    out.mkdir(parents=True, exist_ok=True)
+    from common.files import atomic_write
+
     md = [note, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(row) + " |" for row in md_rows]
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(csv_header)
-        w.writerows(csv_rows)
+    atomic_write(out / "table.md", "\n".join(md) + "\n")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(csv_header)
+    w.writerows(csv_rows)
+    atomic_write(out / "table.csv", buf.getvalue())
     return out / "table.md", out / "table.csv"
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, run_main
 from visualizations import write_tables
 
 # what identifies a model in every table (this flat one and the study's grouped one)
@@ -39,6 +39,14 @@ COLUMNS = MODEL_COLUMNS + [
     ("disk_bytes", "on disk (bytes)"),
     ("mode", "mode"),
 ]
+
+
+def per_head_label(row: dict) -> str:
+    """ "no", or the per-head layers' settings ("64 silu", "32 gelu, no residual"): variants stay apart."""
+    spec = row.get("head_layer")
+    if not spec:
+        return "yes" if row.get("per_head") else "no"  # a result written before settings were recorded
+    return f"{spec['hidden_dim']} {spec['activation']}" + ("" if spec.get("residual", True) else ", no residual")
 
 
 def compression_label(c: dict | None) -> str:
@@ -79,7 +87,7 @@ def collect(
         try:
             r = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
+            raise UserError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
         if not isinstance(r, dict) or "evaluator" not in r or "model" not in r:
             continue  # not an evaluator's result (a table, a study state ...)
         if r["evaluator"] not in READERS:
@@ -91,7 +99,7 @@ def collect(
         except (KeyError, TypeError, IndexError) as e:
             skipped.append((path, f"a {r['evaluator']} result without {e} (written by another version?)"))
             continue
-        for key in ("params", "n_layers", "per_head"):
+        for key in ("params", "n_layers", "per_head", "head_layer"):
             row.setdefault(key, r.get(key))
         if "compression" in r:
             row["compression"] = compression_label(r["compression"])
@@ -173,7 +181,7 @@ def write_table(rows: list[dict], out_dir: str | Path, batch: int = 1) -> tuple[
         "(lowercase [a-z0-9] words only: code symbols and non-Latin text are ignored; the result JSONs also hold "
         "rougeL_code, which keeps them)."
     )
-    md_rows = [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    md_rows = [[per_head_label(r) if k == "per_head" else _fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
     csv_rows = [[r.get(k) for k, _ in COLUMNS] for r in rows]
     return write_tables(Path(out_dir), note, [h for _, h in COLUMNS], md_rows, [k for k, _ in COLUMNS], csv_rows)
 

@@ -8,7 +8,8 @@ FLOPs per token, training time and epochs from the runs' summaries.
 ``comparisons`` sets each per-head model against every baseline at least as deep (trained, or compressed
 from one): bits per byte by Welch's t-test over seeds, at matched training tokens (the study's runs share
 a token budget) and at matched training FLOPs (validation loss read off each seed's curve at the smaller
-of the two FLOP budgets); decode latency by a Mann-Whitney test over the interleaved rounds. All p-values
+of the two FLOP budgets); decode latency by the Wilcoxon signed-rank test on the per-round log ratios (the
+rounds are pairs), whose inverted test gives the ratio's interval. All p-values
 are adjusted together (Benjamini-Hochberg); a difference is stated only where the adjusted p < 0.05.
 """
 
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.stats import adjust, mann_whitney, mean_ci, ratio_ci, welch
+from common.stats import adjust, mean_ci, paired_ratio, welch
 from visualizations import write_tables
-from visualizations.compare import MODEL_COLUMNS, compression_label
+from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
 
 # row key -> (part of the quality result, field)
 QUALITY = {
@@ -59,6 +60,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 "params": q0.get("params"),
                 "n_layers": q0.get("n_layers"),
                 "per_head": q0.get("per_head"),
+                "head_layer": q0.get("head_layer"),
                 "compression": compression_label(q0.get("compression")),
             }
             for key, (part, field) in QUALITY.items():
@@ -116,6 +118,16 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                 | {"what": "bits per byte, deeper vs shallower baseline", "a_stat": a, "b_stat": b}
                 | welch(a["values"], b["values"])
             )
+    # Per-head variants of one depth (hidden size, activation) against each other: which variant is the one
+    per_head = [r for r in rows if r.get("per_head") and r["kind"] == "trained" and r.get("bits_per_byte")]
+    for i, a in enumerate(per_head):
+        for b in per_head[i + 1 :]:
+            if depth[a["model"]] == depth[b["model"]] and a.get("head_layer") != b.get("head_layer"):
+                out.append(
+                    {"a": a["model"], "b": b["model"], "what": "bits per byte, per-head variants of one depth"}
+                    | {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
+                    | welch(a["bits_per_byte"]["values"], b["bits_per_byte"]["values"])
+                )
     for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
         for other in rows:
             if other is ph or other.get("per_head"):
@@ -141,9 +153,9 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             if other["kind"] == "trained" and ph.get("flops_per_token") and other.get("flops_per_token"):
                 out.append(pair | _matched_flops(ph, other, logs_dir))
             if ph.get("decode_ms_samples") and other.get("decode_ms_samples"):
-                a, b = ph["decode_ms_samples"], other["decode_ms_samples"]
-                ratio = ratio_ci([x / y for x, y in zip(a, b, strict=True)])
-                out.append(pair | {"what": "decode ms/token (side by side)", "ratio": ratio} | mann_whitney(a, b))
+                # interleaved rounds are pairs: the ratio, its interval and its test are one (paired_ratio)
+                ratio = paired_ratio(ph["decode_ms_samples"], other["decode_ms_samples"])
+                out.append(pair | {"what": "decode ms/token (side by side)", "ratio": ratio} | ratio)
     return adjust(out)
 
 
@@ -177,8 +189,14 @@ def sentence(c: dict, seeds: int) -> str:
     if c.get("p") is None:
         return f"{what}: {nums}; not tested ({c.get('reason', 'too few values')})."
     if not c["distinguishable"]:
+        r = c.get("ratio") or {}
+        if r.get("ci_low") is not None and not r["ci_low"] <= 1 <= r["ci_high"]:  # p < 0.05 alone, not q
+            return (
+                f"{what}: {nums}; **not distinguishable** at {n} once adjusted for this report's comparisons "
+                f"(q = {c['q']:.3g}; the unadjusted 95% interval alone excludes 1)."
+            )
         return f"{what}: {nums}; **not distinguishable** at {n} (q = {c['q']:.3g})."
-    lower = (c["effect"] > 0.5) if "effect" in c else c["diff"] < 0
+    lower = c["ratio"]["median"] < 1 if "ratio" in c else c["diff"] < 0
     return f"{what}: {nums}; {c['a']} is **{'lower' if lower else 'higher'}** (q = {c['q']:.3g}, {n})."
 
 
@@ -215,7 +233,7 @@ def _format(key: str, v) -> str:
     if key == "params" and v:
         return f"{v / 1e6:.2f}M"
     if key == "per_head":
-        return "yes" if v else "no"
+        return v if isinstance(v, str) else "yes" if v else "no"
     if key == "decode_ratio":
         return "reference" if v is None else f"x{v['median']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
     if key == "energy":
@@ -258,7 +276,7 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
             + quality
             + [d.get("median"), d.get("p10"), d.get("p90"), q.get("median"), q.get("ci_low"), q.get("ci_high")]
             + [joules, r.get("params"), r.get("n_layers")]
-            + [r.get("per_head"), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
+            + [per_head_label(r), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
         )
-    md_rows = [[_format(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    md_rows = [[_format(k, per_head_label(r) if k == "per_head" else r.get(k)) for k, _ in COLUMNS] for r in rows]
     return write_tables(out, note, [h for _, h in COLUMNS], md_rows, header, csv_rows)[0]

@@ -11,6 +11,8 @@ import re
 import time
 from pathlib import Path
 
+from common.files import atomic_write
+from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
 
 
@@ -22,10 +24,12 @@ HOW_TO_READ = """How to read this report. Each model was trained (or compressed)
 seeds with the half-width of its 95% t-interval. Latency was measured for one seed of each model, all models in
 one process, in rounds of the rotated order A B C, B C A, ... so that a busy machine slows every model alike.
 A comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
-report (Benjamini-Hochberg), gives q < 0.05: Welch's t-test over seeds for quality, Mann-Whitney over rounds
-for latency. Otherwise it says **not distinguishable** at the number of seeds or rounds it had: the difference
-may be real, but this study cannot tell it from seed-to-seed or round-to-round variation. Matched tokens:
-every run of the study saw the same number of training tokens. Matched FLOPs: each seed's validation loss is
+report (Benjamini-Hochberg), gives q < 0.05: Welch's t-test over seeds for quality, the Wilcoxon signed-rank test
+on the per-round ratios for latency (its interval is the one printed: a ratio whose interval holds 1 is never
+called a difference). Otherwise it says **not distinguishable** at the number of seeds or rounds it had: the difference
+may be real, but this study cannot tell it from seed-to-seed or round-to-round variation. Matched tokens: the
+two runs compared saw the same number of training tokens (a comparison says so only where they did). Matched
+FLOPs: each seed's validation loss is
 read off its curve at the smaller of the two runs' training FLOP budgets (FLOPs per token x tokens)."""
 
 
@@ -138,7 +142,7 @@ def write_report(
         command = f"{spec.runner} {' '.join(spec.args)}" if spec else "?"
         lines.append(
             f"| {name} | `{command}` | {_num(s.get('params'), ',')} | "
-            f"{_num(s.get('n_layers'), 'd')} | {'yes' if s.get('per_head') else 'no'} | "
+            f"{_num(s.get('n_layers'), 'd')} | {per_head_label(s)} | "
             f"{_num(s.get('flops_per_token'), '.3g')} | {_num(s.get('tokens'), ',')} | "
             f"{_num(s.get('epochs'), '.2f')} | "
             f"{_num(s.get('train_time_s'), '.0f')} | {_num(s.get('tokens_per_s'), ',.0f')} | "
@@ -195,7 +199,8 @@ def write_report(
             "## Checkpoints over training",
             "",
             "Scored on the same held-out text as the table (the study passes eval.quality's --max-tokens and text "
-            "options to each checkpoint's eval.perplexity), so the last checkpoint's figures are the table's.",
+            "options to each checkpoint's eval.perplexity): a run's last checkpoint scores what its own quality "
+            "evaluation does (the table shows the mean over seeds).",
             "",
             "| run | step | tokens | perplexity | bits per byte | training energy (J) |",
             "|---|---|---|---|---|---|",
@@ -218,5 +223,5 @@ def write_report(
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return path

@@ -60,9 +60,9 @@ def parse_pattern(text: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"--pattern {text!r} is not N:M; use e.g. 2:4") from None
+        raise UserError(f"--pattern {text!r} is not N:M; use e.g. 2:4") from None
     if not 0 < n < m:
-        raise ValueError(f"--pattern {text}: need 0 < N < M")
+        raise UserError(f"--pattern {text}: need 0 < N < M")
     return n, m
 
 
@@ -71,7 +71,7 @@ def calibration(a, base: Path, hf_tokenizer) -> tuple[torch.Tensor, str]:
     if a.calib_corpus is None and hf_tokenizer is None:
         return calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed), "training data of the base run"
     if a.calib_corpus is None:
-        raise ValueError(f"{base} is a Hugging Face model without training data here; pass --calib-corpus")
+        raise UserError(f"{base} is a Hugging Face model without training data here; pass --calib-corpus")
     corpus = DataConfig(corpus=None if a.calib_corpus == "stdlib" else a.calib_corpus, file_glob=a.calib_file_glob)
     tokens = corpus_calibration_tokens(corpus, hf_tokenizer, a.calib_samples, a.calib_seq_len or 512, a.seed)
     return tokens, a.calib_corpus
@@ -82,9 +82,9 @@ def compress(a) -> Path:
     hf = is_hf_folder(a.checkpoint)
     base = Path(a.checkpoint) if hf else resolve_checkpoint(a.checkpoint)
     if (read_compression(base) or {}).get("quantize"):
-        raise ValueError(f"{base} is already quantized; compress its unquantized base instead")
+        raise UserError(f"{base} is already quantized; compress its unquantized base instead")
     if hf and a.finetune_steps:
-        raise ValueError("--finetune-steps trains this project's models only; leave it out for a Hugging Face model")
+        raise UserError("--finetune-steps trains this project's models only; leave it out for a Hugging Face model")
     device = pick_device(a.device)
     model, tok = load_hf(base, device) if hf else (load_model(base, device).eval(), None)
     before_params = count_params(model)["total"]
@@ -111,10 +111,10 @@ def compress(a) -> Path:
         }
     elif a.method == "quantize":
         if not a.scheme:
-            raise ValueError(f"--method quantize needs --scheme, one of {SCHEMES}")
+            raise UserError(f"--method quantize needs --scheme, one of {SCHEMES}")
         quant, settings = a.scheme, {"scheme": a.scheme}
     else:
-        raise ValueError(f"unknown --method {a.method!r}; use one of {METHODS}")
+        raise UserError(f"unknown --method {a.method!r}; use one of {METHODS}")
 
     # Quantize a copy first, to measure it and to fail (scheme unavailable here) before anything is written.
     measured = quantize(copy.deepcopy(model), quant) if quant else model
@@ -238,9 +238,9 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     missing = [k for k in ("checkpoint", "method", "out") if getattr(a, k) is None]
     if missing:
-        raise ValueError(f"eval.compress needs {', '.join('--' + k for k in missing)}; see --help")
+        raise UserError(f"eval.compress needs {', '.join('--' + k for k in missing)}; see --help")
     if a.method == "quantize" and a.finetune_steps:
-        raise ValueError("fine-tune before quantizing: quantized weights are not trained here")
+        raise UserError("fine-tune before quantizing: quantized weights are not trained here")
     check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
     if a.finetune_steps:
         check_finetune_run(a)

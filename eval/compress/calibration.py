@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import UserError
 from eval.common import training_data
 from training.config import DataConfig
 from training.data import BatchSampler, load_documents
@@ -26,7 +27,7 @@ def calibration_tokens(
     if seq_len is None and trained is not None:
         seq_len = trained.seq_len  # the length the model was trained on
     if not seq_len:
-        raise ValueError("pass --calib-seq-len: the checkpoint does not record its training sequence length")
+        raise UserError("pass --calib-seq-len: the checkpoint does not record its training sequence length")
     x, _ = BatchSampler(data.train, seq_len, n_samples, seed).get(0)
     return x
 

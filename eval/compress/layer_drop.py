@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from common.cli import UserError
 from eval.common import kept_layers
 from eval.compress.calibration import block_by_block
 from llama.model import Transformer
@@ -67,7 +68,7 @@ def block_cosines(model: Transformer, calib: torch.Tensor, batch_size: int = 8) 
 
 def block_importance(model: Transformer, calib: torch.Tensor, score: str = "angular") -> list[float]:
     if score not in SCORES:
-        raise ValueError(f"unknown block score {score!r}; use one of {SCORES}")
+        raise UserError(f"unknown block score {score!r}; use one of {SCORES}")
     return [block_scores(c)[score] for c in block_cosines(model, calib)]
 
 
@@ -82,7 +83,7 @@ def choose_layers(model: Transformer, k: int, method: str = "last", calib: torch
         return list(range(L - k, L))
     if method in SCORES:
         if calib is None:
-            raise ValueError(f"{method} layer selection needs calibration data")
+            raise UserError(f"{method} layer selection needs calibration data")
         d = block_importance(model, calib, method)
         return sorted(sorted(range(L), key=lambda i: d[i])[:k])
-    raise ValueError(f"unknown layer selection {method!r}; use last, {' or '.join(SCORES)}")
+    raise UserError(f"unknown layer selection {method!r}; use last, {' or '.join(SCORES)}")

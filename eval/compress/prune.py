@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from common.cli import UserError
 from eval.compress.calibration import block_by_block, input_sq_norms, input_stats, run_block
 from llama.model import Transformer, count_params
 from llama.model_io import model_from_state_dict
@@ -51,7 +52,7 @@ def n_m_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """True for the ``n`` lowest scores in every group of ``m`` consecutive inputs of each row (2:4 sparsity)."""
     rows, cols = score.shape
     if cols % m:
-        raise ValueError(f"{n}:{m} sparsity needs the input size ({cols}) to be a multiple of {m}")
+        raise UserError(f"{n}:{m} sparsity needs the input size ({cols}) to be a multiple of {m}")
     groups = score.view(rows, cols // m, m)
     idx = torch.argsort(groups, dim=-1)[..., :n]
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).view(rows, cols)
@@ -125,11 +126,11 @@ def prune_model(
     if group not in ("row", "matrix"):
         raise ValueError(f"group={group!r} must be row or matrix")
     if method not in ("magnitude", "wanda", "sparsegpt"):
-        raise ValueError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
+        raise UserError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
     if n_m is None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+        raise UserError(f"sparsity={sparsity} must be in [0, 1)")
     if method != "magnitude" and calib is None:
-        raise ValueError(f"{method} needs calibration data")
+        raise UserError(f"{method} needs calibration data")
     if method == "magnitude":  # no calibration: each block on its own
         for layer in model.layers:
             _prune_block(block_linears(layer), {}, method, sparsity, n_m, group)
@@ -185,7 +186,7 @@ def to_semi_structured(model: Transformer) -> int:
     from torch.sparse import to_sparse_semi_structured
 
     if not torch.cuda.is_available() or model.tok_embeddings.weight.device.type != "cuda":
-        raise ValueError("2:4 semi-structured kernels need a CUDA device")
+        raise UserError("2:4 semi-structured kernels need a CUDA device")
     converted = 0
     for layer in model.layers:
         for lin in block_linears(layer).values():
@@ -260,7 +261,7 @@ def prune_structured(
 ) -> tuple[Transformer, dict]:
     """A new model without the least important head groups and SwiGLU channels of each (non-skipped) block."""
     if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
-        raise ValueError("head_ratio and ffn_ratio must be in [0, 1)")
+        raise UserError("head_ratio and ffn_ratio must be in [0, 1)")
     a, hd = model.params, model.params.head_dim
     imp = structured_importance(model.eval(), calib, batch_size)
     sd = dict(model.state_dict())

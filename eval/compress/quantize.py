@@ -20,6 +20,8 @@ import warnings
 import torch
 from torch import nn
 
+from common.cli import UserError
+
 SCHEMES = (
     "bf16",
     "fp16",
@@ -109,7 +111,7 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
     if scheme in ("bnb-nf4", "bnb-int8"):
         _needs_cuda(scheme, device)
         return _bnb_swap(model, scheme)
-    raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
+    raise UserError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch_pruning as tp
 
+from common.cli import UserError
 from eval.compress.calibration import input_sq_norms
 from eval.compress.prune import input_importance, kept, unit_rows
 from llama.model import count_params
@@ -70,11 +71,11 @@ def prune_structured_hf(
     """Remove the least important head groups and MLP channels of every non-skipped block, in place."""
     cfg = model.hf.config
     if cfg.model_type not in LAYOUT:
-        raise ValueError(
+        raise UserError(
             f"structured pruning of {cfg.model_type!r} models is not supported; it handles {', '.join(LAYOUT)}"
         )
     if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
-        raise ValueError("head_ratio and ffn_ratio must be in [0, 1)")
+        raise UserError("head_ratio and ffn_ratio must be in [0, 1)")
     lay = LAYOUT[cfg.model_type]
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads

@@ -1,0 +1,232 @@
+"""The seams between the parts of the project, written down and held: configs whose derived values follow the
+fields they derive from, exports found by the model they came from, per-head settings that survive into the
+results, comparisons that check the condition they name, atomic writes, errors that are bugs, and latency
+verdicts that agree with their intervals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cli import ConfigError, apply_overrides, run_main
+from llama.model import HeadLayerArgs, ModelArgs, Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- configs: an override lands before anything derived from it -------------------------------------------
+
+
+def tiny_config():
+    from runners.tiny import config
+
+    return config()
+
+
+def test_overriding_n_heads_moves_the_key_value_heads_with_it():
+    cfg = apply_overrides(tiny_config(), ["--n-heads", "8"])
+    model = Transformer(cfg.model)
+    assert model.layers[0].attention.n_kv_heads == 8  # plain multi-head attention, as no --n-kv-heads asked
+    cfg = apply_overrides(tiny_config(), ["--n-heads", "8", "--n-kv-heads", "2"])
+    assert Transformer(cfg.model).layers[0].attention.n_kv_heads == 2
+
+
+@pytest.mark.parametrize("argv", [["--no-head-layer", "--hidden-dim", "32"], ["--hidden-dim", "32", "--no-head-layer"]])
+def test_a_field_of_a_removed_part_is_an_error_not_silently_dropped(argv):
+    with pytest.raises(ConfigError, match="--hidden-dim sets a field of model.head_layer, which --no-head-layer"):
+        apply_overrides(tiny_config(), argv)
+
+
+@pytest.mark.parametrize(
+    "argv, check",
+    [
+        (["--n-heads", "8"], lambda c: c.model.kv_heads(0) == 8 and c.model.n_rep == 1),
+        (["--vocab-size", "2048"], lambda c: c.model.vocab_size == 2048),
+        (["--dim", "256"], lambda c: c.model.head_layer_dim == 256 // c.model.n_heads),
+        (
+            ["--dim", "256"],
+            lambda c: c.model.ffn_hidden_dim == Transformer(c.model).layers[0].feed_forward.w1.out_features,
+        ),
+        (["--n-heads", "8"], lambda c: c.model.head_layer_dim == c.model.dim // 8),
+    ],
+)
+def test_every_derived_field_follows_what_it_derives_from(argv, check):
+    # n_kv_heads (unset: n_heads), model.vocab_size (data.vocab_size), the per-head hidden size (unset: head_dim)
+    # and the SwiGLU hidden size (dim, multiple_of) after the override, never before it
+    assert check(apply_overrides(tiny_config(), argv))
+
+
+# ---- exports: found by the model they came from -----------------------------------------------------------
+
+
+def test_an_export_in_the_work_folder_is_never_used_for_another_model(tiny_args, tmp_path):
+    from eval.decoding import build_decoder, check
+
+    torch.manual_seed(0)
+    a, b = Transformer(tiny_args).eval(), Transformer(tiny_args).eval()
+    build_decoder("onnxruntime", a, torch.device("cpu"), tmp_path)
+    decoder = build_decoder("onnxruntime", b, torch.device("cpu"), tmp_path)  # the same folder, another model
+    check(decoder, b, [[1, 5, 7, 9]], 6)  # decodes b, not a (it raised "differs from eager" before)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+# ---- results: the per-head settings are part of a model's identity ------------------------------------------
+
+
+def test_per_head_variants_stay_apart_in_results_and_tables(small_tokenizer, tmp_path):
+    from eval.model import load_for_eval
+    from llama.model_io import save_model
+    from visualizations.compare import collect, per_head_label, write_table
+
+    for name, hl in (("h64", HeadLayerArgs(hidden_dim=64, activation="silu")), ("h8", HeadLayerArgs(8, "gelu"))):
+        args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=small_tokenizer.vocab_size, multiple_of=32)
+        args.head_layer = hl
+        folder = save_model(Transformer(args), tmp_path / name, small_tokenizer.path)
+        ev = load_for_eval(folder, "cpu")
+        ev.write(
+            "perplexity", {"perplexity": 10.0, "bits_per_byte": 1.0, "mode": "sliding"}, tmp_path / "r" / f"{name}.json"
+        )
+    results = {json.loads((tmp_path / "r" / f"{n}.json").read_text())["model"]: n for n in ("h64", "h8")}
+    specs = {
+        json.loads((tmp_path / "r" / f"{n}.json").read_text())["head_layer"]["hidden_dim"] for n in results.values()
+    }
+    assert specs == {64, 8}
+    rows = {r["model"]: r for r in collect(tmp_path / "r")}
+    assert per_head_label(rows["h64"]) == "64 silu" and per_head_label(rows["h8"]) == "8 gelu"
+    md, _ = write_table(list(rows.values()), tmp_path / "t")
+    assert "| 64 silu |" in md.read_text() and "| 8 gelu |" in md.read_text()
+
+
+def test_per_head_variants_of_one_depth_are_compared_with_each_other():
+    from visualizations.grouped import comparisons
+
+    rows = [
+        {
+            "model": "ph64",
+            "kind": "trained",
+            "base": None,
+            "n_layers": 3,
+            "per_head": True,
+            "train_tokens": 100,
+            "head_layer": {"hidden_dim": 64, "activation": "silu", "residual": True},
+            "bits_per_byte": {"values": [1.0, 1.01, 1.02], "mean": 1.01, "n": 3},
+        },
+        {
+            "model": "ph256",
+            "kind": "trained",
+            "base": None,
+            "n_layers": 3,
+            "per_head": True,
+            "train_tokens": 100,
+            "head_layer": {"hidden_dim": 256, "activation": "silu", "residual": True},
+            "bits_per_byte": {"values": [0.9, 0.91, 0.92], "mean": 0.91, "n": 3},
+        },
+    ]
+    comps = comparisons(rows, Path("/nonexistent"))
+    pair = [c for c in comps if {c["a"], c["b"]} == {"ph64", "ph256"}]
+    assert pair and pair[0]["what"].startswith("bits per byte") and pair[0]["distinguishable"]
+
+
+# ---- comparisons check the condition they name --------------------------------------------------------------
+# (tests/test_visualizations.py: test_matched_tokens_is_said_only_when_the_tokens_match)
+
+
+# ---- atomic writes ------------------------------------------------------------------------------------------
+
+
+def test_a_crash_while_writing_the_summary_or_the_config_keeps_the_earlier_one(tmp_path, make_config, monkeypatch):
+    from training.trainer import train
+
+    train(make_config(tmp_path, max_steps=2))
+    summary, config = tmp_path / "logs/t/summary.json", tmp_path / "logs/t/config.json"
+    before = summary.read_text(), config.read_text()
+    real_write_bytes = Path.write_bytes
+
+    def torn(self, data):  # half the bytes, then the disk is full
+        if self.name.startswith((".summary.json", ".config.json", "summary.json", "config.json")):
+            real_write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    def torn_text(self, text, *a, **k):
+        return torn(self, text.encode())
+
+    monkeypatch.setattr(Path, "write_bytes", torn)
+    monkeypatch.setattr(Path, "write_text", torn_text)
+    with pytest.raises(OSError):
+        train(make_config(tmp_path, max_steps=4, resume=True))
+    assert (summary.read_text(), config.read_text()) == before  # whole, the earlier ones
+    json.loads(summary.read_text())
+
+
+# ---- a bug is not bad input ---------------------------------------------------------------------------------
+
+
+def test_a_genuine_bug_keeps_its_traceback():
+    code = "from common.cli import run_main\nrun_main(lambda: int('not a number'))\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "ValueError: invalid literal" in out.stderr
+
+
+def test_bad_input_is_still_one_line(capsys):
+    from common.cli import UserError
+
+    def bad():
+        raise UserError("the file is damaged; use another")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(bad)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: the file is damaged; use another\n"
+
+
+# ---- latency verdicts agree with their intervals -------------------------------------------------------------
+
+
+def test_the_case_the_tiny_study_printed_is_now_a_difference():
+    # "tiny_perhead_3l / tiny_baseline_3l = x1.195 [1.120, 1.529]; not distinguishable (q = 0.476)": every
+    # round was slower, an unpaired test could not see it; the paired one does, and says so with its interval
+    from common.stats import adjust, paired_ratio
+
+    rng = np.random.default_rng(0)
+    base = list(rng.lognormal(0.0, 0.3, 15))  # a busy machine: rounds differ a lot
+    ph = [b * r for b, r in zip(base, rng.uniform(1.12, 1.5, 15), strict=True)]
+    [t] = adjust([paired_ratio(ph, base)])
+    assert t["distinguishable"] and t["ci_low"] > 1 and t["median"] > 1
+
+
+def test_a_verdict_and_its_interval_cannot_disagree():
+    from common.stats import adjust, paired_ratio
+
+    rng = np.random.default_rng(1)
+    for n in (3, 5, 8, 15, 40):
+        for shift in (0.0, 0.01, 0.03, 0.1):
+            for _ in range(8):
+                b = rng.lognormal(0, 0.2, n)
+                a = b * np.exp(shift + rng.normal(0, 0.05, n))
+                r = paired_ratio(list(a), list(b))
+                [t] = adjust([dict(r)])
+                holds_one = r["ci_low"] <= 1 <= r["ci_high"]
+                assert (r["p"] < 0.05) == (not holds_one), r  # the interval inverts the test that gave p
+                assert not (t["distinguishable"] and holds_one)
+
+
+def test_an_interval_that_excludes_one_is_never_reported_as_nothing_without_saying_so():
+    from visualizations.grouped import sentence
+
+    c = {
+        "a": "ph3",
+        "b": "base3",
+        "what": "decode ms/token (side by side)",
+        "ratio": {"median": 1.134, "ci_low": 1.004, "ci_high": 1.286, "n": 15},
+        "p": 0.03,
+        "q": 0.12,
+        "distinguishable": False,
+    }
+    assert "the unadjusted 95% interval alone excludes 1" in sentence(c, 3)
