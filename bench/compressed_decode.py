@@ -37,8 +37,8 @@ from common.cli import UserError, failure, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_write
 from common.hardware import run_metadata
-from eval.compress.prune import block_linears, check_n_m, prune_model, to_semi_structured
-from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
+from compress.prune import block_linears, check_n_m, prune_model, to_semi_structured
+from compress.quantize import SCHEMES, quantize, state_dict_bytes
 from eval.latency import MODES, decode_run
 from eval.side_by_side import Args as SideBySideArgs
 from eval.side_by_side import side_by_side

@@ -24,9 +24,9 @@ from common.device import pick_device
 from common.files import atomic_write
 from common.hardware import run_metadata
 from eval.efficiency import evaluate_efficiency, table
-from eval.engines import ENGINES
 from eval.latency import MODES
 from llama.model import Transformer, count_params
+from runtime.engines import ENGINES
 
 
 def decode_table(rows: list[dict]) -> str:

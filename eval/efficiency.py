@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
-from eval.compress.quantize import state_dict_bytes
-from eval.engines import DEFAULT_ENGINES, ENGINES, build, check
-from eval.hf import HFModel
+from compress.quantize import state_dict_bytes
 from eval.latency import MODES, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
+from models.hf import HFModel
+from runtime.engines import DEFAULT_ENGINES, ENGINES, build, check
 
 
 def evaluate_efficiency(
@@ -150,7 +150,7 @@ def main(argv=None):
     # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
     model = ev.model if ev.quantized else ev.model.to(ev.dtype)
     if a.sparse_2of4:
-        from eval.compress.prune import to_semi_structured
+        from compress.prune import to_semi_structured
 
         if not to_semi_structured(model):
             raise UserError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")

@@ -1,6 +1,6 @@
 """A model loaded for evaluation: the model (quantized again if its folder says so), its tokenizer, device
 and dtype, and what compression made it. Every evaluator loads through ``load_for_eval``, which takes this
-project's checkpoints and Hugging Face model folders (eval/hf.py) alike."""
+project's checkpoints and Hugging Face model folders (models/hf.py) alike."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 
 from common.cli import UserError, positional
 from common.device import autocast, compute_dtype, pick_device
-from eval.common import check_result_path, write_result
-from eval.compress import read_compression
-from eval.compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
-from eval.hf import HFModel, HFTokenizer, from_hub, is_hf_folder, load_hf
+from common.results import check_result_path, write_result
+from compress import read_compression
+from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import Transformer, count_params
 from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
+from models.hf import HFModel, HFTokenizer, from_hub, is_hf_folder, load_hf
 
 
 @dataclass

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
-from eval.common import HeldOut, heldout_documents, heldout_texts, training_data
+from data.config import DataConfig
+from data.prepare import ENCODE_BATCH_DOCS, heldout_documents, iter_documents
 from eval.model import EvalOptions
-from training.config import DataConfig
-from training.data import ENCODE_BATCH_DOCS, iter_documents
+from training.checkpoint import HeldOut, heldout_texts, training_data
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from common.cli import UserError, parse_args, positional, run_main
 from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
+from common.results import check_result_path, write_result
 from common.stats import adjust, paired_ratio
 from common.timing import spread, time_repeats
-from eval.common import check_result_path, write_result
 from eval.latency import MODES, decode_run
 from eval.model import load_for_eval
 from llama.generation import prefill

@@ -18,9 +18,10 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from common.cli import UserError
-from eval.common import heldout_texts, split_documents_at_bos, training_data
+from data.prepare import split_documents_at_bos
 from eval.generate import complete
 from eval.model import Evaluated
+from training.checkpoint import heldout_texts, training_data
 
 ROUGE_TOKENIZERS = {
     "default": "rouge-score's default: lowercased, only [a-z0-9] runs kept (code symbols, non-Latin text ignored)",

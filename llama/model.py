@@ -46,7 +46,7 @@ class ModelArgs:
     max_seq_len: int = 2048  # longest context trained on; the KV cache may be set up shorter
     tie_embeddings: bool = False  # share tok_embeddings and output weights (Llama-2 does not)
     head_layer: HeadLayerArgs | None = None  # per-head layers; None is plain Llama-2
-    # Per-layer sizes, set by structured pruning (eval/compress/prune.py); None = the same in every layer.
+    # Per-layer sizes, set by structured pruning (compress/prune.py); None = the same in every layer.
     layer_n_heads: list[int] | None = None  # query heads of each layer (head_dim stays dim // n_heads)
     layer_n_kv_heads: list[int] | None = None  # key/value heads of each layer
     layer_ffn_hidden_dim: list[int] | None = None  # SwiGLU hidden size of each layer

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.cli import run_main
+from data.config import DataConfig
 from llama.model import HeadLayerArgs, ModelArgs
-from training.config import DataConfig, OptimConfig, TrainConfig
+from training.config import OptimConfig, TrainConfig
 from training.trainer import run
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.cli import parse_args, positional, run_main
 from common.process import die_with_parent
-from eval.decoding import DECODE_ENGINES
+from runtime.decoding import DECODE_ENGINES
 from serve.client import run_load
 from visualizations.serving import write_serving_report
 

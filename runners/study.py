@@ -8,7 +8,7 @@ A study file may also name ``[[external]]`` models (Hugging Face folders such as
 pythia-160m): each is evaluated on the held-out text of the study's reference run and timed side by side
 with the rest; with ``checkpoints`` and ``tokens`` its checkpoints over training are plotted with the runs'.
 
-Every step is a command a user could type (``python -m runners.X``, ``python -m eval.compress``,
+Every step is a command a user could type (``python -m runners.X``, ``python -m compress``,
 ``python -m eval.quality`` ...), run in a subprocess with its output in ``results/<study>/logs/``. A finished
 step leaves a marker in ``results/<study>/steps/``; running the study again skips finished steps, resumes an
 interrupted training run from its checkpoint, and reuses runs trained before. The table, plots and report are
@@ -32,12 +32,12 @@ from pathlib import Path
 import tomllib
 from tqdm import tqdm
 
-import eval.compress.__main__ as compress_cli
+import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.process import die_with_parent
-from eval.hf import hf_config, is_hf_folder
 from llama.model_io import MODEL_FILE, list_checkpoints
+from models.hf import hf_config, is_hf_folder
 from training.config import check_run_name
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ class CompressSpec:
 
     base: str  # the [[runs]] name it is built from
     name: str
-    args: list[str] = field(default_factory=list)  # eval.compress's options (the study sets --checkpoint and --out)
+    args: list[str] = field(default_factory=list)  # compress's options (the study sets --checkpoint and --out)
 
 
 @dataclass
@@ -234,7 +234,7 @@ def load_study(path: str | Path) -> Study:
 
 def check_study(s: Study, where: str):
     """What every step of ``s`` will run, checked now: runners exist and take their options, compressed
-    baselines name a run of the study and valid eval.compress options, evaluator options parse, external
+    baselines name a run of the study and valid compress options, evaluator options parse, external
     models are model folders. Raises a one-line UserError naming ``where`` and the entry."""
     import eval.efficiency
     import eval.perplexity
@@ -372,12 +372,12 @@ class TrainStep:
 
 @dataclass
 class CompressStep:
-    """Build one compressed baseline (one seed of its base) with eval.compress; its output is the folder
-    eval.compress says."""
+    """Build one compressed baseline (one seed of its base) with compress; its output is the folder
+    compress says."""
 
     name: str
-    argv: list[str]  # eval.compress's command line
-    options: compress_cli.Args  # the same, parsed by eval.compress's own options class
+    argv: list[str]  # compress's command line
+    options: compress_cli.Args  # the same, parsed by compress's own options class
 
     @classmethod
     def of(cls, s: Study, spec: CompressSpec, seed: int = 0) -> CompressStep:
@@ -398,7 +398,7 @@ class CompressStep:
         return (Path(self.options.out) / "compression.json").is_file()  # written last, with the model
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
-        run(["eval.compress", *self.argv])
+        run(["compress", *self.argv])
 
 
 @dataclass

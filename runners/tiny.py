@@ -4,9 +4,10 @@ python -m runners.tiny                          # per-head layers on
 python -m runners.tiny_baseline                 # the same without them (= --name tiny_baseline --no-head-layer)
 """
 
+from data.config import DataConfig
 from llama.model import HeadLayerArgs, ModelArgs
 from runners.common import runner_main
-from training.config import DataConfig, OptimConfig, TrainConfig
+from training.config import OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

@@ -44,9 +44,9 @@ from common.cli import ConfigError, UserError, failure, parse_args, positional, 
 from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
-from eval.decoding import DECODE_ENGINES, build_decoder, check
 from eval.generate import cut_at_stops, fit_prompt, stop_check
 from eval.model import load_for_eval
+from runtime.decoding import DECODE_ENGINES, build_decoder, check
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
 TOKENS_PER_CHAR_SLACK = 4  # normalisation may merge characters: the cheap length bound allows 4x for it

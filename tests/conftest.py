@@ -1,10 +1,11 @@
 import pytest
 import torch
 
+from data.config import DataConfig
+from data.prepare import load_documents
 from llama.model import HeadLayerArgs, ModelArgs
 from llama.tokenizer import train_tokenizer
-from training.config import DataConfig, OptimConfig, TrainConfig
-from training.data import load_documents
+from training.config import OptimConfig, TrainConfig
 
 # One intra-op thread in every test, whatever OMP_NUM_THREADS says: results then do not depend on how a
 # machine splits reductions across threads, and a loaded 2-core machine is not oversubscribed. Assertions

@@ -11,7 +11,7 @@ from common.cli import ConfigError, apply_overrides, positional
 
 COMMANDS = [
     "llama.convert",
-    "training.data",
+    "data.prepare",
     "runners.tiny",
     "runners.tiny_baseline",
     "runners.baseline_5_layer",
@@ -21,7 +21,7 @@ COMMANDS = [
     "eval.quality",
     "eval.humaneval",
     "eval.efficiency",
-    "eval.compress.__main__",
+    "compress.__main__",
     "visualizations.compare",
     "visualizations.plot_tradeoffs",
     "visualizations.plot_training",

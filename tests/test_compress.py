@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from eval.compress.__main__ import main as compress_main
-from eval.compress.calibration import calibration_tokens
-from eval.compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers, drop_layers
-from eval.compress.prune import (
+from compress.__main__ import main as compress_main
+from compress.calibration import calibration_tokens
+from compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers, drop_layers
+from compress.prune import (
     block_linears,
     check_n_m,
     n_m_mask,
@@ -15,7 +15,7 @@ from eval.compress.prune import (
     sparsegpt_prune,
     unstructured_mask,
 )
-from eval.compress.quantize import QuantizationUnavailable, quantize, state_dict_bytes
+from compress.quantize import QuantizationUnavailable, quantize, state_dict_bytes
 from eval.model import load_for_eval
 from eval.perplexity import sliding_window_nll, summarize
 from llama.generation import generate
@@ -29,7 +29,7 @@ def calib(trained_checkpoint):
 
 
 def held_out_tokens(run):
-    from eval.common import training_data
+    from training.checkpoint import training_data
 
     return training_data(run)[0].val[:6000]
 

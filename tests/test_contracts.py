@@ -67,7 +67,7 @@ def test_every_derived_field_follows_what_it_derives_from(argv, check):
 
 
 def test_an_export_in_the_work_folder_is_never_used_for_another_model(tiny_args, tmp_path):
-    from eval.decoding import build_decoder, check
+    from runtime.decoding import build_decoder, check
 
     torch.manual_seed(0)
     a, b = Transformer(tiny_args).eval(), Transformer(tiny_args).eval()

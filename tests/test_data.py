@@ -4,10 +4,10 @@ import random
 import numpy as np
 import pytest
 
-import training.data as data_mod
+import data.prepare as data_mod
 from common.cli import ConfigError, apply_overrides
-from training.config import DataConfig
-from training.data import BatchSampler, Document, describe, load_documents, prepare, split_documents
+from data.config import DataConfig
+from data.prepare import BatchSampler, Document, describe, load_documents, prepare, split_documents
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_overrides_are_type_checked():
 
 
 def test_python_sources_corpus_is_offline_deduplicated_and_recorded(tmp_path):
-    from training.data import PYTHON_SOURCES, load_documents, prepare
+    from data.prepare import PYTHON_SOURCES, load_documents, prepare
 
     cfg = DataConfig(corpus=PYTHON_SOURCES, file_glob="**/json/*.py", vocab_size=400, cache_dir=str(tmp_path))
     docs = load_documents(cfg)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from eval.engines import build, check
 from eval.latency import time_decode, time_forward, time_prefill
 from llama.model import Transformer
+from runtime.engines import build, check
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_engines_match_eager_and_accept_new_shapes(model, name, tmp_path):
 
 
 def test_engine_check_catches_a_wrong_engine(model):
-    from eval.engines import Engine
+    from runtime.engines import Engine
 
     wrong = Engine("wrong", lambda tokens: model(tokens) + 1e-2)
     with pytest.raises(AssertionError, match="differs from eager"):

@@ -17,9 +17,10 @@ import llama.model_io as model_io
 import training.checkpoint as ckpt_mod
 import training.trainer as trainer_mod
 from common.cli import apply_overrides, run_main
+from data.config import DataConfig
 from llama.model_io import list_checkpoints, load_model
 from training.checkpoint import prune_checkpoints
-from training.config import DataConfig, TrainConfig
+from training.config import TrainConfig
 from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def test_garbage_tokenizer_gives_one_line(trained_checkpoint, tmp_path, capsys):
 
 
 def test_a_corpus_of_nul_bytes_gives_one_line(tmp_path, capsys):
-    from training.data import main as data_main
+    from data.prepare import main as data_main
 
     for i in range(3):
         (tmp_path / f"f{i}.py").write_bytes(b"\x00" * 1000)
@@ -322,7 +323,7 @@ def _compress_argv(checkpoint, out, *extra):
 
 @pytest.mark.parametrize("target", ["notes", "checkpoints"])
 def test_compress_never_replaces_a_folder_it_did_not_write(trained_checkpoint, tmp_path, capsys, target):
-    from eval.compress.__main__ import main as compress_main
+    from compress.__main__ import main as compress_main
 
     folder = tmp_path / target
     folder.mkdir()
@@ -344,7 +345,7 @@ def test_compress_never_replaces_a_folder_it_did_not_write(trained_checkpoint, t
 
 
 def test_compress_replaces_its_own_earlier_output(trained_checkpoint, tmp_path):
-    from eval.compress.__main__ import main as compress_main
+    from compress.__main__ import main as compress_main
 
     out = tmp_path / "m50"
     compress_main(_compress_argv(trained_checkpoint, out))
@@ -451,7 +452,7 @@ def test_code_in_a_model_folder_is_never_run(hf_llama, tmp_path):
 def test_missing_or_unexpected_weights_are_named(hf_llama, tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
-    from eval.hf import load_hf
+    from models.hf import load_hf
 
     folder = _copy(hf_llama, tmp_path / damage)
     sd = load_file(folder / "model.safetensors")
@@ -531,7 +532,7 @@ def test_absurd_hf_configs_are_one_line_before_anything_is_allocated(hf_llama, t
 
 
 def test_weights_larger_than_memory_are_refused_before_loading(hf_llama, monkeypatch):
-    import eval.hf as hf_mod
+    import models.hf as hf_mod
 
     monkeypatch.setattr(hf_mod, "available_memory", lambda: 1000)
     with pytest.raises(ValueError, match="GiB of memory is available"):

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.compress.prune import block_linears, check_n_m
-from eval.hf import load_hf
+from compress.prune import block_linears, check_n_m
+from data.config import DataConfig
 from eval.model import load_for_eval
 from eval.perplexity import document_nll, evaluate_perplexity
 from llama.generation import generate
+from models.hf import load_hf
 from tests.hf_models import ARCHITECTURES, write_local_tasks
-from training.config import DataConfig
 
 TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"
 
@@ -111,11 +111,11 @@ def test_hf_model_without_corpus_asks_for_one(hf_models):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Compression of HF folders, through eval.compress's command line
+# Compression of HF folders, through compress's command line
 
 
 def _compress(base: Path, out: Path, *args: str) -> Path:
-    from eval.compress.__main__ import main
+    from compress.__main__ import main
 
     calib = [
         "--calib-corpus",
@@ -205,7 +205,7 @@ def test_quantized_hf_folder_is_quantized_again_on_load(hf_models, tmp_path, arc
 
 
 def test_hf_compression_needs_a_calibration_corpus(hf_models, tmp_path):
-    from eval.compress.__main__ import main
+    from compress.__main__ import main
 
     with pytest.raises(ValueError, match="pass --calib-corpus"):
         main(["--checkpoint", str(hf_models["llama"]), "--out", str(tmp_path / "w"), "--method", "wanda"])

@@ -72,11 +72,12 @@ def models(kind, hf_models, trained_baseline, exported, add_bos_token=None):
 KINDS = [*ARCHITECTURES, "export"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("add_bos_token", [None, True, False])
+# add_bos_token only changes tokenizers that have a BOS (Llama's, this project's): forced on and off for those
+BOS_SETTINGS = [(kind, None) for kind in KINDS] + [(k, flag) for k in ("llama", "export") for flag in (True, False)]
+
+
+@pytest.mark.parametrize("kind, add_bos_token", BOS_SETTINGS)
 def test_every_request_equals_hflm(kind, add_bos_token, hf_models, trained_baseline, exported):
-    if add_bos_token is not None and kind not in ("llama", "export"):
-        pytest.skip("add_bos_token only changes tokenizers that have a BOS (Llama's, this project's)")
     ours, hflm = models(kind, hf_models, trained_baseline, exported, add_bos_token)
     got, want = (
         ours.loglikelihood(instances("loglikelihood", REQUESTS)),
@@ -117,9 +118,9 @@ def test_task_metrics_equal_hflm(kind, hf_models, trained_baseline, exported, ma
 def test_perplexity_lm_eval_mode_equals_hflm(kind, hf_models, trained_baseline, exported, tasks, manager):
     from lm_eval import simple_evaluate
 
+    from data.config import DataConfig
     from eval.model import load_for_eval
     from eval.perplexity import evaluate_perplexity
-    from training.config import DataConfig
 
     ours, theirs = pairs(kind, hf_models, trained_baseline, exported)
     corpus = DataConfig(corpus=str(tasks / "data.jsonl"), text_field="text")
@@ -132,9 +133,9 @@ def test_perplexity_lm_eval_mode_equals_hflm(kind, hf_models, trained_baseline, 
 
 @pytest.mark.parametrize("mode", ["sliding", "lm-eval"])
 def test_a_checkpoint_and_its_export_score_the_same(trained_baseline, exported, mode):
-    from eval.common import HeldOut
     from eval.model import load_for_eval
     from eval.perplexity import evaluate_perplexity
+    from training.checkpoint import HeldOut
 
     text = HeldOut(str(trained_baseline))
     a, b = (

@@ -149,10 +149,10 @@ def test_a_token_budget_reads_and_tokenizes_only_what_it_needs_of_a_large_corpus
     # The README's Hugging Face example once tokenized the whole corpus before --max-tokens applied (24 GB).
     import tracemalloc
 
+    from data.config import DataConfig
     from eval.model import load_for_eval
     from eval.perplexity import evaluate_perplexity
     from tests.hf_models import make_hf_model
-    from training.config import DataConfig
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

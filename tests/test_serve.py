@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from eval.decoding import DECODE_ENGINES
 from llama.generation import generate
+from runtime.decoding import DECODE_ENGINES
 from serve.server import create_app, create_server, load_served
 
 PROMPT = "def add(a, b):\n"
@@ -167,7 +167,7 @@ def test_a_hugging_face_folder_is_served_by_torch(tmp_path):
 
 
 def test_check_refuses_an_engine_that_decodes_differently(served):
-    from eval.decoding import TorchDecoder, check
+    from runtime.decoding import TorchDecoder, check
 
     class Shifted(TorchDecoder):  # right prompt, wrong steps
         def next(self, token, pos):

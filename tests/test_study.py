@@ -93,7 +93,7 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     assert kinds[:3] == [TrainStep, CompressStep, CompressStep] and kinds[-1] is OverTrainingStep
     ft = steps[2]
     assert ft.options.finetune_steps == 3 and ft.options.method == "magnitude"
-    # the fine-tuned model's folder comes from eval.compress itself, and the evaluations use it
+    # the fine-tuned model's folder comes from compress itself, and the evaluations use it
     assert ft.output(study) == Path(study.checkpoints_dir) / "s-compressed" / "r1-m50ft"
     evals = {s.key: s for s in steps if isinstance(s, EvaluateStep)}
     assert evals["quality-r1-m50ft"].model == ft.output(study)
@@ -196,7 +196,7 @@ def test_every_command_of_the_shipped_studies_parses(toml):
     # A typo in a study file should fail here, not minutes into a run on a rented GPU.
     import importlib
 
-    import eval.compress.__main__ as compress_cli
+    import compress.__main__ as compress_cli
     from common.cli import parse_args
     from eval.efficiency import Args as EfficiencyArgs
     from eval.perplexity import Args as PerplexityArgs

@@ -10,10 +10,10 @@ import torch
 
 import training.trainer as trainer_mod
 from common.cli import ConfigError, apply_overrides
+from data.prepare import BatchSampler
 from llama.model import HeadLayerArgs
 from llama.model_io import list_checkpoints, load_model
 from training.config import OptimConfig, TrainConfig
-from training.data import BatchSampler
 from training.trainer import NonFiniteLoss, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]

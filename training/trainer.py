@@ -33,12 +33,12 @@ from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
+from data.prepare import BatchSampler, prepare
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
 from training.checkpoint import load_training_state, prune_checkpoints, remove_leftovers, restore_rng, save_checkpoint
 from training.config import TrainConfig, check_run_name
-from training.data import BatchSampler, prepare
 
 
 class NonFiniteLoss(FloatingPointError):

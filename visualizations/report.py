@@ -159,7 +159,7 @@ def write_report(
         lines += [
             "",
             "Compressed baselines: "
-            + "; ".join(f"{c.name} = `eval.compress {' '.join(c.args)}` on {c.base}" for c in study.compress)
+            + "; ".join(f"{c.name} = `compress {' '.join(c.args)}` on {c.base}" for c in study.compress)
             + ".",
         ]
     seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)

@@ -9,6 +9,6 @@ COMPRESSION_FILE = "compression.json"
 
 
 def read_compression(folder: str | Path) -> dict | None:
-    """What ``python -m eval.compress`` did to make the model in ``folder`` (None for a trained model)."""
+    """What ``python -m compress`` did to make the model in ``folder`` (None for a trained model)."""
     path = Path(folder) / COMPRESSION_FILE
     return json.loads(path.read_text()) if path.is_file() else None

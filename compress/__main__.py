@@ -1,12 +1,12 @@
 """Build a compressed baseline from a checkpoint; the result is evaluated like any other model.
 
-    python -m eval.compress --checkpoint checkpoints/tiny --method wanda --sparsity 0.5 --out checkpoints/c/tiny-wanda50
-    python -m eval.compress --checkpoint checkpoints/tiny --method sparsegpt --pattern 2:4 --out ...
-    python -m eval.compress --checkpoint checkpoints/tiny --method drop-angular --layers 1 --out ...
-    python -m eval.compress --checkpoint checkpoints/tiny --method structured --head-ratio 0.25 --ffn-ratio 0.25 \\
+    python -m compress --checkpoint checkpoints/tiny --method wanda --sparsity 0.5 --out checkpoints/c/tiny-wanda50
+    python -m compress --checkpoint checkpoints/tiny --method sparsegpt --pattern 2:4 --out ...
+    python -m compress --checkpoint checkpoints/tiny --method drop-angular --layers 1 --out ...
+    python -m compress --checkpoint checkpoints/tiny --method structured --head-ratio 0.25 --ffn-ratio 0.25 \\
         --skip-first 1 --skip-last 1 --finetune-steps 100 --out ...
-    python -m eval.compress --checkpoint checkpoints/tiny --method quantize --scheme int8-dynamic --out ...
-    python -m eval.compress --checkpoint hf/pythia-160m --method wanda --calib-corpus python-sources --out ...
+    python -m compress --checkpoint checkpoints/tiny --method quantize --scheme int8-dynamic --out ...
+    python -m compress --checkpoint hf/pythia-160m --method wanda --calib-corpus python-sources --out ...
 
 A Hugging Face model folder (Llama, GPT-NeoX, GPT-2, Starcoder2) is compressed the same way and saved as a
 Hugging Face folder again (``save_pretrained``, its config saying the new depth); it has no training data
@@ -37,19 +37,20 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
-from eval.compress import COMPRESSION_FILE, read_compression
-from eval.compress.calibration import calibration_tokens, corpus_calibration_tokens
-from eval.compress.layer_drop import choose_layers, drop_layers
-from eval.compress.prune import prune_model, prune_structured
-from eval.compress.quantize import SCHEMES, quantize, state_dict_bytes
-from eval.compress.structured_hf import prune_structured_hf, pruned_shapes
-from eval.hf import drop_hf_layers, from_hub, is_hf_folder, load_hf, save_hf
+from compress import COMPRESSION_FILE, read_compression
+from compress.calibration import calibration_tokens, corpus_calibration_tokens
+from compress.layer_drop import choose_layers, drop_layers
+from compress.prune import prune_model, prune_structured
+from compress.quantize import SCHEMES, quantize, state_dict_bytes
+from compress.structured_hf import prune_structured_hf, pruned_shapes
+from data.config import DataConfig
 from llama.model import count_params
 from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, tokenizer_path, write_model_files
+from models.hf import drop_hf_layers, from_hub, is_hf_folder, load_hf, save_hf
 from training.checkpoint import STATE_FILE, training_config
-from training.config import DataConfig, TrainConfig
+from training.config import TrainConfig
 
-OWNER = "eval.compress"  # the mark on its output folders: only those may be replaced by a later run
+OWNER = "compress"  # the mark on its output folders: only those may be replaced by a later run
 NEEDS_CALIBRATION = ("drop-angular", "drop-bi", "wanda", "sparsegpt", "structured")
 METHODS = ("drop-last", "drop-angular", "drop-bi", "magnitude", "wanda", "sparsegpt", "structured", "quantize")
 Method = Literal[METHODS]
@@ -157,7 +158,7 @@ def compress(a) -> Path:
 
 def write_compressed(out: Path, hf: bool, model, tok, base: Path, info: dict):
     """One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
-    together or not at all, and an existing folder is replaced only if eval.compress wrote it."""
+    together or not at all, and an existing folder is replaced only if compress wrote it."""
     with atomic_dir(out, owner=OWNER) as tmp:
         if hf:
             save_hf(model, tok, tmp, pruned_shapes(model) if info["method"] == "structured" else None)
@@ -238,7 +239,7 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     missing = [k for k in ("checkpoint", "method", "out") if getattr(a, k) is None]
     if missing:
-        raise UserError(f"eval.compress needs {', '.join('--' + k for k in missing)}; see --help")
+        raise UserError(f"compress needs {', '.join('--' + k for k in missing)}; see --help")
     if a.method == "quantize" and a.finetune_steps:
         raise UserError("fine-tune before quantizing: quantized weights are not trained here")
     check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now

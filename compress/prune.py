@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from eval.compress.calibration import block_by_block, input_sq_norms, input_stats, run_block
+from compress.calibration import block_by_block, input_sq_norms, input_stats, run_block
 from llama.model import Transformer, count_params
 from llama.model_io import model_from_state_dict
 
 
 def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """Every linear layer of a block: wq, wk, wv, wo, w1, w2, w3 here; q/k/v/o and the MLP's in a transformers
-    model (GPT-2's Conv1D layers are nn.Linear once loaded, eval/hf.py)."""
+    model (GPT-2's Conv1D layers are nn.Linear once loaded, models/hf.py)."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 

@@ -15,10 +15,10 @@ import dataclasses
 import torch
 
 from common.cli import UserError
-from eval.common import kept_layers
-from eval.compress.calibration import block_by_block
+from compress.calibration import block_by_block
 from llama.model import Transformer
 from llama.model_io import model_from_state_dict
+from models.interface import kept_layers
 
 
 def drop_layers(model: Transformer, drop: list[int]) -> Transformer:

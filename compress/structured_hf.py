@@ -9,7 +9,7 @@ architecture below rather than traced with Torch-Pruning's DependencyGraph, whos
 model did not finish here (it follows the mask and cache code as well as the weights).
 
 Per-layer sizes differ once the first/last blocks are kept, which a transformers config cannot say, so the
-folder records each changed layer's shape in ``pruned_shapes.json``; ``eval.hf.load_hf`` rebuilds those
+folder records each changed layer's shape in ``pruned_shapes.json``; ``models.hf.load_hf`` rebuilds those
 layers at their pruned sizes before loading the weights. The attention code of the supported architectures
 infers the number of heads from the projections' sizes, so nothing else changes.
 """
@@ -20,8 +20,8 @@ import torch
 import torch_pruning as tp
 
 from common.cli import UserError
-from eval.compress.calibration import input_sq_norms
-from eval.compress.prune import input_importance, kept, unit_rows
+from compress.calibration import input_sq_norms
+from compress.prune import input_importance, kept, unit_rows
 from llama.model import count_params
 
 # model_type -> names inside a block: the query/key/value projections (or the fused one), the attention output

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from eval.common import training_data
-from training.config import DataConfig
-from training.data import BatchSampler, load_documents
+from data.config import DataConfig
+from data.prepare import BatchSampler, load_documents
+from training.checkpoint import training_data
 
 
 def calibration_tokens(

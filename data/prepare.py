@@ -4,8 +4,8 @@
 split into one flat ``uint16``/``uint32`` file (``<s> doc </s> <s> doc </s> ...``) and writes a manifest. A
 second call with the same corpus and settings finds the cache and returns at once.
 
-    python -m training.data                      # the default corpus: prepare and print its statistics
-    python -m training.data --corpus my_texts/ --file-glob '**/*.txt' --vocab-size 8000
+    python -m data                      # the default corpus: prepare and print its statistics
+    python -m data --corpus my_texts/ --file-glob '**/*.txt' --vocab-size 8000
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
 from common.files import atomic_dir
+from data.config import DataConfig
 from llama.tokenizer import Tokenizer, train_tokenizer
-from training.config import DataConfig
 
 MANIFEST_VERSION = 1
 TOKENIZER_FORMAT = 3  # bump when train_tokenizer's options or encoding change, so caches are rebuilt
@@ -223,7 +223,7 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
     d = Path(directory)
     manifest_path = d / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{d} has no manifest.json; prepare the data with `python -m training.data`")
+        raise FileNotFoundError(f"{d} has no manifest.json; prepare the data with `python -m data`")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
         raise UserError(f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION}")
@@ -365,6 +365,19 @@ def main(argv: list[str] | None = None):
     cfg = parse_args(DataConfig(), argv)
     data = prepare(cfg)
     print(describe(data))
+
+
+def split_documents_at_bos(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
+    """The packed stream ``<s> doc </s> <s> doc </s> ...`` back into one array per document (without <s>)."""
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+    ends = list(starts[1:]) + [len(tokens)]
+    return [np.asarray(tokens[s + 1 : e]) for s, e in zip(starts, ends, strict=True)]
+
+
+def heldout_documents(tokens: np.ndarray, tokenizer) -> list[np.ndarray]:
+    """The packed held-out stream back into each document's own tokens, without its <s> and </s>."""
+    docs = split_documents_at_bos(tokens, tokenizer.bos_id)
+    return [d[:-1] if len(d) and d[-1] == tokenizer.eos_id else d for d in docs]
 
 
 if __name__ == "__main__":

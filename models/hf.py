@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from eval.common import kept_layers
+from models.interface import kept_layers
 
 # model_type -> where the decoder blocks are; the architectures tested here
 SUPPORTED = {
@@ -34,7 +34,7 @@ SUPPORTED = {
     "starcoder2": "model.layers",
 }
 CONFIG_FILE = "config.json"
-# linear layers whose sizes differ from the config after structured pruning (eval/compress/structured_hf.py)
+# linear layers whose sizes differ from the config after structured pruning (compress/structured_hf.py)
 SHAPES_FILE, PRUNED_WEIGHTS = "pruned_shapes.json", "pruned.safetensors"
 
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from common.cli import UserError
 from common.timing import sync
-from eval.hf import HFModel
 from llama.generation import decode_one_token, generate, prefill, sample
+from models.hf import HFModel
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 

@@ -1,0 +1,1 @@
+"""Causal language models behind one interface: this project's Transformer and Hugging Face folders."""

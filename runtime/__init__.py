@@ -1,0 +1,1 @@
+"""Runtime engines: one stack that evaluation, serving and benchmarks use alike."""
