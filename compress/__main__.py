@@ -39,14 +39,15 @@ from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
 from compress import COMPRESSION_FILE, read_compression
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
-from compress.layer_drop import choose_layers, drop_layers
-from compress.prune import prune_model, prune_structured
+from compress.layer_drop import choose_layers
+from compress.prune import prune_model
 from compress.quantize import SCHEMES, quantize, state_dict_bytes
-from compress.structured_hf import prune_structured_hf, pruned_shapes
+from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
-from llama.model_io import load_model, model_file_bytes, resolve_checkpoint, tokenizer_path, write_model_files
-from models.hf import drop_hf_layers, from_hub, is_hf_folder, load_hf, save_hf
+from llama.model_io import model_file_bytes, resolve_checkpoint
+from models.folders import load_folder, save_folder
+from models.interface import drop_blocks, require
 from training.checkpoint import STATE_FILE, training_config
 from training.config import TrainConfig
 
@@ -67,41 +68,40 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
-def calibration(a, base: Path, hf_tokenizer) -> tuple[torch.Tensor, str]:
-    """Calibration windows and where they came from: ``--calib-corpus``, else the base run's training data."""
-    if a.calib_corpus is None and hf_tokenizer is None:
-        return calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed), "training data of the base run"
+def calibration(a, base: Path, tokenizer) -> tuple[torch.Tensor, str]:
+    """Calibration windows and where they came from: ``--calib-corpus`` (tokenized with the model's own
+    tokenizer), else the base run's training data (a Hugging Face folder has none here)."""
     if a.calib_corpus is None:
-        raise UserError(f"{base} is a Hugging Face model without training data here; pass --calib-corpus")
+        try:
+            return calibration_tokens(base, a.calib_samples, a.calib_seq_len, a.seed), "training data of the base run"
+        except FileNotFoundError:
+            raise UserError(f"{base} has no training data here (a Hugging Face model?); pass --calib-corpus") from None
     corpus = DataConfig(corpus=None if a.calib_corpus == "stdlib" else a.calib_corpus, file_glob=a.calib_file_glob)
-    tokens = corpus_calibration_tokens(corpus, hf_tokenizer, a.calib_samples, a.calib_seq_len or 512, a.seed)
+    tokens = corpus_calibration_tokens(corpus, tokenizer, a.calib_samples, a.calib_seq_len or 512, a.seed)
     return tokens, a.calib_corpus
 
 
 def compress(a) -> Path:
-    a.checkpoint = str(from_hub(a.checkpoint) or a.checkpoint)
-    hf = is_hf_folder(a.checkpoint)
-    base = Path(a.checkpoint) if hf else resolve_checkpoint(a.checkpoint)
+    device = pick_device(a.device)
+    model, tok, base = load_folder(a.checkpoint, device)
     if (read_compression(base) or {}).get("quantize"):
         raise UserError(f"{base} is already quantized; compress its unquantized base instead")
-    if hf and a.finetune_steps:
-        raise UserError("--finetune-steps trains this project's models only; leave it out for a Hugging Face model")
-    device = pick_device(a.device)
-    model, tok = load_hf(base, device) if hf else (load_model(base, device).eval(), None)
+    if a.finetune_steps:
+        require(model, "trainable", "--finetune-steps")
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
     calib, calib_source = calibration(a, base, tok) if a.method in NEEDS_CALIBRATION else (None, None)
     if a.method in ("drop-last", "drop-angular", "drop-bi"):
         layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
-        model = drop_hf_layers(model, layers) if hf else drop_layers(model, layers)
+        model = drop_blocks(model, layers)
         settings, report = {"layers": a.layers}, {"dropped_layers": layers}
     elif a.method in ("magnitude", "wanda", "sparsegpt"):
         n_m = parse_pattern(a.pattern) if a.pattern else None
         report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
         settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
     elif a.method == "structured":
-        model, report = (prune_structured_hf if hf else prune_structured)(
+        model, report = prune_structured(
             model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
         )
         settings = {
@@ -138,9 +138,9 @@ def compress(a) -> Path:
     }
     if a.finetune_steps:  # the compressed model is only the fine-tuning's start: --out gets the tuned one
         staging = out.with_name(f".{out.name}.compressed")
-        write_compressed(staging, hf, model, tok, base, info)
+        write_compressed(staging, model, tok, base, info)
     else:
-        write_compressed(out, hf, model, tok, base, info)
+        write_compressed(out, model, tok, base, info)
     print(
         f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
         f"weights in memory {info['memory_bytes_before']:,} -> {info['memory_bytes_after']:,} bytes, "
@@ -150,21 +150,19 @@ def compress(a) -> Path:
     if a.finetune_steps:
         tuned = finetune(staging, training_config(base), a)
         info |= {"finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "finetune_run": str(tuned.parent)}
-        write_compressed(out, False, load_model(tuned).eval(), None, base, info)
+        write_compressed(out, load_folder(tuned, device)[0], tok, base, info)
         shutil.rmtree(staging, ignore_errors=True)
     print(f"-> {out}")
     return out
 
 
-def write_compressed(out: Path, hf: bool, model, tok, base: Path, info: dict):
+def write_compressed(out: Path, model, tok, base: Path, info: dict):
     """One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
     together or not at all, and an existing folder is replaced only if compress wrote it."""
     with atomic_dir(out, owner=OWNER) as tmp:
-        if hf:
-            save_hf(model, tok, tmp, pruned_shapes(model) if info["method"] == "structured" else None)
-        else:
-            write_model_files(model, tmp, tokenizer=tokenizer_path(base))
-            base_state = json.loads((base / STATE_FILE).read_text()) if (base / STATE_FILE).is_file() else {}
+        save_folder(model, tok, tmp)
+        if (base / STATE_FILE).is_file():  # this project's run: the data it was trained on, for evaluation
+            base_state = json.loads((base / STATE_FILE).read_text())
             state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}
             (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
         info["disk_bytes_after"] = model_file_bytes(tmp)

@@ -10,42 +10,11 @@ Per token the two are monotone in each other, but their means over tokens can or
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from common.cli import UserError
 from compress.calibration import block_by_block
 from llama.model import Transformer
-from llama.model_io import model_from_state_dict
-from models.interface import kept_layers
-
-
-def drop_layers(model: Transformer, drop: list[int]) -> Transformer:
-    """A new, smaller model without the blocks in ``drop``; everything else is copied unchanged."""
-    keep = kept_layers(model.params.n_layers, drop)
-    a = model.params
-
-    def per_layer(sizes):
-        return None if sizes is None else [sizes[i] for i in keep]
-
-    args = dataclasses.replace(
-        a,
-        n_layers=len(keep),
-        layer_n_heads=per_layer(a.layer_n_heads),
-        layer_n_kv_heads=per_layer(a.layer_n_kv_heads),
-        layer_ffn_hidden_dim=per_layer(a.layer_ffn_hidden_dim),
-    )
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            if int(i) in keep:
-                sd[f"layers.{keep.index(int(i))}.{rest}"] = v
-        else:
-            sd[k] = v
-    return model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
-
 
 SCORES = ("angular", "bi")
 

@@ -16,15 +16,12 @@ intact. The result is a physically smaller model with per-layer sizes in its Mod
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from common.cli import UserError
-from compress.calibration import block_by_block, input_sq_norms, input_stats, run_block
+from compress.calibration import block_by_block, input_stats, run_block
 from llama.model import Transformer, count_params
-from llama.model_io import model_from_state_dict
 
 
 def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -223,77 +220,3 @@ def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """The indices covered by ``units`` of ``size`` consecutive entries each: the query heads of key/value
     groups (size = heads per group), the rows of heads in a projection (size = head_dim)."""
     return (units[:, None] * size + torch.arange(size, device=units.device)[None, :]).flatten()
-
-
-@torch.no_grad()
-def structured_importance(model: Transformer, calib: torch.Tensor, batch_size: int = 8):
-    """Per block: importance of each key/value head group and of each SwiGLU channel."""
-    linears = {
-        (i, n): layer.get_submodule(n)
-        for i, layer in enumerate(model.layers)
-        for n in ("attention.wo", "feed_forward.w2")
-    }
-    sq = input_sq_norms(model, linears, calib, batch_size)
-    out = []
-    hd = model.params.head_dim
-    for i, layer in enumerate(model.layers):
-        att = layer.attention
-        # |W_ij| ||X_j|| summed over a head's (or channel's) inputs to the output projection
-        wo = input_importance(att.wo.weight, sq[(i, "attention.wo")])
-        per_head = wo.view(att.n_heads, hd).sum(-1)
-        per_group = per_head.view(att.n_kv_heads, att.n_heads // att.n_kv_heads).sum(-1)
-        w2 = layer.feed_forward.w2
-        per_channel = input_importance(w2.weight, sq[(i, "feed_forward.w2")])
-        out.append({"groups": per_group, "channels": per_channel})
-    return out
-
-
-@torch.no_grad()
-def prune_structured(
-    model: Transformer,
-    calib: torch.Tensor,
-    head_ratio: float = 0.25,
-    ffn_ratio: float = 0.25,
-    skip_first: int = 0,
-    skip_last: int = 0,
-    channel_multiple: int = 8,
-    batch_size: int = 8,
-) -> tuple[Transformer, dict]:
-    """A new model without the least important head groups and SwiGLU channels of each (non-skipped) block."""
-    if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
-        raise UserError("head_ratio and ffn_ratio must be in [0, 1)")
-    a, hd = model.params, model.params.head_dim
-    imp = structured_importance(model.eval(), calib, batch_size)
-    sd = dict(model.state_dict())
-    n_heads, n_kv, ffn = [], [], []
-    for i, layer in enumerate(model.layers):
-        att, groups, channels = layer.attention, imp[i]["groups"], imp[i]["channels"]
-        rep = att.n_heads // att.n_kv_heads
-        skip = i < skip_first or i >= a.n_layers - skip_last
-        g, c = kept(groups, channels, skip, head_ratio, ffn_ratio, channel_multiple)
-        q_heads = unit_rows(g, rep)
-        q_rows, kv_rows = unit_rows(q_heads, hd), unit_rows(g, hd)
-        p = f"layers.{i}."
-        sd[p + "attention.wq.weight"] = sd[p + "attention.wq.weight"][q_rows]
-        sd[p + "attention.wk.weight"] = sd[p + "attention.wk.weight"][kv_rows]
-        sd[p + "attention.wv.weight"] = sd[p + "attention.wv.weight"][kv_rows]
-        sd[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"][:, q_rows]
-        if att.head_layer is not None:
-            sd[p + "attention.head_layer.w1"] = sd[p + "attention.head_layer.w1"][q_heads]
-            sd[p + "attention.head_layer.w2"] = sd[p + "attention.head_layer.w2"][q_heads]
-        sd[p + "feed_forward.w1.weight"] = sd[p + "feed_forward.w1.weight"][c]
-        sd[p + "feed_forward.w3.weight"] = sd[p + "feed_forward.w3.weight"][c]
-        sd[p + "feed_forward.w2.weight"] = sd[p + "feed_forward.w2.weight"][:, c]
-        n_heads.append(len(q_heads))
-        n_kv.append(len(g))
-        ffn.append(len(c))
-    args = dataclasses.replace(a, layer_n_heads=n_heads, layer_n_kv_heads=n_kv, layer_ffn_hidden_dim=ffn)
-    small = model_from_state_dict(args, {k: v.clone() for k, v in sd.items()})
-    before, after = count_params(model)["total"], count_params(small)["total"]
-    return small, {
-        "params_before": before,
-        "params_after": after,
-        "layer_n_heads": n_heads,
-        "layer_n_kv_heads": n_kv,
-        "layer_ffn_hidden_dim": ffn,
-    }

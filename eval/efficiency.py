@@ -28,7 +28,7 @@ from compress.quantize import state_dict_bytes
 from eval.latency import MODES, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
-from models.hf import HFModel
+from models.interface import capabilities, require
 from runtime.engines import DEFAULT_ENGINES, ENGINES, build, check
 
 
@@ -155,11 +155,10 @@ def main(argv=None):
         if not to_semi_structured(model):
             raise UserError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")
     context = a.context or model.params.max_seq_len // 2
-    hf = isinstance(model, HFModel)
-    if hf and a.modes and a.modes != ["eager"]:
-        # transformers' growing cache has no static shapes for compile / CUDA graphs to capture
-        raise UserError("a Hugging Face model decodes in eager mode only here; leave out --modes or pass eager")
-    modes = a.modes or (list(MODES) if ev.device.type == "cuda" and not hf else ["eager"])
+    can = capabilities(model)
+    if a.modes and a.modes != ["eager"]:  # a growing cache has no static shapes for compile / CUDA graphs
+        require(model, "static_cache", "--modes compile")
+    modes = a.modes or (list(MODES) if ev.device.type == "cuda" and can.static_cache else ["eager"])
     r = evaluate_efficiency(
         model,
         ev.device,
@@ -168,7 +167,7 @@ def main(argv=None):
         a.prompt_len or context,
         a.n_tokens,
         modes,
-        a.engines or (["torch", "compile"] if isinstance(model, HFModel) else list(DEFAULT_ENGINES)),
+        a.engines or (list(DEFAULT_ENGINES) if can.export else ["torch", "compile"]),
         a.energy,
         a.min_window,
         a.idle,

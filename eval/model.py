@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 
-from common.cli import UserError, positional
+from common.cli import positional
 from common.device import autocast, compute_dtype, pick_device
 from common.results import check_result_path, write_result
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
-from llama.model import Transformer, count_params
-from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
+from llama.model import count_params
 from llama.tokenizer import Tokenizer
-from models.hf import HFModel, HFTokenizer, from_hub, is_hf_folder, load_hf
+from models.folders import load_folder
+from models.hf import HFTokenizer
+from models.interface import CausalLM
 
 
 @dataclass
@@ -41,7 +42,7 @@ class EvalOptions:
 class Evaluated:
     name: str  # run@step_N, or the model folder's name
     folder: Path
-    model: Transformer | HFModel
+    model: CausalLM  # this project's Transformer or a Hugging Face model (models.interface)
     tokenizer: Tokenizer | HFTokenizer
     device: torch.device
     dtype: torch.dtype  # autocast dtype used for the forward passes
@@ -51,7 +52,7 @@ class Evaluated:
     @property
     def architecture(self) -> str:
         """``perhead-llama`` for this project's models, else the transformers model_type (llama, gpt2 ...)."""
-        return self.model.params.model_type if isinstance(self.model, HFModel) else "perhead-llama"
+        return self.model.family
 
     @property
     def head_layer(self) -> dict | None:
@@ -94,16 +95,7 @@ def model_name(folder: Path) -> str:
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Evaluated:
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
-    checkpoint = from_hub(checkpoint) or checkpoint
-    if is_hf_folder(checkpoint):
-        folder = Path(checkpoint)
-        model, tok = load_hf(folder, dev)
-    else:
-        folder = resolve_checkpoint(checkpoint)
-        model = load_model(folder, dev).eval()
-        tok = Tokenizer(tokenizer_path(folder))
-        if tok.vocab_size != model.params.vocab_size:
-            raise UserError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {model.params.vocab_size}")
+    model, tok, folder = load_folder(checkpoint, dev)
     n_params = count_params(model)["total"]
     compression = read_compression(folder)
     if compression and compression.get("quantize"):

@@ -282,6 +282,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    family = "perhead-llama"  # what this model can do (models.interface.CAPABILITIES) follows from it
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.params = args

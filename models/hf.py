@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from models.interface import kept_layers
 
 # model_type -> where the decoder blocks are; the architectures tested here
 SUPPORTED = {
@@ -194,8 +193,16 @@ class HFModel(nn.Module):
         )
 
     @property
+    def family(self) -> str:  # models.interface: what this model can do follows from it
+        return self.hf.config.model_type
+
+    @property
+    def blocks_path(self) -> str:
+        return SUPPORTED[self.hf.config.model_type]
+
+    @property
     def layers(self) -> nn.ModuleList:
-        return self.hf.get_submodule(SUPPORTED[self.hf.config.model_type])
+        return self.hf.get_submodule(self.blocks_path)
 
     @property
     def tok_embeddings(self) -> nn.Embedding:
@@ -414,12 +421,14 @@ def _load_pruned(folder: Path) -> nn.Module:
     return hf
 
 
-def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path, shapes: dict | None = None):
-    """``save_pretrained`` of the model (its config updated by the caller) and its tokenizer into ``out``;
-    ``shapes``: the pruned layer sizes the config cannot say (pruned_shapes.json)."""
+def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path):
+    """``save_pretrained`` of the model and its tokenizer into ``out``. Layers whose sizes the config cannot say
+    (structured pruning left blocks of different sizes) go to pruned_shapes.json, and the weights under the
+    model's own names, for ``_load_pruned``."""
     from safetensors.torch import save_model
 
-    if shapes:  # transformers cannot load these sizes: the weights go under the model's own names, for _load_pruned
+    shapes = pruned_shapes(model)
+    if shapes:
         model.hf.config.save_pretrained(str(out))
         save_model(model.hf, str(out / PRUNED_WEIGHTS))
         (out / SHAPES_FILE).write_text(json.dumps(shapes, indent=2))
@@ -428,17 +437,18 @@ def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path, shapes: dict | No
     tokenizer.tok.save_pretrained(str(out))
 
 
-def drop_hf_layers(model: HFModel, drop: list[int]) -> HFModel:
-    """``model`` without the decoder blocks in ``drop`` (in place); its config says the new depth."""
-    keep = kept_layers(model.params.n_layers, drop)
-    kept = nn.ModuleList([model.layers[i] for i in keep])
-    for new_index, layer in enumerate(kept):
-        for m in layer.modules():  # each attention finds its slot in the KV cache by its layer index
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new_index
-    model.hf.set_submodule(SUPPORTED[model.hf.config.model_type], kept)
-    cfg = model.hf.config
-    cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    return model
+def pruned_shapes(model: HFModel) -> dict[str, list[int]]:
+    """{name: [out_features, in_features]} of every linear layer whose size differs from what the config
+    implies (for ``pruned_shapes.json``; empty for a model of the config's own sizes)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(model.hf.config)
+    conv1d = set(model.conv1d_names)  # GPT-2's, nn.Linear here and Conv1D (transposed) in the reference
+    ref = dict(reference.named_modules())
+    out = {}
+    for name, m in model.hf.named_modules():
+        if isinstance(m, nn.Linear) and name in ref and name not in conv1d:
+            if tuple(m.weight.shape) != tuple(ref[name].weight.shape):
+                out[name] = [m.out_features, m.in_features]
+    return out

@@ -30,7 +30,7 @@ from torch import nn
 from common.cli import UserError
 from common.timing import sync
 from llama.generation import decode_one_token, generate, prefill, sample
-from models.hf import HFModel
+from models.interface import capabilities, require
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 
@@ -88,9 +88,9 @@ class Decoder:
 class TorchDecoder(Decoder):
     def __init__(self, model: nn.Module, device: torch.device, compiled: bool = False):
         super().__init__(model.params.max_seq_len, device)
-        self.model, self.hf = model, isinstance(model, HFModel)
-        if compiled and self.hf:
-            raise UserError("compile decodes this project's models (static KV cache); use torch for a HF model")
+        self.model, self.static = model, capabilities(model).static_cache
+        if compiled:
+            require(model, "static_cache", "the compile engine (one graph for every decode step)")
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
         self.step = torch.compile(decode_one_token, dynamic=False) if compiled else decode_one_token
@@ -98,7 +98,7 @@ class TorchDecoder(Decoder):
     def start(self, ids):
         # This project's models keep one static cache for every request (entries past the prompt are masked
         # until written; the compiled step keeps its graph); transformers' cache grows: a fresh one each time.
-        if self.hf or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != self.max_seq_len:
+        if not self.static or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != self.max_seq_len:
             self.model.setup_caches(1, self.max_seq_len)
         x = torch.tensor([ids], device=self.device)
         return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0]
@@ -129,8 +129,7 @@ class CachedStep(nn.Module):
 
 def export_onnx(model: nn.Module, folder: Path) -> tuple[Path, list[str], list[tuple[int, ...]]]:
     """``CachedStep`` of ``model`` (float32, CPU) as an ONNX file; its cache input names and shapes."""
-    if isinstance(model, HFModel):
-        raise UserError("ONNX/OpenVINO decoding exports this project's models; serve a HF model with torch")
+    require(model, "export", "ONNX/OpenVINO decoding")
     model = model.float().cpu().eval()
     S = model.params.max_seq_len
     model.setup_caches(1, S)

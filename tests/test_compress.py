@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -5,22 +6,23 @@ import torch
 
 from compress.__main__ import main as compress_main
 from compress.calibration import calibration_tokens
-from compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers, drop_layers
+from compress.layer_drop import angular_distances, block_importance, block_scores, choose_layers
 from compress.prune import (
     block_linears,
     check_n_m,
     n_m_mask,
     prune_model,
-    prune_structured,
     sparsegpt_prune,
     unstructured_mask,
 )
 from compress.quantize import QuantizationUnavailable, quantize, state_dict_bytes
+from compress.structured import prune_structured
 from eval.model import load_for_eval
 from eval.perplexity import sliding_window_nll, summarize
 from llama.generation import generate
 from llama.model import Transformer
 from llama.model_io import load_model, save_model
+from models.interface import drop_blocks
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +173,15 @@ def test_pruned_perplexity(trained_longer):
 
 def test_dropping_zero_layers_is_the_identity(trained_checkpoint, calib):
     model = load_model(trained_checkpoint)
-    same = drop_layers(model, [])
+    same = drop_blocks(copy.deepcopy(model), [])  # in place, on a copy
     x = torch.randint(0, 500, (2, 12))
     torch.testing.assert_close(same(x), model(x), atol=0, rtol=0)
-    small = drop_layers(model, choose_layers(model, 1, "angular", calib))
-    assert small.params.n_layers == 1 and len(angular_distances(model, calib)) == 2
+    small = drop_blocks(copy.deepcopy(model), choose_layers(model, 1, "angular", calib))
+    assert small.params.n_layers == 1 and len(small.layers) == 1 and len(angular_distances(model, calib)) == 2
     assert all(0 <= d <= 1 for d in angular_distances(model, calib))
     assert choose_layers(model, 1, "last") == [1]
     with pytest.raises(ValueError, match="cannot drop all"):
-        drop_layers(model, [0, 1])
+        drop_blocks(model, [0, 1])
 
 
 def test_structured_pruning_is_smaller_and_still_generates(trained_checkpoint, calib, tmp_path):

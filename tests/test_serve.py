@@ -156,7 +156,7 @@ def test_a_hugging_face_folder_is_served_by_torch(tmp_path):
     folder = make_hf_model("llama", tmp_path / "hf")
     served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
     assert list(served.decoders) == ["torch"]
-    assert "exports this project's models" in served.unavailable["onnxruntime"]
+    assert "needs an export through torch.export" in served.unavailable["onnxruntime"]
     server, thread, url = _start(create_app(served))
     try:
         r = post(url, {"prompt": PROMPT, "max_tokens": 6})

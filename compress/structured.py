@@ -1,54 +1,30 @@
-"""Structured pruning of Hugging Face models: whole attention heads (whole key/value groups under GQA) and MLP
-channels, optionally leaving the first/last blocks intact (as LLM-Pruner does).
+"""Structured pruning: remove whole attention heads (whole key/value groups under GQA) and MLP channels, leaving
+the first/last blocks intact if asked (as LLM-Pruner does). One path for every family with a known block
+layout (``models.interface.LAYOUT``: this project's models, Llama, GPT-NeoX, Starcoder2).
 
-Importance is the one ``prune.prune_structured`` uses for this project's models (Wanda-style: |W| times the
-norm of the calibration activations, summed over each head's or channel's inputs to the output projection).
-The surgery is Torch-Pruning's: ``prune_linear_out_channels`` / ``prune_linear_in_channels`` cut the rows and
-columns (weights and biases) of the coupled layers. Which layers are coupled is written out per
-architecture below rather than traced with Torch-Pruning's DependencyGraph, whose trace of a transformers
-model did not finish here (it follows the mask and cache code as well as the weights).
+Importance is Wanda-style (|W| times the norm of the calibration activations), summed over each head's or
+channel's inputs to the attention or MLP output projection. The surgery is Torch-Pruning's:
+``prune_linear_out_channels`` / ``prune_linear_in_channels`` cut the rows and columns (weights and biases) of
+the coupled layers, in place; this project's per-head layers lose the same heads. Which layers are coupled
+comes from the layout rather than Torch-Pruning's DependencyGraph, whose trace of a transformers model did not
+finish here (it follows the mask and cache code as well as the weights).
 
-Per-layer sizes differ once the first/last blocks are kept, which a transformers config cannot say, so the
-folder records each changed layer's shape in ``pruned_shapes.json``; ``models.hf.load_hf`` rebuilds those
-layers at their pruned sizes before loading the weights. The attention code of the supported architectures
-infers the number of heads from the projections' sizes, so nothing else changes.
+Blocks then differ in size: this project's models record it in their arguments (``models.interface.resized``);
+a transformers folder records each changed layer's shape in ``pruned_shapes.json`` (``pruned_shapes``), which
+``models.hf.load_hf`` reads back.
 """
 
 from __future__ import annotations
 
 import torch
 import torch_pruning as tp
+from torch import nn
 
 from common.cli import UserError
 from compress.calibration import input_sq_norms
 from compress.prune import input_importance, kept, unit_rows
 from llama.model import count_params
-
-# model_type -> names inside a block: the query/key/value projections (or the fused one), the attention output
-# projection, the MLP's input projections and its output projection
-LAYOUT = {
-    "llama": {
-        "q": "self_attn.q_proj",
-        "kv": ("self_attn.k_proj", "self_attn.v_proj"),
-        "o": "self_attn.o_proj",
-        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-        "mlp_out": "mlp.down_proj",
-    },
-    "starcoder2": {
-        "q": "self_attn.q_proj",
-        "kv": ("self_attn.k_proj", "self_attn.v_proj"),
-        "o": "self_attn.o_proj",
-        "mlp_in": ("mlp.c_fc",),
-        "mlp_out": "mlp.c_proj",
-    },
-    # one fused projection laid out head by head: rows [h*3*hd, (h+1)*3*hd) are head h's q, k, v
-    "gpt_neox": {
-        "qkv": "attention.query_key_value",
-        "o": "attention.dense",
-        "mlp_in": ("mlp.dense_h_to_4h",),
-        "mlp_out": "mlp.dense_4h_to_h",
-    },
-}
+from models.interface import block_layout, head_counts, resized
 
 
 def _pruned(keep: torch.Tensor, n: int) -> list[int]:
@@ -58,7 +34,7 @@ def _pruned(keep: torch.Tensor, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def prune_structured_hf(
+def prune_structured(
     model,
     calib: torch.Tensor,
     head_ratio: float = 0.25,
@@ -68,26 +44,20 @@ def prune_structured_hf(
     channel_multiple: int = 8,
     batch_size: int = 8,
 ):
-    """Remove the least important head groups and MLP channels of every non-skipped block, in place."""
-    cfg = model.hf.config
-    if cfg.model_type not in LAYOUT:
-        raise UserError(
-            f"structured pruning of {cfg.model_type!r} models is not supported; it handles {', '.join(LAYOUT)}"
-        )
+    """Remove the least important head groups and MLP channels of every non-skipped block, in place; returns
+    the model and a report (parameters before and after, each block's heads, key/value heads and channels)."""
+    lay = block_layout(model)  # one line where the family has no known layout (GPT-2)
     if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
         raise UserError("head_ratio and ffn_ratio must be in [0, 1)")
-    lay = LAYOUT[cfg.model_type]
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    rep = n_heads // n_kv
     blocks = list(model.layers)
     outs = {(i, k): b.get_submodule(lay[k]) for i, b in enumerate(blocks) for k in ("o", "mlp_out")}
-    sq = input_sq_norms(model, outs, calib, batch_size)
+    sq = input_sq_norms(model.eval(), outs, calib, batch_size)
 
     before = count_params(model)["total"]
     sizes = []
     for i, block in enumerate(blocks):
+        n_heads, n_kv, hd = head_counts(model, i)
+        rep = n_heads // n_kv
         skip = i < skip_first or i >= len(blocks) - skip_last
         o, down = outs[(i, "o")], outs[(i, "mlp_out")]
         per_group = input_importance(o.weight, sq[(i, "o")]).view(n_kv, rep * hd).sum(-1)
@@ -107,17 +77,22 @@ def prune_structured_hf(
                     kv = block.get_submodule(name)
                     tp.prune_linear_out_channels(kv, _pruned(unit_rows(groups, hd), kv.out_features))
             tp.prune_linear_in_channels(o, _pruned(unit_rows(heads, hd), o.in_features))
+            per_head = block.get_submodule(lay["per_head"]) if lay.get("per_head") else None
+            if per_head is not None:  # this project's per-head layers: (H, Dh, Dm) and (H, Dm, Dh), by head
+                per_head.w1 = nn.Parameter(per_head.w1.data[heads].clone())
+                per_head.w2 = nn.Parameter(per_head.w2.data[heads].clone())
         if len(channels) < n_ch:
             for name in lay["mlp_in"]:
                 tp.prune_linear_out_channels(block.get_submodule(name), _pruned(channels, n_ch))
             tp.prune_linear_in_channels(down, _pruned(channels, n_ch))
         sizes.append({"heads": len(heads), "kv_heads": len(groups), "mlp_channels": len(channels)})
+    resized(model, sizes)
     return model, {"params_before": before, "params_after": count_params(model)["total"], "layers": sizes}
 
 
 def pruned_shapes(model) -> dict[str, list[int]]:
-    """{name: [out_features, in_features]} of every linear layer whose size differs from what the config
-    implies (for ``pruned_shapes.json``)."""
+    """{name: [out_features, in_features]} of every linear layer of a transformers model whose size differs
+    from what its config implies (for ``pruned_shapes.json``)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
