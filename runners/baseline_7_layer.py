@@ -1,17 +1,12 @@
-"""7-layer, ~100M-parameter model, plain Llama-2.
+"""7 blocks, ~100M parameters, plain Llama-2.
 
-python -m runners.baseline_7_layer                       # one GPU (or CPU, slowly)
-torchrun --standalone --nproc_per_node=8 -m runners.baseline_7_layer
+python -m runners.baseline_7_layer                                    # one GPU
+torchrun --standalone --nproc_per_node=8 -m runners.baseline_7_layer  # DDP (--parallel fsdp: FSDP2)
 """
 
-from runners.common import config_100m, runner_main
+from runners.common import hundred_m
 
-
-def config():
-    return config_100m(n_layers=7, per_head=False)
-
-
-main = runner_main(config)
+config, main = hundred_m(n_layers=7, per_head=False)
 
 if __name__ == "__main__":
     main()

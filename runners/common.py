@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from common.cli import run_main
@@ -35,6 +36,12 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
         keep_last=2,
         keep_every=1000,  # kept for checkpoints-over-training studies
     )
+
+
+def hundred_m(n_layers: int, per_head: bool) -> tuple[Callable[[], TrainConfig], Callable[[], None]]:
+    """(config, main) of one ~100M runner: its whole file is this one line and ``main()`` when run."""
+    config = functools.partial(config_100m, n_layers=n_layers, per_head=per_head)
+    return config, runner_main(config)
 
 
 def runner_main(config: Callable[[], TrainConfig]) -> Callable[[], None]:
