@@ -13,7 +13,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
-from data.prepare import BatchSampler, prepare
+from data.prepare import BatchSampler, PreparedData, prepare
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
@@ -205,8 +207,48 @@ def train(cfg: TrainConfig) -> dict:
         D.cleanup(info)
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
-    # ---- data: rank 0 prepares (trains the tokenizer once), the others then read the cache
+@dataclass
+class Run:
+    """Everything one training run holds between its steps."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    data: PreparedData
+    train_sampler: BatchSampler
+    val_sampler: BatchSampler
+    ckpt_dir: Path
+    log_dir: Path
+    model: Transformer  # the unwrapped model: what is saved
+    wrapped: torch.nn.Module  # the same, distributed and compiled: what is trained
+    optimizer: torch.optim.Optimizer
+    loss: Callable
+    amp: object  # autocast context
+    dtype: torch.dtype
+    compiled: bool
+    total_steps: int
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None
+    keep_masks: list  # (parameter, mask) kept at zero where it was pruned (freeze_zeros)
+    start_step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds of training before this session (resume)
+    energy_before: float = 0.0
+    finished: dict | None = None  # the summary of a run that had already reached its last step
+    t0: float = 0.0
+    t_log: float = 0.0
+    tokens_log: int = 0
+    last_loss: float | None = None
+    last_val: float | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+
+def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
+    """Data, run folders, the model (new, from --init-from, or restored with --resume), distribution,
+    compilation and the optimizer."""
+    # rank 0 prepares the data (trains the tokenizer once), the others then read the cache
     if info.is_main:
         data = prepare(cfg.data, progress=True)
     D.barrier(info)
@@ -215,11 +257,44 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
     tokens_per_step = global_batch * cfg.seq_len
     total_steps = math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else cfg.max_steps
-    train_sampler = BatchSampler(data.train, cfg.seq_len, global_batch, cfg.seed)
-    val_sampler = BatchSampler(data.val, cfg.seq_len, cfg.batch_size * info.world_size, cfg.seed + 1)
-
-    # ---- model, optionally restored from the latest checkpoint
     ckpt_dir, log_dir = prepare_run_dirs(cfg, info)
+
+    model, model_args, restored = build_model(cfg, info, data, ckpt_dir)
+    wrapped = D.wrap_model(model, cfg.parallel, info)
+    compiled = cfg.compile if cfg.compile is not None else info.device.type == "cuda"
+    if compiled:
+        wrapped.compile()  # in place: parameter names stay those of the model
+    optimizer = make_optimizer(wrapped, cfg, info.device)
+    dtype = compute_dtype(cfg.dtype, info.device)
+    run = Run(
+        cfg=cfg,
+        info=info,
+        data=data,
+        train_sampler=BatchSampler(data.train, cfg.seq_len, global_batch, cfg.seed),
+        val_sampler=BatchSampler(data.val, cfg.seq_len, cfg.batch_size * info.world_size, cfg.seed + 1),
+        ckpt_dir=ckpt_dir,
+        log_dir=log_dir,
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        loss=training_loss(compiled),
+        amp=autocast(info.device, dtype),
+        dtype=dtype,
+        compiled=compiled,
+        total_steps=total_steps,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token(model_args, cfg.seq_len),
+        peak_flops=peak_flops(info.device),
+        # recovery fine-tuning of a pruned model: the pruned weights stay pruned (re-zeroed after every step)
+        keep_masks=[(p, p != 0) for p in model.parameters() if p.dim() == 2] if cfg.freeze_zeros else [],
+    )
+    if restored is not None:
+        restore(run, *restored)
+    return run
+
+
+def build_model(cfg: TrainConfig, info: D.DistInfo, data: PreparedData, ckpt_dir: Path):
+    """(model on the device, its arguments, (step folder, state, optimizer state, RNG) when resuming)."""
     init = load_model(cfg.init_from) if cfg.init_from else None
     if init is not None:
         model_args = init.params  # sizes come with the weights (a pruned model has its own)
@@ -230,160 +305,207 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
             )
     else:
         model_args = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
-    start_step, tokens_seen, elapsed_before, energy_before, optim_state = 0, 0, 0.0, 0.0, None
     if cfg.resume:
         step_dir = list_checkpoints(ckpt_dir)[-1][1]
         state, optim_state, rng = load_training_state(step_dir)
         model = load_model(step_dir, info.device)
         if model.params != model_args:
             raise UserError(f"--resume: {step_dir} holds a different model than this config; use a new --name")
-        start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        energy_before = state.get("energy_j") or 0.0
-        restore_rng(rng)
-        finished = _finished_summary(log_dir, start_step, total_steps)
-        if finished is not None:
-            if info.is_main:
-                print(f"{cfg.name} already finished at step {start_step}; its summary is {log_dir / 'summary.json'}")
-            return finished
-        if info.is_main:
-            _truncate_jsonl(log_dir / "metrics.jsonl", start_step)
-            _truncate_jsonl(log_dir / "val.jsonl", start_step)
-            print(f"resuming {cfg.name} from {step_dir} (step {start_step})")
-    elif init is not None:
-        model = init.to(info.device)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = Transformer(model_args).to(info.device)
-    params = count_params(model)
-    # Recovery fine-tuning of a pruned model: the pruned weights stay pruned (re-zeroed after every step).
-    keep_masks = [(p, p != 0) for p in model.parameters() if p.dim() == 2] if cfg.freeze_zeros else []
+        return model, model_args, (step_dir, state, optim_state, rng)
+    if init is not None:
+        return init.to(info.device), model_args, None
+    torch.manual_seed(cfg.seed)
+    return Transformer(model_args).to(info.device), model_args, None
 
-    # ---- distribution, compilation, optimizer
-    wrapped = D.wrap_model(model, cfg.parallel, info)
-    use_compile = cfg.compile if cfg.compile is not None else info.device.type == "cuda"
-    if use_compile:
-        wrapped.compile()  # in place: parameter names stay those of the model
-    train_loss = training_loss(use_compile)
-    optimizer = make_optimizer(wrapped, cfg, info.device)
+
+def restore(run: Run, step_dir: Path, state: dict, optim_state: dict, rng: dict):
+    """Continue from a checkpoint: its step, tokens, time and energy so far, the optimizer and RNG states, and
+    the logs cut back to that step (or the summary, if the run had already finished)."""
+    run.start_step, run.tokens_seen, run.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+    run.energy_before = state.get("energy_j") or 0.0
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optim_state is not None:
-        set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=optim_state, options=full)
-    dtype = compute_dtype(cfg.dtype, info.device)
-    amp = autocast(info.device, dtype)
-    flops_tok, peak = flops_per_token(model_args, cfg.seq_len), peak_flops(info.device)
+    set_optimizer_state_dict(run.wrapped, run.optimizer, optim_state_dict=optim_state, options=full)
+    restore_rng(rng)
+    run.finished = _finished_summary(run.log_dir, run.start_step, run.total_steps)
+    if run.info.is_main and run.finished is None:
+        _truncate_jsonl(run.log_dir / "metrics.jsonl", run.start_step)
+        _truncate_jsonl(run.log_dir / "val.jsonl", run.start_step)
+        print(f"resuming {run.cfg.name} from {step_dir} (step {run.start_step})")
 
+
+def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor | None]:
+    """One optimizer step (its micro-batches, clipping, the NaN guard, pruned weights kept at zero):
+    (mean loss over the processes, learning rate, gradient norm)."""
+    cfg, info = run.cfg, run.info
+    lr = lr_at(step, cfg, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=info.device)
+    for micro in range(cfg.grad_accum):
+        start = (info.rank * cfg.grad_accum + micro) * cfg.batch_size
+        x, y = run.train_sampler.get(step, start=start, count=cfg.batch_size)
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        with D.grad_sync(run.wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
+            with run.amp:
+                loss = run.loss(run.wrapped(x), y) / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), cfg.optim.grad_clip)
+        if cfg.optim.grad_clip > 0
+        else None
+    )
+    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    step_loss = D.all_reduce_mean(loss_sum, info).item()
+    if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+        raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    for p, keep in run.keep_masks:
+        p.data.mul_(keep)
+    run.tokens_seen += run.tokens_per_step
+    run.last_loss = step_loss
+    return step_loss, lr, grad_norm
+
+
+def log_step(run: Run, done: int, loss: float, lr: float, grad_norm, bar):
+    """A line of metrics.jsonl every log_interval steps (rank 0): loss, rate, MFU."""
+    if not run.info.is_main or not (done % run.cfg.log_interval == 0 or done == run.total_steps):
+        return
+    now = time.perf_counter()
+    tps = (run.tokens_seen - run.tokens_log) / (now - run.t_log)
+    run.t_log, run.tokens_log = now, run.tokens_seen
+    peak = run.peak_flops
+    record = {
+        "step": done,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens": run.tokens_seen,
+        "elapsed_s": run.elapsed_before + now - run.t0,
+        "tokens_per_s": tps,
+        "mfu": None if peak is None else tps * run.flops_per_token / (peak * run.info.world_size),
+    }
+    _append_jsonl(run.log_dir / "metrics.jsonl", record)
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+
+
+def validate(run: Run, done: int, bar):
+    """The validation loss (the same batches every time), logged to val.jsonl by rank 0."""
+    run.last_val = evaluate(run.wrapped, run.val_sampler, run.cfg, run.info, run.amp)
+    if run.info.is_main:
+        record = {"step": done, "val_loss": run.last_val, "tokens": run.tokens_seen, "elapsed_s": run.elapsed()}
+        _append_jsonl(run.log_dir / "val.jsonl", record)
+        bar.write(f"step {done}: val loss {run.last_val:.4f}")
+
+
+def checkpoint(run: Run, step: int, meter: EnergyMeter):
+    """checkpoints/<name>/step_N: collective under FSDP (every rank gathers), written by rank 0 only."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(run.wrapped, options=full)
+    osd = get_optimizer_state_dict(run.wrapped, run.optimizer, options=full)
+    if run.info.is_main:
+        state = {
+            "step": step,
+            "tokens": run.tokens_seen,
+            "elapsed_s": run.elapsed(),
+            "config": dataclasses.asdict(run.cfg),
+            "data_dir": str(run.data.dir),
+            # training energy of this device up to here (None where no counter exists)
+            "energy_j": None if meter.so_far() is None else run.energy_before + meter.so_far(),
+        }
+        save_checkpoint(run.ckpt_dir / f"step_{step}", run.model, msd, osd, state, run.data.tokenizer.path)
+        prune_checkpoints(run.ckpt_dir, run.cfg.keep_last, run.cfg.keep_every)
+    D.barrier(run.info)
+
+
+def finish(run: Run, meter: EnergyMeter) -> dict:
+    """summary.json: sizes, tokens, epochs, time, final losses against the unigram bar, rate, energy."""
+    cfg, info, data = run.cfg, run.info, run.data
+    if run.last_val is None:  # nothing was left to train (killed between the last checkpoint and the summary)
+        run.last_val = evaluate(run.wrapped, run.val_sampler, cfg, info, run.amp)
+        logged = [r["loss"] for r in read_jsonl(run.log_dir / "metrics.jsonl") if r["step"] == run.start_step]
+        run.last_loss = logged[-1] if logged else None
+    params, args = count_params(run.model), run.model.params
+    summary = {
+        "name": cfg.name,
+        "params": params["total"],
+        "non_embedding_params": params["non_embedding"],
+        "n_layers": args.n_layers,
+        "per_head": args.head_layer is not None,
+        "head_layer": args.head_layer_spec(),
+        "steps": run.total_steps,
+        "tokens": run.tokens_seen,
+        "train_tokens_available": int(len(data.train)),
+        "epochs": run.tokens_seen / len(data.train),  # passes over the training split (>1: data repeated)
+        "train_time_s": run.elapsed(),
+        "final_train_loss": run.last_loss,
+        "final_val_loss": run.last_val,
+        "world_size": info.world_size,
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "compile": run.compiled,
+        "flops_per_token": run.flops_per_token,
+        **unigram_losses(data.train, data.val, data.vocab_size),
+        **run_metadata(info.device),
+    }
+    trained = run.tokens_seen - run.start_step * run.tokens_per_step
+    # this session's rate; a run that had nothing left to train reports its whole run's average
+    seconds = time.perf_counter() - run.t0
+    summary["tokens_per_s"] = trained / seconds if trained else run.tokens_seen / run.elapsed_before
+    # per token this device processed; the run used world_size such devices
+    summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
     if info.is_main:
-        atomic_write(log_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write(run.log_dir / "summary.json", json.dumps(summary, indent=2))
+        print(
+            f"done: val loss {run.last_val:.4f} (unigram {summary['unigram_val_loss']:.4f}), "
+            f"{summary['train_time_s']:.0f} s, checkpoints in {run.ckpt_dir}"
+        )
+    return summary
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
+    run = setup(cfg, info)
+    if run.finished is not None:
+        if info.is_main:
+            print(
+                f"{cfg.name} already finished at step {run.start_step}; its summary is {run.log_dir / 'summary.json'}"
+            )
+        return run.finished
+    if info.is_main:
+        atomic_write(run.log_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        params = count_params(run.model)
         print(
             f"{cfg.name}: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M "
-            f"non-embedding), {info.world_size} process(es) on {info.device}, {global_batch}x{cfg.seq_len} "
-            f"tokens per step, {total_steps} steps = {total_steps * tokens_per_step / len(data.train):.2f} epochs "
-            f"over {len(data.train):,} training tokens"
+            f"non-embedding), {info.world_size} process(es) on {info.device}, "
+            f"{run.tokens_per_step // cfg.seq_len}x{cfg.seq_len} tokens per step, {run.total_steps} steps = "
+            f"{run.total_steps * run.tokens_per_step / len(run.data.train):.2f} epochs over "
+            f"{len(run.data.train):,} training tokens"
         )
-
-    def checkpoint(step: int):
-        # Collective under FSDP (every rank gathers), written by rank 0 only.
-        msd = get_model_state_dict(wrapped, options=full)
-        osd = get_optimizer_state_dict(wrapped, optimizer, options=full)
-        if info.is_main:
-            state = {
-                "step": step,
-                "tokens": tokens_seen,
-                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                "config": dataclasses.asdict(cfg),
-                "data_dir": str(data.dir),
-                # training energy of this device up to here (None where no counter exists)
-                "energy_j": None if meter.so_far() is None else energy_before + meter.so_far(),
-            }
-            save_checkpoint(ckpt_dir / f"step_{step}", model, msd, osd, state, data.tokenizer.path)
-            prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)
-        D.barrier(info)
-
-    # ---- the loop
-    t0 = time.perf_counter()
-    t_log, tokens_log = t0, tokens_seen
-    last_loss = last_val = None
+    steps = range(run.start_step, run.total_steps)
     bar = tqdm(
-        range(start_step, total_steps),
-        initial=start_step,
-        total=total_steps,
-        desc=cfg.name,
-        disable=not info.is_main,
-        unit="step",
+        steps, initial=run.start_step, total=run.total_steps, desc=cfg.name, disable=not info.is_main, unit="step"
     )
     # Energy of the whole loop on this process's device (rank 0 reports it): NVML / RAPL, else unavailable.
     meter = EnergyMeter(info.device, idle_s=1.0 if info.is_main else 0.0)
+    run.t0 = run.t_log = time.perf_counter()
+    run.tokens_log = run.tokens_seen
     try:
         with meter:
             for step in bar:
-                lr = lr_at(step, cfg, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=info.device)
-                for micro in range(cfg.grad_accum):
-                    start = (info.rank * cfg.grad_accum + micro) * cfg.batch_size
-                    x, y = train_sampler.get(step, start=start, count=cfg.batch_size)
-                    x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                    with D.grad_sync(wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
-                        with amp:
-                            loss = train_loss(wrapped(x), y) / cfg.grad_accum
-                        loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
-                    if cfg.optim.grad_clip > 0
-                    else None
-                )
-                if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                step_loss = D.all_reduce_mean(loss_sum, info).item()
-                if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-                    raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for p, keep in keep_masks:
-                    p.data.mul_(keep)
-                tokens_seen += tokens_per_step
-                last_loss = step_loss
+                loss, lr, grad_norm = train_step(run, step)
                 done = step + 1
-
-                if info.is_main and (done % cfg.log_interval == 0 or done == total_steps):
-                    now = time.perf_counter()
-                    tps = (tokens_seen - tokens_log) / (now - t_log)
-                    t_log, tokens_log = now, tokens_seen
-                    record = {
-                        "step": done,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "tokens": tokens_seen,
-                        "elapsed_s": elapsed_before + now - t0,
-                        "tokens_per_s": tps,
-                        "mfu": None if peak is None else tps * flops_tok / (peak * info.world_size),
-                    }
-                    _append_jsonl(log_dir / "metrics.jsonl", record)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}")
-                if done % cfg.eval_interval == 0 or done == total_steps:
-                    last_val = evaluate(wrapped, val_sampler, cfg, info, amp)
-                    if info.is_main:
-                        _append_jsonl(
-                            log_dir / "val.jsonl",
-                            {
-                                "step": done,
-                                "val_loss": last_val,
-                                "tokens": tokens_seen,
-                                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                            },
-                        )
-                        bar.write(f"step {done}: val loss {last_val:.4f}")
-                if done % cfg.ckpt_interval == 0 or done == total_steps:
-                    checkpoint(done)
+                log_step(run, done, loss, lr, grad_norm, bar)
+                if done % cfg.eval_interval == 0 or done == run.total_steps:
+                    validate(run, done, bar)
+                if done % cfg.ckpt_interval == 0 or done == run.total_steps:
+                    checkpoint(run, done, meter)
     except NonFiniteLoss as e:
-        kept = list_checkpoints(ckpt_dir)
+        kept = list_checkpoints(run.ckpt_dir)
         where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
         raise NonFiniteLoss(f"{e}; training stopped and {where}. Lower --lr or check the data, then --resume") from None
     except KeyboardInterrupt:
-        kept = list_checkpoints(ckpt_dir)
+        kept = list_checkpoints(run.ckpt_dir)
         if info.is_main:
             print(
                 f"\ninterrupted; {'resume from ' + str(kept[-1][1]) + ' with --resume' if kept else 'no checkpoint'}",
@@ -392,44 +514,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         raise
     finally:
         bar.close()
-
-    if last_val is None:  # nothing was left to train (killed between the last checkpoint and the summary)
-        last_val = evaluate(wrapped, val_sampler, cfg, info, amp)
-        logged = [r["loss"] for r in read_jsonl(log_dir / "metrics.jsonl") if r["step"] == start_step]
-        last_loss = logged[-1] if logged else None
-    summary = {
-        "name": cfg.name,
-        "params": params["total"],
-        "non_embedding_params": params["non_embedding"],
-        "n_layers": model_args.n_layers,
-        "per_head": model_args.head_layer is not None,
-        "head_layer": model_args.head_layer_spec(),
-        "steps": total_steps,
-        "tokens": tokens_seen,
-        "train_tokens_available": int(len(data.train)),
-        "epochs": tokens_seen / len(data.train),  # passes over the training split (>1: data repeated)
-        "train_time_s": elapsed_before + time.perf_counter() - t0,
-        "final_train_loss": last_loss,
-        "final_val_loss": last_val,
-        "world_size": info.world_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "compile": use_compile,
-        "flops_per_token": flops_tok,
-        **unigram_losses(data.train, data.val, data.vocab_size),
-        **run_metadata(info.device),
-    }
-    trained = tokens_seen - start_step * tokens_per_step
-    # this session's rate; a run that had nothing left to train reports its whole run's average
-    summary["tokens_per_s"] = trained / (time.perf_counter() - t0) if trained else tokens_seen / elapsed_before
-    # per token this device processed; the run used world_size such devices
-    summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
-    if info.is_main:
-        atomic_write(log_dir / "summary.json", json.dumps(summary, indent=2))
-        print(
-            f"done: val loss {last_val:.4f} (unigram {summary['unigram_val_loss']:.4f}), "
-            f"{summary['train_time_s']:.0f} s, checkpoints in {ckpt_dir}"
-        )
-    return summary
+    return finish(run, meter)
 
 
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
