@@ -4,8 +4,10 @@ written whole (atomically), and replaces only an earlier result, never another f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,3 +38,81 @@ def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -
     file is replaced only if it is an earlier result (check_result_path)."""
     check_result_path(path)
     return atomic_write(path, json.dumps({**run_metadata(device), **payload}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The typed records writers produce and readers consume (visualizations read these, never a study object).
+
+
+@dataclass
+class ModelIdentity:
+    """Which model a result is about: the header of every evaluator's result."""
+
+    model: str  # run@step_N, or the model folder's name
+    checkpoint: str  # its folder
+    params: int
+    n_layers: int
+    architecture: str  # perhead-llama, or a transformers model_type
+    head_layer: dict | None = None  # the per-head layers' settings (hidden_dim, activation, residual); None: plain
+    compression: dict | None = None  # compression.json of a compressed model
+
+    @property
+    def per_head(self) -> bool:
+        return self.head_layer is not None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"per_head": self.per_head}
+
+    @classmethod
+    def of(cls, result: dict) -> ModelIdentity:
+        """The identity a result file carries (results written before the per-head settings were recorded say
+        only per_head: their settings read as unknown, {})."""
+        spec = result.get("head_layer")
+        if spec is None and result.get("per_head"):
+            spec = {}
+        return cls(
+            model=result["model"],
+            checkpoint=result.get("checkpoint", ""),
+            params=result.get("params") or 0,
+            n_layers=result.get("n_layers") or 0,
+            architecture=result.get("architecture", "perhead-llama"),
+            head_layer=spec,
+            compression=result.get("compression"),
+        )
+
+
+@dataclass
+class Member:
+    """One model of a study, one seed: what the table and the report group by (members.json)."""
+
+    group: str  # the study's name for the model (all seeds)
+    seed: int  # the seed's index in the study (0, 1, ...)
+    name: str  # its run or folder name
+    kind: str  # trained, compressed or external
+    seed_value: int | None = None  # the seed it was trained with (trained runs; a compressed one: its base's)
+    run: str | None = None  # trained: the run name (logs/<run>)
+    base: str | None = None  # compressed: the group it was built from
+    path: str | None = None  # external: its folder
+
+
+@dataclass
+class StudyRecord:
+    """What a study's report needs to know about the study (study.json), written by runners.study."""
+
+    name: str
+    source: str  # how it was named on the command line (for the report's "Reproduce")
+    workers: int  # steps run at once: their wall-clock figures share the machine
+    members: list[Member]
+    commands: dict[str, str]  # model group -> the command that made it (runner and overrides, compress options)
+
+    def write(self, folder: Path) -> Path:
+        return atomic_write(folder / "study.json", json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, folder: Path) -> StudyRecord:
+        path = folder / "study.json"
+        try:
+            d = json.loads(path.read_text())
+            return cls(**{**d, "members": [Member(**m) for m in d["members"]]})
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{path} is missing or damaged ({type(e).__name__}); run the study again") from None

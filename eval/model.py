@@ -12,7 +12,7 @@ import torch
 
 from common.cli import positional
 from common.device import autocast, compute_dtype, pick_device
-from common.results import check_result_path, write_result
+from common.results import ModelIdentity, check_result_path, write_result
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import count_params
@@ -70,17 +70,16 @@ class Evaluated:
     def write(self, evaluator: str, payload: dict, out: str | os.PathLike | None = None) -> Path:
         """An evaluator's result JSON (default results/<model>-<evaluator>.json): where it was measured,
         which model it is, and ``payload``."""
-        header = {
-            "evaluator": evaluator,
-            "model": self.name,
-            "checkpoint": str(self.folder),
-            "params": self.n_params,
-            "n_layers": self.model.params.n_layers,
-            "per_head": self.model.params.head_layer is not None,
-            "head_layer": self.head_layer,
-            "architecture": self.architecture,
-            "compression": self.compression,
-        }
+        identity = ModelIdentity(
+            model=self.name,
+            checkpoint=str(self.folder),
+            params=self.n_params,
+            n_layers=self.model.params.n_layers,
+            architecture=self.architecture,
+            head_layer=self.head_layer,
+            compression=self.compression,
+        )
+        header = {"evaluator": evaluator, **identity.to_json()}
         return write_result(out or Path("results") / f"{self.name}-{evaluator}.json", header | payload, self.device)
 
     def batch_size(self, requested: int) -> int:

@@ -36,6 +36,7 @@ import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.process import die_with_parent
+from common.results import Member, StudyRecord
 from llama.model_io import MODEL_FILE, list_checkpoints
 from models.hf import hf_config, is_hf_folder
 from training.config import check_run_name
@@ -108,19 +109,35 @@ class Study:
         """The run or folder name of one seed of a model of the study (the name itself with one seed)."""
         return group if self.seeds == 1 else f"{group}-s{seed}"
 
-    def members(self) -> list[dict]:
-        """Every model the study trains or builds, one entry per seed: what the table and report group by."""
+    def members(self) -> list[Member]:
+        """Every model the study trains or builds, one entry per seed, with the seed it was trained with: what
+        the table and report group by."""
         out = []
         for k in range(self.seeds):
+            seeds = {r.name: self.seed_value(r, k) for r in self.runs}
             for r in self.runs:
                 name = self.member(r.name, k)
-                out.append({"group": r.name, "seed": k, "name": name, "kind": "trained", "run": name})
+                out.append(Member(r.name, k, name, "trained", seed_value=seeds[r.name], run=name))
             for c in self.compress:
                 name = self.member(c.name, k)
-                out.append({"group": c.name, "seed": k, "name": name, "kind": "compressed", "base": c.base})
+                out.append(Member(c.name, k, name, "compressed", seed_value=seeds.get(c.base), base=c.base))
         for e in self.external:  # one model each: no seeds
-            out.append({"group": e.name, "seed": 0, "name": e.name, "kind": "external", "path": e.path})
+            out.append(Member(e.name, 0, e.name, "external", path=e.path))
         return out
+
+    def seed_value(self, run: RunSpec, k: int) -> int:
+        """The seed seed k of ``run`` trains with: SEED + k with several seeds, else the runner's own."""
+        if self.seeds > 1:
+            return SEED + k
+        return apply_overrides(importlib.import_module(f"runners.{run.runner}").config(), list(run.args)).seed
+
+    def record(self) -> StudyRecord:
+        """What the report reads about this study (study.json): no object of this module crosses into
+        visualizations."""
+        commands = {r.name: f"{r.runner} {' '.join(r.args)}".strip() for r in self.runs}
+        commands |= {c.name: f"compress {' '.join(c.args)} on {c.base}" for c in self.compress}
+        commands |= {e.name: f"external {e.path}" for e in self.external}
+        return StudyRecord(self.name, self.source or self.name, self.workers, self.members(), commands)
 
     def evaluation_set(self) -> list[str]:
         """eval.perplexity options that select the text eval.quality scores (its --max-tokens, --stride and text
@@ -567,7 +584,7 @@ def run_study(s: Study, progress: bool = True) -> Path:
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)
-    atomic_write(s.out / "members.json", json.dumps(s.members(), indent=2))  # what the report groups by
+    s.record().write(s.out)  # what the table and report group by (study.json)
     phases: dict[str, list[Step]] = {}
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
@@ -631,7 +648,7 @@ def build_outputs(s: Study) -> Path:
     write_grouped_table(rows, s.out)
     comps = comparisons(rows, Path(s.logs_dir))
     atomic_write(s.out / "comparisons.json", json.dumps(comps, indent=2))
-    trained = [m["run"] for m in s.members() if m["kind"] == "trained"]
+    trained = [m.run for m in s.members() if m.kind == "trained"]
     runs = load_runs(s.logs_dir, [r for r in trained if (Path(s.logs_dir) / r / "metrics.jsonl").is_file()])
     figures = training_figures(runs, timed_alone=s.workers == 1) | grouped_tradeoff_figures(rows)
     if s.workers > 1:  # not drawn (see training_figures); one from an earlier build with one worker goes too
@@ -646,7 +663,7 @@ def build_outputs(s: Study) -> Path:
     elif points:
         figures["over_training.png"] = over_training_fig(points)
     save_figures(figures, s.out / "plots")
-    return write_report(s, rows, comps, runs, sorted(figures), points)
+    return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points)
 
 
 @dataclass

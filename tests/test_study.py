@@ -116,7 +116,14 @@ def test_seeds_make_one_run_per_seed_and_compress_each(study):
     comps = [s for s in steps if isinstance(s, CompressStep)]
     assert [c.options.checkpoint.rsplit("/", 1)[-1] for c in comps] == ["r1-s0", "r1-s1"]  # each seed compressed
     members = study.members()
-    assert {(m["group"], m["seed"]) for m in members} == {("r1", 0), ("r1", 1), ("r1-w50", 0), ("r1-w50", 1)}
+    assert {(m.group, m.seed) for m in members} == {("r1", 0), ("r1", 1), ("r1-w50", 0), ("r1-w50", 1)}
+    # each seed's actual value is recorded: 1337 + k, and a compressed model carries its base's
+    assert {(m.name, m.seed_value) for m in members} == {
+        ("r1-s0", 1337),
+        ("r1-s1", 1338),
+        ("r1-w50-s0", 1337),
+        ("r1-w50-s1", 1338),
+    }
 
 
 def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
@@ -168,7 +175,7 @@ tokens = [1000, 2000]
     assert quality.extra[-2:] == ["--heldout-of", str(tmp_path / "ck" / "r1")]  # the same text as the runs
     assert isinstance(steps["side_by_side"], SideBySideStep) and "pythia" in steps["side_by_side"].models
     assert isinstance(steps["over_training-pythia"], OverTrainingStep)
-    assert [m["kind"] for m in s.members()] == ["trained", "external"]
+    assert [m.kind for m in s.members()] == ["trained", "external"]
 
     ran = []
 
@@ -238,3 +245,79 @@ def test_checkpoints_over_training_are_scored_on_the_quality_evaluation_set(stud
 
     over_training(study, "r1", fake_run)
     assert ran[0][-4:] == ["--max-tokens", "4000", "--stride", "64"]
+
+
+@pytest.mark.slow
+def test_a_small_study_runs_end_to_end(tmp_path, corpus, sandbox):
+    # Everything for real, as a user runs it: training (2 seeds), compression, quality (HumanEval in the
+    # sandbox), side-by-side timing, checkpoints over training, table, plots and report. No step is mocked.
+    from runners.study import main as study_main
+
+    folder, cache = corpus
+    model = ["--dim", "32", "--n-heads", "4", "--multiple-of", "16", "--max-seq-len", "32", "--seq-len", "32"]
+    data = ["--corpus", str(folder), "--cache-dir", str(cache), "--vocab-size", "500", "--device", "cpu"]
+    steps = [
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "2",
+        "--ckpt-interval",
+        "2",
+        "--eval-iters",
+        "1",
+    ]
+    common = model + data + steps
+
+    def q(args):
+        return "[" + ", ".join(f'"{a}"' for a in args) + "]"
+
+    quality = ["--max-tokens", "300", "--n-docs", "2", "--prompt-tokens", "8", "--continuation-tokens", "4"]
+    quality += ["--humaneval-limit", "1", "--max-new-tokens", "4"]
+    toml = tmp_path / "small.toml"
+    toml.write_text(
+        f"""name = "small"
+seeds = 2
+workers = 2
+reference = "base2"
+checkpoints_dir = "{tmp_path / "ck"}"
+logs_dir = "{tmp_path / "logs"}"
+results_dir = "{tmp_path / "res"}"
+[[runs]]
+runner = "tiny"
+name = "base2"
+args = {q(["--no-head-layer", "--n-layers", "2", *common])}
+[[runs]]
+runner = "tiny"
+name = "ph1"
+args = {q(["--n-layers", "1", *common])}
+[[compress]]
+base = "base2"
+name = "base2-drop1"
+args = ["--method", "drop-last", "--layers", "1"]
+[eval]
+quality = {q(quality)}
+side_by_side = ["--rounds", "3", "--context", "8", "--prompt-len", "8", "--n-tokens", "2"]
+"""
+    )
+    study_main([str(toml)])
+    out = tmp_path / "res" / "small"
+    record = json.loads((out / "study.json").read_text())
+    assert {(m["name"], m["seed_value"]) for m in record["members"] if m["kind"] == "trained"} == {
+        ("base2-s0", 1337),
+        ("base2-s1", 1338),
+        ("ph1-s0", 1337),
+        ("ph1-s1", 1338),
+    }
+    table = (out / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in ("base2", "ph1", "base2-drop1"))
+    report = (out / "report.md").read_text()
+    assert "## What was evaluated" in report and "HumanEval: 1 of the 164 problems" in report
+    assert "decode ms/token (side by side)" in report and "bits per byte" in report
+    assert (out / "plots" / "training_curves.png").is_file() and (out / "over_training").is_dir()
+    assert len(list((out / "steps").glob("*.json"))) == len(plan_of(toml))
+
+
+def plan_of(toml):
+    return plan(load_study(toml))

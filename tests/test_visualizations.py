@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from common.results import StudyRecord
 from visualizations.compare import collect, compression_label, write_table
 from visualizations.plot_tradeoffs import tradeoff_figure
 from visualizations.plot_training import load_runs, over_training, training_costs, training_curves
@@ -158,14 +159,14 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
         workers=workers,
     )
     (s.out / "evals").mkdir(parents=True)
-    (s.out / "members.json").write_text(json.dumps(s.members()))
+    s.record().write(s.out)  # study.json, as runners.study writes it
     layers = {g: int(g[-1]) for g in bpb}
     flops = {"base4": 4.0e6, "ph3": 3.2e6, "base3": 3.0e6}
     for m in s.members():
-        g, k = m["group"], m["seed"]
+        g, k = m.group, m.seed
         quality = {
             "evaluator": "quality",
-            "model": m["name"],
+            "model": m.name,
             "params": 1000,
             "n_layers": layers[g],
             "per_head": g.startswith("ph"),
@@ -174,8 +175,8 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
             "continuation": {"bleu": 1.0, "rougeL": 2.0, "rougeL_code": 3.0},
             "humaneval": {"pass": {"pass@1": 0.0}},
         }
-        (s.out / "evals" / f"{m['name']}-quality.json").write_text(json.dumps(quality))
-        log = Path(s.logs_dir) / m["run"]
+        (s.out / "evals" / f"{m.name}-quality.json").write_text(json.dumps(quality))
+        log = Path(s.logs_dir) / m.run
         log.mkdir(parents=True)
         summary = {"flops_per_token": flops[g], "tokens": 1000, "epochs": 0.5, "train_time_s": 10.0 + k}
         (log / "summary.json").write_text(json.dumps(summary))
@@ -231,10 +232,12 @@ def test_grouped_comparisons_state_only_what_the_tests_support(tmp_path):
         assert table["ph3"][column] != "", column
     assert float(table["ph3"]["ppl_mean"]) == pytest.approx(row["ph3"]["perplexity"]["mean"])
     assert float(table["ph3"]["decode_ms_median"]) == pytest.approx(row["ph3"]["decode_ms"]["median"])
-    report = write_report(s, rows, comps, {}, [], {}).read_text()
+    report = write_report(StudyRecord.read(s.out), s.out, rows, comps, {}, [], {}).read_text()
     assert "How to read this report" in report and "not distinguishable" in report and "**lower**" in report
     assert "no latency ranking is stated" in report
-    empty = write_report(s, rows, [], {}, [], {}).read_text()  # e.g. the per-head model is the deepest
+    empty = write_report(
+        StudyRecord.read(s.out), s.out, rows, [], {}, [], {}
+    ).read_text()  # e.g. the per-head model is the deepest
     assert "nothing to compare" in empty and "at least as deep" in empty
 
 
@@ -313,7 +316,7 @@ def test_the_report_says_what_was_evaluated_and_what_it_cannot_answer(tmp_path):
     depth = [c for c in comps if c.get("depth_check")]
     assert [(c["a"], c["b"]) for c in depth] == [("base4", "base3")]
     write_grouped_table(rows, s.out)
-    report = write_report(s, rows, comps, {}, [], {}).read_text()
+    report = write_report(StudyRecord.read(s.out), s.out, rows, comps, {}, [], {}).read_text()
     assert "40,000 held-out tokens" in report and "8 of the 164 problems" in report and "8 held-out documents" in report
     assert "3 interleaved rounds; decode of 16 tokens after a context of 128" in report
     assert "(1 threads)" not in report.split("\n")[2]  # the header names the machine, then each step's threads

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, parse_args, positional, run_main
+from common.results import ModelIdentity
 from visualizations import write_tables
 
 # what identifies a model in every table (this flat one and the study's grouped one)
@@ -44,8 +45,8 @@ COLUMNS = MODEL_COLUMNS + [
 def per_head_label(row: dict) -> str:
     """ "no", or the per-head layers' settings ("64 silu", "32 gelu, no residual"): variants stay apart."""
     spec = row.get("head_layer")
-    if not spec:
-        return "yes" if row.get("per_head") else "no"  # a result written before settings were recorded
+    if not spec:  # None: plain blocks; {}: per-head layers whose settings the result did not record
+        return "yes" if row.get("per_head") or spec == {} else "no"
     return f"{spec['hidden_dim']} {spec['activation']}" + ("" if spec.get("residual", True) else ", no residual")
 
 
@@ -99,10 +100,12 @@ def collect(
         except (KeyError, TypeError, IndexError) as e:
             skipped.append((path, f"a {r['evaluator']} result without {e} (written by another version?)"))
             continue
-        for key in ("params", "n_layers", "per_head", "head_layer"):
-            row.setdefault(key, r.get(key))
+        who = ModelIdentity.of(r)
+        for key, value in (("params", who.params), ("n_layers", who.n_layers), ("per_head", who.per_head)):
+            row.setdefault(key, value)
+        row.setdefault("head_layer", who.head_layer)
         if "compression" in r:
-            row["compression"] = compression_label(r["compression"])
+            row["compression"] = compression_label(who.compression)
     for row in by_model.values():
         row.setdefault("compression", "none")
     return sorted(by_model.values(), key=lambda r: (r.get("n_layers") or 0, r["model"]))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.results import ModelIdentity, StudyRecord
 from common.stats import adjust, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
@@ -42,26 +43,28 @@ def _read(path: Path) -> dict | None:
 
 
 def group_rows(out: Path, logs_dir: Path) -> list[dict]:
-    members = _read(out / "members.json") or []
+    members = StudyRecord.read(out).members
     side = _read(out / "side_by_side.json")
     groups: dict[str, dict] = {}
     for m in members:
-        g = groups.setdefault(m["group"], {"model": m["group"], "kind": m["kind"], "base": m.get("base"), "seeds": []})
-        q = _read(out / "evals" / f"{m['name']}-quality.json")
-        summary = _read(logs_dir / m["run"] / "summary.json") if m["kind"] == "trained" else None
-        g["seeds"].append({"seed": m["seed"], "name": m["name"], "quality": q, "summary": summary, "run": m.get("run")})
+        g = groups.setdefault(m.group, {"model": m.group, "kind": m.kind, "base": m.base, "seeds": []})
+        q = _read(out / "evals" / f"{m.name}-quality.json")
+        summary = _read(logs_dir / m.run / "summary.json") if m.kind == "trained" else None
+        g["seeds"].append(
+            {"seed": m.seed, "seed_value": m.seed_value, "name": m.name, "quality": q, "summary": summary, "run": m.run}
+        )
     rows = []
     for g in groups.values():
         measured = [s for s in g["seeds"] if s["quality"]]
         row = {"model": g["model"], "kind": g["kind"], "base": g["base"], "seeds_measured": len(measured)}
         if measured:
-            q0 = measured[0]["quality"]
+            who = ModelIdentity.of(measured[0]["quality"])
             row |= {
-                "params": q0.get("params"),
-                "n_layers": q0.get("n_layers"),
-                "per_head": q0.get("per_head"),
-                "head_layer": q0.get("head_layer"),
-                "compression": compression_label(q0.get("compression")),
+                "params": who.params,
+                "n_layers": who.n_layers,
+                "per_head": who.per_head,
+                "head_layer": who.head_layer,
+                "compression": compression_label(who.compression),
             }
             for key, (part, field) in QUALITY.items():
                 vals = [s["quality"][part][field] for s in measured if s["quality"][part].get(field) is not None]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common.files import atomic_write
+from common.results import StudyRecord
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
 
@@ -105,9 +106,15 @@ def depth_caveat(comps: list[dict], rows: list[dict]) -> list[str]:
 
 
 def write_report(
-    study, rows: list[dict], comps: list[dict], runs: dict[str, dict], figures: list[str], over_training: dict
+    study: StudyRecord,
+    out: Path,
+    rows: list[dict],
+    comps: list[dict],
+    runs: dict[str, dict],
+    figures: list[str],
+    over_training: dict,
 ) -> Path:
-    out = study.out
+    """report.md in ``out``, from the study's record (study.json) and what was measured."""
     quality = _first(sorted((out / "evals").glob("*-quality.json")))
     side = _first([out / "side_by_side.json"])
     meta = quality or side or {}
@@ -135,11 +142,10 @@ def write_report(
         f"time (s){' †' if shared else ''} | tokens/s{' †' if shared else ''} | final val loss | unigram val loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    specs = {m["name"]: m for m in study.members() if m["kind"] == "trained"}
+    groups = {m.name: m.group for m in study.members if m.kind == "trained"}
     for name, r in runs.items():
         s = r.get("summary") or {}
-        spec = next((x for x in study.runs if x.name == specs.get(name, {}).get("group")), None)
-        command = f"{spec.runner} {' '.join(spec.args)}" if spec else "?"
+        command = study.commands.get(groups.get(name, ""), "?")
         lines.append(
             f"| {name} | `{command}` | {_num(s.get('params'), ',')} | "
             f"{_num(s.get('n_layers'), 'd')} | {per_head_label(s)} | "
@@ -155,11 +161,12 @@ def write_report(
             "times and throughputs say how busy the machine was, not how fast the models train (runs of equal "
             "cost can differ by half). They are not plotted; bench.train_throughput times models side by side.",
         ]
-    if study.compress:
+    compressed = sorted({m.group for m in study.members if m.kind == "compressed"})
+    if compressed:
         lines += [
             "",
             "Compressed baselines: "
-            + "; ".join(f"{c.name} = `compress {' '.join(c.args)}` on {c.base}" for c in study.compress)
+            + "; ".join(f"{name} = `{study.commands.get(name, '?')}`" for name in compressed)
             + ".",
         ]
     seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)
@@ -216,7 +223,7 @@ def write_report(
         "## Reproduce",
         "",
         "```bash",
-        f"python -m runners.study {study.source or study.name}",
+        f"python -m runners.study {study.source}",
         "```",
         "",
         f"Per-step logs are in `{out / 'logs'}`; raw results in `{out / 'evals'}`.",
