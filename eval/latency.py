@@ -12,37 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from common.cli import UserError
 from common.timing import spread, time_repeats
-from llama.generation import decode_one_token, prefill
+from llama.generation import decode, decode_one_token, prefill
 from llama.model import Transformer
-
-MODES = ("eager", "compile", "compile+cudagraphs")
-
-
-def _allow_recompiles(limit: int = 64):
-    """Every model, batch size and mode is its own compiled graph of the same decode function, and dynamo
-    keeps at most 8 per function by default: a ninth would silently run eager under a "compile" label. Raise
-    the limit, and make reaching it an error rather than a silent fallback."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the newer name and the older one
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), limit))
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
-
-
-def compiled(fn, mode: str, device: torch.device):
-    if mode == "eager":
-        return fn
-    _allow_recompiles()
-    if mode == "compile":
-        return torch.compile(fn, dynamic=False)
-    if mode == "compile+cudagraphs":
-        if device.type != "cuda":
-            raise UserError("compile+cudagraphs needs CUDA; use eager or compile on this device")
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    raise UserError(f"unknown mode {mode!r}; use one of {MODES}")
+from runtime.compile import MODES, compiled  # noqa: F401  (MODES: the modes a timing takes)
 
 
 @torch.no_grad()
@@ -60,39 +33,25 @@ def time_prefill(
     return {"ms": spread([1e3 * t for t in times]), "batch": batch, "prompt_len": prompt_len, "mode": mode}
 
 
-def decode_steps(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager") -> list:
-    """A KV cache filled by a random ``context_len``-token prompt, and one callable per decode step at positions
-    context_len, context_len + 1, ... (remove the cache with ``model.clear_caches()`` afterwards)."""
+def decode_run(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
+    """One callable that decodes ``n_tokens`` tokens in a row after a ``context_len``-token prompt, with the one
+    decode loop every generator uses (llama.generation.decode: greedy sampling, each token fed back), the steps
+    queued one after another with no device sync between them (remove the cache with ``model.clear_caches()``
+    afterwards)."""
     device = model.tok_embeddings.weight.device
     model.setup_caches(batch, context_len + n_tokens)
     with torch.no_grad():
-        prefill(
+        logits = prefill(
             model,
             torch.randint(0, model.params.vocab_size, (batch, context_len), device=device),
             torch.arange(context_len, device=device),
         )
     step = compiled(decode_one_token, mode, device)
-    token = torch.randint(0, model.params.vocab_size, (batch, 1), device=device)
-
-    def at(pos):
-        @torch.no_grad()
-        def one():
-            return step(model, token, pos)
-
-        return one
-
-    return [at(torch.tensor([context_len + i], device=device)) for i in range(n_tokens)]
-
-
-def decode_run(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
-    """One callable that decodes ``n_tokens`` tokens in a row, as a generation loop does: the steps are
-    queued one after another with no device sync between them (remove the cache with ``model.clear_caches()``
-    afterwards)."""
-    steps = decode_steps(model, batch, context_len, n_tokens, mode)
+    positions = [torch.tensor([context_len + i], device=device) for i in range(n_tokens)]
 
     def run():
-        for one in steps:
-            one()
+        # n_tokens decode steps (positions context_len ...): the first new token comes from the prefill
+        decode(logits, lambda tokens, i: step(model, tokens, positions[i]), n_tokens + 1)
 
     return run
 

@@ -71,6 +71,56 @@ def padding_mask(model: Transformer, first_valid: torch.Tensor, input_pos: torch
 
 
 @torch.no_grad()
+def decode(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The one decode loop: from the last position's (B, V) ``logits``, sample each row's next token and feed the
+    tokens (B, 1) to ``step(tokens, i) -> logits`` for the i-th new token, up to ``max_new_tokens``. A row ends
+    at ``eos_id`` (not included) or once ``stop(new_tokens)`` is true (included). ``on_token(i)`` is called once
+    new token i is known (a clock for per-token latency). With none of eos_id, stop and on_token, nothing needs
+    a token on the host before the end: the tokens stay on the device and the pass has one sync, at its end.
+    ``generate`` (batched prompts), the runtime decoders (runtime/decoding.py) and the latency timings
+    (eval/latency.py) all decode with it."""
+    B = logits.shape[0]
+    watch = eos_id is not None or stop is not None or on_token is not None
+    out: list[list[int]] = [[] for _ in range(B)]
+    done, kept = [False] * B, []
+    for i in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        if not watch:
+            kept.append(nxt)
+        else:
+            new = False
+            for b, t in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if eos_id is not None and t == eos_id:
+                    done[b] = True
+                    continue
+                out[b].append(t)
+                new = True
+                if stop is not None and stop(out[b]):
+                    done[b] = True
+            if new and on_token is not None:
+                on_token(i)
+            if all(done):
+                break
+        if i == max_new_tokens - 1:
+            break
+        logits = step(nxt[:, None], i)
+    return torch.stack(kept, 1).tolist() if kept else out
+
+
+@torch.no_grad()
 def generate(
     model: Transformer,
     prompts: list[list[int]],
@@ -102,23 +152,11 @@ def generate(
     input_pos = torch.arange(T, device=device)
     mask = padding_mask(model, first_valid, input_pos) if padded else None
     logits = prefill(model, tokens, input_pos, mask)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, generator)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if eos_id is not None and t == eos_id:
-                done[i] = True
-                continue
-            out[i].append(t)
-            if stop is not None and stop(out[i]):
-                done[i] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        input_pos = torch.tensor([T + step], device=device)
-        mask = padding_mask(model, first_valid, input_pos) if padded else None
-        logits = decode_one_token(model, nxt[:, None], input_pos, mask)
+
+    def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
+        pos = torch.tensor([T + i], device=device)
+        return decode_one_token(model, nxt, pos, padding_mask(model, first_valid, pos) if padded else None)
+
+    out = decode(logits, step, max_new_tokens, temperature, top_k, top_p, eos_id, stop, generator, on_token=None)
     model.clear_caches()
     return out

@@ -29,10 +29,12 @@ from torch import nn
 
 from common.cli import UserError
 from common.timing import sync
-from llama.generation import decode_one_token, generate, prefill, sample
+from llama.generation import decode, decode_one_token, generate, prefill
 from models.interface import capabilities, require
+from runtime.compile import compiled as compiled_fn
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
+CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
 
 
 class Decoder:
@@ -44,6 +46,7 @@ class Decoder:
 
     def __init__(self, max_seq_len: int, device: torch.device):
         self.max_seq_len, self.device = max_seq_len, device
+        self.need = max_seq_len  # positions the current request fills (set by generate)
 
     def start(self, ids: list[int]) -> torch.Tensor:
         raise NotImplementedError
@@ -63,25 +66,26 @@ class Decoder:
         seed: int = 0,
     ) -> tuple[list[int], list[float]]:
         """New tokens (ending at EOS, not included, or when ``stop(tokens)``) and the time each was ready, in
-        seconds from the call (the first is the time to first token)."""
+        seconds from the call (the first is the time to first token), decoded by the one decode loop
+        (llama.generation.decode) over this engine's steps."""
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise UserError(
                 f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the context {self.max_seq_len}"
             )
         gen = torch.Generator().manual_seed(seed)
+        times: list[float] = []
+        self.need = len(ids) + max_new_tokens  # the positions this request fills (a cache sized to them)
         t0 = time.perf_counter()
-        logits = self.start(ids)
-        out, times = [], []
-        for i in range(max_new_tokens):
-            token = int(sample(logits[None].float().cpu(), temperature, None, top_p, gen)[0])
+        logits = self.start(ids)[None].float().cpu()
+
+        def step(tokens: torch.Tensor, i: int) -> torch.Tensor:
+            return self.next(int(tokens[0, 0]), len(ids) + i)[None].float().cpu()
+
+        def ready(i: int):
             sync(self.device)
-            if token == eos_id:
-                break
-            out.append(token)
             times.append(time.perf_counter() - t0)
-            if (stop is not None and stop(out)) or i == max_new_tokens - 1:
-                break
-            logits = self.next(token, len(ids) + i)
+
+        [out] = decode(logits, step, max_new_tokens, temperature, None, top_p, eos_id, stop, gen, on_token=ready)
         return out, times
 
 
@@ -93,13 +97,21 @@ class TorchDecoder(Decoder):
             require(model, "static_cache", "the compile engine (one graph for every decode step)")
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
-        self.step = torch.compile(decode_one_token, dynamic=False) if compiled else decode_one_token
+        self.step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
+
+    def cache_len(self) -> int:
+        """The KV cache a request needs, rounded up to a multiple of CACHE_BLOCK: a cache of the whole context
+        would be read by every step's attention (1024 positions of 4 blocks at dim 256: 8 MB per token on a
+        CPU whose weights are 21 MB), and one size per block keeps the compiled step's graphs few."""
+        return min(self.max_seq_len, -(-self.need // CACHE_BLOCK) * CACHE_BLOCK)
 
     def start(self, ids):
-        # This project's models keep one static cache for every request (entries past the prompt are masked
-        # until written; the compiled step keeps its graph); transformers' cache grows: a fresh one each time.
-        if not self.static or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != self.max_seq_len:
-            self.model.setup_caches(1, self.max_seq_len)
+        # This project's models keep their static cache between requests of the same cache length (entries past
+        # the prompt are masked until written; the compiled step keeps its graph); transformers' cache grows: a
+        # fresh one each time.
+        size = self.cache_len()
+        if not self.static or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != size:
+            self.model.setup_caches(1, size)
         x = torch.tensor([ids], device=self.device)
         return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0]
 

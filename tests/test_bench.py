@@ -178,3 +178,18 @@ def test_a_rewritten_result_file_does_not_mark_the_code_dirty(tmp_path):
     assert module.git_commit() == clean
     (repo / "eval" / "m.py").write_text("x = 2\n")  # code anywhere in the tree, not beside this module
     assert module.git_commit() == clean + "+dirty"
+
+
+def test_the_decode_loop_benchmark_compares_with_transformers_generate(tmp_path):
+    # a run that checks its engines generate transformers' own tokens, then times them side by side
+    import json
+
+    from bench.decode_loop import main
+
+    out = tmp_path / "dl.json"
+    argv = ["--dim", "32", "--n-heads", "4", "--vocab-size", "300", "--max-seq-len", "64", "--prompt-len", "8"]
+    main(argv + ["--n-tokens", "4", "--rounds", "3", "--warmup", "1", "--engines", "torch", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["engines"]) == {"transformers", "torch"} and len(r["engines"]["torch"]["samples"]) == 3
+    ratio = r["engines"]["torch"]["ratio_to_transformers"]
+    assert ratio["test"].startswith("wilcoxon") and r["engines"]["torch"]["target"] == 1.0
