@@ -16,11 +16,9 @@ before it is used (``check``); one that differs is reported, not served.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from common.timing import sync
 from llama.generation import decode, decode_one_token, generate, prefill
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
+from runtime.export import model_folder, to_onnx
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
@@ -140,7 +139,8 @@ class CachedStep(nn.Module):
 
 
 def export_onnx(model: nn.Module, folder: Path) -> tuple[Path, list[str], list[tuple[int, ...]]]:
-    """``CachedStep`` of ``model`` (float32, CPU) as an ONNX file; its cache input names and shapes."""
+    """``CachedStep`` of ``model`` (float32, CPU) as an ONNX file in ``folder``; its cache input names and
+    shapes."""
     require(model, "export", "ONNX/OpenVINO decoding")
     model = model.float().cpu().eval()
     S = model.params.max_seq_len
@@ -150,25 +150,15 @@ def export_onnx(model: nn.Module, folder: Path) -> tuple[Path, list[str], list[t
     n = len(model.layers)
     names = [f"k{i}" for i in range(n)] + [f"v{i}" for i in range(n)]
     t = torch.export.Dim("t", min=1, max=S)
-    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # export first, then convert: torch.onnx.export's own call turns the caches' tuple of shapes into a list
-        program = torch.export.export(
-            CachedStep(model),
-            (*example, *caches),
-            dynamic_shapes={"tokens": {1: t}, "input_pos": {0: t}, "caches": (None,) * len(caches)},
-        )
-        onnx = torch.onnx.export(
-            program,
-            dynamo=True,
-            input_names=["tokens", "input_pos", *names],
-            output_names=["logits", *[f"{c}_out" for c in names]],
-            verbose=False,
-        )
+    path = to_onnx(
+        CachedStep(model),
+        (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), *caches),
+        {"tokens": {1: t}, "input_pos": {0: t}, "caches": (None,) * len(caches)},
+        ["tokens", "input_pos", *names],
+        ["logits", *[f"{c}_out" for c in names]],
+        folder / "decode.onnx",
+    )
     model.clear_caches()
-    path = folder / "decode.onnx"
-    onnx.save(str(path))
     return path, names, [tuple(c.shape) for c in caches]
 
 
@@ -226,16 +216,6 @@ def openvino_decoder(path: Path, names, shapes, max_seq_len: int) -> ArrayDecode
     return dec
 
 
-def model_checksum(model: nn.Module) -> str:
-    """SHA-256 of a model's arguments and every tensor of its state (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256(json.dumps(getattr(model.params, "__dict__", {}), sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Path | None = None) -> Decoder:
     """The ``name`` engine for ``model`` (ONNX and OpenVINO export a float32 CPU copy into ``workdir``)."""
     if name not in DECODE_ENGINES:
@@ -244,8 +224,7 @@ def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Pa
         return TorchDecoder(model, device, compiled=name == "compile")
     # One export per model, found again by the model's checksum: another model's graph in the same work folder
     # (serve_compare's default) must never decode this one.
-    folder = Path(workdir or tempfile.mkdtemp(prefix="decode-")) / f"model-{model_checksum(model)[:16]}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(Path(workdir or tempfile.mkdtemp(prefix="decode-")), model)
     meta = folder / "decode.json"
     if meta.is_file():  # exported already for the other engine
         path, d = folder / "decode.onnx", json.loads(meta.read_text())

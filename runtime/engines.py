@@ -23,6 +23,7 @@ import torch
 
 from common.cli import UserError
 from llama.model import Transformer
+from runtime.export import model_folder, to_onnx
 
 ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
 DEFAULT_ENGINES = ("torch", "compile", "aoti", "onnxruntime")  # torchscript is legacy: ask for it by name
@@ -76,19 +77,8 @@ def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os
     import onnxruntime as ort
 
     device = example.device
-    path = Path(path or tempfile.mkdtemp(prefix="onnx-")) / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(model),
-            input_names=["tokens"],
-            output_names=["logits"],
-            verbose=False,
-        )
-    program.save(str(path))
+    folder = model_folder(Path(path or tempfile.mkdtemp(prefix="onnx-")), model)
+    path = to_onnx(model, (example,), _dynamic_shapes(model), ["tokens"], ["logits"], folder / "forward.onnx")
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

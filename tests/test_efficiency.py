@@ -40,8 +40,8 @@ def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model, m
 
 @pytest.mark.slow
 def test_compile_mode_decodes_like_eager_on_cpu(model):
-    from runtime.compile import compiled
     from llama.generation import decode_one_token
+    from runtime.compile import compiled
 
     model.setup_caches(1, 16)
     try:
@@ -87,8 +87,8 @@ def test_engine_check_catches_a_wrong_engine(model):
 def test_cudagraph_decode_matches_eager_on_gpu(tiny_perhead_args):
     # The mode behind the GPU decode table computes what eager decoding computes, at every position: the
     # replayed graph reads each step's new position and writes the cache where eager decoding would.
-    from runtime.compile import compiled
     from llama.generation import decode_one_token
+    from runtime.compile import compiled
 
     m = Transformer(tiny_perhead_args).cuda().eval()
     for layer in m.layers:
