@@ -81,15 +81,15 @@ def decode(
     eos_id: int | None = None,
     stop: Callable[[list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int, list[int]], None] | None = None,
 ) -> list[list[int]]:
     """The one decode loop: from the last position's (B, V) ``logits``, sample each row's next token and feed the
     tokens (B, 1) to ``step(tokens, i) -> logits`` for the i-th new token, up to ``max_new_tokens``. A row ends
-    at ``eos_id`` (not included) or once ``stop(new_tokens)`` is true (included). ``on_token(i)`` is called once
-    new token i is known (a clock for per-token latency). With none of eos_id, stop and on_token, nothing needs
-    a token on the host before the end: the tokens stay on the device and the pass has one sync, at its end.
-    ``generate`` (batched prompts), the runtime decoders (runtime/decoding.py) and the latency timings
-    (eval/latency.py) all decode with it."""
+    at ``eos_id`` (not included) or once ``stop(new_tokens)`` is true (included). ``on_token(i, tokens)`` is
+    called once new token i of each row is known (``tokens``: a clock for per-token latency, a stream's text).
+    With none of eos_id, stop and on_token, nothing needs a token on the host before the end: the tokens stay
+    on the device and the pass has one sync, at its end. ``generate`` (batched prompts), the runtime decoders
+    (runtime/decoding.py) and the latency timings (eval/latency.py) all decode with it."""
     B = logits.shape[0]
     watch = eos_id is not None or stop is not None or on_token is not None
     out: list[list[int]] = [[] for _ in range(B)]
@@ -99,8 +99,8 @@ def decode(
         if not watch:
             kept.append(nxt)
         else:
-            new = False
-            for b, t in enumerate(nxt.tolist()):
+            new, row = False, nxt.tolist()
+            for b, t in enumerate(row):
                 if done[b]:
                     continue
                 if eos_id is not None and t == eos_id:
@@ -111,7 +111,7 @@ def decode(
                 if stop is not None and stop(out[b]):
                     done[b] = True
             if new and on_token is not None:
-                on_token(i)
+                on_token(i, row)
             if all(done):
                 break
         if i == max_new_tokens - 1:

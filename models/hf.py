@@ -323,6 +323,17 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The folder's chat template (Jinja, which transformers renders in a sandboxed environment), if any."""
+        return getattr(self.tok, "chat_template", None)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The token ids of ``messages`` rendered by the chat template, ready for the assistant's answer (the
+        template writes the special tokens it wants, so none are added)."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
     def special_text(self, i: int) -> str:
         """The text of one token, special ones included ("<s>", "<|endoftext|>")."""
         return self.tok.decode([int(i)], skip_special_tokens=False)

@@ -5,7 +5,8 @@ report.
     python -m runners.serve_compare checkpoints/tiny --engines torch onnxruntime --requests 200 --concurrency 8
 
 The server runs as a child process (``python -m serve.server``, killed with this one however it ends) on a
-free port of 127.0.0.1; the load client (serve/client.py) sends HumanEval prompts rotated over the engines;
+free port of 127.0.0.1; the load client (serve/client.py) streams HumanEval prompts rotated over the engines
+(the model ids ``<model>:<engine>``) and measures TTFT, TPOT and end-to-end from the stream, as a client sees them;
 visualizations/serving.py writes ``table.md``, ``plots/serving_boxplots.png`` and ``report.md`` next to
 ``requests.jsonl/.csv`` and ``summary.json`` in ``--out``. The server's own log is ``server.log`` there.
 """

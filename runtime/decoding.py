@@ -63,10 +63,13 @@ class Decoder:
         eos_id: int | None = None,
         stop=None,
         seed: int = 0,
+        on_token=None,
     ) -> tuple[list[int], list[float]]:
         """New tokens (ending at EOS, not included, or when ``stop(tokens)``) and the time each was ready, in
         seconds from the call (the first is the time to first token), decoded by the one decode loop
-        (llama.generation.decode) over this engine's steps."""
+        (llama.generation.decode) over this engine's steps. ``on_token(token, logits)``, if given, hears of each
+        new token as soon as its time is taken, with the (V,) float32 logits it was drawn from; an exception it
+        raises ends the generation (a client that went away)."""
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise UserError(
                 f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the context {self.max_seq_len}"
@@ -75,16 +78,19 @@ class Decoder:
         times: list[float] = []
         self.need = len(ids) + max_new_tokens  # the positions this request fills (a cache sized to them)
         t0 = time.perf_counter()
-        logits = self.start(ids)[None].float().cpu()
+        last = [self.start(ids)[None].float().cpu()]  # the logits the next token is drawn from
 
         def step(tokens: torch.Tensor, i: int) -> torch.Tensor:
-            return self.next(int(tokens[0, 0]), len(ids) + i)[None].float().cpu()
+            last[0] = self.next(int(tokens[0, 0]), len(ids) + i)[None].float().cpu()
+            return last[0]
 
-        def ready(i: int):
+        def ready(i: int, tokens: list[int]):
             sync(self.device)
             times.append(time.perf_counter() - t0)
+            if on_token is not None:
+                on_token(tokens[0], last[0][0])
 
-        [out] = decode(logits, step, max_new_tokens, temperature, None, top_p, eos_id, stop, gen, on_token=ready)
+        [out] = decode(last[0], step, max_new_tokens, temperature, None, top_p, eos_id, stop, gen, on_token=ready)
         return out, times
 
 

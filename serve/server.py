@@ -1,9 +1,15 @@
-"""An HTTP endpoint (FastAPI + uvicorn) that completes prompts with a chosen runtime engine and returns, with
-each completion, its measurements.
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) that completes prompts with a chosen runtime engine and
+returns, with each completion, its measurements.
 
     python -m serve.server checkpoints/tiny --engines torch onnxruntime openvino      # http://127.0.0.1:8000
     curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
-        -d '{"prompt": "def add(a, b):", "max_tokens": 32, "engine": "onnxruntime"}'
+        -d '{"model": "tiny:onnxruntime", "prompt": "def add(a, b):", "max_tokens": 32, "temperature": 0}'
+
+Speaks the OpenAI API (serve/api.py): ``GET /v1/models``, ``POST /v1/completions`` and, for Hugging Face folders
+whose tokenizer has a chat template, ``POST /v1/chat/completions``; ``stream: true`` answers with server-sent
+events, one chunk per decoded token, then ``data: [DONE]``. So the official ``openai`` client and the load
+generators of the field drive it as they drive vLLM. The model ids are ``<model>:<engine>`` for each engine
+served, and ``<model>`` for the first one; ``GET /health`` says what is served and why an engine is not.
 
 Serves this project's checkpoints and Hugging Face model folders (torch engine), each engine checked token
 for token against eager greedy decoding at start-up (an engine that fails to build or differs is listed
@@ -11,32 +17,38 @@ under ``unavailable`` with the reason). Binds to 127.0.0.1 unless told otherwise
 
 Limits, so that no client can exhaust the server: a request body is at most ``--max-body-bytes`` (413 above
 it, counted as it arrives), a prompt far longer than the context is refused (or cut, with ``truncate_prompt``)
-before it is tokenized, and a client has ``--request-timeout`` seconds from its first byte to send a whole
-request (a connection that sends nothing, or a byte at a time, is closed).
+before it is tokenized, a request holds at most 64 completions (prompts x n), and a client has
+``--request-timeout`` seconds from its first byte to send a whole request (a connection that sends nothing,
+or a byte at a time, is closed). A streaming client that goes away stops its decoding at the next token.
 
 Requests are served one at a time, in arrival order, so that a request's latency and energy are its own;
-the time a request waited for the ones before it is ``queue_ms``. Measurements follow MLPerf / LLMPerf /
-GenAI-Perf: ``ttft_ms`` (time to first token: prompt processing and the first token), ``tpot_ms`` (time per
-output token after the first: (e2e - ttft) / (tokens_out - 1)), ``itl_ms`` (each inter-token latency),
-``e2e_ms`` (from the start of processing to the last token; the client adds the HTTP round trip and the
-queue), ``tokens_in``/``tokens_out``, and ``energy`` (NVML or RAPL, else "unavailable" with the reason; a
-request shorter than one second carries no figure, the counters update too coarsely; idle power is measured
-once at start-up and the net energy above it is reported beside the total).
+the time a request waited for the ones before it is ``queue_ms``. Measurements, beside the OpenAI fields of
+each answer (in the last chunk of a stream), follow MLPerf / LLMPerf / GenAI-Perf: ``ttft_ms`` (time to first
+token: prompt processing and the first token), ``tpot_ms`` (time per output token after the first:
+(e2e - ttft) / (tokens_out - 1)), ``itl_ms`` (each inter-token latency), ``e2e_ms`` (from the start of
+processing to the last token; the client adds the HTTP round trip and the queue), ``tokens_in``/``tokens_out``,
+and ``energy`` (NVML or RAPL, else "unavailable" with the reason; a request shorter than one second carries no
+figure, the counters update too coarsely; idle power is measured once at start-up and the net energy above it
+is reported beside the total). With several completions in one request (``n`` > 1 or several prompts), each
+choice carries its own ``metrics``; the request's ``tpot_ms`` and ``itl_ms`` are then left out, since they
+describe one sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -44,42 +56,33 @@ from common.cli import ConfigError, UserError, failure, parse_args, positional, 
 from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
 from common.energy import EnergyMeter, find_counter
 from common.hardware import run_metadata
-from eval.generate import cut_at_stops, fit_prompt, stop_check
+from eval.generate import fit_prompt, stop_check
 from eval.model import load_for_eval
 from runtime.decoding import DECODE_ENGINES, build_decoder, check
+from serve.api import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest, Sampling, TextStream, new_id, now
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
 TOKENS_PER_CHAR_SLACK = 4  # normalisation may merge characters: the cheap length bound allows 4x for it
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
+DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default
+DEFAULT_TEMPERATURE = 1.0  # the OpenAI API's default
 
 
-class CompletionRequest(BaseModel):
-    prompt: str = Field(min_length=1, description="text to continue")
-    max_tokens: int = Field(32, gt=0, description="new tokens at most")
-    engine: str = Field("torch", description="runtime engine; GET /health lists those served")
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling (with temperature > 0)")
-    stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends before them)")
-    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="sampling seed (torch.Generator's range)")
-    truncate_prompt: bool = Field(False, description="keep the end of a prompt too long for the context (else 413)")
+def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """Every error the server answers, in the OpenAI shape."""
+    return JSONResponse(status_code=status, content=ApiError(status, message, param, code).body())
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
-
-
-def error(status: int, message: str) -> JSONResponse:
-    """Every error the server answers, in one shape."""
-    return JSONResponse(status_code=status, content={"error": message})
-
-
-def _first_error(exc: RequestValidationError) -> str:
+def _first_error(exc: RequestValidationError) -> tuple[str, str | None]:
     e = exc.errors()[0]
-    where = ".".join(str(x) for x in e.get("loc", []) if x != "body") or "body"
+    loc = [str(x) for x in e.get("loc", []) if x != "body"]
+    where = ".".join(loc) or "body"
     if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    return f"{where}: {e.get('msg', 'invalid')}"
+        return "the request body is not valid JSON", None
+    if e.get("type") == "extra_forbidden":
+        return f"{where}: unknown field (see the OpenAI API reference; misspelt?)", where
+    msg = e.get("msg", "invalid").removeprefix("Value error, ")
+    return f"{where}: {msg}", (loc[0] if loc else None)
 
 
 @dataclass
@@ -95,10 +98,32 @@ class Served:
     counter: object = None
     counter_reason: str | None = None
     idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
+    name: str = ""  # the model id (default: the checkpoint's name)
+    created: int = field(default_factory=now)
+
+    def __post_init__(self):
+        self.name = self.name or self.ev.name
+
+    def models(self) -> dict[str, str]:
+        """Model id -> engine: ``<name>`` is served by the first engine, ``<name>:<engine>`` by each."""
+        engines = list(self.decoders)
+        return {self.name: engines[0]} | {f"{self.name}:{e}": e for e in engines}
+
+    @property
+    def chat(self):
+        """The tokenizer's chat template as a function of messages -> token ids, or None without one."""
+        return (
+            getattr(self.ev.tokenizer, "chat_ids", None) if getattr(self.ev.tokenizer, "chat_template", None) else None
+        )
 
 
 def load_served(
-    checkpoint: str, engines: list[str], device: str, max_tokens_limit: int, workdir: Path | None
+    checkpoint: str,
+    engines: list[str],
+    device: str,
+    max_tokens_limit: int,
+    workdir: Path | None,
+    name: str | None = None,
 ) -> Served:
     ev = load_for_eval(checkpoint, device, "float32")  # numerics as the ONNX / OpenVINO exports (float32)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="serve-"))
@@ -106,23 +131,28 @@ def load_served(
     n_check = max(1, min(16, S // 4))  # new tokens compared per check prompt; prompts cut to leave room
     prompts = [ev.tokenizer.encode(p)[-(S - n_check) :] for p in CHECK_PROMPTS]
     decoders, unavailable = {}, {}
-    for name in engines:  # exports and compilation take most of the start-up: each says what it is doing
+    for engine in engines:  # exports and compilation take most of the start-up: each says what it is doing
         t0 = time.perf_counter()
-        print(f"engine {name}: building and checking against eager decoding ...", flush=True)
+        print(f"engine {engine}: building and checking against eager decoding ...", flush=True)
         try:
-            decoder = build_decoder(name, ev.model, ev.device, workdir)
+            decoder = build_decoder(engine, ev.model, ev.device, workdir)
             check(decoder, ev.model, prompts, n_check)
-            decoders[name] = decoder
-            print(f"engine {name}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+            decoders[engine] = decoder
+            print(f"engine {engine}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         except Exception as e:  # reported on /health and in every answer, never hidden
-            unavailable[name] = failure(e, 200)
-            print(f"engine {name}: not served ({unavailable[name]})", flush=True)
+            unavailable[engine] = failure(e, 200)
+            print(f"engine {engine}: not served ({unavailable[engine]})", flush=True)
     if not decoders:
         raise UserError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
     longest = max(1, int(ev.tokenizer.token_bytes().max()))
     max_tokens_limit = min(max_tokens_limit, S - 1)  # at least one prompt token must fit beside the completion
-    served = Served(ev, decoders, unavailable, max_tokens_limit, longest, counter=counter, counter_reason=reason)
+    # the id clients name: the folder the user gave (checkpoints/tiny -> "tiny"), a step folder by its run and step
+    given = Path(checkpoint).name
+    name = name or (given if given and not given.startswith("step_") else ev.name)
+    served = Served(
+        ev, decoders, unavailable, max_tokens_limit, longest, counter=counter, counter_reason=reason, name=name
+    )
     if counter is not None:  # idle power once, at start: a request is too short to measure it beside
         with EnergyMeter(ev.device, idle_s=IDLE_S, counter=counter) as meter:
             pass
@@ -130,67 +160,409 @@ def load_served(
     return served
 
 
-def complete(served: Served, req: CompletionRequest, received: float) -> dict:
-    """Run one request (the caller holds no lock; this takes the server's)."""
-    ev = served.ev
-    if req.engine not in served.decoders:
-        known = ", ".join(served.decoders)
-        why = f" ({served.unavailable[req.engine]})" if req.engine in served.unavailable else ""
-        raise BadRequest(400, f"engine {req.engine!r} is not served{why}; use one of: {known}")
-    if req.max_tokens > served.max_tokens_limit:
-        raise BadRequest(
-            400,
-            f"max_tokens {req.max_tokens} is over this server's limit of {served.max_tokens_limit} (the model's "
-            f"context holds {ev.model.params.max_seq_len} tokens, prompt included)",
+@dataclass
+class Plan:
+    """A checked request, ready to run: the engine, each choice's prompt ids and seed, the settings."""
+
+    engine: str
+    prompts: list[list[int]]  # token ids of each distinct prompt
+    choices: list[tuple[int, int]]  # (prompt index, seed) of each completion, in the order of the answer
+    truncated: list[bool]
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    stops: list[str]
+    eos: bool
+    logprobs: int | None  # top alternatives per token (0: the chosen token's only), None: no log-probabilities
+    received: float
+
+
+def _engine(served: Served, req: Sampling) -> str:
+    models = served.models()
+    if req.model not in models:
+        raise ApiError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {list(models)}",
+            "model",
+            "model_not_found",
         )
-    room = ev.model.params.max_seq_len - req.max_tokens
+    engine = req.engine or models[req.model]
+    if req.engine and req.model != served.name and req.engine != models[req.model]:
+        raise ApiError(400, f"engine {req.engine!r} contradicts the model id {req.model!r}", "engine")
+    if engine not in served.decoders:
+        known = ", ".join(served.decoders)
+        why = f" ({served.unavailable[engine]})" if engine in served.unavailable else ""
+        raise ApiError(400, f"engine {engine!r} is not served{why}; use one of: {known}", "engine")
+    return engine
+
+
+def _max_tokens(served: Served, req: Sampling) -> int:
+    n = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    if n > served.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens {n} is over this server's limit of {served.max_tokens_limit} (the model's context holds "
+            f"{served.ev.model.params.max_seq_len} tokens, prompt included)",
+            "max_tokens",
+        )
+    return n
+
+
+def encode_text(served: Served, text: str, max_tokens: int, truncate: bool, bos: bool = True) -> tuple[list[int], bool]:
+    """The ids of a text prompt that fits the context beside ``max_tokens`` (its end kept if ``truncate``)."""
+    ev = served.ev
+    room = ev.model.params.max_seq_len - max_tokens
     # A token stands for at most max_token_bytes bytes (>= characters), so a prompt with more characters than
     # room x that (x slack for normalisation) cannot fit: refuse it, or keep only its end, before tokenizing.
     most_chars = (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK
-    cut = len(req.prompt) > most_chars
-    if cut and not req.truncate_prompt:
-        raise BadRequest(
+    cut = len(text) > most_chars
+    if cut and not truncate:
+        raise ApiError(
             413,
-            f"the prompt has {len(req.prompt):,} characters; with max_tokens {req.max_tokens} at most {room} "
-            "tokens fit the context (or pass truncate_prompt)",
+            f"the prompt has {len(text):,} characters; with max_tokens {max_tokens} at most {room} tokens fit the "
+            "context (or pass truncate_prompt)",
+            "prompt",
         )
-    ids = ev.tokenizer.encode(req.prompt[-most_chars:] if cut else req.prompt, bos=not cut)
-    truncated = cut or (len(ids) > room and req.truncate_prompt)
+    ids = ev.tokenizer.encode(text[-most_chars:] if cut else text, bos=bos and not cut)
+    return fit_ids(served, ids, max_tokens, truncate, cut)
+
+
+def fit_ids(served: Served, ids: list[int], max_tokens: int, truncate: bool, cut: bool = False):
+    S = served.ev.model.params.max_seq_len
+    room = S - max_tokens
+    if not ids:
+        raise ApiError(400, "the prompt holds no tokens", "prompt")
+    truncated = cut or (len(ids) > room and truncate)
     if truncated:  # the end of the prompt is what the model continues
-        ids = fit_prompt(ids, ev.model.params.max_seq_len, req.max_tokens)
+        ids = fit_prompt(ids, S, max_tokens)
     if len(ids) > room:
-        raise BadRequest(
-            413, f"the prompt is {len(ids)} tokens; with max_tokens {req.max_tokens} at most {room} fit the context"
+        raise ApiError(
+            413,
+            f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens} at most {room} fit the context",
+            "prompt",
         )
-    decoder = served.decoders[req.engine]
-    tok = ev.tokenizer
-    stop = stop_check(tok, req.stop)
+    return ids, truncated
+
+
+def _plan(served: Served, req: Sampling, prompts: list[list[int]], truncated: list[bool], received: float, logprobs):
+    seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise ApiError(
+            400, f"{len(prompts)} prompts x n={req.n} is over this server's {MAX_CHOICES} completions per request", "n"
+        )
+    choices = [(p, (seed + j) % 2**64) for p in range(len(prompts)) for j in range(req.n)]
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    return Plan(
+        _engine(served, req),
+        prompts,
+        choices,
+        truncated,
+        _max_tokens(served, req),
+        temperature,
+        req.top_p,
+        req.stops,
+        not req.ignore_eos,
+        logprobs,
+        received,
+    )
+
+
+def plan_completion(served: Served, req: CompletionRequest, received: float) -> Plan:
+    _engine(served, req)  # an unknown model is a 404 before anything else is looked at
+    max_tokens = _max_tokens(served, req)
+    try:
+        prompts = req.prompts()
+    except ValueError as e:
+        raise ApiError(400, str(e), "prompt") from None
+    ids, truncated = [], []
+    vocab = served.ev.tokenizer.vocab_size
+    for p in prompts:
+        if isinstance(p, str):
+            x, t = encode_text(served, p, max_tokens, req.truncate_prompt)
+        else:
+            if any(not 0 <= i < vocab for i in p):
+                raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+            x, t = fit_ids(served, list(p), max_tokens, req.truncate_prompt)
+        ids.append(x)
+        truncated.append(t)
+    return _plan(served, req, ids, truncated, received, req.logprobs)
+
+
+def plan_chat(served: Served, req: ChatRequest, received: float) -> Plan:
+    _engine(served, req)
+    chat = served.chat
+    if chat is None:
+        raise ApiError(
+            400,
+            f"the model {served.name!r} has no chat template (its tokenizer defines none); use /v1/completions",
+            "messages",
+        )
+    max_tokens = _max_tokens(served, req)
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", "messages") from None
+    chars = sum(len(m["content"]) for m in messages)
+    room = served.ev.model.params.max_seq_len - max_tokens
+    if chars > (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK:
+        raise ApiError(
+            413, f"the messages have {chars:,} characters; at most {room} tokens fit the context", "messages"
+        )
+    try:
+        ids = chat(messages)
+    except Exception as e:  # the template's own complaint (roles out of order, ...)
+        raise ApiError(400, f"messages: the chat template refused them ({failure(e, 200)})", "messages") from None
+    x, t = fit_ids(served, ids, max_tokens, req.truncate_prompt)
+    top = req.top_logprobs or 0
+    return _plan(served, req, [x], [t], received, top if req.logprobs else None)
+
+
+def _metrics(times: list[float], n_out: int) -> dict:
+    e2e = 1e3 * times[-1] if times else 0.0
+    return {
+        "tokens_out": n_out,
+        "ttft_ms": 1e3 * times[0] if times else None,
+        "tpot_ms": (e2e - 1e3 * times[0]) / (n_out - 1) if n_out > 1 else None,
+        "itl_ms": [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)],
+        "e2e_ms": e2e,
+    }
+
+
+class ClientGone(Exception):
+    """A streaming client closed its connection: its decoding stops."""
+
+
+def _token_text(tok, before: list[int], token: int) -> str:
+    """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
+    a, b = tok.decode(before), tok.decode(before + [token])
+    return b[len(a) :] if b.startswith(a) else tok.decode([token])
+
+
+def _logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top: int) -> dict:
+    lp = torch.log_softmax(logits.float(), -1)
+    alts = torch.topk(lp, top) if top else None
+    return {
+        "token": _token_text(tok, before, token),
+        "logprob": float(lp[token]),
+        "top": []
+        if alts is None
+        else [(_token_text(tok, before, int(i)), float(v)) for v, i in zip(alts.values, alts.indices, strict=True)],
+    }
+
+
+def run(served: Served, plan: Plan, emit=None) -> dict:
+    """Decode every choice of ``plan`` (holding the server's lock: one request at a time). ``emit(event)``, if
+    given, hears ``("token", index, delta, logprob entry or None)`` per token and ``("end", index, delta,
+    finish_reason)`` per choice, from this thread; it raises ``ClientGone`` to stop."""
+    ev, tok = served.ev, served.ev.tokenizer
+    decoder = served.decoders[plan.engine]
+    stop = stop_check(tok, plan.stops)
+    hold_space = bool(getattr(getattr(tok, "tok", None), "clean_up_tokenization_spaces", False))
+    results = []
     with served.lock:
         started = time.perf_counter()
         meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
         with meter:
-            out, times = decoder.generate(ids, req.max_tokens, req.temperature, req.top_p, tok.eos_id, stop, req.seed)
+            for index, (p, seed) in enumerate(plan.choices):
+                text = TextStream(tok.decode, plan.stops, hold_space)
+                entries = []
+                t_choice = time.perf_counter() - started
+
+                def on_token(token, logits, text=text, entries=entries, index=index):
+                    entry = None
+                    if plan.logprobs is not None:
+                        entry = _logprob_entry(tok, text.ids, token, logits, plan.logprobs)
+                        entries.append(entry)
+                    delta = text.push(token)
+                    if emit is not None:
+                        emit(("token", index, delta, entry))
+
+                out, times = decoder.generate(
+                    plan.prompts[p],
+                    plan.max_tokens,
+                    plan.temperature,
+                    plan.top_p,
+                    tok.eos_id if plan.eos else None,
+                    stop,
+                    seed,
+                    on_token,
+                )
+                last = text.finish()
+                finish = "stop" if text.stopped() or len(out) < plan.max_tokens else "length"
+                if emit is not None:
+                    emit(("end", index, last, finish))
+                results.append(
+                    {
+                        "index": index,
+                        "text": text.sent,
+                        "finish_reason": finish,
+                        "logprobs": entries,
+                        "start_s": t_choice,
+                    }
+                    | _metrics(times, len(out))
+                )
         meter.idle_power_w = served.idle_power_w
-        energy = meter.result(units=len(out) or None, unit="token", min_window_s=MIN_ENERGY_WINDOW_S)
-    text = cut_at_stops(tok.decode(out), req.stop)
-    itl = [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)]
-    e2e = 1e3 * times[-1] if times else 0.0
-    return {
-        "completion": text,
-        "engine": req.engine,
+        n_out = sum(r["tokens_out"] for r in results)
+        energy = meter.result(units=n_out or None, unit="token", min_window_s=MIN_ENERGY_WINDOW_S)
+    first = results[0]
+    single = len(results) == 1
+    measures = {
+        "engine": plan.engine,
         "engine_note": decoder.note,
         "device": str(ev.device),
-        "model": ev.name,
-        "tokens_in": len(ids),
-        "prompt_truncated": truncated,
-        "tokens_out": len(out),
-        "queue_ms": 1e3 * (started - received),
-        "ttft_ms": 1e3 * times[0] if times else None,
-        "tpot_ms": (e2e - 1e3 * times[0]) / (len(out) - 1) if len(out) > 1 else None,
-        "itl_ms": itl,
-        "e2e_ms": e2e,
+        "tokens_in": sum(len(plan.prompts[p]) for p in range(len(plan.prompts))),
+        "tokens_out": n_out,
+        "prompt_truncated": any(plan.truncated),
+        "queue_ms": 1e3 * (started - plan.received),
+        # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
+        "ttft_ms": None if first["ttft_ms"] is None else first["ttft_ms"] + (0 if single else 1e3 * first["start_s"]),
+        "tpot_ms": first["tpot_ms"] if single else None,
+        "itl_ms": first["itl_ms"] if single else None,
+        "e2e_ms": 1e3 * (time.perf_counter() - started) if not single else first["e2e_ms"],
         "energy": energy,
     }
+    return {"choices": results, "measures": measures}
+
+
+def usage(plan: Plan, measures: dict) -> dict:
+    prompt = measures["tokens_in"]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": measures["tokens_out"],
+        "total_tokens": prompt + measures["tokens_out"],
+    }
+
+
+def _completion_logprobs(entries: list[dict]) -> dict:
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        # two alternatives may read the same (broken bytes): the likelier one keeps the key
+        "top_logprobs": [dict(reversed(e["top"])) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(entries: list[dict]) -> dict:
+    def one(t, lp):
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+    return {
+        "content": [one(e["token"], e["logprob"]) | {"top_logprobs": [one(t, v) for t, v in e["top"]]} for e in entries]
+    }
+
+
+def _choice_metrics(c: dict) -> dict:
+    return {k: c[k] for k in ("tokens_out", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
+
+
+def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dict:
+    several = len(result["choices"]) > 1
+    choices = []
+    for c in result["choices"]:
+        choice = {"index": c["index"], "finish_reason": c["finish_reason"]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c["text"]}
+            choice["logprobs"] = _chat_logprobs(c["logprobs"]) if plan.logprobs is not None else None
+        else:
+            choice["text"] = c["text"]
+            choice["logprobs"] = _completion_logprobs(c["logprobs"]) if plan.logprobs is not None else None
+        if several:
+            choice["metrics"] = _choice_metrics(c)
+        choices.append(choice)
+    return {
+        "id": new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": now(),
+        "model": served.name,
+        "choices": choices,
+        "usage": usage(plan, result["measures"]),
+        **result["measures"],
+    }
+
+
+def sse(payload) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingResponse:
+    """The answer as server-sent events: a chunk per token (its text may be empty while a possible stop string
+    or an incomplete character is held back), a last chunk per choice with its finish reason, then the
+    measurements (with ``usage`` when ``stream_options.include_usage``), then ``data: [DONE]``."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+    rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    running = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+
+    def emit(event):
+        if gone.is_set():
+            raise ClientGone
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {"id": rid, "object": kind, "created": created, "model": served.name, "choices": choices, **extra}
+
+    def choice(index: int, delta: str, finish: str | None, entry: dict | None) -> dict:
+        if chat:
+            c = {
+                "index": index,
+                "delta": {"content": delta} if delta or finish is None else {},
+                "finish_reason": finish,
+            }
+            c["logprobs"] = _chat_logprobs([entry]) if entry else None
+        else:
+            c = {"index": index, "text": delta, "finish_reason": finish}
+            c["logprobs"] = _completion_logprobs([entry]) if entry else None
+        return c
+
+    async def events():
+        task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, emit))
+        task.add_done_callback(lambda t: queue.put_nowait(None) or t.cancelled() or t.exception())
+        try:
+            if chat:
+                yield sse(
+                    chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                            for i in range(len(plan.choices))
+                        ]
+                    )
+                )
+            n_out = 0
+            while (event := await queue.get()) is not None:
+                what, index, delta, x = event
+                n_out += what == "token"
+                so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
+                so_far = {"usage": so_far | {"total_tokens": prompt_tokens + n_out}} if running else {}
+                if what == "token":
+                    yield sse(chunk([choice(index, delta, None, x)], **so_far))
+                else:
+                    yield sse(chunk([choice(index, delta, x, None)], **so_far))
+            try:
+                result = task.result()
+            except Exception as e:  # after the first byte the status is sent: the error goes in the stream
+                yield sse(ApiError(500, f"decoding failed: {failure(e, 200)}").body())
+            else:
+                extra = {"usage": usage(plan, result["measures"])} if include_usage else {}
+                yield sse(chunk([], **extra, **result["measures"]))
+            yield sse(b"[DONE]")
+        finally:
+            gone.set()  # however the stream ends (the client may have left), the decoding stops
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 class TooLarge(HTTPException):
@@ -278,11 +650,11 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return error(400, _first_error(exc))
+        return error(400, *_first_error(exc))
 
-    @app.exception_handler(BadRequest)
-    async def bad(request: Request, exc: BadRequest):
-        return error(exc.status, exc.message)
+    @app.exception_handler(ApiError)
+    async def bad(request: Request, exc: ApiError):
+        return JSONResponse(status_code=exc.status, content=exc.body())
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, exc: HTTPException):  # FastAPI's own: unknown path, unparsable body ...
@@ -295,21 +667,51 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.get("/health")
     def health():
         return {
-            "model": served.ev.name,
+            "model": served.name,
+            "models": served.models(),
             "architecture": served.ev.architecture,
             "engines": {n: d.note for n, d in served.decoders.items()},
             "unavailable": served.unavailable,
             "max_seq_len": served.ev.model.params.max_seq_len,
             "max_tokens_limit": served.max_tokens_limit,
+            "chat_template": served.chat is not None,
             "energy": "unavailable: " + served.counter_reason if served.counter is None else served.counter.method,
             **run_metadata(served.ev.device),
         }
 
+    @app.get("/v1/models")
+    def models():
+        default = served.models()[served.name]
+        data = [
+            {
+                "id": mid,
+                "object": "model",
+                "created": served.created,
+                "owned_by": "perhead-llama",
+                "engine": engine,
+                "max_model_len": served.ev.model.params.max_seq_len,
+            }
+            | ({"alias_of": f"{served.name}:{default}"} if mid == served.name else {})
+            for mid, engine in served.models().items()
+        ]
+        return {"object": "list", "data": data}
+
+    async def answer(plan: Plan, req: Sampling, chat: bool):
+        if req.stream:
+            return stream(served, plan, req, chat)
+        # the model runs in a worker thread so the server keeps accepting (and queueing) requests meanwhile
+        result = await asyncio.to_thread(run, served, plan)
+        return completion_body(served, plan, result, chat)
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         received = time.perf_counter()
-        # the model runs in a worker thread so the server keeps accepting (and queueing) requests meanwhile
-        return await asyncio.to_thread(complete, served, req, received)
+        return await answer(plan_completion(served, req, received), req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        received = time.perf_counter()
+        return await answer(plan_chat(served, req, received), req, chat=True)
 
     return app
 
@@ -326,6 +728,7 @@ class Args:
     request_timeout: float = 10.0  # seconds a client has to send a whole request (then its connection closes)
     max_connections: int = 256  # connections open at once; beyond, requests get 503
     workdir: str | None = None  # where the ONNX export goes (default: a temporary folder)
+    served_model_name: str | None = None  # the model id clients name (default: the checkpoint's name)
 
     def __post_init__(self):
         for key in ("port", "max_tokens_limit", "max_body_bytes", "request_timeout", "max_connections"):
@@ -338,8 +741,8 @@ def main(argv=None):
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
-    served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir)
-    print(f"serving {served.ev.name} with {', '.join(served.decoders)} on http://{a.host}:{a.port}")
+    served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name)
+    print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
 

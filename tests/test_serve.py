@@ -10,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
+from eval.generate import cut_at_stops
 from llama.generation import generate
 from runtime.decoding import DECODE_ENGINES
+from serve.client import STOPS
 from serve.server import create_app, create_server, load_served
 
 PROMPT = "def add(a, b):\n"
@@ -45,8 +48,22 @@ def url(served):
     thread.join(timeout=10)
 
 
+MODEL = "t"  # the served model id: the name of the checkpoint folder it was given
+
+
 def post(url, body, **kw):
+    """A completion request; greedy and to the served model unless the body says otherwise."""
+    body = {"model": MODEL, "temperature": 0} | body
     return httpx.post(url + "/v1/completions", json=body, timeout=120, trust_env=False, **kw)
+
+
+def text(r) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def error_message(r) -> str:
+    return r.json()["error"]["message"]
 
 
 def eager(served, prompt: str, n: int) -> str:
@@ -54,7 +71,8 @@ def eager(served, prompt: str, n: int) -> str:
     return tok.decode(generate(served.ev.model, [tok.encode(prompt)], n, eos_id=tok.eos_id)[0])
 
 
-def test_health_lists_every_engine(url):
+def test_health_lists_every_engine(served, url):
+    assert served.name == MODEL
     h = httpx.get(url + "/health", trust_env=False).json()
     assert set(h["engines"]) == set(DECODE_ENGINES) and h["unavailable"] == {}
     assert h["energy"].startswith("unavailable") or h["energy"] in ("rapl", "nvml-energy-counter")
@@ -65,7 +83,7 @@ def test_each_engine_completes_as_eager_greedy_generation(served, url, engine):
     r = post(url, {"prompt": PROMPT, "max_tokens": 20, "engine": engine})
     assert r.status_code == 200, r.text
     d = r.json()
-    assert d["engine"] == engine and d["completion"] == eager(served, PROMPT, 20)
+    assert d["engine"] == engine and text(r) == eager(served, PROMPT, 20)
     n = d["tokens_out"]
     assert d["tokens_in"] == len(served.ev.tokenizer.encode(PROMPT)) and 0 < n <= 20
     assert len(d["itl_ms"]) == n - 1 and 0 < d["ttft_ms"] <= d["e2e_ms"]
@@ -82,11 +100,11 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
         headers={"content-type": "application/json"},
         trust_env=False,
     )
-    assert raw.status_code == 400 and raw.json() == {"error": "the request body is not valid JSON"}
+    assert raw.status_code == 400 and error_message(raw) == "the request body is not valid JSON"
     limit = f"over this server's limit of {served.max_tokens_limit}"  # 48 asked, capped at the context - 1
     cases = [
-        ({"prompt": "", "max_tokens": 4}, 400, "prompt: String should have at least 1 character"),
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens: Input should be greater than 0"),
+        ({"prompt": [], "max_tokens": 4}, 400, "prompt must not be empty"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
         ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
         ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": "x", "max_tokens": 49}, 400, limit),
@@ -103,9 +121,9 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
     for body, status, message in cases:
         r = post(url, body)
         assert r.status_code == status, (body, r.text)
-        assert message in r.json()["error"], (body, r.text)
+        assert message in r.json()["error"]["message"], (body, r.text)
     ok = post(url, {"prompt": PROMPT, "max_tokens": 5})
-    assert ok.status_code == 200 and ok.json()["completion"] == eager(served, PROMPT, 5)
+    assert text(ok) == eager(served, PROMPT, 5)
 
 
 def test_a_burst_of_concurrent_requests_is_all_answered(served, url):
@@ -115,52 +133,114 @@ def test_a_burst_of_concurrent_requests_is_all_answered(served, url):
         answers = list(pool.map(lambda b: post(url, b), bodies))
     assert [a.status_code for a in answers] == [200] * 24
     expected = eager(served, PROMPT, 6)
-    assert all(a.json()["completion"] == expected for a in answers)  # none lost, none mixed up
+    assert all(text(a) == expected for a in answers)  # none lost, none mixed up
     assert max(a.json()["queue_ms"] for a in answers) > 0  # they queued: served one at a time
 
 
-def test_load_client_writes_requests_summary_statistics_and_report(url, tmp_path):
-    from serve.client import run_load
+def test_load_client_writes_requests_summary_statistics_and_report(served, url, tmp_path):
+    from serve.client import CSV_FIELDS, run_load
     from visualizations.serving import write_serving_report
 
     prompts = ["def f(x):\n", "import os\n", "class A:\n"]
-    s = run_load(url, ["torch", "onnxruntime"], 12, 3, 8, tmp_path, prompts, progress=False)
+    targets = [f"{MODEL}:torch", f"{MODEL}:onnxruntime"]
+    s = run_load(url, targets, 12, 3, 8, tmp_path, prompts, progress=False)
     assert s["ok"] == 12 and s["requests_per_s"] > 0
-    assert all(e["prompts_truncated"] == 0 for e in s["engines"].values())
-    for engine in ("torch", "onnxruntime"):
-        e = s["engines"][engine]
-        assert e["ok"] == 6 and e["failed"] == 0
-        assert e["tpot_ms"]["p50"] <= e["tpot_ms"]["p90"] <= e["tpot_ms"]["p99"]
-    tests = {(t["metric"], t["test"]) for t in s["tests"]}
-    assert ("tpot_ms", "kruskal-wallis") in tests and ("tpot_ms", "mann-whitney") in tests
-    assert all("q" in t and "distinguishable" in t for t in s["tests"])
+    assert all(t["prompts_truncated"] == 0 for t in s["targets"].values())
     rows = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
-    assert [r["engine"] for r in rows[:4]] == ["torch", "onnxruntime"] * 2  # rotated, same prompts per engine
+    for target in targets:
+        t = s["targets"][target]
+        assert t["ok"] == 6 and t["failed"] == 0
+        assert t["tpot_ms"]["p50"] <= t["tpot_ms"]["p90"] <= t["tpot_ms"]["p99"]
+        # the client's TTFT holds the server's (and the HTTP round trip): never less
+        assert t["ttft_ms"]["p50"] >= t["server_ttft_ms"]["p50"] > 0
+    for r in rows:  # greedy, so each answer is eager generation's, cut before the first stop string
+        assert r["status"] == 200 and r["tokens_from"] == "usage"
+        expected = eager(served, prompts[r["prompt_index"]], 8)
+        assert r["text"] == cut_at_stops(expected, STOPS)
+        if r["text"]:  # a gap per chunk that showed text
+            assert r["ttft_ms"] > 0 and len(r["itl_ms"]) <= r["tokens_out"]
+    tests = {(t["metric"], t["test"]) for t in s["tests"]}
+    assert ("tpot_ms", "kruskal-wallis") in tests and ("tpot_ms", "wilcoxon signed-rank (log ratios)") in tests
+    assert all("q" in t and "distinguishable" in t for t in s["tests"])
+    assert [r["target"] for r in rows[:4]] == targets * 2  # rotated, same prompts per target
     assert rows[0]["prompt_index"] == rows[1]["prompt_index"]
-    assert (tmp_path / "requests.csv").read_text().startswith("index,engine,prompt_index,status")
+    assert (tmp_path / "requests.csv").read_text().splitlines()[0] == ",".join(CSV_FIELDS)
     report = write_serving_report(tmp_path).read_text()
-    assert "Kruskal-Wallis" in report and "not distinguishable" in report or "is lower" in report
+    assert "Kruskal-Wallis" in report and ("not distinguishable" in report or "is lower" in report)
     assert (tmp_path / "plots" / "serving_boxplots.png").stat().st_size > 1000
 
 
-def test_load_client_refuses_anything_but_loopback(tmp_path):
-    from serve.client import run_load
+def test_load_client_refuses_anything_but_loopback_unless_allowed(tmp_path):
+    from serve.client import api_base, run_load
 
     with pytest.raises(ValueError, match="loopback only"):
         run_load("http://example.com:8000", None, 4, 1, 4, tmp_path)
+    assert api_base("http://example.com:8000", allow_remote=True) == "http://example.com:8000/v1"
+    assert api_base("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        api_base("127.0.0.1:8000")
 
 
-def test_a_hugging_face_folder_is_served_by_torch(tmp_path):
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transformers_computes_them(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tests.hf_models import make_hf_model
 
     folder = make_hf_model("llama", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
     served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
     assert list(served.decoders) == ["torch"]
     assert "needs an export through torch.export" in served.unavailable["onnxruntime"]
     server, thread, url = _start(create_app(served))
     try:
-        r = post(url, {"prompt": PROMPT, "max_tokens": 6})
-        assert r.status_code == 200 and r.json()["completion"] == eager(served, PROMPT, 6)
+        client = openai_client(url)
+        r = post(url, {"prompt": PROMPT, "max_tokens": 6, "model": served.name})
+        assert text(r) == eager(served, PROMPT, 6)
+
+        # log-probabilities: the ones transformers' own model gives the same tokens, top alternatives included
+        r = client.completions.create(
+            model=served.name, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+        )
+        lp = r.choices[0].logprobs
+        ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+        assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == 8
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        g = hf.generate(
+            ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        assert tok.decode(g.sequences[0, ids.shape[1] :]) == r.choices[0].text  # the same tokens
+        ref = torch.log_softmax(torch.cat(g.logits).float(), -1)
+        assert lp.token_logprobs == pytest.approx(ref.max(-1).values.tolist(), abs=1e-4)  # greedy: the top one
+        for top, row in zip(lp.top_logprobs, ref, strict=True):
+            assert len(top) <= 3 and max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+            assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(len(top)).values.tolist(), abs=1e-4)
+
+        # chat: the folder's template, then the same greedy decoding
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+        chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        chat_ids = tok(chat_ids, add_special_tokens=False)["input_ids"]
+        expected = tok.decode(
+            generate(served.ev.model, [chat_ids], 6, eos_id=tok.eos_token_id)[0], skip_special_tokens=True
+        )
+        c = client.chat.completions.create(model=served.name, messages=messages, max_tokens=6, temperature=0)
+        assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+        assert c.choices[0].message.content == expected and c.usage.prompt_tokens == len(chat_ids)
+        chunks = list(
+            client.chat.completions.create(
+                model=served.name, messages=messages, max_tokens=6, temperature=0, stream=True, logprobs=True
+            )
+        )
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
+        assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -199,11 +279,11 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     monkeypatch.setattr(srv, "IDLE_S", 0.2)
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path)
     assert served.idle_power_w == pytest.approx(50.0, rel=1e-3)
-    req = srv.CompletionRequest(prompt=PROMPT, max_tokens=8)
-    short = srv.complete(served, req, time.perf_counter())["energy"]
+    req = srv.CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
+    short = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
     monkeypatch.setattr(srv, "MIN_ENERGY_WINDOW_S", 0.0)
-    e = srv.complete(served, req, time.perf_counter())["energy"]
+    e = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
     assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power
     assert e["j_per_token"] == pytest.approx(e["energy_j"] / e["units"])
@@ -222,7 +302,7 @@ def test_extreme_but_valid_sampling_settings_work(served, url):
         r = post(url, {"prompt": PROMPT, "max_tokens": 6, **body})
         assert r.status_code == 200, (body, r.text)
         if "top_p" in body:
-            assert r.json()["completion"] == greedy
+            assert text(r) == greedy
 
 
 def test_malformed_bodies_get_the_servers_error_shape(url):
@@ -233,9 +313,9 @@ def test_malformed_bodies_get_the_servers_error_shape(url):
     ]
     for body in bodies:
         r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
-        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
     r = httpx.get(url + "/v1/nothing-here", trust_env=False)
-    assert r.status_code == 404 and set(r.json()) == {"error"}
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_request_larger_than_the_body_limit_is_refused_unread(served):
@@ -244,7 +324,7 @@ def test_a_request_larger_than_the_body_limit_is_refused_unread(served):
     try:
         big = {"prompt": "x" * 20_000, "max_tokens": 4}
         r = post(url, big)
-        assert r.status_code == 413 and "over this server's limit of 10,000 bytes" in r.json()["error"]
+        assert r.status_code == 413 and "over this server's limit of 10,000 bytes" in error_message(r)
 
         def chunks():  # no Content-Length: counted as it streams in
             for _ in range(30):
@@ -267,7 +347,7 @@ def test_a_prompt_far_beyond_the_context_is_refused_before_it_is_tokenized(serve
     )
     huge = "def f(x):\n    return x\n" * 20_000  # 500k characters, under the 1 MB body limit
     r = post(url, {"prompt": huge, "max_tokens": 8})
-    assert r.status_code == 413 and "characters" in r.json()["error"] and seen == []
+    assert r.status_code == 413 and "characters" in error_message(r) and seen == []
     r = post(url, {"prompt": huge, "max_tokens": 8, "truncate_prompt": True})
     assert r.status_code == 200 and r.json()["tokens_in"] == served.ev.model.params.max_seq_len - 8
     assert seen and max(seen) < 100_000  # only the end of the prompt was tokenized
@@ -280,8 +360,8 @@ def test_max_tokens_is_capped_by_the_context(trained_checkpoint, tmp_path):
     server, thread, url = _start(create_app(served))
     try:
         r = post(url, {"prompt": "x", "max_tokens": 512})
-        assert r.status_code == 400 and f"context holds {context} tokens" in r.json()["error"]
-        assert "-" not in r.json()["error"].split("limit of")[1]  # never "at most -N fit"
+        assert r.status_code == 400 and f"context holds {context} tokens" in error_message(r)
+        assert "-" not in error_message(r).split("limit of")[1]  # never "at most -N fit"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -318,3 +398,183 @@ def test_idle_and_slow_clients_are_disconnected(served):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---- the OpenAI API, driven by the official client ------------------------------------------------------------
+
+
+def openai_client(url):
+    import openai
+
+    return openai.OpenAI(
+        base_url=url + "/v1", api_key="none", max_retries=0, http_client=openai.DefaultHttpxClient(trust_env=False)
+    )
+
+
+@pytest.mark.parametrize("engine", DECODE_ENGINES)
+def test_the_official_client_completes_and_streams_as_eager_greedy_generation(served, url, engine):
+    client, expected = openai_client(url), eager(served, PROMPT, 12)
+    r = client.completions.create(model=f"{MODEL}:{engine}", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    assert r.choices[0].text == expected and r.choices[0].index == 0
+    assert r.choices[0].finish_reason in ("length", "stop")
+    extra = r.model_extra
+    assert extra["engine"] == engine and r.usage.completion_tokens == extra["tokens_out"]
+    assert r.usage.prompt_tokens == len(served.ev.tokenizer.encode(PROMPT))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"engine": engine},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    tokens = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    last = chunks[-1]
+    assert len(tokens) == last.usage.completion_tokens == r.usage.completion_tokens  # one chunk per token
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert last.choices == [] and last.model_extra["engine"] == engine and last.model_extra["ttft_ms"] > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stop_strings_several_prompts_and_n_samples(served, url):
+    client = openai_client(url)
+    base = eager(served, PROMPT, 16)
+    stop = base[len(base) // 2 : len(base) // 2 + 2]  # two characters the greedy text holds
+    assert len(stop) == 2, base
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop)
+    assert r.choices[0].text == cut_at_stops(base, [stop])
+    assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].text
+    streamed = list(
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], stream=True)
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text  # no part of the stop shown
+
+    prompts = [PROMPT, "import os\n"]
+    ask = dict(model=MODEL, prompt=prompts, max_tokens=8, temperature=0.9, n=2, seed=7)
+    a, b = client.completions.create(**ask), client.completions.create(**ask)
+    assert [c.index for c in a.choices] == [0, 1, 2, 3]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # a seed makes samples reproducible
+    assert all(c.model_extra["metrics"]["tokens_out"] > 0 for c in a.choices)
+    assert a.usage.completion_tokens == sum(c.model_extra["metrics"]["tokens_out"] for c in a.choices)
+    assert a.model_extra["tpot_ms"] is None  # a request-level TPOT would mix sequences
+    stream = list(client.completions.create(**ask, stream=True))
+    texts = ["".join(c.choices[0].text for c in stream if c.choices and c.choices[0].index == i) for i in range(4)]
+    assert texts == [c.text for c in a.choices]
+    ids = served.ev.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == eager(served, PROMPT, 8)
+
+
+def test_api_errors_come_in_the_openai_shape_through_the_official_client(url):
+    import openai
+
+    client = openai_client(url)
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == MODEL and {f"{MODEL}:{e}" for e in DECODE_ENGINES} <= set(ids)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
+    assert e.value.code == "model_not_found" and MODEL in e.value.message
+    bad = [
+        (dict(max_tokens=10**9), "max_tokens"),
+        (dict(extra_body={"max_token": 5}), "max_token: unknown field"),
+        (dict(echo=True), "echo is not supported"),
+        (dict(suffix="x"), "suffix is not supported"),
+        (dict(presence_penalty=1.0), "presence_penalty"),
+        (dict(logit_bias={"5": 1.0}), "logit_bias"),
+        (dict(logprobs=99), "logprobs"),
+        (dict(n=0), "n:"),
+        (dict(n=65), "n:"),
+        (dict(stream_options={"include_usage": True}), "stream_options is only allowed with stream=true"),
+        (dict(stop=[""]), "stop string must not be empty"),
+        (dict(stop=["a"] * 17), "at most 16 stop strings"),
+        (dict(temperature=3.0), "temperature"),
+        (dict(extra_body={"engine": "tensorrt"}), "engine 'tensorrt' is not served"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**({"model": MODEL, "prompt": "x", "max_tokens": 2} | kwargs))
+        assert message in e.value.message, (kwargs, e.value.message)
+        assert e.value.body["type"] == "invalid_request_error"
+    for prompt, message in (([10**9], "token ids must be in"), (["x"] * 65, "completions per request"), ([], "empty")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="contradicts the model id"):
+        client.completions.create(model=f"{MODEL}:torch", prompt="x", max_tokens=2, extra_body={"engine": "openvino"})
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_a_client_that_leaves_a_stream_stops_its_decoding(served, url):
+    decoder = served.decoders["torch"]
+    steps = []
+    real = decoder.next
+    decoder.next = lambda token, pos: steps.append(pos) or real(token, pos)
+    try:
+        body = {"model": f"{MODEL}:torch", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+        body["extra_body"] = None
+        body.pop("extra_body")
+        body["ignore_eos"] = True
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60, trust_env=False) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # the first chunk, then the client goes away
+        time.sleep(1.0)
+        seen = len(steps)
+        time.sleep(0.5)
+        assert len(steps) == seen < 39  # stopped, and well before the 40 tokens asked for
+        ok = post(url, {"prompt": PROMPT, "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["queue_ms"] < 1000  # the lock was given back
+    finally:
+        del decoder.next
+
+
+def test_the_load_client_measures_a_second_server_with_the_same_columns(served, url, tmp_path):
+    import dataclasses
+
+    from serve.client import run_load
+
+    other = dataclasses.replace(served, name="other-model", lock=threading.Lock())
+    server, thread, url2 = _start(create_app(other))
+    try:
+        prompts = ["def f(x):\n", "import os\n"]
+        a = run_load(url, [MODEL], 4, 2, 6, tmp_path / "a", prompts, progress=False)
+        b = run_load(url2, None, 40, 2, 6, tmp_path / "b", prompts, rate=20.0, duration_s=0.4, progress=False)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert list(b["targets"]) == [f"other-model:{e}" for e in DECODE_ENGINES]  # every engine; the alias left out
+    assert set(a["targets"][MODEL]) == set(b["targets"]["other-model:torch"])
+    assert a["targets"][MODEL]["ok"] == 4 and b["ok"] == b["settings"]["sent"] > 0
+    assert b["settings"]["sent"] < 40  # the time bound stopped sending
+    head = (tmp_path / "a" / "requests.csv").read_text().splitlines()[0]
+    assert head == (tmp_path / "b" / "requests.csv").read_text().splitlines()[0]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["sent_s"] <= 0.4 + 0.05 for r in rows)
+    assert sorted(r["sent_s"] for r in rows) == [r["sent_s"] for r in rows]  # in arrival order
+
+
+def test_text_streams_never_show_part_of_a_stop_string_or_a_broken_character():
+    from serve.api import TextStream
+
+    pieces = {1: "ab", 2: "c", 3: "d", 4: "ef", 5: "\ufffd", 6: "g"}
+
+    def decode(ids):
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffdg", "é")  # tokens 5 and 6 are the two bytes of one character
+
+    s = TextStream(decode, ["cde"])
+    assert [s.push(t) for t in (1, 2, 3)] == ["ab", "", ""]  # "c", "cd" may begin the stop string
+    assert s.push(4) == "" and s.stopped() and s.finish() == "" and s.sent == "ab"
+    s = TextStream(decode, ["cx"])
+    assert [s.push(t) for t in (1, 2, 3)] == ["ab", "", "cd"]  # "cd" cannot: sent at once
+    assert [s.push(t) for t in (5, 6)] == ["", "é"] and s.finish() == "" and s.sent == "abcdé"
+    s = TextStream(lambda ids: " ".join(map(str, ids)), [], hold_space=True)
+    assert [s.push(t) for t in (1, 2)] == ["1", " 2"] and s.finish() == ""

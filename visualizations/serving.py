@@ -2,8 +2,10 @@
 
     python -m visualizations.serving results/serving
 
-Reads results only. The report states a difference between engines only where its test supports it
-(Benjamini-Hochberg q < 0.05 over every test of the report), else "not distinguishable".
+Reads results only; the same for this project's server and any other OpenAI-compatible one (the server's own
+figures appear where it sent them). The report states a difference between targets only where its test
+supports it (Benjamini-Hochberg q < 0.05 over every test of the report, and for paired tests an interval
+that excludes 1), else "not distinguishable".
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from common.cli import parse_args, positional, run_main
 from common.files import atomic_write
 
 LABELS = {
-    "ttft_ms": "time to first token (ms)",
-    "tpot_ms": "time per output token after the first (ms)",
-    "e2e_ms": "end-to-end latency on the server (ms)",
-    "client_ms": "round trip seen by the client, queue included (ms)",
+    "ttft_ms": "time to first token, client side (ms)",
+    "tpot_ms": "time per output token after the first, client side (ms)",
+    "e2e_ms": "end-to-end latency, client side (ms)",
 }
 
 
-def box_plots(rows: list[dict], engines: list[str]):
+def box_plots(rows: list[dict], targets: list[str]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +33,8 @@ def box_plots(rows: list[dict], engines: list[str]):
     fig, axes = plt.subplots(1, len(LABELS), figsize=(4.2 * len(LABELS), 4))
     ok = [r for r in rows if r["status"] == 200]
     for ax, (metric, label) in zip(axes, LABELS.items(), strict=True):
-        data = [[r[metric] for r in ok if r["engine"] == e and r.get(metric) is not None] for e in engines]
-        ax.boxplot(data, tick_labels=engines, showfliers=True)
+        data = [[r[metric] for r in ok if r["target"] == t and r.get(metric) is not None] for t in targets]
+        ax.boxplot(data, tick_labels=targets, showfliers=True)
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -46,18 +47,18 @@ def _p(d: dict | None, key: str) -> str:
 
 def table(summary: dict) -> str:
     lines = [
-        "| engine | ok / sent | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | e2e p50 / p99 ms | tokens/s "
-        "| J/token |",
-        "|---|---|---|---|---|---|---|",
+        "| target | ok / sent | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | e2e p50 / p99 ms "
+        "| server TTFT p50 ms | tokens/s per request | J/token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for e, r in summary["engines"].items():
+    for t, r in summary["targets"].items():
         ttft, tpot, e2e = r["ttft_ms"], r["tpot_ms"], r["e2e_ms"]
         j = f"{r['energy_j_per_token']:.4f}" if r["energy_j_per_token"] else "unavailable"
-        tps = f"{r['tokens_per_s_while_serving']:,.0f}" if r["tokens_per_s_while_serving"] else "n/a"
+        tps = f"{r['tokens_per_s_per_request']:,.0f}" if r["tokens_per_s_per_request"] else "n/a"
         lines.append(
-            f"| {e} | {r['ok']} / {r['requests']} | {_p(ttft, 'p50')} / {_p(ttft, 'p90')} / {_p(ttft, 'p99')} | "
+            f"| {t} | {r['ok']} / {r['requests']} | {_p(ttft, 'p50')} / {_p(ttft, 'p90')} / {_p(ttft, 'p99')} | "
             f"{_p(tpot, 'p50')} / {_p(tpot, 'p90')} / {_p(tpot, 'p99')} | {_p(e2e, 'p50')} / {_p(e2e, 'p99')} | "
-            f"{tps} | {j} |"
+            f"{_p(r.get('server_ttft_ms'), 'p50')} | {tps} | {j} |"
         )
     return "\n".join(lines)
 
@@ -66,25 +67,24 @@ def statements(summary: dict) -> list[str]:
     out = []
     for t in summary["tests"]:
         label = LABELS[t["metric"]]
+        why = f"q = {t['q']:.3g}" if t.get("q") is not None else t.get("reason", "")
         if t["pair"] is None:
             verdict = "differ" if t["distinguishable"] else "are not distinguishable"
-            p = f"q = {t['q']:.3g}" if t.get("q") is not None else t.get("reason", "")
-            out.append(f"- {label}: the engines {verdict} (Kruskal-Wallis, {p}).")
+            out.append(f"- {label}: the targets {verdict} (Kruskal-Wallis, {why}).")
             continue
         a, b = t["pair"]
-        ratio = t.get("ratio") or {}
-        r = (
-            f" {a}/{b} = x{ratio['median']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}] per prompt"
-            if ratio.get("ci_low") is not None
-            else ""
-        )
-        if not t["distinguishable"]:
-            why = f"q = {t['q']:.3g}" if t.get("q") is not None else t.get("reason", "")
-            out.append(f"  - {a} vs {b}: not distinguishable ({why});{r}")
-        else:
+        if t.get("ci_low") is not None:  # paired by prompt: the ratio, its interval and its test agree
+            r = f"{a}/{b} = x{t['median']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}] over {t['n']} prompts"
+            if t["distinguishable"]:
+                lower = a if t["median"] < 1 else b
+                out.append(f"  - {a} vs {b}: {lower} is lower ({r}; Wilcoxon signed-rank {why}).")
+            else:
+                out.append(f"  - {a} vs {b}: not distinguishable ({r}; {why}).")
+        elif t["distinguishable"]:
             lower = a if t["effect"] > 0.5 else b
-            test = f"Mann-Whitney q = {t['q']:.3g}, P({a} < {b}) = {t['effect']:.2f}"
-            out.append(f"  - {a} vs {b}: {lower} is lower ({test});{r}")
+            out.append(f"  - {a} vs {b}: {lower} is lower (Mann-Whitney {why}, P({a} < {b}) = {t['effect']:.2f}).")
+        else:
+            out.append(f"  - {a} vs {b}: not distinguishable ({why}).")
     return out
 
 
@@ -94,39 +94,55 @@ def write_serving_report(folder: str | Path) -> Path:
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text())
     rows = [json.loads(line) for line in (folder / "requests.jsonl").read_text().splitlines() if line]
-    engines = list(summary["engines"])
-    save_figures({"serving_boxplots.png": box_plots(rows, engines)}, folder / "plots")
+    targets = list(summary["targets"])
+    save_figures({"serving_boxplots.png": box_plots(rows, targets)}, folder / "plots")
     atomic_write(folder / "table.md", table(summary) + "\n")
     s, srv = summary["settings"], summary["server"]
-    energy = {r.get("energy_reason") for r in summary["engines"].values()} - {None}
+    energy = {r.get("energy_reason") for r in summary["targets"].values()} - {None}
+    schedule = f"Poisson arrivals at {s['rate']} requests/s" if s.get("rate") else "all sent at once"
+    if s.get("duration_s"):
+        schedule += f", none sent after {s['duration_s']} s ({s['sent']} of {s['requests']} sent)"
+    ours = "max_tokens_limit" in srv
+    where = (
+        f"served one at a time on {srv.get('device')}, torch {srv.get('torch_version')}, commit "
+        f"{srv.get('git_commit', 'unknown')}"
+        if ours
+        else f"an OpenAI-compatible server at {srv['base_url']} (it says nothing more about itself)"
+    )
     lines = [
-        f"# Serving comparison: {srv['model']}",
+        f"# Serving comparison: {srv.get('model') or ', '.join(targets)}",
         "",
-        f"{summary['requests']} requests ({s['concurrency']} in flight at once, {s['max_tokens']} new tokens at most, "
-        f"temperature {s['temperature']}, {s['prompts']} prompts), rotated over the engines so each engine served "
-        f"the same prompts under the same load; served one at a time on {srv.get('device')}, "
-        f"torch {srv.get('torch_version')}, commit {srv.get('git_commit', 'unknown')}. {summary['ok']} answered in "
+        f"{summary['requests']} requests ({schedule}; {s['concurrency']} in flight at most, {s['max_tokens']} new "
+        f"tokens at most, temperature {s['temperature']}, {s['prompts']} prompts), rotated over the targets so each "
+        f"served the same prompts under the same load; {where}. {summary['ok']} answered in "
         f"{summary['wall_s']:.1f} s ({summary['requests_per_s']:.2f} requests/s, {summary['tokens_per_s']:.0f} "
         "tokens/s).",
         "",
-        "Every engine was checked token for token against eager greedy decoding before it served. "
-        + (f"Not served: {srv['unavailable']}." if srv.get("unavailable") else ""),
+        (
+            "Every engine was checked token for token against eager greedy decoding before it served. "
+            + (f"Not served: {srv['unavailable']}." if srv.get("unavailable") else "")
+            if ours
+            else ""
+        ),
         "",
         table(summary),
         "",
         f"Prompts longer than the context minus max_tokens kept their end: "
-        f"{sum(r.get('prompts_truncated', 0) for r in summary['engines'].values())} requests.",
+        f"{sum(r.get('prompts_truncated', 0) for r in summary['targets'].values())} requests.",
         "",
-        "TTFT: prompt processing and the first token; TPOT: (end-to-end - TTFT) / (tokens - 1); end-to-end on the"
-        " server excludes the HTTP round trip and the queue, which the client's figure includes.",
+        "Measured by the client from each streamed answer: TTFT from sending the request to the first token;"
+        " TPOT = (end-to-end - TTFT) / (tokens - 1); end-to-end to the end of the stream, the server's queue"
+        " included. The server's own TTFT (prompt processing and the first token, without HTTP or queue) is"
+        " shown where the server reports it.",
         "" if not energy else f"Energy: unavailable ({sorted(energy)[0]}).",
         "",
         "## What the measurements support",
         "",
-        "Kruskal-Wallis across all engines first, then each pair with Mann-Whitney (effect: the probability that a"
-        " request of the first engine is faster than one of the second; 0.5 = no difference) and the median"
-        " per-prompt ratio with its bootstrap interval; Benjamini-Hochberg over every test here. A difference is"
-        " stated only at q < 0.05.",
+        "Kruskal-Wallis across all targets first, then each pair on the requests that share a prompt: the median"
+        " ratio with the interval of the Wilcoxon signed-rank test and its p-value; Benjamini-Hochberg over"
+        " every test here. A difference is stated only at q < 0.05 with an interval that excludes 1. Each interval"
+        " is a 95% interval of that comparison alone; q also counts how many comparisons were made, so with few"
+        " requests an interval can exclude 1 while q stays above 0.05: then more requests are needed.",
         "",
         *statements(summary),
         "",
