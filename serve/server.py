@@ -334,6 +334,7 @@ class ClientGone(Exception):
 
 def _token_text(tok, before: list[int], token: int) -> str:
     """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
+    before = before[-8:]  # enough context for how a token joins the text, at a cost that does not grow
     a, b = tok.decode(before), tok.decode(before + [token])
     return b[len(a) :] if b.startswith(a) else tok.decode([token])
 
