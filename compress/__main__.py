@@ -4,7 +4,9 @@
     python -m compress --checkpoint checkpoints/tiny --method sparsegpt --pattern 2:4 --out ...
     python -m compress --checkpoint checkpoints/tiny --method drop-angular --layers 1 --out ...
     python -m compress --checkpoint checkpoints/tiny --method structured --head-ratio 0.25 --ffn-ratio 0.25 \\
-        --skip-first 1 --skip-last 1 --finetune-steps 100 --out ...
+        --skip-first 1 --skip-last 1 --recover lora --recover-steps 100 --out ...
+    python -m compress --checkpoint hf/pythia-160m --method structured --calib-corpus python-sources \\
+        --recover distill --recover-steps 200 --out ...
     python -m compress --checkpoint checkpoints/tiny --method quantize --scheme int8-dynamic --out ...
     python -m compress --checkpoint hf/pythia-160m --method wanda --calib-corpus python-sources --out ...
 
@@ -12,8 +14,10 @@ A Hugging Face model folder (Llama, GPT-NeoX, GPT-2, Starcoder2) is compressed t
 Hugging Face folder again (``save_pretrained``, its config saying the new depth); it has no training data
 here, so calibration needs ``--calib-corpus``.
 
-With ``--finetune-steps`` the compressed model is fine-tuned by the trainer (a run ``<out>-ft``, with its logs
-under ``--log-dir``) and ``--out`` holds the fine-tuned model, its compression.json saying so.
+With ``--recover full|lora|distill`` the compressed model is trained a little by the trainer (compress/recover.py:
+a run ``<out>-recover`` beside ``--out``, its logs under ``--log-dir``; ``--resume`` continues a killed one) and
+``--out`` holds the recovered model (LoRA merged), its compression.json recording the recovery and the held-out
+loss before and after. ``--finetune-steps N`` is ``--recover full --recover-steps N``.
 
 The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
@@ -42,10 +46,11 @@ from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
 from compress.quantize import SCHEMES, quantize, state_dict_bytes
+from compress.recover import RECOVERY, Recovery, recover
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
-from llama.model_io import model_file_bytes, resolve_checkpoint
+from llama.model_io import list_checkpoints, model_file_bytes
 from models.folders import load_folder, save_folder
 from models.interface import drop_blocks, require
 from training.checkpoint import STATE_FILE, training_config
@@ -86,8 +91,8 @@ def compress(a) -> Path:
     model, tok, base = load_folder(a.checkpoint, device)
     if (read_compression(base) or {}).get("quantize"):
         raise UserError(f"{base} is already quantized; compress its unquantized base instead")
-    if a.finetune_steps:
-        require(model, "trainable", "--finetune-steps")
+    if a.recover:
+        require(model, "trainable", "--recover")
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
@@ -136,7 +141,7 @@ def compress(a) -> Path:
         "memory_bytes_after": state_dict_bytes(measured),
         "report": report,
     }
-    if a.finetune_steps:  # the compressed model is only the fine-tuning's start: --out gets the tuned one
+    if a.recover:  # the compressed model is only the recovery's start: --out gets the recovered one
         staging = out.with_name(f".{out.name}.compressed")
         write_compressed(staging, model, tok, base, info)
     else:
@@ -147,10 +152,17 @@ def compress(a) -> Path:
         f"on disk {info['disk_bytes_before']:,} -> {info['disk_bytes_after']:,} bytes"
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
-    if a.finetune_steps:
-        tuned = finetune(staging, training_config(base), a)
-        info |= {"finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr, "finetune_run": str(tuned.parent)}
-        write_compressed(out, load_folder(tuned, device)[0], tok, base, info)
+    if a.recover:
+        recovered, record = recover(
+            staging, base, recovery(a), recovery_config(a, base), recovery_corpus(a), device, resume=a.resume
+        )
+        info["recovery"] = record
+        print(
+            f"recovery ({a.recover}, {record['tokens']:,} tokens): held-out loss "
+            + (f"{record['val_loss_before']:.4f} -> " if record["val_loss_before"] is not None else "")
+            + f"{record['val_loss_after']:.4f}"
+        )
+        write_compressed(out, recovered, tok, base, info)
         shutil.rmtree(staging, ignore_errors=True)
     print(f"-> {out}")
     return out
@@ -169,43 +181,66 @@ def write_compressed(out: Path, model, tok, base: Path, info: dict):
         (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
 
 
-def finetune_run(a) -> tuple[Path, Path]:
-    """The fine-tuning run's checkpoint and log folders: ``<out>-ft`` beside --out, and under --log-dir."""
+def recovery_run(a) -> tuple[Path, Path]:
+    """The recovery run's checkpoint and log folders: ``<out>-recover`` beside --out, and under --log-dir."""
     out = Path(a.out)
-    return out.with_name(f"{out.name}-ft"), Path(a.log_dir) / f"{out.name}-ft"
+    return out.with_name(f"{out.name}-recover"), Path(a.log_dir) / f"{out.name}-recover"
 
 
-def check_finetune_run(a):
-    """The fine-tuning run starts over (--overwrite): allowed only where no run of that name exists or the one
-    there is this --out's own earlier fine-tuning (its compression.json names it)."""
-    ckpt, logs = finetune_run(a)
+def check_recovery_run(a):
+    """A recovery run starts over: allowed only where no run of that name exists or the one there is this
+    --out's own earlier recovery (its compression.json names it); --resume continues one that exists."""
+    ckpt, logs = recovery_run(a)
+    if a.resume:
+        if not ckpt.is_dir():
+            raise UserError(f"--resume: there is no recovery run {ckpt} to continue; leave out --resume")
+        return
     if not (ckpt.exists() or logs.exists()):
         return
+    staging = Path(a.out).with_name(f".{Path(a.out).name}.compressed")
+    if not list_checkpoints(ckpt) and (staging / COMPRESSION_FILE).is_file():
+        return  # this --out's own recovery, stopped before its first checkpoint: started over
     earlier = read_compression(Path(a.out)) if (Path(a.out) / COMPRESSION_FILE).is_file() else None
-    if not earlier or Path(earlier.get("finetune_run", "")).resolve() != ckpt.resolve():
+    if not earlier or Path((earlier.get("recovery") or {}).get("run", "")).resolve() != ckpt.resolve():
         raise UserError(
-            f"the fine-tuning run {ckpt} (logs {logs}) exists and is not {a.out}'s own; nothing was changed: name "
-            "another --out, or move that run away"
+            f"the recovery run {ckpt} (logs {logs}) exists and is not {a.out}'s own; nothing was changed: name "
+            "another --out, move that run away, or pass --resume to continue a recovery that was stopped"
         )
 
 
-def finetune(folder: Path, trained: TrainConfig | None, a) -> Path:
-    """Short recovery fine-tuning with the trainer, on the base run's data; pruned weights stay zero. Returns
-    the run's last checkpoint."""
-    from training.trainer import train
+def recovery(a) -> Recovery:
+    return Recovery(
+        a.recover,
+        a.recover_steps,
+        a.recover_lr,
+        a.recover_batch_size,
+        a.recover_seq_len,
+        a.lora_rank,
+        a.lora_alpha,
+        a.lora_dropout,
+        a.lora_targets,
+        a.distill_alpha,
+        a.temperature,
+        a.distill_lora,
+        a.seed,
+    )
 
-    if trained is None:
-        raise UserError("--finetune-steps needs the base run's training config (its state.json)")
-    cfg = trained
-    run, _ = finetune_run(a)
-    cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(Path(a.log_dir))
-    cfg.init_from, cfg.freeze_zeros = str(folder), a.method in ("magnitude", "wanda", "sparsegpt")
-    cfg.max_steps, cfg.max_tokens, cfg.resume, cfg.overwrite = a.finetune_steps, None, False, True
-    cfg.optim.lr, cfg.optim.warmup_steps = a.finetune_lr, min(cfg.optim.warmup_steps, a.finetune_steps // 10)
-    cfg.eval_interval = cfg.ckpt_interval = a.finetune_steps
+
+def recovery_config(a, base: Path) -> TrainConfig:
+    """The recovery run's settings: the base run's own (dtype, compile, optimizer) where it has them."""
+    cfg = training_config(base) or TrainConfig(seq_len=256)
+    if a.calib_corpus is not None and training_config(base) is None:
+        cfg.seq_len = a.recover_seq_len or 256
+    run, logs = recovery_run(a)
+    cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(logs.parent)
     cfg.device = a.device if a.device != "auto" else cfg.device
-    train(cfg)
-    return resolve_checkpoint(Path(cfg.out_dir) / cfg.name)
+    return cfg
+
+
+def recovery_corpus(a) -> DataConfig | None:
+    if a.calib_corpus is None:
+        return None
+    return DataConfig(corpus=None if a.calib_corpus == "stdlib" else a.calib_corpus, file_glob=a.calib_file_glob)
 
 
 @dataclass
@@ -226,9 +261,22 @@ class Args:
     calib_corpus: str | None = None  # calibration corpus: folder, file, python-sources, stdlib (HF models)
     calib_file_glob: str = "**/*.py"  # files of a folder calibration corpus
     batch_size: int = 8  # calibration windows per forward pass
-    finetune_steps: int = 0  # recovery fine-tuning steps after pruning
-    finetune_lr: float = 1e-4  # recovery fine-tuning learning rate
-    log_dir: str = "logs"  # where the fine-tuning run logs
+    recover: str | None = None  # recovery after compression: full, lora or distill (compress/recover.py)
+    recover_steps: int = 100  # recovery training steps
+    recover_lr: float | None = None  # default: 1e-4 (full, distill), 2e-4 (LoRA)
+    recover_batch_size: int = 8  # sequences per recovery step
+    recover_seq_len: int | None = None  # default: the base run's training length (256 with --calib-corpus)
+    lora_rank: int = 8  # LoRA rank r
+    lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha / r x B A)
+    lora_dropout: float = 0.05  # LoRA dropout
+    lora_targets: list[str] | None = None  # modules given adapters (default: the attention and MLP projections)
+    distill_alpha: float = 0.5  # distillation: weight of KL(teacher || student); 1 - alpha on cross-entropy
+    temperature: float = 2.0  # distillation temperature T
+    distill_lora: bool = False  # distill into LoRA adapters instead of every weight
+    resume: bool = False  # continue a recovery run that was stopped
+    finetune_steps: int = 0  # the same as --recover full --recover-steps N
+    finetune_lr: float = 1e-4  # its learning rate
+    log_dir: str = "logs"  # where the recovery run logs
     seed: int = 0  # calibration draw
     device: str = "auto"  # auto, cpu, cuda, cuda:N
 
@@ -238,11 +286,24 @@ def main(argv=None):
     missing = [k for k in ("checkpoint", "method", "out") if getattr(a, k) is None]
     if missing:
         raise UserError(f"compress needs {', '.join('--' + k for k in missing)}; see --help")
-    if a.method == "quantize" and a.finetune_steps:
-        raise UserError("fine-tune before quantizing: quantized weights are not trained here")
-    check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
     if a.finetune_steps:
-        check_finetune_run(a)
+        if a.recover not in (None, "full"):
+            raise UserError(f"--finetune-steps is --recover full; it cannot go with --recover {a.recover}")
+        a.recover, a.recover_steps, a.recover_lr = "full", a.finetune_steps, a.finetune_lr
+    if a.recover is not None and a.recover not in RECOVERY:
+        raise UserError(f"--recover {a.recover!r}: use one of {RECOVERY}")
+    if a.method == "quantize" and a.recover:
+        raise UserError(
+            "recover before quantizing: quantized weights are not trained here (quantization-aware "
+            "training is out of scope)"
+        )
+    if a.resume and not a.recover:
+        raise UserError("--resume continues a recovery run; it needs --recover")
+    if a.recover:
+        recovery(a)  # bad settings stop here, before any work
+    check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
+    if a.recover:
+        check_recovery_run(a)
     return compress(a)
 
 

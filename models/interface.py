@@ -42,12 +42,12 @@ class Capabilities:
     family: str
     static_cache: bool  # a fixed-size KV cache, so torch.compile and CUDA graphs can capture a decode step
     export: bool  # exports through torch.export (ONNX Runtime / OpenVINO decoding, AOTInductor)
-    trainable: bool  # this project's trainer fine-tunes it (recovery after pruning)
+    trainable: bool  # this project's trainer trains it (recovery after compression: compress/recover.py)
     structured_pruning: bool  # whole heads and MLP channels can be removed (compress.structured)
 
 
-# transformers models: a growing cache, exported by nobody here, trained by nobody here
-_TRANSFORMERS = {"static_cache": False, "export": False, "trainable": False}
+# transformers models: a growing cache, exported by nobody here, trained here only to recover after compression
+_TRANSFORMERS = {"static_cache": False, "export": False, "trainable": True}
 CAPABILITIES = {
     "perhead-llama": Capabilities("perhead-llama", True, True, True, structured_pruning=True),
     "llama": Capabilities("llama", **_TRANSFORMERS, structured_pruning=True),
@@ -59,7 +59,7 @@ CAPABILITIES = {
 NEEDS = {  # capability -> what it means, for the one-line error
     "static_cache": "a static KV cache (this project's models)",
     "export": "an export through torch.export (this project's models)",
-    "trainable": "this project's trainer (this project's models)",
+    "trainable": "this project's trainer",
     "structured_pruning": "a known block layout (this project's models, Llama, GPT-NeoX, Starcoder2)",
 }
 

@@ -401,8 +401,12 @@ class CompressStep:
         name = s.member(spec.name, seed)
         out = Path(s.checkpoints_dir) / f"{s.name}-compressed" / name
         base = Path(s.checkpoints_dir) / s.member(spec.base, seed)
-        argv = ["--checkpoint", str(base), "--out", str(out), *spec.args]
-        return cls(name, argv, apply_overrides(compress_cli.Args(), list(argv)))  # checked by check_study
+        argv = ["--checkpoint", str(base), "--out", str(out), "--log-dir", s.logs_dir, *spec.args]
+        options = apply_overrides(compress_cli.Args(), list(argv))  # checked by check_study
+        if options.recover and list_checkpoints(compress_cli.recovery_run(options)[0]):
+            argv.append("--resume")  # a recovery stopped before: continue from its newest checkpoint
+            options.resume = True
+        return cls(name, argv, options)
 
     @property
     def key(self) -> str:

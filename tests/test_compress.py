@@ -281,8 +281,10 @@ def test_recovery_finetuning_keeps_pruned_weights_at_zero(trained_checkpoint, tm
     out = compress_main([*argv, "--out", str(tmp_path / "m50ft"), *tune])
     assert out == tmp_path / "m50ft"  # the folder named holds the final, fine-tuned model
     info = json.loads((out / "compression.json").read_text())
-    assert info["finetune_steps"] == 3 and info["finetune_run"] == str(tmp_path / "m50ft-ft")
-    assert (tmp_path / "logs" / "m50ft-ft" / "metrics.jsonl").is_file()
+    rec = info["recovery"]
+    assert rec["method"] == "full" and rec["steps"] == 3 and rec["run"] == str(tmp_path / "m50ft-recover")
+    assert rec["mask"] == "kept at zero during training"
+    assert (tmp_path / "logs" / "m50ft-recover" / "metrics.jsonl").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m50ft.")] == []  # no staging folder left
     tuned = load_model(out)
     w_t, w_p = tuned.layers[0].feed_forward.w1.weight, pruned.layers[0].feed_forward.w1.weight
@@ -291,11 +293,11 @@ def test_recovery_finetuning_keeps_pruned_weights_at_zero(trained_checkpoint, tm
 
 
 def test_finetuning_never_overwrites_a_run_it_did_not_make(trained_checkpoint, tmp_path):
-    (tmp_path / "m50-ft" / "step_1").mkdir(parents=True)  # someone's run, named as the fine-tuning would be
+    (tmp_path / "m50-recover" / "step_1").mkdir(parents=True)  # someone's run, named as the recovery's would be
     argv = ["--checkpoint", str(trained_checkpoint), "--method", "magnitude", "--out", str(tmp_path / "m50")]
     with pytest.raises(ValueError, match="is not .*m50's own"):
         compress_main([*argv, "--finetune-steps", "3", "--log-dir", str(tmp_path / "logs")])
-    assert (tmp_path / "m50-ft" / "step_1").is_dir() and not (tmp_path / "m50").exists()
+    assert (tmp_path / "m50-recover" / "step_1").is_dir() and not (tmp_path / "m50").exists()
 
 
 def test_dynamic_int8_perplexity_does_not_depend_on_the_batch(trained_checkpoint, tmp_path):

@@ -24,8 +24,10 @@ def test_the_tiny_study_file_is_valid():
     s = load_study(HERE / "study_tiny.toml")
     assert [r.name for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
     assert s.seeds == 3 and s.reference == "tiny_baseline_4l"
-    # 3 seeds x (3 trainings + 4 compressions + 7 quality evaluations), one side-by-side, 3 over-training
-    assert len(plan(s)) == 3 * (3 + 4 + 7) + 1 + 3
+    # 3 seeds x (3 trainings + 5 compressions + 8 quality evaluations), one side-by-side, 3 over-training
+    assert len(plan(s)) == 3 * (3 + 5 + 8) + 1 + 3
+    recovered = [c for c in s.compress if "--recover" in c.args]
+    assert [c.name for c in recovered] == ["tiny_baseline_4l-drop1-lora"]
     load_study(HERE / "study_100m.toml")
 
 

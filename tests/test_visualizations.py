@@ -339,3 +339,35 @@ def test_matched_tokens_is_said_only_when_the_tokens_match(tmp_path):
     comps = comparisons(group_rows(s.out, Path(s.logs_dir)), Path(s.logs_dir))
     bpb = next(c for c in comps if c["what"].startswith("bits per byte"))
     assert bpb["what"] == "bits per byte (tokens differ: 2000 vs 1000)"
+
+
+def test_a_recovered_model_is_compared_with_its_unrecovered_twin_and_its_dense_base(tmp_path):
+    from common.stats import mean_ci
+    from visualizations.grouped import comparisons
+
+    compression = {"method": "drop-bi", "layers": 1, "recovery": {"method": "lora", "steps": 30}}
+    assert compression_label(compression) == "drop 1 (bi) +lora30"
+
+    def row(model, kind, base, bpb, **extra):
+        return {"model": model, "kind": kind, "base": base, "n_layers": 4, "bits_per_byte": mean_ci(bpb)} | extra
+
+    rows = [
+        row("base4", "trained", None, [2.00, 2.01, 2.02]),
+        row("base4-drop1", "compressed", "base4", [2.60, 2.62, 2.61], compression="drop 1 (bi)"),
+        row(
+            "base4-drop1-lora",
+            "compressed",
+            "base4",
+            [2.20, 2.22, 2.21],
+            compression="drop 1 (bi) +lora30",
+            recovery="lora",
+            compression_before_recovery="drop 1 (bi)",
+        ),
+    ]
+    comps = {c["what"]: c for c in comparisons(rows, tmp_path)}
+    twin, dense = comps["bits per byte, recovered vs not"], comps["bits per byte, recovered vs dense"]
+    assert (twin["a"], twin["b"]) == ("base4-drop1-lora", "base4-drop1") and twin["distinguishable"]
+    assert (dense["a"], dense["b"]) == ("base4-drop1-lora", "base4") and dense["distinguishable"]
+    rows[2]["bits_per_byte"] = mean_ci([2.55, 2.66, 2.61])  # recovery within the seeds' noise
+    twin = next(c for c in comparisons(rows, tmp_path) if c["what"] == "bits per byte, recovered vs not")
+    assert not twin["distinguishable"]

@@ -29,14 +29,25 @@ OPTIM_FILE, RNG_FILE, STATE_FILE = "optimizer.pt", "rng.pt", "state.json"
 
 
 def save_checkpoint(
-    folder: Path, model: Transformer, model_state: dict, optim_state: dict, state: dict, tokenizer: Path
+    folder: Path,
+    model: Transformer,
+    model_state: dict,
+    optim_state: dict,
+    state: dict,
+    tokenizer: Path,
+    write_model=None,
 ) -> Path:
-    """Model (safetensors), optimizer, RNG states and ``state`` (step, tokens, config ...) in one atomic folder."""
+    """Model (safetensors), optimizer, RNG states and ``state`` (step, tokens, config ...) in one atomic folder.
+    ``write_model(model, folder, state dict)`` writes the model files instead, for a model that is not this
+    project's own (trainer.Custom)."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with atomic_dir(folder) as tmp:
-        write_model_files(model, tmp, model_state, tokenizer)
+        if write_model is not None:
+            write_model(model, tmp, model_state)
+        else:
+            write_model_files(model, tmp, model_state, tokenizer)
         torch.save(optim_state, tmp / OPTIM_FILE)
         torch.save(rng, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))

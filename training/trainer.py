@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +59,10 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # Weight decay on matrices and embeddings only: decaying norm gains towards 0 would fight RMSNorm.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Frozen parameters (a LoRA run's base weights) are not the optimizer's.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     o = cfg.optim
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
@@ -198,11 +200,25 @@ def _finished_summary(log_dir: Path, step: int, total_steps: int) -> dict | None
     return summary if isinstance(summary, dict) and summary.get("final_val_loss") is not None else None
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Custom:
+    """Parts of a run that code above the trainer supplies (compress's recovery: LoRA, distillation, Hugging Face
+    models), while the loop, logs, checkpoints, resume, lock and NaN guard stay the trainer's. Each is optional;
+    with none, a run is the ordinary one. ``cfg`` still names the run and its folders, so a resumed run is given
+    the same Custom again."""
+
+    data: Callable[[], PreparedData] | None = None  # the run's tokens, instead of prepare(cfg.data)
+    model: Callable[[torch.device], torch.nn.Module] | None = None  # the model to train, on the device
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (model, x, y)
+    write_model: Callable[[torch.nn.Module, Path, dict], None] | None = None  # a checkpoint's model files
+    read_state: Callable[[Path], dict] | None = None  # a checkpoint's model state dict, to resume
+
+
+def train(cfg: TrainConfig, custom: Custom | None = None) -> dict:
     info = D.init_distributed(cfg.device)
     try:
         with run_lock(cfg) if info.is_main else nullcontext():
-            return _train(cfg, info)
+            return _train(cfg, info, custom or Custom())
     finally:
         D.cleanup(info)
 
@@ -221,15 +237,16 @@ class Run:
     model: Transformer  # the unwrapped model: what is saved
     wrapped: torch.nn.Module  # the same, distributed and compiled: what is trained
     optimizer: torch.optim.Optimizer
-    loss: Callable
+    loss: Callable  # (model, x, y) -> loss
     amp: object  # autocast context
     dtype: torch.dtype
     compiled: bool
     total_steps: int
     tokens_per_step: int
-    flops_per_token: float
+    flops_per_token: float | None  # None for a model this formula does not describe (then no MFU)
     peak_flops: float | None
     keep_masks: list  # (parameter, mask) kept at zero where it was pruned (freeze_zeros)
+    custom: Custom = field(default_factory=Custom)
     start_step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds of training before this session (resume)
@@ -245,21 +262,24 @@ class Run:
         return self.elapsed_before + time.perf_counter() - self.t0
 
 
-def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
+def setup(cfg: TrainConfig, info: D.DistInfo, custom: Custom | None = None) -> Run:
     """Data, run folders, the model (new, from --init-from, or restored with --resume), distribution,
     compilation and the optimizer."""
+    custom = custom or Custom()
     # rank 0 prepares the data (trains the tokenizer once), the others then read the cache
-    if info.is_main:
+    if custom.data is not None:
+        data = custom.data()
+    elif info.is_main:
         data = prepare(cfg.data, progress=True)
     D.barrier(info)
-    if not info.is_main:
+    if custom.data is None and not info.is_main:
         data = prepare(cfg.data, progress=False)
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
     tokens_per_step = global_batch * cfg.seq_len
     total_steps = math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else cfg.max_steps
     ckpt_dir, log_dir = prepare_run_dirs(cfg, info)
 
-    model, model_args, restored = build_model(cfg, info, data, ckpt_dir)
+    model, model_args, restored = build_model(cfg, info, data, ckpt_dir, custom)
     wrapped = D.wrap_model(model, cfg.parallel, info)
     compiled = cfg.compile if cfg.compile is not None else info.device.type == "cuda"
     if compiled:
@@ -277,24 +297,46 @@ def setup(cfg: TrainConfig, info: D.DistInfo) -> Run:
         model=model,
         wrapped=wrapped,
         optimizer=optimizer,
-        loss=training_loss(compiled),
+        loss=custom.loss or plain_loss(training_loss(compiled)),
         amp=autocast(info.device, dtype),
         dtype=dtype,
         compiled=compiled,
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
-        flops_per_token=flops_per_token(model_args, cfg.seq_len),
+        flops_per_token=None if model_args is None else flops_per_token(model_args, cfg.seq_len),
         peak_flops=peak_flops(info.device),
         # recovery fine-tuning of a pruned model: the pruned weights stay pruned (re-zeroed after every step)
         keep_masks=[(p, p != 0) for p in model.parameters() if p.dim() == 2] if cfg.freeze_zeros else [],
+        custom=custom,
     )
     if restored is not None:
         restore(run, *restored)
     return run
 
 
-def build_model(cfg: TrainConfig, info: D.DistInfo, data: PreparedData, ckpt_dir: Path):
-    """(model on the device, its arguments, (step folder, state, optimizer state, RNG) when resuming)."""
+def plain_loss(loss: Callable) -> Callable:
+    """The ordinary training loss as a function of (model, x, y): cross-entropy of the next token."""
+
+    def run(model, x, y):
+        return loss(model(x), y)
+
+    return run
+
+
+def build_model(cfg: TrainConfig, info: D.DistInfo, data: PreparedData, ckpt_dir: Path, custom: Custom | None = None):
+    """(model on the device, its arguments (None for a supplied model), (step folder, state, optimizer state,
+    RNG) when resuming)."""
+    if custom is not None and custom.model is not None:
+        model = custom.model(info.device)
+        if not cfg.resume:
+            return model, None, None
+        step_dir = list_checkpoints(ckpt_dir)[-1][1]
+        state, optim_state, rng = load_training_state(step_dir)
+        try:
+            model.load_state_dict(custom.read_state(step_dir))
+        except RuntimeError as e:
+            raise UserError(f"--resume: {step_dir} holds a different model ({str(e).splitlines()[0][:150]})") from None
+        return model, None, (step_dir, state, optim_state, rng)
     init = load_model(cfg.init_from) if cfg.init_from else None
     if init is not None:
         model_args = init.params  # sizes come with the weights (a pruned model has its own)
@@ -347,7 +389,7 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor | None]:
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         with D.grad_sync(run.wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
             with run.amp:
-                loss = run.loss(run.wrapped(x), y) / cfg.grad_accum
+                loss = run.loss(run.wrapped, x, y) / cfg.grad_accum
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = (
@@ -385,7 +427,9 @@ def log_step(run: Run, done: int, loss: float, lr: float, grad_norm, bar):
         "tokens": run.tokens_seen,
         "elapsed_s": run.elapsed_before + now - run.t0,
         "tokens_per_s": tps,
-        "mfu": None if peak is None else tps * run.flops_per_token / (peak * run.info.world_size),
+        "mfu": None
+        if peak is None or not run.flops_per_token
+        else tps * run.flops_per_token / (peak * run.info.world_size),
     }
     _append_jsonl(run.log_dir / "metrics.jsonl", record)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -415,7 +459,9 @@ def checkpoint(run: Run, step: int, meter: EnergyMeter):
             # training energy of this device up to here (None where no counter exists)
             "energy_j": None if meter.so_far() is None else run.energy_before + meter.so_far(),
         }
-        save_checkpoint(run.ckpt_dir / f"step_{step}", run.model, msd, osd, state, run.data.tokenizer.path)
+        save_checkpoint(
+            run.ckpt_dir / f"step_{step}", run.model, msd, osd, state, run.data.tokenizer.path, run.custom.write_model
+        )
         prune_checkpoints(run.ckpt_dir, run.cfg.keep_last, run.cfg.keep_every)
     D.barrier(run.info)
 
@@ -427,14 +473,16 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
         run.last_val = evaluate(run.wrapped, run.val_sampler, cfg, info, run.amp)
         logged = [r["loss"] for r in read_jsonl(run.log_dir / "metrics.jsonl") if r["step"] == run.start_step]
         run.last_loss = logged[-1] if logged else None
-    params, args = count_params(run.model), run.model.params
+    params, args = count_params(run.model), getattr(run.model, "params", None)
+    spec = args.head_layer_spec() if hasattr(args, "head_layer_spec") else None
     summary = {
         "name": cfg.name,
         "params": params["total"],
+        "trained_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         "non_embedding_params": params["non_embedding"],
-        "n_layers": args.n_layers,
-        "per_head": args.head_layer is not None,
-        "head_layer": args.head_layer_spec(),
+        "n_layers": getattr(args, "n_layers", None),
+        "per_head": spec is not None,
+        "head_layer": spec,
         "steps": run.total_steps,
         "tokens": run.tokens_seen,
         "train_tokens_available": int(len(data.train)),
@@ -464,8 +512,8 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
     return summary
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
-    run = setup(cfg, info)
+def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
+    run = setup(cfg, info, custom)
     if run.finished is not None:
         if info.is_main:
             print(

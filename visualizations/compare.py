@@ -64,7 +64,9 @@ def compression_label(c: dict | None) -> str:
         label = f"structured h{round(100 * c['head_ratio'])}/f{round(100 * c['ffn_ratio'])}"
     else:
         label = m
-    if c.get("finetune_steps"):
+    if c.get("recovery"):  # recovered after compression (compress/recover.py)
+        label += f" +{c['recovery']['method']}{c['recovery']['steps']}"
+    elif c.get("finetune_steps"):  # results written before recovery had its own record
         label += f" +ft{c['finetune_steps']}"
     base = c.get("base_compression")
     return f"{compression_label(base)} + {label}" if base else label

@@ -5,7 +5,9 @@ mean and 95% t-interval over seeds with the per-seed values kept; latency from t
 measurement (median, p10-p90, ratio to the reference with its bootstrap interval); parameters, training
 FLOPs per token, training time and epochs from the runs' summaries.
 
-``comparisons`` sets each per-head model against every baseline at least as deep (trained, or compressed
+``comparisons`` also sets each model recovered after compression against the same compression without recovery
+and against its dense base (bits per byte, Welch over seeds), and each per-head model against every baseline at
+least as deep (trained, or compressed
 from one): bits per byte by Welch's t-test over seeds, at matched training tokens (the study's runs share
 a token budget) and at matched training FLOPs (validation loss read off each seed's curve at the smaller
 of the two FLOP budgets); decode latency by the Wilcoxon signed-rank test on the per-round log ratios (the
@@ -66,6 +68,10 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 "head_layer": who.head_layer,
                 "compression": compression_label(who.compression),
             }
+            recovery = (who.compression or {}).get("recovery")
+            if recovery:  # the same compression without its recovery, to find the study's unrecovered twin
+                before = {k: v for k, v in who.compression.items() if k != "recovery"}
+                row |= {"recovery": recovery["method"], "compression_before_recovery": compression_label(before)}
             for key, (part, field) in QUALITY.items():
                 vals = [s["quality"][part][field] for s in measured if s["quality"][part].get(field) is not None]
                 row[key] = mean_ci(vals) if vals else None
@@ -130,6 +136,24 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                     {"a": a["model"], "b": b["model"], "what": "bits per byte, per-head variants of one depth"}
                     | {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
                     | welch(a["bits_per_byte"]["values"], b["bits_per_byte"]["values"])
+                )
+    # Recovery after compression: each recovered model against the same compression unrecovered (where the study
+    # has it) and against the dense model it was compressed from
+    for r in (r for r in rows if r.get("recovery") and r.get("bits_per_byte")):
+        twins = [
+            o
+            for o in rows
+            if o["kind"] == "compressed"
+            and o["base"] == r["base"]
+            and not o.get("recovery")
+            and o.get("compression") == r["compression_before_recovery"]
+        ]
+        for other, what in [(t, "recovered vs not") for t in twins] + [(by_name.get(r["base"]), "recovered vs dense")]:
+            if other is not None and other.get("bits_per_byte"):
+                out.append(
+                    {"a": r["model"], "b": other["model"], "what": f"bits per byte, {what}"}
+                    | {"a_stat": r["bits_per_byte"], "b_stat": other["bits_per_byte"]}
+                    | welch(r["bits_per_byte"]["values"], other["bits_per_byte"]["values"])
                 )
     for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
         for other in rows:

@@ -1,0 +1,300 @@
+"""Recovery after compression: a short training of the compressed model by the project's trainer (its progress,
+logs, checkpoints, resume, run lock and NaN guard), for this project's models and Hugging Face folders alike.
+
+- ``full``: every weight trained on next-token cross-entropy;
+- ``lora``: low-rank adapters (``peft``, as LLM-Pruner recovers) on the attention and MLP projections, the
+  base weights frozen; at the end the adapters are merged into the weights (``merge_and_unload``), so the
+  output is a plain model folder of the compressed shape;
+- ``distill``: knowledge distillation from the uncompressed model as teacher (Hinton et al. 2015): loss =
+  alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy; the teacher in eval mode
+  without gradients; every weight of the student trained, or only LoRA adapters with ``--distill-lora``. The
+  student may be smaller than the teacher (pruned heads or channels, dropped blocks); both must share the
+  vocabulary. Quantization-aware distillation is out of scope (quantized models are not trained here).
+
+A sparse model (unstructured or N:M pruning) stays sparse: full and distill training keep the pruned weights
+at zero after every step (the trainer's ``freeze_zeros``), and a merged LoRA update is multiplied by the mask
+again ("mask re-applied" in compression.json).
+
+The training tokens are the base run's own training split for this project's checkpoints, or
+``--calib-corpus`` (tokenized with the model's tokenizer; required for Hugging Face folders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.cli import UserError
+from common.device import autocast, compute_dtype
+from data.config import DataConfig
+from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
+from llama.model_io import MODEL_FILE
+from models.folders import load_folder
+from training.checkpoint import training_data
+from training.config import TrainConfig
+from training.trainer import Custom, loss_fn, read_jsonl, train
+
+RECOVERY = ("full", "lora", "distill")
+# LLM-Pruner's LoRA targets: the attention and MLP projections of every block, by model family
+LORA_TARGETS = {
+    "perhead-llama": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+}
+
+
+@dataclass
+class Recovery:
+    method: str  # full, lora or distill
+    steps: int = 100
+    lr: float | None = None  # default: 1e-4 for full and distill, 2e-4 for LoRA
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the base run's training length (256 with --calib-corpus)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # default: LORA_TARGETS of the model's family
+    distill_alpha: float = 0.5  # weight of the KL term (1 - alpha: cross-entropy)
+    temperature: float = 2.0
+    distill_lora: bool = False  # distill into LoRA adapters instead of every weight
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in RECOVERY:
+            raise UserError(f"--recover {self.method!r}: use one of {RECOVERY}")
+        checks = [
+            (self.steps > 0, f"--recover-steps must be positive, got {self.steps}"),
+            (self.lr is None or self.lr > 0, f"--recover-lr must be positive, got {self.lr}"),
+            (self.batch_size > 0, f"--recover-batch-size must be positive, got {self.batch_size}"),
+            (self.seq_len is None or self.seq_len > 1, f"--recover-seq-len must be above 1, got {self.seq_len}"),
+            (self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}"),
+            (self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (0 <= self.distill_alpha <= 1, f"--distill-alpha must be in [0, 1], got {self.distill_alpha}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.distill_lora and self.method != "distill":
+            raise UserError("--distill-lora applies to --recover distill only")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method == "lora" or self.distill_lora
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.uses_lora else 1e-4)
+
+
+def recovery_data(base: Path, tokenizer, corpus: DataConfig | None, seq_len: int, tokens_needed: int, seed: int):
+    """The tokens a recovery trains on: the base run's prepared data, or ``corpus`` tokenized with the model's
+    tokenizer (documents split train/val as the trainer's data are, read until about 4x the tokens the
+    recovery uses, so a large corpus is never tokenized whole)."""
+    if corpus is None:
+        try:
+            return training_data(base)[0]
+        except FileNotFoundError:
+            raise UserError(f"{base} has no training data here (a Hugging Face model?); pass --calib-corpus") from None
+    docs, total = [], 0
+    for doc in iter_documents(corpus):
+        docs.append(doc)
+        total += len(doc.text) // 4  # a cheap bound before tokenizing: 4 characters per token or more
+        if total >= 4 * tokens_needed + 20 * (seq_len + 1) and len(docs) >= 40:  # enough to hold some out
+            break
+    train_docs, val_docs = split_documents(docs, corpus.val_fraction)
+    if not val_docs:
+        val_docs, train_docs = train_docs[-1:], train_docs[:-1]
+
+    def tokens(ds):
+        ids = tokenizer.encode_batch([d.text for d in ds], bos=True, eos=True) if ds else []
+        return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if ids else np.zeros(0, np.int64)
+
+    train, val = tokens(train_docs), tokens(val_docs)
+    if len(train) <= seq_len + 1 or len(val) <= seq_len + 1:
+        raise UserError(
+            f"--calib-corpus {corpus.corpus}: too little text for windows of {seq_len + 1} tokens "
+            f"({len(train)} train, {len(val)} held-out tokens); use a larger corpus or a smaller --recover-seq-len"
+        )
+    manifest = {"corpus": {"source": corpus.corpus, "docs": len(docs)}, "seed": seed}
+    return PreparedData(Path(corpus.corpus or "stdlib"), manifest, tokenizer, train, val)
+
+
+def with_lora(model: nn.Module, r: Recovery) -> nn.Module:
+    """``model`` with LoRA adapters on its projections (peft), the rest frozen."""
+    import peft
+
+    targets = r.lora_targets or LORA_TARGETS.get(model.family)
+    if not targets:
+        raise UserError(f"no default LoRA targets for a {model.family} model; pass --lora-targets")
+    config = peft.LoraConfig(
+        r=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none"
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:  # a target that names no module
+        raise UserError(f"--lora-targets {targets}: {str(e).splitlines()[0][:200]}") from None
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain model with every LoRA adapter merged into its weights."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def distillation_loss(teacher: nn.Module, alpha: float, temperature: float):
+    """(model, x, y) -> alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, per token."""
+
+    def loss(model, x, y):
+        logits = model(x).float()
+        with torch.no_grad():
+            target = teacher(x).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        student = F.log_softmax(logits / temperature, -1).flatten(0, 1)
+        teacher_lp = F.log_softmax(target / temperature, -1).flatten(0, 1)
+        kl = F.kl_div(student, teacher_lp, log_target=True, reduction="batchmean")  # per token
+        return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+    return loss
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, data: PreparedData, cfg: TrainConfig, device: torch.device) -> float:
+    """The loss on the validation batches the trainer evaluates (the same windows), before any training."""
+    sampler = BatchSampler(data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_iters):
+        x, y = sampler.get(i, start=0, count=cfg.batch_size)
+        with autocast(device, compute_dtype(cfg.dtype, device)):
+            losses.append(loss_fn(model(x.to(device)), y.to(device)).item())
+    return float(np.mean(losses))
+
+
+def write_state(model: nn.Module, folder: Path, state: dict):
+    """A recovery checkpoint's model: its full state (adapters included) as safetensors, for --resume; the
+    merged model is written to --out at the end."""
+    save_file({k: v.detach().clone().contiguous().cpu() for k, v in state.items()}, str(folder / MODEL_FILE))
+
+
+def read_state(folder: Path) -> dict:
+    return load_file(str(folder / MODEL_FILE))
+
+
+def recover(
+    compressed: Path,
+    base: Path,
+    r: Recovery,
+    cfg: TrainConfig,
+    corpus: DataConfig | None,
+    device: torch.device,
+    resume: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Train the model in ``compressed`` by ``r`` as the run ``cfg`` names (folders, device, dtype, compile);
+    (the recovered model, merged, on the CPU; what compression.json records)."""
+    tokenizer = load_folder(compressed, "cpu")[1]
+    seq_len = r.seq_len or cfg.seq_len
+    needed = r.steps * r.batch_size * (seq_len + 1)
+    data = recovery_data(base, tokenizer, corpus, seq_len, needed, r.seed)
+    probe = load_folder(compressed, "cpu")[0]
+    vocab = probe.tok_embeddings.weight.shape[0]
+    if int(data.train.max(initial=0)) >= vocab or int(data.val.max(initial=0)) >= vocab:
+        raise UserError(
+            f"the recovery tokens go past the model's {vocab}-token vocabulary: a corpus of another tokenizer?"
+        )
+    sparse = any(bool((p == 0).float().mean() > 0.25) for p in probe.parameters() if p.dim() == 2)
+    masks = {n: (p != 0) for n, p in probe.named_parameters() if p.dim() == 2} if sparse else {}
+    del probe
+
+    teacher = None
+    if r.method == "distill":
+        teacher = load_folder(base, device)[0].eval().requires_grad_(False)
+        t_vocab = teacher.tok_embeddings.weight.shape[0]
+        if t_vocab != vocab:
+            raise UserError(
+                f"the teacher {base} has a {t_vocab}-token vocabulary, the student {vocab}: they must share one"
+            )
+
+    def build(dev: torch.device) -> nn.Module:
+        torch.manual_seed(r.seed)
+        model = load_folder(compressed, dev)[0]
+        return with_lora(model, r) if r.uses_lora else model
+
+    cfg = dataclasses.replace(
+        cfg,
+        seq_len=seq_len,
+        batch_size=r.batch_size,
+        grad_accum=1,
+        max_steps=r.steps,
+        max_tokens=None,
+        init_from=None,
+        resume=resume,
+        overwrite=not resume,
+        freeze_zeros=sparse and not r.uses_lora,
+        seed=r.seed,
+        eval_interval=max(1, r.steps // 4),
+        ckpt_interval=max(1, r.steps // 4),
+        log_interval=1,
+    )
+    cfg.optim = dataclasses.replace(
+        cfg.optim, lr=r.learning_rate, warmup_steps=min(cfg.optim.warmup_steps, r.steps // 10)
+    )
+    custom = Custom(
+        data=lambda: data,
+        model=build,
+        loss=None if teacher is None else distillation_loss(teacher, r.distill_alpha, r.temperature),
+        write_model=write_state,
+        read_state=read_state,
+    )
+    before = heldout_loss(build(device), data, cfg, device) if not resume else None
+    summary = train(cfg, custom)
+    model = build(torch.device("cpu"))
+    last = sorted(Path(cfg.out_dir, cfg.name).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+    model.load_state_dict(read_state(last))
+    model = merged(model)
+    reapplied = False
+    if masks and r.uses_lora:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in masks:
+                    p.mul_(masks[n].to(p.device))
+        reapplied = True
+    log_dir = Path(cfg.log_dir) / cfg.name
+    curve = [(x["step"], x["loss"]) for x in read_jsonl(log_dir / "metrics.jsonl")]
+    record = {
+        "method": r.method,
+        **{k: v for k, v in dataclasses.asdict(r).items() if k != "method"},
+        "lr": r.learning_rate,
+        "lora_targets": (r.lora_targets or LORA_TARGETS.get(model.family)) if r.uses_lora else None,
+        "teacher": str(base) if teacher is not None else None,
+        "data": "training data of the base run" if corpus is None else corpus.corpus,
+        "tokens": summary["tokens"],
+        "trained_params": summary["trained_params"],
+        "val_loss_before": before,
+        "val_loss_after": summary["final_val_loss"],
+        "sparse": sparse,
+        "mask": ("re-applied after merging" if reapplied else "kept at zero during training") if sparse else None,
+        "run": str(Path(cfg.out_dir) / cfg.name),
+        "loss_curve": str(log_dir / "metrics.jsonl"),
+        # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)
+        "train_loss": (
+            f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, T = {r.temperature}"
+            if teacher is not None
+            else "cross-entropy"
+        ),
+        "val_curve": str(log_dir / "val.jsonl"),
+        "first_loss": curve[0][1] if curve else None,
+        "last_loss": curve[-1][1] if curve else None,
+        "finite": all(math.isfinite(x) for _, x in curve),
+    }
+    return model, record
