@@ -288,7 +288,8 @@ def recover(
         "loss_curve": str(log_dir / "metrics.jsonl"),
         # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)
         "train_loss": (
-            f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, T = {r.temperature}"
+            f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, "
+            f"T = {r.temperature}"
             if teacher is not None
             else "cross-entropy"
         ),
