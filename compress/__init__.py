@@ -12,3 +12,6 @@ def read_compression(folder: str | Path) -> dict | None:
     """What ``python -m compress`` did to make the model in ``folder`` (None for a trained model)."""
     path = Path(folder) / COMPRESSION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+RECOVERY = ("full", "lora", "distill")  # recovery after compression (compress/recover.py)

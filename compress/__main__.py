@@ -41,12 +41,11 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
-from compress import COMPRESSION_FILE, read_compression
+from compress import COMPRESSION_FILE, RECOVERY, read_compression
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
 from compress.quantize import SCHEMES, quantize, state_dict_bytes
-from compress.recover import RECOVERY, Recovery, recover
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
@@ -153,6 +152,8 @@ def compress(a) -> Path:
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
     if a.recover:
+        from compress.recover import recover  # the trainer and peft: imported only when recovering
+
         recovered, record = recover(
             staging, base, recovery(a), recovery_config(a, base), recovery_corpus(a), device, resume=a.resume
         )
@@ -208,7 +209,10 @@ def check_recovery_run(a):
         )
 
 
-def recovery(a) -> Recovery:
+def recovery(a):
+    """The recovery settings (compress.recover.Recovery), checked."""
+    from compress.recover import Recovery
+
     return Recovery(
         a.recover,
         a.recover_steps,

@@ -34,6 +34,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.device import autocast, compute_dtype
+from compress import RECOVERY
 from data.config import DataConfig
 from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
 from llama.model_io import MODEL_FILE
@@ -42,7 +43,6 @@ from training.checkpoint import training_data
 from training.config import TrainConfig
 from training.trainer import Custom, loss_fn, read_jsonl, train
 
-RECOVERY = ("full", "lora", "distill")
 # LLM-Pruner's LoRA targets: the attention and MLP projections of every block, by model family
 LORA_TARGETS = {
     "perhead-llama": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import tomllib
@@ -39,6 +40,7 @@ from common.process import die_with_parent
 from common.results import Member, StudyRecord
 from llama.model_io import MODEL_FILE, list_checkpoints
 from models.hf import hf_config, is_hf_folder
+from runners.cluster import resources_of
 from training.config import check_run_name
 
 HERE = Path(__file__).resolve().parent
@@ -100,6 +102,7 @@ class Study:
     results_dir: str = "results"
     source: str = ""  # how the study was named on the command line (for the report)
     workers: int = 1  # steps run at once within a phase (each child then gets cores / workers threads)
+    cluster: dict = field(default_factory=dict)  # step kind -> runners.cluster.Resources ([cluster.<kind>])
 
     @property
     def out(self) -> Path:
@@ -181,6 +184,7 @@ class StudyFile:
     checkpoints_dir: str = "checkpoints"
     logs_dir: str = "logs"
     results_dir: str = "results"
+    cluster: dict = field(default_factory=dict)  # [cluster.<kind>] tables: resources of cluster jobs
 
 
 # options each step sets itself: a study file that sets them would send outputs where the study never looks
@@ -244,6 +248,7 @@ def load_study(path: str | Path) -> Study:
         checkpoints_dir=top.checkpoints_dir,
         logs_dir=top.logs_dir,
         results_dir=top.results_dir,
+        cluster=resources_of(top.cluster, str(path), from_table),
     )
     check_study(study, str(path))
     return study
@@ -581,10 +586,21 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
         atomic_write(target, json.dumps(r, indent=2))
 
 
-def run_study(s: Study, progress: bool = True) -> Path:
+def complete_step(s: Study, step: Step, watch: Callable[[str], None] | None = None, threads: int | None = None):
+    """Run one step and leave its marker (what a later start of the study skips): here, or in a cluster job."""
+    t0 = time.perf_counter()
+    run_step(s, step, s.out / "logs" / f"{step.key}.log", watch, threads)
+    record = {"step": step.key, "seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write(s.out / "steps" / f"{step.key}.json", json.dumps(record))
+
+
+def run_study(s: Study, progress: bool = True, executor: str = "local") -> Path:
     """Run every unfinished step, phase by phase (training, compression, quality, side-by-side timing, over
     training); with ``workers`` > 1 the independent steps of a phase run at once, each child with its share
-    of the cores. The side-by-side timing always runs alone."""
+    of the cores. The side-by-side timing always runs alone. With ``executor`` slurm (or submitit-local), each
+    step of a phase is a cluster job instead (runners/cluster.py)."""
+    if executor != "local":
+        return _run_on_cluster(s, progress, executor)
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)
@@ -607,13 +623,10 @@ def run_study(s: Study, progress: bool = True) -> Path:
                 running[key] = status
                 show()
 
-            t0 = time.perf_counter()
             try:
-                run_step(s, step, s.out / "logs" / f"{key}.log", watch, threads)
+                complete_step(s, step, watch, threads)
             finally:
                 running.pop(key, None)
-            record = {"step": key, "seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            atomic_write(markers / f"{key}.json", json.dumps(record))
             bar.update(1)
             show()
 
@@ -634,6 +647,45 @@ def run_study(s: Study, progress: bool = True) -> Path:
 
 def finished(s: Study, step: Step, marker: Path) -> bool:
     return marker.is_file() or step.done(s)
+
+
+def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
+    """run_study with each step a cluster job: every unfinished step of a phase submitted at once (side by side
+    too: it has a node to itself), the phase's jobs waited for, then the next phase."""
+    from runners.cluster import Jobs, resources_of
+
+    markers = s.out / "steps"
+    markers.mkdir(parents=True, exist_ok=True)
+    jobs = Jobs(executor, s.out / "jobs", s.cluster or resources_of({}, "defaults", from_table))
+    steps = plan(s)
+    s.record().write(s.out)
+    phases: dict[str, list[Step]] = {}
+    for step in steps:
+        phases.setdefault(step.key.split("-")[0], []).append(step)
+    with tqdm(total=len(steps), desc=f"{s.name} ({executor})", unit="step", disable=not progress) as bar:
+        for kind, phase in phases.items():
+            todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
+            bar.update(len(phase) - len(todo))
+            if not todo:
+                continue
+            bar.set_postfix_str(f"{kind}: {len(todo)} job(s)")
+            failed = jobs.run_phase(
+                todo, kind, partial(_job, s), lambda st: markers / f"{st.key}.json", lambda st: bar.update(1)
+            )
+            if failed:
+                step, record = failed[0]
+                log = s.out / "logs" / f"{step.key}.log"
+                why = _last_error(log) if log.is_file() else "it never started its command"
+                raise StepFailed(
+                    f"step {step.key} failed in {record['executor']} job {record['job_id']}: {why}; step log: {log}, "
+                    f"job log: {record['stderr']}" + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else "")
+                )
+    return build_outputs(s)
+
+
+def _job(s: Study, step: Step):
+    """What a cluster job runs: the step as the local executor runs it, marker included."""
+    complete_step(s, step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -674,6 +726,7 @@ def build_outputs(s: Study) -> Path:
 class Args:
     what: list[str] = positional(required=False, default_factory=list)  # a study .toml file, or runner names
     tiny: bool = False  # the CPU study of runners/study_tiny.toml
+    executor: str = "local"  # local (here), slurm (a job per step, through submitit), submitit-local (the same, here)
 
 
 def main(argv=None):
@@ -688,7 +741,11 @@ def main(argv=None):
     else:
         raise UserError("name a study .toml file or runner names, or pass --tiny (see --help)")
     study.source = study.source or " ".join(a.what)
-    report = run_study(study)
+    from runners.cluster import EXECUTORS
+
+    if a.executor not in EXECUTORS:
+        raise UserError(f"--executor {a.executor!r}: use one of {EXECUTORS}")
+    report = run_study(study, executor=a.executor)
     print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")
 
 

@@ -188,7 +188,7 @@ def _run_losses(tmp_path, corpus, nproc, batch_size, parallel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["fsdp"])  # DDP: the two-node test below (two processes, one per node)
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, parallel):
     single, m1 = _run_losses(tmp_path / "one", corpus, 1, 4, parallel)
     multi, m2 = _run_losses(tmp_path / "two", corpus, 2, 2, parallel)
@@ -224,3 +224,125 @@ def test_compiled_training_learns_as_eager_training_does(tmp_path, make_config):
     assert compiled == pytest.approx(eager, rel=1e-3)
     summary = json.loads((tmp_path / "compiled/logs/t/summary.json").read_text())
     assert summary["compile"] is True
+
+
+def _node_cmd(port: int, args: list[str]) -> list[str]:
+    """One "node" of a two-node run: its own torchrun agent, meeting the other by c10d rendezvous on loopback."""
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"),
+        *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "loopback-test"),
+        *("--max-restarts", "0", "-m", "runners.tiny", *args),
+    ]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(args: list[str], logs: Path) -> list[subprocess.Popen]:
+    """Two torchrun agents (nodes) on loopback. The first hosts the rendezvous store (as the first node of a
+    Slurm job does): it is started, and listening, before the second."""
+    import socket
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    nodes = []
+    for i in range(2):
+        nodes.append(
+            subprocess.Popen(
+                _node_cmd(port, args),
+                cwd=REPO,
+                env=env,
+                stdout=open(logs / f"node{i}.log", "w"),  # noqa: SIM115 (closed with the process)
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a node is killed as a whole: its agent and its worker
+            )
+        )
+        deadline = time.monotonic() + 60
+        while i == 0:  # until the first node's store accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and nodes[0].poll() is None, "the first node did not start"
+                time.sleep(0.1)
+    return nodes
+
+
+def _tiny_args(tmp_path, corpus, batch_size: int, steps: int, ckpt: int) -> list[str]:
+    folder, cache = corpus
+    return [
+        *("--name", "d", "--dim", "32", "--n-layers", "2", "--n-heads", "4", "--multiple-of", "16"),
+        *("--max-seq-len", "32", "--seq-len", "32", "--corpus", str(folder), "--cache-dir", str(cache)),
+        *("--data.vocab-size", "500", "--max-steps", str(steps), "--batch-size", str(batch_size)),
+        *("--eval-interval", str(ckpt), "--eval-iters", "2", "--log-interval", "1", "--ckpt-interval", str(ckpt)),
+        *("--keep-last", "2", "--out-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs")),
+        *("--lr", "1e-2", "--warmup-steps", "2", "--device", "cpu"),
+    ]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_process_and_resume_after_a_node_dies(tmp_path, corpus):
+    # Two torchrun "nodes" (c10d rendezvous on 127.0.0.1, gloo): their first steps equal one process with the
+    # same global batch; one node killed mid-run stops the other with a one-line error, and both started again
+    # with --resume continue from the last checkpoint.
+    import signal
+    import time
+
+    steps = 120
+    args = _tiny_args(tmp_path, corpus, 2, steps, 10)
+    a, b = _two_nodes(args, tmp_path / "first")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ckpt" / "d" / "step_10").is_dir():
+        assert time.monotonic() < deadline and a.poll() is None and b.poll() is None, "no first checkpoint"
+        time.sleep(0.05)
+    for pid in [*_descendants(b.pid), b.pid]:  # one node goes away: its agent and its worker (own session)
+        os.kill(pid, signal.SIGKILL)
+    b.wait()
+    assert a.wait(timeout=120) != 0  # the other stops, and says why in one line
+    said = (tmp_path / "first" / "node0.log").read_text()
+    assert "error: a process of this run stopped" in said and "--resume" in said, said[-2000:]
+    kept = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "ckpt" / "d").glob("step_*"))
+    assert kept and kept[-1] < steps
+    two_nodes = [m["loss"] for m in read_jsonl(tmp_path / "logs" / "d" / "metrics.jsonl")][:10]
+    for p in _two_nodes([*args, "--resume"], tmp_path / "again"):
+        assert p.wait(timeout=300) == 0, (tmp_path / "again" / "node0.log").read_text()[-3000:]
+    logged = [m["step"] for m in read_jsonl(tmp_path / "logs" / "d" / "metrics.jsonl")]
+    assert logged == list(range(1, steps + 1))  # cut back to the checkpoint, then continued: no gap, no repeat
+    again = (tmp_path / "again" / "node0.log").read_text() + (tmp_path / "again" / "node1.log").read_text()
+    assert f"from {tmp_path / 'ckpt' / 'd' / f'step_{kept[-1]}'}" in again
+    one = tmp_path / "one"
+    out = subprocess.run(
+        [sys.executable, "-m", "runners.tiny", *_tiny_args(one, corpus, 4, steps, steps)],  # the same schedule
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    single = [m["loss"] for m in read_jsonl(one / "logs" / "d" / "metrics.jsonl")][:10]
+    assert len(two_nodes) == len(single) == 10 and two_nodes == pytest.approx(single, abs=1e-4)

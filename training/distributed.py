@@ -89,7 +89,10 @@ def barrier(info: DistInfo):
         dist.barrier()
 
 
-def cleanup(info: DistInfo):
+def cleanup(info: DistInfo, ok: bool = True):
+    """Leave the process group; after a failure (``ok`` false: a peer may be gone) without waiting for the
+    others, who may never come."""
     if info.enabled and dist.is_initialized():
-        dist.barrier()  # gloo aborts ("terminate called ...") if a rank tears down while another still talks
+        if ok:
+            dist.barrier()  # gloo aborts ("terminate called ...") if a rank tears down while another still talks
         dist.destroy_process_group()

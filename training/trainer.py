@@ -216,11 +216,14 @@ class Custom:
 
 def train(cfg: TrainConfig, custom: Custom | None = None) -> dict:
     info = D.init_distributed(cfg.device)
+    ok = False
     try:
         with run_lock(cfg) if info.is_main else nullcontext():
-            return _train(cfg, info, custom or Custom())
+            summary = _train(cfg, info, custom or Custom())
+        ok = True
+        return summary
     finally:
-        D.cleanup(info)
+        D.cleanup(info, ok)
 
 
 @dataclass
@@ -512,6 +515,15 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
     return summary
 
 
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone (gloo and NCCL say so in text;
+    torch's own DistError types are raised by some paths)."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("connection reset", "connection closed", "connection refused", "broken pipe", "nccl")
+    )
+
+
 def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
     run = setup(cfg, info, custom)
     if run.finished is not None:
@@ -552,6 +564,15 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
         kept = list_checkpoints(run.ckpt_dir)
         where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
         raise NonFiniteLoss(f"{e}; training stopped and {where}. Lower --lr or check the data, then --resume") from None
+    except RuntimeError as e:  # a peer process (another node) went away mid-collective
+        if info.world_size == 1 or not _lost_peer(e):
+            raise
+        kept = list_checkpoints(run.ckpt_dir)
+        where = f"the last checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        raise UserError(
+            f"a process of this run stopped (rank {info.rank} of {info.world_size} lost a peer: "
+            f"{str(e).strip().splitlines()[0][:160]}); {where}: start every node again with --resume"
+        ) from None
     except KeyboardInterrupt:
         kept = list_checkpoints(run.ckpt_dir)
         if info.is_main:
