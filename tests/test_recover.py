@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from compress.__main__ import main as compress_main
-from compress.recover import Recovery, distillation_loss, merged, recover, with_lora
+from compress.recover import LORA_TARGETS, Recovery, distillation_loss, merged, recover, with_lora
 from llama.model_io import load_model
 from models.folders import load_folder
+from tests.hf_models import ARCHITECTURES
 
 STRUCT = ["--method", "structured", "--head-ratio", "0.5", "--ffn-ratio", "0.5", "--calib-samples", "8"]
 
@@ -81,22 +82,27 @@ def test_recovery_lowers_the_heldout_loss_of_a_pruned_hugging_face_folder(hf_fol
     assert model.hf.model.layers[0].mlp.up_proj.out_features < 128
 
 
-def test_a_merged_lora_model_gives_the_peft_models_outputs(trained_checkpoint, hf_folder):
+@pytest.mark.parametrize("arch", ["perhead-llama", *ARCHITECTURES])
+def test_a_merged_lora_model_gives_the_peft_models_outputs(trained_checkpoint, tmp_path, arch):
+    from tests.hf_models import make_hf_model
+
+    folder = trained_checkpoint if arch == "perhead-llama" else make_hf_model(arch, tmp_path / arch)
     x = torch.randint(0, 400, (2, 16))
-    for folder in (trained_checkpoint, hf_folder):
-        model = load_folder(folder)[0].eval()
-        peft_model = with_lora(model, Recovery("lora", lora_rank=4, lora_dropout=0.0))
-        torch.manual_seed(0)
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.1)  # peft starts B at zero: make the adapters matter
-        peft_model.eval()
-        with torch.no_grad():
-            expected = peft_model(x)
-            plain = merged(copy.deepcopy(peft_model))
-            got = plain(x)
-        assert not any("lora" in k for k in plain.state_dict())
-        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    model = load_folder(folder)[0].eval()
+    peft_model = with_lora(model, Recovery("lora", lora_rank=4, lora_dropout=0.0))
+    adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == set(LORA_TARGETS[arch])  # every default target exists in this architecture
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # peft starts B at zero: make the adapters matter
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(x)
+        plain = merged(copy.deepcopy(peft_model))
+        got = plain(x)
+    assert not any("lora" in k for k in plain.state_dict())
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
 def test_a_sparse_model_stays_sparse_after_lora_is_merged(trained_checkpoint, tmp_path):
