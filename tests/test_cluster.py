@@ -14,21 +14,13 @@ import pytest
 
 from runners.cluster import KINDS, Resources, resources_of
 from runners.study import load_study, plan
+from tests.study_files import QUALITY, q, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def q(args) -> str:
-    return "[" + ", ".join(f'"{a}"' for a in args) + "]"
-
-
 def small_study(tmp_path: Path, corpus, extra_run_args=(), cluster: str = "") -> Path:
-    folder, cache = corpus
-    model = ["--dim", "32", "--n-heads", "4", "--multiple-of", "16", "--max-seq-len", "32", "--seq-len", "32"]
-    data = ["--corpus", str(folder), "--cache-dir", str(cache), "--vocab-size", "500", "--device", "cpu"]
-    steps = ["--max-steps", "4", "--batch-size", "2", "--eval-interval", "4", "--ckpt-interval", "4"]
-    quality = ["--max-tokens", "300", "--n-docs", "2", "--prompt-tokens", "8", "--continuation-tokens", "4"]
-    quality += ["--humaneval-limit", "1", "--max-new-tokens", "4"]
+    quality = QUALITY
     toml = tmp_path / "small.toml"
     toml.write_text(
         f"""name = "small"
@@ -39,7 +31,7 @@ results_dir = "{tmp_path / "res"}"
 [[runs]]
 runner = "tiny"
 name = "base1"
-args = {q(["--no-head-layer", "--n-layers", "1", *model, *data, *steps, "--eval-iters", "1", *extra_run_args])}
+args = {q(["--no-head-layer", "--n-layers", "1", *tiny_run(corpus, interval=4), *extra_run_args])}
 [eval]
 quality = {q(quality)}
 {cluster}

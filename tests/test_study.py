@@ -254,29 +254,9 @@ def test_a_small_study_runs_end_to_end(tmp_path, corpus, sandbox):
     # Everything for real, as a user runs it: training (2 seeds), compression, quality (HumanEval in the
     # sandbox), side-by-side timing, checkpoints over training, table, plots and report. No step is mocked.
     from runners.study import main as study_main
+    from tests.study_files import QUALITY, q, tiny_run
 
-    folder, cache = corpus
-    model = ["--dim", "32", "--n-heads", "4", "--multiple-of", "16", "--max-seq-len", "32", "--seq-len", "32"]
-    data = ["--corpus", str(folder), "--cache-dir", str(cache), "--vocab-size", "500", "--device", "cpu"]
-    steps = [
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--eval-interval",
-        "2",
-        "--ckpt-interval",
-        "2",
-        "--eval-iters",
-        "1",
-    ]
-    common = model + data + steps
-
-    def q(args):
-        return "[" + ", ".join(f'"{a}"' for a in args) + "]"
-
-    quality = ["--max-tokens", "300", "--n-docs", "2", "--prompt-tokens", "8", "--continuation-tokens", "4"]
-    quality += ["--humaneval-limit", "1", "--max-new-tokens", "4"]
+    common, quality = tiny_run(corpus), QUALITY
     toml = tmp_path / "small.toml"
     toml.write_text(
         f"""name = "small"
