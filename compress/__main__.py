@@ -232,8 +232,9 @@ def recovery(a):
 
 def recovery_config(a, base: Path) -> TrainConfig:
     """The recovery run's settings: the base run's own (dtype, compile, optimizer) where it has them."""
-    cfg = training_config(base) or TrainConfig(seq_len=256)
-    if a.calib_corpus is not None and training_config(base) is None:
+    trained = training_config(base)
+    cfg = trained or TrainConfig(seq_len=256)
+    if a.calib_corpus is not None and trained is None:
         cfg.seq_len = a.recover_seq_len or 256
     run, logs = recovery_run(a)
     cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(logs.parent)

@@ -202,11 +202,10 @@ def recover(
 ) -> tuple[nn.Module, dict]:
     """Train the model in ``compressed`` by ``r`` as the run ``cfg`` names (folders, device, dtype, compile);
     (the recovered model, merged, on the CPU; what compression.json records)."""
-    tokenizer = load_folder(compressed, "cpu")[1]
+    probe, tokenizer, _ = load_folder(compressed, "cpu")
     seq_len = r.seq_len or cfg.seq_len
     needed = r.steps * r.batch_size * (seq_len + 1)
     data = recovery_data(base, tokenizer, corpus, seq_len, needed, r.seed)
-    probe = load_folder(compressed, "cpu")[0]
     vocab = probe.tok_embeddings.weight.shape[0]
     if int(data.train.max(initial=0)) >= vocab or int(data.val.max(initial=0)) >= vocab:
         raise UserError(

@@ -208,13 +208,20 @@ def _max_tokens(served: Served, req: Sampling) -> int:
     return n
 
 
+def most_prompt_chars(served: Served, max_tokens: int) -> int:
+    """The most characters a prompt can have and still fit the context beside ``max_tokens``: a token stands for
+    at most max_token_bytes bytes (>= characters), with slack for normalisation."""
+    room = served.ev.model.params.max_seq_len - max_tokens
+    return (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK
+
+
 def encode_text(served: Served, text: str, max_tokens: int, truncate: bool, bos: bool = True) -> tuple[list[int], bool]:
     """The ids of a text prompt that fits the context beside ``max_tokens`` (its end kept if ``truncate``)."""
     ev = served.ev
     room = ev.model.params.max_seq_len - max_tokens
     # A token stands for at most max_token_bytes bytes (>= characters), so a prompt with more characters than
     # room x that (x slack for normalisation) cannot fit: refuse it, or keep only its end, before tokenizing.
-    most_chars = (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK
+    most_chars = most_prompt_chars(served, max_tokens)
     cut = len(text) > most_chars
     if cut and not truncate:
         raise ApiError(
@@ -244,7 +251,15 @@ def fit_ids(served: Served, ids: list[int], max_tokens: int, truncate: bool, cut
     return ids, truncated
 
 
-def _plan(served: Served, req: Sampling, prompts: list[list[int]], truncated: list[bool], received: float, logprobs):
+def _plan(
+    served: Served,
+    req: Sampling,
+    engine: str,
+    prompts: list[list[int]],
+    truncated: list[bool],
+    received: float,
+    logprobs,
+):
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     if len(prompts) * req.n > MAX_CHOICES:
         raise ApiError(
@@ -253,7 +268,7 @@ def _plan(served: Served, req: Sampling, prompts: list[list[int]], truncated: li
     choices = [(p, (seed + j) % 2**64) for p in range(len(prompts)) for j in range(req.n)]
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     return Plan(
-        _engine(served, req),
+        engine,
         prompts,
         choices,
         truncated,
@@ -268,7 +283,7 @@ def _plan(served: Served, req: Sampling, prompts: list[list[int]], truncated: li
 
 
 def plan_completion(served: Served, req: CompletionRequest, received: float) -> Plan:
-    _engine(served, req)  # an unknown model is a 404 before anything else is looked at
+    engine = _engine(served, req)  # an unknown model is a 404 before anything else is looked at
     max_tokens = _max_tokens(served, req)
     try:
         prompts = req.prompts()
@@ -285,11 +300,11 @@ def plan_completion(served: Served, req: CompletionRequest, received: float) -> 
             x, t = fit_ids(served, list(p), max_tokens, req.truncate_prompt)
         ids.append(x)
         truncated.append(t)
-    return _plan(served, req, ids, truncated, received, req.logprobs)
+    return _plan(served, req, engine, ids, truncated, received, req.logprobs)
 
 
 def plan_chat(served: Served, req: ChatRequest, received: float) -> Plan:
-    _engine(served, req)
+    engine = _engine(served, req)
     chat = served.chat
     if chat is None:
         raise ApiError(
@@ -304,7 +319,7 @@ def plan_chat(served: Served, req: ChatRequest, received: float) -> Plan:
         raise ApiError(400, f"messages: {e}", "messages") from None
     chars = sum(len(m["content"]) for m in messages)
     room = served.ev.model.params.max_seq_len - max_tokens
-    if chars > (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK:
+    if chars > most_prompt_chars(served, max_tokens):
         raise ApiError(
             413, f"the messages have {chars:,} characters; at most {room} tokens fit the context", "messages"
         )
@@ -314,7 +329,7 @@ def plan_chat(served: Served, req: ChatRequest, received: float) -> Plan:
         raise ApiError(400, f"messages: the chat template refused them ({failure(e, 200)})", "messages") from None
     x, t = fit_ids(served, ids, max_tokens, req.truncate_prompt)
     top = req.top_logprobs or 0
-    return _plan(served, req, [x], [t], received, top if req.logprobs else None)
+    return _plan(served, req, engine, [x], [t], received, top if req.logprobs else None)
 
 
 def _metrics(times: list[float], n_out: int) -> dict:
