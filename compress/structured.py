@@ -33,6 +33,15 @@ def _pruned(keep: torch.Tensor, n: int) -> list[int]:
     return [i for i in range(n) if i not in keep_set]
 
 
+def _optional(block: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule at ``path`` in ``block``, or None where the layout has no such part or this block's model
+    was built without it (a plain block's ``head_layer`` and ``wg`` are None)."""
+    if not path:
+        return None
+    parent, _, attr = path.rpartition(".")
+    return getattr(block.get_submodule(parent) if parent else block, attr, None)
+
+
 @torch.no_grad()
 def prune_structured(
     model,
@@ -77,10 +86,14 @@ def prune_structured(
                     kv = block.get_submodule(name)
                     tp.prune_linear_out_channels(kv, _pruned(unit_rows(groups, hd), kv.out_features))
             tp.prune_linear_in_channels(o, _pruned(unit_rows(heads, hd), o.in_features))
-            per_head = block.get_submodule(lay["per_head"]) if lay.get("per_head") else None
+            per_head = _optional(block, lay.get("per_head"))
             if per_head is not None:  # this project's per-head layers: (H, Dh, Dm) and (H, Dm, Dh), by head
                 per_head.w1 = nn.Parameter(per_head.w1.data[heads].clone())
                 per_head.w2 = nn.Parameter(per_head.w2.data[heads].clone())
+            gate = _optional(block, lay.get("gate"))
+            if gate is not None:  # gated attention: rows of wg are laid out head by head, like wq's
+                width = gate.out_features // n_heads  # head_dim (elementwise) or 1 (headwise)
+                tp.prune_linear_out_channels(gate, _pruned(unit_rows(heads, width), gate.out_features))
         if len(channels) < n_ch:
             for name in lay["mlp_in"]:
                 tp.prune_linear_out_channels(block.get_submodule(name), _pruned(channels, n_ch))

@@ -1,8 +1,9 @@
-"""Llama-2 (Touvron et al., 2023) with optional per-head layers on the attention outputs.
+"""Llama-2 (Touvron et al., 2023) with two optional richer heads: per-head layers and gated attention.
 
-Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> Attention (+ per-head layers) ->
-FeedForward -> TransformerBlock -> Transformer. With ``ModelArgs.head_layer = None`` the module tree, the
-parameter names and the outputs are exactly Llama-2's (Meta's names, so checkpoints map one to one).
+Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> Attention (+ output gate, + per-head
+layers) -> FeedForward -> TransformerBlock -> Transformer. With ``ModelArgs.head_layer = None`` and
+``ModelArgs.attn_gate = None`` the module tree, the parameter names and the outputs are exactly Llama-2's
+(Meta's names, so checkpoints map one to one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 from common.cli import UserError
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+# Gated attention (Qiu et al., 2025): the gate's width per head. "elementwise" (their best variant, G1) gates
+# every channel of a head's output, "headwise" one scalar per head.
+ATTN_GATES = ("elementwise", "headwise")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ModelArgs:
     max_seq_len: int = 2048  # longest context trained on; the KV cache may be set up shorter
     tie_embeddings: bool = False  # share tok_embeddings and output weights (Llama-2 does not)
     head_layer: HeadLayerArgs | None = None  # per-head layers; None is plain Llama-2
+    attn_gate: str | None = None  # gated attention (Qiu et al., 2025): elementwise or headwise; None is plain Llama-2
     # Per-layer sizes, set by structured pruning (compress/prune.py); None = the same in every layer.
     layer_n_heads: list[int] | None = None  # query heads of each layer (head_dim stays dim // n_heads)
     layer_n_kv_heads: list[int] | None = None  # key/value heads of each layer
@@ -71,6 +76,8 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} (dim/n_heads) must be even for RoPE")
+        if self.attn_gate is not None and self.attn_gate not in ATTN_GATES:
+            raise UserError(f"attn_gate={self.attn_gate!r} is unknown; use one of {list(ATTN_GATES)} (or None: off)")
         for name in ("layer_n_heads", "layer_n_kv_heads", "layer_ffn_hidden_dim"):
             sizes = getattr(self, name)
             if sizes is not None and (len(sizes) != self.n_layers or min(sizes) <= 0):
@@ -111,15 +118,20 @@ class ModelArgs:
         hl = self.head_layer
         return 0 if hl is None else (hl.hidden_dim or self.head_dim)
 
+    def gate_width(self, n_heads: int) -> int:
+        """Outputs of the gate projection ``wg`` for a layer of ``n_heads`` heads (0 without a gate)."""
+        return {None: 0, "elementwise": n_heads * self.head_dim, "headwise": n_heads}[self.attn_gate]
+
     def head_layer_spec(self) -> dict | None:
-        """The per-head layers as results record them (None: plain Llama blocks), the hidden size resolved: two
-        variants (hidden 64 vs 256, SiLU vs GELU) are two different models in every table and report."""
-        hl = self.head_layer
-        return (
-            None
-            if hl is None
-            else {"hidden_dim": self.head_layer_dim, "activation": hl.activation, "residual": hl.residual}
-        )
+        """The richer heads as results record them (None: plain Llama blocks): the per-head layers' settings, the
+        hidden size resolved, and the attention gate. Two variants (hidden 64 vs 256, SiLU vs GELU, a gate) are
+        two different models in every table and report."""
+        hl, spec = self.head_layer, {}
+        if hl is not None:
+            spec = {"hidden_dim": self.head_layer_dim, "activation": hl.activation, "residual": hl.residual}
+        if self.attn_gate is not None:
+            spec["gate"] = self.attn_gate
+        return spec or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,6 +242,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # The gate reads the block's normalised input x (Qiu et al.'s G1: query-dependent, after SDPA); a plain
+        # Llama attention has no wg at all, so its state dict stays Meta's.
+        self.wg = nn.Linear(args.dim, args.gate_width(self.n_heads), bias=False) if args.attn_gate else None
         self.head_layer = None
         if args.head_layer is not None:
             self.head_layer = PerHeadLayer(self.n_heads, self.head_dim, args.head_layer_dim, args.head_layer)
@@ -250,6 +265,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
         o = o.transpose(1, 2)  # (B, T, n_heads, head_dim)
+        if self.wg is not None:  # o_h <- o_h * sigmoid(x W_g), per channel (elementwise) or per head (headwise)
+            o = o * torch.sigmoid(self.wg(x)).view(B, T, self.n_heads, -1)
         if self.head_layer is not None:
             o = self.head_layer(o)
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
@@ -363,5 +380,6 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
         h, kv = args.heads(i), args.kv_heads(i)
         matmul_params += 2 * d * h * hd + 2 * d * kv * hd + 3 * d * args.ffn_dim(i)
         matmul_params += 2 * h * hd * args.head_layer_dim  # per-head W1 and W2
+        matmul_params += d * args.gate_width(h)  # the attention gate's projection
         attention += 12.0 * h * hd * seq_len  # QK^T and AV, forward and backward
     return 6.0 * matmul_params + attention

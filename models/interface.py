@@ -141,6 +141,7 @@ LAYOUT = {
         "mlp_in": ("feed_forward.w1", "feed_forward.w3"),
         "mlp_out": "feed_forward.w2",
         "per_head": "attention.head_layer",
+        "gate": "attention.wg",  # gated attention's projection (None in a model without the gate)
     },
     "llama": {
         "q": "self_attn.q_proj",

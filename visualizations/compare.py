@@ -43,11 +43,19 @@ COLUMNS = MODEL_COLUMNS + [
 
 
 def per_head_label(row: dict) -> str:
-    """ "no", or the per-head layers' settings ("64 silu", "32 gelu, no residual"): variants stay apart."""
+    """ "no", or the richer heads' settings ("64 silu", "32 gelu, no residual", "gate elementwise"): variants stay
+    apart."""
     spec = row.get("head_layer")
     if not spec:  # None: plain blocks; {}: per-head layers whose settings the result did not record
         return "yes" if row.get("per_head") or spec == {} else "no"
-    return f"{spec['hidden_dim']} {spec['activation']}" + ("" if spec.get("residual", True) else ", no residual")
+    parts = []
+    if "hidden_dim" in spec:
+        parts.append(
+            f"{spec['hidden_dim']} {spec['activation']}" + ("" if spec.get("residual", True) else ", no residual")
+        )
+    if spec.get("gate"):
+        parts.append(f"gate {spec['gate']}")
+    return " + ".join(parts)
 
 
 def compression_label(c: dict | None) -> str:
