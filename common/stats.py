@@ -8,7 +8,13 @@
   (``paired_ratio``). Unpaired samples: the Mann-Whitney U test with its common-language effect size (the
   probability that a draw from A is below a draw from B).
 - Many comparisons in one report: Benjamini-Hochberg adjusted p-values (q-values).
-A difference is stated only when its adjusted p-value is below ``ALPHA``; otherwise it is "not distinguishable".
+- Power (statsmodels): the smallest difference a comparison could have detected at ``ALPHA`` with ``POWER``,
+  from its per-seed spread (``detectable``), and the seeds a given difference needs (``seeds_needed``).
+- A ratio of differences of means (the fraction of a depth gap a richer block recovers): Fieller's interval.
+- Two models scored item by item on the same questions: McNemar's exact test (accuracy) or a paired bootstrap
+  (scores).
+A difference is stated only when its adjusted p-value is below ``ALPHA``; otherwise it is "not distinguishable",
+with the smallest difference the comparison could have detected beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
+POWER = 0.8  # the power minimum detectable differences are stated at
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> dict:
@@ -151,3 +158,130 @@ def kruskal(groups: dict[str, list[float]]) -> dict:
         return {"test": "kruskal-wallis", "p": None, "reason": "needs 2+ groups of 3+ samples"}
     r = stats.kruskal(*kept.values())
     return {"test": "kruskal-wallis", "p": float(r.pvalue), "h": float(r.statistic), "groups": sorted(kept)}
+
+
+def pooled_sd(a: list[float], b: list[float]) -> float | None:
+    """The pooled standard deviation of two groups of seeds (the spread a two-sample t-test sees)."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return None
+    return math.sqrt(((na - 1) * statistics.variance(a) + (nb - 1) * statistics.variance(b)) / (na + nb - 2))
+
+
+def detectable(a: list[float], b: list[float], alpha: float = ALPHA, power: float = POWER, m: int = 1) -> dict:
+    """The minimum detectable difference (MDD) of a two-sample comparison of ``a`` and ``b`` over seeds: the
+    difference of means a two-sided t-test at ``alpha`` finds with probability ``power``, given the spread the
+    seeds show (statsmodels' TTestIndPower; effect size times the pooled SD). With ``m`` > 1 comparisons in
+    one report, ``mdd_adjusted`` is the same at alpha / m: what a Benjamini-Hochberg verdict needs at worst
+    (all other comparisons null), so the detectable difference lies between the two."""
+    sd = pooled_sd(a, b)
+    out = {"alpha": alpha, "power": power, "n_a": len(a), "n_b": len(b), "sd": sd, "comparisons": m}
+    if sd is None:
+        return out | {"mdd": None, "reason": f"needs 2+ seeds on each side (have {len(a)} and {len(b)})"}
+    return out | {
+        "mdd": mdd_of(sd, len(a), len(b), alpha, power),
+        "mdd_adjusted": mdd_of(sd, len(a), len(b), alpha / m, power),
+    }
+
+
+def mdd_of(sd: float, n_a: int, n_b: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The minimum detectable difference of a two-sided two-sample t-test with ``n_a`` and ``n_b`` seeds whose
+    values spread with standard deviation ``sd`` (statsmodels' TTestIndPower)."""
+    from statsmodels.stats.power import TTestIndPower
+
+    d = TTestIndPower().solve_power(effect_size=None, nobs1=n_a, ratio=n_b / n_a, alpha=alpha, power=power)
+    return float(d) * sd
+
+
+def seeds_needed(difference: float, sd: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
+    """Seeds per model for a two-sided t-test at ``alpha`` to detect ``difference`` with ``power``, given the
+    per-seed SD (statsmodels' TTestIndPower, equal groups); None where the spread is unknown or zero."""
+    from statsmodels.stats.power import TTestIndPower
+
+    if not sd or not difference or not math.isfinite(sd):
+        return None
+    n = TTestIndPower().solve_power(effect_size=abs(difference) / sd, nobs1=None, ratio=1.0, alpha=alpha, power=power)
+    return max(2, math.ceil(float(n)))
+
+
+def detectable_ratio(log_ratios: list[float], alpha: float = ALPHA, power: float = POWER) -> dict:
+    """The smallest ratio a paired comparison of ``len(log_ratios)`` rounds detects (statsmodels' TTestPower on
+    the log ratios, the t-test the signed-rank test approximates): x exp(+-d sd)."""
+    from statsmodels.stats.power import TTestPower
+
+    x = [float(v) for v in log_ratios]
+    if len(x) < 3 or statistics.stdev(x) == 0:
+        return {"alpha": alpha, "power": power, "n": len(x), "mdd_ratio": None}
+    d = float(TTestPower().solve_power(effect_size=None, nobs=len(x), alpha=alpha, power=power))
+    return {"alpha": alpha, "power": power, "n": len(x), "mdd_ratio": math.exp(d * statistics.stdev(x))}
+
+
+def fraction_recovered(deep: list[float], shallow: list[float], rich: list[float], confidence: float = 0.95) -> dict:
+    """How much of the depth gap a richer shallow model closes, on a lower-is-better metric:
+    f = (mean(shallow) - mean(rich)) / (mean(shallow) - mean(deep)); 0 = no better than the plain shallow
+    model, 1 = as good as the deeper one. Interval: Fieller's (1954) for a ratio of two normal estimates,
+    with the covariance the two differences share through ``shallow``, and Welch-Satterthwaite degrees of
+    freedom. Written out because no library offers Fieller's interval for correlated estimates. When the
+    depth gap itself is not significant at 1 - confidence the interval is unbounded (None)."""
+    groups = [[float(v) for v in g] for g in (deep, shallow, rich)]
+    if min(len(g) for g in groups) < 2:
+        return {"fraction": None, "reason": "needs 2+ seeds of each of the three models"}
+    (md, ms, mr), (vd, vs, vr) = (
+        [statistics.fmean(g) for g in groups],
+        [statistics.variance(g) / len(g) for g in groups],
+    )
+    a, b = ms - mr, ms - md  # recovered, and the whole gap
+    va, vb, cov = vs + vr, vs + vd, vs
+    terms, dfs = (vd, vs, vr), [len(g) - 1 for g in groups]
+    df = sum(terms) ** 2 / sum(t * t / k for t, k in zip(terms, dfs, strict=True)) if sum(terms) > 0 else sum(dfs)
+    t = float(stats.t.ppf(0.5 + confidence / 2, df))
+    out = {"fraction": a / b if b else None, "recovered": a, "gap": b, "df": df, "confidence": confidence}
+    # the f with (a - f b)^2 <= t^2 (va - 2 f cov + f^2 vb): a quadratic A f^2 - 2 B f + C <= 0
+    qa, qb, qc = b * b - t * t * vb, a * b - t * t * cov, a * a - t * t * va
+    disc = qb * qb - qa * qc
+    if qa <= 0 or disc < 0:
+        return out | {"ci_low": None, "ci_high": None, "reason": "the depth gap is not significant: unbounded"}
+    root = math.sqrt(disc)
+    return out | {"ci_low": (qb - root) / qa, "ci_high": (qb + root) / qa}
+
+
+def mcnemar_items(a_correct: list[bool], b_correct: list[bool]) -> dict:
+    """Two models' accuracy on the same items, compared item by item: McNemar's exact test (statsmodels) on
+    the discordant items (a right where b is wrong, and the reverse)."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    if len(a_correct) != len(b_correct) or not a_correct:
+        raise ValueError(f"need the same items for both models (have {len(a_correct)} and {len(b_correct)})")
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+    r = mcnemar(table, exact=True)
+    return {
+        "test": "mcnemar (exact)",
+        "n": len(a),
+        "a_only": table[0][1],
+        "b_only": table[1][0],
+        "diff": float(a.mean() - b.mean()),
+        "p": float(r.pvalue),
+    }
+
+
+def paired_bootstrap(a_scores: list[float], b_scores: list[float], seed: int = 0, n_resamples: int = 2000) -> dict:
+    """Two models' scores on the same items: the mean per-item difference, its percentile-bootstrap 95% interval
+    over items (scipy.stats.bootstrap, paired), and a two-sided p-value from the sign-flip permutation test
+    (scipy.stats.permutation_test, samples paired)."""
+    a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
+    if len(a) != len(b) or len(a) < 3:
+        raise ValueError(f"need the same 3+ items for both models (have {len(a)} and {len(b)})")
+    d = a - b
+    out = {"test": "paired bootstrap / sign-flip permutation", "n": len(d), "diff": float(d.mean())}
+    if not d.any():
+        return out | {"ci_low": 0.0, "ci_high": 0.0, "p": 1.0}
+    ci = stats.bootstrap((d,), np.mean, method="percentile", random_state=seed, n_resamples=n_resamples)
+    perm = stats.permutation_test(
+        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", random_state=seed, n_resamples=n_resamples
+    )
+    return out | {
+        "ci_low": float(ci.confidence_interval.low),
+        "ci_high": float(ci.confidence_interval.high),
+        "p": float(perm.pvalue),
+    }

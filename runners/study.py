@@ -722,11 +722,71 @@ def build_outputs(s: Study) -> Path:
     return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points)
 
 
+def power_plan(s: Study, pilot: Path, difference: float | None = None) -> str:
+    """What each comparison of study ``s`` could detect, from the per-seed spread an earlier run of it (or a
+    pilot study with the same model names) measured in ``pilot``: the minimum detectable difference at the
+    report's level and 80% power with the pilot's seeds and with the study's, and the seeds a difference of
+    ``difference`` (default: a third of the pilot's depth gap) would need. Nothing is trained."""
+    from common.stats import ALPHA, POWER, mdd_of, pooled_sd, seeds_needed
+    from visualizations.grouped import comparisons, group_rows
+
+    if not (pilot / "study.json").is_file():
+        raise UserError(f"--pilot {pilot}: no study.json there; name the results folder of a study that has run")
+    rows = group_rows(pilot, Path(s.logs_dir))
+    comps = comparisons(rows, Path(s.logs_dir))
+    planned = {r.name for r in s.runs} | {c.name for c in s.compress} | {e.name for e in s.external}
+    depth = [c for c in comps if c.get("depth_check") and c.get("diff") is not None]
+    lines = [f"Power plan for {s.name} ({s.seeds} seed(s) per model) from the pilot {pilot}:"]
+    for c in depth:
+        verdict = "passes" if c["distinguishable"] and c["diff"] < 0 else "does NOT pass"
+        lines.append(
+            f"  depth check {c['a']} vs {c['b']}: gap {-c['diff']:.4f} bits per byte in the pilot, q = {c['q']:.3g}: "
+            f"{verdict} there"
+        )
+    if difference is None and depth:
+        difference = abs(depth[0]["diff"]) / 3
+        lines.append(
+            f"  difference to detect: {difference:.4f} (a third of the pilot's depth gap; --difference sets it)"
+        )
+    lines.append(
+        f"  {'comparison':<60} {'pilot n':>8} {'sd':>8} {'MDD pilot':>10} {'MDD study':>10} {'seeds for diff':>14}"
+    )
+    for c in comps:
+        if c["a"] not in planned or c["b"] not in planned or not (c.get("a_stat") and c.get("b_stat")):
+            continue
+        a, b = c["a_stat"]["values"], c["b_stat"]["values"]
+        sd = pooled_sd(a, b)
+        what = f"{c['a']} vs {c['b']}: {c['what']}"[:60]
+        if sd is None:
+            lines.append(f"  {what:<60} {len(a)},{len(b):>6}  needs 2+ pilot seeds on each side")
+            continue
+        mdd_pilot = mdd_of(sd, len(a), len(b)) if min(len(a), len(b)) >= 2 else None
+        mdd_study = mdd_of(sd, s.seeds, s.seeds) if s.seeds >= 2 else None
+        need = seeds_needed(difference, sd) if difference else None
+        lines.append(
+            f"  {what:<60} {f'{len(a)},{len(b)}':>8} {sd:>8.4f} {_fmt(mdd_pilot):>10} {_fmt(mdd_study):>10} "
+            f"{need if need is not None else '-':>14}"
+        )
+    lines.append(
+        f"  (two-sided Welch/t-test at alpha = {ALPHA}, power = {POWER}, statsmodels' TTestIndPower; MDD = minimum "
+        "detectable difference in the comparison's units, before the adjustment over the report's comparisons)"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 @dataclass
 class Args:
     what: list[str] = positional(required=False, default_factory=list)  # a study .toml file, or runner names
     tiny: bool = False  # the CPU study of runners/study_tiny.toml
     executor: str = "local"  # local (here), slurm (a job per step, through submitit), submitit-local (the same, here)
+    seeds: int | None = None  # run the study with this many seeds instead of its file's (e.g. 2 for a pilot)
+    plan: bool = False  # train nothing: print each comparison's minimum detectable difference from --pilot's spread
+    pilot: str | None = None  # with --plan: results folder of an earlier run or a pilot (default: the study's own)
+    difference: float | None = None  # with --plan: the difference to detect (default: a third of the depth gap)
 
 
 def main(argv=None):
@@ -741,10 +801,20 @@ def main(argv=None):
     else:
         raise UserError("name a study .toml file or runner names, or pass --tiny (see --help)")
     study.source = study.source or " ".join(a.what)
+    if a.seeds is not None:
+        if not 1 <= a.seeds <= 100:
+            raise UserError(f"--seeds {a.seeds}: give a whole number from 1 to 100")
+        if (a.seeds == 1) != (study.seeds == 1):  # one seed names runs <name>, several <name>-s<k>
+            raise UserError(f"--seeds {a.seeds}: the study has {study.seeds} seed(s); one and several name runs apart")
+        study.seeds = a.seeds
+        study.source += f" --seeds {a.seeds}"
     from runners.cluster import EXECUTORS
 
     if a.executor not in EXECUTORS:
         raise UserError(f"--executor {a.executor!r}: use one of {EXECUTORS}")
+    if a.plan:
+        print(power_plan(study, Path(a.pilot) if a.pilot else study.out, a.difference))
+        return
     report = run_study(study, executor=a.executor)
     print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.results import ModelIdentity, StudyRecord
-from common.stats import adjust, mean_ci, paired_ratio, welch
+from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
 
@@ -182,8 +182,57 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             if ph.get("decode_ms_samples") and other.get("decode_ms_samples"):
                 # interleaved rounds are pairs: the ratio, its interval and its test are one (paired_ratio)
                 ratio = paired_ratio(ph["decode_ms_samples"], other["decode_ms_samples"])
-                out.append(pair | {"what": "decode ms/token (side by side)", "ratio": ratio} | ratio)
-    return adjust(out)
+                logs = np.log(ph["decode_ms_samples"]) - np.log(other["decode_ms_samples"])
+                out.append(
+                    pair
+                    | {"what": "decode ms/token (side by side)", "ratio": ratio, "log_ratios": logs.tolist()}
+                    | ratio
+                )
+    return with_power(adjust(out))
+
+
+def with_power(comps: list[dict]) -> list[dict]:
+    """Each tested comparison's minimum detectable difference (statsmodels' power at the report's level and
+    80% power, from the spread it measured), at the nominal level and at the level the adjustment over this
+    report's comparisons needs at worst: a "not distinguishable" then says how large a difference could hide."""
+    m = sum(1 for c in comps if c.get("p") is not None)
+    for c in comps:
+        if c.get("p") is None:
+            continue
+        if "log_ratios" in c:
+            c["power"] = detectable_ratio(c["log_ratios"]) | {"mdd_ratio_adjusted": None}
+            if m > 1:
+                c["power"]["mdd_ratio_adjusted"] = detectable_ratio(c["log_ratios"], alpha=0.05 / m)["mdd_ratio"]
+        elif c.get("a_stat") and c.get("b_stat"):
+            c["power"] = detectable(c["a_stat"]["values"], c["b_stat"]["values"], m=m)
+    return comps
+
+
+def depth_answers(rows: list[dict]) -> list[dict]:
+    """The study's answer: for each richer shallow model (per-head layers or a gate, L-1 blocks) trained beside a
+    plain L-1 and a plain L-block model, the fraction of the depth gap in bits per byte it recovers, with
+    Fieller's 95% interval over seeds (common.stats.fraction_recovered)."""
+    trained = [r for r in rows if r["kind"] == "trained" and r.get("bits_per_byte")]
+    plain = {r.get("n_layers"): r for r in trained if not r.get("per_head")}
+    out = []
+    for rich in (r for r in trained if r.get("per_head")):
+        depth = rich.get("n_layers") or 0
+        shallow, deep = plain.get(depth), plain.get(depth + 1)
+        if shallow is None or deep is None:
+            continue
+        f = fraction_recovered(
+            deep["bits_per_byte"]["values"], shallow["bits_per_byte"]["values"], rich["bits_per_byte"]["values"]
+        )
+        extra = {
+            "params": (rich.get("params"), shallow.get("params"), deep.get("params")),
+            "flops_per_token": (
+                rich.get("flops_per_token"),
+                shallow.get("flops_per_token"),
+                deep.get("flops_per_token"),
+            ),
+        }
+        out.append({"rich": rich["model"], "shallow": shallow["model"], "deep": deep["model"], **f, **extra})
+    return out
 
 
 def _matched_flops(a: dict, b: dict, logs_dir: Path) -> dict:
@@ -220,11 +269,27 @@ def sentence(c: dict, seeds: int) -> str:
         if r.get("ci_low") is not None and not r["ci_low"] <= 1 <= r["ci_high"]:  # p < 0.05 alone, not q
             return (
                 f"{what}: {nums}; **not distinguishable** at {n} once adjusted for this report's comparisons "
-                f"(q = {c['q']:.3g}; the unadjusted 95% interval alone excludes 1)."
+                f"(q = {c['q']:.3g}; the unadjusted 95% interval alone excludes 1){_could_detect(c)}."
             )
-        return f"{what}: {nums}; **not distinguishable** at {n} (q = {c['q']:.3g})."
+        return f"{what}: {nums}; **not distinguishable** at {n} (q = {c['q']:.3g}){_could_detect(c)}."
     lower = c["ratio"]["median"] < 1 if "ratio" in c else c["diff"] < 0
     return f"{what}: {nums}; {c['a']} is **{'lower' if lower else 'higher'}** (q = {c['q']:.3g}, {n})."
+
+
+def _could_detect(c: dict) -> str:
+    """What a "not distinguishable" could have seen: the minimum detectable difference at 80% power."""
+    pw = c.get("power") or {}
+    if pw.get("mdd_ratio"):
+        adj = pw.get("mdd_ratio_adjusted")
+        return f"; it could have detected a ratio beyond x{pw['mdd_ratio']:.3f} (or 1/x) at 80% power" + (
+            f", x{adj:.3f} after the adjustment at worst" if adj else ""
+        )
+    if pw.get("mdd") is not None:
+        adj = pw.get("mdd_adjusted")
+        return f"; the smallest difference it could have detected is {pw['mdd']:.4f} at 80% power" + (
+            f" ({adj:.4f} after the adjustment at worst)" if adj and pw.get("comparisons", 1) > 1 else ""
+        )
+    return ""
 
 
 def _cell(v, fmt=".4f") -> str:
