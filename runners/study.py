@@ -82,6 +82,8 @@ class EvalSpec:
     efficiency: list[str] = field(default_factory=list)  # eval.efficiency (per model; off when empty)
     over_training: list[str] = field(default_factory=list)  # eval.perplexity on each kept checkpoint
     side_by_side: list[str] = field(default_factory=list)  # eval.side_by_side
+    # more decoding modes timed side by side, each in its own run (e.g. ["compile"]): quality against compiled latency
+    side_by_side_modes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Study:
     efficiency: list[str] = field(default_factory=list)  # extra arguments of eval.efficiency
     over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
     side_by_side: list[str] = field(default_factory=list)  # extra arguments of eval.side_by_side
+    side_by_side_modes: list[str] = field(default_factory=list)  # further decoding modes timed side by side
     seeds: int = 1  # each run is trained this many times (seeds 1337, 1338 ...: init and data order differ)
     reference: str | None = None  # the model latency ratios are taken to (default: the first run)
     checkpoints_dir: str = "checkpoints"
@@ -242,6 +245,7 @@ def load_study(path: str | Path) -> Study:
         efficiency=ev.efficiency,
         over_training=ev.over_training,
         side_by_side=ev.side_by_side,
+        side_by_side_modes=ev.side_by_side_modes,
         seeds=top.seeds,
         reference=top.reference,
         workers=top.workers,
@@ -296,6 +300,12 @@ def check_study(s: Study, where: str):
         ("side_by_side", s.side_by_side, eval.side_by_side.Args(checkpoints=["x", "y"])),
     ):
         parses(options, argv, f"[eval] {evaluator}", SET_BY_STUDY.get(evaluator, SET_BY_STUDY["eval"]))
+    modes = eval.side_by_side.MODES
+    for mode in s.side_by_side_modes:
+        if mode not in modes:
+            raise UserError(f"{where}: [eval] side_by_side_modes: {mode!r} is not a decoding mode; use {list(modes)}")
+    if "--mode" in s.side_by_side and s.side_by_side_modes:
+        raise UserError(f"{where}: [eval] give further modes in side_by_side_modes, not --mode in side_by_side")
 
 
 def _is_runner(stem: str) -> bool:
@@ -456,20 +466,22 @@ class SideBySideStep:
 
     models: dict[str, Path]  # model name in the study -> its folder
     reference: str
+    mode: str | None = None  # a further decoding mode ([eval] side_by_side_modes); None: side_by_side's own
 
     @property
     def key(self) -> str:
-        return "side_by_side"
+        return "side_by_side" if self.mode is None else f"side_by_side-{self.mode}"
 
     def output(self, s: Study) -> Path:
-        return s.out / "side_by_side.json"
+        return s.out / f"{self.key}.json"
 
     def done(self, s: Study) -> bool:
         return False
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         cmd = ["eval.side_by_side", *map(str, self.models.values()), "--names", *self.models]
-        run([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side])
+        mode = [] if self.mode is None else ["--mode", self.mode]
+        run([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side, *mode])
 
 
 @dataclass
@@ -510,7 +522,9 @@ def plan(s: Study) -> list[Step]:
     if s.efficiency:  # the per-model efficiency evaluator (all modes, batch sizes, engines), seed 0
         steps += [EvaluateStep("efficiency", s.member(g, 0), folder, s.efficiency) for g, folder in first.items()]
     if len(first) >= 2:
-        steps.append(SideBySideStep(first, s.reference or next(iter(first))))
+        reference = s.reference or next(iter(first))
+        steps.append(SideBySideStep(first, reference))
+        steps += [SideBySideStep(first, reference, mode) for mode in s.side_by_side_modes]
     steps += [OverTrainingStep(s.member(r.name, 0)) for r in s.runs]
     return steps + [OverTrainingStep(e.name) for e in s.external if e.checkpoints]
 
@@ -694,7 +708,7 @@ def _job(s: Study, step: Step):
 
 def build_outputs(s: Study) -> Path:
     from visualizations import save_figures
-    from visualizations.grouped import comparisons, group_rows, write_grouped_table
+    from visualizations.grouped import comparisons, depth_answers, group_rows, write_grouped_table
     from visualizations.plot_tradeoffs import grouped_tradeoff_figures
     from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig
@@ -704,6 +718,8 @@ def build_outputs(s: Study) -> Path:
     write_grouped_table(rows, s.out)
     comps = comparisons(rows, Path(s.logs_dir))
     atomic_write(s.out / "comparisons.json", json.dumps(comps, indent=2))
+    answers = depth_answers(rows)
+    atomic_write(s.out / "answer.json", json.dumps(answers, indent=2))
     trained = [m.run for m in s.members() if m.kind == "trained"]
     runs = load_runs(s.logs_dir, [r for r in trained if (Path(s.logs_dir) / r / "metrics.jsonl").is_file()])
     figures = training_figures(runs, timed_alone=s.workers == 1) | grouped_tradeoff_figures(rows)
@@ -719,7 +735,7 @@ def build_outputs(s: Study) -> Path:
     elif points:
         figures["over_training.png"] = over_training_fig(points)
     save_figures(figures, s.out / "plots")
-    return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points)
+    return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points, answers)
 
 
 def power_plan(s: Study, pilot: Path, difference: float | None = None) -> str:

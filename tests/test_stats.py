@@ -76,3 +76,82 @@ def test_side_by_side_times_every_model_every_round(tiny_args):
     assert len(big_row["decode_ms_samples"]) == len(big_row["prefill_ms_samples"]) == 4
     assert big_row["decode_ratio_to_reference"]["n"] == 4 and "verdict" in big_row["decode_ratio_to_reference"]["test"]
     assert small.causal_mask is None and big.causal_mask is None  # caches removed afterwards
+
+
+def test_power_figures_equal_statsmodels_on_a_synthetic_pilot_of_known_spread():
+    from statsmodels.stats.power import TTestIndPower
+
+    from common.stats import detectable, mdd_of, seeds_needed
+
+    # two groups of 4 seeds whose sample SD is exactly 0.01 each: the pooled SD is 0.01
+    a = [1.0 + 0.01 * x for x in (-1.0, 1.0, -1.0, 1.0)]
+    a = [1.0 + (v - 1.0) * (3 / 4) ** 0.5 for v in a]  # sample SD (n - 1) = 0.01
+    b = [v + 0.2 for v in a]
+    d = detectable(a, b, m=5)
+    assert d["sd"] == pytest.approx(0.01, rel=1e-9)
+    ref = TTestIndPower().solve_power(effect_size=None, nobs1=4, ratio=1.0, alpha=0.05, power=0.8)
+    assert d["mdd"] == pytest.approx(ref * 0.01, rel=1e-9)
+    ref_adj = TTestIndPower().solve_power(effect_size=None, nobs1=4, ratio=1.0, alpha=0.01, power=0.8)
+    assert d["mdd_adjusted"] == pytest.approx(ref_adj * 0.01, rel=1e-9) and d["mdd_adjusted"] > d["mdd"]
+    # the power at the MDD is 80%, by statsmodels' own power function
+    assert TTestIndPower().power(effect_size=d["mdd"] / 0.01, nobs1=4, alpha=0.05) == pytest.approx(0.8, abs=1e-6)
+    # seeds needed: the smallest n whose power reaches 80% for that difference
+    n = seeds_needed(0.01, 0.01)
+    assert TTestIndPower().power(effect_size=1.0, nobs1=n, alpha=0.05) >= 0.8
+    assert TTestIndPower().power(effect_size=1.0, nobs1=n - 1, alpha=0.05) < 0.8
+    assert n == 17 and seeds_needed(0.01, 0.0) is None
+    assert mdd_of(0.01, 6, 6) < d["mdd"]  # more seeds detect less
+    assert detectable([1.0], [1.0, 2.0])["mdd"] is None
+
+
+def test_fieller_interval_is_the_set_of_fractions_a_t_test_does_not_reject():
+    from scipy import stats
+
+    from common.stats import fraction_recovered
+
+    deep = [3.00, 3.01, 2.99, 3.005]
+    shallow = [3.10, 3.11, 3.09, 3.095]
+    rich = [3.05, 3.06, 3.04, 3.052]
+    f = fraction_recovered(deep, shallow, rich)
+    ms, mr, md = (sum(x) / 4 for x in (shallow, rich, deep))
+    assert f["fraction"] == pytest.approx((ms - mr) / (ms - md))
+    assert f["ci_low"] < f["fraction"] < f["ci_high"]
+    # at each end of the interval the t statistic of (a - f b) is exactly the critical value
+    vs, vr, vd = (stats.tvar(x) / 4 for x in (shallow, rich, deep))
+    t = stats.t.ppf(0.975, f["df"])
+    for end in (f["ci_low"], f["ci_high"]):
+        a, b = ms - mr, ms - md
+        var = (vs + vr) - 2 * end * vs + end * end * (vs + vd)
+        assert abs(a - end * b) / var**0.5 == pytest.approx(t, rel=1e-9)
+    # no depth gap: the ratio is unbounded and no interval is printed
+    flat = fraction_recovered([3.1, 3.0, 3.2], [3.05, 3.15, 3.1], [3.1, 3.1, 3.0])
+    assert flat["ci_low"] is None and "not significant" in flat["reason"]
+
+
+def test_mcnemar_equals_the_exact_binomial_test_on_the_discordant_items():
+    from scipy import stats
+
+    from common.stats import mcnemar_items
+
+    # 40 items: both right 20, only a right 9, only b right 3, both wrong 8
+    a = [True] * 20 + [True] * 9 + [False] * 3 + [False] * 8
+    b = [True] * 20 + [False] * 9 + [True] * 3 + [False] * 8
+    r = mcnemar_items(a, b)
+    assert (r["a_only"], r["b_only"], r["n"]) == (9, 3, 40)
+    assert r["p"] == pytest.approx(stats.binomtest(3, 12, 0.5).pvalue, rel=1e-12)
+    assert r["diff"] == pytest.approx(6 / 40)
+    with pytest.raises(ValueError, match="same items"):
+        mcnemar_items([True], [True, False])
+
+
+def test_paired_bootstrap_sees_a_consistent_per_item_gain_that_an_unpaired_view_hides():
+    import numpy as np
+
+    from common.stats import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 60)  # items differ a lot; model a is 0.05 better on every one
+    r = paired_bootstrap((base + 0.05).tolist(), base.tolist())
+    assert r["diff"] == pytest.approx(0.05) and r["p"] < 0.01 and r["ci_low"] > 0
+    same = paired_bootstrap(base.tolist(), base.tolist())
+    assert same["p"] == 1.0 and same["diff"] == 0.0

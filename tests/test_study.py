@@ -200,7 +200,7 @@ tokens = [1000, 2000]
         load_study(toml)
 
 
-@pytest.mark.parametrize("toml", ["study_tiny.toml", "study_100m.toml", "study_100m_lease.toml"])
+@pytest.mark.parametrize("toml", ["study_tiny.toml", "study_cpu.toml", "study_100m.toml", "study_100m_lease.toml"])
 def test_every_command_of_the_shipped_studies_parses(toml):
     # A typo in a study file should fail here, not minutes into a run on a rented GPU.
     import importlib
@@ -250,7 +250,7 @@ def test_checkpoints_over_training_are_scored_on_the_quality_evaluation_set(stud
 
 
 @pytest.mark.slow
-def test_a_small_study_runs_end_to_end(tmp_path, corpus, sandbox):
+def test_a_small_study_runs_end_to_end(tmp_path, corpus, sandbox, capsys):
     # Everything for real, as a user runs it: training (2 seeds), compression, quality (HumanEval in the
     # sandbox), side-by-side timing, checkpoints over training, table, plots and report. No step is mocked.
     from runners.study import main as study_main
@@ -274,6 +274,14 @@ args = {q(["--no-head-layer", "--n-layers", "2", *common])}
 runner = "tiny"
 name = "ph1"
 args = {q(["--n-layers", "1", *common])}
+[[runs]]
+runner = "tiny"
+name = "base1"
+args = {q(["--no-head-layer", "--n-layers", "1", *common])}
+[[runs]]
+runner = "tiny"
+name = "gated1"
+args = {q(["--no-head-layer", "--attn-gate", "elementwise", "--n-layers", "1", *common])}
 [[compress]]
 base = "base2"
 name = "base2-drop1"
@@ -287,14 +295,32 @@ side_by_side = ["--rounds", "3", "--context", "8", "--prompt-len", "8", "--n-tok
     out = tmp_path / "res" / "small"
     record = json.loads((out / "study.json").read_text())
     assert {(m["name"], m["seed_value"]) for m in record["members"] if m["kind"] == "trained"} == {
-        ("base2-s0", 1337),
-        ("base2-s1", 1338),
-        ("ph1-s0", 1337),
-        ("ph1-s1", 1338),
+        (f"{run}-s{k}", 1337 + k) for run in ("base2", "ph1", "base1", "gated1") for k in (0, 1)
     }
     table = (out / "table.md").read_text()
-    assert all(f"| {m} |" in table for m in ("base2", "ph1", "base2-drop1"))
+    assert all(f"| {m} |" in table for m in ("base2", "ph1", "base2-drop1", "gated1"))
+    assert "gate elementwise" in table  # the gated model is its own variant, not "per-head yes"
+    # the answer: each richer 1-block model's fraction of the 2-vs-1-block gap, with the depth check
+    answers = json.loads((out / "answer.json").read_text())
+    assert {(a["rich"], a["shallow"], a["deep"]) for a in answers} == {
+        ("ph1", "base1", "base2"),
+        ("gated1", "base1", "base2"),
+    }
     report = (out / "report.md").read_text()
+    assert "## The answer" in report and "Depth check" in report and "fraction of the depth gap recovered" in report
+    comps = json.loads((out / "comparisons.json").read_text())
+    tested = [c for c in comps if c.get("p") is not None and "a_stat" in c]
+    assert tested and all(c["power"]["mdd"] > 0 for c in tested)  # every tested comparison states its power
+    if any(not c["distinguishable"] for c in tested):
+        assert "the smallest difference it could have detected is" in report
+    # --plan reads the finished study and prints each comparison's detectable difference and the seeds needed
+    capsys.readouterr()
+    study_main([str(toml), "--plan", "--difference", "0.01"])
+    printed = capsys.readouterr().out
+    assert "Power plan for small (2 seed(s) per model)" in printed and "depth check base2 vs base1" in printed
+    assert "gated1 vs base1: bits per byte" in printed and "MDD study" in printed
+    with pytest.raises(ValueError, match="no study.json there"):
+        study_main([str(toml), "--plan", "--pilot", str(tmp_path / "nowhere")])
     assert "## What was evaluated" in report and "HumanEval: 1 of the 164 problems" in report
     assert "decode ms/token (side by side)" in report and "bits per byte" in report
     assert (out / "plots" / "training_curves.png").is_file() and (out / "over_training").is_dir()
@@ -303,3 +329,32 @@ side_by_side = ["--rounds", "3", "--context", "8", "--prompt-len", "8", "--n-tok
 
 def plan_of(toml):
     return plan(load_study(toml))
+
+
+def test_further_decoding_modes_are_timed_side_by_side_each_in_its_own_step(study, tmp_path):
+    from runners.study import SideBySideStep
+    from visualizations.grouped import group_rows
+
+    study.side_by_side_modes = ["compile"]
+    sides = [s for s in plan(study) if isinstance(s, SideBySideStep)]
+    assert [s.key for s in sides] == ["side_by_side", "side_by_side-compile"]
+    ran = []
+    sides[1].execute(study, ran.append)
+    assert ran[0][ran[0].index("--mode") + 1] == "compile"
+    assert ran[0][ran[0].index("--out") + 1].endswith("side_by_side-compile.json")
+    study.side_by_side_modes = ["turbo"]
+    with pytest.raises(ValueError, match="'turbo' is not a decoding mode"):
+        check_study(study, "s")
+    study.side_by_side_modes, study.side_by_side = ["compile"], ["--mode", "compile"]
+    with pytest.raises(ValueError, match="side_by_side_modes, not --mode"):
+        check_study(study, "s")
+    # the table's rows carry each mode's latency, for the frontier plot of that mode
+    study.side_by_side, study.seeds = [], 1
+    study.out.mkdir(parents=True)
+    study.record().write(study.out)
+    lat = {"median": 2.0, "p10": 1.9, "p90": 2.2}
+    (study.out / "side_by_side-compile.json").write_text(
+        json.dumps({"mode": "compile", "models": {"r1": {"decode_ms_per_token": lat}}})
+    )
+    rows = {r["model"]: r for r in group_rows(study.out, tmp_path / "logs")}
+    assert rows["r1"]["decode_ms_compile"] == lat and "decode_ms_compile" not in rows["r1-w50"]

@@ -88,6 +88,12 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 "train_time_s": mean_ci([s["train_time_s"] for s in summaries]),
                 "runs": [s["run"] for s in g["seeds"] if s["summary"]],
             }
+        for path in sorted(out.glob("side_by_side-*.json")):  # further decoding modes timed side by side
+            other = _read(path)
+            if other and g["model"] in other.get("models", {}):
+                row[f"decode_ms_{other.get('mode', path.stem.split('-', 1)[1])}"] = other["models"][g["model"]][
+                    "decode_ms_per_token"
+                ]
         if side and g["model"] in side["models"]:
             lat = side["models"][g["model"]]
             row["decode_ms"] = lat["decode_ms_per_token"]

@@ -77,6 +77,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
 
 GROUPED_AXES = {
     "decode_ms": "decode latency (ms/token, batch 1; median, bars p10-p90)",
+    "decode_ms_compile": "decode latency, compiled (ms/token, batch 1; median, bars p10-p90)",
     "params": "parameters",
     "flops_per_token": "training FLOPs per token",
 }
@@ -100,7 +101,7 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
         ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel=GROUPED_AXES[x_key], ylabel="bits per byte (lower is better)")
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
-    if x_key != "decode_ms":
+    if not x_key.startswith("decode_ms"):
         ax.set_xscale("log")
     _legend(ax)
     ax.grid(alpha=0.3)

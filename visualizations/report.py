@@ -105,6 +105,95 @@ def depth_caveat(comps: list[dict], rows: list[dict]) -> list[str]:
     return out
 
 
+def answer_section(answers: list[dict], comps: list[dict], rows: list[dict]) -> list[str]:
+    """The study's answer first: does depth pay (the depth check), how much of the depth gap each richer
+    shallower model recovers (Fieller's 95% interval), and whether the study had the power to see a third of
+    that gap between a richer and a plain model of one depth. Empty when the study has no such triple."""
+    if not answers:
+        return []
+    by = {r["model"]: r for r in rows}
+    lines = ["## The answer", ""]
+    checks = {(c["a"], c["b"]): c for c in comps if c.get("depth_check")}
+    for deep, shallow in dict.fromkeys((a["deep"], a["shallow"]) for a in answers):
+        c = checks.get((deep, shallow))
+        if c is None or c.get("p") is None:
+            lines.append(f"- Depth check {deep} vs {shallow}: not tested (too few seeds).")
+            continue
+        passed = c["distinguishable"] and c["diff"] < 0
+        lines.append(
+            f"- Depth check: {deep} is {'**distinguishably better**' if passed else '**not distinguishably better**'}"
+            f" than {shallow} by {-c['diff']:.4f} bits per byte (q = {c['q']:.3g}, {c['power']['n_a']} seeds each)"
+            + (
+                "; the fractions below measure against that gap."
+                if passed
+                else ": depth has not paid, so the fractions below cannot answer the question (their intervals are "
+                "unbounded or meaningless)."
+            )
+        )
+    lines += [
+        "",
+        "| richer model | what it adds | parameters (vs plain, vs deeper) | train FLOPs/token | bits per byte | "
+        "fraction of the depth gap recovered [95% CI] | smallest difference detectable vs plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    sentences = []
+    for a in answers:
+        rich = by[a["rich"]]
+        vs_plain = [c for c in comps if {c["a"], c["b"]} == {a["rich"], a["shallow"]} and c.get("a_stat")]
+        vs_plain = [c for c in vs_plain if c["what"].startswith("bits per byte")]
+        mdd = (vs_plain[0].get("power") or {}).get("mdd") if vs_plain else None
+        ci = (
+            f"[{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
+            if a.get("ci_low") is not None
+            else f"unbounded ({a.get('reason', 'too few seeds')})"
+        )
+        frac = "-" if a.get("fraction") is None else f"{a['fraction']:.2f}"
+        params = [x or 0 for x in a["params"]]
+        flops = a["flops_per_token"]
+        lines.append(
+            f"| {a['rich']} | {per_head_label(rich)} | {params[0]:,} ({params[0] - params[1]:+,}, "
+            f"{params[0] - params[2]:+,}) | {_num(flops[0], '.3g')} (plain {_num(flops[1], '.3g')}, deeper "
+            f"{_num(flops[2], '.3g')}) | {rich['bits_per_byte']['mean']:.4f} | {frac} {ci} | {_num(mdd, '.4f')} |"
+        )
+        if a.get("ci_low") is not None:
+            lo, hi = a["ci_low"], a["ci_high"]
+            if hi < 0:
+                verdict = (
+                    "is **worse** than the plain model with as many blocks (it recovers less than none of the gap)"
+                )
+            elif lo > 1:
+                verdict = "is **better** than one block more (it recovers more than all of the gap)"
+            elif lo > 0 and hi < 1:
+                verdict = "recovers **part** of the gap: more than none of it and less than all of it"
+            elif lo > 0:
+                verdict = "recovers **more than none** of the gap; it is not distinguishable from recovering all of it"
+            elif hi < 1:
+                verdict = "recovers **less than all** of the gap; it is not distinguishable from recovering none of it"
+            else:
+                verdict = "is **not distinguishable** from recovering none of the gap, nor from recovering all of it"
+            sentences.append(f"- {a['rich']} {verdict} (fraction {frac}, 95% CI {ci}).")
+        gap = (
+            -checks[(a["deep"], a["shallow"])]["diff"]
+            if checks.get((a["deep"], a["shallow"]), {}).get("diff")
+            else None
+        )
+        if mdd is not None and gap:
+            ok = mdd <= gap / 3
+            sentences.append(
+                f"  Power: against {a['shallow']} this study could detect {mdd:.4f} bits per byte at 80% power, "
+                f"{mdd / gap:.2f} of the depth gap ({'within' if ok else '**more than**'} the third it was designed "
+                "for)."
+            )
+    lines += ["", *sentences, ""]
+    lines.append(
+        "Fraction recovered = (plain shallow - richer) / (plain shallow - deeper), in bits per byte over seeds; 0 is "
+        "no better than the plain model with the same blocks, 1 as good as one block more. Interval: Fieller's for "
+        "a ratio of means (common/stats.py: fraction_recovered). Figures: tradeoff_decode_ms.png (quality against "
+        "measured decode latency) and tradeoff_flops_per_token.png (against training FLOPs)."
+    )
+    return lines + [""]
+
+
 def write_report(
     study: StudyRecord,
     out: Path,
@@ -113,6 +202,7 @@ def write_report(
     runs: dict[str, dict],
     figures: list[str],
     over_training: dict,
+    answers: list[dict] | None = None,
 ) -> Path:
     """report.md in ``out``, from the study's record (study.json) and what was measured."""
     quality = _first(sorted((out / "evals").glob("*-quality.json")))
@@ -132,6 +222,7 @@ def write_report(
         "",
         HOW_TO_READ,
         "",
+        *answer_section(answers or [], comps, rows),
         "## What was evaluated",
         "",
         *evaluation_sizes(quality, side),
@@ -193,6 +284,8 @@ def write_report(
         "training_costs.png": "Training time and throughput per run.",
         "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
         "(median, p10-p90 over interleaved rounds).",
+        "tradeoff_decode_ms_compile.png": "Bits per byte (mean, 95% CI over seeds) against compiled decode latency "
+        "at batch 1 (torch.compile; median, p10-p90 over interleaved rounds).",
         "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
         "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
         "over_training.png": "Held-out perplexity of periodic checkpoints against training tokens, on the "
