@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from bench.train_throughput import load_config
 from common.cli import UserError, failure, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_write
 from common.hardware import run_metadata
+from common.progress import Progress
 from compress.prune import block_linears, check_n_m, prune_model, to_semi_structured
 from compress.quantize import SCHEMES, quantize, state_dict_bytes
 from eval.latency import MODES, decode_run
@@ -180,7 +180,7 @@ def main(argv=None):
     }
     passed = [n for n in models if checks[n]["ok"]]
     for mode in modes:
-        for batch in tqdm(a.batch_sizes, desc=mode):
+        for batch in Progress(a.batch_sizes, desc=mode):
             failed = {n: why for n in passed if (why := decodes(models[n], batch, context, mode)) is not None}
             timed = {n: models[n] for n in passed if n not in failed}
             run = {"mode": mode, "batch": batch, "failed": failed, "models": {}}

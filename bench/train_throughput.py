@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
 from common.device import autocast, compute_dtype, pick_device
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
+from common.progress import Progress
 from common.stats import ratio_ci
 from common.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
@@ -199,11 +199,11 @@ def main(argv=None):
         atomic_write(a.out, json.dumps(result, indent=2))
 
     benches, peaks = [], {}
-    for name in tqdm(names, desc="build, compile, warm up"):
+    for name in Progress(names, desc="build, compile, warm up"):
         b = Bench(name, device, a.batch_size, a.compile)
         peaks[name] = b.warm_up(a.warmup)
         benches.append(b)
-    for r in tqdm(range(a.rounds), desc="rounds"):
+    for r in Progress(range(a.rounds), desc="rounds"):
         k = r % len(benches)
         for b in benches[k:] + benches[:k]:
             b.seconds.append(sum(time_repeats(b.step, device, 0, a.steps_per_round)) / a.steps_per_round)

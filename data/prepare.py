@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
 from common.files import atomic_dir
+from common.progress import Progress
 from data.config import DataConfig
 from llama.tokenizer import Tokenizer, train_tokenizer
 
@@ -248,7 +248,7 @@ def _settings_key(cfg: DataConfig) -> str:
 
 def _write_tokens(tok: Tokenizer, docs: list[Document], path: Path, dtype, desc: str, progress: bool) -> int:
     n = 0
-    with open(path, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
+    with open(path, "wb") as f, Progress(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
         for i in range(0, len(docs), ENCODE_BATCH_DOCS):
             batch = docs[i : i + ENCODE_BATCH_DOCS]
             for ids in tok.encode_batch([d.text for d in batch], bos=True, eos=True):

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
+from common.progress import Progress
 from compress.quantize import state_dict_bytes
 from eval.latency import MODES, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
@@ -52,7 +52,7 @@ def evaluate_efficiency(
     out = {"prefill": [], "decode": [], "forward": [], "memory_bytes": state_dict_bytes(model)}
     counter, reason = find_counter(device) if energy else (None, "not requested")
     jobs = [(m, b) for m in modes for b in batch_sizes]
-    for mode, b in tqdm(jobs, desc="latency", disable=not progress):
+    for mode, b in Progress(jobs, desc="latency", disable=not progress):
         out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)))
         measure = None
         if counter is not None:
@@ -68,7 +68,7 @@ def evaluate_efficiency(
         out["decode"].append(row)
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
     with tempfile.TemporaryDirectory(prefix="engines-") as workdir:  # the exports go when the timing is done
-        for name in tqdm(engines, desc="engines", disable=not progress):
+        for name in Progress(engines, desc="engines", disable=not progress):
             try:
                 engine = build(name, model, example, workdir)
                 diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)

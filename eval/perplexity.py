@@ -25,9 +25,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args, run_main
+from common.progress import Progress
 from data.config import DataConfig
 from data.prepare import ENCODE_BATCH_DOCS, heldout_documents, iter_documents
 from eval.model import EvalOptions
@@ -72,7 +72,7 @@ def document_nll(model, docs: list[np.ndarray], prefix_id: int, max_len: int, au
     """Summed NLL of each document on its own, scored with ``rolling_windows`` (lm-eval's
     loglikelihood_rolling): the per-document figures lm-eval's word and byte perplexity are made from."""
     out = []
-    for doc in tqdm(docs, desc="documents", unit="doc", disable=not progress):
+    for doc in Progress(docs, desc="documents", unit="doc", disable=not progress):
         stream = torch.as_tensor(np.concatenate([[prefix_id], np.asarray(doc, dtype=np.int64)]))
         total = 0.0
         for begin, end, first in rolling_windows(len(doc), max_len):
@@ -137,7 +137,7 @@ def sliding_window_nll(
     for w in wins:
         groups.setdefault(w[1] - w[0], []).append(w)
     nll_sum, n_scored, n_bytes = 0.0, 0, 0
-    bar = tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress)
+    bar = Progress(total=len(wins), desc="perplexity", unit="window", disable=not progress)
     for ws in groups.values():
         for i in range(0, len(ws), batch_size):
             batch = ws[i : i + batch_size]
@@ -184,7 +184,7 @@ def corpus_tokens(corpus: DataConfig | HeldOut, tokenizer, max_tokens: int | Non
     tokenized only until the budget is reached (a whole corpus tokenized first once took 24 GB)."""
     texts, source = corpus_documents(corpus)
     parts, total = [], 0
-    with tqdm(
+    with Progress(
         total=max_tokens, desc="tokenizing", unit="tok", disable=max_tokens is not None and max_tokens < 100_000
     ) as bar:
         for _, ids in encoded_documents(texts, tokenizer, bos=True, eos=True):

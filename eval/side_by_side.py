@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args, positional, run_main
 from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
+from common.progress import Progress
 from common.results import check_result_path, write_result
 from common.stats import adjust, paired_ratio
 from common.timing import spread, time_repeats
@@ -93,7 +93,7 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     prompt = torch.randint(0, min(m.params.vocab_size for m in models.values()), (a.batch, a.prompt_len), device=device)
     pos = torch.arange(a.prompt_len, device=device)
     try:
-        for r in tqdm(range(a.rounds), desc="side by side", unit="round", disable=not progress):
+        for r in Progress(range(a.rounds), desc="side by side", unit="round", disable=not progress):
             for e in _rotated(entries, r):
                 e.decode_ms.append(1e3 * _once(e.decode, device) / a.n_tokens)
                 if counter is not None:

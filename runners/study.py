@@ -31,12 +31,12 @@ from functools import partial
 from pathlib import Path
 
 import tomllib
-from tqdm import tqdm
 
 import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.process import die_with_parent
+from common.progress import Progress
 from common.results import Member, StudyRecord
 from llama.model_io import MODEL_FILE, list_checkpoints
 from models.hf import hf_config, is_hf_folder
@@ -623,7 +623,7 @@ def run_study(s: Study, progress: bool = True, executor: str = "local") -> Path:
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
     running: dict[str, str] = {}
-    with tqdm(total=len(steps), desc=s.name, unit="step", disable=not progress) as bar:
+    with Progress(total=len(steps), desc=s.name, unit="step", disable=not progress) as bar:
 
         def show():
             bar.set_postfix_str(" | ".join(f"{k}: {v}" if v else k for k, v in running.items())[:150])
@@ -676,7 +676,7 @@ def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
     phases: dict[str, list[Step]] = {}
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
-    with tqdm(total=len(steps), desc=f"{s.name} ({executor})", unit="step", disable=not progress) as bar:
+    with Progress(total=len(steps), desc=f"{s.name} ({executor})", unit="step", disable=not progress) as bar:
         for kind, phase in phases.items():
             todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
             bar.update(len(phase) - len(todo))

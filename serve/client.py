@@ -38,10 +38,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm import tqdm
 
 from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.files import atomic_write
+from common.progress import Progress
 from common.stats import adjust, kruskal, mann_whitney, paired_ratio
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -194,7 +194,7 @@ async def _run(
     gate = asyncio.Semaphore(concurrency)
     rows: list[dict] = []
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(jobs)) if rate else np.zeros(len(jobs))
-    bar = tqdm(total=len(jobs), desc="requests", disable=not progress)
+    bar = Progress(total=len(jobs), desc="requests", disable=not progress)
     client = _client(base, concurrency, timeout_s, api_key)
     t_start = time.perf_counter()
 

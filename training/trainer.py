@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
 
 from common.cli import UserError, parse_args
 from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
+from common.progress import Progress
 from data.prepare import BatchSampler, PreparedData, prepare
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
@@ -543,7 +543,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
             f"{len(run.data.train):,} training tokens"
         )
     steps = range(run.start_step, run.total_steps)
-    bar = tqdm(
+    bar = Progress(
         steps, initial=run.start_step, total=run.total_steps, desc=cfg.name, disable=not info.is_main, unit="step"
     )
     # Energy of the whole loop on this process's device (rank 0 reports it): NVML / RAPL, else unavailable.
