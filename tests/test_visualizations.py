@@ -223,7 +223,8 @@ def test_grouped_comparisons_state_only_what_the_tests_support(tmp_path):
     assert not by_what["decode ms/token"]["distinguishable"]
     assert "**not distinguishable** at 6 interleaved rounds" in sentence(by_what["decode ms/token"], 3)
     flops = next(c for c in comps if c["what"].startswith("val loss at matched training FLOPs"))
-    assert flops["budget_flops"] == 3.2e6 * 1000  # the smaller of the two budgets
+    # trained to different FLOP budgets: a curve read mid-schedule is biased, so no test is made
+    assert flops["budget_flops"] == 3.2e6 * 1000 and flops["p"] is None and "mid-schedule" in flops["reason"]
     write_grouped_table(rows, s.out)
     import csv
 

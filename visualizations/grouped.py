@@ -9,8 +9,8 @@ FLOPs per token, training time and epochs from the runs' summaries.
 and against its dense base (bits per byte, Welch over seeds), and each per-head model against every baseline at
 least as deep (trained, or compressed
 from one): bits per byte by Welch's t-test over seeds, at matched training tokens (the study's runs share
-a token budget) and at matched training FLOPs (validation loss read off each seed's curve at the smaller
-of the two FLOP budgets); decode latency by the Wilcoxon signed-rank test on the per-round log ratios (the
+a token budget) and at matched training FLOPs (only between runs trained to the same budget, within 5%: a
+curve read in the middle of its learning-rate decay would favour the run that finished its schedule); decode latency by the Wilcoxon signed-rank test on the per-round log ratios (the
 rounds are pairs), whose inverted test gives the ratio's interval. All p-values
 are adjusted together (Benjamini-Hochberg); a difference is stated only where the adjusted p < 0.05.
 """
@@ -241,6 +241,9 @@ def depth_answers(rows: list[dict]) -> list[dict]:
     return out
 
 
+MATCHED_FLOPS_TOLERANCE = 1.05  # runs whose training FLOPs differ by at most 5% count as trained to one budget
+
+
 def _matched_flops(a: dict, b: dict, logs_dir: Path) -> dict:
     def curves(row):
         return [
@@ -248,7 +251,18 @@ def _matched_flops(a: dict, b: dict, logs_dir: Path) -> dict:
         ]
 
     ca, cb = curves(a), curves(b)
-    budget = min(a["flops_per_token"] * a["train_tokens"], b["flops_per_token"] * b["train_tokens"])
+    budgets = a["flops_per_token"] * a["train_tokens"], b["flops_per_token"] * b["train_tokens"]
+    budget = min(budgets)
+    if max(budgets) > MATCHED_FLOPS_TOLERANCE * budget:
+        # the larger run's curve at the smaller budget is read in the middle of its learning-rate decay, against a
+        # run that finished its schedule: biased towards the run that finished. Only runs trained to one budget
+        # compare at matched FLOPs; the others meet on the FLOPs frontier plot.
+        return {
+            "what": f"val loss at matched training FLOPs ({budget:.3g} vs {max(budgets):.3g})",
+            "budget_flops": budget,
+            "p": None,
+            "reason": "trained to different FLOP budgets: a curve read mid-schedule is biased; see the FLOPs plot",
+        }
     va = [v for c in ca if (v := _val_loss_at(c, a["flops_per_token"], budget)) is not None]
     vb = [v for c in cb if (v := _val_loss_at(c, b["flops_per_token"], budget)) is not None]
     stat = {"what": f"val loss at matched training FLOPs ({budget:.3g})", "budget_flops": budget}

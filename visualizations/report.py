@@ -30,8 +30,8 @@ on the per-round ratios for latency (its interval is the one printed: a ratio wh
 called a difference). Otherwise it says **not distinguishable** at the number of seeds or rounds it had: the difference
 may be real, but this study cannot tell it from seed-to-seed or round-to-round variation. Matched tokens: the
 two runs compared saw the same number of training tokens (a comparison says so only where they did). Matched
-FLOPs: each seed's validation loss is
-read off its curve at the smaller of the two runs' training FLOP budgets (FLOPs per token x tokens)."""
+FLOPs: tested only between runs trained to the same FLOP budget (within 5%); runs of different budgets
+meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule favours the run that finished."""
 
 
 def _first(paths) -> dict | None:
