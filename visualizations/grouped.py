@@ -5,14 +5,17 @@ mean and 95% t-interval over seeds with the per-seed values kept; latency from t
 measurement (median, p10-p90, ratio to the reference with its bootstrap interval); parameters, training
 FLOPs per token, training time and epochs from the runs' summaries.
 
-``comparisons`` also sets each model recovered after compression against the same compression without recovery
-and against its dense base (bits per byte, Welch over seeds), and each per-head model against every baseline at
-least as deep (trained, or compressed
-from one): bits per byte by Welch's t-test over seeds, at matched training tokens (the study's runs share
-a token budget) and at matched training FLOPs (only between runs trained to the same budget, within 5%: a
-curve read in the middle of its learning-rate decay would favour the run that finished its schedule); decode latency by the Wilcoxon signed-rank test on the per-round log ratios (the
-rounds are pairs), whose inverted test gives the ratio's interval. All p-values
-are adjusted together (Benjamini-Hochberg); a difference is stated only where the adjusted p < 0.05.
+``comparisons`` sets each trained baseline against the next shallower one (the depth check), each model
+recovered after compression against the same compression without recovery and against its dense base (bits
+per byte, Welch over seeds), and each richer model (per-head layers or gated attention) against every
+baseline at least as deep (trained, or compressed from one): bits per byte by Welch's t-test over seeds, at
+matched training tokens (the study's runs share a token budget) and at matched training FLOPs (only between
+runs trained to the same budget, within 5%: a curve read in the middle of its learning-rate decay would
+favour the run that finished its schedule); decode latency by the Wilcoxon signed-rank test on the per-round
+log ratios (the rounds are pairs), whose inverted test gives the ratio's interval. All p-values are adjusted
+together (Benjamini-Hochberg); a difference is stated only where the adjusted p < 0.05, and every tested
+comparison carries its minimum detectable difference (``with_power``). ``depth_answers`` gives the fraction
+of the depth gap each richer shallower model recovers.
 """
 
 from __future__ import annotations
