@@ -155,3 +155,62 @@ def test_paired_bootstrap_sees_a_consistent_per_item_gain_that_an_unpaired_view_
     assert r["diff"] == pytest.approx(0.05) and r["p"] < 0.01 and r["ci_low"] > 0
     same = paired_bootstrap(base.tolist(), base.tolist())
     assert same["p"] == 1.0 and same["diff"] == 0.0
+
+
+def test_an_a_a_control_that_differs_gates_every_verdict():
+    from eval.side_by_side import CONTROL, _summarise
+
+    base = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15, 0.98, 1.02, 1.08]
+    slower = [2 * x for x in base]
+    drifted = [1.15 * x for x in base]  # the reference's own copy came out 15% slower: the machine, not a model
+    r = _summarise(_entries({"ref": base, "slow": slower, CONTROL: drifted}), "ref", None, "none")
+    assert CONTROL not in r["models"] and r["control"]["decode_control"]["median"] == pytest.approx(1.15)
+    slow = r["models"]["slow"]["decode_ratio_to_reference"]["test"]
+    assert r["gated"] and "A/A control" in r["gated"] and not r["separated"]
+    assert not slow["distinguishable"] and slow["verdict"].startswith("no verdict")
+    # a control level with the reference: the verdicts are the tests'
+    steady = [x * (1.001 if i % 2 else 0.999) for i, x in enumerate(base)]
+    r = _summarise(_entries({"ref": base, "slow": slower, CONTROL: steady}), "ref", None, "none")
+    assert r["gated"] is None and r["models"]["slow"]["decode_ratio_to_reference"]["test"]["distinguishable"]
+
+
+def test_intervals_are_printed_at_the_level_the_verdicts_are_adjusted_to():
+    from eval.side_by_side import _summarise
+
+    base = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15, 0.98, 1.02, 1.08, 1.01, 0.97]
+    models = {"ref": base}
+    for k in range(4):  # four models a little slower each, some of them only barely
+        models[f"m{k}"] = [x * (1.0 + 0.01 * k) * (1.03 if i % 3 else 0.99) for i, x in enumerate(base)]
+    r = _summarise(_entries(models), "ref", None, "none")
+    assert r["interval_level"] == pytest.approx(1 - 0.05 / 8)
+    for name in models:
+        if name == "ref":
+            continue
+        t = r["models"][name]["decode_ratio_to_reference"]["test"]
+        excludes_one = not t["ci_low"] <= 1 <= t["ci_high"]
+        assert t["distinguishable"] == excludes_one  # a verdict never contradicts its interval
+
+
+def test_side_by_side_beside_a_cpu_hog_records_the_load_and_its_control_gates_the_verdicts(tiny_args):
+    import subprocess
+    import sys
+
+    from eval.side_by_side import Args, side_by_side
+    from llama.model import Transformer
+
+    small = Transformer(tiny_args).eval()
+    tiny_args.n_layers = 3
+    big = Transformer(tiny_args).eval()
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 60\nwhile time.time() < t: pass"])
+    try:
+        a = Args(rounds=8, context=8, prompt_len=8, n_tokens=4, energy=False)
+        r = side_by_side({"small": small, "big": big}, torch.device("cpu"), a, progress=False)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert r["load"]["other_processes_cores"] > 0.5 and r["load"]["busy"]  # the hog kept a core busy
+    c = r["control"]["decode_control"]
+    gated = c["ci_low"] is not None and not c["ci_low"] <= 1 <= c["ci_high"]
+    assert (r["gated"] is not None) == gated
+    if gated:
+        assert not r["separated"] and "no verdict" in r["models"]["big"]["decode_ratio_to_reference"]["test"]["verdict"]

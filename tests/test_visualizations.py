@@ -372,3 +372,27 @@ def test_a_recovered_model_is_compared_with_its_unrecovered_twin_and_its_dense_b
     rows[2]["bits_per_byte"] = mean_ci([2.55, 2.66, 2.61])  # recovery within the seeds' noise
     twin = next(c for c in comparisons(rows, tmp_path) if c["what"] == "bits per byte, recovered vs not")
     assert not twin["distinguishable"]
+
+
+def test_a_gated_side_by_side_states_no_latency_verdict_and_a_busy_machine_is_said(tmp_path):
+    from visualizations.grouped import comparisons, group_rows, sentence, write_grouped_table
+    from visualizations.report import write_report
+
+    s = _fake_study(
+        tmp_path,
+        bpb={"base4": [2.00, 2.01, 2.02], "ph3": [1.90, 1.91, 1.90]},
+        decode={"base4": [1.0, 1.1, 0.9, 1.05, 0.95, 1.02], "ph3": [2.0, 2.2, 1.8, 2.1, 1.9, 2.04]},
+    )
+    side = json.loads((s.out / "side_by_side.json").read_text())
+    side["gated"] = "the A/A control (the reference timed twice) came out x1.150 [1.10, 1.20] apart"
+    side["control"] = {"decode_control": {"median": 1.15, "ci_low": 1.10, "ci_high": 1.20}}
+    side["load"] = {"busy": True, "other_processes_cores": 1.4, "cores": 2, "load_avg_1m_before": 3.0}
+    (s.out / "side_by_side.json").write_text(json.dumps(side))
+    rows = group_rows(s.out, Path(s.logs_dir))
+    comps = comparisons(rows, Path(s.logs_dir))
+    latency = next(c for c in comps if "ratio" in c)
+    assert latency["p"] < 0.05 and not latency["distinguishable"]  # twice as slow, but the control differed
+    assert "**no verdict**" in sentence(latency, 3) and "A/A control" in sentence(latency, 3)
+    write_grouped_table(rows, s.out)
+    report = write_report(StudyRecord.read(s.out), s.out, rows, comps, {}, [], {}).read_text()
+    assert "**Busy machine**" in report and "1.40 of its 2 cores" in report and "A/A control" in report

@@ -104,6 +104,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
             row["decode_ratio"] = lat.get("decode_ratio_to_reference")
             row["energy"] = lat["energy"]
             row["latency_reference"] = side["reference"]
+            row["latency_gate"] = side.get("gated")
         rows.append(row)
     return rows
 
@@ -197,7 +198,12 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                     | {"what": "decode ms/token (side by side)", "ratio": ratio, "log_ratios": logs.tolist()}
                     | ratio
                 )
-    return with_power(adjust(out))
+    out = with_power(adjust(out))
+    gate = next((r["latency_gate"] for r in rows if r.get("latency_gate")), None)
+    for c in out:
+        if "ratio" in c and gate:  # the side-by-side's A/A control differed: no latency verdict at all
+            c["distinguishable"], c["gated"] = False, gate
+    return out
 
 
 def with_power(comps: list[dict]) -> list[dict]:
@@ -287,6 +293,8 @@ def sentence(c: dict, seeds: int) -> str:
         n = f"{seeds} seed(s)"
     if c.get("p") is None:
         return f"{what}: {nums}; not tested ({c.get('reason', 'too few values')})."
+    if c.get("gated"):
+        return f"{what}: {nums}; **no verdict**: {c['gated']}."
     if not c["distinguishable"]:
         r = c.get("ratio") or {}
         if r.get("ci_low") is not None and not r["ci_low"] <= 1 <= r["ci_high"]:  # p < 0.05 alone, not q

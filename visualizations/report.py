@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common.files import atomic_write
+from common.load import describe
 from common.results import StudyRecord
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
@@ -82,8 +83,18 @@ def evaluation_sizes(quality: dict | None, side: dict | None) -> list[str]:
         out.append(
             f"- Latency: {side.get('rounds', '?')} interleaved rounds; decode of {side.get('n_tokens', '?')} tokens "
             f"after a context of {side.get('context', '?')}, prefill of {side.get('prompt_len', '?')} tokens, "
-            f"batch {side.get('batch', '?')}, {side.get('mode', '?')} mode."
+            f"batch {side.get('batch', '?')}, {side.get('mode', '?')} mode, {side.get('threads', '?')} thread(s)."
         )
+        control = (side.get("control") or {}).get("decode_control")
+        if control and control.get("ci_low") is not None:
+            out.append(
+                f"- A/A control (the reference timed a second time as its own copy): x{control['median']:.3f} "
+                f"[{control['ci_low']:.3f}, {control['ci_high']:.3f}], this run's noise floor"
+                + (f"; {side['gated']}." if side.get("gated") else ": not distinguishable from 1, so verdicts stand.")
+            )
+        busy = describe(side.get("load"))
+        if busy:
+            out.append(f"- **Busy machine**: {busy}.")
     return out or ["- (no evaluation results yet)"]
 
 
