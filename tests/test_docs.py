@@ -1,0 +1,59 @@
+"""Every `python -m ...` command in the README and the docs/ pages names a module that exists and options that
+parse: a newcomer copying a command never meets an unknown option or a renamed module."""
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from common.cli import apply_overrides, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SKIP = {"pytest", "venv", "pip"}  # other tools' commands
+
+
+def commands(page: Path) -> list[tuple[str, list[str]]]:
+    """(module, arguments) of each `python -m` command in the page's code blocks (continuations joined)."""
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(), flags=re.S)
+    out = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0]
+            m = re.search(r"python3? -m ([\w.]+)(.*)", line)
+            if not m or m.group(1) in SKIP:
+                continue
+            rest = re.split(r"\s(?:>|2>|&&|\||&)\s?", m.group(2) + " ")[0]
+            out.append((m.group(1), shlex.split(rest)))
+    return out
+
+
+ALL = [(page.name, module, argv) for page in PAGES for module, argv in commands(page)]
+
+
+def test_the_pages_hold_commands_and_the_readme_is_short():
+    assert len(ALL) > 30
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+    for page in PAGES[1:]:  # every page is linked from the README
+        assert f"docs/{page.name}" in (REPO / "README.md").read_text(), page.name
+
+
+@pytest.mark.parametrize("page, module, argv", ALL, ids=[f"{p}:{m}:{i}" for i, (p, m, _) in enumerate(ALL)])
+def test_each_command_names_a_module_and_options_that_parse(page, module, argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an --out naming an existing result of this checkout must not matter
+    mod = importlib.import_module(module)
+    if hasattr(mod, "__path__"):  # a package: python -m runs its __main__
+        mod = importlib.import_module(f"{module}.__main__")
+    if module in ("llama.convert", "eval.lm_eval_cli", "eval.harness") or not argv:
+        assert callable(getattr(mod, "main", None)), f"{module} has no main()"
+        return  # subcommands, lm-eval's own parser, or nothing to parse
+    if callable(getattr(mod, "config", None)):
+        apply_overrides(mod.config(), list(argv))  # a runner: its config's fields
+    elif module == "data":
+        from data.config import DataConfig
+
+        parse_args(DataConfig(), list(argv))
+    else:
+        parse_args(mod.Args(), list(argv))
