@@ -104,6 +104,7 @@ class StudyRecord:
     workers: int  # steps run at once: their wall-clock figures share the machine
     members: list[Member]
     commands: dict[str, str]  # model group -> the command that made it (runner and overrides, compress options)
+    about: str = ""  # what the study can answer, in the study file's words: the report's first paragraph
 
     def write(self, folder: Path) -> Path:
         return atomic_write(folder / "study.json", json.dumps(dataclasses.asdict(self), indent=2))

@@ -106,6 +106,7 @@ class Study:
     source: str = ""  # how the study was named on the command line (for the report)
     workers: int = 1  # steps run at once within a phase (each child then gets cores / workers threads)
     cluster: dict = field(default_factory=dict)  # step kind -> runners.cluster.Resources ([cluster.<kind>])
+    about: str = ""  # what the study can answer: the report's first paragraph
 
     @property
     def out(self) -> Path:
@@ -143,7 +144,7 @@ class Study:
         commands = {r.name: f"{r.runner} {' '.join(r.args)}".strip() for r in self.runs}
         commands |= {c.name: f"compress {' '.join(c.args)} on {c.base}" for c in self.compress}
         commands |= {e.name: f"external {e.path}" for e in self.external}
-        return StudyRecord(self.name, self.source or self.name, self.workers, self.members(), commands)
+        return StudyRecord(self.name, self.source or self.name, self.workers, self.members(), commands, self.about)
 
     def evaluation_set(self) -> list[str]:
         """eval.perplexity options that select the text eval.quality scores (its --max-tokens, --stride and text
@@ -188,6 +189,7 @@ class StudyFile:
     logs_dir: str = "logs"
     results_dir: str = "results"
     cluster: dict = field(default_factory=dict)  # [cluster.<kind>] tables: resources of cluster jobs
+    about: str = ""  # what the study can answer (a demonstration, the answer at some scale): the report opens with it
 
 
 # options each step sets itself: a study file that sets them would send outputs where the study never looks
@@ -253,6 +255,7 @@ def load_study(path: str | Path) -> Study:
         logs_dir=top.logs_dir,
         results_dir=top.results_dir,
         cluster=resources_of(top.cluster, str(path), from_table),
+        about=top.about,
     )
     check_study(study, str(path))
     return study

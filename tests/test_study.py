@@ -260,6 +260,7 @@ def test_a_small_study_runs_end_to_end(tmp_path, corpus, sandbox, capsys):
     toml = tmp_path / "small.toml"
     toml.write_text(
         f"""name = "small"
+about = "A demonstration at toy sizes."
 seeds = 2
 workers = 2
 reference = "base2"
@@ -308,6 +309,8 @@ side_by_side = ["--rounds", "3", "--context", "8", "--prompt-len", "8", "--n-tok
     }
     report = (out / "report.md").read_text()
     assert "## The answer" in report and "Depth check" in report and "fraction of the depth gap recovered" in report
+    head = report.split("## The answer")[0]
+    assert "A demonstration at toy sizes." in head and "Smallest differences this study could detect" in head
     comps = json.loads((out / "comparisons.json").read_text())
     tested = [c for c in comps if c.get("p") is not None and "a_stat" in c]
     assert tested and all(c["power"]["mdd"] > 0 for c in tested)  # every tested comparison states its power

@@ -116,6 +116,28 @@ def depth_caveat(comps: list[dict], rows: list[dict]) -> list[str]:
     return out
 
 
+def power_summary(comps: list[dict]) -> list[str]:
+    """One line near the top: the smallest differences this study's comparisons could detect (80% power)."""
+    quality = [c for c in comps if (c.get("power") or {}).get("mdd") is not None]
+    bpb = sorted(c["power"]["mdd"] for c in quality if c["what"].startswith("bits per byte"))
+    latency = sorted(c["power"]["mdd_ratio"] for c in comps if (c.get("power") or {}).get("mdd_ratio"))
+    if not bpb and not latency:
+        return []
+    parts = []
+    if bpb:
+        parts.append(
+            f"differences in bits per byte of {bpb[0]:.4f} to {bpb[-1]:.4f} between two of its models "
+            f"(over seeds, {len(bpb)} comparisons)"
+        )
+    if latency:
+        parts.append(f"decode latency ratios beyond x{latency[0]:.3f} to x{latency[-1]:.3f} (side by side)")
+    return [
+        "Smallest differences this study could detect (80% power at its level, before the adjustment over its "
+        f'comparisons): {"; ".join(parts)}. A smaller real difference would read "not distinguishable".',
+        "",
+    ]
+
+
 def answer_section(answers: list[dict], comps: list[dict], rows: list[dict]) -> list[str]:
     """The study's answer first: does depth pay (the depth check), how much of the depth gap each richer
     shallower model recovers (Fieller's 95% interval), and whether the study had the power to see a third of
@@ -227,7 +249,9 @@ def write_report(
         f"`{str(meta.get('git_commit', '?'))[:12]}`; report written {time.strftime('%Y-%m-%d %H:%M')}. "
         + _threads(quality, side, study.workers),
         "",
-        "Does a per-head model with fewer blocks match deeper baselines and their compressed versions on "
+        *([study.about.strip(), ""] if study.about.strip() else []),
+        *power_summary(comps),
+        "Does a richer model with fewer blocks match deeper baselines and their compressed versions on "
         "quality, latency and energy? Every figure below was measured by the commands of this study; "
         "'-' marks what was not measured.",
         "",
