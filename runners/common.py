@@ -1,4 +1,4 @@
-"""The ~100M configurations shared by the baseline and per-head runners (dim 768, 12 heads, vocab 32000)."""
+"""The ~100M configurations shared by the baseline, per-head and gated runners (dim 768, 12 heads, vocab 32000)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from training.config import OptimConfig, TrainConfig
 from training.trainer import run
 
 
-def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
-    kind = "perhead" if per_head else "baseline"
+def config_100m(n_layers: int, per_head: bool, gate: bool = False) -> TrainConfig:
+    kind = "gated" if gate else "perhead" if per_head else "baseline"
     return TrainConfig(
         name=f"{kind}_{n_layers}_layer",
         model=ModelArgs(
@@ -22,6 +22,7 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
             n_heads=12,
             max_seq_len=1024,
             head_layer=HeadLayerArgs(hidden_dim=64, activation="silu") if per_head else None,
+            attn_gate="elementwise" if gate else None,  # gated attention (Qiu et al., 2025), their best variant
         ),
         # every .py of the standard library and installed packages: 80M training tokens with this project's
         # requirements (the standard library alone, 8M, would be repeated about ten times)
@@ -38,9 +39,11 @@ def config_100m(n_layers: int, per_head: bool) -> TrainConfig:
     )
 
 
-def hundred_m(n_layers: int, per_head: bool) -> tuple[Callable[[], TrainConfig], Callable[[], None]]:
+def hundred_m(
+    n_layers: int, per_head: bool, gate: bool = False
+) -> tuple[Callable[[], TrainConfig], Callable[[], None]]:
     """(config, main) of one ~100M runner: its whole file is this one line and ``main()`` when run."""
-    config = functools.partial(config_100m, n_layers=n_layers, per_head=per_head)
+    config = functools.partial(config_100m, n_layers=n_layers, per_head=per_head, gate=gate)
     return config, runner_main(config)
 
 

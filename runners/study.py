@@ -307,8 +307,12 @@ def check_study(s: Study, where: str):
     for mode in s.side_by_side_modes:
         if mode not in modes:
             raise UserError(f"{where}: [eval] side_by_side_modes: {mode!r} is not a decoding mode; use {list(modes)}")
-    if "--mode" in s.side_by_side and s.side_by_side_modes:
-        raise UserError(f"{where}: [eval] give further modes in side_by_side_modes, not --mode in side_by_side")
+    primary = apply_overrides(eval.side_by_side.Args(checkpoints=["x", "y"]), list(s.side_by_side)).mode
+    if primary in s.side_by_side_modes or len(set(s.side_by_side_modes)) < len(s.side_by_side_modes):
+        raise UserError(
+            f"{where}: [eval] side_by_side_modes {s.side_by_side_modes} repeats a mode (side_by_side itself times "
+            f"{primary!r}); name each further mode once"
+        )
 
 
 def _is_runner(stem: str) -> bool:
@@ -483,7 +487,7 @@ class SideBySideStep:
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         cmd = ["eval.side_by_side", *map(str, self.models.values()), "--names", *self.models]
-        mode = [] if self.mode is None else ["--mode", self.mode]
+        mode = [] if self.mode is None else ["--mode", self.mode]  # after side_by_side's own options: it wins
         run([*cmd, "--reference", self.reference, "--out", str(self.output(s)), *s.side_by_side, *mode])
 
 

@@ -349,8 +349,13 @@ def test_further_decoding_modes_are_timed_side_by_side_each_in_its_own_step(stud
     with pytest.raises(ValueError, match="'turbo' is not a decoding mode"):
         check_study(study, "s")
     study.side_by_side_modes, study.side_by_side = ["compile"], ["--mode", "compile"]
-    with pytest.raises(ValueError, match="side_by_side_modes, not --mode"):
+    with pytest.raises(ValueError, match="repeats a mode"):
         check_study(study, "s")
+    study.side_by_side_modes = ["eager"]  # side_by_side times compile, the further step eager: its --mode is last
+    check_study(study, "s")
+    ran = []
+    SideBySideStep({"r1": tmp_path}, "r1", "eager").execute(study, ran.append)
+    assert ran[0][-2:] == ["--mode", "eager"]
     # the table's rows carry each mode's latency, for the frontier plot of that mode
     study.side_by_side, study.seeds = [], 1
     study.out.mkdir(parents=True)
