@@ -40,16 +40,22 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token (B,) from the last position's (B, V) logits; temperature 0 is greedy."""
+    """Next token (B,) from the last position's (B, V) logits; temperature 0 is greedy.
+
+    Sampled as gpt-fast does, without a host sync: argmax(p / E) with E ~ Exp(1) drawn per token (the
+    "exponential race": the index of the first of independent exponential clocks of rates p_i is distributed as
+    p), where torch.multinomial waits for the device."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask=None) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; (B, V) logits of the last position."""
-    return model(tokens, input_pos, mask)[:, -1]
+    """Run the prompt (B, T) through the model, filling the cache; (B, V) logits of the last position (the only
+    one the output projection computes)."""
+    return model(tokens, input_pos, mask, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor, mask=None) -> torch.Tensor:

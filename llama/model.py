@@ -338,12 +338,18 @@ class Transformer(nn.Module):
         self.causal_mask = None
 
     def forward(
-        self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size).
+        """tokens (B, T) -> logits (B, T, vocab_size), or (B, 1, vocab_size) with ``last_only``.
 
         ``input_pos`` (T,) are the positions of ``tokens`` (needed with the KV cache). ``mask`` (B, 1, T, keys),
         True where a query may attend, replaces the causal mask (generation uses it to hide left padding).
+        ``last_only`` runs the output projection on the last position alone, all a prefill needs (nanoGPT's
+        inference path): the vocabulary projection of a 128-token prompt is 127 rows of wasted work.
         """
         B, T = tokens.shape
         if self.causal_mask is not None:
@@ -358,7 +364,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos_sin, mask, input_pos)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h[:, -1:] if last_only else h))
 
 
 def count_params(model: Transformer) -> dict:

@@ -218,13 +218,21 @@ class HFModel(nn.Module):
     def clear_caches(self):
         self.cache, self.causal_mask = None, None
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ):
         """(B, T) tokens -> (B, T, V) logits. Without a cache: a full causal forward. With one: ``tokens`` sit at
         positions ``input_pos`` (T,); ``mask`` (B, 1, T, cache_len), from ``llama.generation.padding_mask``,
         marks left padding, which becomes transformers' 2-D attention mask and per-row position ids (as its
-        own ``generate`` does: positions count from each row's first real token)."""
+        own ``generate`` does: positions count from each row's first real token). ``last_only``: the last
+        position's logits alone, (B, 1, V) (transformers' ``logits_to_keep=1``)."""
+        keep = {"logits_to_keep": 1} if last_only else {}
         if self.cache is None:
-            return self.hf(input_ids=tokens, use_cache=False).logits
+            return self.hf(input_ids=tokens, use_cache=False, **keep).logits
         B = tokens.shape[0]
         end = int(input_pos[-1]) + 1
         if mask is None:
@@ -239,6 +247,7 @@ class HFModel(nn.Module):
             position_ids=positions,
             use_cache=True,
             **{self._cache_arg: self.cache},
+            **keep,
         )
         return out.logits
 

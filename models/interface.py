@@ -28,9 +28,14 @@ class CausalLM(Protocol):
     tok_embeddings: nn.Embedding
 
     def __call__(
-        self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """(B, T) tokens -> (B, T, V) logits; with a cache (setup_caches), ``input_pos`` are their positions."""
+        """(B, T) tokens -> (B, T, V) logits ((B, 1, V) with ``last_only``); with a cache (setup_caches),
+        ``input_pos`` are their positions."""
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None: ...
 

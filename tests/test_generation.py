@@ -45,3 +45,37 @@ def test_top_k_and_top_p_filtering():
     draws = {sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
     assert draws == {0, 1}
     assert sample(logits, temperature=0.0).item() == 0
+
+
+def test_prefill_projects_only_the_last_position_and_equals_the_full_forward(tiny_args):
+    from llama.generation import prefill
+    from llama.model import Transformer
+
+    model = Transformer(tiny_args).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(x)[:, -1]
+        seen = []
+        hook = model.output.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+        model.setup_caches(2, 16)
+        last = prefill(model, x, torch.arange(12))
+        hook.remove()
+    assert seen == [(2, 1, 64)]  # the vocabulary projection ran on one position per row, not twelve
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_follows_the_probabilities_by_a_chi_square_test():
+    from scipy import stats
+
+    # 20,000 draws from a known 5-way distribution (after temperature 1): the counts fit it (p > 1e-4 holds in
+    # all but one draw in ten thousand of a correct sampler), and a sampler that ignored p would fail at once
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits = probs.log().expand(20_000, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, temperature=1.0, generator=gen)
+    counts = torch.bincount(draws, minlength=5).double()
+    assert stats.chisquare(counts.numpy(), (probs.double() * 20_000).numpy()).pvalue > 1e-4
+    again = sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)  # a seed gives the same tokens
+    top1 = sample(logits, temperature=1.0, top_k=1, generator=gen)
+    assert (top1 == 0).all()
