@@ -200,8 +200,11 @@ def seeds_needed(difference: float, sd: float, alpha: float = ALPHA, power: floa
 
     if not sd or not difference or not math.isfinite(sd):
         return None
-    n = TTestIndPower().solve_power(effect_size=abs(difference) / sd, nobs1=None, ratio=1.0, alpha=alpha, power=power)
-    return max(2, math.ceil(float(n)))
+    solver, effect = TTestIndPower(), abs(difference) / sd
+    if solver.power(effect_size=effect, nobs1=2, ratio=1.0, alpha=alpha) >= power:
+        return 2  # the fewest a t-test takes (the solver finds no root below it)
+    n = solver.solve_power(effect_size=effect, nobs1=None, ratio=1.0, alpha=alpha, power=power)
+    return math.ceil(float(n))
 
 
 def detectable_ratio(log_ratios: list[float], alpha: float = ALPHA, power: float = POWER) -> dict:

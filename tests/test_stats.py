@@ -100,6 +100,7 @@ def test_power_figures_equal_statsmodels_on_a_synthetic_pilot_of_known_spread():
     assert TTestIndPower().power(effect_size=1.0, nobs1=n, alpha=0.05) >= 0.8
     assert TTestIndPower().power(effect_size=1.0, nobs1=n - 1, alpha=0.05) < 0.8
     assert n == 17 and seeds_needed(0.01, 0.0) is None
+    assert seeds_needed(0.5, 0.01) == 2  # a difference 50 SDs wide: the solver has no root, two seeds do
     assert mdd_of(0.01, 6, 6) < d["mdd"]  # more seeds detect less
     assert detectable([1.0], [1.0, 2.0])["mdd"] is None
 
