@@ -201,7 +201,8 @@ def seeds_needed(difference: float, sd: float, alpha: float = ALPHA, power: floa
     if not sd or not difference or not math.isfinite(sd):
         return None
     solver, effect = TTestIndPower(), abs(difference) / sd
-    if solver.power(effect_size=effect, nobs1=2, ratio=1.0, alpha=alpha) >= power:
+    at_two = solver.power(effect_size=effect, nobs1=2, ratio=1.0, alpha=alpha)
+    if math.isnan(at_two) or at_two >= power:  # (the noncentral t overflows to NaN only for huge effects)
         return 2  # the fewest a t-test takes (the solver finds no root below it)
     n = solver.solve_power(effect_size=effect, nobs1=None, ratio=1.0, alpha=alpha, power=power)
     return math.ceil(float(n))
