@@ -65,7 +65,7 @@ class Args:
     n_tokens: int = 64  # decode steps per timed pass
     repeats: int = 10  # timed passes per row
     energy_runs: int = 3  # energy windows per decode row
-    min_window: float = 2.0  # seconds; each energy window is at least this
+    min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
     # full forward per runtime engine (default: none on CUDA, where decode is the question; three on CPU)
     engines: list[Literal[ENGINES]] | None = None
     out: str = "bench/results/decode_latency.json"  # result JSON

@@ -25,6 +25,16 @@ from common.timing import sync
 
 RAPL_ROOT = "/sys/class/powercap"
 MIN_WINDOW_S = 1.0  # shorter windows get no figure: the counters update too coarsely
+# Each counter's shortest trusted window (ML.ENERGY's methodology): NVML's energy counter updates about every
+# 100 ms (a 96 ms window read 0 J on an H100, windows under about 2 s read low), so 5 s; RAPL's about every
+# millisecond, 2 s. A window asked shorter is lengthened to these.
+MIN_WINDOW_BY_METHOD = {"nvml-energy-counter": 5.0, "nvml-power-sampling": 5.0, "rapl": 2.0}
+
+
+def min_window_for(counter, requested: float | None = None) -> float:
+    """The window a measurement on ``counter`` lasts at least: ``requested``, never under the counter's floor."""
+    floor = MIN_WINDOW_BY_METHOD.get(getattr(counter, "method", ""), MIN_WINDOW_S)
+    return max(floor, requested or 0.0)
 
 
 class NvmlEnergyCounter:
@@ -197,8 +207,13 @@ class EnergyMeter:
             "idle_s": self.idle_s,
             "idle_power_w": self.idle_power_w,
         }
-        if not self.energy_j or self.energy_j <= 0:
-            return {**out, "energy_j": None, "reason": "the counter did not advance during the window; lengthen it"}
+        if not self.energy_j or self.energy_j <= 0:  # a zero reading is a failed window, never 0 J
+            return {
+                **out,
+                "energy_j": None,
+                "failed_window": True,
+                "reason": "the counter did not advance during the window (a failed window, not 0 J); lengthen it",
+            }
         out["energy_j"] = self.energy_j
         out["avg_power_w"] = self.energy_j / self.window_s
         if self.idle_power_w is not None:
@@ -216,15 +231,21 @@ def measure_energy(
     fn: Callable[[], object],
     units_per_call: int,
     device: torch.device | str,
-    min_window_s: float = MIN_WINDOW_S,
+    min_window_s: float | None = None,
     idle_s: float = 1.0,
     unit: str = "token",
+    cooldown_s: float = 0.0,
     **meter_kw,
 ) -> dict:
-    """Energy of ``fn`` per unit: ``fn`` is repeated until the window lasts at least ``min_window_s``."""
+    """Energy of ``fn`` per unit: ``fn`` is repeated until the window lasts at least ``min_window_s``, and never
+    less than the counter's own floor (5 s on NVML, 2 s on RAPL: ``min_window_for``). ``cooldown_s`` of rest
+    first (between models, so one model's heat is not the next one's power), then the idle power."""
     meter = EnergyMeter(device, idle_s=idle_s, **meter_kw)
     if meter.counter is None:
         return meter.result()
+    min_window_s = min_window_for(meter.counter, min_window_s)
+    if cooldown_s > 0:
+        meter.sleep(cooldown_s)
     device = torch.device(device)
     calls = 0
     with meter:
@@ -235,7 +256,12 @@ def measure_energy(
             sync(device)
             if meter.clock() - start >= min_window_s:
                 break
-    return {**meter.result(calls * units_per_call, unit), "calls": calls, "min_window_s": min_window_s}
+    return {
+        **meter.result(calls * units_per_call, unit),
+        "calls": calls,
+        "min_window_s": min_window_s,
+        "cooldown_s": cooldown_s,
+    }
 
 
 def repeated_energy(

@@ -35,7 +35,7 @@ class Progress(tqdm):
         self._last_t, self._last_tenth, self._last_n, self._closing = -math.inf, -1, None, False
         if self._lines:
             kwargs.setdefault("mininterval", 0.0)  # display() decides when a line is due
-            kwargs["dynamic_ncols"], kwargs["ncols"] = False, kwargs.get("ncols") or 100
+            kwargs["dynamic_ncols"] = False  # and no width: a log line is never cut (a study's postfix is long)
             kwargs.setdefault("bar_format", "{l_bar}{r_bar}")  # the facts without the drawn bar
         super().__init__(*args, **kwargs)
         if self._lines and not self.disable:

@@ -42,7 +42,7 @@ def evaluate_efficiency(
     modes,
     engines,
     energy=True,
-    min_window_s=1.0,
+    min_window_s=None,
     idle_s=1.0,
     repeats=5,
     progress=True,
@@ -131,7 +131,7 @@ class Args(EvalOptions):
     engines: list[EngineName] | None = None
     energy: bool = True  # measure energy per token where a counter exists (--no-energy: skip)
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
-    min_window: float = 1.0  # seconds; energy windows are at least this
+    min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
     idle: float = 1.0  # seconds of idle power measured before each window
     energy_runs: int = 1  # energy windows per decode row: 3 gives the median and how far the runs spread
 

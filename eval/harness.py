@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UserError, failure, parse_args, run_main
-from common.energy import MIN_WINDOW_S, EnergyMeter
+from common.energy import EnergyMeter, min_window_for
 from eval.model import EvalOptions
 
 
@@ -64,7 +64,9 @@ def run_tasks(lm, tasks: list[str], manager, limit: int | None, num_fewshot: int
         with EnergyMeter(lm.ev.device, idle_s=idle_s) as meter:
             r = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot)
         served = {k: lm.requests[k] - before[k] for k in before}
-        energy = meter.result(units=sum(served.values()) or None, unit="request", min_window_s=MIN_WINDOW_S)
+        energy = meter.result(
+            units=sum(served.values()) or None, unit="request", min_window_s=min_window_for(meter.counter)
+        )
         metrics = {
             name: {k: v for k, v in values.items() if k != "alias" and isinstance(v, (int, float, str))}
             for name, values in r["results"].items()

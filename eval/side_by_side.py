@@ -56,9 +56,10 @@ class Args:
     n_tokens: int = 16  # decode steps per sample
     mode: Literal[MODES] = "eager"  # decoding mode
     energy: bool = True  # measure energy per token in each round where a counter exists
-    min_window: float = 1.0  # seconds; energy windows are at least this
+    min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA), bfloat16, float32
+    cooldown: float = 2.0  # seconds of rest before each energy window (with a counter): one model's heat not the next's
     threads: int | None = None  # CPU threads; default: the cores other work leaves free (recorded)
     control: bool = True  # time a copy of the reference as an A/A control: the run's noise floor, gating verdicts
     out: str = "results/side_by_side.json"  # result JSON
@@ -114,7 +115,11 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
                 e.decode_ms.append(1e3 * _once(e.decode, device) / a.n_tokens)
                 if counter is not None:
                     units = a.batch * a.n_tokens
-                    e.energy.append(measure_energy(e.decode, units, device, a.min_window, 0.0, counter=counter))
+                    e.energy.append(
+                        measure_energy(
+                            e.decode, units, device, a.min_window, 0.0, cooldown_s=a.cooldown, counter=counter
+                        )
+                    )
         # prefill needs its own cache length: timed after decoding, in rounds again
         for e in entries:
             e.model.clear_caches()

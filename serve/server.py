@@ -53,8 +53,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from common.cli import ConfigError, UserError, failure, parse_args, positional, run_main
-from common.energy import MIN_WINDOW_S as MIN_ENERGY_WINDOW_S
-from common.energy import EnergyMeter, find_counter
+from common.energy import EnergyMeter, find_counter, min_window_for
 from common.hardware import run_metadata
 from eval.generate import fit_prompt, stop_check
 from eval.model import load_for_eval
@@ -419,7 +418,7 @@ def run(served: Served, plan: Plan, emit=None) -> dict:
                 )
         meter.idle_power_w = served.idle_power_w
         n_out = sum(r["tokens_out"] for r in results)
-        energy = meter.result(units=n_out or None, unit="token", min_window_s=MIN_ENERGY_WINDOW_S)
+        energy = meter.result(units=n_out or None, unit="token", min_window_s=min_window_for(meter.counter))
     first = results[0]
     single = len(results) == 1
     measures = {

@@ -139,3 +139,34 @@ def test_repeated_energy_gives_the_median_and_the_spread_of_the_runs():
     assert r["j_per_token"] == pytest.approx(2.6)  # (84 + 20 J of idle) / 40
     assert r["j_per_token_spread"] == pytest.approx(0.2 / 2.6) and not r["j_per_token_within_tolerance"]
     assert repeated_energy(work, 1, "cpu", counter=None, reason="no counter")["method"] == "unavailable"
+
+
+@pytest.mark.parametrize("method, floor", [("nvml-energy-counter", 5.0), ("rapl", 2.0)])
+def test_windows_last_the_counters_floor_and_a_zero_reading_is_a_failed_window(method, floor):
+    clock = FakeClock()
+    counter = FakeCounter(clock, idle_w=0.0, resolution_j=0.0)
+    counter.method = method
+
+    def work():  # 0.05 s at 10 W
+        clock.t += 0.05
+        counter.extra += 0.5
+
+    kw = dict(idle_s=0.0, counter=counter, clock=clock, sleep=clock.sleep)
+    r = measure_energy(work, 1, "cpu", min_window_s=1.0, cooldown_s=3.0, **kw)
+    assert r["min_window_s"] == floor and r["window_s"] >= floor and r["calls"] == pytest.approx(floor / 0.05, abs=1)
+    assert r["j_per_token"] == pytest.approx(0.5) and r["cooldown_s"] == 3.0
+    assert measure_energy(work, 1, "cpu", min_window_s=7.0, **kw)["min_window_s"] == 7.0  # longer is kept
+    # a counter that updates only every 100 ms and never moved in the window: no figure, never 0 J
+    frozen = FakeCounter(clock, idle_w=0.0, resolution_j=1e9)
+    frozen.method = method
+    r = measure_energy(lambda: clock.sleep(0.01), 1, "cpu", counter=frozen, idle_s=0.0, clock=clock, sleep=clock.sleep)
+    assert r["energy_j"] is None and r["failed_window"] and "not 0 J" in r["reason"]
+
+
+def test_a_cool_down_rests_before_the_idle_reading():
+    clock = FakeClock()
+    counter = FakeCounter(clock, idle_w=20.0)
+    r = measure_energy(
+        lambda: clock.sleep(0.5), 1, "cpu", cooldown_s=4.0, idle_s=1.0, counter=counter, clock=clock, sleep=clock.sleep
+    )
+    assert clock.t == pytest.approx(4.0 + 1.0 + r["window_s"])  # rest, idle, then the window

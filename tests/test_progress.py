@@ -47,3 +47,13 @@ def test_a_training_run_logged_to_a_file_writes_no_carriage_return(tmp_path, cor
         subprocess.run([sys.executable, "-m", "runners.tiny", *args], cwd=REPO, stderr=f, stdout=f, check=True)
     text = log.read_text()
     assert "\r" not in text and "tiny: 100%" in text and "4/4" in text
+
+
+def test_a_log_line_is_never_cut_and_work_done_before_does_not_inflate_the_rate():
+    log = io.StringIO()
+    with Progress(total=100, initial=90, desc="study", file=log) as bar:
+        bar.set_postfix_str("train-a-very-long-step-name: " + "x" * 150)
+        bar.update(1)
+    last = log.getvalue().splitlines()[-1]
+    assert last.endswith("x" * 150 + "]")  # the whole postfix, however long
+    assert "91/100" in last

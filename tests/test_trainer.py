@@ -99,6 +99,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, make_config, mo
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_nan_between_log_steps_is_caught_without_a_sync_per_step_and_never_saved(tmp_path, make_config, monkeypatch):
+    # The step does not read its loss on the host: a NaN at step 6 is recorded on the device, its update is
+    # skipped by the fused optimizer, and the run stops at its next check (the checkpoint of step 8) naming
+    # step 6. No checkpoint is written after it.
+    calls = {"n": 0}
+    original = trainer_mod.loss_fn
+    synced = []
+    real_check = trainer_mod.check_finite
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = original(logits, targets)
+        return loss * float("nan") if calls["n"] == 6 else loss  # step 6 alone
+
+    def counting(run):
+        synced.append(run.tokens_seen // run.tokens_per_step)
+        return real_check(run)
+
+    monkeypatch.setattr(trainer_mod, "loss_fn", poisoned)
+    monkeypatch.setattr(trainer_mod, "check_finite", counting)
+    cfg = make_config(tmp_path, max_steps=12, log_interval=5, ckpt_interval=8, eval_interval=100)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan .*at step 6;.*no checkpoint was written yet"):
+        train(cfg)
+    assert synced == [5, 8]  # read on the host at log steps and before the checkpoint only (step 8 stops it)
+    assert not list_checkpoints(tmp_path / "ckpt/t")  # step 8's checkpoint was refused
+
+
 def test_lr_schedule():
     cfg = TrainConfig(optim=OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10))
     assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)

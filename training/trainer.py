@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,39 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    # Fused AdamW (CUDA and, since torch 2.4, CPU): one kernel for every parameter, and it skips its own update
+    # when told a step's loss was not finite (found_inf), with no host sync. FSDP's sharded parameters on a CPU
+    # (gloo) take the unfused one.
+    fused = device.type == "cuda" or cfg.parallel != "fsdp"
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+
+
+class Prefetcher:
+    """The next micro-batch read (and, on CUDA, pinned and copied without blocking) in a background thread while
+    the current step runs, as nanoGPT's loader prefetches; batches are the sampler's, so resume is unchanged."""
+
+    def __init__(self, sampler: BatchSampler, device: torch.device):
+        self.sampler, self.device = sampler, device
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.pending: tuple | None = None  # (key, future)
+
+    def _load(self, step: int, start: int, count: int):
+        x, y = self.sampler.get(step, start=start, count=count)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def get(self, key: tuple[int, int, int], following: tuple[int, int, int] | None):
+        """Batch ``key`` = (step, start, count); starts reading ``following`` before returning."""
+        if self.pending is not None and self.pending[0] == key:
+            batch = self.pending[1].result()
+        else:
+            batch = self._load(*key)
+        self.pending = None if following is None else (following, self.pool.submit(self._load, *following))
+        return batch
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -258,8 +291,12 @@ class Run:
     t0: float = 0.0
     t_log: float = 0.0
     tokens_log: int = 0
-    last_loss: float | None = None
+    last_loss: float | torch.Tensor | None = None  # on the device between log steps (no host sync per step)
     last_val: float | None = None
+    fused: bool = False  # the optimizer skips a non-finite step itself (found_inf): no host sync per step
+    bad_step: torch.Tensor | None = None  # on the device: the first step whose loss or gradient was not finite
+    bad_loss: torch.Tensor | None = None  # ... and its loss
+    prefetch: Prefetcher | None = None
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -311,7 +348,11 @@ def setup(cfg: TrainConfig, info: D.DistInfo, custom: Custom | None = None) -> R
         # recovery fine-tuning of a pruned model: the pruned weights stay pruned (re-zeroed after every step)
         keep_masks=[(p, p != 0) for p in model.parameters() if p.dim() == 2] if cfg.freeze_zeros else [],
         custom=custom,
+        fused=bool(optimizer.defaults.get("fused")),
+        bad_step=torch.zeros((), dtype=torch.long, device=info.device),
+        bad_loss=torch.zeros((), device=info.device),
     )
+    run.prefetch = Prefetcher(run.train_sampler, info.device)
     if restored is not None:
         restore(run, *restored)
     return run
@@ -378,18 +419,30 @@ def restore(run: Run, step_dir: Path, state: dict, optim_state: dict, rng: dict)
         print(f"resuming {run.cfg.name} from {step_dir} (step {run.start_step})")
 
 
-def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor | None]:
+def _batch_key(run: Run, step: int, micro: int) -> tuple[int, int, int] | None:
+    """(step, first row, rows) of this process's micro-batch ``micro`` of ``step``; None past the last step."""
+    cfg, info = run.cfg, run.info
+    if micro == cfg.grad_accum:
+        step, micro = step + 1, 0
+    if step >= run.total_steps:
+        return None
+    return step, (info.rank * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     """One optimizer step (its micro-batches, clipping, the NaN guard, pruned weights kept at zero):
-    (mean loss over the processes, learning rate, gradient norm)."""
+    (mean loss over the processes, learning rate, gradient norm), the loss and norm still on the device.
+
+    No host sync (torchtitan's way): a non-finite loss or gradient norm is recorded on the device and, with the
+    fused optimizer, that step's update is skipped on the device too; ``check_finite`` reads the record at log
+    steps, validations and checkpoints, so no checkpoint is written after a bad step."""
     cfg, info = run.cfg, run.info
     lr = lr_at(step, cfg, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=info.device)
     for micro in range(cfg.grad_accum):
-        start = (info.rank * cfg.grad_accum + micro) * cfg.batch_size
-        x, y = run.train_sampler.get(step, start=start, count=cfg.batch_size)
-        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        x, y = run.prefetch.get(_batch_key(run, step, micro), _batch_key(run, step, micro + 1))
         with D.grad_sync(run.wrapped, cfg.parallel, info, sync=micro == cfg.grad_accum - 1):
             with run.amp:
                 loss = run.loss(run.wrapped, x, y) / cfg.grad_accum
@@ -402,9 +455,17 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor | None]:
     )
     if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
         grad_norm = grad_norm.full_tensor()
-    step_loss = D.all_reduce_mean(loss_sum, info).item()
-    if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-        raise NonFiniteLoss(f"loss became {step_loss} (gradient norm {grad_norm}) at step {step + 1}")
+    step_loss = D.all_reduce_mean(loss_sum, info)  # a collective, not a host sync
+    finite = torch.isfinite(step_loss)
+    if grad_norm is not None:
+        finite = finite & torch.isfinite(grad_norm)
+    first = ~finite & (run.bad_step == 0)
+    run.bad_step = torch.where(first, step + 1, run.bad_step)
+    run.bad_loss = torch.where(first, step_loss.detach(), run.bad_loss)
+    if run.fused:
+        run.optimizer.found_inf = (~finite).float()  # the fused kernel leaves weights and moments as they were
+    else:
+        check_finite(run)  # an unfused optimizer cannot skip a step itself: a host sync every step
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     for p, keep in run.keep_masks:
@@ -414,10 +475,25 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor | None]:
     return step_loss, lr, grad_norm
 
 
-def log_step(run: Run, done: int, loss: float, lr: float, grad_norm, bar):
-    """A line of metrics.jsonl every log_interval steps (rank 0): loss, rate, MFU."""
-    if not run.info.is_main or not (done % run.cfg.log_interval == 0 or done == run.total_steps):
+def check_finite(run: Run):
+    """Raise NonFiniteLoss if any step so far had a non-finite loss or gradient norm (one host sync)."""
+    bad = int(run.bad_step)
+    if bad:
+        raise NonFiniteLoss(
+            f"loss became {float(run.bad_loss)} (or its gradient norm did) at step {bad}; "
+            "its update and any after it were not applied"
+        )
+
+
+def log_step(run: Run, done: int, loss: torch.Tensor, lr: float, grad_norm, bar):
+    """A line of metrics.jsonl every log_interval steps (rank 0): loss, rate, MFU. The one place a step's loss
+    comes to the host, and where a non-finite one stops the run."""
+    if not (done % run.cfg.log_interval == 0 or done == run.total_steps):
         return
+    check_finite(run)  # every process: each stops, not only rank 0
+    if not run.info.is_main:
+        return
+    loss = float(loss)
     now = time.perf_counter()
     tps = (run.tokens_seen - run.tokens_log) / (now - run.t_log)
     run.t_log, run.tokens_log = now, run.tokens_seen
@@ -440,6 +516,7 @@ def log_step(run: Run, done: int, loss: float, lr: float, grad_norm, bar):
 
 def validate(run: Run, done: int, bar):
     """The validation loss (the same batches every time), logged to val.jsonl by rank 0."""
+    check_finite(run)
     run.last_val = evaluate(run.wrapped, run.val_sampler, run.cfg, run.info, run.amp)
     if run.info.is_main:
         record = {"step": done, "val_loss": run.last_val, "tokens": run.tokens_seen, "elapsed_s": run.elapsed()}
@@ -448,7 +525,9 @@ def validate(run: Run, done: int, bar):
 
 
 def checkpoint(run: Run, step: int, meter: EnergyMeter):
-    """checkpoints/<name>/step_N: collective under FSDP (every rank gathers), written by rank 0 only."""
+    """checkpoints/<name>/step_N: collective under FSDP (every rank gathers), written by rank 0 only. Never
+    after a non-finite step (check_finite): the weights saved are ones every applied step was finite for."""
+    check_finite(run)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(run.wrapped, options=full)
     osd = get_optimizer_state_dict(run.wrapped, run.optimizer, options=full)
@@ -491,7 +570,7 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
         "train_tokens_available": int(len(data.train)),
         "epochs": run.tokens_seen / len(data.train),  # passes over the training split (>1: data repeated)
         "train_time_s": run.elapsed(),
-        "final_train_loss": run.last_loss,
+        "final_train_loss": None if run.last_loss is None else float(run.last_loss),
         "final_val_loss": run.last_val,
         "world_size": info.world_size,
         "dtype": str(run.dtype).removeprefix("torch."),
@@ -583,6 +662,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
         raise
     finally:
         bar.close()
+        run.prefetch.close()
     return finish(run, meter)
 
 

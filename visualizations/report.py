@@ -24,7 +24,8 @@ def _num(v, fmt):
 
 HOW_TO_READ = """How to read this report. Each model was trained (or compressed) once per seed; quality is the mean over
 seeds with the half-width of its 95% t-interval. Latency was measured for one seed of each model, all models in
-one process, in rounds of the rotated order A B C, B C A, ... so that a busy machine slows every model alike.
+one process, in rounds of the rotated order A B C, B C A, ..., beside an A/A control (the reference timed twice)
+whose ratio is the run's noise floor: while the control differs from 1, no latency verdict is stated.
 A comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
 report (Benjamini-Hochberg), gives q < 0.05: Welch's t-test over seeds for quality, the Wilcoxon signed-rank test
 on the per-round ratios for latency (its interval is the one printed: a ratio whose interval holds 1 is never
