@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import tomllib
+from filelock import FileLock, Timeout
 
 import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides, from_table, parse_args, positional, run_main
@@ -202,6 +203,12 @@ SET_BY_STUDY = {
 }
 
 
+def option_name(arg: str) -> str:
+    """``--out_dir``, ``--out-dir=x`` and ``--training.out-dir`` all name ``--out-dir``: the command line takes each
+    spelling, so a check of the options a study sets itself must too."""
+    return "--" + arg.split("=")[0].lstrip("-").split(".")[-1].replace("_", "-")
+
+
 def load_study(path: str | Path) -> Study:
     """A study file, checked whole before anything runs: every key and type, every name, every runner and its
     options, every compression and evaluator option, every external folder. A mistake anywhere is one line
@@ -272,7 +279,7 @@ def check_study(s: Study, where: str):
 
     def parses(options, argv: list[str], what: str, forbidden: tuple[str, ...]):
         for arg in argv:
-            if arg.split("=")[0] in forbidden:
+            if arg.startswith("--") and option_name(arg) in forbidden:
                 raise UserError(f"{where}: {what}: {arg.split('=')[0]} is set by the study itself; leave it out")
         try:
             return apply_overrides(options, list(argv))
@@ -620,8 +627,24 @@ def run_study(s: Study, progress: bool = True, executor: str = "local") -> Path:
     training); with ``workers`` > 1 the independent steps of a phase run at once, each child with its share
     of the cores. The side-by-side timing always runs alone. With ``executor`` slurm (or submitit-local), each
     step of a phase is a cluster job instead (runners/cluster.py)."""
-    if executor != "local":
-        return _run_on_cluster(s, progress, executor)
+    s.out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(s.out / ".study.lock", timeout=0)  # released by the OS however this process ends
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"study {s.name!r} is already running in another process (lock {s.out / '.study.lock'}); wait for it "
+            "to finish or stop it"
+        ) from None
+    try:
+        if executor != "local":
+            return _run_on_cluster(s, progress, executor)
+        return _run_locally(s, progress)
+    finally:
+        lock.release()
+
+
+def _run_locally(s: Study, progress: bool) -> Path:
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)

@@ -366,3 +366,23 @@ def test_further_decoding_modes_are_timed_side_by_side_each_in_its_own_step(stud
     )
     rows = {r["model"]: r for r in group_rows(study.out, tmp_path / "logs")}
     assert rows["r1"]["decode_ms_compile"] == lat and "decode_ms_compile" not in rows["r1-w50"]
+
+
+def test_options_the_study_sets_are_refused_in_any_spelling(study):
+    for spelling in ("--out_dir", "--out-dir=x", "--training.out_dir"):
+        study.runs[0].args = [spelling, "elsewhere"] if "=" not in spelling else [spelling]
+        with pytest.raises(ValueError, match="is set by the study itself"):
+            check_study(study, "s")
+    study.runs[0].args = ["--max-steps", "5"]
+    study.over_training = ["--max_tokens", "40"]
+    with pytest.raises(ValueError, match="--max_tokens is set by the study itself"):
+        check_study(study, "s")
+
+
+def test_two_runs_of_one_study_at_once_are_refused(study):
+    from filelock import FileLock
+
+    study.out.mkdir(parents=True)
+    with FileLock(study.out / ".study.lock"):  # another process is running this study
+        with pytest.raises(ValueError, match="already running in another process"):
+            run_study(study, progress=False)
