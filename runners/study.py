@@ -17,6 +17,7 @@ rebuilt from the results every time.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -615,11 +616,55 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
 
 
 def complete_step(s: Study, step: Step, watch: Callable[[str], None] | None = None, threads: int | None = None):
-    """Run one step and leave its marker (what a later start of the study skips): here, or in a cluster job."""
+    """Run one step and leave its marker (what a later start of the study skips): here, or in a cluster job. The
+    marker records the step's command, so a study whose file was edited since can tell which steps changed."""
     t0 = time.perf_counter()
+    command = step_command(s, step)
     run_step(s, step, s.out / "logs" / f"{step.key}.log", watch, threads)
     record = {"step": step.key, "seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write(s.out / "steps" / f"{step.key}.json", json.dumps(record))
+    atomic_write(s.out / "steps" / f"{step.key}.json", json.dumps(record | {"command": command}))
+
+
+def step_command(s: Study, step: Step) -> list[str]:
+    """What a step runs, without the flags that only say how far it had got (--resume, --overwrite)."""
+    if isinstance(step, OverTrainingStep):
+        return ["eval.perplexity", "<each checkpoint of>", step.run, *s.evaluation_set(), *s.over_training]
+    commands: list[list[str]] = []
+    step.execute(s, commands.append)
+    return [a for cmd in commands for a in cmd if a not in ("--resume", "--overwrite")]
+
+
+def changed_steps(s: Study, steps: list[Step]) -> list[str]:
+    """Finished steps whose command is no longer what the study file says (the file was edited since), and runs
+    trained before the study with other settings than its file gives them: reusing either would put the new
+    file's commands beside the old models in the report."""
+    out = []
+    for step in steps:
+        marker = s.out / "steps" / f"{step.key}.json"
+        if isinstance(step, TrainStep):  # the run's own config.json says what it trained, marker or not
+            if (marker.is_file() or step.done(s)) and not _same_training(s, step):
+                out.append(step.key)
+        elif marker.is_file():
+            try:
+                recorded = json.loads(marker.read_text()).get("command")
+            except (OSError, ValueError, AttributeError):
+                recorded = None  # a damaged marker: the step is simply run again
+                marker.unlink(missing_ok=True)
+            if recorded is not None and recorded != step_command(s, step):
+                out.append(step.key)
+    return out
+
+
+def _same_training(s: Study, step: TrainStep) -> bool:
+    """Whether run ``step.name``, trained before, has the settings the study gives it (its logs' config.json)."""
+    try:
+        saved = json.loads((Path(s.logs_dir) / step.name / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # nothing to compare with: the run's own summary and checkpoint are what the study reuses
+    argv = [a for a in train_cmd(s, step.run, step.seed)[1:] if a not in ("--resume", "--overwrite")]
+    expected = dataclasses.asdict(apply_overrides(importlib.import_module(f"runners.{step.run.runner}").config(), argv))
+    where = ("name", "out_dir", "log_dir", "resume", "overwrite")  # where it ran, not what it trained
+    return {k: v for k, v in expected.items() if k not in where} == {k: v for k, v in saved.items() if k not in where}
 
 
 def run_study(s: Study, progress: bool = True, executor: str = "local") -> Path:
@@ -644,10 +689,21 @@ def run_study(s: Study, progress: bool = True, executor: str = "local") -> Path:
         lock.release()
 
 
+def _check_unchanged(s: Study, steps: list[Step]):
+    changed = changed_steps(s, steps)
+    if changed:
+        raise UserError(
+            f"study {s.name!r}: {len(changed)} step(s) finished before were run with other settings than the study "
+            f"file now gives ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}); give the edited study "
+            f"a new name, or delete their markers in {s.out / 'steps'} (and their runs) to redo them"
+        )
+
+
 def _run_locally(s: Study, progress: bool) -> Path:
     markers = s.out / "steps"
     markers.mkdir(parents=True, exist_ok=True)
     steps = plan(s)
+    _check_unchanged(s, steps)
     s.record().write(s.out)  # what the table and report group by (study.json)
     phases: dict[str, list[Step]] = {}
     for step in steps:
@@ -703,6 +759,7 @@ def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
     markers.mkdir(parents=True, exist_ok=True)
     jobs = Jobs(executor, s.out / "jobs", s.cluster or resources_of({}, "defaults", from_table))
     steps = plan(s)
+    _check_unchanged(s, steps)
     s.record().write(s.out)
     phases: dict[str, list[Step]] = {}
     for step in steps:

@@ -386,3 +386,42 @@ def test_two_runs_of_one_study_at_once_are_refused(study):
     with FileLock(study.out / ".study.lock"):  # another process is running this study
         with pytest.raises(ValueError, match="already running in another process"):
             run_study(study, progress=False)
+
+
+def test_a_study_edited_after_its_steps_finished_names_the_changed_steps(study):
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    from runners.study import EvaluateStep, TrainStep, changed_steps, complete_step, step_command
+
+    study.quality = ["--n-docs", "2"]
+    steps = plan(study)
+    quality = next(st for st in steps if isinstance(st, EvaluateStep))
+    train = next(st for st in steps if isinstance(st, TrainStep))
+    # a quality step finished with the file as it was (its marker records its command)
+    (study.out / "steps").mkdir(parents=True)
+    monkey_run = study_mod.run_step
+    study_mod.run_step = lambda *a, **k: None
+    try:
+        complete_step(study, quality)
+    finally:
+        study_mod.run_step = monkey_run
+    assert json.loads((study.out / "steps" / f"{quality.key}.json").read_text())["command"] == step_command(
+        study, quality
+    )
+    # a run trained with the file as it was: its config.json is what the runner made of the same options
+    run_dir = Path(study.logs_dir) / train.name
+    run_dir.mkdir(parents=True)
+    cfg = study_mod.apply_overrides(importlib.import_module("runners.tiny").config(), ["--max-steps", "5"])
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (run_dir / "summary.json").write_text("{}")
+    (Path(study.checkpoints_dir) / train.name / "step_5").mkdir(parents=True)
+    (Path(study.checkpoints_dir) / train.name / "step_5" / "model.safetensors").write_text("x")
+    assert changed_steps(study, plan(study)) == []
+    # the file is edited: more documents for quality, more steps for the run
+    study.quality = ["--n-docs", "3"]
+    study.runs[0].args = ["--max-steps", "6"]
+    assert set(changed_steps(study, plan(study))) == {quality.key, train.key}
+    with pytest.raises(ValueError, match=r"2 step\(s\) finished before were run with other settings.*new name"):
+        run_study(study, progress=False)
