@@ -3,8 +3,8 @@
     python -m visualizations.plot_tradeoffs results/ --out results/plots
 
 Bits per byte (lower is better) on the y axis; bubble area is proportional to the model's weights in memory;
-per-head models in orange, baselines in blue, compressed baselines hollow. No front is drawn: one measurement
-per model cannot say which differences are noise (a study's report says, with its tests).
+per-head models in orange, gated attention in green, baselines in blue, compressed baselines hollow. No front is
+drawn: one measurement per model cannot say which differences are noise (a study's report says, with its tests).
 """
 
 from __future__ import annotations
@@ -28,13 +28,37 @@ AXES = {
 }
 
 
+def _color(row: dict) -> str:
+    """Plain blocks blue, per-head layers orange, gated attention green (both: the per-head colour)."""
+    spec = row.get("head_layer") or {}
+    if spec.get("gate") and "hidden_dim" not in spec:
+        return "C2"
+    return "C1" if row.get("per_head") else "C0"
+
+
 def _legend(ax, title: str | None = None):
     handles = [
         Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
-        Line2D([], [], marker="o", ls="", color="C1", label="per-head"),
+        Line2D([], [], marker="o", ls="", color="C1", label="per-head layers"),
+        Line2D([], [], marker="o", ls="", color="C2", label="gated attention"),
         Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
     ]
     ax.legend(handles=handles, fontsize=8, loc="best", title=title, title_fontsize=8)
+
+
+def _label_offsets(points: list[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Text offsets (points) that keep labels of nearby markers apart: a label is as wide as a fifth of the
+    axis, so markers within that in x and 8% of the span in y get their labels stacked a line apart, above and
+    below in turn."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    offsets, placed = [], []
+    for x, y in points:
+        near = sum(1 for px, py in placed if abs(px - x) < 0.2 * span_x and abs(py - y) < 0.08 * span_y)
+        step = (near + 1) // 2 * 11
+        offsets.append((6, 4 + step if near % 2 else 4 - step))
+        placed.append((x, y))
+    return offsets
 
 
 def usable(rows: list[dict], x_key: str, y_key: str) -> list[dict]:
@@ -50,7 +74,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     sizes = [r.get("memory_bytes") or 4 * (r.get("params") or 0) for r in pts]
     scale = 1500 / max(sizes) if max(sizes) else 1
     for r, s in zip(pts, sizes, strict=True):
-        color = "C1" if r.get("per_head") else "C0"
+        color = _color(r)
         compressed = r.get("compression", "none") != "none"
         ax.scatter(
             r[x_key],
@@ -90,15 +114,16 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in pts:
-        x = r[x_key]["median"] if isinstance(r[x_key], dict) else r[x_key]
+    xs = [r[x_key]["median"] if isinstance(r[x_key], dict) else r[x_key] for r in pts]
+    offsets = _label_offsets(list(zip(xs, [r["bits_per_byte"]["mean"] for r in pts], strict=True)))
+    for r, x, offset in zip(pts, xs, offsets, strict=True):
         xerr = [[x - r[x_key]["p10"]], [r[x_key]["p90"] - x]] if isinstance(r[x_key], dict) else None
         b = r["bits_per_byte"]
         yerr = [[b["mean"] - b["ci_low"]], [b["ci_high"] - b["mean"]]] if b.get("ci_low") is not None else None
-        color = "C1" if r.get("per_head") else "C0"
+        color = _color(r)
         face = "none" if r.get("kind") == "compressed" else color
         ax.errorbar(x, b["mean"], xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, ms=8, capsize=3)
-        ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=offset, textcoords="offset points")
     ax.set(xlabel=GROUPED_AXES[x_key], ylabel="bits per byte (lower is better)")
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
     if not x_key.startswith("decode_ms"):
