@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from common.cli import UserError, parse_args, run_main
 from common.files import atomic_dir
@@ -275,6 +276,18 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
         data = load_prepared(out)
         data.from_cache = True
         return data
+    # Two processes that need the same preparation (a study's two workers) do it once: the second waits for the
+    # first's lock, then finds its cache. The lock is the OS's, released however its holder ends.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / f".{out.name}.lock"):
+        if (out / "manifest.json").is_file():
+            data = load_prepared(out)
+            data.from_cache = True
+            return data
+        return _prepare_into(cfg, docs, chash, out, t0, progress)
+
+
+def _prepare_into(cfg: DataConfig, docs, chash: str, out: Path, t0: float, progress: bool) -> PreparedData:
     load_s = time.perf_counter() - t0
 
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)

@@ -148,3 +148,25 @@ def test_python_sources_corpus_is_offline_deduplicated_and_recorded(tmp_path):
     m = data.manifest
     assert m["corpus"]["source"] == PYTHON_SOURCES and m["corpus"]["docs"] == len(docs)
     assert "torch" in m["packages"] and m["splits"]["train"]["tokens"] > 0
+
+
+def test_two_processes_preparing_the_same_corpus_do_it_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 30)
+    code = (
+        "from data.config import DataConfig; from data.prepare import prepare; "
+        f"d = prepare(DataConfig(corpus={str(folder)!r}, vocab_size=300, cache_dir={str(tmp_path / 'cache')!r}), "
+        "progress=False); print('cached' if getattr(d, 'from_cache', False) else 'prepared')"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    said = sorted(p.communicate()[0].strip() for p in procs)
+    assert said == ["cached", "prepared"]  # one trained the tokenizer, the other waited and read its cache
