@@ -29,8 +29,10 @@ ALPHA = 0.05
 POWER = 0.8  # the power minimum detectable differences are stated at
 
 
-def mean_ci(values: list[float], confidence: float = 0.95) -> dict:
-    """Mean and its t-interval; with one value the interval is unknown (None), never zero-width."""
+def mean_ci(values: list[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and its t-interval; with one value the interval is unknown (None), never zero-width. A metric with
+    ``bounds`` (BLEU in [0, 100], pass@1 in [0, 1]) has its interval cut to them, and says so (``clipped``):
+    a BLEU of "1.63 +- 1.83" would otherwise reach below zero."""
     xs = [float(v) for v in values]
     n = len(xs)
     out = {"n": n, "mean": statistics.fmean(xs) if xs else None, "values": xs}
@@ -38,6 +40,9 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict:
         sd = statistics.stdev(xs)
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
         out |= {"sd": sd, "ci_low": out["mean"] - half, "ci_high": out["mean"] + half}
+        if bounds is not None:
+            low, high = max(bounds[0], out["ci_low"]), min(bounds[1], out["ci_high"])
+            out |= {"clipped": (low, high) != (out["ci_low"], out["ci_high"]), "ci_low": low, "ci_high": high}
     else:
         out |= {"sd": None, "ci_low": None, "ci_high": None}
     return out

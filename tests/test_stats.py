@@ -215,3 +215,10 @@ def test_side_by_side_beside_a_cpu_hog_records_the_load_and_its_control_gates_th
     assert (r["gated"] is not None) == gated
     if gated:
         assert not r["separated"] and "no verdict" in r["models"]["big"]["decode_ratio_to_reference"]["test"]["verdict"]
+
+
+def test_a_bounded_metrics_interval_never_leaves_its_range():
+    r = mean_ci([0.0, 0.5, 4.4], bounds=(0.0, 100.0))  # BLEU of three seeds: the t-interval reaches below zero
+    assert r["ci_low"] == 0.0 and r["clipped"] and r["ci_high"] > r["mean"]
+    inside = mean_ci([40.0, 41.0, 42.0], bounds=(0.0, 100.0))
+    assert not inside["clipped"] and inside["ci_low"] > 0

@@ -21,6 +21,7 @@ of the depth gap each richer shallower model recovers.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,10 @@ QUALITY = {
     "rougeL": ("continuation", "rougeL"),
     "rougeL_code": ("continuation", "rougeL_code"),
 }
+
+
+# the range each bounded metric lives in: its interval over seeds is cut to it
+BOUNDS = {"bleu": (0.0, 100.0), "rougeL": (0.0, 100.0), "rougeL_code": (0.0, 100.0), "bits_per_byte": (0.0, math.inf)}
 
 
 def _read(path: Path) -> dict | None:
@@ -77,10 +82,12 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 row |= {"recovery": recovery["method"], "compression_before_recovery": compression_label(before)}
             for key, (part, field) in QUALITY.items():
                 vals = [s["quality"][part][field] for s in measured if s["quality"][part].get(field) is not None]
-                row[key] = mean_ci(vals) if vals else None
+                row[key] = mean_ci(vals, bounds=BOUNDS.get(key)) if vals else None
             passes = [s["quality"]["humaneval"]["pass"].get("pass@1") for s in measured]
             row["pass@1"] = (
-                mean_ci([p for p in passes if p is not None]) if any(p is not None for p in passes) else None
+                mean_ci([p for p in passes if p is not None], bounds=(0.0, 1.0))
+                if any(p is not None for p in passes)
+                else None
             )
         summaries = [s["summary"] for s in g["seeds"] if s["summary"]]
         if summaries:
@@ -329,6 +336,8 @@ def _cell(v, fmt=".4f") -> str:
     if isinstance(v, dict) and "mean" in v:
         if v.get("ci_high") is None:
             return format(v["mean"], fmt) + f" (n={v['n']})"
+        if v.get("clipped"):  # cut to the metric's range: no longer symmetric
+            return f"{v['mean']:{fmt}} [{v['ci_low']:{fmt}}, {v['ci_high']:{fmt}}]"
         return f"{v['mean']:{fmt}} ± {v['ci_high'] - v['mean']:{fmt}}"
     if isinstance(v, dict) and "median" in v:
         return f"{v['median']:.3f} ({v['p10']:.3f}-{v['p90']:.3f})"
@@ -374,7 +383,8 @@ def _format(key: str, v) -> str:
 
 def write_grouped_table(rows: list[dict], out: Path) -> Path:
     note = (
-        "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs). Latency: one "
+        "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs); an interval cut "
+        "to its metric's range (BLEU and ROUGE in [0, 100], pass@1 in [0, 1]) is printed as [low, high]. Latency: one "
         "seed per model, all models timed in one process in interleaved rounds. ROUGE-L: rouge-score's default "
         "tokenizer ([a-z0-9] words only). '-' = not measured."
     )
