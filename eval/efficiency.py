@@ -23,6 +23,7 @@ import torch
 
 from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
+from common.load import LoadMeter, describe, timing_threads
 from common.progress import Progress
 from compress.quantize import state_dict_bytes
 from eval.latency import MODES, time_decode, time_forward, time_prefill
@@ -134,6 +135,7 @@ class Args(EvalOptions):
     min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
     idle: float = 1.0  # seconds of idle power measured before each window
     energy_runs: int = 1  # energy windows per decode row: 3 gives the median and how far the runs spread
+    threads: int | None = None  # CPU threads; default: the cores other work leaves free (recorded)
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,6 +161,9 @@ def main(argv=None):
     if a.modes and a.modes != ["eager"]:  # a growing cache has no static shapes for compile / CUDA graphs
         require(model, "static_cache", "--modes compile")
     modes = a.modes or (list(MODES) if ev.device.type == "cuda" and can.static_cache else ["eager"])
+    if ev.device.type != "cuda":  # threads other work leaves free: timings that do not oversubscribe (recorded)
+        torch.set_num_threads(timing_threads(a.threads))
+    meter = LoadMeter().__enter__()
     r = evaluate_efficiency(
         model,
         ev.device,
@@ -174,7 +179,10 @@ def main(argv=None):
         a.repeats,
         energy_runs=a.energy_runs,
     )
+    meter.__exit__(None, None, None)
     settings = {
+        "threads": torch.get_num_threads(),
+        "load": meter.result(),  # how busy the machine was while these were timed
         "dtype": str(ev.dtype).removeprefix("torch."),
         "context_len": context,
         "prompt_len": a.prompt_len or context,
@@ -188,6 +196,9 @@ def main(argv=None):
     # quantized models are stored unquantized: disk_bytes is the file, memory_bytes the weights as loaded
     out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a.out)
     print(table(r))
+    busy = describe(settings["load"])
+    if busy:
+        print(f"note: {busy}")
     print(f"-> {out}")
 
 

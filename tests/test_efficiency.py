@@ -127,3 +127,18 @@ def test_efficiency_leaves_no_exports_behind(model, tmp_path, monkeypatch):
     )
     assert [row["engine"] for row in r["forward"]] == ["onnxruntime"] and "error" not in r["forward"][0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_efficiency_result_records_its_threads_and_the_machines_load(trained_checkpoint, tmp_path):
+    import json
+
+    from eval.efficiency import main
+
+    out = tmp_path / "eff.json"
+    argv = [str(trained_checkpoint), "--batch-sizes", "1", "--context", "8", "--prompt-len", "8", "--n-tokens", "2"]
+    main([*argv, "--engines", "torch", "--repeats", "1", "--no-energy", "--threads", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["threads"] == 1 and torch.get_num_threads() == 1
+    load = r["load"]
+    assert load["cores"] >= 1 and load["seconds"] > 0 and load["busy"] in (True, False)
+    assert load["other_processes_cores"] >= 0.0
