@@ -98,6 +98,26 @@ def _alive(record: dict) -> bool:
     return b"submitit" in cmdline  # the pid of a job, not of a process that reused the number
 
 
+RECORD_KEYS = ("job_id", "executor", "folder", "stdout", "stderr")
+
+
+def _read_record(path: Path) -> dict | None:
+    """The job record of an earlier submission, None where there is none; a damaged one (cut short by a full
+    disk, emptied by hand) is one line: whether its job still runs cannot be known from it."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or any(k not in record for k in RECORD_KEYS):
+            raise ValueError("fields missing")
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"job record {path} is damaged ({e}): this study cannot tell whether that step's job still runs; "
+            "check the cluster's queue (squeue) for it, then delete the record to submit the step again"
+        ) from None
+    return record
+
+
 class Jobs:
     """Submits steps as jobs and waits for them; ``run(step)`` is what a job executes (runs the step, writes
     its marker)."""
@@ -127,7 +147,7 @@ class Jobs:
         waiting = {}
         for step in steps:
             path = self.record_path(step.key)
-            earlier = json.loads(path.read_text()) if path.is_file() else None
+            earlier = _read_record(path)
             if earlier is not None and _alive(earlier):
                 print(f"{step.key}: job {earlier['job_id']} from an earlier start still runs; waiting for it")
                 waiting[step.key] = (step, None, earlier)

@@ -133,3 +133,14 @@ def test_a_failed_job_names_its_logs(tmp_path, corpus):
     job_log = Path(line.split("job log: ")[1].split(" (")[0])
     assert "$ python -m runners.tiny" in log.read_text() and job_log.is_file()
     assert not list((tmp_path / "res" / "small" / "steps").glob("*.json"))  # no marker for a failed step
+
+
+@pytest.mark.parametrize("damage", ['{"job_id": "12', "{}", "[1, 2]"])
+def test_a_damaged_job_record_is_one_line_naming_it(tmp_path, damage):
+    from runners.cluster import _read_record
+
+    path = tmp_path / "train-r1.json"
+    path.write_text(damage)
+    with pytest.raises(ValueError, match=r"job record .*train-r1.json is damaged.*delete the record"):
+        _read_record(path)
+    assert _read_record(tmp_path / "absent.json") is None
