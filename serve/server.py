@@ -229,6 +229,12 @@ def encode_text(served: Served, text: str, max_tokens: int, truncate: bool, bos:
             "context (or pass truncate_prompt)",
             "prompt",
         )
+    try:
+        text.encode("utf-8")  # a lone surrogate ("a\ud800b") is no text a tokenizer can read
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, f"the prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt"
+        ) from None
     ids = ev.tokenizer.encode(text[-most_chars:] if cut else text, bos=bos and not cut)
     return fit_ids(served, ids, max_tokens, truncate, cut)
 

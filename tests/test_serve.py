@@ -310,6 +310,8 @@ def test_malformed_bodies_get_the_servers_error_shape(url):
         b'{"prompt": "\xff\xfe"}',  # invalid UTF-8
         b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nesting deeper than any parser allows
         b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",  # a number longer than Python parses
+        b'{"model": "t", "prompt": "a\\ud800b", "max_tokens": 2}',  # a lone surrogate: JSON, but no text
+        b'{"model": "t", "prompt": ["ok", "a\\udc00"], "max_tokens": 2}',
     ]
     for body in bodies:
         r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
