@@ -12,8 +12,9 @@ are measured side by side under the same load. Prompts: HumanEval's (shipped wit
 unless ``--prompts`` names a JSONL file with a ``prompt`` field.
 
 Schedule: at most ``--concurrency`` requests in flight; with ``--rate R`` requests arrive as a Poisson process
-of R per second (exponential gaps from ``--seed``), else all at once; ``--duration`` stops sending new requests
-after that many seconds (those sent finish). Measured per request, from the stream: ``ttft_ms`` (request sent
+of R per second (exponential gaps from ``--seed``), else all at once; ``--duration`` bounds the whole run: no request
+is sent after that many seconds and those still in flight then are cut (recorded as such); ``--timeout`` bounds
+each request from sending to its last chunk. Measured per request, from the stream: ``ttft_ms`` (request sent
 to the first chunk that shows text, as vLLM's benchmark counts it), ``itl_ms`` (gaps between chunks that show
 text; a server that sends several tokens per chunk, or holds text back, shows fewer, longer gaps),
 ``tpot_ms`` ((e2e - ttft) / (output tokens - 1), the tokens from the server's ``usage``), ``e2e_ms`` (sent to
@@ -129,7 +130,7 @@ def discover(base: str, api_key: str = "none") -> tuple[list[str], dict]:
     return models, server
 
 
-async def _one(client, job: dict, t_start: float) -> dict:
+async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> dict:
     """Send one streamed request; the row of what the client saw."""
     import openai
 
@@ -138,7 +139,9 @@ async def _one(client, job: dict, t_start: float) -> dict:
     text, usage, last = [], None, None
     t0 = time.perf_counter()
     row["sent_s"] = t0 - t_start
-    try:
+
+    async def read():
+        nonlocal usage, last
         stream = await client.completions.create(**job["body"], stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             now = time.perf_counter()
@@ -148,7 +151,17 @@ async def _one(client, job: dict, t_start: float) -> dict:
             if chunk.usage is not None:
                 usage = chunk.usage
             last = chunk
+
+    try:
+        # the whole request, not each read: a stream that trickles a byte now and then never ends otherwise
+        await asyncio.wait_for(read(), timeout_s)
         t_end = time.perf_counter()
+    except asyncio.TimeoutError:
+        row |= {"status": 0, "error": f"no complete answer within --timeout {timeout_s:g} s"}
+        return row
+    except asyncio.CancelledError:  # the run's --duration ended while this request was in flight
+        row |= {"status": 0, "error": "cut by --duration while in flight"}
+        return row
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
         row |= {"status": e.status_code, "error": str(body.get("message") or e.message)[:300]}
@@ -200,7 +213,7 @@ async def _run(
 
     async def one(job):
         async with gate:
-            rows.append(await _one(client, job, t_start))
+            rows.append(await _one(client, job, t_start, timeout_s))
         bar.update(1)
 
     tasks = []
@@ -214,7 +227,13 @@ async def _run(
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(one(job)))
-        await asyncio.gather(*tasks)
+        if duration_s is None:
+            await asyncio.gather(*tasks)
+        elif tasks:  # --duration bounds the whole run: what is still in flight then is cut (and recorded so)
+            _, late = await asyncio.wait(tasks, timeout=max(0.0, t_start + duration_s - time.perf_counter()))
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
     finally:
         for t in tasks:
             t.cancel()
@@ -337,8 +356,8 @@ def run_load(
     base = api_base(url, allow_remote)
     if n_requests <= 0 or concurrency <= 0:
         raise UserError("--requests and --concurrency must be positive")
-    if rate is not None and not rate > 0 or duration_s is not None and not duration_s > 0:
-        raise UserError("--rate and --duration must be positive")
+    if rate is not None and not rate > 0 or duration_s is not None and not duration_s > 0 or not timeout_s > 0:
+        raise UserError("--rate, --duration and --timeout must be positive")
     listed, server = discover(base, api_key)
     targets = targets or listed
     missing = [t for t in targets if t not in server["models"]]
@@ -378,7 +397,8 @@ class Args:
     requests: int = 40  # requests in all (at most), spread evenly over the targets
     concurrency: int = 4  # requests in flight at once
     rate: float | None = None  # requests per second, Poisson arrivals (default: all at once)
-    duration: float | None = None  # seconds after which no new request is sent
+    duration: float | None = None  # seconds the whole run lasts: no request is sent after it, those in flight are cut
+    timeout: float = 600.0  # seconds one request may take from sending to its last chunk
     seed: int = 0  # the arrival schedule's seed
     max_tokens: int = 64  # new tokens per request
     temperature: float = 0.0  # 0 = greedy
@@ -427,6 +447,7 @@ def main(argv=None):
         a.rate,
         a.duration,
         a.seed,
+        timeout_s=a.timeout,
         allow_remote=a.allow_remote,
         api_key=a.api_key,
     )

@@ -580,3 +580,53 @@ def test_text_streams_never_show_part_of_a_stop_string_or_a_broken_character():
     assert [s.push(t) for t in (5, 6)] == ["", "é"] and s.finish() == "" and s.sent == "abcdé"
     s = TextStream(lambda ids: " ".join(map(str, ids)), [], hold_space=True)
     assert [s.push(t) for t in (1, 2)] == ["1", " 2"] and s.finish() == ""
+
+
+def test_the_load_client_bounds_a_stream_that_never_ends_and_the_whole_run(tmp_path):
+    # A server that answers /v1/models, then streams one chunk every 0.2 s forever: --timeout ends each request,
+    # --duration the whole run; the rows say why, and the client returns in bounded time.
+    import asyncio
+    import json as _json
+    import threading
+    import time as _time
+
+    from serve.client import _run
+
+    chunk = {"id": "x", "object": "text_completion", "created": 0, "model": "m"}
+    chunk["choices"] = [{"index": 0, "text": "a", "finish_reason": None, "logprobs": None}]
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                data = b"data: " + _json.dumps(chunk).encode() + b"\n\n"
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    ready, port = threading.Event(), []
+    loop = asyncio.new_event_loop()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    ready.wait(5)
+    base = f"http://127.0.0.1:{port[0]}/v1"
+    job = {"index": 0, "target": "m", "prompt_index": 0, "round": 0, "body": {"model": "m", "prompt": "x"}}
+    t0 = _time.perf_counter()
+    rows, _ = asyncio.run(_run(base, [job], 1, None, None, 0, 1.0, "none", False))
+    assert _time.perf_counter() - t0 < 10 and rows[0]["status"] == 0 and "--timeout 1 s" in rows[0]["error"]
+    jobs = [dict(job, index=i) for i in range(3)]
+    t0 = _time.perf_counter()
+    rows, _ = asyncio.run(_run(base, jobs, 3, None, 1.5, 0, 600.0, "none", False))
+    assert _time.perf_counter() - t0 < 10 and all("cut by --duration" in r["error"] for r in rows)
+    loop.call_soon_threadsafe(loop.stop)
