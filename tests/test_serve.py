@@ -282,7 +282,7 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     req = srv.CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
     short = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
-    monkeypatch.setattr(srv, "MIN_ENERGY_WINDOW_S", 0.0)
+    monkeypatch.setattr(srv, "min_window_for", lambda counter, requested=None: 0.0)  # any window counts
     e = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
     assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power

@@ -150,7 +150,7 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
         for b in per_head[i + 1 :]:
             if depth[a["model"]] == depth[b["model"]] and a.get("head_layer") != b.get("head_layer"):
                 out.append(
-                    {"a": a["model"], "b": b["model"], "what": "bits per byte, per-head variants of one depth"}
+                    {"a": a["model"], "b": b["model"], "what": "bits per byte, richer-head variants of one depth"}
                     | {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
                     | welch(a["bits_per_byte"]["values"], b["bits_per_byte"]["values"])
                 )
