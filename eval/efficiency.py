@@ -163,23 +163,22 @@ def main(argv=None):
     modes = a.modes or (list(MODES) if ev.device.type == "cuda" and can.static_cache else ["eager"])
     if ev.device.type != "cuda":  # threads other work leaves free: timings that do not oversubscribe (recorded)
         torch.set_num_threads(timing_threads(a.threads))
-    meter = LoadMeter().__enter__()
-    r = evaluate_efficiency(
-        model,
-        ev.device,
-        a.batch_sizes,
-        context,
-        a.prompt_len or context,
-        a.n_tokens,
-        modes,
-        a.engines or (list(DEFAULT_ENGINES) if can.export else ["torch", "compile"]),
-        a.energy,
-        a.min_window,
-        a.idle,
-        a.repeats,
-        energy_runs=a.energy_runs,
-    )
-    meter.__exit__(None, None, None)
+    with LoadMeter() as meter:  # how busy the machine was while these were timed
+        r = evaluate_efficiency(
+            model,
+            ev.device,
+            a.batch_sizes,
+            context,
+            a.prompt_len or context,
+            a.n_tokens,
+            modes,
+            a.engines or (list(DEFAULT_ENGINES) if can.export else ["torch", "compile"]),
+            a.energy,
+            a.min_window,
+            a.idle,
+            a.repeats,
+            energy_runs=a.energy_runs,
+        )
     settings = {
         "threads": torch.get_num_threads(),
         "load": meter.result(),  # how busy the machine was while these were timed

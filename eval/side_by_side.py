@@ -108,32 +108,31 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     counter, reason = find_counter(device) if a.energy else (None, "not requested")
     prompt = torch.randint(0, min(m.params.vocab_size for m in models.values()), (a.batch, a.prompt_len), device=device)
     pos = torch.arange(a.prompt_len, device=device)
-    meter = LoadMeter().__enter__()
-    try:
-        for r in Progress(range(a.rounds), desc="side by side", unit="round", disable=not progress):
-            for e in _rotated(entries, r):
-                e.decode_ms.append(1e3 * _once(e.decode, device) / a.n_tokens)
-                if counter is not None:
-                    units = a.batch * a.n_tokens
-                    e.energy.append(
-                        measure_energy(
-                            e.decode, units, device, a.min_window, 0.0, cooldown_s=a.cooldown, counter=counter
-                        )
-                    )
-        # prefill needs its own cache length: timed after decoding, in rounds again
-        for e in entries:
-            e.model.clear_caches()
-            e.model.setup_caches(a.batch, a.prompt_len + 1)
-        with torch.no_grad():
-            for e in entries:
-                prefill(e.model, prompt, pos)
-            for r in range(a.rounds):
+    with LoadMeter() as meter:  # the machine's load while the models were timed
+        try:
+            for r in Progress(range(a.rounds), desc="side by side", unit="round", disable=not progress):
                 for e in _rotated(entries, r):
-                    e.prefill_ms.append(1e3 * _once(lambda e=e: prefill(e.model, prompt, pos), device))
-    finally:
-        meter.__exit__(None, None, None)
-        for e in entries:
-            e.model.clear_caches()
+                    e.decode_ms.append(1e3 * _once(e.decode, device) / a.n_tokens)
+                    if counter is not None:
+                        units = a.batch * a.n_tokens
+                        e.energy.append(
+                            measure_energy(
+                                e.decode, units, device, a.min_window, 0.0, cooldown_s=a.cooldown, counter=counter
+                            )
+                        )
+            # prefill needs its own cache length: timed after decoding, in rounds again
+            for e in entries:
+                e.model.clear_caches()
+                e.model.setup_caches(a.batch, a.prompt_len + 1)
+            with torch.no_grad():
+                for e in entries:
+                    prefill(e.model, prompt, pos)
+                for r in range(a.rounds):
+                    for e in _rotated(entries, r):
+                        e.prefill_ms.append(1e3 * _once(lambda e=e: prefill(e.model, prompt, pos), device))
+        finally:
+            for e in entries:
+                e.model.clear_caches()
     return _summarise(entries, reference, counter, reason) | {"load": meter.result()}
 
 

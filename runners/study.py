@@ -864,7 +864,7 @@ def power_plan(s: Study, pilot: Path, difference: float | None = None) -> str:
         if sd is None:
             lines.append(f"  {what:<60} {len(a)},{len(b):>6}  needs 2+ pilot seeds on each side")
             continue
-        mdd_pilot = mdd_of(sd, len(a), len(b)) if min(len(a), len(b)) >= 2 else None
+        mdd_pilot = mdd_of(sd, len(a), len(b))  # a pooled SD exists only with 2+ seeds on each side
         mdd_study = mdd_of(sd, s.seeds, s.seeds) if s.seeds >= 2 else None
         need = seeds_needed(difference, sd) if difference else None
         lines.append(
