@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 COMPRESSION_FILE = "compression.json"
+IDENTITY_FILE = "recovery-of.json"  # in a recovery run's checkpoint and log folders: whose run it is
+PRUNING = ("magnitude", "wanda", "sparsegpt")  # the methods that leave a sparse model (a mask of zeros)
 
 
 def read_compression(folder: str | Path) -> dict | None:

@@ -30,6 +30,7 @@ quantization are deterministic), so their disk size is the unquantized one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
-from compress import COMPRESSION_FILE, RECOVERY, read_compression
+from compress import COMPRESSION_FILE, IDENTITY_FILE, RECOVERY, read_compression
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
@@ -155,7 +156,14 @@ def compress(a) -> Path:
         from compress.recover import recover  # the trainer and peft: imported only when recovering
 
         recovered, record = recover(
-            staging, base, recovery(a), recovery_config(a, base), recovery_corpus(a), device, resume=a.resume
+            staging,
+            base,
+            recovery(a),
+            recovery_config(a, base),
+            recovery_corpus(a),
+            device,
+            resume=a.resume,
+            identity=recovery_identity(a),
         )
         info["recovery"] = record
         print(
@@ -188,24 +196,68 @@ def recovery_run(a) -> tuple[Path, Path]:
     return out.with_name(f"{out.name}-recover"), Path(a.log_dir) / f"{out.name}-recover"
 
 
+def recovery_identity(a) -> dict:
+    """What a recovery run is: the --out it recovers and every setting that shapes its weights. A run marked
+    with another --out is not this compression's; one marked with other settings cannot be resumed."""
+    compression = {
+        k: getattr(a, k)
+        for k in (
+            "method", "sparsity", "pattern", "layers", "head_ratio", "ffn_ratio", "skip_first", "skip_last",
+            "calib_samples", "calib_seq_len", "calib_corpus", "calib_file_glob", "seed",
+        )
+    }  # fmt: skip
+    return {
+        "out": str(Path(a.out).resolve()),
+        "base": str(Path(a.checkpoint).resolve()),
+        "compression": compression,
+        "recovery": dataclasses.asdict(recovery(a)),
+    }
+
+
+def read_identity(folder: Path) -> dict | None:
+    """A recovery folder's mark, or None where it has none (or an unreadable one)."""
+    try:
+        mark = json.loads((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """'name old -> new' for each setting that differs between two identities."""
+    changes = []
+    for part in ("base", "compression", "recovery"):
+        a, b = old.get(part), new.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append(f"{part} {a!r} -> {b!r}")
+    return changes
+
+
 def check_recovery_run(a):
-    """A recovery run starts over: allowed only where no run of that name exists or the one there is this
-    --out's own earlier recovery (its compression.json names it); --resume continues one that exists."""
+    """A recovery run's folders (``<out>-recover`` and its log folder) are touched only where they are absent,
+    empty, or marked as this --out's own recovery (recovery-of.json); --resume continues only a run marked
+    with the same --out and the same settings. Checked before any work; nothing is changed on refusal."""
     ckpt, logs = recovery_run(a)
-    if a.resume:
-        if not ckpt.is_dir():
-            raise UserError(f"--resume: there is no recovery run {ckpt} to continue; leave out --resume")
+    ours = recovery_identity(a)
+    for folder in (ckpt, logs):
+        if folder.exists() and (not folder.is_dir() or folder.is_symlink() or any(folder.iterdir())):
+            mark = read_identity(folder)
+            if mark is None or mark.get("out") != ours["out"]:
+                raise UserError(
+                    f"{folder} exists and is not a recovery that compress started for {a.out}; nothing was "
+                    "changed: name another --out or --log-dir, or move that folder away"
+                )
+    if not a.resume:
         return
-    if not (ckpt.exists() or logs.exists()):
-        return
-    staging = Path(a.out).with_name(f".{Path(a.out).name}.compressed")
-    if not list_checkpoints(ckpt) and (staging / COMPRESSION_FILE).is_file():
-        return  # this --out's own recovery, stopped before its first checkpoint: started over
-    earlier = read_compression(Path(a.out)) if (Path(a.out) / COMPRESSION_FILE).is_file() else None
-    if not earlier or Path((earlier.get("recovery") or {}).get("run", "")).resolve() != ckpt.resolve():
+    if not list_checkpoints(ckpt):
+        raise UserError(f"--resume: there is no recovery run {ckpt} to continue; leave out --resume")
+    changes = changed_settings(read_identity(ckpt), ours)
+    if changes:
         raise UserError(
-            f"the recovery run {ckpt} (logs {logs}) exists and is not {a.out}'s own; nothing was changed: name "
-            "another --out, move that run away, or pass --resume to continue a recovery that was stopped"
+            f"--resume: the stopped recovery {ckpt} had other settings ({'; '.join(changes)}); nothing was "
+            "changed: resume it with its own settings, or leave out --resume to start it over"
         )
 
 

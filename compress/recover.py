@@ -11,9 +11,14 @@ logs, checkpoints, resume, run lock and NaN guard), for this project's models an
   student may be smaller than the teacher (pruned heads or channels, dropped blocks); both must share the
   vocabulary. Quantization-aware distillation is out of scope (quantized models are not trained here).
 
-A sparse model (unstructured or N:M pruning) stays sparse: full and distill training keep the pruned weights
-at zero after every step (the trainer's ``freeze_zeros``), and a merged LoRA update is multiplied by the mask
-again ("mask re-applied" in compression.json).
+A sparse model (unstructured or N:M pruning, by its compression record, or any weight matrix over 25% zeros)
+stays sparse with exactly the mask its pruning made: full and distill training keep the pruned weights at zero
+after every step (the trainer's ``freeze_zeros``); LoRA on a sparse model trains the masked update itself,
+each target weight being mask * (W + s B A) in the forward (``MaskedLoRA``), so the model the optimizer sees is
+the model that is saved.
+
+The run's folders are marked with ``identity`` (compress/__main__.py: the --out it recovers and its settings,
+plus the held-out loss before training), so that only this compression's own run is resumed or replaced.
 
 The training tokens are the base run's own training split for this project's checkpoints, or
 ``--calib-corpus`` (tokenized with the model's tokenizer; required for Hugging Face folders).
@@ -22,6 +27,7 @@ The training tokens are the base run's own training split for this project's che
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,8 @@ from torch import nn
 
 from common.cli import UserError
 from common.device import autocast, compute_dtype
-from compress import RECOVERY
+from common.files import atomic_write
+from compress import IDENTITY_FILE, PRUNING, RECOVERY, read_compression
 from data.config import DataConfig
 from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
 from llama.model_io import MODEL_FILE
@@ -147,9 +154,61 @@ def with_lora(model: nn.Module, r: Recovery) -> nn.Module:
         raise UserError(f"--lora-targets {targets}: {str(e).splitlines()[0][:200]}") from None
 
 
+class MaskedLoRA(nn.Module):
+    """A LoRA update that stays inside a sparse weight's mask, as a parametrization of the weight:
+    weight = mask * (W + (alpha / r) B A), W frozen, A and B trained (A as peft initializes it, B zero).
+    Written here because peft's LoRA adds B A x beside the frozen layer, so a mask can only be applied after
+    merging, which throws away most of what was trained; peft has no masked variant. Dropout on the input has no
+    place in this weight-space form, so a masked LoRA trains without it."""
+
+    def __init__(self, mask: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        rows, cols = mask.shape
+        self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+        self.A = nn.Parameter(torch.empty(rank, cols))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rows, rank))
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        update = (self.B @ self.A).to(weight.dtype)
+        return torch.where(self.mask, weight + self.scale * update, torch.zeros((), dtype=weight.dtype))
+
+
+def with_masked_lora(model: nn.Module, r: Recovery, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` with a MaskedLoRA on the weight of each target module, everything else frozen."""
+    from torch.nn.utils import parametrize
+
+    targets = r.lora_targets or LORA_TARGETS.get(model.family)
+    if not targets:
+        raise UserError(f"no default LoRA targets for a {model.family} model; pass --lora-targets")
+    model.requires_grad_(False)
+    found = set()
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        weight = getattr(module, "weight", None)
+        if short in targets and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            mask = masks.get(f"{name}.weight", torch.ones_like(weight, dtype=torch.bool))
+            parametrize.register_parametrization(
+                module, "weight", MaskedLoRA(mask.to(weight.device), r.lora_rank, r.lora_alpha).to(weight.device)
+            )
+            found.add(short)
+    if missing := [t for t in targets if t not in found]:
+        raise UserError(f"--lora-targets {targets}: no weight matrix named {missing} in this model")
+    return model
+
+
 def merged(model: nn.Module) -> nn.Module:
-    """The plain model with every LoRA adapter merged into its weights."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """The plain model with every LoRA adapter merged into its weights (a masked LoRA: its masked weight)."""
+    from torch.nn.utils import parametrize
+
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    model.requires_grad_(True)
+    return model
 
 
 def distillation_loss(teacher: nn.Module, alpha: float, temperature: float):
@@ -191,6 +250,24 @@ def read_state(folder: Path) -> dict:
     return load_file(str(folder / MODEL_FILE))
 
 
+def read_mark(folder: Path) -> dict:
+    """A recovery run's recovery-of.json ({} where it has none)."""
+    try:
+        mark = json.loads((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
+def pruned(info: dict | None) -> bool:
+    """Whether a compression record (or one of the records it was built on) made the model sparse."""
+    while isinstance(info, dict):
+        if info.get("method") in PRUNING:
+            return True
+        info = info.get("base_compression")
+    return False
+
+
 def recover(
     compressed: Path,
     base: Path,
@@ -199,9 +276,12 @@ def recover(
     corpus: DataConfig | None,
     device: torch.device,
     resume: bool = False,
+    identity: dict | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train the model in ``compressed`` by ``r`` as the run ``cfg`` names (folders, device, dtype, compile);
-    (the recovered model, merged, on the CPU; what compression.json records)."""
+    (the recovered model, merged, on the CPU; what compression.json records). ``identity`` marks the run's
+    folders (recovery-of.json) at a fresh start; on resume the held-out loss before training is read back
+    from that mark."""
     probe, tokenizer, _ = load_folder(compressed, "cpu")
     seq_len = r.seq_len or cfg.seq_len
     needed = r.steps * r.batch_size * (seq_len + 1)
@@ -211,7 +291,9 @@ def recover(
         raise UserError(
             f"the recovery tokens go past the model's {vocab}-token vocabulary: a corpus of another tokenizer?"
         )
-    sparse = any(bool((p == 0).float().mean() > 0.25) for p in probe.parameters() if p.dim() == 2)
+    sparse = pruned(read_compression(compressed)) or any(
+        bool((p == 0).float().mean() > 0.25) for p in probe.parameters() if p.dim() == 2
+    )
     masks = {n: (p != 0) for n, p in probe.named_parameters() if p.dim() == 2} if sparse else {}
     del probe
 
@@ -227,6 +309,8 @@ def recover(
     def build(dev: torch.device) -> nn.Module:
         torch.manual_seed(r.seed)
         model = load_folder(compressed, dev)[0]
+        if r.uses_lora and masks:
+            return with_masked_lora(model, r, masks)
         return with_lora(model, r) if r.uses_lora else model
 
     cfg = dataclasses.replace(
@@ -255,19 +339,20 @@ def recover(
         write_model=write_state,
         read_state=read_state,
     )
-    before = heldout_loss(build(device), data, cfg, device) if not resume else None
+    if resume:
+        before = ((identity or {}) | read_mark(Path(cfg.out_dir, cfg.name))).get("val_loss_before")
+    else:
+        before = heldout_loss(build(device), data, cfg, device)
+        if identity is not None:
+            mark = json.dumps(identity | {"val_loss_before": before}, indent=2)
+            custom.started = lambda ckpt, logs: [atomic_write(d / IDENTITY_FILE, mark) for d in (ckpt, logs)]
     summary = train(cfg, custom)
     model = build(torch.device("cpu"))
     last = sorted(Path(cfg.out_dir, cfg.name).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
     model.load_state_dict(read_state(last))
     model = merged(model)
-    reapplied = False
-    if masks and r.uses_lora:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in masks:
-                    p.mul_(masks[n].to(p.device))
-        reapplied = True
+    after = heldout_loss(model.to(device), data, cfg, device)  # the model that is saved, mask and merge included
+    model = model.cpu()
     log_dir = Path(cfg.log_dir) / cfg.name
     curve = [(x["step"], x["loss"]) for x in read_jsonl(log_dir / "metrics.jsonl")]
     record = {
@@ -280,9 +365,11 @@ def recover(
         "tokens": summary["tokens"],
         "trained_params": summary["trained_params"],
         "val_loss_before": before,
-        "val_loss_after": summary["final_val_loss"],
+        "val_loss_after": after,
         "sparse": sparse,
-        "mask": ("re-applied after merging" if reapplied else "kept at zero during training") if sparse else None,
+        "mask": ("inside the LoRA forward: mask x (W + s B A)" if r.uses_lora else "kept at zero during training")
+        if sparse
+        else None,
         "run": str(Path(cfg.out_dir) / cfg.name),
         "loss_curve": str(log_dir / "metrics.jsonl"),
         # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)

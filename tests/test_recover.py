@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -105,15 +106,52 @@ def test_a_merged_lora_model_gives_the_peft_models_outputs(trained_checkpoint, t
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
-def test_a_sparse_model_stays_sparse_after_lora_is_merged(trained_checkpoint, tmp_path):
-    argv = ["--method", "magnitude", "--sparsity", "0.5"]
-    info = run(trained_checkpoint, tmp_path / "m50", *argv, "--recover", "lora", "--recover-steps", "4")
+@pytest.mark.parametrize(
+    ("prune", "recover_with"),
+    [(["--sparsity", "0.5"], "lora"), (["--sparsity", "0.2"], "full"), (["--pattern", "2:4"], "lora")],
+)
+def test_a_recovered_sparse_model_keeps_exactly_its_pruning_mask(trained_checkpoint, tmp_path, prune, recover_with):
+    """At any sparsity (20% included, under the 25% a model needs to look sparse by its zeros alone) the saved
+    model's zeros are exactly the pruning's, LoRA (trained inside the mask) and full training alike."""
+    argv = ["--method", "magnitude", *prune]
+    info = run(trained_checkpoint, tmp_path / "rec", *argv, "--recover", recover_with, "--recover-steps", "4")
     pruned = load_model(compress_main(["--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "p"), *argv]))
-    tuned = load_model(tmp_path / "m50")
-    assert info["recovery"]["mask"] == "re-applied after merging"
+    tuned = load_model(tmp_path / "rec")
+    assert info["recovery"]["sparse"] and info["recovery"]["mask"].startswith(
+        "inside the LoRA" if recover_with == "lora" else "kept at zero"
+    )
+    masked, changed = 0, 0
     for (n, w_t), w_p in zip(tuned.named_parameters(), pruned.parameters(), strict=True):
-        if w_t.dim() == 2 and "tok_embeddings" not in n and "output" not in n:
-            assert torch.equal(w_t == 0, w_p == 0) or (w_t == 0).sum() >= (w_p == 0).sum(), n
+        if w_t.dim() == 2:
+            assert torch.equal(w_t == 0, w_p == 0), n
+            masked += int((w_p == 0).sum())
+        changed += not torch.equal(w_t, w_p)
+    assert masked > 0 and changed > 0
+
+
+def test_sparse_lora_saves_the_model_it_trained(trained_checkpoint, tmp_path):
+    """Sparse LoRA trains mask * (W + s B A): the saved model's held-out loss is the trained model's (not a
+    re-masked merge that loses most of the update), and both are below the pruned model's."""
+    argv = ["--method", "magnitude", "--sparsity", "0.7", "--recover", "lora", "--recover-steps", "24"]
+    rec = run(trained_checkpoint, tmp_path / "m70", *argv, "--recover-lr", "5e-3")["recovery"]
+    summary = json.loads((Path(rec["loss_curve"]).parent / "summary.json").read_text())
+    trained_gain = rec["val_loss_before"] - summary["final_val_loss"]
+    saved_gain = rec["val_loss_before"] - rec["val_loss_after"]
+    assert trained_gain > 0.02, trained_gain
+    assert abs(saved_gain - trained_gain) < 0.05 * trained_gain + 1e-4, (saved_gain, trained_gain)
+
+
+def test_val_loss_after_is_the_saved_models(trained_checkpoint, tmp_path):
+    from compress.recover import heldout_loss
+    from training.checkpoint import training_config, training_data
+
+    argv = ["--method", "magnitude", "--sparsity", "0.6", "--recover", "lora", "--recover-steps", "4"]
+    rec = run(trained_checkpoint, tmp_path / "s", *argv)["recovery"]
+    cfg = training_config(trained_checkpoint / "step_30")
+    cfg.batch_size, cfg.seed = 8, 0  # the recovery's batch and seed (its validation windows)
+    saved = load_folder(tmp_path / "s", "cpu")[0]
+    expected = heldout_loss(saved, training_data(trained_checkpoint)[0], cfg, torch.device("cpu"))
+    assert rec["val_loss_after"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_distillation_trains_the_student_only():
@@ -194,3 +232,66 @@ def test_a_teacher_of_another_vocabulary_is_refused(hf_folder, text_folder, tmp_
             DataConfig(corpus=str(text_folder)),
             torch.device("cpu"),
         )
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stranger_run_at_the_recovery_folder_is_never_adopted(trained_checkpoint, make_config, tmp_path):
+    """A training run that happens to sit at <out>-recover (or at its log folder) is refused in one line, with
+    or without --resume, and nothing of it changes."""
+    from training.trainer import train
+
+    stranger = make_config(tmp_path, name="x-recover", out_dir=str(tmp_path), log_dir=str(tmp_path / "logs"))
+    stranger.max_steps = 2
+    train(stranger)
+    (tmp_path / "logs" / "x-recover" / "NOTES.txt").write_text("mine")
+    before = files_of(tmp_path / "x-recover") | {Path("logs") / k: v for k, v in files_of(tmp_path / "logs").items()}
+    argv = ["--method", "magnitude", "--recover", "full", "--recover-steps", "2"]
+    for extra in ([], ["--resume"]):
+        with pytest.raises(ValueError, match="is not a recovery that compress started for"):
+            run(trained_checkpoint, tmp_path / "x", *argv, *extra)
+    # the logs alone: another --log-dir whose folder of that name is someone else's
+    elsewhere = tmp_path / "other"
+    shutil.copytree(tmp_path / "logs", elsewhere / "logs")
+    with pytest.raises(ValueError, match="is not a recovery that compress started for"):
+        compress_main(["--checkpoint", str(trained_checkpoint), "--out", str(elsewhere / "x"), *argv,
+                       "--log-dir", str(elsewhere / "logs")])  # fmt: skip
+    after = files_of(tmp_path / "x-recover") | {Path("logs") / k: v for k, v in files_of(tmp_path / "logs").items()}
+    assert after == before and not (tmp_path / "x").exists() and not (elsewhere / "x").exists()
+    assert (elsewhere / "logs" / "x-recover" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_resume_with_other_settings_is_refused_and_a_resume_keeps_the_loss_before(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    import training.trainer as T
+
+    argv = ["--method", "magnitude", "--sparsity", "0.5", "--recover", "full", "--recover-steps", "8"]
+    real = T.train_step
+
+    def dies_at_step_6(r, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(r, step)
+
+    monkeypatch.setattr(T, "train_step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(trained_checkpoint, tmp_path / "k", *argv)
+    monkeypatch.setattr(T, "train_step", real)
+    kept = files_of(tmp_path / "k-recover")
+    for change, named in (
+        (["--sparsity", "0.7"], "sparsity 0.5 -> 0.7"),
+        (["--method", "wanda"], "method 'magnitude' -> 'wanda'"),
+        (["--recover", "distill"], "method 'full' -> 'distill'"),
+        (["--recover-steps", "9"], "steps 8 -> 9"),
+        (["--recover-seq-len", "16"], "seq_len None -> 16"),
+    ):
+        with pytest.raises(ValueError, match=f"had other settings.*{re.escape(named)}"):
+            run(trained_checkpoint, tmp_path / "k", *argv, *change, "--resume")
+    assert files_of(tmp_path / "k-recover") == kept and not (tmp_path / "k").exists()
+    resumed = run(trained_checkpoint, tmp_path / "k", *argv, "--resume")["recovery"]
+    whole = run(trained_checkpoint, tmp_path / "w", *argv)["recovery"]
+    assert resumed["val_loss_before"] == whole["val_loss_before"] is not None
+    assert resumed["val_loss_after"] == pytest.approx(whole["val_loss_after"], abs=1e-6)

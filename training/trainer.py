@@ -245,6 +245,9 @@ class Custom:
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (model, x, y)
     write_model: Callable[[torch.nn.Module, Path, dict], None] | None = None  # a checkpoint's model files
     read_state: Callable[[Path], dict] | None = None  # a checkpoint's model state dict, to resume
+    # called with (checkpoint folder, log folder) once a fresh run's folders are ready, before its first
+    # step (not on resume): to mark the folders as this run's
+    started: Callable[[Path, Path], None] | None = None
 
 
 def train(cfg: TrainConfig, custom: Custom | None = None) -> dict:
@@ -318,6 +321,8 @@ def setup(cfg: TrainConfig, info: D.DistInfo, custom: Custom | None = None) -> R
     tokens_per_step = global_batch * cfg.seq_len
     total_steps = math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else cfg.max_steps
     ckpt_dir, log_dir = prepare_run_dirs(cfg, info)
+    if custom.started is not None and info.is_main and not cfg.resume:
+        custom.started(ckpt_dir, log_dir)
 
     model, model_args, restored = build_model(cfg, info, data, ckpt_dir, custom)
     wrapped = D.wrap_model(model, cfg.parallel, info)
