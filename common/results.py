@@ -17,9 +17,21 @@ from common.files import atomic_write
 from common.hardware import run_metadata
 
 
-def check_result_path(path: str | os.PathLike | None):
-    """A result may replace only an earlier result (a JSON object carrying where it was measured): never a
-    user's file that happens to be named as --out. A one-line error otherwise, raised before any work."""
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model folders are one model: the same folder, or two steps (step_N) of one training run."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b:
+        return True
+    return a.parent == b.parent and a.name.startswith("step_") and b.name.startswith("step_")
+
+
+def check_result_path(
+    path: str | os.PathLike | None, evaluators: tuple[str, ...] = (), model: str | os.PathLike | None = None
+):
+    """A result may replace only an earlier result of the same evaluator (one of ``evaluators``, where given)
+    about the same model (``model``'s folder, where known): never a user's file that happens to be named as
+    --out, a training run's summary, another evaluator's result or another model's. A one-line error
+    otherwise, raised before any work."""
     if path is None or not os.path.lexists(path):
         return
     path = Path(path)
@@ -27,16 +39,30 @@ def check_result_path(path: str | os.PathLike | None):
         old = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
     except (OSError, ValueError):
         old = None
-    if not (isinstance(old, dict) and {"git_commit", "torch_version"} <= set(old)):
+    if not (isinstance(old, dict) and {"git_commit", "torch_version", "evaluator"} <= set(old)):
         raise UserError(
-            f"--out {path} exists and is not a result this project wrote; nothing was changed: name a new file"
+            f"--out {path} exists and is not a result an evaluator wrote; nothing was changed: name a new file"
+        )
+    if evaluators and old["evaluator"] not in evaluators:
+        raise UserError(
+            f"--out {path} holds a {old['evaluator']!r} result, not a {evaluators[0]!r} one; nothing was changed: "
+            "name a new file"
+        )
+    checkpoint = old.get("checkpoint")
+    if model is not None and isinstance(checkpoint, str) and checkpoint and not same_model(checkpoint, model):
+        raise UserError(
+            f"--out {path} holds the result of another model ({old.get('model', checkpoint)}); nothing was "
+            "changed: name a new file"
         )
 
 
-def write_result(path: str | os.PathLike, payload: dict, device: torch.device) -> Path:
-    """Write ``payload`` plus where it was measured (commit, device, torch) as JSON, atomically; an existing
-    file is replaced only if it is an earlier result (check_result_path)."""
-    check_result_path(path)
+def write_result(
+    path: str | os.PathLike, payload: dict, device: torch.device, model: str | os.PathLike | None = None
+) -> Path:
+    """Write ``payload`` (its "evaluator" included) plus where it was measured (commit, device, torch) as JSON,
+    atomically; an existing file is replaced only if it is an earlier result of the same evaluator about the
+    same ``model`` (check_result_path)."""
+    check_result_path(path, (payload["evaluator"],), model)
     return atomic_write(path, json.dumps({**run_metadata(device), **payload}, indent=2))
 
 

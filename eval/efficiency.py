@@ -121,6 +121,7 @@ EngineName = Literal[ENGINES]
 
 @dataclass
 class Args(EvalOptions):
+    EVALUATORS = ("efficiency",)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # batch sizes timed
     context: int | None = None  # tokens in the cache before decoding (default: max_seq_len/2); also the forward length
     prompt_len: int | None = None  # prefill length (default: --context)

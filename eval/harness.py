@@ -83,6 +83,7 @@ def run_tasks(lm, tasks: list[str], manager, limit: int | None, num_fewshot: int
 
 @dataclass
 class Args(EvalOptions):
+    EVALUATORS = ("harness",)
     tasks: list[str] = field(default_factory=list)  # harness task names (required)
     include_path: str | None = None  # a folder of task YAML files (local tasks)
     limit: int | None = None  # documents per task (default: all)

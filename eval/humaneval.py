@@ -103,6 +103,7 @@ def score_completions(
 
 @dataclass
 class Args(EvalOptions):
+    EVALUATORS = ("humaneval",)
     limit: int | None = None  # first N problems only (default: all 164)
     n_samples: int = 1  # completions per problem
     temperature: float = 0.0  # 0 = greedy (use > 0 with --n-samples > 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -16,9 +17,10 @@ from common.results import ModelIdentity, check_result_path, write_result
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import count_params
+from llama.model_io import resolve_checkpoint
 from llama.tokenizer import Tokenizer
 from models.folders import load_folder
-from models.hf import HFTokenizer
+from models.hf import HFTokenizer, is_hf_folder
 from models.interface import CausalLM
 
 
@@ -30,9 +32,13 @@ class EvalOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
     out: str | None = None  # result JSON (default: results/<model>-<evaluator>.json)
+    # the evaluator names this command writes: an existing --out is replaced only by the same evaluator's result
+    EVALUATORS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
-        check_result_path(self.out)  # a user's file named as --out stops the command now, not after the work
+        # a user's file, or another evaluator's or model's result, named as --out stops the command now, not
+        # after the work
+        check_result_path(self.out, self.EVALUATORS, model_folder(self.checkpoint))
 
     def load(self):
         return load_for_eval(self.checkpoint, self.device, self.dtype)
@@ -80,11 +86,25 @@ class Evaluated:
             compression=self.compression,
         )
         header = {"evaluator": evaluator, **identity.to_json()}
-        return write_result(out or Path("results") / f"{self.name}-{evaluator}.json", header | payload, self.device)
+        path = out or Path("results") / f"{self.name}-{evaluator}.json"
+        return write_result(path, header | payload, self.device, model=self.folder)
 
     def batch_size(self, requested: int) -> int:
         """The batch to evaluate with: 1 where a sequence's result would depend on its batch neighbours."""
         return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
+
+
+def model_folder(checkpoint: str | None) -> Path | None:
+    """The folder ``checkpoint`` names (a run's newest step), without loading it; None where it cannot be
+    told yet (the load will say why)."""
+    if not checkpoint:
+        return None
+    if is_hf_folder(checkpoint):
+        return Path(checkpoint)
+    try:
+        return resolve_checkpoint(checkpoint)
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def model_name(folder: Path) -> str:

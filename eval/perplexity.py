@@ -295,6 +295,7 @@ class CorpusArgs:
 
 @dataclass
 class Args(EvalOptions):
+    EVALUATORS = ("perplexity", "perplexity-lm-eval")
     text: CorpusArgs = field(default_factory=CorpusArgs)
     context: int | None = None  # window length (default: the model's max_seq_len)
     stride: int | None = None  # default: context / 2; must be below context (sliding mode)

@@ -40,6 +40,7 @@ def table(r: dict) -> str:
 
 @dataclass
 class Args(EvalOptions):
+    EVALUATORS = ("quality",)
     text: CorpusArgs = field(default_factory=CorpusArgs)
     stride: int | None = None  # perplexity stride (default: context / 2)
     max_tokens: int | None = None  # perplexity on the first N tokens only

@@ -67,7 +67,7 @@ class Args:
     def __post_init__(self):
         if self.rounds < 3 or self.n_tokens < 1 or self.batch < 1 or self.context < 1 or self.prompt_len < 1:
             raise UserError("need --rounds >= 3 and positive --n-tokens, --batch, --context, --prompt-len")
-        check_result_path(self.out)
+        check_result_path(self.out, ("side_by_side",))
 
 
 @dataclass

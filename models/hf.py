@@ -339,9 +339,32 @@ class HFTokenizer:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """The token ids of ``messages`` rendered by the chat template, ready for the assistant's answer (the
-        template writes the special tokens it wants, so none are added)."""
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        template writes the special tokens it wants, so none are added). A message's content is text, never
+        markup, as in OpenAI's API: where it spells a special or added token ("<|system|>"), that spelling is
+        tokenized as plain characters, so user text cannot open a turn of another role. Otherwise (nearly
+        always) the ids are exactly transformers' ``apply_chat_template`` ones."""
+        marks = {t.content for t in self.tok.added_tokens_decoder.values()} | set(self.tok.all_special_tokens)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and any(k and k in c for k in marks) for c in contents):
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        # Render with a placeholder per content, then tokenize the template's own text (its markers parsed)
+        # and each content with special tokens split into plain characters.
+        holders = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.tok.apply_chat_template(
+            [m | {"content": h} for m, h in zip(messages, holders, strict=True)],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(h) for h in holders) + ")"
+        for piece in re.split(pattern, rendered):
+            if piece in holders:
+                content = contents[holders.index(piece)]
+                ids += self.tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += self.tok(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     def special_text(self, i: int) -> str:
         """The text of one token, special ones included ("<s>", "<|endoftext|>")."""

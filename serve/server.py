@@ -42,13 +42,14 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -94,6 +95,8 @@ class Served:
     max_tokens_limit: int
     max_token_bytes: int = 1  # the longest token's UTF-8 bytes: a prompt's length bounds its token count
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # one thread tokenizes every request's prompts, off the event loop (tokenizers are not all thread-safe)
+    tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
     counter: object = None
     counter_reason: str | None = None
     idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
@@ -256,6 +259,13 @@ def fit_ids(served: Served, ids: list[int], max_tokens: int, truncate: bool, cut
     return ids, truncated
 
 
+def check_choices(n_prompts: int, n: int):
+    if n_prompts * n > MAX_CHOICES:
+        raise ApiError(
+            400, f"{n_prompts} prompts x n={n} is over this server's {MAX_CHOICES} completions per request", "n"
+        )
+
+
 def _plan(
     served: Served,
     req: Sampling,
@@ -266,10 +276,7 @@ def _plan(
     logprobs,
 ):
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    if len(prompts) * req.n > MAX_CHOICES:
-        raise ApiError(
-            400, f"{len(prompts)} prompts x n={req.n} is over this server's {MAX_CHOICES} completions per request", "n"
-        )
+    check_choices(len(prompts), req.n)
     choices = [(p, (seed + j) % 2**64) for p in range(len(prompts)) for j in range(req.n)]
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     return Plan(
@@ -294,6 +301,7 @@ def plan_completion(served: Served, req: CompletionRequest, received: float) -> 
         prompts = req.prompts()
     except ValueError as e:
         raise ApiError(400, str(e), "prompt") from None
+    check_choices(len(prompts), req.n)  # before any prompt is tokenized
     ids, truncated = [], []
     vocab = served.ev.tokenizer.vocab_size
     for p in prompts:
@@ -371,7 +379,7 @@ def _logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top
     }
 
 
-def run(served: Served, plan: Plan, emit=None) -> dict:
+def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
     """Decode every choice of ``plan`` (holding the server's lock: one request at a time). ``emit(event)``, if
     given, hears ``("token", index, delta, logprob entry or None)`` per token and ``("end", index, delta,
     finish_reason)`` per choice, from this thread; it raises ``ClientGone`` to stop."""
@@ -381,6 +389,8 @@ def run(served: Served, plan: Plan, emit=None) -> dict:
     hold_space = bool(getattr(getattr(tok, "tok", None), "clean_up_tokenization_spaces", False))
     results = []
     with served.lock:
+        if gone is not None and gone.is_set():
+            raise ClientGone  # it left while queued: nothing decoded
         started = time.perf_counter()
         meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
         with meter:
@@ -648,6 +658,12 @@ class DeadlineProtocol(H11Protocol):
             self._deadline.cancel()  # the whole request is in: the model's time is not the client's
             self._deadline = None
 
+    def on_response_complete(self):
+        super().on_response_complete()  # may start a pipelined request already in the buffer, whole or not
+        receiving = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
+        if receiving and not self.transport.is_closing():
+            self._arm()  # the next request has its own deadline, however its bytes arrived
+
     def connection_lost(self, exc):
         if self._deadline is not None:
             self._deadline.cancel()
@@ -717,22 +733,43 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    async def answer(plan: Plan, req: Sampling, chat: bool):
+    async def answer(request: Request, plan: Plan, req: Sampling, chat: bool):
         if req.stream:
             return stream(served, plan, req, chat)
-        # the model runs in a worker thread so the server keeps accepting (and queueing) requests meanwhile
-        result = await asyncio.to_thread(run, served, plan)
+        # The model runs in a worker thread so the server keeps accepting (and queueing) requests meanwhile;
+        # a client that leaves stops its decoding at the next token (or before it starts, if it was queued).
+        gone = threading.Event()
+
+        def watch(event):
+            if gone.is_set():
+                raise ClientGone
+
+        task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, watch, gone))
+        try:
+            while not (await asyncio.wait({task}, timeout=0.05))[0]:
+                if await request.is_disconnected():
+                    gone.set()
+            result = task.result()
+        except ClientGone:
+            return Response(status_code=499)  # nobody is there to read it
+        finally:
+            gone.set()
         return completion_body(served, plan, result, chat)
 
+    async def planned(make, req, received: float) -> Plan:
+        """The request's plan (its prompts tokenized) in the tokenizer's own thread, never on the event loop:
+        a large prompt list must not stall /health and every other client."""
+        return await asyncio.get_running_loop().run_in_executor(served.tokenizing, make, served, req, received)
+
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request, req: CompletionRequest):
         received = time.perf_counter()
-        return await answer(plan_completion(served, req, received), req, chat=False)
+        return await answer(request, await planned(plan_completion, req, received), req, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(request: Request, req: ChatRequest):
         received = time.perf_counter()
-        return await answer(plan_chat(served, req, received), req, chat=True)
+        return await answer(request, await planned(plan_chat, req, received), req, chat=True)
 
     return app
 

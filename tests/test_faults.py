@@ -4,6 +4,7 @@ fault table lists these cases."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,11 +386,25 @@ def test_an_evaluator_never_overwrites_a_file_that_is_not_its_result(trained_che
     notes = tmp_path / "notes.txt"
     notes.write_text("not a result")
     err = one_line_error(capsys, perplexity_main, [str(trained_checkpoint), "--max-tokens", "200", "--out", str(notes)])
-    assert "is not a result this project wrote" in err and notes.read_text() == "not a result"
+    assert "is not a result an evaluator wrote" in err and notes.read_text() == "not a result"
     result = tmp_path / "r.json"
     perplexity_main([str(trained_checkpoint), "--max-tokens", "200", "--out", str(result)])
     perplexity_main([str(trained_checkpoint), "--max-tokens", "200", "--out", str(result)])  # its own: replaced
-    assert json.loads(result.read_text())["evaluator"] == "perplexity"
+    mine = json.loads(result.read_text())
+    assert mine["evaluator"] == "perplexity"
+    # a training run's summary, another evaluator's result, another model's result: kept, one line each
+    other_model = tmp_path / "other-model"
+    shutil.copytree(trained_checkpoint / "step_30", other_model)
+    for name, content, argv, message in (
+        ("summary.json", {"git_commit": "abc", "torch_version": "2", "final_val_loss": 4.0}, [], "is not a result"),
+        ("quality.json", mine | {"evaluator": "quality"}, [], "holds a 'quality' result, not a 'perplexity' one"),
+        ("theirs.json", mine, ["--checkpoint-override"], "holds the result of another model"),
+    ):
+        path = tmp_path / name
+        path.write_text(json.dumps(content))
+        model = str(other_model) if argv else str(trained_checkpoint)
+        err = one_line_error(capsys, perplexity_main, [model, "--max-tokens", "200", "--out", str(path)])
+        assert message in err and json.loads(path.read_text()) == content, err
 
 
 # ---- one run at a time, whatever folders it shares --------------------------------------------------------

@@ -118,10 +118,7 @@ FORGERIES = {
     ),
     # the child's report channel, one lookup away once: the bootstrap's globals, and the pipe's usual number
     "bootstrap-globals": (
-        "import sys\n"
-        "    m = sys.modules['__main__']\n"
-        "    m._write(m.done_w, b'returned\\n')\n"
-        "    m._exit(0)\n"
+        "import sys\n    m = sys.modules['__main__']\n    m._write(m.done_w, b'returned\\n')\n    m._exit(0)\n"
     ),
     "report-fd": (
         "import posix\n"
