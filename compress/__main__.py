@@ -73,7 +73,7 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
-def calibration(a, base: Path, tokenizer) -> tuple[torch.Tensor, str]:
+def calibration(a, base: Path, tokenizer, context: int) -> tuple[torch.Tensor, str]:
     """Calibration windows and where they came from: ``--calib-corpus`` (tokenized with the model's own
     tokenizer), else the base run's training data (a Hugging Face folder has none here)."""
     if a.calib_corpus is None:
@@ -82,8 +82,17 @@ def calibration(a, base: Path, tokenizer) -> tuple[torch.Tensor, str]:
         except FileNotFoundError:
             raise UserError(f"{base} has no training data here (a Hugging Face model?); pass --calib-corpus") from None
     corpus = DataConfig(corpus=None if a.calib_corpus == "stdlib" else a.calib_corpus, file_glob=a.calib_file_glob)
-    tokens = corpus_calibration_tokens(corpus, tokenizer, a.calib_samples, a.calib_seq_len or 512, a.seed)
+    seq_len = a.calib_seq_len or min(512, context)
+    tokens = corpus_calibration_tokens(corpus, tokenizer, a.calib_samples, seq_len, a.seed)
     return tokens, a.calib_corpus
+
+
+def check_lengths(a, context: int):
+    """Calibration and recovery windows must fit the model's context: an explicit length beyond it is one
+    line before any work (the defaults follow the context)."""
+    for option, value in (("--calib-seq-len", a.calib_seq_len), ("--recover-seq-len", a.recover_seq_len)):
+        if value is not None and value > context:
+            raise UserError(f"{option} {value} is over the model's context of {context} tokens; use at most {context}")
 
 
 def compress(a) -> Path:
@@ -93,10 +102,12 @@ def compress(a) -> Path:
         raise UserError(f"{base} is already quantized; compress its unquantized base instead")
     if a.recover:
         require(model, "trainable", "--recover")
+    context = model.params.max_seq_len
+    check_lengths(a, context)
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
     settings, report, quant = {}, {}, None
-    calib, calib_source = calibration(a, base, tok) if a.method in NEEDS_CALIBRATION else (None, None)
+    calib, calib_source = calibration(a, base, tok, context) if a.method in NEEDS_CALIBRATION else (None, None)
     if a.method in ("drop-last", "drop-angular", "drop-bi"):
         layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
         model = drop_blocks(model, layers)
@@ -159,7 +170,7 @@ def compress(a) -> Path:
             staging,
             base,
             recovery(a),
-            recovery_config(a, base),
+            recovery_config(a, base, context),
             recovery_corpus(a),
             device,
             resume=a.resume,
@@ -282,12 +293,13 @@ def recovery(a):
     )
 
 
-def recovery_config(a, base: Path) -> TrainConfig:
-    """The recovery run's settings: the base run's own (dtype, compile, optimizer) where it has them."""
+def recovery_config(a, base: Path, context: int) -> TrainConfig:
+    """The recovery run's settings: the base run's own (dtype, compile, optimizer) where it has them; windows
+    of 256 tokens (or the model's context, if shorter) on a --calib-corpus."""
     trained = training_config(base)
-    cfg = trained or TrainConfig(seq_len=256)
+    cfg = trained or TrainConfig(seq_len=min(256, context))
     if a.calib_corpus is not None and trained is None:
-        cfg.seq_len = a.recover_seq_len or 256
+        cfg.seq_len = a.recover_seq_len or min(256, context)
     run, logs = recovery_run(a)
     cfg.name, cfg.out_dir, cfg.log_dir = run.name, str(run.parent), str(logs.parent)
     cfg.device = a.device if a.device != "auto" else cfg.device
@@ -314,7 +326,7 @@ class Args:
     skip_last: int = 0  # structured: leave the last N blocks intact
     scheme: Scheme | None = None  # quantization scheme
     calib_samples: int = 64  # calibration windows from the train split
-    calib_seq_len: int | None = None  # default: the run's training seq_len (512 with --calib-corpus)
+    calib_seq_len: int | None = None  # default: the run's training seq_len (with --calib-corpus: 512, or the context)
     calib_corpus: str | None = None  # calibration corpus: folder, file, python-sources, stdlib (HF models)
     calib_file_glob: str = "**/*.py"  # files of a folder calibration corpus
     batch_size: int = 8  # calibration windows per forward pass

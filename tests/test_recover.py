@@ -295,3 +295,20 @@ def test_a_resume_with_other_settings_is_refused_and_a_resume_keeps_the_loss_bef
     whole = run(trained_checkpoint, tmp_path / "w", *argv)["recovery"]
     assert resumed["val_loss_before"] == whole["val_loss_before"] is not None
     assert resumed["val_loss_after"] == pytest.approx(whole["val_loss_after"], abs=1e-6)
+
+
+def test_calibration_and_recovery_windows_follow_a_short_context(hf_folder, text_folder, tmp_path):
+    """Hugging Face folders of 128 positions: the default windows fit the context (GPT-2's once ended in an
+    IndexError), and a length beyond it is one line before any work."""
+    from tests.hf_models import make_hf_model
+
+    gpt2 = make_hf_model("gpt2", tmp_path / "gpt2")
+    corpus = ["--calib-corpus", str(text_folder), "--calib-samples", "4"]
+    info = run(hf_folder, tmp_path / "w", "--method", "wanda", *corpus)
+    assert info["calibration"]["windows"] == [4, 128]
+    rec = run(gpt2, tmp_path / "g", "--method", "magnitude", *corpus, "--recover", "lora", "--recover-steps", "2")
+    assert rec["recovery"]["tokens"] == 2 * 8 * 128 and rec["recovery"]["finite"]
+    for option in ("--calib-seq-len", "--recover-seq-len"):
+        with pytest.raises(ValueError, match=f"{option} 512 is over the model's context of 128 tokens"):
+            run(gpt2, tmp_path / "x", "--method", "wanda", *corpus, "--recover", "lora", option, "512")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-recover").exists()
