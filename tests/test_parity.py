@@ -159,6 +159,22 @@ def test_the_exported_tokenizer_gives_this_projects_ids(trained_baseline, export
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == ours.eos_id
 
 
+def test_the_one_stated_tokenizer_difference_is_exactly_a_literal_u2581(trained_baseline, exported):
+    """The one difference, as docs/hugging-face.md states it: the export reads a literal U+2581 as a space
+    (SentencePiece's own reading, which a tokenizers-format file cannot avoid: the character is the vocabulary's
+    space marker), this project's tokenizer as the character's three UTF-8 bytes (so it survives a round trip)."""
+    from transformers import AutoTokenizer
+
+    from llama.model_io import tokenizer_path
+    from llama.tokenizer import Tokenizer
+
+    ours, theirs = Tokenizer(tokenizer_path(trained_baseline)), AutoTokenizer.from_pretrained(str(exported))
+    for t in ["a\u2581b", "\u2581", "x = '\u2581'\n", "def f():\n    return '\u2581\u2581 x'\n"]:
+        assert theirs.encode(t) != ours.encode(t)
+        assert theirs.encode(t) == ours.encode(t.replace("\u2581", " ")), t
+        assert ours.decode(ours.encode(t, bos=False)) == t
+
+
 def test_greedy_generation_equals_transformers_generate(trained_baseline, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
