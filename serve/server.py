@@ -177,6 +177,7 @@ class Plan:
     eos: bool
     logprobs: int | None  # top alternatives per token (0: the chosen token's only), None: no log-probabilities
     received: float
+    model: str = ""  # the model id as the request named it ("tiny:onnxruntime"), echoed in the answer
 
 
 def _engine(served: Served, req: Sampling) -> str:
@@ -291,6 +292,7 @@ def _plan(
         not req.ignore_eos,
         logprobs,
         received,
+        req.model,
     )
 
 
@@ -509,7 +511,7 @@ def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dic
         "id": new_id("chatcmpl" if chat else "cmpl"),
         "object": "chat.completion" if chat else "text_completion",
         "created": now(),
-        "model": served.name,
+        "model": plan.model or served.name,
         "choices": choices,
         "usage": usage(plan, result["measures"]),
         **result["measures"],
@@ -539,7 +541,14 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def chunk(choices: list[dict], **extra) -> dict:
-        return {"id": rid, "object": kind, "created": created, "model": served.name, "choices": choices, **extra}
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": plan.model or served.name,
+            "choices": choices,
+            **extra,
+        }
 
     def choice(index: int, delta: str, finish: str | None, entry: dict | None) -> dict:
         if chat:

@@ -417,7 +417,8 @@ def openai_client(url):
 def test_the_official_client_completes_and_streams_as_eager_greedy_generation(served, url, engine):
     client, expected = openai_client(url), eager(served, PROMPT, 12)
     r = client.completions.create(model=f"{MODEL}:{engine}", prompt=PROMPT, max_tokens=12, temperature=0)
-    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    # the model id as asked for, as OpenAI's API and vLLM echo it
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == f"{MODEL}:{engine}"
     assert r.choices[0].text == expected and r.choices[0].index == 0
     assert r.choices[0].finish_reason in ("length", "stop")
     extra = r.model_extra
@@ -442,7 +443,7 @@ def test_the_official_client_completes_and_streams_as_eager_greedy_generation(se
     assert len(tokens) == last.usage.completion_tokens == r.usage.completion_tokens  # one chunk per token
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
     assert last.choices == [] and last.model_extra["engine"] == engine and last.model_extra["ttft_ms"] > 0
-    assert len({c.id for c in chunks}) == 1
+    assert len({c.id for c in chunks}) == 1 and {c.model for c in chunks} == {MODEL}
 
 
 def test_stop_strings_several_prompts_and_n_samples(served, url):
