@@ -43,10 +43,8 @@ def check_tasks(manager, tasks: list[str]):
 def load_task(task: str, manager):
     """The task with its documents read: data that does not load (a missing file, one that is not a data file)
     is a one-line error naming the task."""
-    from lm_eval.tasks import get_task_dict
-
     try:
-        return get_task_dict([task], manager)
+        return manager.load([task])
     except Exception as e:  # datasets and lm-eval raise many kinds for unreadable data
         cause = e.__cause__ or e
         raise UserError(f"task {task!r}: its data does not load ({failure(cause)})") from None
