@@ -797,7 +797,7 @@ def _job(s: Study, step: Step):
 def build_outputs(s: Study) -> Path:
     from visualizations import save_figures
     from visualizations.grouped import comparisons, depth_answers, group_rows, write_grouped_table
-    from visualizations.plot_tradeoffs import grouped_tradeoff_figures
+    from visualizations.plot_tradeoffs import family_color, grouped_tradeoff_figures
     from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig
     from visualizations.report import write_report
@@ -810,7 +810,8 @@ def build_outputs(s: Study) -> Path:
     atomic_write(s.out / "answer.json", json.dumps(answers, indent=2))
     trained = [m.run for m in s.members() if m.kind == "trained"]
     runs = load_runs(s.logs_dir, [r for r in trained if (Path(s.logs_dir) / r / "metrics.jsonl").is_file()])
-    figures = training_figures(runs, timed_alone=s.workers == 1) | grouped_tradeoff_figures(rows)
+    groups = {run: {"model": r["model"], "color": family_color(r)} for r in rows for run in r.get("runs", [])}
+    figures = training_figures(runs, timed_alone=s.workers == 1, groups=groups) | grouped_tradeoff_figures(rows)
     if s.workers > 1:  # not drawn (see training_figures); one from an earlier build with one worker goes too
         (s.out / "plots" / "training_costs.png").unlink(missing_ok=True)
     points = {}
@@ -819,9 +820,11 @@ def build_outputs(s: Study) -> Path:
         points.setdefault(r["run"], []).append(r)
     token_ppl = all("perplexity" in r for ps in points.values() for r in ps)  # lm-eval mode has none
     if points and (any(e.checkpoints for e in s.external) or not token_ppl):  # only bits per byte compare then
-        figures["over_training.png"] = over_training_fig(points, "bits_per_byte", "held-out bits per byte")
+        figures["over_training.png"] = over_training_fig(
+            points, "bits_per_byte", "held-out bits per byte", note="seed 0 of each model"
+        )
     elif points:
-        figures["over_training.png"] = over_training_fig(points)
+        figures["over_training.png"] = over_training_fig(points, note="seed 0 of each model")
     save_figures(figures, s.out / "plots")
     return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points, answers)
 

@@ -30,14 +30,29 @@ def test_training_curves_plot_the_logged_series(logs):
     runs = load_runs(logs)
     fig = training_curves(runs)
     by_step, by_time = fig.axes
-    lines = {ln.get_label(): ln for ln in by_step.get_lines()}
-    assert set(lines) == {"a train", "a val", "b train", "b val"}
-    assert list(lines["b train"].get_xdata()) == [1, 2, 3]
-    assert list(lines["b train"].get_ydata()) == pytest.approx([20, 10, 20 / 3])
-    assert list(lines["a val"].get_ydata()) == [4.0]
-    time_lines = {ln.get_label(): ln for ln in by_time.get_lines()}
-    assert list(time_lines["b train"].get_xdata()) == [2.0, 4.0, 6.0]
+    lines = by_step.get_lines()
+    train = {ln.get_label(): ln for ln in lines if not ln.get_label().startswith("_")}
+    assert set(train) == {"a", "b"} and [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+    assert list(train["b"].get_xdata()) == [1, 2, 3]
+    assert list(train["b"].get_ydata()) == pytest.approx([20, 10, 20 / 3])
+    val = [ln for ln in lines if ln.get_marker() == "o"]
+    assert sorted(list(ln.get_ydata()) for ln in val) == [[4.0], [8.0]]
+    assert sorted(list(ln.get_xdata()) for ln in by_time.get_lines() if ln.get_marker() != "o")[1] == [2.0, 4.0, 6.0]
     assert by_time.get_xlabel().startswith("wall-clock") and "nats" in by_step.get_ylabel()
+
+
+def test_training_curves_group_seeds_in_the_families_colours(logs):
+    """Seeds of one model share a colour, a line style and one legend entry; two models of one family differ
+    by line style; timed beside other work, no wall-clock panel."""
+    runs = load_runs(logs)
+    groups = {"a": {"model": "plain", "color": "C0"}, "b": {"model": "plain", "color": "C0"}}
+    fig = training_curves(runs, groups, timed_alone=False)
+    assert len(fig.axes) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == ["plain"]
+    train = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() != "o"]
+    assert {ln.get_color() for ln in train} == {"C0"} and {ln.get_linestyle() for ln in train} == {"-"}
+    groups["b"] = {"model": "plain-1", "color": "C0"}
+    train = [ln for ln in training_curves(runs, groups).axes[0].get_lines() if ln.get_marker() != "o"]
+    assert {ln.get_linestyle() for ln in train} == {"-", "--"}
 
 
 def test_training_costs_bars(logs, tmp_path):
@@ -396,3 +411,21 @@ def test_a_gated_side_by_side_states_no_latency_verdict_and_a_busy_machine_is_sa
     write_grouped_table(rows, s.out)
     report = write_report(StudyRecord.read(s.out), s.out, rows, comps, {}, [], {}).read_text()
     assert "**Busy machine**" in report and "1.40 of its 2 cores" in report and "A/A control" in report
+
+
+def test_a_far_p90_does_not_stretch_the_latency_axis():
+    from visualizations.plot_tradeoffs import grouped_tradeoff_figure
+
+    def row(model, median, p90, bpb):
+        return {
+            "model": model,
+            "per_head": False,
+            "seeds_measured": 2,
+            "bits_per_byte": {"mean": bpb, "ci_low": bpb - 0.01, "ci_high": bpb + 0.01},
+            "decode_ms": {"median": median, "p10": 0.9 * median, "p90": p90},
+        }
+
+    fig = grouped_tradeoff_figure([row("a", 2.0, 2.4, 1.9), row("b", 4.0, 65.0, 1.8)], "decode_ms")
+    (ax,) = fig.axes
+    assert ax.get_xlim()[1] < 6.5  # the medians (2 and 4 ms) fill the axis, not the 65 ms p90
+    assert [t.get_text() for t in ax.texts if t.get_text().startswith("p90")] == ["p90 65 →"]

@@ -28,7 +28,7 @@ AXES = {
 }
 
 
-def _color(row: dict) -> str:
+def family_color(row: dict) -> str:
     """Plain blocks blue, per-head layers orange, gated attention green (both: the per-head colour)."""
     spec = row.get("head_layer") or {}
     if spec.get("gate") and "hidden_dim" not in spec:
@@ -74,7 +74,7 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     sizes = [r.get("memory_bytes") or 4 * (r.get("params") or 0) for r in pts]
     scale = 1500 / max(sizes) if max(sizes) else 1
     for r, s in zip(pts, sizes, strict=True):
-        color = _color(r)
+        color = family_color(r)
         compressed = r.get("compression", "none") != "none"
         ax.scatter(
             r[x_key],
@@ -120,7 +120,7 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
         xerr = [[x - r[x_key]["p10"]], [r[x_key]["p90"] - x]] if isinstance(r[x_key], dict) else None
         b = r["bits_per_byte"]
         yerr = [[b["mean"] - b["ci_low"]], [b["ci_high"] - b["mean"]]] if b.get("ci_low") is not None else None
-        color = _color(r)
+        color = family_color(r)
         face = "none" if r.get("kind") == "compressed" else color
         ax.errorbar(x, b["mean"], xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, ms=8, capsize=3)
         ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=offset, textcoords="offset points")
@@ -128,6 +128,14 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
     if not x_key.startswith("decode_ms"):
         ax.set_xscale("log")
+    else:  # latency: the axis spans the medians; a p90 bar far beyond them is cut at the edge and its value written
+        right = min(max(r[x_key]["p90"] for r in pts), 1.5 * max(xs))
+        left = min(r[x_key]["p10"] for r in pts)
+        ax.set_xlim(left - 0.05 * (right - left), right + 0.05 * (right - left))
+        for r, x in zip(pts, xs, strict=True):
+            if r[x_key]["p90"] > right:
+                y = r["bits_per_byte"]["mean"]
+                ax.annotate(f"p90 {r[x_key]['p90']:.3g} →", (right, y), fontsize=7, ha="right", va="bottom")
     _legend(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -40,24 +40,45 @@ def load_runs(log_dir: str | Path, names: list[str] | None = None) -> dict[str, 
     return runs
 
 
-def training_curves(runs: dict[str, dict]):
-    """Loss against steps and against wall-clock time; training loss solid, validation loss dashed."""
-    fig, (a_step, a_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for i, (name, r) in enumerate(runs.items()):
-        color = f"C{i}"
+STYLES = ("-", "--", ":", "-.")
+
+
+def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None, timed_alone: bool = True):
+    """Loss against steps (and against wall-clock time where the runs had the machine to themselves):
+    training loss as lines, validation loss as dots. With ``groups`` (run -> {"model": name, "color": "C1"}),
+    the seeds of one model share its colour and line style and one legend entry, the colours meaning what they
+    mean in the trade-off plots (baseline blue, per-head orange, gated green); the legend sits beside the
+    axes, not over the data."""
+    groups = groups or {name: {"model": name, "color": f"C{i % 10}"} for i, name in enumerate(runs)}
+    styles, used = {}, {}
+    for name in runs:
+        g = groups.get(name) or {"model": name, "color": "gray"}
+        if g["model"] not in styles:
+            k = used.get(g["color"], 0)
+            used[g["color"]] = k + 1
+            styles[g["model"]] = (g["color"], STYLES[k % len(STYLES)])
+    panels = 2 if timed_alone else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 3, 4.5), sharey=True, squeeze=False)
+    a_step = axes[0, 0]
+    labelled = set()
+    for name, r in runs.items():
+        model = (groups.get(name) or {"model": name})["model"]
+        color, style = styles[model]
+        label = None if model in labelled else model
+        labelled.add(model)
         m, v = r["metrics"], r["val"]
-        a_step.plot([x["step"] for x in m], [x["loss"] for x in m], color=color, label=f"{name} train")
-        a_time.plot([x["elapsed_s"] for x in m], [x["loss"] for x in m], color=color, label=f"{name} train")
-        if v:
-            a_step.plot([x["step"] for x in v], [x["val_loss"] for x in v], "o--", color=color, label=f"{name} val")
-            a_time.plot(
-                [x["elapsed_s"] for x in v], [x["val_loss"] for x in v], "o--", color=color, label=f"{name} val"
-            )
-    a_step.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="Loss vs step")
-    a_time.set(xlabel="wall-clock training time (s)", title="Loss vs time")
-    for ax in (a_step, a_time):
+        xs = [("step", a_step)] + ([("elapsed_s", axes[0, 1])] if timed_alone else [])
+        for key, ax in xs:
+            ax.plot([x[key] for x in m], [x["loss"] for x in m], style, color=color, alpha=0.8, lw=1, label=label)
+            if v:
+                ax.plot([x[key] for x in v], [x["val_loss"] for x in v], "o", color=color, ms=4)
+    a_step.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="Loss vs step (lines: train, dots: val)")
+    if timed_alone:
+        axes[0, 1].set(xlabel="wall-clock training time (s)", title="Loss vs time")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
-    a_time.legend(fontsize=8)
+    handles, labels = a_step.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.995, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -78,9 +99,11 @@ def training_costs(runs: dict[str, dict]):
     return fig
 
 
-def over_training(points: dict[str, list[dict]], key: str = "perplexity", label: str = "held-out perplexity"):
+def over_training(
+    points: dict[str, list[dict]], key: str = "perplexity", label: str = "held-out perplexity", note: str = ""
+):
     """Quality of a run's periodic checkpoints against the tokens they had seen (and the training energy spent
-    by then, where it was measured)."""
+    by then, where it was measured); ``note`` (e.g. "seed 0 of each model") goes into the title."""
     has_energy = any(p.get("energy_j") is not None for ps in points.values() for p in ps)
     fig, axes = plt.subplots(1, 2 if has_energy else 1, figsize=(12 if has_energy else 6.5, 4.5), squeeze=False)
     for i, (name, ps) in enumerate(points.items()):
@@ -89,7 +112,8 @@ def over_training(points: dict[str, list[dict]], key: str = "perplexity", label:
         if has_energy:
             e = [p for p in ps if p.get("energy_j") is not None]
             axes[0, 1].plot([p["energy_j"] for p in e], [p[key] for p in e], "o-", color=f"C{i}", label=name)
-    axes[0, 0].set(xlabel="training tokens", ylabel=label, title=f"{label} over training")
+    suffix = f" ({note})" if note else ""
+    axes[0, 0].set(xlabel="training tokens", ylabel=label, title=f"{label} over training{suffix}")
     if has_energy:
         axes[0, 1].set(xlabel="training energy so far (J)", ylabel=label, title=f"{label} vs training energy")
     for ax in axes[0]:
@@ -99,10 +123,10 @@ def over_training(points: dict[str, list[dict]], key: str = "perplexity", label:
     return fig
 
 
-def training_figures(runs: dict[str, dict], timed_alone: bool = True) -> dict:
+def training_figures(runs: dict[str, dict], timed_alone: bool = True, groups: dict[str, dict] | None = None) -> dict:
     """The loss curves, and the training times and throughputs where the runs had the machine to themselves
-    (timed beside other runs, those figures measure the machine's load, not the models)."""
-    figures = {"training_curves.png": training_curves(runs)}
+    (timed beside other runs, wall-clock figures measure the machine's load, not the models: not drawn)."""
+    figures = {"training_curves.png": training_curves(runs, groups, timed_alone)}
     if timed_alone:
         figures["training_costs.png"] = training_costs(runs)
     return figures

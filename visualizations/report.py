@@ -316,7 +316,9 @@ def write_report(
             "J/token field says so, and no energy figure is drawn."
         )
     captions = {
-        "training_curves.png": "Training (solid) and validation (dashed) loss against steps and wall-clock time.",
+        "training_curves.png": "Training (lines) and validation (dots) loss against steps, every seed of a model "
+        "in its colour and line style (blue baseline, orange per-head, green gated); against wall-clock time too "
+        "where the runs had the machine to themselves.",
         "training_costs.png": "Training time and throughput per run.",
         "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
         "(median, p10-p90 over interleaved rounds).",
@@ -324,8 +326,8 @@ def write_report(
         "at batch 1 (torch.compile; median, p10-p90 over interleaved rounds).",
         "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
         "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
-        "over_training.png": "Held-out perplexity of periodic checkpoints against training tokens, on the "
-        "evaluation set of the table.",
+        "over_training.png": "Held-out quality of periodic checkpoints against training tokens, on the "
+        "evaluation set of the table: seed 0 of each model only.",
     }
     lines += ["", "## Figures", ""]
     for f in figures:
