@@ -165,6 +165,36 @@ def summarize(r: dict) -> dict:
     return out
 
 
+SAMPLE_SEED = 0  # which held-out documents a token budget takes: drawn with this seed, the same for every model
+
+
+def sample_documents(sizes: list[int], max_tokens: int | None, seed: int = SAMPLE_SEED) -> tuple[list[int], str]:
+    """Indices (in split order) of whole documents drawn at random across a split until ``max_tokens`` (at
+    least one document), and a sentence saying so; every document when the budget holds them all. The first N
+    tokens of a split would be its first few documents (in a code corpus, a few modules of one package): not a
+    sample of it."""
+    total = sum(sizes)
+    if not max_tokens or total <= max_tokens:
+        return list(range(len(sizes))), f"all {len(sizes)} documents ({total:,} tokens)"
+    chosen, seen = [], 0
+    for i in np.random.default_rng(seed).permutation(len(sizes)):
+        if chosen and seen + sizes[i] > max_tokens:
+            continue
+        chosen.append(int(i))
+        seen += sizes[i]
+    chosen.sort()
+    return chosen, (
+        f"{len(chosen)} of {len(sizes)} whole documents ({seen:,} of {total:,} tokens), drawn at random "
+        f"(seed {seed}) across the split to fit --max-tokens {max_tokens:,}"
+    )
+
+
+def packed_documents(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
+    """The packed stream cut before each <s>: each piece one document as packed (<s> doc </s>)."""
+    starts = [0, *np.flatnonzero(np.asarray(tokens) == bos_id)[1:].tolist(), len(tokens)]
+    return [np.asarray(tokens[a:b]) for a, b in zip(starts, starts[1:], strict=False) if b > a]
+
+
 def corpus_documents(corpus: DataConfig | HeldOut) -> tuple[Iterator[str], str]:
     """The documents of a corpus, or of another checkpoint's held-out split, read as they are asked for, and
     how to name the source."""
@@ -213,13 +243,23 @@ def evaluate_perplexity(
     if mode != "sliding":
         raise UserError(f"perplexity mode {mode!r} is unknown; use sliding or lm-eval")
     stride = stride or context // 2
+    sample = None
     if corpus is None:
         data, _ = training_data(ev.folder)
-        tokens, source = data.val, f"held-out split of {data.dir}"
+        docs = packed_documents(data.val, ev.tokenizer.bos_id)  # each <s> doc </s>, as packed
+        chosen, sample = sample_documents([len(d) for d in docs], max_tokens)
+        tokens, source = np.concatenate([docs[i] for i in chosen]), f"held-out split of {data.dir}"
+    elif isinstance(corpus, HeldOut):
+        texts = heldout_texts(corpus.checkpoint)
+        ids = ev.tokenizer.encode_batch(texts, bos=True, eos=True)
+        chosen, sample = sample_documents([len(x) for x in ids], max_tokens)
+        tokens = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in chosen])
+        source = f"held-out split of {corpus.checkpoint}'s training data, as text"
     else:
         tokens, source = corpus_tokens(corpus, ev.tokenizer, max_tokens)
-    if max_tokens:
-        tokens = tokens[:max_tokens]
+        if max_tokens:
+            tokens = tokens[:max_tokens]
+            sample = f"the first {len(tokens):,} tokens of the corpus, documents in its order"
     batch = ev.batch_size(batch_size)
     t0 = time.perf_counter()
     r = sliding_window_nll(
@@ -229,6 +269,7 @@ def evaluate_perplexity(
         **summarize(r),
         "mode": "sliding",  # token perplexity over the packed held-out stream (not lm-eval's word perplexity)
         "source": source,
+        "sample": sample,  # which part of the source was scored
         "context": context,
         "stride": stride,
         "batch": batch,  # windows per forward pass; 1 for batch-dependent quantization (see batch_requested)
@@ -242,13 +283,21 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
     """Each document scored on its own as lm-eval's HF model does: encoded as hflm_tokens says, after the
     prefix token (BOS, else EOS), in lm-eval's disjoint rolling windows."""
     tok = ev.tokenizer
-    if corpus is None:
-        data, _ = training_data(ev.folder)
-        docs = heldout_documents(data.val, tok)  # <s> first, as this project's tokenizer encodes a text
-        pairs, source = ((tok.decode(d), [tok.bos_id, *d]) for d in docs), f"held-out split of {data.dir}"
+    if corpus is None or isinstance(corpus, HeldOut):  # a held-out split: whole documents drawn across it
+        if corpus is None:
+            data, _ = training_data(ev.folder)
+            held = heldout_documents(data.val, tok)  # <s> first, as this project's tokenizer encodes a text
+            all_pairs, source = [(tok.decode(d), [tok.bos_id, *d]) for d in held], f"held-out split of {data.dir}"
+        else:
+            all_texts = heldout_texts(corpus.checkpoint)
+            all_pairs = [(text, hflm_tokens(tok, text)) for text in all_texts]
+            source = f"held-out split of {corpus.checkpoint}'s training data, as text"
+        chosen, sample = sample_documents([len(ids) for _, ids in all_pairs], max_tokens)
+        pairs = (all_pairs[i] for i in chosen)
     else:
         texts, source = corpus_documents(corpus)
         pairs = ((text, hflm_tokens(tok, text)) for text in texts)
+        sample = None
     texts, docs, seen = [], [], 0
     for text, ids in pairs:  # whole documents, up to the budget (at least one), read no further
         if max_tokens and docs and seen + len(ids) > max_tokens:
@@ -256,12 +305,15 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
         texts.append(text)
         docs.append(np.asarray(ids))
         seen += len(ids)
+    if sample is None:
+        sample = f"the first {len(docs)} whole documents of the corpus ({seen:,} tokens)" if max_tokens else None
     t0 = time.perf_counter()
     nll = document_nll(ev.model, docs, tok.bos_id, context, ev.autocast(), progress)
     return {
         **lm_eval_metrics(nll, texts),
         "tokens_scored": int(sum(len(d) for d in docs)),
         "source": source,
+        "sample": sample,
         "context": context,
         "dtype": str(ev.dtype).removeprefix("torch."),
         "time_s": time.perf_counter() - t0,
@@ -301,7 +353,9 @@ class Args(EvalOptions):
     stride: int | None = None  # default: context / 2; must be below context (sliding mode)
     mode: Literal["sliding", "lm-eval"] = "sliding"  # sliding: token ppl over the packed stream; lm-eval: per document
     batch_size: int = 8  # windows per forward pass
-    max_tokens: int | None = None  # evaluate only the first N tokens
+    max_tokens: int | None = (
+        None  # score at most N tokens: whole documents drawn across a held-out split (a corpus: its first N tokens)
+    )
 
 
 def main(argv=None):

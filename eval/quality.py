@@ -43,7 +43,7 @@ class Args(EvalOptions):
     EVALUATORS = ("quality",)
     text: CorpusArgs = field(default_factory=CorpusArgs)
     stride: int | None = None  # perplexity stride (default: context / 2)
-    max_tokens: int | None = None  # perplexity on the first N tokens only
+    max_tokens: int | None = None  # perplexity on at most N tokens: whole held-out documents drawn across the split
     n_docs: int = 50  # held-out documents for continuations
     prompt_tokens: int = 128  # continuation prompt length
     continuation_tokens: int = 64  # continuation reference length

@@ -169,3 +169,26 @@ def test_a_token_budget_reads_and_tokenizes_only_what_it_needs_of_a_large_corpus
     tracemalloc.stop()
     assert sum(seen) <= 64 and peak < 40e6, (sum(seen), peak)  # one batch of documents, not 3000 (100 MB)
     assert 0 < r["tokens_scored"] <= 5000 or r["documents"] == 1  # lm-eval mode scores whole documents, one at least
+
+
+def test_a_token_budget_scores_whole_documents_drawn_across_the_split():
+    from eval.perplexity import sample_documents
+
+    sizes = [100] * 80
+    chosen, said = sample_documents(sizes, 1000)
+    assert len(chosen) == 10 and chosen == sorted(chosen) and sum(sizes[i] for i in chosen) <= 1000
+    assert min(chosen) < 40 <= max(chosen)  # from across the split, not its first ten documents
+    assert chosen == sample_documents(sizes, 1000)[0]  # the same for every model
+    assert said.startswith("10 of 80 whole documents (1,000 of 8,000 tokens), drawn at random (seed 0)")
+    assert sample_documents(sizes, None)[0] == list(range(80)) and sample_documents([5000], 10)[0] == [0]
+
+
+def test_the_held_out_sample_is_stated_in_the_result(trained_checkpoint):
+    from eval.model import load_for_eval
+    from eval.perplexity import evaluate_perplexity
+
+    ev = load_for_eval(str(trained_checkpoint), "cpu")
+    for mode in ("sliding", "lm-eval"):
+        r = evaluate_perplexity(ev, None, None, None, 4, 3000, progress=False, mode=mode)
+        assert "whole documents" in r["sample"] and "drawn at random" in r["sample"], r["sample"]
+        assert r["tokens_scored"] <= 3000

@@ -29,7 +29,8 @@ def test_quality_command_on_a_trained_checkpoint(trained_checkpoint, tmp_path, c
     for key in ("git_commit", "device", "torch_version"):
         assert r[key]
     ppl = r["perplexity"]
-    assert ppl["tokens_scored"] == 2999 and 1 < ppl["perplexity"] < 500 and ppl["bits_per_byte"] > 0
+    assert ppl["tokens_scored"] <= 2999 and "whole documents" in ppl["sample"]  # drawn across the split
+    assert 1 < ppl["perplexity"] < 500 and ppl["bits_per_byte"] > 0
     assert ppl["context"] == 32 and ppl["stride"] == 16
     assert r["continuation"]["pairs"] == 2 and 0 <= r["continuation"]["bleu"] <= 100
     he = r["humaneval"]

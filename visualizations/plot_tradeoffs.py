@@ -132,7 +132,7 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
         right = min(max(r[x_key]["p90"] for r in pts), 1.5 * max(xs))
         left = min(r[x_key]["p10"] for r in pts)
         ax.set_xlim(left - 0.05 * (right - left), right + 0.05 * (right - left))
-        for r, x in zip(pts, xs, strict=True):
+        for r in pts:
             if r[x_key]["p90"] > right:
                 y = r["bits_per_byte"]["mean"]
                 ax.annotate(f"p90 {r[x_key]['p90']:.3g} →", (right, y), fontsize=7, ha="right", va="bottom")

@@ -71,7 +71,9 @@ def evaluation_sizes(quality: dict | None, side: dict | None) -> list[str]:
         passed = he.get("pass", {})
         out += [
             f"- Perplexity and bits per byte: {_num(ppl.get('tokens_scored'), ',')} held-out tokens "
-            f"({ppl.get('source', '?')}), windows of {ppl.get('context', '?')} tokens every {ppl.get('stride', '?')}; "
+            f"({ppl.get('source', '?')}"
+            + (f": {ppl['sample']}" if ppl.get("sample") else ": the first tokens of the split, in its order")
+            + f"), windows of {ppl.get('context', '?')} tokens every {ppl.get('stride', '?')}; "
             "the same text for every model and every checkpoint.",
             f"- Continuations (BLEU, ROUGE-L): {cont.get('pairs', '?')} held-out documents, prompted with their first "
             f"{cont.get('prompt_tokens', '?')} tokens, scored against the next {cont.get('continuation_tokens', '?')}.",
