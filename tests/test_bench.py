@@ -193,3 +193,12 @@ def test_the_decode_loop_benchmark_compares_with_transformers_generate(tmp_path)
     assert set(r["engines"]) == {"transformers", "torch"} and len(r["engines"]["torch"]["samples"]) == 3
     ratio = r["engines"]["torch"]["ratio_to_transformers"]
     assert ratio["test"].startswith("wilcoxon") and r["engines"]["torch"]["target"] == 1.0
+
+
+def test_the_lm_eval_bench_items_hold_the_true_next_line_among_four():
+    from bench.lm_eval_adapter import corpus
+
+    rolling, items = corpus(3, 10)
+    assert len(rolling) == 3 and all(0 < len(r["text"]) <= 3000 for r in rolling)
+    assert len(items) == 10 and all(len(i["choices"]) == 4 and 0 <= i["answer"] < 4 for i in items)
+    assert corpus(3, 10) == (rolling, items)  # the same tasks every run
