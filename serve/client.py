@@ -14,12 +14,14 @@ unless ``--prompts`` names a JSONL file with a ``prompt`` field.
 Schedule: at most ``--concurrency`` requests in flight; with ``--rate R`` requests arrive as a Poisson process
 of R per second (exponential gaps from ``--seed``), else all at once; ``--duration`` bounds the whole run: no request
 is sent after that many seconds and those still in flight then are cut (recorded as such); ``--timeout`` bounds
-each request from sending to its last chunk. Measured per request, from the stream: ``ttft_ms`` (request sent
-to the first chunk that shows text, as vLLM's benchmark counts it), ``itl_ms`` (gaps between chunks that show
-text; a server that sends several tokens per chunk, or holds text back, shows fewer, longer gaps),
-``tpot_ms`` ((e2e - ttft) / (output tokens - 1), the tokens from the server's ``usage``), ``e2e_ms`` (sent to
-the end of the stream, the server's queue included). A server that adds its own figures to the last chunk
-(this project's) has them recorded beside (``server_*``, energy).
+each request from sending to its last chunk. Measured per request, from the stream, exactly as vLLM's
+``bench serve`` defines them (``vllm/benchmarks/lib/endpoint_request_func.py`` and ``calculate_metrics``;
+``stream_metrics`` below): ``ttft_ms``, request sent to the first chunk that has a choice, even one whose text
+is empty (a server holding back a possible stop string still sends it); ``itl_ms``, the gaps between successive
+chunks that have a choice; ``e2e_ms``, request sent to the last chunk that has a choice (the trailing usage
+chunk and ``[DONE]`` are not part of it); ``tpot_ms``, (e2e - ttft) / (output tokens - 1), the tokens from the
+server's ``usage``. A server that adds its own figures to the last chunk (this project's) has them recorded
+beside (``server_*``, energy).
 
 Writes ``requests.jsonl`` / ``requests.csv`` (one row per request), and ``summary.json``: per target
 p50/p90/p99, throughput, and the statistics (Kruskal-Wallis across targets, then each pair on the requests
@@ -130,12 +132,29 @@ def discover(base: str, api_key: str = "none") -> tuple[list[str], dict]:
     return models, server
 
 
+def stream_metrics(t0: float, chunks: list[tuple[float, bool]], tokens_out: int | None) -> dict:
+    """vLLM's figures of one streamed request: ``chunks`` is (arrival time, whether it has a choice) of every
+    data chunk; ``tokens_out`` the server's usage count (None: one token per chunk with a choice)."""
+    times = [t for t, has_choice in chunks if has_choice]
+    if not times:
+        return {"ttft_ms": None, "itl_ms": [], "e2e_ms": None, "tpot_ms": None, "tokens_out": tokens_out or 0}
+    n = tokens_out if tokens_out is not None else len(times)
+    ttft, e2e = 1e3 * (times[0] - t0), 1e3 * (times[-1] - t0)
+    return {
+        "ttft_ms": ttft,
+        "itl_ms": [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)],
+        "e2e_ms": e2e,
+        "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else None,
+        "tokens_out": n,
+    }
+
+
 async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> dict:
     """Send one streamed request; the row of what the client saw."""
     import openai
 
     row = {k: v for k, v in job.items() if k != "body"} | {"status": 0}
-    token_times: list[float] = []
+    chunks: list[tuple[float, bool]] = []
     text, usage, last = [], None, None
     t0 = time.perf_counter()
     row["sent_s"] = t0 - t_start
@@ -144,10 +163,9 @@ async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> d
         nonlocal usage, last
         stream = await client.completions.create(**job["body"], stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].text:  # as vLLM's benchmark: a chunk that shows text
-                token_times.append(now)
-                text.append(chunk.choices[0].text)
+            chunks.append((time.perf_counter(), bool(chunk.choices)))
+            if chunk.choices:
+                text.append(chunk.choices[0].text or "")
             if chunk.usage is not None:
                 usage = chunk.usage
             last = chunk
@@ -169,18 +187,17 @@ async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> d
     except (openai.APIError, ValueError) as e:  # connection refused or reset, a stream that is not SSE ...
         row |= {"status": 0, "error": f"{type(e).__name__}: {e}"[:300]}
         return row
+    if not any(has_choice for _, has_choice in chunks):  # as vLLM's benchmark: no TTFT, a failed request
+        row |= {"status": 0, "error": "the stream held no chunk with a choice"}
+        return row
     row["status"] = 200
-    n = usage.completion_tokens if usage is not None else len(token_times)
+    row |= stream_metrics(t0, chunks, usage.completion_tokens if usage is not None else None)
     row |= {
         "tokens_in": usage.prompt_tokens if usage is not None else None,
-        "tokens_out": n,
         "tokens_from": "usage" if usage is not None else "chunks",
-        "ttft_ms": 1e3 * (token_times[0] - t0) if token_times else None,
-        "e2e_ms": 1e3 * (t_end - t0),
-        "itl_ms": [1e3 * (b - a) for a, b in zip(token_times, token_times[1:], strict=False)],
+        "stream_end_ms": 1e3 * (t_end - t0),  # to [DONE]: the usage chunk and the server's figures included
         "text": "".join(text),
     }
-    row["tpot_ms"] = (row["e2e_ms"] - row["ttft_ms"]) / (n - 1) if token_times and n > 1 else None
     extra = (last.model_extra or {}) if last is not None else {}
     for m in SERVER_METRICS:
         if extra.get(m) is not None:

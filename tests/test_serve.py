@@ -744,3 +744,20 @@ def test_chat_content_that_spells_special_tokens_cannot_open_another_role(tmp_pa
     # the markers appear only where the template writes them: one <|end|> (after the one user turn), no system
     assert sum(i in specials for i in ids) == 1
     assert hf.decode(ids).count("obey me") == 1
+
+
+def test_the_clients_figures_are_vllms_formulas_on_a_recorded_stream():
+    """A stream whose first chunk has an empty text (a held-back stop string), two more token chunks, then the
+    usage chunk: vLLM's bench serve counts TTFT at the empty chunk, ITL between choice chunks, latency to the
+    last choice chunk and TPOT = (latency - TTFT) / (tokens - 1)."""
+    from serve.client import stream_metrics
+
+    t0 = 100.0
+    chunks = [(100.010, True), (100.030, True), (100.045, True), (100.050, False)]
+    m = stream_metrics(t0, chunks, tokens_out=3)
+    # vLLM, by hand: ttft = 10 ms; itl = [30 - 10, 45 - 30]; latency = 45 ms; tpot = (45 - 10) / (3 - 1)
+    assert m["ttft_ms"] == pytest.approx(10.0) and m["itl_ms"] == pytest.approx([20.0, 15.0])
+    assert m["e2e_ms"] == pytest.approx(45.0) and m["tpot_ms"] == pytest.approx(17.5)
+    # without usage, one token per choice chunk; a stream of no choice chunk has no figures (a failed request)
+    assert stream_metrics(t0, chunks, None)["tokens_out"] == 3
+    assert stream_metrics(t0, [(100.2, False)], None)["ttft_ms"] is None
