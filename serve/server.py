@@ -466,8 +466,9 @@ def usage(plan: Plan, measures: dict) -> dict:
     }
 
 
-def _completion_logprobs(entries: list[dict]) -> dict:
-    offsets, at = [], 0
+def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
+    """OpenAI's completion logprobs; ``text_offset`` counts from ``start`` (a stream's earlier chunks)."""
+    offsets, at = [], start
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
@@ -540,13 +541,18 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             raise ClientGone
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
+    offsets = [0] * len(plan.choices)  # each choice's text so far: streamed text_offset is cumulative
+
     def chunk(choices: list[dict], **extra) -> dict:
+        # with include_usage, every chunk but the usage one says "usage": null (the OpenAI spec)
+        base = {"usage": None} if include_usage else {}
         return {
             "id": rid,
             "object": kind,
             "created": created,
             "model": plan.model or served.name,
             "choices": choices,
+            **base,
             **extra,
         }
 
@@ -560,7 +566,9 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             c["logprobs"] = _chat_logprobs([entry]) if entry else None
         else:
             c = {"index": index, "text": delta, "finish_reason": finish}
-            c["logprobs"] = _completion_logprobs([entry]) if entry else None
+            c["logprobs"] = _completion_logprobs([entry], offsets[index]) if entry else None
+            if entry:
+                offsets[index] += len(entry["token"])
         return c
 
     async def events():
@@ -581,7 +589,7 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                         ]
                     )
                 )
-            n_out = 0
+            n_out, last = 0, None
             while (event := await queue.get()) is not None:
                 what, index, delta, x = event
                 n_out += what == "token"
@@ -589,6 +597,8 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                 so_far = {"usage": so_far | {"total_tokens": prompt_tokens + n_out}} if running else {}
                 if what == "token":
                     yield sse(chunk([choice(index, delta, None, x)], **so_far))
+                elif index == len(plan.choices) - 1:
+                    last = (chunk([choice(index, delta, x, None)], **so_far), so_far)  # sent with the measures
                 else:
                     yield sse(chunk([choice(index, delta, x, None)], **so_far))
             try:
@@ -596,8 +606,14 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             except Exception as e:  # after the first byte the status is sent: the error goes in the stream
                 yield sse(ApiError(500, f"decoding failed: {failure(e, 200)}").body())
             else:
-                extra = {"usage": usage(plan, result["measures"])} if include_usage else {}
-                yield sse(chunk([], **extra, **result["measures"]))
+                # The server's own figures ride on the last chunk: the usage chunk (choices empty) when usage
+                # was asked for, else the last choice's final chunk, so no empty-choices chunk is sent unasked.
+                if include_usage:
+                    if last is not None:
+                        yield sse(last[0])
+                    yield sse(chunk([], usage=usage(plan, result["measures"]), **result["measures"]))
+                elif last is not None:
+                    yield sse(last[0] | result["measures"])
             yield sse(b"[DONE]")
         finally:
             gone.set()  # however the stream ends (the client may have left), the decoding stops

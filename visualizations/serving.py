@@ -132,7 +132,8 @@ def write_serving_report(folder: str | Path) -> Path:
         "",
         "Measured by the client from each streamed answer, as vLLM's bench serve defines them: TTFT from sending"
         " the request to the first chunk with a choice (even an empty one); end-to-end to the last such chunk;"
-        " TPOT = (end-to-end - TTFT) / (tokens - 1); the server's queue included. The server's own TTFT (prompt processing and the first token, without HTTP or queue) is"
+        " TPOT = (end-to-end - TTFT) / (tokens - 1); the server's queue included. The server's own TTFT"
+        " (prompt processing and the first token, without HTTP or queue) is"
         " shown where the server reports it.",
         "" if not energy else f"Energy: unavailable ({sorted(energy)[0]}).",
         "",
