@@ -58,7 +58,7 @@ def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None
             used[g["color"]] = k + 1
             styles[g["model"]] = (g["color"], STYLES[k % len(STYLES)])
     panels = 2 if timed_alone else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 3, 4.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2.2, 4.5), sharey=True, squeeze=False)
     a_step = axes[0, 0]
     labelled = set()
     for name, r in runs.items():
@@ -69,7 +69,7 @@ def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None
         m, v = r["metrics"], r["val"]
         xs = [("step", a_step)] + ([("elapsed_s", axes[0, 1])] if timed_alone else [])
         for key, ax in xs:
-            ax.plot([x[key] for x in m], [x["loss"] for x in m], style, color=color, alpha=0.8, lw=1, label=label)
+            ax.plot([x[key] for x in m], [x["loss"] for x in m], style, color=color, alpha=0.6, lw=1, label=label)
             if v:
                 ax.plot([x[key] for x in v], [x["val_loss"] for x in v], "o", color=color, ms=4)
     a_step.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="Loss vs step (lines: train, dots: val)")
@@ -78,8 +78,9 @@ def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None
     for ax in axes[0]:
         ax.grid(alpha=0.3)
     handles, labels = a_step.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.995, 0.5), frameon=False)
-    fig.tight_layout()
+    right = 1 - 2.0 / fig.get_figwidth()  # a margin for the legend, inside the figure (saved PNGs keep it)
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(right, 0.5), frameon=False)
     return fig
 
 
