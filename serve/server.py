@@ -383,8 +383,8 @@ def _logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top
 
 def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
     """Decode every choice of ``plan`` (holding the server's lock: one request at a time). ``emit(event)``, if
-    given, hears ``("token", index, delta, logprob entry or None)`` per token and ``("end", index, delta,
-    finish_reason)`` per choice, from this thread; it raises ``ClientGone`` to stop."""
+    given, hears ``("token", index, delta, [logprob entries released])`` per token and ``("end", index, delta,
+    (finish_reason, [logprob entries released]))`` per choice, from this thread; it raises ``ClientGone`` to stop."""
     ev, tok = served.ev, served.ev.tokenizer
     decoder = served.decoders[plan.engine]
     stop = stop_check(tok, plan.stops)
@@ -398,17 +398,17 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
         with meter:
             for index, (p, seed) in enumerate(plan.choices):
                 text = TextStream(tok.decode, plan.stops, hold_space)
-                entries = []
+                entries, held = [], LogprobsHeld()
                 t_choice = time.perf_counter() - started
 
-                def on_token(token, logits, text=text, entries=entries, index=index):
-                    entry = None
+                def on_token(token, logits, text=text, entries=entries, held=held, index=index):
                     if plan.logprobs is not None:
-                        entry = _logprob_entry(tok, text.ids, token, logits, plan.logprobs)
-                        entries.append(entry)
+                        held.add(_logprob_entry(tok, text.ids, token, logits, plan.logprobs))
                     delta = text.push(token)
+                    released = held.release(len(text.sent))  # the tokens whose text has been sent
+                    entries += released
                     if emit is not None:
-                        emit(("token", index, delta, entry))
+                        emit(("token", index, delta, released))
 
                 out, times = decoder.generate(
                     plan.prompts[p],
@@ -421,9 +421,11 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
                     on_token,
                 )
                 last = text.finish()
+                released = held.release(len(text.sent))  # the rest was cut with the stop string: dropped
+                entries += released
                 finish = "stop" if text.stopped() or len(out) < plan.max_tokens else "length"
                 if emit is not None:
-                    emit(("end", index, last, finish))
+                    emit(("end", index, last, (finish, released)))
                 results.append(
                     {
                         "index": index,
@@ -464,6 +466,24 @@ def usage(plan: Plan, measures: dict) -> dict:
         "completion_tokens": measures["tokens_out"],
         "total_tokens": prompt + measures["tokens_out"],
     }
+
+
+class LogprobsHeld:
+    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
+    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
+        self.chars = 0
+
+    def add(self, entry: dict):
+        self.pending.append((self.chars, entry))
+        self.chars += len(entry["token"])
+
+    def release(self, sent_chars: int) -> list[dict]:
+        out = [e for start, e in self.pending if start < sent_chars]
+        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
+        return out
 
 
 def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
@@ -556,19 +576,18 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             **extra,
         }
 
-    def choice(index: int, delta: str, finish: str | None, entry: dict | None) -> dict:
+    def choice(index: int, delta: str, finish: str | None, released: list[dict]) -> dict:
         if chat:
             c = {
                 "index": index,
                 "delta": {"content": delta} if delta or finish is None else {},
                 "finish_reason": finish,
             }
-            c["logprobs"] = _chat_logprobs([entry]) if entry else None
+            c["logprobs"] = _chat_logprobs(released) if released else None
         else:
             c = {"index": index, "text": delta, "finish_reason": finish}
-            c["logprobs"] = _completion_logprobs([entry], offsets[index]) if entry else None
-            if entry:
-                offsets[index] += len(entry["token"])
+            c["logprobs"] = _completion_logprobs(released, offsets[index]) if released else None
+            offsets[index] += sum(len(e["token"]) for e in released)
         return c
 
     async def events():
@@ -598,9 +617,9 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                 if what == "token":
                     yield sse(chunk([choice(index, delta, None, x)], **so_far))
                 elif index == len(plan.choices) - 1:
-                    last = (chunk([choice(index, delta, x, None)], **so_far), so_far)  # sent with the measures
+                    last = (chunk([choice(index, delta, *x)], **so_far), so_far)  # sent with the measures
                 else:
-                    yield sse(chunk([choice(index, delta, x, None)], **so_far))
+                    yield sse(chunk([choice(index, delta, *x)], **so_far))
             try:
                 result = task.result()
             except Exception as e:  # after the first byte the status is sent: the error goes in the stream

@@ -788,3 +788,25 @@ def test_stream_details_follow_the_openai_spec(served, url):
     offsets = [o for c in plain for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
     whole = post(url, {"prompt": PROMPT, "max_tokens": 6, "logprobs": 1}).json()["choices"][0]["logprobs"]
     assert offsets == whole["text_offset"] and offsets == sorted(offsets) and offsets[-1] > 0
+
+
+def test_logprobs_never_run_past_a_stop_string(served, url):
+    """The tokens whose text a stop string cut off have no logprobs, streamed or not: every listed token begins
+    inside the returned text, and streaming lists the same tokens as the plain answer."""
+    # sampled with a seed: the same tokens every time, and more varied than this small model's greedy text
+    body = {"prompt": PROMPT, "max_tokens": 20, "logprobs": 1, "ignore_eos": True, "temperature": 1.0, "seed": 3}
+    free = post(url, body).json()["choices"][0]
+    text = free["text"]
+    # a stop string the model writes, first met after the text's start (so the cut keeps some text)
+    stop = next(
+        (text[i : i + k] for k in (3, 2, 1) for i in range(1, len(text) - k) if text.find(text[i : i + k]) >= 1), None
+    )
+    assert stop, text
+    cut = post(url, body | {"stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and len(cut["text"]) < len(free["text"])
+    lp = cut["logprobs"]
+    assert lp["tokens"] and all(o < max(1, len(cut["text"])) for o in lp["text_offset"])
+    assert len(lp["tokens"]) < len(free["logprobs"]["tokens"])
+    streamed = sse_chunks(url, body | {"stop": [stop]})
+    tokens = [t for c in streamed if c["choices"] for t in ((c["choices"][0]["logprobs"] or {}).get("tokens") or [])]
+    assert tokens == lp["tokens"]
