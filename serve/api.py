@@ -165,15 +165,36 @@ class TextStream:
     rest. Held back until the next token: a stop string's possible beginning (the text ends before a stop
     string and the stream must never show part of one), an incomplete UTF-8 character (decoded as U+FFFD) and,
     with a tokenizer that cleans up spaces when it decodes (``hold_space``: " ." becomes "."), trailing
-    whitespace. So the pieces always add up to exactly the text a non-streaming request returns."""
+    whitespace. So the pieces always add up to exactly the text a non-streaming request returns.
+
+    Decoding is incremental, as vLLM's ``detokenize_incrementally`` does it: each new token is decoded after the
+    tokens of the previous step as context, and the new text is what that adds to the context's own text; the
+    whole completion is never decoded again per token (which made a long completion quadratic)."""
 
     def __init__(self, decode, stops: list[str], hold_space: bool = False):
         self.decode, self.stops, self.hold_space = decode, stops, hold_space
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:read], settled
+        self.prefix = self.read = 0  # ids[prefix:read]: the context the next tokens are decoded after
         self.sent = ""
 
+    def _advance(self, final: bool) -> str:
+        """Settle the text of the tokens past ``read`` when it decodes to whole characters (or at the end); the
+        text so far, with an unsettled tail at the end."""
+        context = self.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        now = self.decode(self.ids[self.prefix :])
+        if not now.startswith(context):  # the context decodes otherwise with what follows: decode it all once
+            self.text, self.prefix, self.read = self.decode(self.ids), len(self.ids), len(self.ids)
+            return self.text
+        tail = now[len(context) :]
+        if final or (tail and not tail.endswith("\ufffd")):
+            self.text += tail
+            self.prefix, self.read = self.read, len(self.ids)
+            return self.text
+        return self.text + tail
+
     def _visible(self, final: bool) -> str:
-        text = self.decode(self.ids)
+        text = self._advance(final)
         cut = cut_at_stops(text, self.stops)
         if final or len(cut) < len(text):
             return cut
@@ -198,6 +219,9 @@ class TextStream:
 
     def finish(self) -> str:
         final = self._visible(True)
+        whole = cut_at_stops(self.decode(self.ids), self.stops)  # once per completion: the text is the decode's
+        if whole != final and whole.startswith(self.sent):
+            final = whole
         if not final.startswith(self.sent):
             raise RuntimeError("the streamed text is not a prefix of the completion's text")
         return self._delta(final)
