@@ -10,7 +10,7 @@ comes from the layout rather than Torch-Pruning's DependencyGraph, whose trace o
 finish here (it follows the mask and cache code as well as the weights).
 
 Blocks then differ in size: this project's models record it in their arguments (``models.interface.resized``);
-a transformers folder records each changed layer's shape in ``pruned_shapes.json`` (``pruned_shapes``), which
+a transformers folder records each changed layer's shape in ``pruned_shapes.json`` (``models.hf.pruned_shapes``), which
 ``models.hf.load_hf`` reads back.
 """
 
@@ -101,18 +101,3 @@ def prune_structured(
         sizes.append({"heads": len(heads), "kv_heads": len(groups), "mlp_channels": len(channels)})
     resized(model, sizes)
     return model, {"params_before": before, "params_after": count_params(model)["total"], "layers": sizes}
-
-
-def pruned_shapes(model) -> dict[str, list[int]]:
-    """{name: [out_features, in_features]} of every linear layer of a transformers model whose size differs
-    from what its config implies (for ``pruned_shapes.json``)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(model.hf.config)
-    ref = dict(reference.named_modules())
-    out = {}
-    for name, m in model.hf.named_modules():
-        if isinstance(m, torch.nn.Linear) and name in ref and tuple(m.weight.shape) != tuple(ref[name].weight.shape):
-            out[name] = [m.out_features, m.in_features]
-    return out
