@@ -267,7 +267,8 @@ def test_a_long_prompt_is_cut_only_when_asked(served, url):
 
 
 def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeypatch):
-    import serve.server as srv
+    import serve.engine as srv
+    from serve.api import CompletionRequest
 
     class Watts50:  # a counter reading 50 W at every instant
         method = "fake-50w"
@@ -279,7 +280,7 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     monkeypatch.setattr(srv, "IDLE_S", 0.2)
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path)
     assert served.idle_power_w == pytest.approx(50.0, rel=1e-3)
-    req = srv.CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
+    req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
     short = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
     monkeypatch.setattr(srv, "min_window_for", lambda counter, requested=None: 0.0)  # any window counts

@@ -1,0 +1,168 @@
+"""The answers of serve/server.py in the OpenAI API's shapes: a whole completion (``completion_body``) or a
+stream of server-sent events (``stream``), with logprobs and the server's own measurements."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from fastapi.responses import StreamingResponse
+
+from common.cli import failure
+from serve.api import ApiError, Sampling, new_id, now
+from serve.engine import ClientGone, Plan, Served, run, usage
+
+
+def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
+    """OpenAI's completion logprobs; ``text_offset`` counts from ``start`` (a stream's earlier chunks)."""
+    offsets, at = [], start
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        # two alternatives may read the same (broken bytes): the likelier one keeps the key
+        "top_logprobs": [dict(reversed(e["top"])) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(entries: list[dict]) -> dict:
+    def one(t, lp):
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+    return {
+        "content": [one(e["token"], e["logprob"]) | {"top_logprobs": [one(t, v) for t, v in e["top"]]} for e in entries]
+    }
+
+
+def _choice_metrics(c: dict) -> dict:
+    return {k: c[k] for k in ("tokens_out", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
+
+
+def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dict:
+    several = len(result["choices"]) > 1
+    choices = []
+    for c in result["choices"]:
+        choice = {"index": c["index"], "finish_reason": c["finish_reason"]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c["text"]}
+            choice["logprobs"] = _chat_logprobs(c["logprobs"]) if plan.logprobs is not None else None
+        else:
+            choice["text"] = c["text"]
+            choice["logprobs"] = _completion_logprobs(c["logprobs"]) if plan.logprobs is not None else None
+        if several:
+            choice["metrics"] = _choice_metrics(c)
+        choices.append(choice)
+    return {
+        "id": new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": now(),
+        "model": plan.model or served.name,
+        "choices": choices,
+        "usage": usage(plan, result["measures"]),
+        **result["measures"],
+    }
+
+
+def sse(payload) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingResponse:
+    """The answer as server-sent events: a chunk per token (its text may be empty while a possible stop string
+    or an incomplete character is held back), a last chunk per choice with its finish reason, then the
+    measurements (with ``usage`` when ``stream_options.include_usage``), then ``data: [DONE]``."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+    rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    running = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+
+    def emit(event):
+        if gone.is_set():
+            raise ClientGone
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    offsets = [0] * len(plan.choices)  # each choice's text so far: streamed text_offset is cumulative
+
+    def chunk(choices: list[dict], **extra) -> dict:
+        # with include_usage, every chunk but the usage one says "usage": null (the OpenAI spec)
+        base = {"usage": None} if include_usage else {}
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": plan.model or served.name,
+            "choices": choices,
+            **base,
+            **extra,
+        }
+
+    def choice(index: int, delta: str, finish: str | None, released: list[dict]) -> dict:
+        if chat:
+            c = {
+                "index": index,
+                "delta": {"content": delta} if delta or finish is None else {},
+                "finish_reason": finish,
+            }
+            c["logprobs"] = _chat_logprobs(released) if released else None
+        else:
+            c = {"index": index, "text": delta, "finish_reason": finish}
+            c["logprobs"] = _completion_logprobs(released, offsets[index]) if released else None
+            offsets[index] += sum(len(e["token"]) for e in released)
+        return c
+
+    async def events():
+        task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, emit))
+        task.add_done_callback(lambda t: queue.put_nowait(None) or t.cancelled() or t.exception())
+        try:
+            if chat:
+                yield sse(
+                    chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                            for i in range(len(plan.choices))
+                        ]
+                    )
+                )
+            n_out, last = 0, None
+            while (event := await queue.get()) is not None:
+                what, index, delta, x = event
+                n_out += what == "token"
+                so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
+                so_far = {"usage": so_far | {"total_tokens": prompt_tokens + n_out}} if running else {}
+                if what == "token":
+                    yield sse(chunk([choice(index, delta, None, x)], **so_far))
+                elif index == len(plan.choices) - 1:
+                    last = (chunk([choice(index, delta, *x)], **so_far), so_far)  # sent with the measures
+                else:
+                    yield sse(chunk([choice(index, delta, *x)], **so_far))
+            try:
+                result = task.result()
+            except Exception as e:  # after the first byte the status is sent: the error goes in the stream
+                yield sse(ApiError(500, f"decoding failed: {failure(e, 200)}").body())
+            else:
+                # The server's own figures ride on the last chunk: the usage chunk (choices empty) when usage
+                # was asked for, else the last choice's final chunk, so no empty-choices chunk is sent unasked.
+                if include_usage:
+                    if last is not None:
+                        yield sse(last[0])
+                    yield sse(chunk([], usage=usage(plan, result["measures"]), **result["measures"]))
+                elif last is not None:
+                    yield sse(last[0] | result["measures"])
+            yield sse(b"[DONE]")
+        finally:
+            gone.set()  # however the stream ends (the client may have left), the decoding stops
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
