@@ -276,7 +276,30 @@ def _pairs(rows: list[dict], a: str, b: str, metric: str) -> tuple[list[float], 
     return [by[(a, *k)] for k in keys], [by[(b, *k)] for k in keys]
 
 
-def summarize(rows: list[dict], targets: list[str], wall_s: float) -> dict:
+SLO_METRICS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2e_ms"}  # vLLM's --goodput keys
+
+
+def parse_slo(specs: list[str] | None) -> dict[str, float]:
+    """``["ttft:200", "tpot:50"]`` (milliseconds, vLLM's ``--goodput`` syntax) -> {"ttft_ms": 200.0, ...}."""
+    slo = {}
+    for spec in specs or []:
+        key, _, value = spec.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if key not in SLO_METRICS or not ms > 0:
+            raise UserError(f"--goodput {spec!r}: use KEY:MS with KEY one of {sorted(SLO_METRICS)}, e.g. ttft:200")
+        slo[SLO_METRICS[key]] = ms
+    return slo
+
+
+def good(row: dict, slo: dict[str, float]) -> bool:
+    """Whether an answered request met every SLO, as vLLM's goodput counts it (a one-token answer's TPOT is 0)."""
+    return row["status"] == 200 and all((row.get(m) or 0.0) <= limit for m, limit in slo.items())
+
+
+def summarize(rows: list[dict], targets: list[str], wall_s: float, slo: dict[str, float] | None = None) -> dict:
     per = {}
     for t in targets:
         mine = [r for r in rows if r["target"] == t]
@@ -299,6 +322,8 @@ def summarize(rows: list[dict], targets: list[str], wall_s: float) -> dict:
             "energy_j_per_token": sum(energy) / tokens if energy and len(energy) == len(ok) and tokens else None,
             "energy_reason": sorted(reasons)[0] if reasons and not energy else None,
         }
+        if slo:
+            per[t]["good"] = sum(good(r, slo) for r in mine)
     ok = [r for r in rows if r["status"] == 200]
     tests = []
     for m in METRICS:
@@ -318,6 +343,8 @@ def summarize(rows: list[dict], targets: list[str], wall_s: float) -> dict:
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s else None,
         "tokens_per_s": sum(r["tokens_out"] or 0 for r in ok) / wall_s if wall_s else None,
+        # vLLM's goodput: requests that met every SLO, per second of the run
+        **({"slo_ms": slo, "goodput_requests_per_s": sum(good(r, slo) for r in rows) / wall_s} if slo else {}),
         "tests": adjust(tests),
     }
 
@@ -369,6 +396,7 @@ def run_load(
     allow_remote: bool = False,
     api_key: str = "none",
     progress: bool = True,
+    slo: dict[str, float] | None = None,
 ) -> dict:
     base = api_base(url, allow_remote)
     if n_requests <= 0 or concurrency <= 0:
@@ -401,7 +429,7 @@ def run_load(
             "prompts": len(prompts),
             "measured": "client side, from the stream (server_* fields: the server's own figures)",
         },
-        **summarize(rows, targets, wall),
+        **summarize(rows, targets, wall, slo),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -423,11 +451,13 @@ class Args:
     out: str = "results/serving"  # folder for requests.jsonl/.csv and summary.json
     allow_remote: bool = False  # allow a server that is not on this machine
     api_key: str = "none"  # sent as the bearer token (servers that check one)
+    goodput: list[str] | None = None  # SLOs as vLLM's --goodput: ttft:MS tpot:MS e2el:MS (requests meeting all)
 
     def __post_init__(self):
         for key in ("requests", "concurrency", "max_tokens"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        parse_slo(self.goodput)  # a bad SLO is one line before any request
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -467,6 +497,7 @@ def main(argv=None):
         timeout_s=a.timeout,
         allow_remote=a.allow_remote,
         api_key=a.api_key,
+        slo=parse_slo(a.goodput),
     )
     for t, r in s["targets"].items():
         ttft, tpot = r["ttft_ms"], r["tpot_ms"]
@@ -476,6 +507,8 @@ def main(argv=None):
         if tpot:
             line += f", TPOT p50 {tpot['p50']:.2f} ms"
         print(line + (f" (errors: {r['errors']})" if r["errors"] else ""))
+    if "goodput_requests_per_s" in s:
+        print(f"goodput (every SLO of {s['slo_ms']} met): {s['goodput_requests_per_s']:.2f} requests/s")
     print(f"-> {a.out}/summary.json")
 
 

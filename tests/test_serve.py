@@ -841,3 +841,21 @@ def test_incremental_detokenizing_adds_up_to_the_whole_decode(kind, small_tokeni
         assert "".join(pieces) == tok.decode(ids), ids
         whole_decodes += max(steps) > 8  # a context that decoded otherwise with what followed: decoded whole once
     assert whole_decodes <= 15, whole_decodes  # the rare case, not the rule
+
+
+def test_goodput_counts_the_requests_that_met_every_slo_as_vllm_does():
+    from serve.client import parse_slo, summarize
+
+    def row(ttft, tpot, e2e, status=200):
+        return {"target": "m", "status": status, "ttft_ms": ttft, "tpot_ms": tpot, "e2e_ms": e2e, "tokens_out": 4,
+                "prompt_index": 0, "round": 0}  # fmt: skip
+
+    rows = [row(50, 10, 80), row(150, 10, 180), row(90, 30, 180), row(99, None, 99), row(None, None, None, 0)]
+    slo = parse_slo(["ttft:100", "tpot:20"])
+    assert slo == {"ttft_ms": 100.0, "tpot_ms": 20.0}
+    s = summarize(rows, ["m"], wall_s=2.0, slo=slo)
+    # by hand: the 1st and the 4th (a one-token answer: TPOT 0) meet both; 2 good requests in 2 s
+    assert s["targets"]["m"]["good"] == 2 and s["goodput_requests_per_s"] == pytest.approx(1.0)
+    for bad in (["ttft"], ["latency:5"], ["ttft:-1"], ["tpot:x"]):
+        with pytest.raises(ValueError, match="--goodput"):
+            parse_slo(bad)
