@@ -36,7 +36,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -440,7 +440,7 @@ class Args:
     url: str = positional()  # the server, e.g. http://127.0.0.1:8000 (or its /v1 base URL)
     models: list[str] | None = None  # targets to compare (default: every model the server lists)
     requests: int = 40  # requests in all (at most), spread evenly over the targets
-    concurrency: int = 4  # requests in flight at once
+    concurrency: list[int] = field(default_factory=lambda: [4])  # in flight at once; several: a sweep, one run each
     rate: float | None = None  # requests per second, Poisson arrivals (default: all at once)
     duration: float | None = None  # seconds the whole run lasts: no request is sent after it, those in flight are cut
     timeout: float = 600.0  # seconds one request may take from sending to its last chunk
@@ -454,9 +454,11 @@ class Args:
     goodput: list[str] | None = None  # SLOs as vLLM's --goodput: ttft:MS tpot:MS e2el:MS (requests meeting all)
 
     def __post_init__(self):
-        for key in ("requests", "concurrency", "max_tokens"):
+        for key in ("requests", "max_tokens"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if not self.concurrency or min(self.concurrency) < 1 or len(set(self.concurrency)) < len(self.concurrency):
+            raise ConfigError(f"--concurrency takes distinct positive counts, got {self.concurrency}")
         parse_slo(self.goodput)  # a bad SLO is one line before any request
 
 
@@ -479,14 +481,61 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+SWEEP_COLUMNS = ("concurrency", "target", "ok", "requests", "tokens_per_s", "requests_per_s", "goodput_requests_per_s",
+                 "ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "e2e_ms_p50", "j_per_token")  # fmt: skip
+
+
+def sweep_rows(points: list[tuple[int, dict]]) -> list[dict]:
+    """One row per (concurrency, target) of a sweep's summaries: throughput, vLLM's latencies, energy."""
+    rows = []
+    for c, s in points:
+        for t, r in s["targets"].items():
+            share = r["ok"] / s["ok"] if s["ok"] else 0.0  # the target's part of the run's tokens and requests
+            rows.append({
+                "concurrency": c, "target": t, "ok": r["ok"], "requests": r["requests"],
+                "tokens_per_s": r["tokens_out"] / s["wall_s"] if s["wall_s"] else None,
+                "requests_per_s": r["ok"] / s["wall_s"] if s["wall_s"] else None,
+                "goodput_requests_per_s": r["good"] / s["wall_s"] if "good" in r and s["wall_s"] else None,
+                "ttft_ms_p50": (r["ttft_ms"] or {}).get("p50"), "ttft_ms_p90": (r["ttft_ms"] or {}).get("p90"),
+                "tpot_ms_p50": (r["tpot_ms"] or {}).get("p50"), "tpot_ms_p90": (r["tpot_ms"] or {}).get("p90"),
+                "e2e_ms_p50": (r["e2e_ms"] or {}).get("p50"), "j_per_token": r["energy_j_per_token"],
+                "share": share,
+            })  # fmt: skip
+    return rows
+
+
+def run_sweep(a, prompts) -> list[dict]:
+    """The same load at each --concurrency, one run after another (out/concurrency-N/), and sweep.json/.csv."""
+    points = []
+    for c in a.concurrency:
+        s = run_load(a.url, a.models, a.requests, c, a.max_tokens, Path(a.out) / f"concurrency-{c}", prompts,
+                     a.temperature, a.rate, a.duration, a.seed, timeout_s=a.timeout, allow_remote=a.allow_remote,
+                     api_key=a.api_key, slo=parse_slo(a.goodput))  # fmt: skip
+        points.append((c, s))
+    rows = sweep_rows(points)
+    atomic_write(Path(a.out) / "sweep.json", json.dumps({"concurrency": a.concurrency, "rows": rows}, indent=2))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(Path(a.out) / "sweep.csv", buf.getvalue())
+    return rows
+
+
 def main(argv=None):
     a = parse_args(Args(), argv)
     prompts = read_prompts(Path(a.prompts)) if a.prompts else None
+    if len(a.concurrency) > 1:
+        for r in run_sweep(a, prompts):
+            print(f"concurrency {r['concurrency']}, {r['target']}: {r['tokens_per_s'] or 0:.1f} tokens/s, "
+                  f"TTFT p50 {r['ttft_ms_p50'] or 0:.1f} ms, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms")  # fmt: skip
+        print(f"-> {a.out}/sweep.json (plot: python -m visualizations.serving {a.out})")
+        return
     s = run_load(
         a.url,
         a.models,
         a.requests,
-        a.concurrency,
+        a.concurrency[0],
         a.max_tokens,
         Path(a.out),
         prompts,

@@ -859,3 +859,23 @@ def test_goodput_counts_the_requests_that_met_every_slo_as_vllm_does():
     for bad in (["ttft"], ["latency:5"], ["ttft:-1"], ["tpot:x"]):
         with pytest.raises(ValueError, match="--goodput"):
             parse_slo(bad)
+
+
+def test_a_concurrency_sweep_writes_one_table_and_plot(served, url, tmp_path):
+    from serve.client import main as client_main
+    from visualizations.serving import main as report_main
+
+    out = tmp_path / "sweep"
+    client_main([url, "--models", MODEL, "--requests", "4", "--concurrency", "1", "2", "--max-tokens", "4",
+                 "--goodput", "ttft:60000", "--out", str(out)])  # fmt: skip
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["concurrency"] for r in sweep["rows"]] == [1, 2]
+    for r in sweep["rows"]:  # each point is its own run's summary
+        run = json.loads((out / f"concurrency-{r['concurrency']}" / "summary.json").read_text())
+        assert r["ok"] == run["targets"][MODEL]["ok"] == 4 and run["settings"]["concurrency"] == r["concurrency"]
+        assert r["ttft_ms_p50"] == run["targets"][MODEL]["ttft_ms"]["p50"] and r["goodput_requests_per_s"] > 0
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("concurrency,target,ok")
+    report_main([str(out)])
+    assert (out / "plots" / "sweep.png").stat().st_size > 1000 and "| 2 | t | 4 / 4 |" in (out / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="--concurrency takes distinct positive counts"):
+        client_main([url, "--concurrency", "2", "2", "--out", str(tmp_path / "x")])

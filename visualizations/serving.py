@@ -88,6 +88,60 @@ def statements(summary: dict) -> list[str]:
     return out
 
 
+def sweep_figure(rows: list[dict]):
+    """Output tokens/s, TTFT and TPOT (vLLM's, p50) and J/token against concurrency, a line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("tokens_per_s", "output tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"), ("tpot_ms_p50", "TPOT p50 (ms)")]
+    if any(r.get("j_per_token") for r in rows):
+        keys.append(("j_per_token", "J / token"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys, strict=True):
+        for i, t in enumerate(dict.fromkeys(r["target"] for r in rows)):
+            pts = sorted((r["concurrency"], r[key]) for r in rows if r["target"] == t and r.get(key) is not None)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i}", label=t)
+        ax.set(xlabel="requests in flight (concurrency)", ylabel=label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_sweep_report(folder: Path) -> Path:
+    """sweep.md and plots/sweep.png from a concurrency sweep's sweep.json."""
+    from visualizations import save_figures
+
+    rows = json.loads((folder / "sweep.json").read_text())["rows"]
+    save_figures({"sweep.png": sweep_figure(rows)}, folder / "plots")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        "# Concurrency sweep",
+        "",
+        "The same load at each concurrency, one run after another (the runs: `concurrency-N/`). Latencies as "
+        "vLLM's bench serve defines them (p50); tokens/s: the target's output tokens over the run's wall time.",
+        "",
+        "| concurrency | target | ok / sent | output tokens/s | TTFT p50 / p90 ms | TPOT p50 / p90 ms | goodput req/s "
+        "| J/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['concurrency']} | {r['target']} | {r['ok']} / {r['requests']} | {f(r['tokens_per_s'], '.1f')} | "
+            f"{f(r['ttft_ms_p50'], '.1f')} / {f(r['ttft_ms_p90'], '.1f')} | {f(r['tpot_ms_p50'], '.2f')} / "
+            f"{f(r['tpot_ms_p90'], '.2f')} | {f(r['goodput_requests_per_s'], '.2f')} | {f(r['j_per_token'], '.3g')} |"
+        )
+    lines += ["", "![sweep](plots/sweep.png)", ""]
+    return atomic_write(folder / "sweep.md", "\n".join(lines))
+
+
 def write_serving_report(folder: str | Path) -> Path:
     from visualizations import save_figures
 
@@ -160,7 +214,11 @@ class Args:
 
 def main(argv=None):
     a = parse_args(Args(), argv)
-    print(f"-> {write_serving_report(a.folder)}")
+    folder = Path(a.folder)
+    if (folder / "sweep.json").is_file() and not (folder / "summary.json").is_file():
+        print(f"-> {write_sweep_report(folder)}")
+        return
+    print(f"-> {write_serving_report(folder)}")
 
 
 if __name__ == "__main__":
