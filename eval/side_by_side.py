@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -213,6 +214,17 @@ def _summarise(entries: list[_Entry], reference: str, counter, reason) -> dict:
     }
 
 
+def reference_name(reference: str | None, checkpoints: list[str], names: list[str]) -> str | None:
+    """The model --reference means: its name as reported (``run@step_N``), or the checkpoint as it was given
+    on the command line (``checkpoints/run``), its folder's name or its run's name."""
+    if reference is None or reference in names:
+        return reference
+    for ckpt, name in zip(checkpoints, names, strict=True):
+        if reference in (ckpt, Path(ckpt).name, name.split("@")[0]):
+            return name
+    return reference  # side_by_side names the models it has
+
+
 def main(argv=None):
     a = parse_args(Args(), argv)
     if len(a.checkpoints) < 2:
@@ -230,6 +242,7 @@ def main(argv=None):
         if name in models or name == CONTROL:
             raise UserError(f"two models are named {name!r}; pass --names")
         models[name] = ev.model if ev.quantized else ev.model.to(dtype)  # as eval.efficiency runs them
+    a.reference = reference_name(a.reference, a.checkpoints, list(models))
     r = side_by_side(models, device, a)
     settings = {k: getattr(a, k) for k in ("rounds", "batch", "context", "prompt_len", "n_tokens", "mode", "dtype")}
     settings["threads"] = threads

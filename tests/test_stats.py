@@ -226,3 +226,14 @@ def test_a_bounded_metrics_interval_never_leaves_its_range():
     assert r["ci_low"] == 0.0 and r["clipped"] and r["ci_high"] > r["mean"]
     inside = mean_ci([40.0, 41.0, 42.0], bounds=(0.0, 100.0))
     assert not inside["clipped"] and inside["ci_low"] > 0
+
+
+def test_the_reference_may_be_named_as_the_checkpoint_was_given():
+    from eval.side_by_side import reference_name
+
+    names = ["tiny_baseline_4l-s0@step_120", "tiny@step_300"]
+    ckpts = ["checkpoints/tiny_baseline_4l-s0", "checkpoints/tiny"]
+    for given in ("tiny_baseline_4l-s0", "checkpoints/tiny_baseline_4l-s0", "tiny_baseline_4l-s0@step_120"):
+        assert reference_name(given, ckpts, names) == names[0]
+    assert reference_name("tiny", ckpts, names) == names[1] and reference_name(None, ckpts, names) is None
+    assert reference_name("nope", ckpts, names) == "nope"  # side_by_side then says which models there are
