@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -21,18 +22,24 @@ from serve.server import create_app, create_server, load_served
 PROMPT = "def add(a, b):\n"
 
 
-def _start(app, request_timeout_s: float = 10.0):
+@contextmanager
+def serving(app, request_timeout_s: float = 10.0):
+    """The app served on a free loopback port for the ``with`` block (its URL), stopped however it ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = create_server(app, "127.0.0.1", port, request_timeout_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +49,8 @@ def served(trained_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(served):
-    server, thread, url = _start(create_app(served))
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(served)) as url:
+        yield url
 
 
 MODEL = "t"  # the served model id: the name of the checkpoint folder it was given
@@ -199,8 +204,7 @@ def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transform
     served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
     assert list(served.decoders) == ["torch"]
     assert "needs an export through torch.export" in served.unavailable["onnxruntime"]
-    server, thread, url = _start(create_app(served))
-    try:
+    with serving(create_app(served)) as url:
         client = openai_client(url)
         r = post(url, {"prompt": PROMPT, "max_tokens": 6, "model": served.name})
         assert text(r) == eager(served, PROMPT, 6)
@@ -241,9 +245,6 @@ def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transform
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
         assert all(ch.object == "chat.completion.chunk" for ch in chunks)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_check_refuses_an_engine_that_decodes_differently(served):
@@ -323,8 +324,7 @@ def test_malformed_bodies_get_the_servers_error_shape(url):
 
 def test_a_request_larger_than_the_body_limit_is_refused_unread(served):
     app = create_app(served, max_body_bytes=10_000)
-    server, thread, url = _start(app)
-    try:
+    with serving(app) as url:
         big = {"prompt": "x" * 20_000, "max_tokens": 4}
         r = post(url, big)
         assert r.status_code == 413 and "over this server's limit of 10,000 bytes" in error_message(r)
@@ -337,9 +337,6 @@ def test_a_request_larger_than_the_body_limit_is_refused_unread(served):
         r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert post(url, {"prompt": PROMPT, "max_tokens": 4}).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_prompt_far_beyond_the_context_is_refused_before_it_is_tokenized(served, url, monkeypatch):
@@ -360,20 +357,15 @@ def test_max_tokens_is_capped_by_the_context(trained_checkpoint, tmp_path):
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 512, tmp_path)
     context = served.ev.model.params.max_seq_len
     assert served.max_tokens_limit == context - 1
-    server, thread, url = _start(create_app(served))
-    try:
+    with serving(create_app(served)) as url:
         r = post(url, {"prompt": "x", "max_tokens": 512})
         assert r.status_code == 400 and f"context holds {context} tokens" in error_message(r)
         assert "-" not in error_message(r).split("limit of")[1]  # never "at most -N fit"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_idle_and_slow_clients_are_disconnected(served):
-    server, thread, url = _start(create_app(served), request_timeout_s=1.0)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with serving(create_app(served), request_timeout_s=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
         slow = socket.create_connection(("127.0.0.1", port))
         request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n"
@@ -398,9 +390,6 @@ def test_idle_and_slow_clients_are_disconnected(served):
             assert sock.recv(1) == b""  # closed by the server, not by us
             sock.close()
         assert post(url, {"prompt": PROMPT, "max_tokens": 4}).status_code == 200  # and it still serves
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # ---- the OpenAI API, driven by the official client ------------------------------------------------------------
@@ -546,14 +535,10 @@ def test_the_load_client_measures_a_second_server_with_the_same_columns(served, 
     from serve.client import run_load
 
     other = dataclasses.replace(served, name="other-model", lock=threading.Lock())
-    server, thread, url2 = _start(create_app(other))
-    try:
+    with serving(create_app(other)) as url2:
         prompts = ["def f(x):\n", "import os\n"]
         a = run_load(url, [MODEL], 4, 2, 6, tmp_path / "a", prompts, progress=False)
         b = run_load(url2, None, 40, 2, 6, tmp_path / "b", prompts, rate=20.0, duration_s=0.4, progress=False)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     assert list(b["targets"]) == [f"other-model:{e}" for e in DECODE_ENGINES]  # every engine; the alias left out
     assert set(a["targets"][MODEL]) == set(b["targets"]["other-model:torch"])
     errs = [json.loads(x).get("error") for x in (tmp_path / "b" / "requests.jsonl").read_text().splitlines()]
@@ -673,9 +658,8 @@ def test_a_client_that_leaves_a_plain_request_stops_its_decoding(served, url):
 def test_a_pipelined_partial_request_gets_the_same_deadline(served):
     """A complete GET followed, in the same packet, by a POST that never finishes: the connection is closed
     after the request deadline, not held."""
-    server, thread, url = _start(create_app(served), request_timeout_s=1.0)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with serving(create_app(served), request_timeout_s=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
         socks = []
         for _ in range(5):
             s = socket.create_connection(("127.0.0.1", port))
@@ -696,9 +680,6 @@ def test_a_pipelined_partial_request_gets_the_same_deadline(served):
             assert got.startswith(b"HTTP/1.1 200"), got[:80]  # the GET was answered, then the socket closed
             s.close()
         assert time.monotonic() - t0 < 4
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_huge_prompt_list_is_refused_by_its_count_and_tokenizing_never_blocks_the_server(served, url, monkeypatch):
