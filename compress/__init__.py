@@ -17,3 +17,13 @@ def read_compression(folder: str | Path) -> dict | None:
 
 
 RECOVERY = ("full", "lora", "distill")  # recovery after compression (compress/recover.py)
+
+
+def read_recovery_mark(folder: str | Path) -> dict | None:
+    """A recovery run folder's recovery-of.json (whose run it is, its settings, the loss before training), or
+    None where it has none or an unreadable one."""
+    try:
+        mark = json.loads((Path(folder) / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None

@@ -42,7 +42,7 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
-from compress import COMPRESSION_FILE, IDENTITY_FILE, RECOVERY, read_compression
+from compress import COMPRESSION_FILE, RECOVERY, read_compression, read_recovery_mark
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
@@ -225,15 +225,6 @@ def recovery_identity(a) -> dict:
     }
 
 
-def read_identity(folder: Path) -> dict | None:
-    """A recovery folder's mark, or None where it has none (or an unreadable one)."""
-    try:
-        mark = json.loads((folder / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return mark if isinstance(mark, dict) else None
-
-
 def changed_settings(old: dict, new: dict) -> list[str]:
     """'name old -> new' for each setting that differs between two identities."""
     changes = []
@@ -254,7 +245,7 @@ def check_recovery_run(a):
     ours = recovery_identity(a)
     for folder in (ckpt, logs):
         if folder.exists() and (not folder.is_dir() or folder.is_symlink() or any(folder.iterdir())):
-            mark = read_identity(folder)
+            mark = read_recovery_mark(folder)
             if mark is None or mark.get("out") != ours["out"]:
                 raise UserError(
                     f"{folder} exists and is not a recovery that compress started for {a.out}; nothing was "
@@ -264,7 +255,7 @@ def check_recovery_run(a):
         return
     if not list_checkpoints(ckpt):
         raise UserError(f"--resume: there is no recovery run {ckpt} to continue; leave out --resume")
-    changes = changed_settings(read_identity(ckpt), ours)
+    changes = changed_settings(read_recovery_mark(ckpt), ours)
     if changes:
         raise UserError(
             f"--resume: the stopped recovery {ckpt} had other settings ({'; '.join(changes)}); nothing was "

@@ -41,7 +41,7 @@ from torch import nn
 from common.cli import UserError
 from common.device import autocast, compute_dtype
 from common.files import atomic_write
-from compress import IDENTITY_FILE, PRUNING, RECOVERY, read_compression
+from compress import IDENTITY_FILE, PRUNING, RECOVERY, read_compression, read_recovery_mark
 from data.config import DataConfig
 from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
 from llama.model_io import MODEL_FILE
@@ -250,15 +250,6 @@ def read_state(folder: Path) -> dict:
     return load_file(str(folder / MODEL_FILE))
 
 
-def read_mark(folder: Path) -> dict:
-    """A recovery run's recovery-of.json ({} where it has none)."""
-    try:
-        mark = json.loads((folder / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return mark if isinstance(mark, dict) else {}
-
-
 def pruned(info: dict | None) -> bool:
     """Whether a compression record (or one of the records it was built on) made the model sparse."""
     while isinstance(info, dict):
@@ -340,7 +331,7 @@ def recover(
         read_state=read_state,
     )
     if resume:
-        before = ((identity or {}) | read_mark(Path(cfg.out_dir, cfg.name))).get("val_loss_before")
+        before = ((identity or {}) | (read_recovery_mark(Path(cfg.out_dir, cfg.name)) or {})).get("val_loss_before")
     else:
         before = heldout_loss(build(device), data, cfg, device)
         if identity is not None:

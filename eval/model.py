@@ -17,10 +17,9 @@ from common.results import ModelIdentity, check_result_path, write_result
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import count_params
-from llama.model_io import resolve_checkpoint
 from llama.tokenizer import Tokenizer
-from models.folders import load_folder
-from models.hf import HFTokenizer, is_hf_folder
+from models.folders import load_folder, model_folder
+from models.hf import HFTokenizer
 from models.interface import CausalLM
 
 
@@ -38,7 +37,7 @@ class EvalOptions:
     def __post_init__(self):
         # a user's file, or another evaluator's or model's result, named as --out stops the command now, not
         # after the work
-        check_result_path(self.out, self.EVALUATORS, model_folder(self.checkpoint))
+        check_result_path(self.out, self.EVALUATORS, known_folder(self.checkpoint))
 
     def load(self):
         return load_for_eval(self.checkpoint, self.device, self.dtype)
@@ -94,16 +93,12 @@ class Evaluated:
         return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
 
 
-def model_folder(checkpoint: str | None) -> Path | None:
-    """The folder ``checkpoint`` names (a run's newest step), without loading it; None where it cannot be
-    told yet (the load will say why)."""
-    if not checkpoint:
-        return None
-    if is_hf_folder(checkpoint):
-        return Path(checkpoint)
+def known_folder(checkpoint: str | None) -> Path | None:
+    """The folder ``checkpoint`` names (models.folders.model_folder), or None where it cannot be told yet (the
+    load will say why)."""
     try:
-        return resolve_checkpoint(checkpoint)
-    except (FileNotFoundError, OSError):
+        return model_folder(checkpoint) if checkpoint else None
+    except OSError:
         return None
 
 

@@ -14,14 +14,20 @@ from llama.tokenizer import Tokenizer
 from models.hf import from_hub, is_hf_folder, load_hf, save_hf
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder a model argument names, without loading it: a Hugging Face folder as it is, else a model
+    folder or the newest step of a checkpoints/<run> folder (FileNotFoundError where there is none)."""
+    return Path(path) if is_hf_folder(path) else resolve_checkpoint(path)
+
+
 def load_folder(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """(model in eval mode, tokenizer, the folder it came from) of a checkpoints/<run> folder (its newest
     step), a model folder, a Hugging Face folder, or a Hub name where the network allows."""
     path = from_hub(path) or path
-    if is_hf_folder(path):
-        model, tok = load_hf(path, device)
-        return model, tok, Path(path)
-    folder = resolve_checkpoint(path)
+    folder = model_folder(path)
+    if is_hf_folder(folder):
+        model, tok = load_hf(folder, device)
+        return model, tok, folder
     model = load_model(folder, device).eval()
     tok = Tokenizer(tokenizer_path(folder))
     if tok.vocab_size != model.params.vocab_size:
