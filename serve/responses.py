@@ -145,22 +145,24 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                 if what == "token":
                     yield sse(chunk([choice(index, delta, None, x)], **so_far))
                 elif index == len(plan.choices) - 1:
-                    last = (chunk([choice(index, delta, *x)], **so_far), so_far)  # sent with the measures
+                    last = chunk([choice(index, delta, *x)], **so_far)  # sent with the measures
                 else:
                     yield sse(chunk([choice(index, delta, *x)], **so_far))
             try:
                 result = task.result()
             except Exception as e:  # after the first byte the status is sent: the error goes in the stream
+                if last is not None:
+                    yield sse(last)
                 yield sse(ApiError(500, f"decoding failed: {failure(e, 200)}").body())
             else:
                 # The server's own figures ride on the last chunk: the usage chunk (choices empty) when usage
                 # was asked for, else the last choice's final chunk, so no empty-choices chunk is sent unasked.
                 if include_usage:
                     if last is not None:
-                        yield sse(last[0])
+                        yield sse(last)
                     yield sse(chunk([], usage=usage(plan, result["measures"]), **result["measures"]))
                 elif last is not None:
-                    yield sse(last[0] | result["measures"])
+                    yield sse(last | result["measures"])
             yield sse(b"[DONE]")
         finally:
             gone.set()  # however the stream ends (the client may have left), the decoding stops
