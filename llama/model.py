@@ -160,13 +160,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotation angles for RoPE (Su et al., 2021), (T, head_dim/2, 2) as [cos, sin] in float32.
+    """Rotation angles for RoPE (Su et al., 2021), (T, head_dim/2, 2) as [cos, sin] in float32; positions
+    (B, T), one row per sequence (a batch whose sequences sit at different positions), give (B, T, head_dim/2, 2).
 
     Computed from the positions on every call instead of kept as a buffer, so casting the model to bf16
     never rounds the angles (a bf16 angle at position 1000 is off by several radians).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -180,21 +181,24 @@ def apply_rotary_emb(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _rotate_real(x, cos_sin)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    rot = torch.view_as_complex(cos_sin.contiguous())[None, :, None, :]  # cos + i sin, (1, T, 1, D/2)
+    rot = torch.view_as_complex(cos_sin.contiguous())  # cos + i sin, (T, D/2) or (B, T, D/2)
+    rot = (rot[None] if rot.dim() == 2 else rot)[:, :, None, :]  # (1 or B, T, 1, D/2)
     return torch.view_as_real(xc * rot).flatten(3).type_as(x)
 
 
 def _rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
-    cs = cos_sin.view(1, T, 1, D // 2, 2)
+    cs = cos_sin.view(-1, T, 1, D // 2, 2)  # one row for all sequences, or one per sequence
     cos, sin = cs[..., 0], cs[..., 1]
     out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
     return out.flatten(3).type_as(x)
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, written in place at ``input_pos`` (static shapes for compile)."""
+    """Keys and values of past positions, written in place at ``input_pos`` (static shapes for compile):
+    positions (T,) shared by the batch's rows, or (B, T), each row at its own positions (continuous batching:
+    sequences that joined at different times)."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype):
         super().__init__()
@@ -204,8 +208,13 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B = k.shape[0]  # (B, n_kv_heads, T, head_dim)
-        self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
-        self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
+        if input_pos.dim() == 1:
+            self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
+            self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
+        else:  # row b's tokens at its own positions: indexed (B, T), the heads' slice lands last but one
+            rows = torch.arange(B, device=k.device)[:, None]
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[:B], self.v_cache[:B]
 
 
@@ -346,7 +355,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size), or (B, 1, vocab_size) with ``last_only``.
 
-        ``input_pos`` (T,) are the positions of ``tokens`` (needed with the KV cache). ``mask`` (B, 1, T, keys),
+        ``input_pos`` (T,) are the positions of ``tokens`` (needed with the KV cache), or (B, T) with each row at
+        its own positions (the rows of a continuous batch). ``mask`` (B, 1, T, keys),
         True where a query may attend, replaces the causal mask (generation uses it to hide left padding).
         ``last_only`` runs the output projection on the last position alone, all a prefill needs (nanoGPT's
         inference path): the vocabulary projection of a 128-token prompt is 127 rows of wasted work.
@@ -355,8 +365,9 @@ class Transformer(nn.Module):
         if self.causal_mask is not None:
             if input_pos is None:
                 raise ValueError("the KV cache is set up: pass input_pos (positions of tokens) to forward")
-            if mask is None:
-                mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, cache_len)
+            if mask is None:  # (1, 1, T, cache_len), or (B, 1, T, cache_len) for positions per row
+                mask = self.causal_mask[input_pos][None] if input_pos.dim() == 1 else self.causal_mask[input_pos]
+                mask = mask[:, None]
         elif input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
         # mask None without a cache: plain causal attention over tokens (is_causal, flash on GPU)

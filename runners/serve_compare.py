@@ -67,6 +67,7 @@ class Args:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     out: str = "results/serving"  # folder for the requests, summary, table, plots and report
     startup_timeout: float = 600.0  # seconds for the server to export, compile and check its engines
+    max_batch: int = 8  # the server's --max-batch (1: every engine decodes one sequence at a time)
 
 
 def main(argv=None):
@@ -78,6 +79,7 @@ def main(argv=None):
     log = out / "server.log"
     cmd = [sys.executable, "-m", "serve.server", a.checkpoint, "--port", str(port), "--device", a.device]
     cmd += ["--engines", *a.engines, "--max-tokens-limit", str(a.max_tokens), "--workdir", str(out / "export")]
+    cmd += ["--max-batch", str(a.max_batch)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     try:

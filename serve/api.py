@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eval.generate import cut_at_stops
@@ -230,3 +231,40 @@ class TextStream:
         """Whether a stop string ended the text."""
         text = self.decode(self.ids)
         return len(cut_at_stops(text, self.stops)) < len(text)
+
+
+def token_text(tok, before: list[int], token: int) -> str:
+    """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
+    before = before[-8:]  # enough context for how a token joins the text, at a cost that does not grow
+    a, b = tok.decode(before), tok.decode(before + [token])
+    return b[len(a) :] if b.startswith(a) else tok.decode([token])
+
+
+def logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top: int) -> dict:
+    lp = torch.log_softmax(logits.float(), -1)
+    alts = torch.topk(lp, top) if top else None
+    return {
+        "token": token_text(tok, before, token),
+        "logprob": float(lp[token]),
+        "top": []
+        if alts is None
+        else [(token_text(tok, before, int(i)), float(v)) for v, i in zip(alts.values, alts.indices, strict=True)],
+    }
+
+
+class LogprobsHeld:
+    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
+    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
+        self.chars = 0
+
+    def add(self, entry: dict):
+        self.pending.append((self.chars, entry))
+        self.chars += len(entry["token"])
+
+    def release(self, sent_chars: int) -> list[dict]:
+        out = [e for start, e in self.pending if start < sent_chars]
+        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
+        return out

@@ -48,7 +48,16 @@ from common.progress import Progress
 from common.stats import adjust, kruskal, mann_whitney, paired_ratio
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")  # client-side, compared across targets
+METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")  # client-side, vLLM's definitions, compared across targets
+GUIDELLM_METRICS = ("guidellm_ttft_ms", "guidellm_tpot_ms", "guidellm_itl_ms", "guidellm_latency_ms")
+DEFINITIONS = {  # written into every summary: which tool's formula each column follows
+    "ttft_ms, tpot_ms, itl_ms, e2e_ms": "vLLM bench serve (endpoint_request_func.py, calculate_metrics): the "
+    "first/last chunk with a choice, even an empty one; tpot = (e2e - ttft) / (output tokens - 1)",
+    "guidellm_*": "guidellm (benchmark.py, GenerativeTextResponseStats): the first/last chunk with text; "
+    "tpot = (last - first) / output tokens; itl = (last - first) / (output tokens - 1); latency to [DONE]",
+    "energy_j_per_token, j_per_token": "the server's energy counter read before and after the run (GET /energy), "
+    "over the tokens of the run; none where the server has no counter",
+}
 SERVER_METRICS = ("queue_ms", "ttft_ms", "tpot_ms", "e2e_ms")  # the server's own, recorded as server_*
 STOPS = ["\ndef ", "\nclass ", "\nif __name__"]
 CSV_FIELDS = (
@@ -68,6 +77,10 @@ CSV_FIELDS = (
     "server_ttft_ms",
     "server_tpot_ms",
     "server_e2e_ms",
+    "guidellm_ttft_ms",
+    "guidellm_tpot_ms",
+    "guidellm_itl_ms",
+    "guidellm_latency_ms",
     "energy_j",
     "prompt_truncated",
 )
@@ -132,6 +145,34 @@ def discover(base: str, api_key: str = "none") -> tuple[list[str], dict]:
     return models, server
 
 
+def read_energy(base: str) -> dict | None:
+    """The server's energy counter now (this project's ``GET /energy``), or None where it has none."""
+    import httpx
+
+    try:
+        r = httpx.get(base.removesuffix("/v1") + "/energy", timeout=10, trust_env=False)
+        d = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("energy_j"), (int, float)) else None
+
+
+def run_energy(before: dict | None, after: dict | None, tokens: int) -> dict:
+    """Joules of a whole run from two readings of the server's counter, and per output token: the figure for a
+    batched server, where no request's window is its own."""
+    if before is None or after is None:
+        return {"energy_j": None, "reason": "the server reports no energy counter (GET /energy)"}
+    joules = after["energy_j"] - before["energy_j"]
+    if not joules > 0:  # a counter that did not advance is a failed window, never 0 J
+        return {"energy_j": None, "reason": "the counter did not advance during the run"}
+    return {
+        "method": after.get("method"),
+        "energy_j": joules,
+        "window_s": after["time_s"] - before["time_s"],
+        "j_per_token": joules / tokens if tokens else None,
+    }
+
+
 def stream_metrics(t0: float, chunks: list[tuple[float, bool]], tokens_out: int | None) -> dict:
     """vLLM's figures of one streamed request: ``chunks`` is (arrival time, whether it has a choice) of every
     data chunk; ``tokens_out`` the server's usage count (None: one token per chunk with a choice)."""
@@ -149,12 +190,32 @@ def stream_metrics(t0: float, chunks: list[tuple[float, bool]], tokens_out: int 
     }
 
 
+def guidellm_metrics(t0: float, text_times: list[float], t_end: float, tokens_out: int | None) -> dict:
+    """guidellm's figures of the same stream (``guidellm/benchmark/benchmark.py``, GenerativeTextResponseStats,
+    with its OpenAI backend's clock): the first and last token are the first and last chunk whose text is not
+    empty (``text_times``); ``ttft`` from the request's start to the first; ``tpot`` = (last - first) / output
+    tokens (the first token's share counted in, unlike vLLM's); ``itl`` = (last - first) / (output tokens - 1);
+    ``latency`` from the start to the end of the stream (``t_end``, after ``[DONE]``). The start is the same
+    instant as vLLM's here (just before the request is sent)."""
+    if not text_times:
+        return {f"guidellm_{k}": None for k in ("ttft_ms", "tpot_ms", "itl_ms", "latency_ms")}
+    n = tokens_out if tokens_out is not None else len(text_times)
+    span = 1e3 * (text_times[-1] - text_times[0])
+    return {
+        "guidellm_ttft_ms": 1e3 * (text_times[0] - t0),
+        "guidellm_tpot_ms": span / n if n else None,
+        "guidellm_itl_ms": span / (n - 1) if n > 1 else None,
+        "guidellm_latency_ms": 1e3 * (t_end - t0),
+    }
+
+
 async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> dict:
     """Send one streamed request; the row of what the client saw."""
     import openai
 
     row = {k: v for k, v in job.items() if k != "body"} | {"status": 0}
     chunks: list[tuple[float, bool]] = []
+    text_times: list[float] = []  # arrival of each chunk whose text is not empty (guidellm's tokens)
     text, usage, last = [], None, None
     t0 = time.perf_counter()
     row["sent_s"] = t0 - t_start
@@ -163,9 +224,12 @@ async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> d
         nonlocal usage, last
         stream = await client.completions.create(**job["body"], stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
-            chunks.append((time.perf_counter(), bool(chunk.choices)))
+            now = time.perf_counter()
+            chunks.append((now, bool(chunk.choices)))
             if chunk.choices:
                 text.append(chunk.choices[0].text or "")
+                if chunk.choices[0].text:
+                    text_times.append(now)
             if chunk.usage is not None:
                 usage = chunk.usage
             last = chunk
@@ -192,6 +256,7 @@ async def _one(client, job: dict, t_start: float, timeout_s: float = 600.0) -> d
         return row
     row["status"] = 200
     row |= stream_metrics(t0, chunks, usage.completion_tokens if usage is not None else None)
+    row |= guidellm_metrics(t0, text_times, t_end, usage.completion_tokens if usage is not None else None)
     row |= {
         "tokens_in": usage.prompt_tokens if usage is not None else None,
         "tokens_from": "usage" if usage is not None else "chunks",
@@ -314,7 +379,7 @@ def summarize(rows: list[dict], targets: list[str], wall_s: float, slo: dict[str
             "failed": len(mine) - len(ok),
             "errors": sorted({r.get("error") for r in mine if r["status"] != 200} - {None})[:5],
             "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in ok),
-            **{m: percentiles([r.get(m) for r in ok]) for m in METRICS},
+            **{m: percentiles([r.get(m) for r in ok]) for m in METRICS + GUIDELLM_METRICS},
             **{f"server_{m}": percentiles([r.get(f"server_{m}") for r in ok]) for m in SERVER_METRICS},
             "tokens_out": tokens,
             "tokens_per_s_per_request": tokens / busy_s if busy_s else None,  # its own requests' stream time
@@ -411,7 +476,10 @@ def run_load(
     prompts = prompts or humaneval_prompts()
     ours = "max_tokens_limit" in server  # this project's server: a prompt too long for its context keeps its end
     jobs = jobs_for(prompts, targets, n_requests, max_tokens, temperature, {"truncate_prompt": True} if ours else None)
+    before = read_energy(base) if ours else None
     rows, wall = asyncio.run(_run(base, jobs, concurrency, rate, duration_s, seed, timeout_s, api_key, progress))
+    after = read_energy(base) if before is not None else None
+    energy = run_energy(before, after, sum(r.get("tokens_out") or 0 for r in rows if r["status"] == 200))
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out)
     summary = {
@@ -428,7 +496,9 @@ def run_load(
             "targets": targets,
             "prompts": len(prompts),
             "measured": "client side, from the stream (server_* fields: the server's own figures)",
+            "definitions": DEFINITIONS,
         },
+        "energy": energy,  # the whole run's, all targets together
         **summarize(rows, targets, wall, slo),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
@@ -482,7 +552,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 SWEEP_COLUMNS = ("concurrency", "target", "ok", "requests", "tokens_per_s", "requests_per_s", "goodput_requests_per_s",
-                 "ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "e2e_ms_p50", "j_per_token")  # fmt: skip
+                 "ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "tpot_ms_p90", "e2e_ms_p50", "guidellm_tpot_ms_p50",
+                 "j_per_token")  # fmt: skip
 
 
 def sweep_rows(points: list[tuple[int, dict]]) -> list[dict]:
@@ -498,7 +569,11 @@ def sweep_rows(points: list[tuple[int, dict]]) -> list[dict]:
                 "goodput_requests_per_s": r["good"] / s["wall_s"] if "good" in r and s["wall_s"] else None,
                 "ttft_ms_p50": (r["ttft_ms"] or {}).get("p50"), "ttft_ms_p90": (r["ttft_ms"] or {}).get("p90"),
                 "tpot_ms_p50": (r["tpot_ms"] or {}).get("p50"), "tpot_ms_p90": (r["tpot_ms"] or {}).get("p90"),
-                "e2e_ms_p50": (r["e2e_ms"] or {}).get("p50"), "j_per_token": r["energy_j_per_token"],
+                "e2e_ms_p50": (r["e2e_ms"] or {}).get("p50"),
+                "guidellm_tpot_ms_p50": (r.get("guidellm_tpot_ms") or {}).get("p50"),
+                # a target's own requests' energy; with one target, the whole run's (a batched server's figure)
+                "j_per_token": r["energy_j_per_token"]
+                or ((s.get("energy") or {}).get("j_per_token") if len(s["targets"]) == 1 else None),
                 "share": share,
             })  # fmt: skip
     return rows
@@ -513,7 +588,8 @@ def run_sweep(a, prompts) -> list[dict]:
                      api_key=a.api_key, slo=parse_slo(a.goodput))  # fmt: skip
         points.append((c, s))
     rows = sweep_rows(points)
-    atomic_write(Path(a.out) / "sweep.json", json.dumps({"concurrency": a.concurrency, "rows": rows}, indent=2))
+    sweep = {"concurrency": a.concurrency, "definitions": DEFINITIONS, "rows": rows}
+    atomic_write(Path(a.out) / "sweep.json", json.dumps(sweep, indent=2))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
     w.writeheader()

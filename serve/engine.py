@@ -1,7 +1,7 @@
 """The serving logic of serve/server.py, apart from HTTP: what is served (``Served``: the model, its checked
-decoders, the lock that serves one request at a time, the energy counter), each request checked and tokenized
-into a ``Plan`` (engine, prompt ids, seeds, sampling settings), and ``run``, which decodes a plan's choices
-and measures them (latency per token, energy)."""
+engines, each with its scheduler of continuous batching, the energy counter), each request checked and
+tokenized into a ``Plan`` (engine, prompt ids, seeds, sampling settings), and ``run``, which decodes a plan's
+choices in the engine's running batch and measures them (latency per token, energy)."""
 
 from __future__ import annotations
 
@@ -13,32 +13,43 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
 from eval.generate import fit_prompt, stop_check
 from eval.model import load_for_eval
+from runtime.batching import build_slots, check_slots
 from runtime.decoding import build_decoder, check
-from serve.api import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest, Sampling, TextStream, now
+from serve.api import (
+    MAX_CHOICES,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    LogprobsHeld,
+    Sampling,
+    TextStream,
+    logprob_entry,
+    now,
+)
+from serve.scheduler import ClientGone, Scheduler, Sequence
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
 TOKENS_PER_CHAR_SLACK = 4  # normalisation may merge characters: the cheap length bound allows 4x for it
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
 DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default
 DEFAULT_TEMPERATURE = 1.0  # the OpenAI API's default
+DEFAULT_MAX_BATCH = 8  # sequences decoded together by an engine that batches
 
 
 @dataclass
 class Served:
-    """The model, its engines and what the server was asked to do."""
+    """The model, its engines (each with its scheduler) and what the server was asked to do."""
 
     ev: object
-    decoders: dict
+    schedulers: dict[str, Scheduler]  # engine name -> its scheduler of continuous batching
     unavailable: dict
     max_tokens_limit: int
     max_token_bytes: int = 1  # the longest token's UTF-8 bytes: a prompt's length bounds its token count
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one engine step at a time, all engines
     # one thread tokenizes every request's prompts, off the event loop (tokenizers are not all thread-safe)
     tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
     counter: object = None
@@ -52,7 +63,7 @@ class Served:
 
     def models(self) -> dict[str, str]:
         """Model id -> engine: ``<name>`` is served by the first engine, ``<name>:<engine>`` by each."""
-        engines = list(self.decoders)
+        engines = list(self.schedulers)
         return {self.name: engines[0]} | {f"{self.name}:{e}": e for e in engines}
 
     @property
@@ -70,25 +81,28 @@ def load_served(
     max_tokens_limit: int,
     workdir: Path | None,
     name: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> Served:
     ev = load_for_eval(checkpoint, device, "float32")  # numerics as the ONNX / OpenVINO exports (float32)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="serve-"))
     S = ev.model.params.max_seq_len
     n_check = max(1, min(16, S // 4))  # new tokens compared per check prompt; prompts cut to leave room
     prompts = [ev.tokenizer.encode(p)[-(S - n_check) :] for p in CHECK_PROMPTS]
-    decoders, unavailable = {}, {}
+    slots, unavailable = {}, {}
     for engine in engines:  # exports and compilation take most of the start-up: each says what it is doing
         t0 = time.perf_counter()
         print(f"engine {engine}: building and checking against eager decoding ...", flush=True)
         try:
             decoder = build_decoder(engine, ev.model, ev.device, workdir)
             check(decoder, ev.model, prompts, n_check)
-            decoders[engine] = decoder
-            print(f"engine {engine}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+            slots[engine] = build_slots(decoder, ev.model, ev.device, max_batch)
+            if slots[engine].max_batch > 1:  # sequences joining and leaving a full batch, each as if alone
+                check_slots(slots[engine], ev.model, prompts, n_check)
+            print(f"engine {engine}: ready ({time.perf_counter() - t0:.0f} s; {slots[engine].note})", flush=True)
         except Exception as e:  # reported on /health and in every answer, never hidden
             unavailable[engine] = failure(e, 200)
             print(f"engine {engine}: not served ({unavailable[engine]})", flush=True)
-    if not decoders:
+    if not slots:
         raise UserError(f"no engine could serve {checkpoint}: {unavailable}")
     counter, reason = find_counter(ev.device)
     longest = max(1, int(ev.tokenizer.token_bytes().max()))
@@ -96,8 +110,10 @@ def load_served(
     # the id clients name: the folder the user gave (checkpoints/tiny -> "tiny"), a step folder by its run and step
     given = Path(checkpoint).name
     name = name or (given if given and not given.startswith("step_") else ev.name)
+    lock = threading.Lock()
+    schedulers = {engine: Scheduler(s, lock) for engine, s in slots.items()}
     served = Served(
-        ev, decoders, unavailable, max_tokens_limit, longest, counter=counter, counter_reason=reason, name=name
+        ev, schedulers, unavailable, max_tokens_limit, longest, lock, counter=counter, counter_reason=reason, name=name
     )
     if counter is not None:  # idle power once, at start: a request is too short to measure it beside
         with EnergyMeter(ev.device, idle_s=IDLE_S, counter=counter) as meter:
@@ -136,8 +152,8 @@ def _engine(served: Served, req: Sampling) -> str:
     engine = req.engine or models[req.model]
     if req.engine and req.model != served.name and req.engine != models[req.model]:
         raise ApiError(400, f"engine {req.engine!r} contradicts the model id {req.model!r}", "engine")
-    if engine not in served.decoders:
-        known = ", ".join(served.decoders)
+    if engine not in served.schedulers:
+        known = ", ".join(served.schedulers)
         why = f" ({served.unavailable[engine]})" if engine in served.unavailable else ""
         raise ApiError(400, f"engine {engine!r} is not served{why}; use one of: {known}", "engine")
     return engine
@@ -302,105 +318,101 @@ def _metrics(times: list[float], n_out: int) -> dict:
     }
 
 
-class ClientGone(Exception):
-    """A streaming client closed its connection: its decoding stops."""
+def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Sequence, dict]:
+    """Choice ``index`` of ``plan`` as a sequence for the scheduler, and the record its callbacks fill."""
+    tok = served.ev.tokenizer
+    p, seed = plan.choices[index]
+    hold_space = bool(getattr(getattr(tok, "tok", None), "clean_up_tokenization_spaces", False))
+    text, held = TextStream(tok.decode, plan.stops, hold_space), LogprobsHeld()
+    record = {"index": index, "text": "", "finish_reason": None, "logprobs": []}
+    seq = Sequence(
+        plan.prompts[p],
+        plan.max_tokens,
+        plan.temperature,
+        plan.top_p,
+        tok.eos_id if plan.eos else None,
+        stop_check(tok, plan.stops),
+        seed,
+        gone=gone,
+    )
 
+    def on_token(token, logits):
+        if plan.logprobs is not None:
+            held.add(logprob_entry(tok, text.ids, token, logits, plan.logprobs))
+        delta = text.push(token)
+        released = held.release(len(text.sent))  # the tokens whose text has been sent
+        record["logprobs"] += released
+        if emit is not None:
+            emit(("token", index, delta, released))
 
-def _token_text(tok, before: list[int], token: int) -> str:
-    """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
-    before = before[-8:]  # enough context for how a token joins the text, at a cost that does not grow
-    a, b = tok.decode(before), tok.decode(before + [token])
-    return b[len(a) :] if b.startswith(a) else tok.decode([token])
+    def on_end():
+        last = text.finish()
+        released = held.release(len(text.sent))  # the rest was cut with the stop string: dropped
+        record["logprobs"] += released
+        finish = "stop" if text.stopped() or len(seq.tokens) < plan.max_tokens else "length"
+        record.update(text=text.sent, finish_reason=finish)
+        if emit is not None:
+            emit(("end", index, last, (finish, released)))
 
-
-def _logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top: int) -> dict:
-    lp = torch.log_softmax(logits.float(), -1)
-    alts = torch.topk(lp, top) if top else None
-    return {
-        "token": _token_text(tok, before, token),
-        "logprob": float(lp[token]),
-        "top": []
-        if alts is None
-        else [(_token_text(tok, before, int(i)), float(v)) for v, i in zip(alts.values, alts.indices, strict=True)],
-    }
+    seq.on_token, seq.on_end = on_token, on_end
+    return seq, record
 
 
 def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
-    """Decode every choice of ``plan`` (holding the server's lock: one request at a time). ``emit(event)``, if
-    given, hears ``("token", index, delta, [logprob entries released])`` per token and ``("end", index, delta,
-    (finish_reason, [logprob entries released]))`` per choice, from this thread; it raises ``ClientGone`` to stop."""
-    ev, tok = served.ev, served.ev.tokenizer
-    decoder = served.decoders[plan.engine]
-    stop = stop_check(tok, plan.stops)
-    hold_space = bool(getattr(getattr(tok, "tok", None), "clean_up_tokenization_spaces", False))
-    results = []
-    with served.lock:
-        if gone is not None and gone.is_set():
-            raise ClientGone  # it left while queued: nothing decoded
-        started = time.perf_counter()
-        meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
-        with meter:
-            for index, (p, seed) in enumerate(plan.choices):
-                text = TextStream(tok.decode, plan.stops, hold_space)
-                entries, held = [], LogprobsHeld()
-                t_choice = time.perf_counter() - started
-
-                def on_token(token, logits, text=text, entries=entries, held=held, index=index):
-                    if plan.logprobs is not None:
-                        held.add(_logprob_entry(tok, text.ids, token, logits, plan.logprobs))
-                    delta = text.push(token)
-                    released = held.release(len(text.sent))  # the tokens whose text has been sent
-                    entries += released
-                    if emit is not None:
-                        emit(("token", index, delta, released))
-
-                out, times = decoder.generate(
-                    plan.prompts[p],
-                    plan.max_tokens,
-                    plan.temperature,
-                    plan.top_p,
-                    tok.eos_id if plan.eos else None,
-                    stop,
-                    seed,
-                    on_token,
-                )
-                last = text.finish()
-                released = held.release(len(text.sent))  # the rest was cut with the stop string: dropped
-                entries += released
-                finish = "stop" if text.stopped() or len(out) < plan.max_tokens else "length"
-                if emit is not None:
-                    emit(("end", index, last, (finish, released)))
-                results.append(
-                    {
-                        "index": index,
-                        "text": text.sent,
-                        "finish_reason": finish,
-                        "logprobs": entries,
-                        "start_s": t_choice,
-                    }
-                    | _metrics(times, len(out))
-                )
-        meter.idle_power_w = served.idle_power_w
-        n_out = sum(r["tokens_out"] for r in results)
+    """Decode every choice of ``plan`` in its engine's running batch (serve/scheduler.py) and measure them.
+    ``emit(event)``, if given, hears ``("token", index, delta, [logprob entries released])`` per token and
+    ``("end", index, delta, (finish_reason, [logprob entries released]))`` per choice, from the scheduler's
+    thread; it raises ``ClientGone`` to stop. Raises ``ClientGone`` if the client left, or the engine's error."""
+    ev = served.ev
+    scheduler = served.schedulers[plan.engine]
+    made = [_sequence(served, plan, i, emit, gone) for i in range(len(plan.choices))]
+    seqs = [s for s, _ in made]
+    meter = EnergyMeter(ev.device, idle_s=0, counter=served.counter, reason=served.counter_reason)
+    with meter:
+        scheduler.submit(seqs)
+        for s in seqs:
+            s.done.wait()
+    errors = [s.error for s in seqs if s.error is not None]
+    if any(isinstance(e, ClientGone) for e in errors):
+        raise ClientGone
+    if errors:
+        raise errors[0]
+    started = min(s.admitted for s in seqs if s.admitted is not None) if any(s.admitted for s in seqs) else None
+    started = plan.received if started is None else started
+    results = [
+        record | {"start_s": (s.admitted or started) - started} | _metrics(s.times, len(s.tokens)) for s, record in made
+    ]
+    meter.idle_power_w = served.idle_power_w
+    n_out = sum(r["tokens_out"] for r in results)
+    if any(s.shared for s in seqs) and served.counter is not None:
+        # other requests decoded in the same steps: the window's energy is theirs too (the load client's
+        # J/token over a whole run, from /energy, is the figure for a batched server)
+        energy = {"method": served.counter.method, "energy_j": None, "reason": "decoded in a batch with others"}
+    else:
         energy = meter.result(units=n_out or None, unit="token", min_window_s=min_window_for(meter.counter))
-    first = results[0]
-    single = len(results) == 1
-    measures = {
-        "engine": plan.engine,
-        "engine_note": decoder.note,
-        "device": str(ev.device),
-        "tokens_in": sum(len(plan.prompts[p]) for p in range(len(plan.prompts))),
-        "tokens_out": n_out,
-        "prompt_truncated": any(plan.truncated),
-        "queue_ms": 1e3 * (started - plan.received),
-        # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
-        "ttft_ms": None if first["ttft_ms"] is None else first["ttft_ms"] + (0 if single else 1e3 * first["start_s"]),
-        "tpot_ms": first["tpot_ms"] if single else None,
-        "itl_ms": first["itl_ms"] if single else None,
-        "e2e_ms": 1e3 * (time.perf_counter() - started) if not single else first["e2e_ms"],
-        "energy": energy,
+    first, single = results[0], len(results) == 1
+    ends = [s.admitted + s.times[-1] for s in seqs if s.times]
+    return {
+        "choices": results,
+        "measures": {
+            "engine": plan.engine,
+            "engine_note": scheduler.slots.note,
+            "device": str(ev.device),
+            "tokens_in": sum(len(p) for p in plan.prompts),
+            "tokens_out": n_out,
+            "prompt_truncated": any(plan.truncated),
+            "queue_ms": 1e3 * (started - plan.received),
+            "batched": any(s.shared for s in seqs),  # decoded beside other sequences (its own or others')
+            # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
+            "ttft_ms": None
+            if first["ttft_ms"] is None
+            else first["ttft_ms"] + (0 if single else 1e3 * first["start_s"]),
+            "tpot_ms": first["tpot_ms"] if single else None,
+            "itl_ms": first["itl_ms"] if single else None,
+            "e2e_ms": first["e2e_ms"] if single else 1e3 * (max(ends, default=started) - started),
+            "energy": energy,
+        },
     }
-    return {"choices": results, "measures": measures}
 
 
 def usage(plan: Plan, measures: dict) -> dict:
@@ -410,21 +422,3 @@ def usage(plan: Plan, measures: dict) -> dict:
         "completion_tokens": measures["tokens_out"],
         "total_tokens": prompt + measures["tokens_out"],
     }
-
-
-class LogprobsHeld:
-    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
-    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
-
-    def __init__(self):
-        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
-        self.chars = 0
-
-    def add(self, entry: dict):
-        self.pending.append((self.chars, entry))
-        self.chars += len(entry["token"])
-
-    def release(self, sent_chars: int) -> list[dict]:
-        out = [e for start, e in self.pending if start < sent_chars]
-        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
-        return out

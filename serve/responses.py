@@ -11,7 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from common.cli import failure
 from serve.api import ApiError, Sampling, new_id, now
-from serve.engine import ClientGone, Plan, Served, run, usage
+from serve.engine import Plan, Served, run, usage
+from serve.scheduler import ClientGone
 
 
 def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
@@ -136,15 +137,16 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                         ]
                     )
                 )
-            n_out, last = 0, None
+            n_out, ended, last = 0, 0, None
             while (event := await queue.get()) is not None:
                 what, index, delta, x = event
                 n_out += what == "token"
+                ended += what == "end"
                 so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
                 so_far = {"usage": so_far | {"total_tokens": prompt_tokens + n_out}} if running else {}
                 if what == "token":
                     yield sse(chunk([choice(index, delta, None, x)], **so_far))
-                elif index == len(plan.choices) - 1:
+                elif ended == len(plan.choices):  # choices of a batch end in any order: the last to end
                     last = chunk([choice(index, delta, *x)], **so_far)  # sent with the measures
                 else:
                     yield sse(chunk([choice(index, delta, *x)], **so_far))

@@ -21,8 +21,15 @@ before it is tokenized, a request holds at most 64 completions (prompts x n), an
 ``--request-timeout`` seconds from its first byte to send a whole request (a connection that sends nothing,
 or a byte at a time, is closed). A streaming client that goes away stops its decoding at the next token.
 
-Requests are served one at a time, in arrival order, so that a request's latency and energy are its own;
-the time a request waited for the ones before it is ``queue_ms``. Measurements, beside the OpenAI fields of
+Requests are decoded together, as deployed servers decode them (continuous batching, serve/scheduler.py): a
+request's completions join the engine's running batch at the next step while fewer than ``--max-batch``
+sequences run, and leave it when they end; each is decoded exactly as it would be alone (greedy answers are
+checked against decoding alone at start-up). Engines that cannot batch (ONNX Runtime and OpenVINO with their
+batch-1 exports, transformers models) decode one sequence at a time, and say so on /health; ``--max-batch 1``
+asks the same of every engine. The time a request waited for a free slot is ``queue_ms``; ``batched`` says
+whether it shared steps with other sequences, and then its ``energy`` carries no figure, since the window's
+joules are not its own: ``GET /energy`` gives the counter's reading, from which the load client takes a whole
+run's J/token. Measurements, beside the OpenAI fields of
 each answer (in the last chunk of a stream), follow MLPerf / LLMPerf / GenAI-Perf: ``ttft_ms`` (time to first
 token: prompt processing and the first token), ``tpot_ms`` (time per output token after the first:
 (e2e - ttft) / (tokens_out - 1)), ``itl_ms`` (each inter-token latency), ``e2e_ms`` (from the start of
@@ -55,8 +62,9 @@ from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.hardware import run_metadata
 from runtime.decoding import DECODE_ENGINES
 from serve.api import ApiError, ChatRequest, CompletionRequest, Sampling
-from serve.engine import ClientGone, Plan, Served, load_served, plan_chat, plan_completion, run
+from serve.engine import Plan, Served, load_served, plan_chat, plan_completion, run
 from serve.responses import completion_body, stream
+from serve.scheduler import ClientGone
 from serve.transport import BodyLimit, create_server, error, first_error
 
 __all__ = ["create_app", "create_server", "load_served", "main"]
@@ -87,13 +95,27 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
             "model": served.name,
             "models": served.models(),
             "architecture": served.ev.architecture,
-            "engines": {n: d.note for n, d in served.decoders.items()},
+            "engines": {n: sch.slots.note for n, sch in served.schedulers.items()},
+            "max_batch": {n: sch.slots.max_batch for n, sch in served.schedulers.items()},
             "unavailable": served.unavailable,
             "max_seq_len": served.ev.model.params.max_seq_len,
             "max_tokens_limit": served.max_tokens_limit,
             "chat_template": served.chat is not None,
             "energy": "unavailable: " + served.counter_reason if served.counter is None else served.counter.method,
             **run_metadata(served.ev.device),
+        }
+
+    @app.get("/energy")
+    def energy():
+        """The energy counter's reading now (joules since an arbitrary start), for a load client to take the
+        energy of a whole run (J/token of a batched server) from two readings; or why there is none."""
+        if served.counter is None:
+            return {"method": "unavailable", "reason": served.counter_reason, "energy_j": None}
+        return {
+            "method": served.counter.method,
+            "energy_j": served.counter.read_j(),
+            "time_s": time.perf_counter(),
+            "idle_power_w": served.idle_power_w,
         }
 
     @app.get("/v1/models")
@@ -167,9 +189,10 @@ class Args:
     max_connections: int = 256  # connections open at once; beyond, requests get 503
     workdir: str | None = None  # where the ONNX export goes (default: a temporary folder)
     served_model_name: str | None = None  # the model id clients name (default: the checkpoint's name)
+    max_batch: int = 8  # sequences an engine decodes together (continuous batching); 1: one at a time
 
     def __post_init__(self):
-        for key in ("port", "max_tokens_limit", "max_body_bytes", "request_timeout", "max_connections"):
+        for key in ("port", "max_tokens_limit", "max_body_bytes", "request_timeout", "max_connections", "max_batch"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
 
@@ -179,7 +202,9 @@ def main(argv=None):
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
-    served = load_served(a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name)
+    served = load_served(
+        a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch
+    )
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()

@@ -44,7 +44,8 @@ def serving(app, request_timeout_s: float = 10.0):
 
 @pytest.fixture(scope="module")
 def served(trained_checkpoint, tmp_path_factory):
-    return load_served(str(trained_checkpoint), list(DECODE_ENGINES), "cpu", 48, tmp_path_factory.mktemp("export"))
+    export = tmp_path_factory.mktemp("export")
+    return load_served(str(trained_checkpoint), list(DECODE_ENGINES), "cpu", 48, export, max_batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +203,8 @@ def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transform
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
     served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
-    assert list(served.decoders) == ["torch"]
+    assert list(served.schedulers) == ["torch"]
+    assert "does not batch" in served.schedulers["torch"].slots.note  # a transformers cache holds one sequence
     assert "needs an export through torch.export" in served.unavailable["onnxruntime"]
     with serving(create_app(served)) as url:
         client = openai_client(url)
@@ -506,10 +508,10 @@ def test_api_errors_come_in_the_openai_shape_through_the_official_client(url):
 
 
 def test_a_client_that_leaves_a_stream_stops_its_decoding(served, url):
-    decoder = served.decoders["torch"]
+    decoder = served.schedulers["torch"].slots
     steps = []
-    real = decoder.next
-    decoder.next = lambda token, pos: steps.append(pos) or real(token, pos)
+    real = decoder.step
+    decoder.step = lambda slots, tokens, pos: steps.append(pos) or real(slots, tokens, pos)
     try:
         body = {"model": f"{MODEL}:torch", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
         body["extra_body"] = None
@@ -524,9 +526,9 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(served, url):
         time.sleep(0.5)
         assert len(steps) == seen < 39  # stopped, and well before the 40 tokens asked for
         ok = post(url, {"prompt": PROMPT, "max_tokens": 4})
-        assert ok.status_code == 200 and ok.json()["queue_ms"] < 1000  # the lock was given back
+        assert ok.status_code == 200 and ok.json()["queue_ms"] < 1000  # the slot was given back
     finally:
-        del decoder.next
+        del decoder.step
 
 
 def test_the_load_client_measures_a_second_server_with_the_same_columns(served, url, tmp_path):
@@ -628,13 +630,13 @@ def test_the_load_client_bounds_a_stream_that_never_ends_and_the_whole_run(tmp_p
 def test_a_client_that_leaves_a_plain_request_stops_its_decoding(served, url):
     """A non-streaming request abandoned mid-way (three of them, n=8) stops decoding: the next request does
     not wait for completions nobody will read."""
-    decoder = served.decoders["torch"]
+    decoder = served.schedulers["torch"].slots
     steps = []
-    real = decoder.next
-    decoder.next = lambda token, pos: steps.append(pos) or time.sleep(0.01) or real(token, pos)
+    real = decoder.step
+    decoder.step = lambda slots, tokens, pos: steps.append(pos) or time.sleep(0.02) or real(slots, tokens, pos)
     port = int(url.rsplit(":", 1)[1])
     body = json.dumps(
-        {"model": f"{MODEL}:torch", "prompt": PROMPT, "max_tokens": 20, "n": 8, "ignore_eos": True}
+        {"model": f"{MODEL}:torch", "prompt": PROMPT, "max_tokens": 40, "n": 8, "ignore_eos": True}
     ).encode()
     try:
         for _ in range(3):
@@ -649,10 +651,11 @@ def test_a_client_that_leaves_a_plain_request_stops_its_decoding(served, url):
         ok = post(url, {"prompt": PROMPT, "max_tokens": 4})
         waited = time.monotonic() - t0
         assert ok.status_code == 200
-        # 3 x 8 x 20 steps at >= 10 ms each would hold the lock for 5 s or more; stopped, it is a few steps
-        assert len(steps) < 3 * 8 * 20 / 4 and waited < 3, (len(steps), waited)
+        # 3 x 40 steps (the 8 choices of each decode together) at >= 20 ms each would hold the engine for 2.4 s
+        # or more; stopped, it is a few steps each
+        assert len(steps) < 3 * 40 / 2 and waited < 2, (len(steps), waited)
     finally:
-        del decoder.next
+        del decoder.step
 
 
 def test_a_pipelined_partial_request_gets_the_same_deadline(served):

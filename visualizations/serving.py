@@ -47,7 +47,7 @@ def _p(d: dict | None, key: str) -> str:
 
 def table(summary: dict) -> str:
     lines = [
-        "| target | ok / sent | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | e2e p50 / p99 ms "
+        "| target | ok / sent | TTFT (vLLM) p50 / p90 / p99 ms | TPOT (vLLM) p50 / p90 / p99 ms | e2e p50 / p99 ms "
         "| server TTFT p50 ms | tokens/s per request | J/token |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -126,17 +126,20 @@ def write_sweep_report(folder: Path) -> Path:
         "# Concurrency sweep",
         "",
         "The same load at each concurrency, one run after another (the runs: `concurrency-N/`). Latencies as "
-        "vLLM's bench serve defines them (p50); tokens/s: the target's output tokens over the run's wall time.",
+        "vLLM's bench serve defines them (p50), and TPOT as guidellm defines it beside (the first token's share "
+        "counted in: (last - first token) / tokens); tokens/s: the target's output tokens over the run's wall time; "
+        "J/token: the server's counter over the whole run (GET /energy).",
         "",
-        "| concurrency | target | ok / sent | output tokens/s | TTFT p50 / p90 ms | TPOT p50 / p90 ms | goodput req/s "
-        "| J/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concurrency | target | ok / sent | output tokens/s | TTFT (vLLM) p50 / p90 ms | TPOT (vLLM) p50 / p90 ms "
+        "| TPOT (guidellm) p50 ms | goodput req/s | J/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['concurrency']} | {r['target']} | {r['ok']} / {r['requests']} | {f(r['tokens_per_s'], '.1f')} | "
             f"{f(r['ttft_ms_p50'], '.1f')} / {f(r['ttft_ms_p90'], '.1f')} | {f(r['tpot_ms_p50'], '.2f')} / "
-            f"{f(r['tpot_ms_p90'], '.2f')} | {f(r['goodput_requests_per_s'], '.2f')} | {f(r['j_per_token'], '.3g')} |"
+            f"{f(r['tpot_ms_p90'], '.2f')} | {f(r.get('guidellm_tpot_ms_p50'), '.2f')} | "
+            f"{f(r['goodput_requests_per_s'], '.2f')} | {f(r['j_per_token'], '.3g')} |"
         )
     lines += ["", "![sweep](plots/sweep.png)", ""]
     return atomic_write(folder / "sweep.md", "\n".join(lines))
@@ -157,8 +160,14 @@ def write_serving_report(folder: str | Path) -> Path:
     if s.get("duration_s"):
         schedule += f", none sent after {s['duration_s']} s ({s['sent']} of {s['requests']} sent)"
     ours = "max_tokens_limit" in srv
+    batch = srv.get("max_batch") or {}
+    how = (
+        "served with continuous batching (" + ", ".join(f"{e} up to {n}" for e, n in batch.items()) + " sequences)"
+        if any(n > 1 for n in batch.values())
+        else "served one sequence at a time"
+    )
     where = (
-        f"served one at a time on {srv.get('device')}, torch {srv.get('torch_version')}, commit "
+        f"{how} on {srv.get('device')}, torch {srv.get('torch_version')}, commit "
         f"{srv.get('git_commit', 'unknown')}"
         if ours
         else f"an OpenAI-compatible server at {srv['base_url']} (it says nothing more about itself)"

@@ -1,0 +1,169 @@
+"""Continuous batching against one request at a time, side by side under the same streamed load.
+
+    python -m bench.batched_serving checkpoints/tiny                      # concurrency 1 2 4 8 16, 3 rounds
+    python -m bench.batched_serving checkpoints/tiny --engines torch compile onnxruntime --rounds 5
+
+Two servers of the same checkpoint run at once on loopback (``python -m serve.server``): one with
+``--max-batch 1`` (every engine decodes one sequence at a time, requests queue) and one with ``--max-batch
+16`` (continuous batching where the engine allows it). For each concurrency, in rounds, the load client
+(serve/client.py) sends the same HumanEval prompts to each engine of each server in turn, the order of the two
+servers alternating from round to round, so both meet the same machine state. Per (engine, concurrency):
+output tokens/s of each server, their ratio per round (median and range over rounds), TTFT and TPOT as vLLM's
+``bench serve`` defines them, TPOT as guidellm does, and J/token over each run from the server's counter
+(GET /energy; "unavailable" where the machine has none). The goal: at least 3x the tokens/s at 8 concurrent
+streams. Every answer of the batched server is compared with the one-at-a-time server's (greedy: equal).
+Writes bench/results/batched_serving.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.cli import parse_args, positional, run_main
+from common.files import atomic_write
+from common.hardware import run_metadata
+from common.load import LoadMeter
+from common.process import die_with_parent
+from runners.serve_compare import free_port, wait_ready
+from serve.client import humaneval_prompts, run_load
+
+
+@dataclass
+class Args:
+    checkpoint: str = positional()  # checkpoints/<run> or a model folder
+    engines: list[str] = field(default_factory=lambda: ["torch", "compile", "onnxruntime"])
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    rounds: int = 3  # alternating runs of the two servers at each concurrency
+    requests_per_stream: int = 4  # requests per run = this x concurrency (at least 8)
+    max_tokens: int = 64
+    max_batch: int = 16  # the batched server's --max-batch
+    out: str = "bench/results/batched_serving.json"
+    work: str = "results/batched_serving"  # the runs' own folders and the servers' logs
+
+
+def start(a: Args, max_batch: int, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = work / f"server-max-batch-{max_batch}.log"
+    cmd = [sys.executable, "-m", "serve.server", a.checkpoint, "--port", str(port), "--engines", *a.engines]
+    cmd += ["--max-batch", str(max_batch), "--max-tokens-limit", str(a.max_tokens), "--workdir", str(work / "export")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, log, 900)
+    return proc, url
+
+
+def main(argv=None):
+    a = parse_args(Args(), argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    servers = {}
+    try:
+        for mb in (1, a.max_batch):
+            servers[mb] = start(a, mb, work)
+        import httpx
+
+        health = httpx.get(servers[a.max_batch][1] + "/health", trust_env=False).json()
+        model = health["model"]
+        engines = [e for e in a.engines if e in health["engines"]]
+        prompts = humaneval_prompts()
+        runs = []
+        # the servers are this bench's own children, so a meter around the runs would count them as other work:
+        # the machine's load is taken over a few idle seconds before, with the servers up and waiting
+        with LoadMeter() as load:
+            time.sleep(5)
+        for c in a.concurrency:
+            n = max(8, a.requests_per_stream * c)
+            for r in range(a.rounds):
+                order = [1, a.max_batch] if r % 2 == 0 else [a.max_batch, 1]
+                for engine in engines:
+                    for mb in order:
+                        out = work / f"c{c}-r{r}-{engine}-mb{mb}"
+                        s = run_load(servers[mb][1], [f"{model}:{engine}"], n, c, a.max_tokens, out, prompts,
+                                     progress=False)  # fmt: skip
+                        texts = [
+                            json.loads(x).get("text") for x in (out / "requests.jsonl").read_text().split("\n") if x
+                        ]
+                        t = s["targets"][f"{model}:{engine}"]
+                        runs.append({
+                            "concurrency": c, "round": r, "engine": engine, "max_batch": mb, "ok": t["ok"],
+                            "requests": t["requests"], "tokens_per_s": t["tokens_out"] / s["wall_s"],
+                            "ttft_ms_p50": (t["ttft_ms"] or {}).get("p50"),
+                            "tpot_ms_p50": (t["tpot_ms"] or {}).get("p50"),
+                            "guidellm_tpot_ms_p50": (t["guidellm_tpot_ms"] or {}).get("p50"),
+                            "j_per_token": s["energy"].get("j_per_token"),
+                            "energy_reason": s["energy"].get("reason"), "texts": texts,
+                        })  # fmt: skip
+                        print(f"c={c} round {r} {engine} max-batch {mb}: {runs[-1]['tokens_per_s']:.0f} tokens/s")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    rows = table_rows(runs, a.max_batch)
+    result = {
+        "command": "python -m bench.batched_serving " + " ".join(argv or sys.argv[1:]),
+        "checkpoint": a.checkpoint,
+        "health": health,
+        "machine_load_before": load.result(),
+        **run_metadata(None),
+        "rows": rows,
+        "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
+    }
+    atomic_write(Path(a.out), json.dumps(result, indent=2))
+    print(markdown(rows, a.max_batch))
+    print(f"-> {a.out}")
+
+
+def table_rows(runs: list[dict], max_batch: int) -> list[dict]:
+    rows = []
+    for engine in dict.fromkeys(r["engine"] for r in runs):
+        for c in dict.fromkeys(r["concurrency"] for r in runs):
+            one = [r for r in runs if r["engine"] == engine and r["concurrency"] == c and r["max_batch"] == 1]
+            many = [r for r in runs if r["engine"] == engine and r["concurrency"] == c and r["max_batch"] == max_batch]
+            ratios = [b["tokens_per_s"] / x["tokens_per_s"] for x, b in zip(one, many, strict=True)]
+            same = all(x["texts"] == b["texts"] for x, b in zip(one, many, strict=True))
+            med = {k: {mb: statistics.median([r[k] for r in rs if r[k] is not None] or [float("nan")])
+                       for mb, rs in ((1, one), (max_batch, many))}
+                   for k in ("tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "guidellm_tpot_ms_p50")}  # fmt: skip
+            rows.append({
+                "engine": engine, "concurrency": c, "rounds": len(ratios), "answers_equal": same,
+                "ok": sum(r["ok"] for r in one + many), "requests": sum(r["requests"] for r in one + many),
+                "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+                **{f"{k}_{'one' if mb == 1 else 'batched'}": v for k, d in med.items() for mb, v in d.items()},
+                "j_per_token_batched": next((r["j_per_token"] for r in many if r["j_per_token"]), None),
+                "energy_reason": next((r["energy_reason"] for r in many if r["energy_reason"]), None),
+            })  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict], max_batch: int) -> str:
+    def f(v, fmt=".1f"):
+        return "-" if v is None or v != v else format(v, fmt)
+
+    lines = [
+        f"| engine | concurrency | tokens/s one at a time | tokens/s batched (<= {max_batch}) | batched / one, median "
+        "[min, max] | TTFT p50 ms one / batched | TPOT p50 ms one / batched | guidellm TPOT p50 ms batched "
+        "| J/token | answers equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {r['concurrency']} | {f(r['tokens_per_s_one'], ',.0f')} | "
+            f"{f(r['tokens_per_s_batched'], ',.0f')} | x{r['speedup_median']:.2f} [{r['speedup_min']:.2f}, "
+            f"{r['speedup_max']:.2f}] | {f(r['ttft_ms_p50_one'])} / {f(r['ttft_ms_p50_batched'])} | "
+            f"{f(r['tpot_ms_p50_one'], '.2f')} / {f(r['tpot_ms_p50_batched'], '.2f')} | "
+            f"{f(r['guidellm_tpot_ms_p50_batched'], '.2f')} | "
+            f"{f(r['j_per_token_batched'], '.3g') if r['j_per_token_batched'] else 'unavailable'} | "
+            f"{'yes' if r['answers_equal'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,178 @@
+"""Engines that hold several sequences at once, each in its own slot of the KV cache (continuous batching): a
+sequence joins a free slot with ``open`` (its prompt run into that slot alone) and then advances one token per
+``step`` together with every other open slot, each at its own position, until it is ``close``d. A sequence's
+slot is free for the next one as soon as it ends, so requests join and leave the running batch at any step, as
+in vLLM and TGI (without paged attention: a slot holds a whole context).
+
+- ``TorchSlots``: this project's models (a static KV cache of ``max_batch`` rows), eager or with the decode
+  step under torch.compile (one graph per batch size, batch sizes rounded up to powers of two, compiled at
+  start-up by ``check_slots``);
+- ``OneSlot``: any other decoder of runtime/decoding.py (ONNX Runtime, OpenVINO, transformers models, whose
+  exported step or growing cache holds one sequence): one sequence at a time, said so in its ``note``.
+
+``check_slots`` decodes prompts joining a batch at different steps and compares each with eager greedy
+decoding of that prompt alone, token for token, before an engine serves anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from common.cli import UserError
+from llama.generation import decode_one_token, generate, prefill
+from models.interface import capabilities
+from runtime.compile import compiled as compiled_fn
+from runtime.decoding import Decoder
+
+
+class Slots:
+    """Sequences in slots 0..max_batch-1. ``open(slot, ids)`` runs a prompt into a free slot and returns the
+    (V,) float32 logits of its next token; ``step(slots, tokens, positions)`` feeds each listed slot its next
+    token at its position and returns (len(slots), V) float32 logits; ``close(slot)`` frees a slot."""
+
+    name = ""
+    note = ""
+    max_batch = 1
+
+    def open(self, slot: int, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self, slot: int) -> None:
+        pass
+
+
+def _bucket(n: int, most: int) -> int:
+    """The batch size a step of ``n`` sequences runs at: the next power of two (at most ``most``), so that a
+    compiled step has a handful of graphs, not one per batch size."""
+    return min(most, 1 << (n - 1).bit_length())
+
+
+class TorchSlots(Slots):
+    """This project's model with a KV cache of ``max_batch`` rows, one per slot, each as long as the context."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_batch: int, compiled: bool = False):
+        if not capabilities(model).static_cache:
+            raise UserError(f"batched decoding needs a static KV cache; a {model.family} model has none")
+        self.model, self.device, self.max_batch = model, device, max_batch
+        self.name = "compile" if compiled else "torch"
+        what = "torch.compile of the decode step" if compiled else "eager PyTorch"
+        self.note = f"{what}, continuous batching of up to {max_batch} sequences (static KV cache per sequence)"
+        self.compiled = compiled
+        self.decode = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
+        self.S = model.params.max_seq_len
+        self.ready = False
+
+    def _caches(self):
+        if not self.ready or self.model.causal_mask is None or self.model.layers[0].attention.kv_cache is None:
+            self.model.setup_caches(self.max_batch, self.S)  # (the model may have been used by another engine)
+            self.ready = True
+        return [layer.attention.kv_cache for layer in self.model.layers]
+
+    @contextlib.contextmanager
+    def _one_row(self, slot: int):
+        """The model's caches narrowed to one slot's row (views: what the prompt writes lands in that row), so
+        the prompt runs as a batch of one, exactly as it would alone. Written by hand: the model's forward knows
+        rows 0..B-1 only, and a view is the one way to hand it row ``slot`` without copying the cache."""
+        caches = self._caches()
+        whole = [(c.k_cache, c.v_cache) for c in caches]
+        try:
+            for c, (k, v) in zip(caches, whole, strict=True):
+                c.k_cache, c.v_cache = k[slot : slot + 1], v[slot : slot + 1]
+            yield
+        finally:
+            for c, (k, v) in zip(caches, whole, strict=True):
+                c.k_cache, c.v_cache = k, v
+
+    @torch.no_grad()
+    def open(self, slot, ids):
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is not in 0..{self.max_batch - 1}")
+        if not 0 < len(ids) < self.S:
+            raise UserError(f"a prompt of {len(ids)} tokens does not fit the context of {self.S}")
+        with self._one_row(slot):
+            x = torch.tensor([ids], device=self.device)
+            return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0].float().cpu()
+
+    @torch.no_grad()
+    def step(self, slots, tokens, positions):
+        self._caches()
+        # Rows 0..n-1 run (n: the highest open slot + 1, rounded up); a row that holds no sequence runs token 0 at
+        # position 0 of its own free row, which the next prompt there overwrites.
+        n = _bucket(max(slots) + 1, self.max_batch)
+        x = torch.zeros(n, 1, dtype=torch.long)
+        pos = torch.zeros(n, 1, dtype=torch.long)
+        x[slots, 0] = torch.tensor(tokens)
+        pos[slots, 0] = torch.tensor(positions)
+        logits = self.decode(self.model, x.to(self.device), pos.to(self.device))
+        return logits[slots].float().cpu()
+
+
+class OneSlot(Slots):
+    """A decoder that holds one sequence (runtime/decoding.py): slot 0 only, so requests take turns."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder, self.name = decoder, decoder.name
+        self.note = f"{decoder.note}; one sequence at a time (this engine does not batch)"
+
+    def open(self, slot, ids):
+        self.decoder.need = self.decoder.max_seq_len
+        return self.decoder.start(ids).float().cpu()
+
+    def step(self, slots, tokens, positions):
+        return self.decoder.next(tokens[0], positions[0])[None].float().cpu()
+
+
+def build_slots(decoder: Decoder, model: nn.Module, device: torch.device, max_batch: int) -> Slots:
+    """The batching engine for ``decoder``: its model in ``max_batch`` slots where the engine allows it (this
+    project's models under eager PyTorch or torch.compile), else the decoder itself, one sequence at a time."""
+    if max_batch > 1 and decoder.name in ("torch", "compile") and capabilities(model).static_cache:
+        return TorchSlots(model, device, max_batch, compiled=decoder.name == "compile")
+    return OneSlot(decoder)
+
+
+def greedy(slots: Slots, prompts: list[list[int]], n_tokens: list[int], join_every: int = 1) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` decoded together: prompt i joins the batch at step i * join_every
+    (into the lowest free slot) and leaves after ``n_tokens[i]`` tokens; more prompts than slots wait for one."""
+    waiting = list(range(len(prompts)))
+    out: list[list[int]] = [[] for _ in prompts]
+    running: dict[int, int] = {}  # slot -> prompt
+    logits: dict[int, torch.Tensor] = {}
+    step = 0
+    while waiting or running:
+        if waiting and step >= waiting[0] * join_every and len(running) < slots.max_batch:
+            slot = min(set(range(slots.max_batch)) - set(running))
+            i = waiting.pop(0)
+            running[slot] = i
+            logits[slot] = slots.open(slot, prompts[i])
+        if running:
+            for slot, i in list(running.items()):
+                out[i].append(int(logits[slot].argmax()))
+                if len(out[i]) == n_tokens[i]:
+                    del running[slot]
+                    slots.close(slot)
+            if running:
+                order = sorted(running)
+                last = [out[running[s]][-1] for s in order]
+                positions = [len(prompts[running[s]]) + len(out[running[s]]) - 1 for s in order]
+                rows = slots.step(order, last, positions)
+                logits = dict(zip(order, rows, strict=True))
+        step += 1
+    return out
+
+
+def check_slots(slots: Slots, model: nn.Module, prompts: list[list[int]], n_tokens: int) -> None:
+    """Raise unless every prompt decoded inside a batch (filled to ``max_batch``, sequences joining one step
+    apart and leaving at different steps) gets exactly the greedy tokens of eager decoding alone."""
+    fill = [prompts[i % len(prompts)] for i in range(max(len(prompts), slots.max_batch + 1))]
+    lengths = [max(1, n_tokens - (i % 3)) for i in range(len(fill))]  # leave at different steps
+    alone = {i: generate(model, [p], n_tokens)[0] for i, p in enumerate(prompts)}
+    got = greedy(slots, fill, lengths)
+    for i, tokens in enumerate(got):
+        if tokens != alone[i % len(prompts)][: lengths[i]]:
+            raise ValueError(f"{slots.name}: a sequence decoded in a batch differs from greedy decoding alone")

@@ -1,0 +1,245 @@
+"""Continuous batching: sequences joining and leaving a running batch decode as each would alone (runtime),
+the scheduler keeps streams, stops, seeds and departures apart (serve/scheduler.py), and a server under eight
+concurrent streams answers each as greedy decoding alone, its figures defined as vLLM's and guidellm's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from llama.generation import generate
+from llama.model import ModelArgs, Transformer
+from runtime.batching import OneSlot, TorchSlots, check_slots, greedy
+from runtime.decoding import TorchDecoder
+from serve.scheduler import ClientGone, Scheduler, Sequence
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=300, max_seq_len=96)).eval()
+    for p in m.parameters():  # peaked logits: greedy choices far from ties
+        p.data.normal_(0, 0.3)
+    return m
+
+
+PROMPTS = [[1, 5, 7, 9], [1, 100], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 250, 33], [7]]
+
+
+def test_rows_at_their_own_positions_equal_each_sequence_alone(model):
+    """One forward step of three sequences at three different positions gives each row the logits that
+    sequence gets alone (to float rounding), and positions per row equal shared ones when they agree."""
+    torch.set_num_threads(1)
+    model.clear_caches()
+    with torch.no_grad():  # no cache at all: the full causal forward of each sequence alone
+        alone = [model(torch.tensor([p + [11 + s]]))[0, -1] for s, p in enumerate(PROMPTS[:3])]
+    slots = TorchSlots(model, CPU, max_batch=4)
+    for s, p in enumerate(PROMPTS[:3]):
+        slots.open(s, p)
+    rows = slots.step([0, 1, 2], [11, 12, 13], [len(p) for p in PROMPTS[:3]])
+    for s in range(3):
+        assert torch.allclose(rows[s], alone[s], atol=1e-4), s
+    x = torch.randint(0, 300, (2, 5))
+    model.setup_caches(2, 96)
+    shared = model(x, torch.arange(5))
+    model.setup_caches(2, 96)
+    per_row = model(x, torch.arange(5).expand(2, 5))
+    assert torch.equal(shared, per_row)
+    model.clear_caches()
+
+
+@pytest.mark.parametrize("max_batch", [2, 4])
+def test_sequences_that_join_and_leave_a_batch_decode_as_greedy_alone(model, max_batch):
+    torch.set_num_threads(1)
+    slots = TorchSlots(model, CPU, max_batch)
+    check_slots(slots, model, PROMPTS, 10)  # raises on any difference
+    lengths = [10, 3, 7, 1, 10]
+    got = greedy(slots, PROMPTS, lengths, join_every=2)
+    for p, n, tokens in zip(PROMPTS, lengths, got, strict=True):
+        assert tokens == generate(model, [p], n)[0]
+
+
+def test_check_slots_refuses_an_engine_that_mixes_rows(model):
+    class Swapped(TorchSlots):  # answers each row with its neighbour's logits
+        def step(self, slots, tokens, positions):
+            return super().step(slots, tokens, positions).roll(1, 0)
+
+    with pytest.raises(ValueError, match="differs from greedy decoding alone"):
+        check_slots(Swapped(model, CPU, 4), model, PROMPTS, 6)
+
+
+def _run(scheduler, seqs, timeout=60):
+    scheduler.submit(seqs)
+    for s in seqs:
+        assert s.done.wait(timeout)
+    return seqs
+
+
+def test_the_scheduler_keeps_seeds_stops_and_departures_per_sequence(model):
+    """Sampled sequences in a batch draw exactly what they draw alone (same seed), a stop or a departed client
+    ends one sequence and not its neighbours, and a sequence queued past the batch's size waits its turn."""
+    torch.set_num_threads(1)
+    lock = threading.Lock()
+    batched = Scheduler(TorchSlots(model, CPU, 3), lock)
+    alone = Scheduler(OneSlot(TorchDecoder(model, CPU)), lock)
+
+    def seqs():
+        return [Sequence(p, 12, temperature=1.0, top_p=0.9, seed=40 + i) for i, p in enumerate(PROMPTS)]
+
+    a, b = _run(batched, seqs()), _run(alone, seqs())
+    assert batched.largest_batch == 3 and alone.largest_batch == 1
+    assert [s.tokens for s in a] == [s.tokens for s in b] and all(len(s.tokens) == 12 for s in a)
+    assert len({tuple(s.tokens) for s in a}) == len(PROMPTS)  # different seeds, different draws
+
+    def leave_at_3(token, logits, seen=[]):  # noqa: B006 - the list counts this sequence's tokens
+        seen.append(token)
+        if len(seen) == 3:
+            raise ClientGone
+
+    greedy_alone = [generate(model, [p], 12)[0] for p in PROMPTS[:3]]
+    stop_at = greedy_alone[1][4]
+    left = Sequence(PROMPTS[0], 12, on_token=leave_at_3)
+    stopped = Sequence(PROMPTS[1], 12, stop=lambda toks: toks[-1] == stop_at)
+    full = Sequence(PROMPTS[2], 12)
+    _run(batched, [left, stopped, full])
+    assert isinstance(left.error, ClientGone) and left.tokens == greedy_alone[0][:3]
+    assert stopped.error is None and stopped.tokens == greedy_alone[1][: greedy_alone[1].index(stop_at) + 1]
+    assert full.error is None and full.tokens == greedy_alone[2]
+    gone = threading.Event()
+    gone.set()
+    queued = Sequence(PROMPTS[0], 12, gone=gone)  # its client left before it was admitted: nothing decoded
+    _run(batched, [queued])
+    assert isinstance(queued.error, ClientGone) and queued.tokens == [] and queued.admitted is None
+
+
+def test_an_engine_failure_ends_the_batch_with_the_error_and_the_scheduler_goes_on(model):
+    class Fails(TorchSlots):
+        fail = True
+
+        def step(self, slots, tokens, positions):
+            if self.fail:
+                raise RuntimeError("the device fell over")
+            return super().step(slots, tokens, positions)
+
+    slots = Fails(model, CPU, 2)
+    scheduler = Scheduler(slots, threading.Lock())
+    seqs = _run(scheduler, [Sequence(p, 5) for p in PROMPTS[:2]])
+    assert all("fell over" in str(s.error) for s in seqs)
+    slots.fail = False
+    [ok] = _run(scheduler, [Sequence(PROMPTS[0], 5)])
+    assert ok.error is None and ok.tokens == generate(model, [PROMPTS[0]], 5)[0]
+
+
+# ---- the server --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batched_server(trained_checkpoint, tmp_path_factory):
+    from serve.server import create_app, load_served
+    from tests.test_serve import serving
+
+    served = load_served(str(trained_checkpoint), ["torch"], "cpu", 48, tmp_path_factory.mktemp("x"), max_batch=8)
+    with serving(create_app(served)) as url:
+        yield served, url
+
+
+def test_eight_concurrent_streams_are_decoded_together_each_as_greedy_alone(batched_server):
+    served, url = batched_server
+    tok = served.ev.tokenizer
+    prompts = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [", "for i in range(", "# a", "if x", "y"]
+    lengths = [14, 9, 12, 16, 5, 12, 10, 8]  # the test model's context is 32 tokens
+
+    async def one(client, prompt, n):
+        body = {"model": "t", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        text, last = "", None
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    import json
+
+                    last = json.loads(line[6:])
+                    text += "".join(c["text"] for c in last["choices"])
+        return text, last
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, lengths, strict=True)))
+
+    answers = asyncio.run(all_of_them())
+    for prompt, n, (text, last) in zip(prompts, lengths, answers, strict=True):
+        expected = tok.decode(generate(served.ev.model, [tok.encode(prompt)], n, eos_id=tok.eos_id)[0])
+        assert text == expected and len(expected) > 0, prompt
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] <= n
+    assert served.schedulers["torch"].largest_batch >= 4  # they did share steps
+    assert any(last["batched"] for _, last in answers)
+    assert all(last["energy"]["method"] == "unavailable" or last["energy"]["energy_j"] is None for _, last in answers)
+
+
+def test_n_choices_decode_together_and_each_equals_its_seed_alone(batched_server):
+    """n=4 sampled choices of one request run in one batch; choice j equals the same request's seed + j
+    decoded alone (runtime/decoding.py's loop, one sequence)."""
+    served, url = batched_server
+    tok = served.ev.tokenizer
+    body = {"model": "t", "prompt": "def f(x):\n", "max_tokens": 10, "temperature": 0.9, "n": 4, "seed": 7}
+    r = httpx.post(url + "/v1/completions", json=body | {"ignore_eos": True}, timeout=120, trust_env=False)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    decoder = TorchDecoder(served.ev.model, served.ev.device)
+    ids = tok.encode("def f(x):\n")
+    for j, choice in enumerate(sorted(d["choices"], key=lambda c: c["index"])):
+        out, _ = decoder.generate(ids, 10, 0.9, None, None, None, 7 + j)
+        assert choice["text"] == tok.decode(out)
+    assert d["batched"] is True and len({c["text"] for c in d["choices"]}) > 1
+
+
+def test_a_batched_servers_energy_is_taken_over_the_whole_run(trained_checkpoint, tmp_path, monkeypatch):
+    """With a counter, J/token of a run is the counter's two readings over the run's tokens (GET /energy),
+    never the sum of overlapping per-request windows."""
+    import serve.engine as srv
+    from serve.client import run_load
+    from serve.server import create_app, load_served
+    from tests.test_serve import serving
+
+    class Watts50:
+        method = "fake-50w"
+
+        def read_j(self):
+            return 50.0 * time.perf_counter()
+
+    monkeypatch.setattr(srv, "find_counter", lambda device: (Watts50(), None))
+    monkeypatch.setattr(srv, "IDLE_S", 0.1)
+    served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path / "x", max_batch=4)
+    with serving(create_app(served)) as url:
+        t0 = time.perf_counter()
+        s = run_load(url, ["t"], 8, 4, 6, tmp_path / "load", ["def f(x):\n", "import os\n"], progress=False)
+        wall = time.perf_counter() - t0
+    e = s["energy"]
+    tokens = s["targets"]["t"]["tokens_out"]
+    assert e["method"] == "fake-50w" and 0 < e["window_s"] <= wall
+    assert e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-2)
+    assert e["j_per_token"] == pytest.approx(e["energy_j"] / tokens)
+
+
+def test_the_clients_guidellm_figures_are_guidellms_formulas_on_a_recorded_stream():
+    """The stream of the vLLM test (a first chunk with empty text, two text chunks, the usage chunk, [DONE] at
+    100.060): guidellm starts its first token at the first chunk WITH text and divides by all output tokens."""
+    from serve.client import guidellm_metrics, stream_metrics
+
+    t0 = 100.0
+    text_times = [100.030, 100.045]  # the chunks whose text is not empty
+    g = guidellm_metrics(t0, text_times, 100.060, tokens_out=3)
+    # guidellm, by hand: ttft = 30 ms; tpot = (45 - 30) / 3 = 5 ms; itl = (45 - 30) / (3 - 1) = 7.5 ms; latency 60
+    assert g["guidellm_ttft_ms"] == pytest.approx(30.0) and g["guidellm_tpot_ms"] == pytest.approx(5.0)
+    assert g["guidellm_itl_ms"] == pytest.approx(7.5) and g["guidellm_latency_ms"] == pytest.approx(60.0)
+    v = stream_metrics(t0, [(100.010, True), (100.030, True), (100.045, True), (100.050, False)], 3)
+    assert v["ttft_ms"] == pytest.approx(10.0) and v["tpot_ms"] == pytest.approx(17.5)  # vLLM's, beside
+    assert guidellm_metrics(t0, [], 100.1, 0)["guidellm_ttft_ms"] is None
