@@ -40,8 +40,8 @@ class Args:
     engines: list[str] = field(default_factory=lambda: ["torch", "compile", "onnxruntime"])
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     rounds: int = 3  # alternating runs of the two servers at each concurrency
-    requests_per_stream: int = 4  # requests per run = this x concurrency (at least 8)
-    max_tokens: int = 64
+    requests_per_stream: int = 2  # requests per run = this x concurrency (at least 8)
+    max_tokens: int = 128  # new tokens per request (prompts longer than the context minus this keep their end)
     max_batch: int = 16  # the batched server's --max-batch
     out: str = "bench/results/batched_serving.json"
     work: str = "results/batched_serving"  # the runs' own folders and the servers' logs

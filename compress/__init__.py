@@ -1,4 +1,5 @@
-"""Compressed baselines: layer dropping, pruning, quantization, runtime engines (see __main__.py)."""
+"""Compressed baselines: layer dropping, pruning (unstructured and structured), quantization, and recovery
+after compression (see __main__.py and recover.py); the records each leaves beside the model it writes."""
 
 from __future__ import annotations
 

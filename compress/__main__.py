@@ -46,13 +46,13 @@ from compress import COMPRESSION_FILE, RECOVERY, read_compression, read_recovery
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
-from compress.quantize import SCHEMES, quantize, state_dict_bytes
+from compress.quantize import SCHEMES, quantize
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
 from llama.model_io import list_checkpoints, model_file_bytes
 from models.folders import load_folder, save_folder
-from models.interface import drop_blocks, require
+from models.interface import drop_blocks, require, state_dict_bytes
 from training.checkpoint import STATE_FILE, training_config
 from training.config import TrainConfig
 

@@ -176,23 +176,6 @@ def check_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((weight.view(rows, cols // m, m) == 0).sum(-1) >= n).all())
 
 
-def to_semi_structured(model: Transformer) -> int:
-    """On CUDA, store 2:4-pruned fp16/bf16 linear weights as ``SparseSemiStructuredTensor`` so the matmuls
-    use the sparse tensor cores; returns how many layers were converted. Whether it is faster is measured,
-    not assumed (eval.efficiency --sparse-2of4)."""
-    from torch.sparse import to_sparse_semi_structured
-
-    if not torch.cuda.is_available() or model.tok_embeddings.weight.device.type != "cuda":
-        raise UserError("2:4 semi-structured kernels need a CUDA device")
-    converted = 0
-    for layer in model.layers:
-        for lin in block_linears(layer).values():
-            if lin.weight.dtype in (torch.float16, torch.bfloat16) and check_n_m(lin.weight):
-                lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.data), requires_grad=False)
-                converted += 1
-    return converted
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Structured pruning: heads and channels
 

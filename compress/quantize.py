@@ -14,7 +14,6 @@ Embeddings stay in their dtype; every nn.Linear (the output head included) is qu
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import torch
@@ -112,13 +111,3 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
         _needs_cuda(scheme, device)
         return _bnb_swap(model, scheme)
     raise UserError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as they are in memory, serialized (torch.save of the state dict): counts
-    packed int8/int4/NF4 storage and quantization scales, which parameter counts times element sizes would
-    miss. This is not the size of a model folder on disk: quantized models are stored unquantized (see
-    ``model_file_bytes``); results name the two ``memory_bytes`` and ``disk_bytes``."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()

@@ -25,11 +25,10 @@ from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
 from common.load import LoadMeter, describe, timing_threads
 from common.progress import Progress
-from compress.quantize import state_dict_bytes
 from eval.latency import MODES, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
-from models.interface import capabilities, require
+from models.interface import capabilities, require, state_dict_bytes
 from runtime.engines import DEFAULT_ENGINES, ENGINES, build, check
 
 
@@ -153,7 +152,7 @@ def main(argv=None):
     # Inference runs in the weights' dtype, no autocast; a quantized model keeps the dtypes its scheme chose.
     model = ev.model if ev.quantized else ev.model.to(ev.dtype)
     if a.sparse_2of4:
-        from compress.prune import to_semi_structured
+        from runtime.sparse import to_semi_structured
 
         if not to_semi_structured(model):
             raise UserError("--sparse-2of4: no fp16/bf16 linear layer holds a 2:4 pattern; prune with --pattern 2:4")

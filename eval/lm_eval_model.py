@@ -34,9 +34,9 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from common.cli import UserError
 from common.progress import Progress
-from eval.generate import generate_ids
 from eval.model import load_for_eval
 from eval.perplexity import hflm_tokens
+from runtime.generate import generate_ids
 
 MODEL_NAME = "perhead-llama"
 

@@ -19,8 +19,8 @@ from rouge_score import rouge_scorer
 
 from common.cli import UserError
 from data.prepare import split_documents_at_bos
-from eval.generate import complete
 from eval.model import Evaluated
+from runtime.generate import complete
 from training.checkpoint import heldout_texts, training_data
 
 ROUGE_TOKENIZERS = {

@@ -10,6 +10,7 @@ below, never its class. Where a capability is missing, ``require`` stops the com
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -202,3 +203,13 @@ def resized(model: CausalLM, sizes: list[dict]):
         layer_n_kv_heads=[s["kv_heads"] for s in sizes],
         layer_ffn_hidden_dim=[s["mlp_channels"] for s in sizes],
     )
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as they are in memory, serialized (torch.save of the state dict): counts
+    packed int8/int4/NF4 storage and quantization scales, which parameter counts times element sizes would
+    miss. This is not the size of a model folder on disk: quantized models are stored unquantized (see
+    compress.quantize's ``model_file_bytes``); results name the two ``memory_bytes`` and ``disk_bytes``."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()

@@ -23,6 +23,7 @@ from torch import nn
 
 from common.cli import UserError
 from llama.generation import decode_one_token, generate, prefill
+from models.hf import available_memory
 from models.interface import capabilities
 from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder
@@ -63,16 +64,35 @@ class TorchSlots(Slots):
         self.name = "compile" if compiled else "torch"
         what = "torch.compile of the decode step" if compiled else "eager PyTorch"
         self.note = f"{what}, continuous batching of up to {max_batch} sequences (static KV cache per sequence)"
-        self.compiled = compiled
         self.decode = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
         self.S = model.params.max_seq_len
-        self.ready = False
+        self._check_memory()
+        self.caches: list | None = None
+
+    def _check_memory(self):
+        dtype = self.model.tok_embeddings.weight.dtype
+        per_row = sum(
+            2 * layer.attention.n_kv_heads * self.S * self.model.params.head_dim for layer in self.model.layers
+        )
+        need = per_row * self.max_batch * torch.empty((), dtype=dtype).element_size()
+        free = available_memory() if self.device.type == "cpu" else torch.cuda.mem_get_info(self.device)[0]
+        if free is not None and need > 0.8 * free:
+            raise UserError(
+                f"--max-batch {self.max_batch} needs {need / 2**30:.1f} GiB of KV cache ({self.S} positions per "
+                f"sequence) and {free / 2**30:.1f} GiB is free; use a smaller --max-batch"
+            )
 
     def _caches(self):
-        if not self.ready or self.model.causal_mask is None or self.model.layers[0].attention.kv_cache is None:
-            self.model.setup_caches(self.max_batch, self.S)  # (the model may have been used by another engine)
-            self.ready = True
-        return [layer.attention.kv_cache for layer in self.model.layers]
+        """This engine's own KV cache, put into the model: two engines of one model (torch and compile) take
+        steps in turn, and each keeps its sequences in its own cache."""
+        if self.caches is None:
+            self.model.setup_caches(self.max_batch, self.S)
+            self.caches = [layer.attention.kv_cache for layer in self.model.layers]
+            self.mask = self.model.causal_mask
+        for layer, cache in zip(self.model.layers, self.caches, strict=True):
+            layer.attention.kv_cache = cache
+        self.model.causal_mask = self.mask
+        return self.caches
 
     @contextlib.contextmanager
     def _one_row(self, slot: int):
@@ -116,9 +136,9 @@ class TorchSlots(Slots):
 class OneSlot(Slots):
     """A decoder that holds one sequence (runtime/decoding.py): slot 0 only, so requests take turns."""
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder, why: str = "this engine does not batch"):
         self.decoder, self.name = decoder, decoder.name
-        self.note = f"{decoder.note}; one sequence at a time (this engine does not batch)"
+        self.note = f"{decoder.note}; one sequence at a time ({why})"
 
     def open(self, slot, ids):
         self.decoder.need = self.decoder.max_seq_len
@@ -131,8 +151,10 @@ class OneSlot(Slots):
 def build_slots(decoder: Decoder, model: nn.Module, device: torch.device, max_batch: int) -> Slots:
     """The batching engine for ``decoder``: its model in ``max_batch`` slots where the engine allows it (this
     project's models under eager PyTorch or torch.compile), else the decoder itself, one sequence at a time."""
-    if max_batch > 1 and decoder.name in ("torch", "compile") and capabilities(model).static_cache:
-        return TorchSlots(model, device, max_batch, compiled=decoder.name == "compile")
+    if decoder.name in ("torch", "compile") and capabilities(model).static_cache:
+        if max_batch > 1:
+            return TorchSlots(model, device, max_batch, compiled=decoder.name == "compile")
+        return OneSlot(decoder, "--max-batch 1")
     return OneSlot(decoder)
 
 

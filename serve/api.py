@@ -14,10 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from eval.generate import cut_at_stops
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_STOPS = 16
@@ -161,110 +158,95 @@ def now() -> int:
     return int(time.time())
 
 
-class TextStream:
-    """The text of one completion as its tokens arrive. ``push`` returns what may be sent now; ``finish`` the
-    rest. Held back until the next token: a stop string's possible beginning (the text ends before a stop
-    string and the stream must never show part of one), an incomplete UTF-8 character (decoded as U+FFFD) and,
-    with a tokenizer that cleans up spaces when it decodes (``hold_space``: " ." becomes "."), trailing
-    whitespace. So the pieces always add up to exactly the text a non-streaming request returns.
-
-    Decoding is incremental, as vLLM's ``detokenize_incrementally`` does it: each new token is decoded after the
-    tokens of the previous step as context, and the new text is what that adds to the context's own text; the
-    whole completion is never decoded again per token (which made a long completion quadratic)."""
-
-    def __init__(self, decode, stops: list[str], hold_space: bool = False):
-        self.decode, self.stops, self.hold_space = decode, stops, hold_space
-        self.ids: list[int] = []
-        self.text = ""  # the decoded text of ids[:read], settled
-        self.prefix = self.read = 0  # ids[prefix:read]: the context the next tokens are decoded after
-        self.sent = ""
-
-    def _advance(self, final: bool) -> str:
-        """Settle the text of the tokens past ``read`` when it decodes to whole characters (or at the end); the
-        text so far, with an unsettled tail at the end."""
-        context = self.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
-        now = self.decode(self.ids[self.prefix :])
-        if not now.startswith(context):  # the context decodes otherwise with what follows: decode it all once
-            self.text, self.prefix, self.read = self.decode(self.ids), len(self.ids), len(self.ids)
-            return self.text
-        tail = now[len(context) :]
-        if final or (tail and not tail.endswith("\ufffd")):
-            self.text += tail
-            self.prefix, self.read = self.read, len(self.ids)
-            return self.text
-        return self.text + tail
-
-    def _visible(self, final: bool) -> str:
-        text = self._advance(final)
-        cut = cut_at_stops(text, self.stops)
-        if final or len(cut) < len(text):
-            return cut
-        keep = len(text)
-        for s in self.stops:  # the longest end of the text that begins a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    keep = min(keep, len(text) - k)
-                    break
-        text = text[:keep].rstrip("\ufffd")
-        return text.rstrip() if self.hold_space else text
-
-    def _delta(self, visible: str) -> str:
-        if not visible.startswith(self.sent):
-            return ""  # the decoding of what was sent changed: wait until it is stable again
-        delta, self.sent = visible[len(self.sent) :], visible
-        return delta
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(self._visible(False))
-
-    def finish(self) -> str:
-        final = self._visible(True)
-        whole = cut_at_stops(self.decode(self.ids), self.stops)  # once per completion: the text is the decode's
-        if whole != final and whole.startswith(self.sent):
-            final = whole
-        if not final.startswith(self.sent):
-            raise RuntimeError("the streamed text is not a prefix of the completion's text")
-        return self._delta(final)
-
-    def stopped(self) -> bool:
-        """Whether a stop string ended the text."""
-        text = self.decode(self.ids)
-        return len(cut_at_stops(text, self.stops)) < len(text)
+# ---- answers -------------------------------------------------------------------------------------------------
+# The server's own measurements ride beside the OpenAI fields (extra="allow" on the top level, as vLLM adds its
+# own fields); a choice's ``metrics`` is there only when a request has several choices.
 
 
-def token_text(tok, before: list[int], token: int) -> str:
-    """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
-    before = before[-8:]  # enough context for how a token joins the text, at a cost that does not grow
-    a, b = tok.decode(before), tok.decode(before + [token])
-    return b[len(a) :] if b.startswith(a) else tok.decode([token])
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-def logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top: int) -> dict:
-    lp = torch.log_softmax(logits.float(), -1)
-    alts = torch.topk(lp, top) if top else None
-    return {
-        "token": token_text(tok, before, token),
-        "logprob": float(lp[token]),
-        "top": []
-        if alts is None
-        else [(token_text(tok, before, int(i)), float(v)) for v, i in zip(alts.values, alts.indices, strict=True)],
-    }
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
-class LogprobsHeld:
-    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
-    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    metrics: dict | None = Field(None, exclude_if=lambda v: v is None)
 
-    def __init__(self):
-        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
-        self.chars = 0
 
-    def add(self, entry: dict):
-        self.pending.append((self.chars, entry))
-        self.chars += len(entry["token"])
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
-    def release(self, sent_chars: int) -> list[dict]:
-        out = [e for start, e in self.pending if start < sent_chars]
-        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
-        return out
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: dict | None = None
+    finish_reason: str | None = None
+    metrics: dict | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class CompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatCompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: dict | None = None
+    finish_reason: str | None = None
+
+
+class StreamChunk(BaseModel):
+    """One server-sent event of a streamed answer. ``usage`` is null on every chunk but the usage chunk when
+    the client asked for usage, and absent otherwise (``dump``)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["text_completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice | ChatStreamChoice]
+    usage: Usage | None = None
+
+    def dump(self, include_usage: bool) -> dict:
+        return self.model_dump(exclude=None if include_usage or self.usage is not None else {"usage"})

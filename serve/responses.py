@@ -10,9 +10,27 @@ import threading
 from fastapi.responses import StreamingResponse
 
 from common.cli import failure
-from serve.api import ApiError, Sampling, new_id, now
-from serve.engine import Plan, Served, run, usage
+from serve.api import (
+    ApiError,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    CompletionStreamChoice,
+    Sampling,
+    StreamChunk,
+    Usage,
+    new_id,
+    now,
+)
+from serve.engine import run, usage
+from serve.plan import Plan
 from serve.scheduler import ClientGone
+from serve.served import Served
 
 
 def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
@@ -44,28 +62,29 @@ def _choice_metrics(c: dict) -> dict:
 
 
 def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dict:
+    """The whole answer, typed as the OpenAI API's (serve/api.py), with the server's measurements beside."""
     several = len(result["choices"]) > 1
+    wanted = plan.logprobs is not None
     choices = []
     for c in result["choices"]:
-        choice = {"index": c["index"], "finish_reason": c["finish_reason"]}
+        metrics = _choice_metrics(c) if several else None
+        common = {"index": c["index"], "finish_reason": c["finish_reason"], "metrics": metrics}
         if chat:
-            choice["message"] = {"role": "assistant", "content": c["text"]}
-            choice["logprobs"] = _chat_logprobs(c["logprobs"]) if plan.logprobs is not None else None
+            lp = _chat_logprobs(c["logprobs"]) if wanted else None
+            choices.append(ChatChoice(message=ChatMessage(content=c["text"]), logprobs=lp, **common))
         else:
-            choice["text"] = c["text"]
-            choice["logprobs"] = _completion_logprobs(c["logprobs"]) if plan.logprobs is not None else None
-        if several:
-            choice["metrics"] = _choice_metrics(c)
-        choices.append(choice)
-    return {
-        "id": new_id("chatcmpl" if chat else "cmpl"),
-        "object": "chat.completion" if chat else "text_completion",
-        "created": now(),
-        "model": plan.model or served.name,
-        "choices": choices,
-        "usage": usage(plan, result["measures"]),
+            lp = CompletionLogprobs(**_completion_logprobs(c["logprobs"])) if wanted else None
+            choices.append(CompletionChoice(text=c["text"], logprobs=lp, **common))
+    kind = ChatCompletionResponse if chat else CompletionResponse
+    answer = kind(
+        id=new_id("chatcmpl" if chat else "cmpl"),
+        created=now(),
+        model=plan.model or served.name,
+        choices=choices,
+        usage=Usage(**usage(plan, result["measures"])),
         **result["measures"],
-    }
+    )
+    return answer.model_dump()
 
 
 def sse(payload) -> bytes:
@@ -92,79 +111,56 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
 
     offsets = [0] * len(plan.choices)  # each choice's text so far: streamed text_offset is cumulative
 
-    def chunk(choices: list[dict], **extra) -> dict:
+    def chunk(choices: list, **extra) -> dict:
         # with include_usage, every chunk but the usage one says "usage": null (the OpenAI spec)
-        base = {"usage": None} if include_usage else {}
-        return {
-            "id": rid,
-            "object": kind,
-            "created": created,
-            "model": plan.model or served.name,
-            "choices": choices,
-            **base,
-            **extra,
-        }
+        c = StreamChunk(id=rid, object=kind, created=created, model=plan.model or served.name, choices=choices, **extra)
+        return c.dump(include_usage)
 
-    def choice(index: int, delta: str, finish: str | None, released: list[dict]) -> dict:
+    def choice(index: int, delta: str, finish: str | None, released: list[dict]):
         if chat:
-            c = {
-                "index": index,
-                "delta": {"content": delta} if delta or finish is None else {},
-                "finish_reason": finish,
-            }
-            c["logprobs"] = _chat_logprobs(released) if released else None
-        else:
-            c = {"index": index, "text": delta, "finish_reason": finish}
-            c["logprobs"] = _completion_logprobs(released, offsets[index]) if released else None
-            offsets[index] += sum(len(e["token"]) for e in released)
-        return c
+            lp = _chat_logprobs(released) if released else None
+            content = ChatDelta(content=delta if delta or finish is None else None)
+            return ChatStreamChoice(index=index, delta=content, logprobs=lp, finish_reason=finish)
+        lp = CompletionLogprobs(**_completion_logprobs(released, offsets[index])) if released else None
+        offsets[index] += sum(len(e["token"]) for e in released)
+        return CompletionStreamChoice(index=index, text=delta, logprobs=lp, finish_reason=finish)
 
     async def events():
         task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, emit))
         task.add_done_callback(lambda t: queue.put_nowait(None) or t.cancelled() or t.exception())
         try:
             if chat:
-                yield sse(
-                    chunk(
-                        [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                            for i in range(len(plan.choices))
-                        ]
-                    )
-                )
+                first = ChatDelta(role="assistant", content="")
+                yield sse(chunk([ChatStreamChoice(index=i, delta=first) for i in range(len(plan.choices))]))
             n_out, ended, last = 0, 0, None
             while (event := await queue.get()) is not None:
                 what, index, delta, x = event
                 n_out += what == "token"
                 ended += what == "end"
-                so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
-                so_far = {"usage": so_far | {"total_tokens": prompt_tokens + n_out}} if running else {}
+                so_far = Usage(prompt_tokens=prompt_tokens, completion_tokens=n_out, total_tokens=prompt_tokens + n_out)
+                so_far = {"usage": so_far} if running else {}
                 if what == "token":
                     yield sse(chunk([choice(index, delta, None, x)], **so_far))
                 elif ended == len(plan.choices):  # choices of a batch end in any order: the last to end
-                    last = chunk([choice(index, delta, *x)], **so_far)  # sent with the measures
+                    last = ([choice(index, delta, *x)], so_far)  # sent with the measures
                 else:
                     yield sse(chunk([choice(index, delta, *x)], **so_far))
             try:
                 result = task.result()
             except Exception as e:  # after the first byte the status is sent: the error goes in the stream
                 if last is not None:
-                    yield sse(last)
+                    yield sse(chunk(last[0], **last[1]))
                 yield sse(ApiError(500, f"decoding failed: {failure(e, 200)}").body())
             else:
                 # The server's own figures ride on the last chunk: the usage chunk (choices empty) when usage
                 # was asked for, else the last choice's final chunk, so no empty-choices chunk is sent unasked.
+                measures = result["measures"]
                 if include_usage:
                     if last is not None:
-                        yield sse(last)
-                    yield sse(chunk([], usage=usage(plan, result["measures"]), **result["measures"]))
+                        yield sse(chunk(last[0], **last[1]))
+                    yield sse(chunk([], usage=Usage(**usage(plan, measures)), **measures))
                 elif last is not None:
-                    yield sse(last | result["measures"])
+                    yield sse(chunk(last[0], **(last[1] | measures)))
             yield sse(b"[DONE]")
         finally:
             gone.set()  # however the stream ends (the client may have left), the decoding stops

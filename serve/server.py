@@ -40,10 +40,11 @@ is reported beside the total). With several completions in one request (``n`` > 
 choice carries its own ``metrics``; the request's ``tpot_ms`` and ``itl_ms`` are then left out, since they
 describe one sequence.
 
-Laid out as vLLM's OpenAI server is: the request types and the text stream in ``serve/api.py``, the serving
-logic (what is served, each request's plan, decoding and measuring) in ``serve/engine.py``, the answers' shapes
-(whole or streamed) in ``serve/responses.py``, HTTP transport (limits, deadlines, error shape) in
-``serve/transport.py``, and here only the routes and the command line.
+Laid out as vLLM's OpenAI server is: the request types and the text stream in ``serve/api.py``, each request's
+plan (its sampling settings, checked and tokenized once) in ``serve/plan.py``, the serving logic (what is
+served, decoding in the running batch, measuring) in ``serve/engine.py``, continuous batching in
+``serve/scheduler.py``, the answers' shapes (whole or streamed) in ``serve/responses.py``, HTTP transport
+(limits, deadlines, error shape) in ``serve/transport.py``, and here only the routes and the command line.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.hardware import run_metadata
 from runtime.decoding import DECODE_ENGINES
 from serve.api import ApiError, ChatRequest, CompletionRequest, Sampling
-from serve.engine import Plan, Served, load_served, plan_chat, plan_completion, run
+from serve.engine import load_served, run
+from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
 from serve.scheduler import ClientGone
+from serve.served import Served
 from serve.transport import BodyLimit, create_server, error, first_error
 
 __all__ = ["create_app", "create_server", "load_served", "main"]

@@ -66,6 +66,25 @@ def test_sequences_that_join_and_leave_a_batch_decode_as_greedy_alone(model, max
         assert tokens == generate(model, [p], n)[0]
 
 
+def test_two_engines_of_one_model_keep_their_sequences_apart(model):
+    """torch and compile engines share the model: steps taken in turn never mix their caches."""
+    torch.set_num_threads(1)
+    a, b = TorchSlots(model, CPU, 2), TorchSlots(model, CPU, 2)
+    la, lb = a.open(0, PROMPTS[0]), b.open(0, PROMPTS[2])
+    out_a, out_b = [int(la.argmax())], [int(lb.argmax())]
+    for _ in range(6):
+        la = a.step([0], [out_a[-1]], [len(PROMPTS[0]) + len(out_a) - 1])[0]
+        lb = b.step([0], [out_b[-1]], [len(PROMPTS[2]) + len(out_b) - 1])[0]
+        out_a.append(int(la.argmax()))
+        out_b.append(int(lb.argmax()))
+    assert out_a == generate(model, [PROMPTS[0]], 7)[0] and out_b == generate(model, [PROMPTS[2]], 7)[0]
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_in_one_line(model):
+    with pytest.raises(Exception, match="--max-batch 100000000 needs .* GiB of KV cache"):
+        TorchSlots(model, CPU, 100_000_000)
+
+
 def test_check_slots_refuses_an_engine_that_mixes_rows(model):
     class Swapped(TorchSlots):  # answers each row with its neighbour's logits
         def step(self, slots, tokens, positions):

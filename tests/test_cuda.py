@@ -17,7 +17,8 @@ def test_nvml_energy_counter_measures_gpu_work():
 
 
 def test_2of4_sparse_kernels_match_dense(tiny_args):
-    from compress.prune import n_m_mask, to_semi_structured
+    from compress.prune import n_m_mask
+    from runtime.sparse import to_semi_structured
 
     tiny_args.dim, tiny_args.n_heads, tiny_args.n_kv_heads, tiny_args.multiple_of = 256, 4, 4, 128
     model = Transformer(tiny_args).cuda().half().eval()

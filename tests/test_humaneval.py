@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.humaneval import load_problems, pass_at_k, program_for, run_program, score_completions, trim_completion
+from data.humaneval import load_problems
+from eval.humaneval import pass_at_k, program_for, run_program, score_completions, trim_completion
 from eval.sandbox import sandbox_info
 
 

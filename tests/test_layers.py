@@ -90,3 +90,16 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     bad.write_text("import os\ndef f():\n    from training.trainer import train\n")
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     assert project_imports(bad) == [(3, "training.trainer")]
+
+
+def test_the_readme_roles_hold_serving_loads_through_runtime_and_evaluation_never_compresses():
+    """serve/ loads and decodes through runtime/ (never eval/), and eval/ measures models that compress/ made
+    without importing it (runtime/ loads them)."""
+    found = []
+    for path in sources():
+        layer = path.relative_to(REPO).parts[0]
+        for line, module in project_imports(path):
+            top = module.split(".")[0]
+            if (layer, top) in (("serve", "eval"), ("eval", "compress")):
+                found.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+    assert found == [], "\n".join(found)

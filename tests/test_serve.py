@@ -13,9 +13,9 @@ import httpx
 import pytest
 import torch
 
-from eval.generate import cut_at_stops
 from llama.generation import generate
 from runtime.decoding import DECODE_ENGINES
+from runtime.generate import cut_at_stops
 from serve.client import STOPS
 from serve.server import create_app, create_server, load_served
 
@@ -272,6 +272,7 @@ def test_a_long_prompt_is_cut_only_when_asked(served, url):
 def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeypatch):
     import serve.engine as srv
     from serve.api import CompletionRequest
+    from serve.plan import plan_completion
 
     class Watts50:  # a counter reading 50 W at every instant
         method = "fake-50w"
@@ -284,10 +285,10 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path)
     assert served.idle_power_w == pytest.approx(50.0, rel=1e-3)
     req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
-    short = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
+    short = srv.run(served, plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
     monkeypatch.setattr(srv, "min_window_for", lambda counter, requested=None: 0.0)  # any window counts
-    e = srv.run(served, srv.plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
+    e = srv.run(served, plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
     assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
     assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power
     assert e["j_per_token"] == pytest.approx(e["energy_j"] / e["units"])
@@ -556,7 +557,7 @@ def test_the_load_client_measures_a_second_server_with_the_same_columns(served, 
 
 
 def test_text_streams_never_show_part_of_a_stop_string_or_a_broken_character():
-    from serve.api import TextStream
+    from serve.detokenize import TextStream
 
     pieces = {1: "ab", 2: "c", 3: "d", 4: "ef", 5: "\ufffd", 6: "g"}
 
@@ -804,7 +805,7 @@ def test_incremental_detokenizing_adds_up_to_the_whole_decode(kind, small_tokeni
     import random
 
     from models.hf import HFTokenizer
-    from serve.api import TextStream
+    from serve.detokenize import TextStream
 
     tok = small_tokenizer if kind == "sentencepiece" else HFTokenizer(hf_models[kind])
     hold = kind != "sentencepiece" and bool(getattr(tok.tok, "clean_up_tokenization_spaces", False))
@@ -828,7 +829,7 @@ def test_incremental_detokenizing_adds_up_to_the_whole_decode(kind, small_tokeni
 
 
 def test_goodput_counts_the_requests_that_met_every_slo_as_vllm_does():
-    from serve.client import parse_slo, summarize
+    from serve.load_summary import parse_slo, summarize
 
     def row(ttft, tpot, e2e, status=200):
         return {"target": "m", "status": status, "ttft_ms": ttft, "tpot_ms": tpot, "e2e_ms": e2e, "tokens_out": 4,

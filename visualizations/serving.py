@@ -167,8 +167,7 @@ def write_serving_report(folder: str | Path) -> Path:
         else "served one sequence at a time"
     )
     where = (
-        f"{how} on {srv.get('device')}, torch {srv.get('torch_version')}, commit "
-        f"{srv.get('git_commit', 'unknown')}"
+        f"{how} on {srv.get('device')}, torch {srv.get('torch_version')}, commit {srv.get('git_commit', 'unknown')}"
         if ours
         else f"an OpenAI-compatible server at {srv['base_url']} (it says nothing more about itself)"
     )

@@ -1,4 +1,5 @@
-"""Text in, text out: batched generation from a checkpoint with stop strings, for the evaluators."""
+"""Text in, text out: batched generation from a loaded model with stop strings (the evaluators), and the
+prompt and stop helpers the server shares."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Callable
 import torch
 
 from common.progress import Progress
-from eval.model import Evaluated
 from llama.generation import generate
+from runtime.loading import Loaded
 
 
 def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
@@ -32,7 +33,7 @@ def cut_at_stops(text: str, stop_strings: list[str]) -> str:
 
 
 def complete(
-    ev: Evaluated,
+    ev: Loaded,
     prompts: list[str],
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -53,7 +54,7 @@ def complete(
 
 
 def generate_ids(
-    ev: Evaluated,
+    ev: Loaded,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -92,6 +93,6 @@ def generate_ids(
     return out
 
 
-def prompts_truncated(ev: Evaluated, prompts: list[str], max_new_tokens: int) -> int:
+def prompts_truncated(ev: Loaded, prompts: list[str], max_new_tokens: int) -> int:
     limit = max(1, ev.model.params.max_seq_len - max_new_tokens)
     return sum(len(ev.tokenizer.encode(p, bos=True)) > limit for p in prompts)

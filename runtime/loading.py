@@ -1,0 +1,70 @@
+"""A model loaded for inference: the model (quantized again if its folder says so), its tokenizer, device and
+dtype, and what compression made it. The evaluators (eval/), the server (serve/) and the latency timings load
+through ``load_model``, which takes this project's checkpoints and Hugging Face model folders (models/hf.py)
+alike."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.device import autocast, compute_dtype, pick_device
+from compress import read_compression
+from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
+from llama.model import count_params
+from llama.tokenizer import Tokenizer
+from models.folders import load_folder
+from models.hf import HFTokenizer
+from models.interface import CausalLM
+
+
+@dataclass
+class Loaded:
+    name: str  # run@step_N, or the model folder's name
+    folder: Path
+    model: CausalLM  # this project's Transformer or a Hugging Face model (models.interface)
+    tokenizer: Tokenizer | HFTokenizer
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype used for the forward passes
+    compression: dict | None = None  # compression.json of a compressed baseline
+    n_params: int = 0  # parameters before any quantization (packed int8 weights are not nn.Parameters)
+
+    @property
+    def architecture(self) -> str:
+        """``perhead-llama`` for this project's models, else the transformers model_type (llama, gpt2 ...)."""
+        return self.model.family
+
+    @property
+    def head_layer(self) -> dict | None:
+        """The per-head layers' settings (ModelArgs.head_layer_spec); None for plain blocks and HF models."""
+        spec = getattr(self.model.params, "head_layer_spec", None)
+        return spec() if spec else None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.compression and self.compression.get("quantize"))
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def batch_size(self, requested: int) -> int:
+        """The batch to run with: 1 where a sequence's result would depend on its batch neighbours."""
+        return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
+
+
+def model_name(folder: Path) -> str:
+    return f"{folder.parent.name}@{folder.name}" if folder.name.startswith("step_") else folder.name
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Loaded:
+    dev = pick_device(device)
+    dt = compute_dtype(dtype, dev)
+    model, tok, folder = load_folder(checkpoint, dev)
+    n_params = count_params(model)["total"]
+    compression = read_compression(folder)
+    if compression and compression.get("quantize"):
+        model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
+    return Loaded(model_name(folder), folder, model, tok, dev, dt, compression, n_params)

@@ -1,0 +1,117 @@
+"""A completion's text as its tokens arrive (``TextStream``: incremental detokenizing, stop strings and broken
+characters held back) and each token's log-probabilities, released only with the text they belong to."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.generate import cut_at_stops
+
+
+class TextStream:
+    """The text of one completion as its tokens arrive. ``push`` returns what may be sent now; ``finish`` the
+    rest. Held back until the next token: a stop string's possible beginning (the text ends before a stop
+    string and the stream must never show part of one), an incomplete UTF-8 character (decoded as U+FFFD) and,
+    with a tokenizer that cleans up spaces when it decodes (``hold_space``: " ." becomes "."), trailing
+    whitespace. So the pieces always add up to exactly the text a non-streaming request returns.
+
+    Decoding is incremental, as vLLM's ``detokenize_incrementally`` does it: each new token is decoded after the
+    tokens of the previous step as context, and the new text is what that adds to the context's own text; the
+    whole completion is never decoded again per token (which made a long completion quadratic)."""
+
+    def __init__(self, decode, stops: list[str], hold_space: bool = False):
+        self.decode, self.stops, self.hold_space = decode, stops, hold_space
+        self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:read], settled
+        self.prefix = self.read = 0  # ids[prefix:read]: the context the next tokens are decoded after
+        self.sent = ""
+
+    def _advance(self, final: bool) -> str:
+        """Settle the text of the tokens past ``read`` when it decodes to whole characters (or at the end); the
+        text so far, with an unsettled tail at the end."""
+        context = self.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        now = self.decode(self.ids[self.prefix :])
+        if not now.startswith(context):  # the context decodes otherwise with what follows: decode it all once
+            self.text, self.prefix, self.read = self.decode(self.ids), len(self.ids), len(self.ids)
+            return self.text
+        tail = now[len(context) :]
+        if final or (tail and not tail.endswith("\ufffd")):
+            self.text += tail
+            self.prefix, self.read = self.read, len(self.ids)
+            return self.text
+        return self.text + tail
+
+    def _visible(self, final: bool) -> str:
+        text = self._advance(final)
+        cut = cut_at_stops(text, self.stops)
+        if final or len(cut) < len(text):
+            return cut
+        keep = len(text)
+        for s in self.stops:  # the longest end of the text that begins a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    keep = min(keep, len(text) - k)
+                    break
+        text = text[:keep].rstrip("\ufffd")
+        return text.rstrip() if self.hold_space else text
+
+    def _delta(self, visible: str) -> str:
+        if not visible.startswith(self.sent):
+            return ""  # the decoding of what was sent changed: wait until it is stable again
+        delta, self.sent = visible[len(self.sent) :], visible
+        return delta
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._delta(self._visible(False))
+
+    def finish(self) -> str:
+        final = self._visible(True)
+        whole = cut_at_stops(self.decode(self.ids), self.stops)  # once per completion: the text is the decode's
+        if whole != final and whole.startswith(self.sent):
+            final = whole
+        if not final.startswith(self.sent):
+            raise RuntimeError("the streamed text is not a prefix of the completion's text")
+        return self._delta(final)
+
+    def stopped(self) -> bool:
+        """Whether a stop string ended the text."""
+        text = self.decode(self.ids)
+        return len(cut_at_stops(text, self.stops)) < len(text)
+
+
+def token_text(tok, before: list[int], token: int) -> str:
+    """What ``token`` adds to the text of ``before`` (a token's own text can depend on what precedes it)."""
+    before = before[-8:]  # enough context for how a token joins the text, at a cost that does not grow
+    a, b = tok.decode(before), tok.decode(before + [token])
+    return b[len(a) :] if b.startswith(a) else tok.decode([token])
+
+
+def logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top: int) -> dict:
+    lp = torch.log_softmax(logits.float(), -1)
+    alts = torch.topk(lp, top) if top else None
+    return {
+        "token": token_text(tok, before, token),
+        "logprob": float(lp[token]),
+        "top": []
+        if alts is None
+        else [(token_text(tok, before, int(i)), float(v)) for v, i in zip(alts.values, alts.indices, strict=True)],
+    }
+
+
+class LogprobsHeld:
+    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
+    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
+        self.chars = 0
+
+    def add(self, entry: dict):
+        self.pending.append((self.chars, entry))
+        self.chars += len(entry["token"])
+
+    def release(self, sent_chars: int) -> list[dict]:
+        out = [e for start, e in self.pending if start < sent_chars]
+        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
+        return out

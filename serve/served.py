@@ -1,0 +1,45 @@
+"""What a server serves: the model, its engines (each with its scheduler of continuous batching), the energy
+counter, and the limits it was started with. Built by serve.engine.load_served."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from serve.api import now
+from serve.scheduler import Scheduler
+
+
+@dataclass
+class Served:
+    """The model, its engines (each with its scheduler) and what the server was asked to do."""
+
+    ev: object
+    schedulers: dict[str, Scheduler]  # engine name -> its scheduler of continuous batching
+    unavailable: dict
+    max_tokens_limit: int
+    max_token_bytes: int = 1  # the longest token's UTF-8 bytes: a prompt's length bounds its token count
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one engine step at a time, all engines
+    # one thread tokenizes every request's prompts, off the event loop (tokenizers are not all thread-safe)
+    tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
+    counter: object = None
+    counter_reason: str | None = None
+    idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
+    name: str = ""  # the model id (default: the checkpoint's name)
+    created: int = field(default_factory=now)
+
+    def __post_init__(self):
+        self.name = self.name or self.ev.name
+
+    def models(self) -> dict[str, str]:
+        """Model id -> engine: ``<name>`` is served by the first engine, ``<name>:<engine>`` by each."""
+        engines = list(self.schedulers)
+        return {self.name: engines[0]} | {f"{self.name}:{e}": e for e in engines}
+
+    @property
+    def chat(self):
+        """The tokenizer's chat template as a function of messages -> token ids, or None without one."""
+        return (
+            getattr(self.ev.tokenizer, "chat_ids", None) if getattr(self.ev.tokenizer, "chat_template", None) else None
+        )
