@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import parse_args, positional, run_main
+import httpx
+
+from common.cli import UserError, parse_args, positional, run_main
 from common.files import atomic_write
-from common.hardware import run_metadata
 from common.load import LoadMeter
 from common.process import die_with_parent
 from runners.serve_compare import free_port, wait_ready
@@ -59,59 +60,72 @@ def start(a: Args, max_batch: int, work: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def read_run(folder: Path, c: int, r: int, engine: str, mb: int) -> dict | None:
+    """One finished run (the load client's summary.json and requests.jsonl in ``folder``), or None."""
+    try:
+        s = json.loads((folder / "summary.json").read_text())
+        rows = [json.loads(x) for x in (folder / "requests.jsonl").read_text().splitlines() if x]
+    except (OSError, ValueError):
+        return None
+    [t] = s["targets"].values()
+    return {
+        "concurrency": c, "round": r, "engine": engine, "max_batch": mb, "ok": t["ok"], "requests": t["requests"],
+        "tokens_per_s": t["tokens_out"] / s["wall_s"], "ttft_ms_p50": (t["ttft_ms"] or {}).get("p50"),
+        "tpot_ms_p50": (t["tpot_ms"] or {}).get("p50"),
+        "guidellm_tpot_ms_p50": (t.get("guidellm_tpot_ms") or {}).get("p50"),
+        "j_per_token": (s.get("energy") or {}).get("j_per_token"),
+        "energy_reason": (s.get("energy") or {}).get("reason"), "texts": [x.get("text") for x in rows],
+    }  # fmt: skip
+
+
 def main(argv=None):
     a = parse_args(Args(), argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    # A run that stopped part-way resumes: finished runs are kept, but only under the same settings
+    settings = {k: getattr(a, k) for k in ("checkpoint", "engines", "rounds", "requests_per_stream", "max_tokens",
+                                           "max_batch")}  # fmt: skip
+    mark = work / "settings.json"
+    if mark.is_file() and json.loads(mark.read_text()) != settings:
+        raise UserError(f"{work} holds runs made with other settings ({mark}); give another --work")
+    atomic_write(mark, json.dumps(settings))
+    plan = [
+        (c, r, engine, mb)
+        for c in a.concurrency
+        for r in range(a.rounds)
+        for engine in a.engines
+        for mb in ([1, a.max_batch] if r % 2 == 0 else [a.max_batch, 1])  # the servers' order alternates
+    ]
     servers = {}
     try:
         for mb in (1, a.max_batch):
             servers[mb] = start(a, mb, work)
-        import httpx
-
         health = httpx.get(servers[a.max_batch][1] + "/health", trust_env=False).json()
         model = health["model"]
-        engines = [e for e in a.engines if e in health["engines"]]
         prompts = humaneval_prompts()
-        runs = []
         # the servers are this bench's own children, so a meter around the runs would count them as other work:
         # the machine's load is taken over a few idle seconds before, with the servers up and waiting
         with LoadMeter() as load:
             time.sleep(5)
-        for c in a.concurrency:
+        for c, r, engine, mb in plan:
+            out = work / f"c{c}-r{r}-{engine}-mb{mb}"
+            if engine not in health["engines"] or read_run(out, c, r, engine, mb) is not None:
+                continue  # not served here, or done before this resume
             n = max(8, a.requests_per_stream * c)
-            for r in range(a.rounds):
-                order = [1, a.max_batch] if r % 2 == 0 else [a.max_batch, 1]
-                for engine in engines:
-                    for mb in order:
-                        out = work / f"c{c}-r{r}-{engine}-mb{mb}"
-                        s = run_load(servers[mb][1], [f"{model}:{engine}"], n, c, a.max_tokens, out, prompts,
-                                     progress=False)  # fmt: skip
-                        texts = [
-                            json.loads(x).get("text") for x in (out / "requests.jsonl").read_text().split("\n") if x
-                        ]
-                        t = s["targets"][f"{model}:{engine}"]
-                        runs.append({
-                            "concurrency": c, "round": r, "engine": engine, "max_batch": mb, "ok": t["ok"],
-                            "requests": t["requests"], "tokens_per_s": t["tokens_out"] / s["wall_s"],
-                            "ttft_ms_p50": (t["ttft_ms"] or {}).get("p50"),
-                            "tpot_ms_p50": (t["tpot_ms"] or {}).get("p50"),
-                            "guidellm_tpot_ms_p50": (t["guidellm_tpot_ms"] or {}).get("p50"),
-                            "j_per_token": s["energy"].get("j_per_token"),
-                            "energy_reason": s["energy"].get("reason"), "texts": texts,
-                        })  # fmt: skip
-                        print(f"c={c} round {r} {engine} max-batch {mb}: {runs[-1]['tokens_per_s']:.0f} tokens/s")
+            run_load(servers[mb][1], [f"{model}:{engine}"], n, c, a.max_tokens, out, prompts, progress=False)
+            got = read_run(out, c, r, engine, mb)
+            print(f"c={c} round {r} {engine} max-batch {mb}: {got['tokens_per_s']:.0f} tokens/s", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
+    runs = [x for c, r, e, mb in plan if (x := read_run(work / f"c{c}-r{r}-{e}-mb{mb}", c, r, e, mb))]
     rows = table_rows(runs, a.max_batch)
     result = {
         "command": "python -m bench.batched_serving " + " ".join(argv or sys.argv[1:]),
-        "checkpoint": a.checkpoint,
-        "health": health,
+        "settings": settings,
+        "server": {k: health.get(k) for k in ("device", "torch_version", "git_commit", "engines", "max_batch")},
         "machine_load_before": load.result(),
-        **run_metadata(None),
         "rows": rows,
         "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
     }

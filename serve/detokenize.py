@@ -25,6 +25,7 @@ class TextStream:
         self.text = ""  # the decoded text of ids[:read], settled
         self.prefix = self.read = 0  # ids[prefix:read]: the context the next tokens are decoded after
         self.sent = ""
+        self.hit = False
 
     def _advance(self, final: bool) -> str:
         """Settle the text of the tokens past ``read`` when it decodes to whole characters (or at the end); the
@@ -44,7 +45,8 @@ class TextStream:
     def _visible(self, final: bool) -> str:
         text = self._advance(final)
         cut = cut_at_stops(text, self.stops)
-        if final or len(cut) < len(text):
+        self.hit = len(cut) < len(text)  # a stop string has appeared: the decoding stops here
+        if final or self.hit:
             return cut
         keep = len(text)
         for s in self.stops:  # the longest end of the text that begins a stop string

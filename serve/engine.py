@@ -14,7 +14,6 @@ from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
 from runtime.batching import build_slots, check_slots
 from runtime.decoding import build_decoder, check
-from runtime.generate import stop_check
 from runtime.loading import load_model
 from serve.detokenize import LogprobsHeld, TextStream, logprob_entry
 from serve.plan import Plan
@@ -98,10 +97,12 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         plan.temperature,
         plan.top_p,
         tok.eos_id if plan.eos else None,
-        stop_check(tok, plan.stops),
+        None,
         seed,
         gone=gone,
     )
+    # the text stream finds stop strings as it goes, so the sequence's stop never decodes its whole text again
+    seq.stop = (lambda tokens: text.hit) if plan.stops else None
 
     def on_token(token, logits):
         if plan.logprobs is not None:

@@ -132,19 +132,29 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             if chat:
                 first = ChatDelta(role="assistant", content="")
                 yield sse(chunk([ChatStreamChoice(index=i, delta=first) for i in range(len(plan.choices))]))
-            n_out, ended, last = 0, 0, None
-            while (event := await queue.get()) is not None:
-                what, index, delta, x = event
-                n_out += what == "token"
-                ended += what == "end"
-                so_far = Usage(prompt_tokens=prompt_tokens, completion_tokens=n_out, total_tokens=prompt_tokens + n_out)
-                so_far = {"usage": so_far} if running else {}
-                if what == "token":
-                    yield sse(chunk([choice(index, delta, None, x)], **so_far))
-                elif ended == len(plan.choices):  # choices of a batch end in any order: the last to end
-                    last = ([choice(index, delta, *x)], so_far)  # sent with the measures
-                else:
-                    yield sse(chunk([choice(index, delta, *x)], **so_far))
+            n_out, ended, last, done = 0, 0, None, False
+            while not done:
+                # every event ready now goes out in one write (a batch step readies several at once)
+                events_now, out = [await queue.get()], []
+                while not queue.empty():
+                    events_now.append(queue.get_nowait())
+                for event in events_now:
+                    if event is None:
+                        done = True
+                        break
+                    what, index, delta, x = event
+                    n_out += what == "token"
+                    ended += what == "end"
+                    so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
+                    so_far = {"usage": Usage(**so_far, total_tokens=prompt_tokens + n_out)} if running else {}
+                    if what == "token":
+                        out.append(sse(chunk([choice(index, delta, None, x)], **so_far)))
+                    elif ended == len(plan.choices):  # choices of a batch end in any order: the last to end
+                        last = ([choice(index, delta, *x)], so_far)  # sent with the measures
+                    else:
+                        out.append(sse(chunk([choice(index, delta, *x)], **so_far)))
+                if out:
+                    yield b"".join(out)
             try:
                 result = task.result()
             except Exception as e:  # after the first byte the status is sent: the error goes in the stream

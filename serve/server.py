@@ -50,6 +50,7 @@ served, decoding in the running batch, measuring) in ``serve/engine.py``, contin
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ from serve.responses import completion_body, stream
 from serve.scheduler import ClientGone
 from serve.served import Served
 from serve.transport import BodyLimit, create_server, error, first_error
+
+SWITCH_INTERVAL_S = 0.0005
 
 __all__ = ["create_app", "create_server", "load_served", "main"]
 
@@ -202,6 +205,10 @@ class Args:
 
 def main(argv=None):
     a = parse_args(Args(), argv)
+    # The decode thread and the event loop share the GIL: at Python's default 5 ms switch interval, a token
+    # ready on one side waits up to 5 ms for the other to let go (measured: 8 streams on a 2-core CPU gave
+    # ~20% more tokens/s at 0.5 ms).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")

@@ -202,3 +202,24 @@ def test_the_lm_eval_bench_items_hold_the_true_next_line_among_four():
     assert len(rolling) == 3 and all(0 < len(r["text"]) <= 3000 for r in rolling)
     assert len(items) == 10 and all(len(i["choices"]) == 4 and 0 <= i["answer"] < 4 for i in items)
     assert corpus(3, 10) == (rolling, items)  # the same tasks every run
+
+
+def test_the_batching_benchmark_pairs_rounds_and_says_when_answers_differ():
+    """The table pairs each round's batched run with the same round's one-at-a-time run: the speedup is their
+    ratio (median, min, max over rounds), and any answer that differs between the two servers is flagged."""
+    from bench.batched_serving import markdown, table_rows
+
+    def run(r, mb, tps, texts):
+        return {"concurrency": 8, "round": r, "engine": "torch", "max_batch": mb, "ok": 16, "requests": 16,
+                "tokens_per_s": tps, "ttft_ms_p50": 10.0, "tpot_ms_p50": 2.0, "guidellm_tpot_ms_p50": 1.9,
+                "j_per_token": None, "energy_reason": "no counter", "texts": texts}  # fmt: skip
+
+    runs = [run(0, 1, 100.0, ["a"]), run(0, 16, 400.0, ["a"]), run(1, 16, 250.0, ["a"]), run(1, 1, 50.0, ["a"])]
+    [row] = table_rows(runs, 16)
+    assert row["speedup_median"] == pytest.approx(4.5) and row["speedup_min"] == pytest.approx(4.0)
+    assert row["speedup_max"] == pytest.approx(5.0) and row["answers_equal"] is True
+    assert row["tokens_per_s_one"] == pytest.approx(75.0) and row["tokens_per_s_batched"] == pytest.approx(325.0)
+    assert "| torch | 8 | 75 | 325 | x4.50 [4.00, 5.00] |" in markdown([row], 16)
+    runs[1]["texts"] = ["b"]
+    [row] = table_rows(runs, 16)
+    assert row["answers_equal"] is False and markdown([row], 16).rstrip().endswith("| NO |")
