@@ -121,17 +121,54 @@ def main(argv=None):
             proc.wait(timeout=30)
     runs = [x for c, r, e, mb in plan if (x := read_run(work / f"c{c}-r{r}-{e}-mb{mb}", c, r, e, mb))]
     rows = table_rows(runs, a.max_batch)
+    engine_alone = engine_rows(a)
     result = {
         "command": "python -m bench.batched_serving " + " ".join(argv or sys.argv[1:]),
         "settings": settings,
         "server": {k: health.get(k) for k in ("device", "torch_version", "git_commit", "engines", "max_batch")},
         "machine_load_before": load.result(),
         "rows": rows,
+        "engine_alone": engine_alone,
         "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
     }
     atomic_write(Path(a.out), json.dumps(result, indent=2))
     print(markdown(rows, a.max_batch))
+    for r in engine_alone:
+        spread = f"[{r['vs_batch_1_min']:.2f}, {r['vs_batch_1_max']:.2f}]"
+        print(f"{r['engine']} alone, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s, "
+              f"x{r['vs_batch_1_median']:.2f} {spread} of batch 1")  # fmt: skip
     print(f"-> {a.out}")
+
+
+def engine_rows(a: Args, sizes=(1, 8, 16), steps: int = 24) -> list[dict]:
+    """The batching engines alone, in this process (no HTTP, no load client beside them): ms per decode step
+    at each batch size, interleaved over rounds, each size's output tokens/s and its ratio to batch 1."""
+    from runtime.batching import TorchSlots
+    from runtime.loading import load_model
+
+    ev = load_model(a.checkpoint, "auto", "float32")
+    ids = ev.tokenizer.encode(humaneval_prompts()[0])[-(ev.model.params.max_seq_len - a.max_tokens) :]
+    rows = []
+    for engine in [e for e in a.engines if e in ("torch", "compile")]:
+        slots = TorchSlots(ev.model, ev.device, max(sizes), compiled=engine == "compile")
+        per = {b: [] for b in sizes}
+        for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
+            for b in sizes if r % 2 else sizes[::-1]:
+                for i in range(b):
+                    slots.open(i, ids)
+                t0 = time.perf_counter()
+                for k in range(steps):
+                    slots.step(list(range(b)), [5] * b, [len(ids) + k] * b)
+                if r:
+                    per[b].append(b * steps / (time.perf_counter() - t0))
+        for b in sizes:
+            ratios = [x / y for x, y in zip(per[b], per[sizes[0]], strict=True)]
+            rows.append({
+                "engine": engine, "batch": b, "tokens_per_s": statistics.median(per[b]),
+                "vs_batch_1_median": statistics.median(ratios), "vs_batch_1_min": min(ratios),
+                "vs_batch_1_max": max(ratios), "rounds": len(ratios),
+            })  # fmt: skip
+    return rows
 
 
 def table_rows(runs: list[dict], max_batch: int) -> list[dict]:

@@ -262,3 +262,24 @@ def test_the_clients_guidellm_figures_are_guidellms_formulas_on_a_recorded_strea
     v = stream_metrics(t0, [(100.010, True), (100.030, True), (100.045, True), (100.050, False)], 3)
     assert v["ttft_ms"] == pytest.approx(10.0) and v["tpot_ms"] == pytest.approx(17.5)  # vLLM's, beside
     assert guidellm_metrics(t0, [], 100.1, 0)["guidellm_ttft_ms"] is None
+
+
+def test_absurd_batch_settings_and_a_resume_with_other_settings_are_one_line(tmp_path, batched_server):
+    import json
+
+    from bench.batched_serving import main as bench_main
+    from common.cli import ConfigError, UserError, parse_args
+    from serve.server import Args
+
+    for bad in ("0", "-3"):
+        with pytest.raises(ConfigError, match="--max-batch must be positive"):
+            parse_args(Args(), ["ckpt", "--max-batch", bad])
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "settings.json").write_text(json.dumps({"checkpoint": "x", "max_tokens": 7}))
+    with pytest.raises(UserError, match="holds runs made with other settings"):
+        bench_main(["ckpt", "--work", str(work), "--out", str(tmp_path / "o.json")])
+    assert not (tmp_path / "o.json").exists()
+    _, url = batched_server  # a server without an energy counter says so, and the client takes no figure
+    e = httpx.get(url + "/energy", trust_env=False).json()
+    assert e["method"] == "unavailable" and e["energy_j"] is None and e["reason"]

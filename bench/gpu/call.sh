@@ -106,10 +106,10 @@ for part in "$@"; do
   decode)
     step 280 decode_latency $PY -m bench.decode_latency --out "$out/decode_latency.json" "${DECODE[@]}"
     step 190 compressed_decode $PY -m bench.compressed_decode --out "$out/compressed_decode.json" "${COMPRESSED[@]}"
-    step 50 pytest_bnb $PY -m pytest -p no:cacheprovider -rA -m cuda -k bitsandbytes tests/test_cuda.py
+    step 50 pytest_bnb $PY -m pytest -o addopts=-q -p no:cacheprovider -rA -m cuda -k bitsandbytes tests/test_cuda.py
     ;;
   suite)
-    step 520 pytest $PY -m pytest -p no:cacheprovider -rfEs "${SUITE[@]}"
+    step 520 pytest $PY -m pytest -o addopts=-q -p no:cacheprovider -rfEs "${SUITE[@]}"
     ;;
   study)
     step 530 study $PY -m runners.study "$STUDY"
