@@ -53,34 +53,11 @@ from serve.load_summary import (
     run_energy,
     summarize,
     sweep_rows,
+    write_rows,
 )
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOPS = ["\ndef ", "\nclass ", "\nif __name__"]
-CSV_FIELDS = (
-    "index",
-    "target",
-    "prompt_index",
-    "round",
-    "sent_s",
-    "status",
-    "error",
-    "tokens_in",
-    "tokens_out",
-    "ttft_ms",
-    "tpot_ms",
-    "e2e_ms",
-    "server_queue_ms",
-    "server_ttft_ms",
-    "server_tpot_ms",
-    "server_e2e_ms",
-    "guidellm_ttft_ms",
-    "guidellm_tpot_ms",
-    "guidellm_itl_ms",
-    "guidellm_latency_ms",
-    "energy_j",
-    "prompt_truncated",
-)
 
 
 def humaneval_prompts() -> list[str]:
@@ -327,15 +304,6 @@ def jobs_for(
             {"index": i, "target": t, "prompt_index": k % len(prompts), "round": k // len(prompts), "body": body}
         )
     return jobs
-
-
-def write_rows(rows: list[dict], out: Path):
-    atomic_write(out / "requests.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(out / "requests.csv", buf.getvalue())
 
 
 def run_load(

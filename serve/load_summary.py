@@ -4,9 +4,15 @@ the statistics across targets, and one row per point of a concurrency sweep. ser
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from pathlib import Path
+
 import numpy as np
 
 from common.cli import UserError
+from common.files import atomic_write
 from common.stats import adjust, kruskal, mann_whitney, paired_ratio
 
 METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")  # client-side, vLLM's definitions, compared across targets
@@ -151,3 +157,38 @@ def sweep_rows(points: list[tuple[int, dict]]) -> list[dict]:
                 "share": share,
             })  # fmt: skip
     return rows
+
+
+CSV_FIELDS = (
+    "index",
+    "target",
+    "prompt_index",
+    "round",
+    "sent_s",
+    "status",
+    "error",
+    "tokens_in",
+    "tokens_out",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "server_queue_ms",
+    "server_ttft_ms",
+    "server_tpot_ms",
+    "server_e2e_ms",
+    "guidellm_ttft_ms",
+    "guidellm_tpot_ms",
+    "guidellm_itl_ms",
+    "guidellm_latency_ms",
+    "energy_j",
+    "prompt_truncated",
+)
+
+
+def write_rows(rows: list[dict], out: Path):
+    atomic_write(out / "requests.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "requests.csv", buf.getvalue())

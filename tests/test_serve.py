@@ -144,7 +144,8 @@ def test_a_burst_of_concurrent_requests_is_all_answered(served, url):
 
 
 def test_load_client_writes_requests_summary_statistics_and_report(served, url, tmp_path):
-    from serve.client import CSV_FIELDS, run_load
+    from serve.client import run_load
+    from serve.load_summary import CSV_FIELDS
     from visualizations.serving import write_serving_report
 
     prompts = ["def f(x):\n", "import os\n", "class A:\n"]
