@@ -3,7 +3,9 @@ is written under a temporary name next to its target and renamed into place (one
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import os
 import shutil
 from contextlib import contextmanager
@@ -31,6 +33,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     return path
+
+
+def write_csv(path: str | os.PathLike, fields: tuple[str, ...], rows: list[dict]) -> Path:
+    """``rows`` as a CSV file of the columns ``fields`` (other keys left out), written whole or not at all."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
 
 
 def check_replaceable(final: str | os.PathLike, owner: str, option: str = "--out"):

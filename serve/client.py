@@ -32,8 +32,6 @@ all of them).
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from common.cli import ConfigError, UserError, parse_args, positional, run_main
-from common.files import atomic_write
+from common.files import atomic_write, write_csv
 from common.progress import Progress
 from serve.load_summary import (
     DEFINITIONS,
@@ -423,11 +421,7 @@ def run_sweep(a, prompts) -> list[dict]:
     rows = sweep_rows(points)
     sweep = {"concurrency": a.concurrency, "definitions": DEFINITIONS, "rows": rows}
     atomic_write(Path(a.out) / "sweep.json", json.dumps(sweep, indent=2))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(Path(a.out) / "sweep.csv", buf.getvalue())
+    write_csv(Path(a.out) / "sweep.csv", SWEEP_COLUMNS, rows)
     return rows
 
 

@@ -4,15 +4,13 @@ the statistics across targets, and one row per point of a concurrency sweep. ser
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import UserError
-from common.files import atomic_write
+from common.files import atomic_write, write_csv
 from common.stats import adjust, kruskal, mann_whitney, paired_ratio
 
 METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")  # client-side, vLLM's definitions, compared across targets
@@ -187,8 +185,4 @@ CSV_FIELDS = (
 
 def write_rows(rows: list[dict], out: Path):
     atomic_write(out / "requests.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(out / "requests.csv", buf.getvalue())
+    write_csv(out / "requests.csv", CSV_FIELDS, rows)
