@@ -181,8 +181,8 @@ def apply_rotary_emb(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _rotate_real(x, cos_sin)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    rot = torch.view_as_complex(cos_sin.contiguous())  # cos + i sin, (T, D/2) or (B, T, D/2)
-    rot = (rot[None] if rot.dim() == 2 else rot)[:, :, None, :]  # (1 or B, T, 1, D/2)
+    # cos + i sin, (T, 1, D/2) or (B, T, 1, D/2): broadcast over the heads (and over the batch when shared)
+    rot = torch.view_as_complex(cos_sin.contiguous()).unsqueeze(-2)
     return torch.view_as_real(xc * rot).flatten(3).type_as(x)
 
 

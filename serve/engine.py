@@ -96,13 +96,12 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         plan.max_tokens,
         plan.temperature,
         plan.top_p,
-        tok.eos_id if plan.eos else None,
-        None,
-        seed,
+        eos_id=tok.eos_id if plan.eos else None,
+        # the text stream finds stop strings as it goes, so the sequence never decodes its whole text again
+        stop=(lambda tokens: text.hit) if plan.stops else None,
+        seed=seed,
         gone=gone,
     )
-    # the text stream finds stop strings as it goes, so the sequence's stop never decodes its whole text again
-    seq.stop = (lambda tokens: text.hit) if plan.stops else None
 
     def on_token(token, logits):
         if plan.logprobs is not None:
@@ -145,14 +144,14 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
         raise ClientGone
     if errors:
         raise errors[0]
-    started = min(s.admitted for s in seqs if s.admitted is not None) if any(s.admitted for s in seqs) else None
-    started = plan.received if started is None else started
+    started = min((s.admitted for s in seqs if s.admitted is not None), default=plan.received)
     results = [
         record | {"start_s": (s.admitted or started) - started} | _metrics(s.times, len(s.tokens)) for s, record in made
     ]
     meter.idle_power_w = served.idle_power_w
     n_out = sum(r["tokens_out"] for r in results)
-    if any(s.shared for s in seqs) and served.counter is not None:
+    batched = any(s.shared for s in seqs)  # decoded beside other sequences (its own or others')
+    if batched and served.counter is not None:
         # other requests decoded in the same steps: the window's energy is theirs too (the load client's
         # J/token over a whole run, from /energy, is the figure for a batched server)
         energy = {"method": served.counter.method, "energy_j": None, "reason": "decoded in a batch with others"}
@@ -170,7 +169,7 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
             "tokens_out": n_out,
             "prompt_truncated": any(plan.truncated),
             "queue_ms": 1e3 * (started - plan.received),
-            "batched": any(s.shared for s in seqs),  # decoded beside other sequences (its own or others')
+            "batched": batched,
             # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
             "ttft_ms": None
             if first["ttft_ms"] is None
