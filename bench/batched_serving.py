@@ -44,6 +44,7 @@ class Args:
     requests_per_stream: int = 2  # requests per run = this x concurrency (at least 8)
     max_tokens: int = 128  # new tokens per request (prompts longer than the context minus this keep their end)
     max_batch: int = 16  # the batched server's --max-batch
+    threads: int | None = None  # the servers' --threads (default theirs: every core but one), also the engines alone
     out: str = "bench/results/batched_serving.json"
     work: str = "results/batched_serving"  # the runs' own folders and the servers' logs
 
@@ -53,6 +54,7 @@ def start(a: Args, max_batch: int, work: Path) -> tuple[subprocess.Popen, str]:
     log = work / f"server-max-batch-{max_batch}.log"
     cmd = [sys.executable, "-m", "serve.server", a.checkpoint, "--port", str(port), "--engines", *a.engines]
     cmd += ["--max-batch", str(max_batch), "--max-tokens-limit", str(a.max_tokens), "--workdir", str(work / "export")]
+    cmd += ["--threads", str(a.threads)] if a.threads is not None else []
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     url = f"http://127.0.0.1:{port}"
@@ -84,7 +86,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     # A run that stopped part-way resumes: finished runs are kept, but only under the same settings
     settings = {k: getattr(a, k) for k in ("checkpoint", "engines", "rounds", "requests_per_stream", "max_tokens",
-                                           "max_batch")}  # fmt: skip
+                                           "max_batch", "threads")}  # fmt: skip
     mark = work / "settings.json"
     if mark.is_file() and json.loads(mark.read_text()) != settings:
         raise UserError(f"{work} holds runs made with other settings ({mark}); give another --work")
@@ -121,11 +123,13 @@ def main(argv=None):
             proc.wait(timeout=30)
     runs = [x for c, r, e, mb in plan if (x := read_run(work / f"c{c}-r{r}-{e}-mb{mb}", c, r, e, mb))]
     rows = table_rows(runs, a.max_batch)
-    engine_alone = engine_rows(a)
+    engine_alone = engine_rows(a, health["threads"])
     result = {
         "command": "python -m bench.batched_serving " + " ".join(argv or sys.argv[1:]),
         "settings": settings,
-        "server": {k: health.get(k) for k in ("device", "torch_version", "git_commit", "engines", "max_batch")},
+        "server": {
+            k: health.get(k) for k in ("device", "threads", "torch_version", "git_commit", "engines", "max_batch")
+        },
         "machine_load_before": load.result(),
         "rows": rows,
         "engine_alone": engine_alone,
@@ -140,12 +144,16 @@ def main(argv=None):
     print(f"-> {a.out}")
 
 
-def engine_rows(a: Args, sizes=(1, 8, 16), steps: int = 24) -> list[dict]:
-    """The batching engines alone, in this process (no HTTP, no load client beside them): ms per decode step
-    at each batch size, interleaved over rounds, each size's output tokens/s and its ratio to batch 1."""
+def engine_rows(a: Args, threads: int, sizes=(1, 8, 16), steps: int = 24) -> list[dict]:
+    """The batching engines alone, in this process (no HTTP, no load client beside them), on the servers'
+    ``threads``: ms per decode step at each batch size, interleaved over rounds, each size's output tokens/s and
+    its ratio to batch 1."""
+    import torch
+
     from runtime.batching import TorchSlots
     from runtime.loading import load_model
 
+    torch.set_num_threads(threads)
     ev = load_model(a.checkpoint, "auto", "float32")
     ids = ev.tokenizer.encode(humaneval_prompts()[0])[-(ev.model.params.max_seq_len - a.max_tokens) :]
     rows = []

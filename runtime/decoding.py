@@ -175,6 +175,7 @@ class ArrayDecoder(Decoder):
         super().__init__(max_seq_len, device)
         self.run, self.names, self.shapes = run, names, shapes
         self.caches: list[np.ndarray] = []
+        self.threads: int | None = None  # CPU threads of the runtime, as the runtime reports them
 
     def _step(self, ids: list[int], first: int) -> torch.Tensor:
         feeds = {
@@ -200,17 +201,23 @@ def onnxruntime_decoder(path: Path, names, shapes, max_seq_len: int, device: tor
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the process's one thread setting, as torch's
+    session = ort.InferenceSession(str(path), options, providers=providers)
     dec = ArrayDecoder(lambda feeds: session.run(None, feeds), names, shapes, max_seq_len, torch.device("cpu"))
-    dec.name = "onnxruntime"
-    dec.note = f"ONNX Runtime, {session.get_providers()[0]}, KV cache as inputs/outputs (numpy in and out)"
+    dec.name, dec.threads = "onnxruntime", session.get_session_options().intra_op_num_threads
+    dec.note = (
+        f"ONNX Runtime, {session.get_providers()[0]}, {dec.threads} CPU thread(s), KV cache as inputs/outputs "
+        "(numpy in and out)"
+    )
     return dec
 
 
 def openvino_decoder(path: Path, names, shapes, max_seq_len: int) -> ArrayDecoder:
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    # the process's one thread setting, as torch's
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
     outputs = compiled.outputs
 
     def run(feeds):
@@ -218,7 +225,9 @@ def openvino_decoder(path: Path, names, shapes, max_seq_len: int) -> ArrayDecode
         return [result[o] for o in outputs]
 
     dec = ArrayDecoder(run, names, shapes, max_seq_len, torch.device("cpu"))
-    dec.name, dec.note = "openvino", f"OpenVINO {ov.get_version().split('-')[0]} on the CPU, KV cache as inputs/outputs"
+    dec.name, dec.threads = "openvino", int(compiled.get_property("INFERENCE_NUM_THREADS"))
+    version = ov.get_version().split("-")[0]
+    dec.note = f"OpenVINO {version} on the CPU, {dec.threads} thread(s), KV cache as inputs/outputs"
     return dec
 
 

@@ -283,3 +283,27 @@ def test_absurd_batch_settings_and_a_resume_with_other_settings_are_one_line(tmp
     _, url = batched_server  # a server without an energy counter says so, and the client takes no figure
     e = httpx.get(url + "/energy", trust_env=False).json()
     assert e["method"] == "unavailable" and e["energy_j"] is None and e["reason"]
+
+
+def test_engines_use_the_thread_count_the_server_sets(model, tmp_path, monkeypatch):
+    """The server leaves one core to its event loop and text streams (--threads, default every core but one),
+    and every engine's runtime follows the process's one setting, as each runtime reports it."""
+    from common.cli import ConfigError, parse_args
+    from runtime.decoding import build_decoder
+    from serve import server
+
+    monkeypatch.setattr(server, "cores", lambda: 4)
+    assert server.engine_threads(None) == 3 and server.engine_threads(2) == 2
+    monkeypatch.setattr(server, "cores", lambda: 1)
+    assert server.engine_threads(None) == 1
+    with pytest.raises(ConfigError, match="--threads must be positive"):
+        parse_args(server.Args(), ["ckpt", "--threads", "0"])
+    before = torch.get_num_threads()
+    try:
+        for want in (1, 2):
+            torch.set_num_threads(want)
+            for engine in ("onnxruntime", "openvino"):
+                decoder = build_decoder(engine, model, torch.device("cpu"), tmp_path / engine)
+                assert decoder.threads == want, (engine, decoder.threads)
+    finally:
+        torch.set_num_threads(before)
