@@ -126,7 +126,7 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
         return CompletionStreamChoice(index=index, text=delta, logprobs=lp, finish_reason=finish)
 
     async def events():
-        task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, emit))
+        task = asyncio.ensure_future(loop.run_in_executor(served.requests, run, served, plan, emit))
         task.add_done_callback(lambda t: queue.put_nowait(None) or t.cancelled() or t.exception())
         try:
             if chat:

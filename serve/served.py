@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from serve.api import now
 from serve.scheduler import Scheduler
 
+MAX_CONNECTIONS = 256  # connections open at once (serve.server --max-connections); beyond, requests get 503
+
 
 @dataclass
 class Served:
@@ -23,6 +25,9 @@ class Served:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one engine step at a time, all engines
     # one thread tokenizes every request's prompts, off the event loop (tokenizers are not all thread-safe)
     tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
+    # a thread per request in flight waits for its sequences (serve.engine.run), up to the connections the
+    # server accepts: asyncio's default pool (cores + 4 threads) would let only 6 requests into a batch on 2 cores
+    requests: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(MAX_CONNECTIONS, "request"))
     counter: object = None
     counter_reason: str | None = None
     idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
@@ -40,6 +45,4 @@ class Served:
     @property
     def chat(self):
         """The tokenizer's chat template as a function of messages -> token ids, or None without one."""
-        return (
-            getattr(self.ev.tokenizer, "chat_ids", None) if getattr(self.ev.tokenizer, "chat_template", None) else None
-        )
+        return self.ev.tokenizer.chat_ids if self.ev.tokenizer.chat_template else None

@@ -54,6 +54,7 @@ import asyncio
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,7 @@ from serve.engine import load_served, run
 from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
 from serve.scheduler import ClientGone
-from serve.served import Served
+from serve.served import MAX_CONNECTIONS, Served
 from serve.transport import BodyLimit, create_server, error, first_error
 
 SWITCH_INTERVAL_S = 0.0005
@@ -156,7 +157,8 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
             if gone.is_set():
                 raise ClientGone
 
-        task = asyncio.ensure_future(asyncio.to_thread(run, served, plan, watch, gone))
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(loop.run_in_executor(served.requests, run, served, plan, watch, gone))
         try:
             while not (await asyncio.wait({task}, timeout=0.05))[0]:
                 if await request.is_disconnected():
@@ -196,7 +198,7 @@ class Args:
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for (at most the context - 1)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     request_timeout: float = 10.0  # seconds a client has to send a whole request (then its connection closes)
-    max_connections: int = 256  # connections open at once; beyond, requests get 503
+    max_connections: int = MAX_CONNECTIONS  # connections open at once; beyond, requests get 503
     workdir: str | None = None  # where the ONNX export goes (default: a temporary folder)
     served_model_name: str | None = None  # the model id clients name (default: the checkpoint's name)
     max_batch: int = 8  # sequences an engine decodes together (continuous batching); 1: one at a time
@@ -230,6 +232,7 @@ def main(argv=None):
     served = load_served(
         a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch
     )
+    served.requests = ThreadPoolExecutor(a.max_connections, "request")  # one waiting thread per request
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()

@@ -203,6 +203,39 @@ def test_eight_concurrent_streams_are_decoded_together_each_as_greedy_alone(batc
     assert all(last["energy"]["method"] == "unavailable" or last["energy"]["energy_j"] is None for _, last in answers)
 
 
+def test_as_many_streams_as_slots_share_one_step(batched_server):
+    """8 streams at once with --max-batch 8 decode in one batch of 8: every request in flight reaches the
+    scheduler (none waits for a thread of asyncio's default pool, cores + 4 threads: 6 on 2 cores). The compute
+    lock is held until all 8 have been submitted, so no request can end before the others join."""
+    served, url = batched_server
+    scheduler = served.schedulers["torch"]
+    submitted, real_submit = [], scheduler.submit
+
+    def counting(seqs):
+        submitted.extend(seqs)
+        real_submit(seqs)
+
+    async def eight():
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            body = {"model": "t", "prompt": "x = ", "max_tokens": 6, "ignore_eos": True, "stream": True}
+            return await asyncio.gather(*(client.post(url + "/v1/completions", json=body) for _ in range(8)))
+
+    scheduler.submit, scheduler.largest_batch, answers = counting, 0, []
+    try:
+        with served.lock:  # no step runs until every request is in the scheduler's hands
+            client = threading.Thread(target=lambda: answers.extend(asyncio.run(eight())))
+            client.start()
+            deadline = time.monotonic() + 30
+            while len(submitted) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(submitted) == 8, f"only {len(submitted)} of 8 requests reached the scheduler"
+        client.join(120)
+    finally:
+        scheduler.submit = real_submit
+    assert [r.status_code for r in answers] == [200] * 8
+    assert scheduler.largest_batch == 8
+
+
 def test_n_choices_decode_together_and_each_equals_its_seed_alone(batched_server):
     """n=4 sampled choices of one request run in one batch; choice j equals the same request's seed + j
     decoded alone (runtime/decoding.py's loop, one sequence)."""
