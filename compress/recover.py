@@ -46,18 +46,11 @@ from data.config import DataConfig
 from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
 from llama.model_io import MODEL_FILE
 from models.folders import load_folder
+from models.interface import lora_targets
 from training.checkpoint import training_data
-from training.config import TrainConfig
-from training.trainer import Custom, loss_fn, read_jsonl, train
-
-# LLM-Pruner's LoRA targets: the attention and MLP projections of every block, by model family
-LORA_TARGETS = {
-    "perhead-llama": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
-}
+from training.config import Custom, TrainConfig
+from training.run_files import read_jsonl
+from training.trainer import loss_fn, train
 
 
 @dataclass
@@ -70,7 +63,7 @@ class Recovery:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # default: LORA_TARGETS of the model's family
+    lora_targets: list[str] | None = None  # default: the model family's (models.interface.lora_targets)
     distill_alpha: float = 0.5  # weight of the KL term (1 - alpha: cross-entropy)
     temperature: float = 2.0
     distill_lora: bool = False  # distill into LoRA adapters instead of every weight
@@ -142,9 +135,7 @@ def with_lora(model: nn.Module, r: Recovery) -> nn.Module:
     """``model`` with LoRA adapters on its projections (peft), the rest frozen."""
     import peft
 
-    targets = r.lora_targets or LORA_TARGETS.get(model.family)
-    if not targets:
-        raise UserError(f"no default LoRA targets for a {model.family} model; pass --lora-targets")
+    targets = r.lora_targets or lora_targets(model)
     config = peft.LoraConfig(
         r=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none"
     )
@@ -179,9 +170,7 @@ def with_masked_lora(model: nn.Module, r: Recovery, masks: dict[str, torch.Tenso
     """``model`` with a MaskedLoRA on the weight of each target module, everything else frozen."""
     from torch.nn.utils import parametrize
 
-    targets = r.lora_targets or LORA_TARGETS.get(model.family)
-    if not targets:
-        raise UserError(f"no default LoRA targets for a {model.family} model; pass --lora-targets")
+    targets = r.lora_targets or lora_targets(model)
     model.requires_grad_(False)
     found = set()
     for name, module in model.named_modules():
@@ -350,7 +339,7 @@ def recover(
         "method": r.method,
         **{k: v for k, v in dataclasses.asdict(r).items() if k != "method"},
         "lr": r.learning_rate,
-        "lora_targets": (r.lora_targets or LORA_TARGETS.get(model.family)) if r.uses_lora else None,
+        "lora_targets": (r.lora_targets or lora_targets(model)) if r.uses_lora else None,
         "teacher": str(base) if teacher is not None else None,
         "data": "training data of the base run" if corpus is None else corpus.corpus,
         "tokens": summary["tokens"],

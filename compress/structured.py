@@ -1,6 +1,6 @@
 """Structured pruning: remove whole attention heads (whole key/value groups under GQA) and MLP channels, leaving
 the first/last blocks intact if asked (as LLM-Pruner does). One path for every family with a known block
-layout (``models.interface.LAYOUT``: this project's models, Llama, GPT-NeoX, Starcoder2).
+layout (each family's ``layout``, models/families.py: this project's models, Llama, GPT-NeoX, Starcoder2).
 
 Importance is Wanda-style (|W| times the norm of the calibration activations), summed over each head's or
 channel's inputs to the attention or MLP output projection. The surgery is Torch-Pruning's:

@@ -63,16 +63,15 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
     return model(token, input_pos, mask)[:, -1]
 
 
-def padding_mask(model: Transformer, first_valid: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+def padding_mask(cache_len: int, first_valid: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, cache_len) mask: causal, minus the left padding before ``first_valid`` of each row.
 
     A padding query may still see itself, so its (ignored) output stays finite and cannot poison the cache.
     """
-    cache_len = model.causal_mask.shape[-1]
     keys = torch.arange(cache_len, device=first_valid.device)
     valid_key = keys[None, :] >= first_valid[:, None]  # (B, cache_len)
     self_key = keys[None, :] == input_pos[:, None]  # (T, cache_len)
-    causal = model.causal_mask[input_pos]  # (T, cache_len)
+    causal = keys[None, :] <= input_pos[:, None]  # (T, cache_len)
     return (causal[None] & (valid_key[:, None, :] | self_key[None]))[:, None]
 
 
@@ -148,7 +147,8 @@ def generate(
         raise UserError("generate needs at least one prompt and every prompt needs at least one token")
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    model.setup_caches(B, T + max_new_tokens)
+    cache_len = T + max_new_tokens
+    model.setup_caches(B, cache_len)
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, T - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
@@ -156,12 +156,12 @@ def generate(
     padded = bool((first_valid > 0).any())
 
     input_pos = torch.arange(T, device=device)
-    mask = padding_mask(model, first_valid, input_pos) if padded else None
+    mask = padding_mask(cache_len, first_valid, input_pos) if padded else None
     logits = prefill(model, tokens, input_pos, mask)
 
     def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
         pos = torch.tensor([T + i], device=device)
-        return decode_one_token(model, nxt, pos, padding_mask(model, first_valid, pos) if padded else None)
+        return decode_one_token(model, nxt, pos, padding_mask(cache_len, first_valid, pos) if padded else None)
 
     out = decode(logits, step, max_new_tokens, temperature, top_k, top_p, eos_id, stop, generator, on_token=None)
     model.clear_caches()

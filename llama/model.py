@@ -308,7 +308,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    family = "perhead-llama"  # what this model can do (models.interface.CAPABILITIES) follows from it
+    family = "perhead-llama"  # its definition (what it can do, its layout): models.families.FAMILIES
 
     def __init__(self, args: ModelArgs):
         super().__init__()

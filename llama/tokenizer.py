@@ -40,6 +40,12 @@ class Tokenizer:
             ) from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
+    cleans_spaces = False  # decoding keeps every space as the pieces spell it
+    chat_template = None  # no chat format: the server answers /v1/chat/completions with a one-line error
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        raise UserError("this tokenizer has no chat template; use /v1/completions")
+
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from llama.model_io import load_model, resolve_checkpoint, tokenizer_path, write_model_files
+from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
-from models.hf import from_hub, is_hf_folder, load_hf, save_hf
+from models.families import family_of
+from models.hf import from_hub, is_hf_folder, load_hf
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -37,7 +38,4 @@ def load_folder(path: str | os.PathLike, device: torch.device | str = "cpu"):
 
 def save_folder(model, tokenizer, out: Path):
     """The model and its tokenizer into ``out`` (a folder being written), in its own family's format."""
-    if model.family == "perhead-llama":
-        write_model_files(model, out, tokenizer=tokenizer.path)
-    else:
-        save_hf(model, tokenizer, out)
+    family_of(model).save(model, tokenizer, out)

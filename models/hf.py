@@ -169,6 +169,9 @@ class HFParams:
     model_type: str
     head_layer: None = None  # no per-head layers in an external model
 
+    def head_layer_spec(self) -> None:
+        return None  # plain blocks (ModelArgs.head_layer_spec describes this project's richer ones)
+
 
 class HFModel(nn.Module):
     """A transformers causal LM with this project's model interface."""
@@ -179,7 +182,6 @@ class HFModel(nn.Module):
         # transformers renamed past_key_values to cache (5.x); both are accepted here
         self._cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         self.cache = None
-        self.causal_mask: torch.Tensor | None = None
         self.conv1d_names = conv1d_to_linear(hf)  # GPT-2's Conv1D layers, now nn.Linear (stored back on save)
 
     @property
@@ -193,8 +195,29 @@ class HFModel(nn.Module):
         )
 
     @property
-    def family(self) -> str:  # models.interface: what this model can do follows from it
+    def family(self) -> str:  # its definition (what it can do, its layout): models.families.FAMILIES
         return self.hf.config.model_type
+
+    def head_counts(self, block: int) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim) as the config says (transformers infers them from the
+        projections after structured pruning)."""
+        cfg = self.hf.config
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        return n_heads, n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+
+    def keep_blocks(self, keep: list[int]):
+        """Keep only the decoder blocks ``keep`` (in place), and the config's record of them."""
+        kept = nn.ModuleList([self.layers[i] for i in keep])
+        for new_index, layer in enumerate(kept):
+            for m in layer.modules():  # each attention finds its slot in the KV cache by its layer index
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new_index
+        self.hf.set_submodule(self.blocks_path, kept)
+        cfg = self.hf.config
+        cfg.num_hidden_layers = len(keep)
+        if getattr(cfg, "layer_types", None):  # per-layer attention kinds (sliding or full)
+            cfg.layer_types = [cfg.layer_types[i] for i in keep]
 
     @property
     def blocks_path(self) -> str:
@@ -211,12 +234,10 @@ class HFModel(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None):
         from transformers import DynamicCache
 
-        device = self.tok_embeddings.weight.device
         self.cache = DynamicCache(config=self.hf.config)
-        self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
 
     def clear_caches(self):
-        self.cache, self.causal_mask = None, None
+        self.cache = None
 
     def forward(
         self,
@@ -311,6 +332,8 @@ class HFTokenizer:
             raise UserError(f"{folder}: the tokenizer has no end-of-sequence token")
         self.eos_id = self.tok.eos_token_id
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+        # decoding removes the space before punctuation (" ." -> "."): a text stream holds trailing spaces back
+        self.cleans_spaces = bool(getattr(self.tok, "clean_up_tokenization_spaces", False))
 
     @property
     def vocab_size(self) -> int:

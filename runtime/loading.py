@@ -40,8 +40,7 @@ class Loaded:
     @property
     def head_layer(self) -> dict | None:
         """The per-head layers' settings (ModelArgs.head_layer_spec); None for plain blocks and HF models."""
-        spec = getattr(self.model.params, "head_layer_spec", None)
-        return spec() if spec else None
+        return self.model.params.head_layer_spec()
 
     @property
     def quantized(self) -> bool:

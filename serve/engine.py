@@ -88,8 +88,7 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
     """Choice ``index`` of ``plan`` as a sequence for the scheduler, and the record its callbacks fill."""
     tok = served.ev.tokenizer
     p, seed = plan.choices[index]
-    hold_space = bool(getattr(getattr(tok, "tok", None), "clean_up_tokenization_spaces", False))
-    text, held = TextStream(tok.decode, plan.stops, hold_space), LogprobsHeld()
+    text, held = TextStream(tok.decode, plan.stops, tok.cleans_spaces), LogprobsHeld()
     record = {"index": index, "text": "", "finish_reason": None, "logprobs": []}
     seq = Sequence(
         plan.prompts[p],

@@ -230,3 +230,37 @@ def test_an_interval_that_excludes_one_is_never_reported_as_nothing_without_sayi
         "distinguishable": False,
     }
     assert "the unadjusted 95% interval alone excludes 1" in sentence(c, 3)
+
+
+# ---- the model contract: every family's model and tokenizer offer the same things ------------------------
+
+
+@pytest.mark.parametrize("arch", ["perhead-llama", "llama", "gpt2"])
+def test_every_family_offers_the_model_and_tokenizer_contract(arch, tmp_path, small_tokenizer):
+    """This project's model and transformers' (through models.hf) satisfy one CausalLM and one Tokenizer
+    protocol; what differs (capabilities, LoRA targets, saving) comes from the family's definition."""
+    from models.families import FAMILIES, family_of
+    from models.folders import load_folder, save_folder
+    from models.interface import CausalLM, Tokenizer, capabilities, lora_targets
+    from tests.hf_models import make_hf_model
+
+    if arch == "perhead-llama":
+        model, tok = (
+            Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=1000, max_seq_len=32)),
+            small_tokenizer,
+        )
+    else:
+        model, tok, _ = load_folder(make_hf_model(arch, tmp_path / "hf"))
+    assert isinstance(model, CausalLM) and isinstance(tok, Tokenizer)
+    assert model.params.head_layer_spec() is None and family_of(model) is FAMILIES[arch]
+    assert capabilities(model).static_cache == (arch == "perhead-llama")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert set(lora_targets(model)) <= names  # every default target is a layer of the model
+    text = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode(text, bos=False)) == text
+    (tmp_path / "saved").mkdir()
+    save_folder(model, tok, tmp_path / "saved")  # in the family's own format, and back
+    again, tok2, _ = load_folder(tmp_path / "saved")
+    assert again.family == model.family and tok2.encode(text) == tok.encode(text)
+    x = torch.randint(0, 100, (1, 8))
+    assert torch.equal(again.eval()(x), model.eval()(x))

@@ -103,3 +103,39 @@ def test_the_readme_roles_hold_serving_loads_through_runtime_and_evaluation_neve
             if (layer, top) in (("serve", "eval"), ("eval", "compress")):
                 found.append(f"{path.relative_to(REPO)}:{line} imports {module}")
     assert found == [], "\n".join(found)
+
+
+def family_branches(path: Path) -> list[str]:
+    """Where code compares a model's ``family`` or looks it up in a table of its own: what differs by family is
+    a family's definition (models/families.py), never a branch on its name."""
+
+    def is_family(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "family") or (
+            isinstance(node, ast.Name) and node.id == "family"
+        )
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare) and any(is_family(n) for n in [node.left, *node.comparators]):
+            out.append(f"{path.name}:{node.lineno} compares a family")
+        elif isinstance(node, ast.Subscript) and is_family(node.slice):
+            out.append(f"{path.name}:{node.lineno} looks a family up in a table")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            if node.args and is_family(node.args[0]):
+                out.append(f"{path.name}:{node.lineno} looks a family up in a table")
+    return sorted(out)
+
+
+def test_no_branch_on_a_family_name_outside_the_family_definitions(tmp_path):
+    allowed = REPO / "models" / "families.py"
+    found = [hit for path in sources() if path != allowed for hit in family_branches(path)]
+    assert found == [], "\n".join(found)
+    bad = tmp_path / "bad.py"  # the check finds what it looks for
+    bad.write_text(
+        'def f(m):\n    if m.family == "llama":\n        return TABLE[m.family]\n    return T.get(m.family)\n'
+    )
+    assert family_branches(bad) == [
+        "bad.py:2 compares a family",
+        "bad.py:3 looks a family up in a table",
+        "bad.py:4 looks a family up in a table",
+    ]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from compress.__main__ import main as compress_main
-from compress.recover import LORA_TARGETS, Recovery, distillation_loss, merged, recover, with_lora
+from compress.recover import Recovery, distillation_loss, merged, recover, with_lora
 from llama.model_io import load_model
+from models.families import FAMILIES
 from models.folders import load_folder
 from tests.hf_models import ARCHITECTURES
 
@@ -92,7 +93,7 @@ def test_a_merged_lora_model_gives_the_peft_models_outputs(trained_checkpoint, t
     model = load_folder(folder)[0].eval()
     peft_model = with_lora(model, Recovery("lora", lora_rank=4, lora_dropout=0.0))
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
-    assert adapted == set(LORA_TARGETS[arch])  # every default target exists in this architecture
+    assert adapted == set(FAMILIES[arch].lora_targets)  # every default target exists in this architecture
     torch.manual_seed(0)
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
