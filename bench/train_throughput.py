@@ -32,7 +32,8 @@ from common.progress import Progress
 from common.stats import ratio_ci
 from common.timing import spread, sync, time_repeats
 from llama.model import Transformer, count_params, flops_per_token
-from training.trainer import make_optimizer, training_loss
+from training.optim import make_optimizer
+from training.trainer import training_loss
 
 GPU_CONFIGS = [f"{kind}_{n}_layer" for n in (5, 6, 7, 8) for kind in ("baseline", "perhead")]
 CPU_CONFIGS = ["tiny_baseline", "tiny"]

@@ -17,6 +17,7 @@ import os
 import sysconfig
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,3 +396,42 @@ def heldout_documents(tokens: np.ndarray, tokenizer) -> list[np.ndarray]:
 
 if __name__ == "__main__":
     run_main(main)
+
+
+class Prefetcher:
+    """The next micro-batch read (and, on CUDA, pinned and copied without blocking) in a background thread while
+    the current step runs, as nanoGPT's loader prefetches; batches are the sampler's, so resume is unchanged."""
+
+    def __init__(self, sampler: BatchSampler, device: torch.device):
+        self.sampler, self.device = sampler, device
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.pending: tuple | None = None  # (key, future)
+
+    def _load(self, step: int, start: int, count: int):
+        x, y = self.sampler.get(step, start=start, count=count)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def get(self, key: tuple[int, int, int], following: tuple[int, int, int] | None):
+        """Batch ``key`` = (step, start, count); starts reading ``following`` before returning."""
+        if self.pending is not None and self.pending[0] == key:
+            batch = self.pending[1].result()
+        else:
+            batch = self._load(*key)
+        self.pending = None if following is None else (following, self.pool.submit(self._load, *following))
+        return batch
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def unigram_losses(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
+    """Cross-entropy (nats/token) of a unigram model fit on the training tokens: the bar to clear."""
+    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0  # add-one smoothing
+    logp = np.log(counts / counts.sum())
+    val_counts = np.bincount(np.asarray(val), minlength=vocab_size)
+    return {
+        "unigram_train_loss": float(-(counts - 1) @ logp / (counts - 1).sum()),
+        "unigram_val_loss": float(-(val_counts @ logp) / val_counts.sum()),
+    }

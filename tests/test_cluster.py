@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from runners.cluster import KINDS, Resources, resources_of
-from runners.study import load_study, plan
+from runners.study_file import load_study
+from runners.study_steps import plan
 from tests.study_files import QUALITY, q, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,8 @@ def test_a_study_killed_while_its_jobs_run_resumes_without_running_finished_step
 
 @pytest.mark.slow
 def test_a_failed_job_names_its_logs(tmp_path, corpus):
-    from runners.study import StepFailed, run_study
+    from runners.study import run_study
+    from runners.study_steps import StepFailed
 
     (tmp_path / "empty").mkdir()  # a corpus with no documents: the training fails when it runs, not before
     toml = small_study(tmp_path, corpus, extra_run_args=["--corpus", str(tmp_path / "empty")])

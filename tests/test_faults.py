@@ -16,12 +16,12 @@ import torch
 
 import llama.model_io as model_io
 import training.checkpoint as ckpt_mod
-import training.trainer as trainer_mod
 from common.cli import apply_overrides, run_main
 from data.config import DataConfig
 from llama.model_io import list_checkpoints, load_model
 from training.checkpoint import prune_checkpoints
 from training.config import TrainConfig
+from training.run_files import run_lock
 from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_overwrite_deletes_only_the_runs_own_folders(tmp_path, make_config):
 
 @pytest.mark.parametrize("name", ["..", "", "a/../../b"])
 def test_a_study_file_with_a_bad_run_name_is_refused_before_anything_runs(tmp_path, name):
-    from runners.study import load_study
+    from runners.study_file import load_study
 
     study = tmp_path / "s.toml"
     study.write_text(f'name = "s"\n[[runs]]\nrunner = "tiny"\nname = "{name}"\nargs = []\n')
@@ -115,7 +115,7 @@ def test_a_kill_during_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, 
 
 def test_a_second_training_of_the_same_run_is_refused(tmp_path, make_config):
     cfg = make_config(tmp_path, max_steps=2)
-    with trainer_mod.run_lock(cfg):
+    with run_lock(cfg):
         with pytest.raises(FileExistsError, match="already being trained"):
             train(make_config(tmp_path, max_steps=2))
     assert not (tmp_path / "logs/t/metrics.jsonl").exists()
@@ -128,7 +128,7 @@ def test_a_killed_study_takes_its_child_with_it(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from runners.study import _python; from pathlib import Path; "
+            "import sys; from runners.study_steps import _python; from pathlib import Path; "
             f"_python(['timeit', '-n', '1', 'import time; time.sleep(60)  # {tag}'], Path(sys.argv[1]))",
             str(tmp_path / "log"),
         ],
@@ -356,7 +356,7 @@ def test_compress_replaces_its_own_earlier_output(trained_checkpoint, tmp_path):
 
 
 def test_a_study_cannot_point_a_compression_elsewhere(tmp_path):
-    from runners.study import load_study
+    from runners.study_file import load_study
 
     study = tmp_path / "s.toml"
     body = 'name = "s"\n[[runs]]\nrunner = "tiny"\nname = "r"\n[[compress]]\nbase = "r"\nname = "c"\nargs = [{}]\n'
@@ -414,7 +414,7 @@ def test_two_runs_of_one_name_sharing_a_log_folder_cannot_run_at_once(tmp_path, 
     first = make_config(tmp_path, max_steps=2)
     second = make_config(tmp_path, max_steps=2, overwrite=True)
     second.out_dir = str(tmp_path / "elsewhere")  # another checkpoint folder, the same logs/<name>
-    with trainer_mod.run_lock(first):
+    with run_lock(first):
         (tmp_path / "logs" / "t").mkdir(parents=True)
         (tmp_path / "logs" / "t" / "metrics.jsonl").write_text('{"step": 1}\n')
         with pytest.raises(FileExistsError, match="already being trained"):
@@ -616,15 +616,16 @@ def test_a_bad_study_file_is_one_line_before_anything_runs(tmp_path, capsys, edi
 
 def test_a_failing_study_step_is_one_line_naming_its_log(tmp_path, capsys, monkeypatch):
     import runners.study as study_mod
+    import runners.study_steps as steps_mod
 
     path = tmp_path / "s.toml"
     folders = f'checkpoints_dir = "{tmp_path}/ck"\nlogs_dir = "{tmp_path}/logs"\nresults_dir = "{tmp_path}/res"\n'
     path.write_text(folders + STUDY)
 
     def failing_train(s, step, log, *rest):  # the step's command itself fails (a RuntimeError inside it)
-        study_mod._python(["runpy", "--nonexistent"], log)
+        steps_mod._python(["runpy", "--nonexistent"], log)
 
-    monkeypatch.setattr(study_mod, "run_step", failing_train)
+    monkeypatch.setattr(steps_mod, "run_step", failing_train)
     err = one_line_error(capsys, study_mod.main, [str(path)])
     assert "failed (exit" in err and "train-r.log" in err
 

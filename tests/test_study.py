@@ -3,7 +3,10 @@ import json
 import pytest
 
 import runners.study as study_mod
-from runners.study import CompressSpec, RunSpec, Study, check_study, load_study, plan, run_study, train_cmd
+import runners.study_steps as steps_mod
+from runners.study import run_study
+from runners.study_file import CompressSpec, RunSpec, Study, check_study, load_study
+from runners.study_steps import plan, train_cmd
 
 
 @pytest.fixture
@@ -19,7 +22,7 @@ def study(tmp_path):
 
 
 def test_the_tiny_study_file_is_valid():
-    from runners.study import HERE
+    from runners.study_file import HERE
 
     s = load_study(HERE / "study_tiny.toml")
     assert [r.name for r in s.runs] == ["tiny_baseline_4l", "tiny_baseline_3l", "tiny_perhead_3l"]
@@ -49,7 +52,7 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
         if step.key == "quality-r1-w50" and calls.count("quality-r1-w50") == 1:
             raise KeyboardInterrupt  # interrupted in the middle of the study
 
-    monkeypatch.setattr(study_mod, "run_step", fake_step)
+    monkeypatch.setattr(steps_mod, "run_step", fake_step)
     monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
     with pytest.raises(KeyboardInterrupt):
         run_study(study, progress=False)
@@ -76,7 +79,7 @@ def test_training_step_resumes_or_restarts(study, tmp_path):
 
 
 def test_runner_names_build_a_default_study():
-    from runners.study import study_from_runners
+    from runners.study_file import study_from_runners
 
     s = study_from_runners(["baseline_8_layer", "perhead_6_layer"])
     assert {c.base for c in s.compress} == {"baseline_8_layer"} and len(s.compress) == 4
@@ -87,7 +90,7 @@ def test_runner_names_build_a_default_study():
 def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
     from pathlib import Path
 
-    from runners.study import CompressStep, EvaluateStep, OverTrainingStep, SideBySideStep, TrainStep
+    from runners.study_steps import CompressStep, EvaluateStep, OverTrainingStep, SideBySideStep, TrainStep
 
     study.compress.append(CompressSpec("r1", "r1-m50ft", ["--method", "magnitude", "--finetune-steps", "3"]))
     steps = plan(study)
@@ -108,7 +111,7 @@ def test_steps_are_typed_and_return_their_outputs(study, tmp_path):
 
 
 def test_seeds_make_one_run_per_seed_and_compress_each(study):
-    from runners.study import CompressStep, TrainStep, train_cmd
+    from runners.study_steps import CompressStep, TrainStep, train_cmd
 
     study.seeds = 2
     steps = plan(study)
@@ -141,7 +144,7 @@ def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
         time.sleep(0.3)
         live.discard(step.key)
 
-    monkeypatch.setattr(study_mod, "run_step", fake_step)
+    monkeypatch.setattr(steps_mod, "run_step", fake_step)
     monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
     run_study(study, progress=False)
     assert peak["train"] == 2 and peak["quality"] == 2  # two seeds trained, two models evaluated at once
@@ -150,7 +153,7 @@ def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
 
 
 def test_external_models_join_the_study(tmp_path):
-    from runners.study import EvaluateStep, OverTrainingStep, SideBySideStep, over_training
+    from runners.study_steps import EvaluateStep, OverTrainingStep, SideBySideStep, over_training
 
     for name in ("ext", "ext-a", "ext-b"):  # Hugging Face folders as far as the study checks them (config.json)
         (tmp_path / name).mkdir()
@@ -211,7 +214,7 @@ def test_every_command_of_the_shipped_studies_parses(toml):
     from eval.perplexity import Args as PerplexityArgs
     from eval.quality import Args as QualityArgs
     from eval.side_by_side import Args as SideBySideArgs
-    from runners.study import HERE
+    from runners.study_file import HERE
 
     s = load_study(HERE / toml)
     for run in s.runs:
@@ -230,7 +233,7 @@ def test_every_command_of_the_shipped_studies_parses(toml):
 def test_checkpoints_over_training_are_scored_on_the_quality_evaluation_set(study, tmp_path):
     from pathlib import Path
 
-    from runners.study import over_training
+    from runners.study_steps import over_training
 
     study.quality = ["--max-tokens", "4000", "--stride", "64", "--n-docs", "2"]
     assert study.evaluation_set() == ["--max-tokens", "4000", "--stride", "64"]
@@ -335,7 +338,7 @@ def plan_of(toml):
 
 
 def test_further_decoding_modes_are_timed_side_by_side_each_in_its_own_step(study, tmp_path):
-    from runners.study import SideBySideStep
+    from runners.study_steps import SideBySideStep
     from visualizations.grouped import group_rows
 
     study.side_by_side_modes = ["compile"]
@@ -393,7 +396,7 @@ def test_a_study_edited_after_its_steps_finished_names_the_changed_steps(study):
     import importlib
     from pathlib import Path
 
-    from runners.study import EvaluateStep, TrainStep, changed_steps, complete_step, step_command
+    from runners.study_steps import EvaluateStep, TrainStep, changed_steps, complete_step, step_command
 
     study.quality = ["--n-docs", "2"]
     steps = plan(study)
@@ -401,19 +404,19 @@ def test_a_study_edited_after_its_steps_finished_names_the_changed_steps(study):
     train = next(st for st in steps if isinstance(st, TrainStep))
     # a quality step finished with the file as it was (its marker records its command)
     (study.out / "steps").mkdir(parents=True)
-    monkey_run = study_mod.run_step
-    study_mod.run_step = lambda *a, **k: None
+    monkey_run = steps_mod.run_step
+    steps_mod.run_step = lambda *a, **k: None
     try:
         complete_step(study, quality)
     finally:
-        study_mod.run_step = monkey_run
+        steps_mod.run_step = monkey_run
     assert json.loads((study.out / "steps" / f"{quality.key}.json").read_text())["command"] == step_command(
         study, quality
     )
     # a run trained with the file as it was: its config.json is what the runner made of the same options
     run_dir = Path(study.logs_dir) / train.name
     run_dir.mkdir(parents=True)
-    cfg = study_mod.apply_overrides(importlib.import_module("runners.tiny").config(), ["--max-steps", "5"])
+    cfg = steps_mod.apply_overrides(importlib.import_module("runners.tiny").config(), ["--max-steps", "5"])
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (run_dir / "summary.json").write_text("{}")
     (Path(study.checkpoints_dir) / train.name / "step_5").mkdir(parents=True)

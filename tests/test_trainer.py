@@ -14,7 +14,8 @@ from data.prepare import BatchSampler
 from llama.model import HeadLayerArgs
 from llama.model_io import list_checkpoints, load_model
 from training.config import OptimConfig, TrainConfig
-from training.trainer import NonFiniteLoss, lr_at, train
+from training.optim import lr_at
+from training.trainer import NonFiniteLoss, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -162,7 +162,7 @@ def test_compression_labels():
 def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
     """A study folder as runners.study leaves it: members, per-seed quality, run logs, side-by-side latency.
     Groups are named <kind><layers> (base4, ph3, base3): ph is per-head."""
-    from runners.study import RunSpec, Study
+    from runners.study_file import RunSpec, Study
 
     s = Study(
         name="s",

@@ -39,7 +39,7 @@ def save_checkpoint(
 ) -> Path:
     """Model (safetensors), optimizer, RNG states and ``state`` (step, tokens, config ...) in one atomic folder.
     ``write_model(model, folder, state dict)`` writes the model files instead, for a model that is not this
-    project's own (trainer.Custom)."""
+    project's own (training.config.Custom)."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()

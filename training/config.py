@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from common.cli import UserError
 from data.config import DataConfig
+from data.prepare import PreparedData
 from llama.model import ModelArgs
 
 
@@ -132,3 +137,20 @@ def train_config_from_dict(d: dict) -> TrainConfig:
         optim=OptimConfig(**d.pop("optim")),
         **d,
     )
+
+
+@dataclass
+class Custom:
+    """Parts of a run that code above the trainer supplies (compress's recovery: LoRA, distillation, Hugging Face
+    models), while the loop, logs, checkpoints, resume, lock and NaN guard stay the trainer's. Each is optional;
+    with none, a run is the ordinary one. ``cfg`` still names the run and its folders, so a resumed run is given
+    the same Custom again."""
+
+    data: Callable[[], PreparedData] | None = None  # the run's tokens, instead of prepare(cfg.data)
+    model: Callable[[torch.device], torch.nn.Module] | None = None  # the model to train, on the device
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (model, x, y)
+    write_model: Callable[[torch.nn.Module, Path, dict], None] | None = None  # a checkpoint's model files
+    read_state: Callable[[Path], dict] | None = None  # a checkpoint's model state dict, to resume
+    # called with (checkpoint folder, log folder) once a fresh run's folders are ready, before its first
+    # step (not on resume): to mark the folders as this run's
+    started: Callable[[Path, Path], None] | None = None

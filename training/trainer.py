@@ -10,19 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,69 +32,18 @@ from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
 from common.progress import Progress
-from data.prepare import BatchSampler, PreparedData, prepare
+from data.prepare import BatchSampler, Prefetcher, PreparedData, prepare, unigram_losses
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
-from training.checkpoint import load_training_state, prune_checkpoints, remove_leftovers, restore_rng, save_checkpoint
-from training.config import TrainConfig, check_run_name
+from training.checkpoint import load_training_state, prune_checkpoints, restore_rng, save_checkpoint
+from training.config import Custom, TrainConfig
+from training.optim import lr_at, make_optimizer
+from training.run_files import append_jsonl, finished_summary, prepare_run_dirs, read_jsonl, run_lock, truncate_jsonl
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step (Loshchilov & Hutter, 2017)."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
-    min_lr = o.lr * o.min_lr_ratio
-    return min_lr + 0.5 * (o.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices and embeddings only: decaying norm gains towards 0 would fight RMSNorm.
-    # Frozen parameters (a LoRA run's base weights) are not the optimizer's.
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]
-    no_decay = [p for p in trained if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    o = cfg.optim
-    # Fused AdamW (CUDA and, since torch 2.4, CPU): one kernel for every parameter, and it skips its own update
-    # when told a step's loss was not finite (found_inf), with no host sync. FSDP's sharded parameters on a CPU
-    # (gloo) take the unfused one.
-    fused = device.type == "cuda" or cfg.parallel != "fsdp"
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-
-
-class Prefetcher:
-    """The next micro-batch read (and, on CUDA, pinned and copied without blocking) in a background thread while
-    the current step runs, as nanoGPT's loader prefetches; batches are the sampler's, so resume is unchanged."""
-
-    def __init__(self, sampler: BatchSampler, device: torch.device):
-        self.sampler, self.device = sampler, device
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self.pending: tuple | None = None  # (key, future)
-
-    def _load(self, step: int, start: int, count: int):
-        x, y = self.sampler.get(step, start=start, count=count)
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def get(self, key: tuple[int, int, int], following: tuple[int, int, int] | None):
-        """Batch ``key`` = (step, start, count); starts reading ``following`` before returning."""
-        if self.pending is not None and self.pending[0] == key:
-            batch = self.pending[1].result()
-        else:
-            batch = self._load(*key)
-        self.pending = None if following is None else (following, self.pool.submit(self._load, *following))
-        return batch
-
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,92 +57,6 @@ def training_loss(compile_: bool):
     return torch.compile(loss_fn) if compile_ else loss_fn
 
 
-@contextmanager
-def run_lock(cfg: TrainConfig):
-    """One process trains a run at a time: an OS file lock next to checkpoints/<name> and one next to
-    logs/<name> (a run writes both, and two runs of one name may share either), released by the kernel when
-    its holder exits, however it exits (kill -9 included)."""
-    check_run_name(cfg.name)
-    locks = []
-    try:
-        for folder in dict.fromkeys(Path(d).resolve() for d in (cfg.out_dir, cfg.log_dir)):
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f".{cfg.name}.lock"
-            lock = FileLock(path, timeout=0)
-            try:
-                lock.acquire()
-            except Timeout:
-                raise FileExistsError(
-                    f"run {cfg.name!r} is already being trained by another process (lock {path}); wait for it "
-                    "to finish or stop it, or pick another --name"
-                ) from None
-            locks.append(lock)
-        yield
-    finally:
-        for lock in reversed(locks):
-            lock.release()
-
-
-def _inside(path: Path, parent: Path) -> bool:
-    return path.resolve().parent == parent.resolve()
-
-
-def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
-    """checkpoints/<name> and logs/<name>; an existing run is never overwritten without --overwrite, and an
-    overwrite deletes nothing but these two folders."""
-    check_run_name(cfg.name)
-    ckpt_dir, log_dir = Path(cfg.out_dir) / cfg.name, Path(cfg.log_dir) / cfg.name
-    if not (_inside(ckpt_dir, Path(cfg.out_dir)) and _inside(log_dir, Path(cfg.log_dir))):
-        raise UserError(f"run {cfg.name!r} would not be a folder of {cfg.out_dir} and {cfg.log_dir}; rename it")
-    exists = any(d.is_dir() and any(d.iterdir()) for d in (ckpt_dir, log_dir))
-    if exists and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(
-            f"run {cfg.name!r} already exists ({ckpt_dir}, {log_dir}); pass --resume to continue it, "
-            "--overwrite to start it over, or --name for a new run"
-        )
-    if cfg.resume and not list_checkpoints(ckpt_dir):
-        raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint to resume; run without --resume")
-    if info.is_main:
-        if cfg.overwrite:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            shutil.rmtree(log_dir, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(ckpt_dir)
-    D.barrier(info)
-    return ckpt_dir, log_dir
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a log; a line that is not a JSON record (torn by a kill or a full disk) is skipped
-    and named, never fatal."""
-    records = []
-    if path.is_file():
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                    raise ValueError("no step")
-            except ValueError:
-                if line.strip():
-                    print(f"warning: skipped unreadable {path.name} line {i}: {line[:60]!r}", file=sys.stderr)
-                continue
-            records.append(record)
-    return records
-
-
-def _truncate_jsonl(path: Path, last_step: int):
-    """On resume, drop lines logged after the checkpoint (those steps are trained again) and torn ones."""
-    if path.is_file():
-        kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill here must not lose the log
-
-
-def _append_jsonl(path: Path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 @torch.no_grad()
 def evaluate(model, sampler: BatchSampler, cfg: TrainConfig, info: D.DistInfo, amp) -> float:
     """Mean loss over the same ``eval_iters`` validation batches every time, split across ranks."""
@@ -209,45 +68,6 @@ def evaluate(model, sampler: BatchSampler, cfg: TrainConfig, info: D.DistInfo, a
             losses.append(loss_fn(model(x.to(info.device)), y.to(info.device)))
     model.train()
     return D.all_reduce_mean(torch.stack(losses).mean(), info).item()
-
-
-def unigram_losses(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
-    """Cross-entropy (nats/token) of a unigram model fit on the training tokens: the bar to clear."""
-    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0  # add-one smoothing
-    logp = np.log(counts / counts.sum())
-    val_counts = np.bincount(np.asarray(val), minlength=vocab_size)
-    return {
-        "unigram_train_loss": float(-(counts - 1) @ logp / (counts - 1).sum()),
-        "unigram_val_loss": float(-(val_counts @ logp) / val_counts.sum()),
-    }
-
-
-def _finished_summary(log_dir: Path, step: int, total_steps: int) -> dict | None:
-    """The summary of a run that already reached its last step, if one was written whole."""
-    if step < total_steps:
-        return None
-    try:
-        summary = json.loads((log_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get("final_val_loss") is not None else None
-
-
-@dataclass
-class Custom:
-    """Parts of a run that code above the trainer supplies (compress's recovery: LoRA, distillation, Hugging Face
-    models), while the loop, logs, checkpoints, resume, lock and NaN guard stay the trainer's. Each is optional;
-    with none, a run is the ordinary one. ``cfg`` still names the run and its folders, so a resumed run is given
-    the same Custom again."""
-
-    data: Callable[[], PreparedData] | None = None  # the run's tokens, instead of prepare(cfg.data)
-    model: Callable[[torch.device], torch.nn.Module] | None = None  # the model to train, on the device
-    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (model, x, y)
-    write_model: Callable[[torch.nn.Module, Path, dict], None] | None = None  # a checkpoint's model files
-    read_state: Callable[[Path], dict] | None = None  # a checkpoint's model state dict, to resume
-    # called with (checkpoint folder, log folder) once a fresh run's folders are ready, before its first
-    # step (not on resume): to mark the folders as this run's
-    started: Callable[[Path, Path], None] | None = None
 
 
 def train(cfg: TrainConfig, custom: Custom | None = None) -> dict:
@@ -417,10 +237,10 @@ def restore(run: Run, step_dir: Path, state: dict, optim_state: dict, rng: dict)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     set_optimizer_state_dict(run.wrapped, run.optimizer, optim_state_dict=optim_state, options=full)
     restore_rng(rng)
-    run.finished = _finished_summary(run.log_dir, run.start_step, run.total_steps)
+    run.finished = finished_summary(run.log_dir, run.start_step, run.total_steps)
     if run.info.is_main and run.finished is None:
-        _truncate_jsonl(run.log_dir / "metrics.jsonl", run.start_step)
-        _truncate_jsonl(run.log_dir / "val.jsonl", run.start_step)
+        truncate_jsonl(run.log_dir / "metrics.jsonl", run.start_step)
+        truncate_jsonl(run.log_dir / "val.jsonl", run.start_step)
         print(f"resuming {run.cfg.name} from {step_dir} (step {run.start_step})")
 
 
@@ -515,7 +335,7 @@ def log_step(run: Run, done: int, loss: torch.Tensor, lr: float, grad_norm, bar)
         if peak is None or not run.flops_per_token
         else tps * run.flops_per_token / (peak * run.info.world_size),
     }
-    _append_jsonl(run.log_dir / "metrics.jsonl", record)
+    append_jsonl(run.log_dir / "metrics.jsonl", record)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
 
 
@@ -525,7 +345,7 @@ def validate(run: Run, done: int, bar):
     run.last_val = evaluate(run.wrapped, run.val_sampler, run.cfg, run.info, run.amp)
     if run.info.is_main:
         record = {"step": done, "val_loss": run.last_val, "tokens": run.tokens_seen, "elapsed_s": run.elapsed()}
-        _append_jsonl(run.log_dir / "val.jsonl", record)
+        append_jsonl(run.log_dir / "val.jsonl", record)
         bar.write(f"step {done}: val loss {run.last_val:.4f}")
 
 
