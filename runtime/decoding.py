@@ -30,7 +30,7 @@ from common.timing import sync
 from llama.generation import decode, decode_one_token, generate, prefill
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
-from runtime.export import model_folder, to_onnx
+from runtime.export import model_folder, ort_session, to_onnx
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
@@ -196,14 +196,7 @@ class ArrayDecoder(Decoder):
 
 
 def onnxruntime_decoder(path: Path, names, shapes, max_seq_len: int, device: torch.device) -> ArrayDecoder:
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the process's one thread setting, as torch's
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    session = ort_session(path, device)
     dec = ArrayDecoder(lambda feeds: session.run(None, feeds), names, shapes, max_seq_len, torch.device("cpu"))
     dec.name, dec.threads = "onnxruntime", session.get_session_options().intra_op_num_threads
     dec.note = (

@@ -23,7 +23,7 @@ import torch
 
 from common.cli import UserError
 from llama.model import Transformer
-from runtime.export import model_folder, to_onnx
+from runtime.export import model_folder, ort_session, to_onnx
 
 ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
 DEFAULT_ENGINES = ("torch", "compile", "aoti", "onnxruntime")  # torchscript is legacy: ask for it by name
@@ -74,22 +74,18 @@ def torchscript_engine(model: Transformer, example: torch.Tensor) -> Engine:
 
 
 def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
-    import onnxruntime as ort
-
     device = example.device
     folder = model_folder(Path(path or tempfile.mkdtemp(prefix="onnx-")), model)
     path = to_onnx(model, (example,), _dynamic_shapes(model), ["tokens"], ["logits"], folder / "forward.onnx")
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
+    session = ort_session(path, device)
 
     def run(tokens: torch.Tensor) -> torch.Tensor:
         # numpy in and out: on CUDA this includes the host<->device copies, as a plain ORT user would see them
         out = session.run(None, {"tokens": tokens.detach().cpu().numpy().astype(np.int64)})[0]
         return torch.from_numpy(out).to(device)
 
-    return Engine("onnxruntime", run, f"{session.get_providers()[0]}, numpy I/O, {path}")
+    threads = session.get_session_options().intra_op_num_threads
+    return Engine("onnxruntime", run, f"{session.get_providers()[0]}, {threads} CPU thread(s), numpy I/O, {path}")
 
 
 def build(name: str, model: Transformer, example: torch.Tensor, workdir: str | os.PathLike | None = None) -> Engine:

@@ -46,3 +46,17 @@ def to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_
     onnx.save(str(tmp))
     tmp.replace(path)  # a file that is there is whole
     return path
+
+
+def ort_session(path: Path, device: torch.device):
+    """The one ONNX Runtime set-up of the project (the forward engine and the decoder alike): CUDA's provider
+    first where the device is a GPU and ONNX Runtime has it, and on the CPU the process's one thread setting,
+    as torch's (``torch.set_num_threads``), so engines compared side by side use the same cores."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=providers)

@@ -264,3 +264,33 @@ def test_every_family_offers_the_model_and_tokenizer_contract(arch, tmp_path, sm
     assert again.family == model.family and tok2.encode(text) == tok.encode(text)
     x = torch.randint(0, 100, (1, 8))
     assert torch.equal(again.eval()(x), model.eval()(x))
+
+
+# ---- typed records: a training summary goes through one schema, written and read --------------------------
+
+
+def test_a_training_summary_round_trips_through_its_schema_and_another_version_is_refused(trained_checkpoint, tmp_path):
+    from common.cli import UserError
+    from common.results import TRAINING_SCHEMA, TrainingSummary
+
+    log_dir = trained_checkpoint.parents[1] / "logs" / "t"
+    written = json.loads((log_dir / "summary.json").read_text())
+    assert written["schema"] == TRAINING_SCHEMA and written["per_head"] is True and written["head_layer"]
+    summary = TrainingSummary.read(log_dir)
+    assert summary.steps == 30 and summary.per_head and summary.extra["git_commit"] == written["git_commit"]
+    assert summary.to_json() == written  # every field, derived ones and where it ran included
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    summary.write(copy)
+    assert TrainingSummary.read(copy) == summary
+    (copy / "summary.json").write_text(json.dumps(written | {"schema": 99}))
+    with pytest.raises(UserError, match="schema version 99; this code reads version 1"):
+        TrainingSummary.read(copy)
+    old = {k: v for k, v in written.items() if k not in ("schema", "head_layer")}  # before versions and specs
+    (copy / "summary.json").write_text(json.dumps(old))
+    assert TrainingSummary.read(copy).head_layer == {} and TrainingSummary.read(copy).per_head
+    for partial in ({"name": "t", "steps": 30}, [1, 2], "garbage"):  # not a finished run's summary
+        (copy / "summary.json").write_text(json.dumps(partial))
+        assert TrainingSummary.read(copy) is None
+    (copy / "summary.json").write_text("{not json")
+    assert TrainingSummary.read(copy) is None

@@ -22,7 +22,8 @@ def logs(tmp_path):
             d / "metrics.jsonl", [{"step": s, "loss": scale * 10 / s, "elapsed_s": scale * s} for s in (1, 2, 3)]
         )
         write_jsonl(d / "val.jsonl", [{"step": 3, "val_loss": scale * 4.0, "elapsed_s": scale * 3}])
-        (d / "summary.json").write_text(json.dumps({"train_time_s": 30 * scale, "tokens_per_s": 100 / scale}))
+        summary = {"name": name, "steps": 3, "tokens": 300, "final_val_loss": scale * 4.0}
+        (d / "summary.json").write_text(json.dumps(summary | {"train_time_s": 30 * scale, "tokens_per_s": 100 / scale}))
     return tmp_path / "logs"
 
 
@@ -193,7 +194,8 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
         (s.out / "evals" / f"{m.name}-quality.json").write_text(json.dumps(quality))
         log = Path(s.logs_dir) / m.run
         log.mkdir(parents=True)
-        summary = {"flops_per_token": flops[g], "tokens": 1000, "epochs": 0.5, "train_time_s": 10.0 + k}
+        summary = {"name": m.run, "steps": 4, "final_val_loss": 3.0, "flops_per_token": flops[g], "tokens": 1000}
+        summary |= {"epochs": 0.5, "train_time_s": 10.0 + k}
         (log / "summary.json").write_text(json.dumps(summary))
         val = [
             {"step": st, "tokens": 250 * st, "val_loss": 5.0 - st * (0.5 if g.startswith("ph") else 0.4) - 0.01 * k}

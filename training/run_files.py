@@ -14,6 +14,7 @@ from filelock import FileLock, Timeout
 
 from common.cli import UserError
 from common.files import atomic_write
+from common.results import TrainingSummary
 from llama.model_io import list_checkpoints
 from training import distributed as D
 from training.checkpoint import remove_leftovers
@@ -107,11 +108,6 @@ def append_jsonl(path: Path, record: dict):
 
 
 def finished_summary(log_dir: Path, step: int, total_steps: int) -> dict | None:
-    """The summary of a run that already reached its last step, if one was written whole."""
-    if step < total_steps:
-        return None
-    try:
-        summary = json.loads((log_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get("final_val_loss") is not None else None
+    """The summary of a run that already reached its last step, if one was written whole (as written)."""
+    summary = TrainingSummary.read(log_dir) if step >= total_steps else None
+    return None if summary is None else summary.to_json()

@@ -32,6 +32,7 @@ from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
 from common.progress import Progress
+from common.results import TrainingSummary
 from data.prepare import BatchSampler, Prefetcher, PreparedData, prepare, unigram_losses
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
@@ -380,43 +381,41 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
         run.last_val = evaluate(run.wrapped, run.val_sampler, cfg, info, run.amp)
         logged = [r["loss"] for r in read_jsonl(run.log_dir / "metrics.jsonl") if r["step"] == run.start_step]
         run.last_loss = logged[-1] if logged else None
-    params, args = count_params(run.model), getattr(run.model, "params", None)
-    spec = args.head_layer_spec() if hasattr(args, "head_layer_spec") else None
-    summary = {
-        "name": cfg.name,
-        "params": params["total"],
-        "trained_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-        "non_embedding_params": params["non_embedding"],
-        "n_layers": getattr(args, "n_layers", None),
-        "per_head": spec is not None,
-        "head_layer": spec,
-        "steps": run.total_steps,
-        "tokens": run.tokens_seen,
-        "train_tokens_available": int(len(data.train)),
-        "epochs": run.tokens_seen / len(data.train),  # passes over the training split (>1: data repeated)
-        "train_time_s": run.elapsed(),
-        "final_train_loss": None if run.last_loss is None else float(run.last_loss),
-        "final_val_loss": run.last_val,
-        "world_size": info.world_size,
-        "dtype": str(run.dtype).removeprefix("torch."),
-        "compile": run.compiled,
-        "flops_per_token": run.flops_per_token,
-        **unigram_losses(data.train, data.val, data.vocab_size),
-        **run_metadata(info.device),
-    }
+    params, args = count_params(run.model), run.model.params  # every model says its sizes (models.interface)
     trained = run.tokens_seen - run.start_step * run.tokens_per_step
     # this session's rate; a run that had nothing left to train reports its whole run's average
     seconds = time.perf_counter() - run.t0
-    summary["tokens_per_s"] = trained / seconds if trained else run.tokens_seen / run.elapsed_before
-    # per token this device processed; the run used world_size such devices
-    summary["energy"] = meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)}
+    summary = TrainingSummary(
+        name=cfg.name,
+        steps=run.total_steps,
+        tokens=run.tokens_seen,
+        final_val_loss=run.last_val,
+        params=params["total"],
+        trained_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        non_embedding_params=params["non_embedding"],
+        n_layers=args.n_layers,
+        head_layer=args.head_layer_spec(),
+        train_tokens_available=int(len(data.train)),
+        epochs=run.tokens_seen / len(data.train),
+        train_time_s=run.elapsed(),
+        final_train_loss=None if run.last_loss is None else float(run.last_loss),
+        world_size=info.world_size,
+        dtype=str(run.dtype).removeprefix("torch."),
+        compile=run.compiled,
+        flops_per_token=run.flops_per_token,
+        tokens_per_s=trained / seconds if trained else run.tokens_seen / run.elapsed_before,
+        # per token this device processed; the run used world_size such devices
+        energy=meter.result(units=trained // info.world_size, unit="token") | {"scope": str(info.device)},
+        **unigram_losses(data.train, data.val, data.vocab_size),
+        extra=run_metadata(info.device),
+    )
     if info.is_main:
-        atomic_write(run.log_dir / "summary.json", json.dumps(summary, indent=2))
+        summary.write(run.log_dir)
         print(
-            f"done: val loss {run.last_val:.4f} (unigram {summary['unigram_val_loss']:.4f}), "
-            f"{summary['train_time_s']:.0f} s, checkpoints in {run.ckpt_dir}"
+            f"done: val loss {run.last_val:.4f} (unigram {summary.unigram_val_loss:.4f}), "
+            f"{summary.train_time_s:.0f} s, checkpoints in {run.ckpt_dir}"
         )
-    return summary
+    return summary.to_json()
 
 
 def _lost_peer(e: RuntimeError) -> bool:

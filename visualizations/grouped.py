@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import ModelIdentity, StudyRecord
+from common.results import ModelIdentity, StudyRecord, TrainingSummary
 from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
@@ -59,7 +59,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
     for m in members:
         g = groups.setdefault(m.group, {"model": m.group, "kind": m.kind, "base": m.base, "seeds": []})
         q = _read(out / "evals" / f"{m.name}-quality.json")
-        summary = _read(logs_dir / m.run / "summary.json") if m.kind == "trained" else None
+        summary = TrainingSummary.read(logs_dir / m.run) if m.kind == "trained" else None
         g["seeds"].append(
             {"seed": m.seed, "seed_value": m.seed_value, "name": m.name, "quality": q, "summary": summary, "run": m.run}
         )
@@ -92,10 +92,10 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
         summaries = [s["summary"] for s in g["seeds"] if s["summary"]]
         if summaries:
             row |= {
-                "flops_per_token": summaries[0].get("flops_per_token"),
-                "train_tokens": summaries[0].get("tokens"),
-                "epochs": summaries[0].get("epochs"),
-                "train_time_s": mean_ci([s["train_time_s"] for s in summaries]),
+                "flops_per_token": summaries[0].flops_per_token,
+                "train_tokens": summaries[0].tokens,
+                "epochs": summaries[0].epochs,
+                "train_time_s": mean_ci([s.train_time_s for s in summaries]),
                 "runs": [s["run"] for s in g["seeds"] if s["summary"]],
             }
         for path in sorted(out.glob("side_by_side-*.json")):  # further decoding modes timed side by side

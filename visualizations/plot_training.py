@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.cli import parse_args, run_main  # noqa: E402
+from common.results import TrainingSummary  # noqa: E402
 from visualizations import save_figures  # noqa: E402
 
 
@@ -31,11 +32,10 @@ def load_runs(log_dir: str | Path, names: list[str] | None = None) -> dict[str, 
         d = log_dir / name
         if not (d / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{d} has no metrics.jsonl; train the run first or check --log-dir")
-        summary = d / "summary.json"
         runs[name] = {
             "metrics": _jsonl(d / "metrics.jsonl"),
             "val": _jsonl(d / "val.jsonl"),
-            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+            "summary": TrainingSummary.read(d),  # None until the run finished
         }
     return runs
 
@@ -89,8 +89,8 @@ def training_costs(runs: dict[str, dict]):
     done = {n: r["summary"] for n, r in runs.items() if r["summary"]}
     fig, (a_time, a_tps) = plt.subplots(1, 2, figsize=(12, 4))
     names = list(done)
-    a_time.bar(names, [s["train_time_s"] for s in done.values()], color="C0")
-    a_tps.bar(names, [s["tokens_per_s"] for s in done.values()], color="C1")
+    a_time.bar(names, [s.train_time_s for s in done.values()], color="C0")
+    a_tps.bar(names, [s.tokens_per_s for s in done.values()], color="C1")
     a_time.set(ylabel="training time (s)", title="Training time")
     a_tps.set(ylabel="tokens / s", title="Training throughput")
     for ax in (a_time, a_tps):

@@ -273,7 +273,7 @@ def write_report(
     ]
     groups = {m.name: m.group for m in study.members if m.kind == "trained"}
     for name, r in runs.items():
-        s = r.get("summary") or {}
+        s = r["summary"].to_json() if r.get("summary") else {}
         command = study.commands.get(groups.get(name, ""), "?")
         lines.append(
             f"| {name} | `{command}` | {_num(s.get('params'), ',')} | "
