@@ -28,7 +28,8 @@ from common.stats import adjust, paired_ratio
 from common.timing import spread
 from llama.convert import to_hf
 from llama.model import ModelArgs, Transformer
-from runtime.decoding import DECODE_ENGINES, build_decoder, check
+from runtime.decoding import DECODE_ENGINES, build_decoder
+from runtime.engines import check
 
 TARGETS = {"torch": 1.0, "compile": 0.5}  # ratio to transformers' eager generate, at most
 

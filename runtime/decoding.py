@@ -10,7 +10,8 @@
 TorchScript is left out: ``torch.jit`` is deprecated on the pinned torch (2.13).
 
 Every engine is checked token for token against eager greedy generation (``llama.generation.generate``)
-before it is used (``check``); one that differs is reported, not served.
+before it is used (``Decoder.check``, through ``runtime.engines.check``); one that differs is reported, not
+served.
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ from common.timing import sync
 from llama.generation import decode, decode_one_token, generate, prefill
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
+from runtime.engines import Engine
 from runtime.export import model_folder, ort_session, to_onnx
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
 
 
-class Decoder:
-    """One engine's decoding. Subclasses give ``start(ids) -> logits`` (the prompt into a fresh cache) and
-    ``next(token, pos) -> logits`` (one step); ``generate`` is the same loop and clock for all."""
+class Decoder(Engine):
+    """One engine's decoding (an ``Engine``, runtime/engines.py). Subclasses give ``start(ids) -> logits`` (the
+    prompt into a fresh cache) and ``next(token, pos) -> logits`` (one step); ``generate`` is the same loop and
+    clock for all, and ``check`` compares its greedy tokens with eager generation's."""
 
     name = ""
     note = ""
@@ -92,6 +95,18 @@ class Decoder:
 
         [out] = decode(last[0], step, max_new_tokens, temperature, None, top_p, eos_id, stop, gen, on_token=ready)
         return out, times
+
+    def check(self, model: nn.Module, prompts: list[list[int]] = ((1, 2, 3),), n_tokens: int = 16) -> None:
+        """Raise unless this decoder's greedy tokens equal eager generation's for every prompt."""
+        for p in prompts:
+            expected = generate(model, [list(p)], n_tokens)[0]
+            got, _ = self.generate(list(p), n_tokens)
+            if got != expected:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                    min(len(got), len(expected)),
+                )
+                raise ValueError(f"{self.name} differs from eager greedy decoding at new token {first}")
 
 
 class TorchDecoder(Decoder):
@@ -243,15 +258,3 @@ def build_decoder(name: str, model: nn.Module, device: torch.device, workdir: Pa
     if name == "onnxruntime":
         return onnxruntime_decoder(path, names, shapes, model.params.max_seq_len, device)
     return openvino_decoder(path, names, shapes, model.params.max_seq_len)
-
-
-def check(decoder: Decoder, model: nn.Module, prompts: list[list[int]], n_tokens: int = 16) -> None:
-    """Raise unless ``decoder``'s greedy tokens equal eager generation's for every prompt."""
-    for p in prompts:
-        expected = generate(model, [p], n_tokens)[0]
-        got, _ = decoder.generate(p, n_tokens)
-        if got != expected:
-            first = next(
-                (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected))
-            )
-            raise ValueError(f"{decoder.name} differs from eager greedy decoding at new token {first}")

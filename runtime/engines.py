@@ -1,8 +1,12 @@
-"""The same model served by other runtime engines: torch.compile, torch.export + AOTInductor, ONNX Runtime,
-and TorchScript as a legacy engine.
+"""Runtime engines: one hierarchy. ``Engine`` is a way to run a model, with a name, a note saying what it is,
+and its check against eager PyTorch, which it must pass before it is timed or served (``check``). Two kinds:
 
-Engines serve the full forward without KV cache (tokens -> logits), exported with a dynamic batch and
-sequence length; each is checked against eager PyTorch on fresh inputs before it is timed.
+- ``ForwardEngine`` (here): the full forward without KV cache (tokens -> logits), exported with a dynamic
+  batch and sequence length, checked on fresh inputs of new shapes: torch, torch.compile, torch.export +
+  AOTInductor, ONNX Runtime, and TorchScript as a legacy engine;
+- ``runtime.decoding.Decoder``: a prompt, then token by token with a KV cache (torch, compile, ONNX Runtime,
+  OpenVINO), checked token for token against eager greedy generation; the server batches them
+  (runtime/batching.py).
 
 - ``aoti``: ``torch.export`` then AOTInductor, PyTorch's recommended way to deploy a model ahead of time
   (a compiled .pt2 package; compiling takes tens of seconds on a CPU).
@@ -15,11 +19,11 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from common.cli import UserError
 from llama.model import Transformer
@@ -29,19 +33,42 @@ ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
 DEFAULT_ENGINES = ("torch", "compile", "aoti", "onnxruntime")  # torchscript is legacy: ask for it by name
 
 
-@dataclass
 class Engine:
-    name: str
-    run: object  # tokens (B, T) long tensor -> logits (B, T, V) tensor on the model's device
-    note: str = ""
+    """One way to run a model (see the module's docstring for the kinds)."""
+
+    name = ""
+    note = ""
+
+    def check(self, model: nn.Module, *args, **options):
+        """Raise unless this engine computes what eager PyTorch computes for ``model``."""
+        raise NotImplementedError
 
 
-def torch_engine(model: Transformer) -> Engine:
-    return Engine("torch", lambda tokens: model(tokens), "eager PyTorch")
+class ForwardEngine(Engine):
+    def __init__(self, name: str, run, note: str = ""):
+        self.name, self.note = name, note
+        self.run = run  # tokens (B, T) long tensor -> logits (B, T, V) tensor on the model's device
+
+    @torch.no_grad()
+    def check(self, model: nn.Module, shapes=((1, 7), (3, 12)), atol: float = 1e-4) -> float:
+        """Largest |engine - eager| logit difference over inputs of new shapes; raises above ``atol``."""
+        device = model.tok_embeddings.weight.device
+        worst = 0.0
+        for shape in shapes:
+            tokens = torch.randint(0, model.params.vocab_size, shape, device=device)
+            diff = (self.run(tokens).float() - model(tokens).float()).abs().max().item()
+            worst = max(worst, diff)
+        if worst > atol:
+            raise AssertionError(f"{self.name} differs from eager PyTorch by {worst:.2e} > {atol:.0e}")
+        return worst
 
 
-def compile_engine(model: Transformer) -> Engine:
-    return Engine("compile", torch.compile(model, dynamic=True), "torch.compile, dynamic shapes")
+def torch_engine(model: Transformer) -> ForwardEngine:
+    return ForwardEngine("torch", lambda tokens: model(tokens), "eager PyTorch")
+
+
+def compile_engine(model: Transformer) -> ForwardEngine:
+    return ForwardEngine("compile", torch.compile(model, dynamic=True), "torch.compile, dynamic shapes")
 
 
 def _dynamic_shapes(model: Transformer):
@@ -50,17 +77,17 @@ def _dynamic_shapes(model: Transformer):
     return ({0: batch, 1: seq},)
 
 
-def aoti_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
+def aoti_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> ForwardEngine:
     path = Path(path or tempfile.mkdtemp(prefix="aoti-")) / "model.pt2"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model))
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     runner = torch._inductor.aoti_load_package(package)
-    return Engine("aoti", lambda tokens: runner(tokens), f"torch.export + AOTInductor, {path}")
+    return ForwardEngine("aoti", lambda tokens: runner(tokens), f"torch.export + AOTInductor, {path}")
 
 
-def torchscript_engine(model: Transformer, example: torch.Tensor) -> Engine:
+def torchscript_engine(model: Transformer, example: torch.Tensor) -> ForwardEngine:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation, and tracer warnings about shapes (checked below)
         traced = torch.jit.trace(model, (example,), check_trace=False)
@@ -70,10 +97,12 @@ def torchscript_engine(model: Transformer, example: torch.Tensor) -> Engine:
             warnings.simplefilter("ignore", DeprecationWarning)
             return traced(tokens)
 
-    return Engine("torchscript", run, "legacy: torch.jit.trace (deprecated since torch 2.13)")
+    return ForwardEngine("torchscript", run, "legacy: torch.jit.trace (deprecated since torch 2.13)")
 
 
-def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None) -> Engine:
+def onnxruntime_engine(
+    model: Transformer, example: torch.Tensor, path: str | os.PathLike | None = None
+) -> ForwardEngine:
     device = example.device
     folder = model_folder(Path(path or tempfile.mkdtemp(prefix="onnx-")), model)
     path = to_onnx(model, (example,), _dynamic_shapes(model), ["tokens"], ["logits"], folder / "forward.onnx")
@@ -85,10 +114,14 @@ def onnxruntime_engine(model: Transformer, example: torch.Tensor, path: str | os
         return torch.from_numpy(out).to(device)
 
     threads = session.get_session_options().intra_op_num_threads
-    return Engine("onnxruntime", run, f"{session.get_providers()[0]}, {threads} CPU thread(s), numpy I/O, {path}")
+    return ForwardEngine(
+        "onnxruntime", run, f"{session.get_providers()[0]}, {threads} CPU thread(s), numpy I/O, {path}"
+    )
 
 
-def build(name: str, model: Transformer, example: torch.Tensor, workdir: str | os.PathLike | None = None) -> Engine:
+def build(
+    name: str, model: Transformer, example: torch.Tensor, workdir: str | os.PathLike | None = None
+) -> ForwardEngine:
     """The engine ``name`` for ``model``; exports go under ``workdir`` (the caller removes it; default: a new
     temporary folder). ``example`` only shows the export the input's type: a batch of one would make
     torch.export specialise the batch size to 1 ("Constraints violated (batch)"), so it gets two rows."""
@@ -114,15 +147,6 @@ def _folder(workdir: str | os.PathLike | None, name: str) -> Path | None:
     return Path(workdir) / name
 
 
-@torch.no_grad()
-def check(engine: Engine, model: Transformer, shapes=((1, 7), (3, 12)), atol: float = 1e-4) -> float:
-    """Largest |engine - eager| logit difference over inputs of new shapes; raises above ``atol``."""
-    device = model.tok_embeddings.weight.device
-    worst = 0.0
-    for shape in shapes:
-        tokens = torch.randint(0, model.params.vocab_size, shape, device=device)
-        diff = (engine.run(tokens).float() - model(tokens).float()).abs().max().item()
-        worst = max(worst, diff)
-    if worst > atol:
-        raise AssertionError(f"{engine.name} differs from eager PyTorch by {worst:.2e} > {atol:.0e}")
-    return worst
+def check(engine: Engine, model: nn.Module, *args, **options):
+    """The one correctness check of every engine (its own kind's): raises where it differs from eager."""
+    return engine.check(model, *args, **options)

@@ -17,7 +17,7 @@ from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
 from llama.model import count_params
 from llama.tokenizer import Tokenizer
 from models.folders import load_folder
-from models.hf import HFTokenizer
+from models.hf_tokenizer import HFTokenizer
 from models.interface import CausalLM
 
 

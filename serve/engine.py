@@ -13,7 +13,8 @@ from pathlib import Path
 from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
 from runtime.batching import build_slots, check_slots
-from runtime.decoding import build_decoder, check
+from runtime.decoding import build_decoder
+from runtime.engines import check
 from runtime.loading import load_model
 from serve.detokenize import LogprobsHeld, TextStream, logprob_entry
 from serve.plan import Plan

@@ -67,7 +67,8 @@ def test_every_derived_field_follows_what_it_derives_from(argv, check):
 
 
 def test_an_export_in_the_work_folder_is_never_used_for_another_model(tiny_args, tmp_path):
-    from runtime.decoding import build_decoder, check
+    from runtime.decoding import build_decoder
+    from runtime.engines import check
 
     torch.manual_seed(0)
     a, b = Transformer(tiny_args).eval(), Transformer(tiny_args).eval()
@@ -294,3 +295,25 @@ def test_a_training_summary_round_trips_through_its_schema_and_another_version_i
         assert TrainingSummary.read(copy) is None
     (copy / "summary.json").write_text("{not json")
     assert TrainingSummary.read(copy) is None
+
+
+def test_forward_engines_and_decoders_are_one_hierarchy_with_one_check(tiny_args):
+    from runtime.decoding import TorchDecoder, build_decoder
+    from runtime.engines import Engine, ForwardEngine, build, check
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args).eval()
+    forward = build("torch", model, torch.randint(0, 97, (2, 8)))
+    decoder = build_decoder("torch", model, torch.device("cpu"))
+    assert isinstance(forward, Engine) and isinstance(decoder, Engine)
+    assert check(forward, model) == 0.0 and check(decoder, model, [[1, 5, 9]], 4) is None
+
+    class Off(TorchDecoder):  # every step's logits favour token 3: its greedy tokens go astray
+        def next(self, token, pos):
+            return super().next(token, pos) + 5.0 * torch.nn.functional.one_hot(torch.tensor(3), 97)
+
+    with pytest.raises(ValueError, match="differs from eager greedy decoding"):
+        check(Off(model, torch.device("cpu")), model, [[1, 5, 9]], 4)
+    model.clear_caches()  # the torch decoder keeps its cache on the model between requests
+    with pytest.raises(AssertionError, match="differs from eager PyTorch"):
+        check(ForwardEngine("off", lambda t: model(t) + 1.0), model)

@@ -75,9 +75,9 @@ def test_engines_match_eager_and_accept_new_shapes(model, name, tmp_path):
 
 
 def test_engine_check_catches_a_wrong_engine(model):
-    from runtime.engines import Engine
+    from runtime.engines import ForwardEngine
 
-    wrong = Engine("wrong", lambda tokens: model(tokens) + 1e-2)
+    wrong = ForwardEngine("wrong", lambda tokens: model(tokens) + 1e-2)
     with pytest.raises(AssertionError, match="differs from eager"):
         check(wrong, model)
 

@@ -10,7 +10,8 @@ from common.cli import UserError
 from llama.convert import to_hf
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import load_model
-from runtime.decoding import build_decoder, check
+from runtime.decoding import build_decoder
+from runtime.engines import check
 from training.trainer import train
 
 

@@ -251,7 +251,8 @@ def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transform
 
 
 def test_check_refuses_an_engine_that_decodes_differently(served):
-    from runtime.decoding import TorchDecoder, check
+    from runtime.decoding import TorchDecoder
+    from runtime.engines import check
 
     class Shifted(TorchDecoder):  # right prompt, wrong steps
         def next(self, token, pos):
@@ -714,7 +715,7 @@ def test_chat_content_that_spells_special_tokens_cannot_open_another_role(tmp_pa
     yields the ids of a real system turn; without such text the ids are transformers' own."""
     from transformers import AutoTokenizer
 
-    from models.hf import HFTokenizer
+    from models.hf_tokenizer import HFTokenizer
     from tests.hf_models import make_hf_model
 
     folder = make_hf_model("llama", tmp_path / "hf")
@@ -810,7 +811,7 @@ def test_incremental_detokenizing_adds_up_to_the_whole_decode(kind, small_tokeni
     equal the whole decode, and no single step decodes more than a few tokens."""
     import random
 
-    from models.hf import HFTokenizer
+    from models.hf_tokenizer import HFTokenizer
     from serve.detokenize import TextStream
 
     tok = small_tokenizer if kind == "sentencepiece" else HFTokenizer(hf_models[kind])
