@@ -22,9 +22,10 @@ loss before and after. ``--finetune-steps N`` is ``--recover full --recover-step
 The output folder holds the model (safetensors, model_args.json, tokenizer), a ``state.json`` naming the
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
 sparsity, parameters, and sizes under two names: ``disk_bytes_*``, the weight file in the folder, and
-``memory_bytes_*``, the weights as they are in memory once loaded). Quantized models are stored as their
-unquantized weights plus the scheme, which the evaluators re-apply on load (weight-only and dynamic
-quantization are deterministic), so their disk size is the unquantized one.
+``memory_bytes_*``, the weights as they are in memory once loaded). A quantized model is stored quantized
+(``quantized.safetensors`` or ``quantized.pt`` in place of the weights, compress/quantize.py), so its disk
+size is the quantized one; int4 and bitsandbytes store the unquantized weights and are quantized again at
+every load (compression.json's ``stored`` says which).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ from compress import COMPRESSION_FILE, RECOVERY, read_compression, read_recovery
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
-from compress.quantize import SCHEMES, quantize
+from compress.quantize import SCHEMES, quantize, scheme
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
-from llama.model_io import list_checkpoints, model_file_bytes
+from llama.model_io import CHECKSUM_FILE, list_checkpoints, model_file_bytes, write_checksums
 from models.folders import load_folder, save_folder
 from models.interface import drop_blocks, require, state_dict_bytes
 from training.checkpoint import STATE_FILE, training_config
@@ -152,11 +153,14 @@ def compress(a) -> Path:
         "memory_bytes_after": state_dict_bytes(measured),
         "report": report,
     }
+    if quant:
+        stored = scheme(quant).file is not None
+        info["stored"] = "quantized" if stored else "unquantized; quantized again at every load"
     if a.recover:  # the compressed model is only the recovery's start: --out gets the recovered one
         staging = out.with_name(f".{out.name}.compressed")
         write_compressed(staging, model, tok, base, info)
     else:
-        write_compressed(out, model, tok, base, info)
+        write_compressed(out, model, tok, base, info, quantized=measured if quant else None)
     print(
         f"{a.method} {settings}: {info['params_before']:,} -> {info['params_after']:,} parameters, "
         f"weights in memory {info['memory_bytes_before']:,} -> {info['memory_bytes_after']:,} bytes, "
@@ -188,11 +192,21 @@ def compress(a) -> Path:
     return out
 
 
-def write_compressed(out: Path, model, tok, base: Path, info: dict):
+def write_compressed(out: Path, model, tok, base: Path, info: dict, quantized=None):
     """One folder, written whole under a temporary name: model, tokenizer, state and compression.json appear
-    together or not at all, and an existing folder is replaced only if compress wrote it."""
+    together or not at all, and an existing folder is replaced only if compress wrote it. ``quantized``: the
+    model quantized by ``info``'s scheme, stored in place of the weights where the scheme stores them."""
     with atomic_dir(out, owner=OWNER) as tmp:
         save_folder(model, tok, tmp)
+        if quantized is not None and scheme(info["quantize"]).file is not None:
+            unquantized = sorted(tmp.glob("*.safetensors"))
+            scheme(info["quantize"]).save(quantized, tmp)
+            for f in unquantized:  # the folder's config and tokenizer stay: they say what to load them into
+                f.unlink()
+            if (tmp / CHECKSUM_FILE).is_file():
+                sums = json.loads((tmp / CHECKSUM_FILE).read_text())
+                (tmp / CHECKSUM_FILE).write_text(json.dumps({k: v for k, v in sums.items() if (tmp / k).exists()}))
+                write_checksums(tmp, [scheme(info["quantize"]).file])
         if (base / STATE_FILE).is_file():  # this project's run: the data it was trained on, for evaluation
             base_state = json.loads((base / STATE_FILE).read_text())
             state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}

@@ -192,7 +192,8 @@ def main(argv=None):
         "modes": modes,
         "sparse_2of4": a.sparse_2of4,
     }
-    # quantized models are stored unquantized: disk_bytes is the file, memory_bytes the weights as loaded
+    # disk_bytes is the weight file the folder holds (quantized where the scheme stores it so), memory_bytes
+    # the weights as loaded
     out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a.out)
     print(table(r))
     busy = describe(settings["load"])

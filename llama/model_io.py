@@ -25,6 +25,9 @@ from llama.model import ModelArgs, Transformer
 
 MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
 CHECKSUM_FILE = "checksums.json"
+# a quantized model's weights as its scheme stores them (compress/quantize.py): cast weights in safetensors,
+# packed int8 weights and scales through torch.save (read back with weights_only=True)
+QUANTIZED_SAFETENSORS, QUANTIZED_PT = "quantized.safetensors", "quantized.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -86,7 +89,7 @@ def save_model(
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A model folder, or a run folder (``checkpoints/<run>``) whose latest ``step_N`` is taken."""
     p = Path(path)
-    if (p / MODEL_FILE).is_file():
+    if any((p / name).is_file() for name in (MODEL_FILE, QUANTIZED_PT, QUANTIZED_SAFETENSORS)):
         return p
     if p.is_dir():
         steps = list_checkpoints(p)
@@ -97,10 +100,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def model_file_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of a model folder's weight files on disk (a Hugging Face folder may hold several shards)."""
+    """Bytes of a model folder's weight files on disk (a Hugging Face folder may hold several shards; a
+    quantized model, its quantized weights)."""
     p = Path(folder)
-    shards = sorted(p.glob("*.safetensors")) if p.is_dir() else []
-    if shards:
+    shards = sorted(p.glob("*.safetensors")) + ([p / QUANTIZED_PT] if (p / QUANTIZED_PT).is_file() else [])
+    if p.is_dir() and shards:
         return sum(s.stat().st_size for s in shards)
     return (resolve_checkpoint(folder) / MODEL_FILE).stat().st_size
 
@@ -134,15 +138,25 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
     return folder / TOKENIZER_FILE
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
-    folder = resolve_checkpoint(path)
+def read_args(folder: Path) -> ModelArgs:
     args_path = folder / ARGS_FILE
     if not args_path.is_file():
         raise FileNotFoundError(f"{folder} has no {ARGS_FILE}; it was not written by save_model")
     try:
-        args = ModelArgs.from_dict(json.loads(args_path.read_text()))
+        return ModelArgs.from_dict(json.loads(args_path.read_text()))
     except (ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{args_path} is damaged or not model arguments ({e}); use another checkpoint") from None
+
+
+def model_skeleton(folder: Path) -> Transformer:
+    """The folder's model on the meta device (its shapes, no weights): what stored quantized weights go into."""
+    with torch.device("meta"):
+        return Transformer(read_args(folder))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
+    folder = resolve_checkpoint(path)
+    args = read_args(folder)
     verify_checksum(folder, MODEL_FILE)
     try:
         sd = load_file(str(folder / MODEL_FILE), device=str(device))

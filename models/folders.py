@@ -1,5 +1,7 @@
 """Model folders of either kind: this project's (model_args.json, model.safetensors, tokenizer.model) and
-Hugging Face's (config.json, safetensors, tokenizer files), loaded and saved by one pair of functions."""
+Hugging Face's (config.json, safetensors, tokenizer files), loaded and saved by one pair of functions. A
+quantized folder holds its quantized weights instead (compress/quantize.py): ``load_skeleton`` gives the model
+to load them into, and runtime.loading.load_model loads it."""
 
 from __future__ import annotations
 
@@ -9,10 +11,24 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from llama.model_io import load_model, resolve_checkpoint, tokenizer_path
+from llama.model_io import (
+    QUANTIZED_PT,
+    QUANTIZED_SAFETENSORS,
+    load_model,
+    model_skeleton,
+    resolve_checkpoint,
+    tokenizer_path,
+)
 from llama.tokenizer import Tokenizer
 from models.families import family_of
-from models.hf import from_hub, is_hf_folder, load_hf
+from models.hf import from_hub, hf_skeleton, is_hf_folder, load_hf
+
+QUANTIZED_FILES = (QUANTIZED_SAFETENSORS, QUANTIZED_PT)
+
+
+def quantized_file(folder: Path) -> Path | None:
+    """The quantized weights a folder holds, if it holds them (else None)."""
+    return next((folder / n for n in QUANTIZED_FILES if (folder / n).is_file()), None)
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -26,6 +42,11 @@ def load_folder(path: str | os.PathLike, device: torch.device | str = "cpu"):
     step), a model folder, a Hugging Face folder, or a Hub name where the network allows."""
     path = from_hub(path) or path
     folder = model_folder(path)
+    if quantized_file(folder) is not None:
+        raise UserError(
+            f"{folder} holds a quantized model ({quantized_file(folder).name}); evaluate or serve it (they load it "
+            "quantized), or compress its unquantized base"
+        )
     if is_hf_folder(folder):
         model, tok = load_hf(folder, device)
         return model, tok, folder
@@ -39,3 +60,12 @@ def load_folder(path: str | os.PathLike, device: torch.device | str = "cpu"):
 def save_folder(model, tokenizer, out: Path):
     """The model and its tokenizer into ``out`` (a folder being written), in its own family's format."""
     family_of(model).save(model, tokenizer, out)
+
+
+def load_skeleton(folder: Path):
+    """(the folder's model at its sizes without its weights, its tokenizer): on the meta device for this
+    project's models, randomly initialised for transformers' (whose init computes buffers a load does not
+    restore); the quantized weights a folder holds go into it."""
+    if is_hf_folder(folder):
+        return hf_skeleton(folder)
+    return model_skeleton(folder), Tokenizer(tokenizer_path(folder))

@@ -354,19 +354,39 @@ def _names(keys: list[str], shown: int = 4) -> str:
     return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
-def _load_pruned(folder: Path) -> nn.Module:
-    """A structurally pruned model: built from its config, the layers named in pruned_shapes.json rebuilt at
-    their sizes, then its weights loaded (safetensors checks every name and shape)."""
-    from safetensors.torch import load_model
+def _from_config(folder: Path) -> nn.Module:
+    """The folder's model built from its config (random weights), the layers named in pruned_shapes.json (if
+    any) rebuilt at their sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    for name, (out_features, in_features) in json.loads((folder / SHAPES_FILE).read_text()).items():
+    shapes = json.loads((folder / SHAPES_FILE).read_text()) if (folder / SHAPES_FILE).is_file() else {}
+    for name, (out_features, in_features) in shapes.items():
         old = hf.get_submodule(name)
         hf.set_submodule(name, nn.Linear(in_features, out_features, bias=old.bias is not None))
+    return hf
+
+
+def _load_pruned(folder: Path) -> nn.Module:
+    """A structurally pruned model: built from its config at its sizes, then its weights loaded (safetensors
+    checks every name and shape)."""
+    from safetensors.torch import load_model
+
+    hf = _from_config(folder)
     load_model(hf, str(folder / PRUNED_WEIGHTS))
     return hf
+
+
+def hf_skeleton(folder: Path) -> tuple[HFModel, HFTokenizer]:
+    """The folder's model at its sizes, with random weights (built on the CPU: transformers computes buffers
+    such as rotary frequencies at init), and its tokenizer: what stored quantized weights go into."""
+    hf_config(folder)  # one line for a damaged or foreign config
+    try:
+        model = HFModel(_from_config(folder).eval())
+    except Exception as e:
+        raise UserError(f"{folder}: the model does not build from its config ({why_failed(e)})") from None
+    return model, HFTokenizer(folder)
 
 
 def save_hf(model: HFModel, tokenizer: HFTokenizer, out: Path):

@@ -130,8 +130,8 @@ def lora_targets(model: CausalLM) -> list[str]:
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as they are in memory, serialized (torch.save of the state dict): counts
     packed int8/int4/NF4 storage and quantization scales, which parameter counts times element sizes would
-    miss. This is not the size of a model folder on disk: quantized models are stored unquantized (see
-    compress.quantize's ``model_file_bytes``); results name the two ``memory_bytes`` and ``disk_bytes``."""
+    miss. This is not the size of a model folder on disk (llama.model_io's ``model_file_bytes``: int4 and
+    bitsandbytes models are stored unquantized); results name the two ``memory_bytes`` and ``disk_bytes``."""
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()

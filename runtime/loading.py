@@ -1,7 +1,7 @@
-"""A model loaded for inference: the model (quantized again if its folder says so), its tokenizer, device and
-dtype, and what compression made it. The evaluators (eval/), the server (serve/) and the latency timings load
-through ``load_model``, which takes this project's checkpoints and Hugging Face model folders (models/hf.py)
-alike."""
+"""A model loaded for inference: the model (a quantized one with its stored quantized weights, or quantized
+again where its scheme stores the unquantized ones), its tokenizer, device and dtype, and what compression
+made it. The evaluators (eval/), the server (serve/) and the latency timings load through ``load_model``,
+which takes this project's checkpoints and Hugging Face model folders (models/hf.py) alike."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
+from common.cli import UserError
 from common.device import autocast, compute_dtype, pick_device
 from compress import read_compression
-from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize
+from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 from llama.model import count_params
+from llama.model_io import verify_checksum
 from llama.tokenizer import Tokenizer
-from models.folders import load_folder
+from models.folders import load_folder, load_skeleton, model_folder, quantized_file
 from models.hf_tokenizer import HFTokenizer
 from models.interface import CausalLM
 
@@ -61,9 +63,24 @@ def model_name(folder: Path) -> str:
 def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Loaded:
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
+    stored = quantized_file(model_folder(checkpoint)) if Path(checkpoint).exists() else None
+    if stored is not None:  # stored quantized: its weights go into the model of the folder's shapes
+        folder = model_folder(checkpoint)
+        compression = read_compression(folder)
+        if not (compression and compression.get("quantize")):
+            raise UserError(f"{folder} holds {stored.name} but no compression.json naming its scheme")
+        s = scheme(compression["quantize"])
+        if s.file != stored.name:
+            raise UserError(f"{folder} holds {stored.name}, which {s.name} does not store; quantize its base again")
+        s.available(dev)
+        verify_checksum(folder, stored.name)
+        skeleton, tok = load_skeleton(folder)
+        n_params = count_params(skeleton)["total"]
+        model = s.load(skeleton, folder, dev).eval()
+        return Loaded(model_name(folder), folder, model, tok, dev, dt, compression, n_params)
     model, tok, folder = load_folder(checkpoint, dev)
     n_params = count_params(model)["total"]
     compression = read_compression(folder)
-    if compression and compression.get("quantize"):
-        model = quantize(model, compression["quantize"]).eval()  # stored unquantized; quantized on load
+    if compression and compression.get("quantize"):  # a scheme that stores the unquantized weights
+        model = quantize(model, compression["quantize"]).eval()
     return Loaded(model_name(folder), folder, model, tok, dev, dt, compression, n_params)

@@ -264,9 +264,9 @@ def test_compress_command_output_is_evaluated_like_any_model(trained_checkpoint,
     assert ev.quantized and "quantized" in type(ev.model.layers[0].attention.wq).__module__
     qinfo = json.loads((q / "compression.json").read_text())
     assert qinfo["memory_bytes_after"] < info["memory_bytes_after"]
-    # what the folder holds is named as such: the int8 model is stored unquantized, and its disk size says so
-    assert qinfo["disk_bytes_after"] == (q / "model.safetensors").stat().st_size == info["disk_bytes_after"]
-    assert qinfo["memory_bytes_after"] < 0.6 * qinfo["disk_bytes_after"]
+    # the int8 model is stored quantized, once: its disk size is the quantized weights' file
+    assert qinfo["stored"] == "quantized" and not (q / "model.safetensors").exists()
+    assert qinfo["disk_bytes_after"] == (q / "quantized.pt").stat().st_size < 0.6 * info["disk_bytes_after"]
     assert "bytes_after" not in qinfo
     from eval.perplexity import evaluate_perplexity
 
@@ -330,3 +330,80 @@ def test_block_influence_is_shortgpts_metric_and_can_order_blocks_unlike_the_mea
     model = load_model(trained_checkpoint)
     bi = block_importance(model, calib, "bi")
     assert choose_layers(model, 1, "bi", calib) == [min(range(2), key=lambda i: bi[i])]
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8-dynamic", "torchao-int8-weight"])
+@pytest.mark.parametrize("kind", ["project", "hf-gpt2", "hf-llama-pruned"])
+def test_a_quantized_model_is_stored_quantized_and_loads_as_quantizing_it_again(
+    trained_checkpoint, hf_models, tmp_path, scheme, kind
+):
+    """Stored once, quantized (packed int8 and scales, or the cast weights in safetensors), and loaded into the
+    folder's model: its logits equal quantizing the unquantized base again, bit for bit; the folder's disk size
+    is the quantized file's. A structurally pruned transformers model (pruned_shapes.json) and GPT-2's tied
+    head and Conv1D layers included."""
+    from runtime.loading import load_model as load_for_inference
+
+    base = trained_checkpoint if kind == "project" else hf_models["gpt2" if kind == "hf-gpt2" else "llama"]
+    if kind == "hf-llama-pruned":
+        argv = ["--checkpoint", str(base), "--method", "structured", "--head-ratio", "0.5", "--ffn-ratio", "0.5"]
+        calib = ["--calib-corpus", "stdlib", "--calib-file-glob", "json/*.py", "--calib-samples", "4"]
+        base = compress_main([*argv, *calib, "--calib-seq-len", "32", "--out", str(tmp_path / "pruned")])
+    out = compress_main(
+        ["--checkpoint", str(base), "--method", "quantize", "--scheme", scheme, "--out", str(tmp_path / "q")]
+    )
+    info = json.loads((out / "compression.json").read_text())
+    file = {"bf16": "quantized.safetensors"}.get(scheme, "quantized.pt")
+    assert info["stored"] == "quantized" and sorted(p.name for p in out.glob("*.safetensors") if p.name != file) == []
+    assert info["disk_bytes_after"] == (out / file).stat().st_size < 0.6 * info["disk_bytes_before"]
+    q, ref = load_for_inference(out, "cpu", "float32"), load_for_inference(base, "cpu", "float32")
+    again = quantize(copy.deepcopy(ref.model), scheme).eval()
+    x = torch.randint(0, 90, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(q.model(x), again(x))
+    assert q.n_params == ref.n_params and q.quantized
+
+
+def test_a_stored_quantized_model_that_is_damaged_or_foreign_is_one_line_and_never_runs_code(
+    trained_checkpoint, tmp_path
+):
+    import pickle
+
+    from common.cli import UserError
+    from models.folders import load_folder
+    from runtime.loading import load_model as load_for_inference
+
+    out = compress_main(
+        [
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--method",
+            "quantize",
+            "--scheme",
+            "int8-dynamic",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
+    with pytest.raises(UserError, match="holds a quantized model"):
+        load_folder(out)  # the unquantized loader never takes it for an unquantized model
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (out / "checksums.json").unlink()  # (a checksum would stop the payload before the unpickler does)
+    (out / "quantized.pt").write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(UserError, match="quantized.pt is damaged or not a saved int8-dynamic model"):
+        load_for_inference(out, "cpu", "float32")
+    assert not marker.exists()
+    (out / "quantized.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="damaged"):
+        load_for_inference(out, "cpu", "float32")
+    info = json.loads((out / "compression.json").read_text())
+    (out / "compression.json").write_text(json.dumps(info | {"quantize": "bf16"}))
+    with pytest.raises(UserError, match="holds quantized.pt, which bf16 does not store"):
+        load_for_inference(out, "cpu", "float32")
+    (out / "compression.json").unlink()
+    with pytest.raises(UserError, match="no compression.json naming its scheme"):
+        load_for_inference(out, "cpu", "float32")
