@@ -157,6 +157,12 @@ def model_skeleton(folder: Path) -> Transformer:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
     folder = resolve_checkpoint(path)
     args = read_args(folder)
+    quantized = [n for n in (QUANTIZED_PT, QUANTIZED_SAFETENSORS) if (folder / n).is_file()]
+    if quantized and not (folder / MODEL_FILE).is_file():
+        raise UserError(
+            f"{folder} holds a quantized model ({quantized[0]}), not its weights: evaluate or serve it (they load "
+            "it quantized), or use its unquantized base"
+        )
     verify_checksum(folder, MODEL_FILE)
     try:
         sd = load_file(str(folder / MODEL_FILE), device=str(device))

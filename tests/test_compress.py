@@ -407,3 +407,14 @@ def test_a_stored_quantized_model_that_is_damaged_or_foreign_is_one_line_and_nev
     (out / "compression.json").unlink()
     with pytest.raises(UserError, match="no compression.json naming its scheme"):
         load_for_inference(out, "cpu", "float32")
+
+
+def test_tools_that_need_the_unquantized_weights_say_a_quantized_folder_is_not_them(trained_checkpoint, tmp_path):
+    from common.cli import UserError
+
+    argv = ["--checkpoint", str(trained_checkpoint), "--method", "quantize", "--scheme", "bf16"]
+    out = compress_main([*argv, "--out", str(tmp_path / "q")])
+    with pytest.raises(UserError, match=r"holds a quantized model \(quantized.safetensors\)"):
+        load_model(out)  # llama.convert, the trainer's --init-from and compress read weights this way
+    with pytest.raises(UserError, match="holds a quantized model"):
+        compress_main(["--checkpoint", str(out), "--method", "magnitude", "--out", str(tmp_path / "again")])
