@@ -56,14 +56,33 @@ def check_result_path(
         )
 
 
+RESULT_SCHEMA = 1  # the version of an evaluator result's layout (write_result / read_result)
+
+
 def write_result(
     path: str | os.PathLike, payload: dict, device: torch.device, model: str | os.PathLike | None = None
 ) -> Path:
-    """Write ``payload`` (its "evaluator" included) plus where it was measured (commit, device, torch) as JSON,
-    atomically; an existing file is replaced only if it is an earlier result of the same evaluator about the
-    same ``model`` (check_result_path)."""
+    """Write ``payload`` (its "evaluator" included) plus where it was measured (commit, device, torch) and the
+    schema version as JSON, atomically; an existing file is replaced only if it is an earlier result of the
+    same evaluator about the same ``model`` (check_result_path)."""
     check_result_path(path, (payload["evaluator"],), model)
-    return atomic_write(path, json.dumps({**run_metadata(device), **payload}, indent=2))
+    return atomic_write(path, json.dumps({"schema": RESULT_SCHEMA, **run_metadata(device), **payload}, indent=2))
+
+
+def read_result(path: str | os.PathLike) -> dict | None:
+    """An evaluator's result as written (None where the file is missing or not JSON: not measured); one of
+    another schema version is refused in one line naming it. Results written before the version was recorded
+    read as version 1, the layout they have."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(result, dict) and result.get("schema", 1) != RESULT_SCHEMA:
+        raise UserError(
+            f"{path} is a result of schema version {result['schema']!r}; this code reads version {RESULT_SCHEMA}: "
+            "run its evaluator again with this code"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from common.cli import UserError, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.progress import Progress
-from common.results import StudyRecord
+from common.results import StudyRecord, read_result
 from runners.cluster import resources_of
 from runners.study_file import HERE, Study, load_study, study_from_runners
 from runners.study_steps import (
@@ -195,8 +195,9 @@ def build_outputs(s: Study) -> Path:
         (s.out / "plots" / "training_costs.png").unlink(missing_ok=True)
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
-        r = json.loads(path.read_text())
-        points.setdefault(r["run"], []).append(r)
+        r = read_result(path)
+        if r is not None:
+            points.setdefault(r["run"], []).append(r)
     token_ppl = all("perplexity" in r for ps in points.values() for r in ps)  # lm-eval mode has none
     if points and (any(e.checkpoints for e in s.external) or not token_ppl):  # only bits per byte compare then
         figures["over_training.png"] = over_training_fig(

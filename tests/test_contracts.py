@@ -317,3 +317,25 @@ def test_forward_engines_and_decoders_are_one_hierarchy_with_one_check(tiny_args
     model.clear_caches()  # the torch decoder keeps its cache on the model between requests
     with pytest.raises(AssertionError, match="differs from eager PyTorch"):
         check(ForwardEngine("off", lambda t: model(t) + 1.0), model)
+
+
+def test_an_evaluator_result_carries_its_schema_version_and_another_version_is_refused(tmp_path):
+    from common.cli import UserError
+    from common.results import RESULT_SCHEMA, ModelIdentity, read_result, write_result
+    from visualizations.compare import collect
+
+    who = ModelIdentity("m", str(tmp_path / "m"), 10, 2, "perhead-llama", {"hidden_dim": 8}, None)
+    payload = {"evaluator": "perplexity", **who.to_json(), "perplexity": 3.0, "bits_per_byte": 1.5}
+    path = write_result(tmp_path / "r" / "m-perplexity.json", payload, torch.device("cpu"))
+    result = read_result(path)
+    assert result["schema"] == RESULT_SCHEMA and {k: result[k] for k in payload} == payload
+    assert ModelIdentity.of(result) == who  # the identity read back through its record
+    old = {k: v for k, v in result.items() if k != "schema"}  # written before versions were recorded
+    path.write_text(json.dumps(old))
+    assert read_result(path) == old and collect(tmp_path / "r")[0]["model"] == "m"
+    path.write_text(json.dumps(result | {"schema": 7}))
+    with pytest.raises(UserError, match="schema version 7; this code reads version 1"):
+        read_result(path)
+    with pytest.raises(UserError, match="schema version 7"):
+        collect(tmp_path / "r")  # the table says so in one line, never a misread figure
+    assert read_result(tmp_path / "none.json") is None

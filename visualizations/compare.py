@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, parse_args, positional, run_main
-from common.results import ModelIdentity
+from common.results import ModelIdentity, read_result
 from visualizations import write_tables
 
 # what identifies a model in every table (this flat one and the study's grouped one)
@@ -96,9 +96,10 @@ def collect(
     skipped = [] if skipped is None else skipped
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
-            r = json.loads(path.read_text())
+            json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
+        r = read_result(path)  # another schema version: one line naming it
         if not isinstance(r, dict) or "evaluator" not in r or "model" not in r:
             continue  # not an evaluator's result (a table, a study state ...)
         if r["evaluator"] not in READERS:

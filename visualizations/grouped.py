@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import ModelIdentity, StudyRecord, TrainingSummary
+from common.results import ModelIdentity, StudyRecord, TrainingSummary, read_result
 from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
@@ -46,10 +46,7 @@ BOUNDS = {"bleu": (0.0, 100.0), "rougeL": (0.0, 100.0), "rougeL_code": (0.0, 100
 
 
 def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_result(path)
 
 
 def group_rows(out: Path, logs_dir: Path) -> list[dict]:

@@ -6,14 +6,13 @@ measured. Written by ``python -m runners.study``.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 
 from common.files import atomic_write
 from common.load import describe
-from common.results import StudyRecord
+from common.results import StudyRecord, read_result
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
 
@@ -37,12 +36,7 @@ meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule
 
 
 def _first(paths) -> dict | None:
-    for path in paths:
-        try:
-            return json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
-    return None
+    return next((r for r in map(read_result, paths) if r is not None), None)
 
 
 def _machine(device: str | None) -> str:
