@@ -6,15 +6,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.cli import UserError
+
 COMPRESSION_FILE = "compression.json"
+COMPRESSION_SCHEMA = 1  # the version of compression.json's layout (its recovery record included)
 IDENTITY_FILE = "recovery-of.json"  # in a recovery run's checkpoint and log folders: whose run it is
 PRUNING = ("magnitude", "wanda", "sparsegpt")  # the methods that leave a sparse model (a mask of zeros)
 
 
 def read_compression(folder: str | Path) -> dict | None:
-    """What ``python -m compress`` did to make the model in ``folder`` (None for a trained model)."""
+    """What ``python -m compress`` did to make the model in ``folder`` (None for a trained model). A record of
+    another schema version, or one that is not a JSON object, is refused in one line; records written before
+    the version was recorded read as version 1."""
     path = Path(folder) / COMPRESSION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); compress the base again")
+    if record.get("schema", 1) != COMPRESSION_SCHEMA:
+        raise UserError(
+            f"{path} has schema version {record['schema']!r}; this code reads version {COMPRESSION_SCHEMA}: compress "
+            "the base again with this code"
+        )
+    return record
 
 
 RECOVERY = ("full", "lora", "distill")  # recovery after compression (compress/recover.py)

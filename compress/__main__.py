@@ -43,7 +43,7 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
-from compress import COMPRESSION_FILE, RECOVERY, read_compression, read_recovery_mark
+from compress import COMPRESSION_FILE, COMPRESSION_SCHEMA, RECOVERY, read_compression, read_recovery_mark
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
@@ -138,6 +138,7 @@ def compress(a) -> Path:
     measured = quantize(copy.deepcopy(model), quant) if quant else model
     out = Path(a.out)
     info = {
+        "schema": COMPRESSION_SCHEMA,
         "method": a.method,
         **settings,
         "quantize": quant,

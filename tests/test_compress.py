@@ -418,3 +418,22 @@ def test_tools_that_need_the_unquantized_weights_say_a_quantized_folder_is_not_t
         load_model(out)  # llama.convert, the trainer's --init-from and compress read weights this way
     with pytest.raises(UserError, match="holds a quantized model"):
         compress_main(["--checkpoint", str(out), "--method", "magnitude", "--out", str(tmp_path / "again")])
+
+
+def test_a_compression_record_carries_its_schema_version(trained_checkpoint, tmp_path):
+    from common.cli import UserError
+    from compress import COMPRESSION_SCHEMA, read_compression
+
+    argv = ["--checkpoint", str(trained_checkpoint), "--method", "drop-last", "--layers", "1"]
+    out = compress_main([*argv, "--out", str(tmp_path / "d")])
+    info = read_compression(out)
+    assert info["schema"] == COMPRESSION_SCHEMA and info["method"] == "drop-last"
+    path = out / "compression.json"
+    path.write_text(json.dumps({k: v for k, v in info.items() if k != "schema"}))  # before versions
+    assert read_compression(out)["method"] == "drop-last"
+    path.write_text(json.dumps(info | {"schema": 3}))
+    with pytest.raises(UserError, match="schema version 3; this code reads version 1"):
+        read_compression(out)
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="damaged"):
+        read_compression(out)
