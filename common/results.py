@@ -89,6 +89,12 @@ def read_result(path: str | os.PathLike) -> dict | None:
 # The typed records writers produce and readers consume (visualizations read these, never a study object).
 
 
+def has_richer_heads(head_layer: dict | None) -> bool:
+    """Whether a model has per-head layers or a gate: the one place ``per_head`` is derived ({}: settings not
+    recorded, still richer heads)."""
+    return head_layer is not None
+
+
 @dataclass
 class ModelIdentity:
     """Which model a result is about: the header of every evaluator's result."""
@@ -103,7 +109,7 @@ class ModelIdentity:
 
     @property
     def per_head(self) -> bool:
-        return self.head_layer is not None
+        return has_richer_heads(self.head_layer)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"per_head": self.per_head}
@@ -198,7 +204,7 @@ class TrainingSummary:
 
     @property
     def per_head(self) -> bool:
-        return self.head_layer is not None
+        return has_richer_heads(self.head_layer)
 
     def to_json(self) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
