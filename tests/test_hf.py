@@ -194,8 +194,9 @@ def test_structured_pruning_of_gpt2_is_refused_in_one_line(hf_models, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_quantized_hf_folder_is_quantized_again_on_load(hf_models, tmp_path, arch):
+def test_quantized_hf_folder_loads_its_stored_int8_weights(hf_models, tmp_path, arch):
     out = _compress(hf_models[arch], tmp_path / "q", "--method", "quantize", "--scheme", "int8-dynamic")
+    assert (out / "quantized.pt").is_file() and not list(out.glob("*.safetensors"))  # stored quantized
     ev = load_for_eval(out, "cpu")
     assert ev.quantized
     assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in ev.model.layers.modules())
