@@ -52,7 +52,9 @@ class Scheme:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """``model`` (on the meta device) with the quantized layers' structure, ready for stored weights."""
+        """``model`` (the folder's shapes, its weights not loaded: on the meta device for this project's models)
+        with the quantized layers' structure, ready for the stored weights; whatever it computes from the
+        weights it finds is replaced by the load."""
         return self.convert(model)
 
     def save(self, model: nn.Module, folder: Path) -> Path:
@@ -61,7 +63,7 @@ class Scheme:
         return path
 
     def load(self, skeleton: nn.Module, folder: Path, device: torch.device) -> nn.Module:
-        """The stored quantized weights in ``skeleton`` (a model on the meta device, of the folder's shapes)."""
+        """The stored quantized weights in ``skeleton`` (models.folders.load_skeleton: the folder's shapes)."""
         path = folder / self.file
         try:
             state = torch.load(path, map_location=device, weights_only=True)  # never runs a pickle's code
