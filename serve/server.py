@@ -214,7 +214,7 @@ class Args:
 def engine_threads(requested: int | None) -> int:
     """CPU threads for the engines' operators: ``requested``, else every core but one. The event loop, the text
     streams and the HTTP layer need a core of their own while a step runs: torch's OpenMP workers that share a
-    core with them wait for each other at every operator (measured: 8 streams on a 2-core CPU decoded 289
+    core with them wait for each other at every operator (one probe each: 8 streams on a 2-core CPU decoded 289
     tokens/s with 2 threads, 779 with 1). Recorded in /health's ``device``."""
     return requested if requested is not None else max(1, cores() - 1)
 
