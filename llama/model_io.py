@@ -28,6 +28,7 @@ CHECKSUM_FILE = "checksums.json"
 # a quantized model's weights as its scheme stores them (compress/quantize.py): cast weights in safetensors,
 # packed int8 weights and scales through torch.save (read back with weights_only=True)
 QUANTIZED_SAFETENSORS, QUANTIZED_PT = "quantized.safetensors", "quantized.pt"
+QUANTIZED_FILES = (QUANTIZED_SAFETENSORS, QUANTIZED_PT)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -86,10 +87,15 @@ def save_model(
     return Path(out_dir)
 
 
+def quantized_file(folder: Path) -> Path | None:
+    """The quantized weights a model folder holds in place of its weights, if it holds them (else None)."""
+    return next((folder / n for n in QUANTIZED_FILES if (folder / n).is_file()), None)
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A model folder, or a run folder (``checkpoints/<run>``) whose latest ``step_N`` is taken."""
     p = Path(path)
-    if any((p / name).is_file() for name in (MODEL_FILE, QUANTIZED_PT, QUANTIZED_SAFETENSORS)):
+    if (p / MODEL_FILE).is_file() or quantized_file(p) is not None:
         return p
     if p.is_dir():
         steps = list_checkpoints(p)
@@ -157,10 +163,10 @@ def model_skeleton(folder: Path) -> Transformer:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
     folder = resolve_checkpoint(path)
     args = read_args(folder)
-    quantized = [n for n in (QUANTIZED_PT, QUANTIZED_SAFETENSORS) if (folder / n).is_file()]
-    if quantized and not (folder / MODEL_FILE).is_file():
+    quantized = quantized_file(folder)
+    if quantized is not None and not (folder / MODEL_FILE).is_file():
         raise UserError(
-            f"{folder} holds a quantized model ({quantized[0]}), not its weights: evaluate or serve it (they load "
+            f"{folder} holds a quantized model ({quantized.name}), not its weights: evaluate or serve it (they load "
             "it quantized), or use its unquantized base"
         )
     verify_checksum(folder, MODEL_FILE)

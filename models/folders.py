@@ -11,24 +11,10 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from llama.model_io import (
-    QUANTIZED_PT,
-    QUANTIZED_SAFETENSORS,
-    load_model,
-    model_skeleton,
-    resolve_checkpoint,
-    tokenizer_path,
-)
+from llama.model_io import load_model, model_skeleton, quantized_file, resolve_checkpoint, tokenizer_path
 from llama.tokenizer import Tokenizer
 from models.families import family_of
 from models.hf import from_hub, hf_skeleton, is_hf_folder, load_hf
-
-QUANTIZED_FILES = (QUANTIZED_SAFETENSORS, QUANTIZED_PT)
-
-
-def quantized_file(folder: Path) -> Path | None:
-    """The quantized weights a folder holds, if it holds them (else None)."""
-    return next((folder / n for n in QUANTIZED_FILES if (folder / n).is_file()), None)
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -42,9 +28,9 @@ def load_folder(path: str | os.PathLike, device: torch.device | str = "cpu"):
     step), a model folder, a Hugging Face folder, or a Hub name where the network allows."""
     path = from_hub(path) or path
     folder = model_folder(path)
-    if quantized_file(folder) is not None:
+    if (quantized := quantized_file(folder)) is not None:
         raise UserError(
-            f"{folder} holds a quantized model ({quantized_file(folder).name}); evaluate or serve it (they load it "
+            f"{folder} holds a quantized model ({quantized.name}); evaluate or serve it (they load it "
             "quantized), or compress its unquantized base"
         )
     if is_hf_folder(folder):

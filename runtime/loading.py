@@ -16,9 +16,9 @@ from common.device import autocast, compute_dtype, pick_device
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 from llama.model import count_params
-from llama.model_io import verify_checksum
+from llama.model_io import quantized_file, verify_checksum
 from llama.tokenizer import Tokenizer
-from models.folders import load_folder, load_skeleton, model_folder, quantized_file
+from models.folders import load_folder, load_skeleton, model_folder
 from models.hf_tokenizer import HFTokenizer
 from models.interface import CausalLM
 
@@ -63,9 +63,9 @@ def model_name(folder: Path) -> str:
 def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Loaded:
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
-    stored = quantized_file(model_folder(checkpoint)) if Path(checkpoint).exists() else None
+    folder = model_folder(checkpoint) if Path(checkpoint).exists() else None  # (else a Hub name: load_folder)
+    stored = None if folder is None else quantized_file(folder)
     if stored is not None:  # stored quantized: its weights go into the model of the folder's shapes
-        folder = model_folder(checkpoint)
         compression = read_compression(folder)
         if not (compression and compression.get("quantize")):
             raise UserError(f"{folder} holds {stored.name} but no compression.json naming its scheme")
