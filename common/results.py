@@ -69,20 +69,25 @@ def write_result(
     return atomic_write(path, json.dumps({"schema": RESULT_SCHEMA, **run_metadata(device), **payload}, indent=2))
 
 
-def read_result(path: str | os.PathLike) -> dict | None:
-    """An evaluator's result as written (None where the file is missing or not JSON: not measured); one of
-    another schema version is refused in one line naming it. Results written before the version was recorded
-    read as version 1, the layout they have."""
+def read_versioned(path: str | os.PathLike, version: int, what: str, again: str):
+    """A record file as written: None where it is missing or not JSON; a JSON object of another ``schema``
+    version is refused in one line naming it (``what`` the record is, ``again`` how to make it anew). Records
+    written before versions were recorded read as version 1, the layout they have."""
     try:
-        result = json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if isinstance(result, dict) and result.get("schema", 1) != RESULT_SCHEMA:
+    if isinstance(record, dict) and record.get("schema", 1) != version:
         raise UserError(
-            f"{path} is a result of schema version {result['schema']!r}; this code reads version {RESULT_SCHEMA}: "
-            "run its evaluator again with this code"
+            f"{path} has {what} schema version {record['schema']!r}; this code reads version {version}: {again}"
         )
-    return result
+    return record
+
+
+def read_result(path: str | os.PathLike) -> dict | None:
+    """An evaluator's result as written (None where the file is missing or not JSON: not measured); one of
+    another schema version is refused in one line naming it."""
+    return read_versioned(path, RESULT_SCHEMA, "result", "run its evaluator again with this code")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,19 +223,11 @@ class TrainingSummary:
         """The run's summary, None where it has none yet (or only a partial or unreadable one: the run did not
         finish); a summary of another schema version is refused in one line naming it. Files written before
         the version was recorded read as version 1, the layout they have."""
-        path = Path(log_dir) / "summary.json"
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        again = "train the run again with this code, or read it with the code that wrote it"
+        d = read_versioned(Path(log_dir) / "summary.json", TRAINING_SCHEMA, "summary", again)
         if not isinstance(d, dict):
             return None
-        version = d.pop("schema", 1)
-        if version != TRAINING_SCHEMA:
-            raise UserError(
-                f"{path} has summary schema version {version!r}; this code reads version {TRAINING_SCHEMA}: "
-                "train the run again with this code, or read it with the code that wrote it"
-            )
+        d.pop("schema", None)
         per_head = d.pop("per_head", None)  # derived from head_layer (older files: the flag alone)
         if per_head and d.get("head_layer") is None:
             d["head_layer"] = {}  # per-head layers of settings not recorded

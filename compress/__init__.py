@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from common.cli import UserError
+from common.results import read_versioned
 
 COMPRESSION_FILE = "compression.json"
 COMPRESSION_SCHEMA = 1  # the version of compression.json's layout (its recovery record included)
@@ -21,17 +22,9 @@ def read_compression(folder: str | Path) -> dict | None:
     path = Path(folder) / COMPRESSION_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = None
+    record = read_versioned(path, COMPRESSION_SCHEMA, "compression", "compress the base again with this code")
     if not isinstance(record, dict):
         raise UserError(f"{path} is damaged (not a JSON object); compress the base again")
-    if record.get("schema", 1) != COMPRESSION_SCHEMA:
-        raise UserError(
-            f"{path} has schema version {record['schema']!r}; this code reads version {COMPRESSION_SCHEMA}: compress "
-            "the base again with this code"
-        )
     return record
 
 

@@ -9,7 +9,6 @@ a value that was not measured is left empty ("-"), and energy that could not be 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +94,9 @@ def collect(
     by_model: dict[str, dict] = {}
     skipped = [] if skipped is None else skipped
     for path in sorted(Path(results_dir).glob("*.json")):
-        try:
-            json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not valid JSON; delete it and run its evaluator again") from None
         r = read_result(path)  # another schema version: one line naming it
+        if r is None:
+            raise UserError(f"{path} is not valid JSON; delete it and run its evaluator again")
         if not isinstance(r, dict) or "evaluator" not in r or "model" not in r:
             continue  # not an evaluator's result (a table, a study state ...)
         if r["evaluator"] not in READERS:
