@@ -199,15 +199,14 @@ def write_compressed(out: Path, model, tok, base: Path, info: dict, quantized=No
     model quantized by ``info``'s scheme, stored in place of the weights where the scheme stores them."""
     with atomic_dir(out, owner=OWNER) as tmp:
         save_folder(model, tok, tmp)
-        if quantized is not None and scheme(info["quantize"]).file is not None:
+        stores = scheme(info["quantize"]) if quantized is not None else None
+        if stores is not None and stores.file is not None:
             unquantized = sorted(tmp.glob("*.safetensors"))
-            scheme(info["quantize"]).save(quantized, tmp)
+            stores.save(quantized, tmp)
             for f in unquantized:  # the folder's config and tokenizer stay: they say what to load them into
                 f.unlink()
-            if (tmp / CHECKSUM_FILE).is_file():
-                sums = json.loads((tmp / CHECKSUM_FILE).read_text())
-                (tmp / CHECKSUM_FILE).write_text(json.dumps({k: v for k, v in sums.items() if (tmp / k).exists()}))
-                write_checksums(tmp, [scheme(info["quantize"]).file])
+            if (tmp / CHECKSUM_FILE).is_file():  # (this project's folders keep checksums; transformers' do not)
+                write_checksums(tmp, [stores.file])
         if (base / STATE_FILE).is_file():  # this project's run: the data it was trained on, for evaluation
             base_state = json.loads((base / STATE_FILE).read_text())
             state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}

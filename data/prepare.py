@@ -394,10 +394,6 @@ def heldout_documents(tokens: np.ndarray, tokenizer) -> list[np.ndarray]:
     return [d[:-1] if len(d) and d[-1] == tokenizer.eos_id else d for d in docs]
 
 
-if __name__ == "__main__":
-    run_main(main)
-
-
 class Prefetcher:
     """The next micro-batch read (and, on CUDA, pinned and copied without blocking) in a background thread while
     the current step runs, as nanoGPT's loader prefetches; batches are the sampler's, so resume is unchanged."""
@@ -435,3 +431,7 @@ def unigram_losses(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
         "unigram_train_loss": float(-(counts - 1) @ logp / (counts - 1).sum()),
         "unigram_val_loss": float(-(val_counts @ logp) / val_counts.sum()),
     }
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -41,7 +41,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(folder: Path, names: list[str]):
+    """Record the checksums of ``names`` beside those already recorded, of files the folder still holds."""
     sums = json.loads((folder / CHECKSUM_FILE).read_text()) if (folder / CHECKSUM_FILE).is_file() else {}
+    sums = {n: v for n, v in sums.items() if (folder / n).is_file()}
     sums |= {n: _sha256(folder / n) for n in names if (folder / n).is_file()}
     (folder / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
 

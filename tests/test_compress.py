@@ -355,6 +355,8 @@ def test_a_quantized_model_is_stored_quantized_and_loads_as_quantizing_it_again(
     file = {"bf16": "quantized.safetensors"}.get(scheme, "quantized.pt")
     assert info["stored"] == "quantized" and sorted(p.name for p in out.glob("*.safetensors") if p.name != file) == []
     assert info["disk_bytes_after"] == (out / file).stat().st_size < 0.6 * info["disk_bytes_before"]
+    if kind == "project":  # the checksums name what the folder holds: the quantized file, not the weights it replaced
+        assert set(json.loads((out / "checksums.json").read_text())) == {file, "tokenizer.model"}
     q, ref = load_for_inference(out, "cpu", "float32"), load_for_inference(base, "cpu", "float32")
     again = quantize(copy.deepcopy(ref.model), scheme).eval()
     x = torch.randint(0, 90, (2, 12))
