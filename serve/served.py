@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 from serve.api import now
 from serve.scheduler import Scheduler
-
-MAX_CONNECTIONS = 256  # connections open at once (serve.server --max-connections); beyond, requests get 503
+from serve.transport import MAX_CONNECTIONS
 
 
 @dataclass

@@ -72,8 +72,8 @@ from serve.engine import load_served, run
 from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
 from serve.scheduler import ClientGone
-from serve.served import MAX_CONNECTIONS, Served
-from serve.transport import BodyLimit, create_server, error, first_error
+from serve.served import Served
+from serve.transport import MAX_CONNECTIONS, BodyLimit, create_server, error, first_error
 
 SWITCH_INTERVAL_S = 0.0005
 

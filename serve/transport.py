@@ -11,6 +11,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.api import ApiError
 
+MAX_CONNECTIONS = 256  # connections open at once (serve.server --max-connections); beyond, requests get 503
+
 
 def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     """Every error the server answers, in the OpenAI shape."""
@@ -103,7 +105,9 @@ class DeadlineProtocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def create_server(app: FastAPI, host: str, port: int, request_timeout_s: float = 10.0, max_connections: int = 256):
+def create_server(
+    app: FastAPI, host: str, port: int, request_timeout_s: float = 10.0, max_connections: int = MAX_CONNECTIONS
+):
     """The uvicorn server: requests must arrive within ``request_timeout_s``; beyond ``max_connections`` open at
     once, new requests get 503."""
     import uvicorn
