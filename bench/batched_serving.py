@@ -158,7 +158,7 @@ def engine_rows(a: Args, threads: int, sizes=(1, 8, 16), steps: int = 24) -> lis
     ids = ev.tokenizer.encode(humaneval_prompts()[0])[-(ev.model.params.max_seq_len - a.max_tokens) :]
     rows = []
     for engine in [e for e in a.engines if e in ("torch", "compile")]:
-        slots = TorchSlots(ev.model, ev.device, max(sizes), compiled=engine == "compile")
+        slots = TorchSlots(ev.model, ev.device, max(sizes), "compile" if engine == "compile" else "eager")
         per = {b: [] for b in sizes}
         for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
             for b in sizes if r % 2 else sizes[::-1]:

@@ -1,5 +1,7 @@
 """Latency of a model: prefill (time to first token), per-token decode with the KV cache, and a full forward
-without cache, at stated batch sizes and lengths.
+without cache, at stated batch sizes and lengths. Prefill and decode are timed in the engine the server decodes
+with (runtime/batching.py: ``timed_engine``), through its device-level calls: the same cache, positions and
+compiled step as a served request, without the server's host-side sampling.
 
 Modes: ``eager``; ``compile`` (torch.compile, default mode); ``compile+cudagraphs`` (CUDA only:
 mode="reduce-overhead", static KV cache and fixed shapes, as gpt-fast does). Every measurement warms up
@@ -11,53 +13,55 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from common.timing import spread, time_repeats
-from llama.generation import decode, decode_one_token, prefill
-from llama.model import Transformer
-from runtime.compile import MODES, compiled  # noqa: F401  (MODES: the modes a timing takes)
+from llama.generation import decode
+from runtime.batching import timed_engine
+from runtime.compile import MODES  # noqa: F401  (the modes a timing takes)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return model.tok_embeddings.weight.device
 
 
 @torch.no_grad()
 def time_prefill(
-    model: Transformer, batch: int, prompt_len: int, mode: str = "eager", warmup: int = 3, repeats: int = 10
+    model: nn.Module, batch: int, prompt_len: int, mode: str = "eager", warmup: int = 3, repeats: int = 10
 ) -> dict:
-    """Milliseconds to run a (batch, prompt_len) prompt through the model into the KV cache."""
-    device = model.tok_embeddings.weight.device
-    model.setup_caches(batch, prompt_len + 1)
+    """Milliseconds to run a (batch, prompt_len) prompt into the KV cache of the server's engine
+    (runtime.batching.timed_engine), its prompt's forward in ``mode``."""
+    device = _device(model)
+    engine = timed_engine(model, device, batch, prompt_len + 1, prefill_mode=mode)
     tokens = torch.randint(0, model.params.vocab_size, (batch, prompt_len), device=device)
-    pos = torch.arange(prompt_len, device=device)
-    fn = compiled(prefill, mode, device)
-    times = time_repeats(lambda: fn(model, tokens, pos), device, warmup, repeats)
-    model.clear_caches()
+    try:
+        times = time_repeats(lambda: engine.fill(tokens), device, warmup, repeats)
+    finally:
+        engine.release()
     return {"ms": spread([1e3 * t for t in times]), "batch": batch, "prompt_len": prompt_len, "mode": mode}
 
 
-def decode_run(model: Transformer, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
-    """One callable that decodes ``n_tokens`` tokens in a row after a ``context_len``-token prompt, with the one
-    decode loop every generator uses (llama.generation.decode: greedy sampling, each token fed back), the steps
-    queued one after another with no device sync between them (remove the cache with ``model.clear_caches()``
-    afterwards)."""
-    device = model.tok_embeddings.weight.device
-    model.setup_caches(batch, context_len + n_tokens)
-    with torch.no_grad():
-        logits = prefill(
-            model,
-            torch.randint(0, model.params.vocab_size, (batch, context_len), device=device),
-            torch.arange(context_len, device=device),
-        )
-    step = compiled(decode_one_token, mode, device)
-    positions = [torch.tensor([context_len + i], device=device) for i in range(n_tokens)]
+def decode_run(model: nn.Module, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
+    """One callable that decodes ``n_tokens`` tokens in a row after a ``context_len``-token prompt, in the engine
+    the server decodes with (runtime.batching.timed_engine: ``batch`` sequences, a cache of context_len +
+    n_tokens positions, the decode step in ``mode``), through its device-level step, with the one decode loop
+    every generator uses (llama.generation.decode: greedy sampling, each token fed back), the steps queued one
+    after another with no device sync between them. Returns the callable and the engine (``engine.release()``
+    frees its cache afterwards)."""
+    device = _device(model)
+    engine = timed_engine(model, device, batch, context_len + n_tokens, mode)
+    logits = engine.fill(torch.randint(0, model.params.vocab_size, (batch, context_len), device=device))
+    positions = [engine.positions(context_len + i) for i in range(n_tokens)]
 
     def run():
         # n_tokens decode steps (positions context_len ...): the first new token comes from the prefill
-        decode(logits, lambda tokens, i: step(model, tokens, positions[i]), n_tokens + 1)
+        decode(logits, lambda tokens, i: engine.advance(tokens, positions[i]), n_tokens + 1)
 
-    return run
+    return run, engine
 
 
 def time_decode(
-    model: Transformer,
+    model: nn.Module,
     batch: int,
     context_len: int,
     n_tokens: int = 32,
@@ -75,8 +79,8 @@ def time_decode(
     ``energy(run, tokens_per_run)``, if given, measures the same warmed-up decode (its dict lands under
     "energy").
     """
-    device = model.tok_embeddings.weight.device
-    run = decode_run(model, batch, context_len, n_tokens, mode)
+    device = _device(model)
+    run, engine = decode_run(model, batch, context_len, n_tokens, mode)
     try:
         times = time_repeats(run, device, warmup, repeats)
         s = spread([1e3 * t / n_tokens for t in times])
@@ -92,7 +96,7 @@ def time_decode(
         if energy is not None:
             row["energy"] = energy(run, batch * n_tokens)
     finally:
-        model.clear_caches()
+        engine.release()
     return row
 
 

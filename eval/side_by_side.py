@@ -42,7 +42,7 @@ from common.stats import ALPHA, adjust, paired_ratio
 from common.timing import spread, time_repeats
 from eval.latency import MODES, decode_run
 from eval.model import load_for_eval
-from llama.generation import prefill
+from runtime.batching import TimedEngine, timed_engine
 
 
 @dataclass
@@ -76,6 +76,8 @@ class _Entry:
     name: str
     model: torch.nn.Module
     decode: Callable[[], None] | None = None  # decodes n_tokens tokens
+    engine: TimedEngine | None = None  # the engine decode runs in (runtime.batching.timed_engine)
+    prompt_engine: TimedEngine | None = None  # the engine its prompt is timed in (a cache of prompt_len + 1)
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)  # per token
     energy: list[dict] = field(default_factory=list)
@@ -102,13 +104,12 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
     entries = []
     for name, model in models.items():
         e = _Entry(name, model)
-        e.decode = decode_run(model, a.batch, a.context, a.n_tokens, a.mode)
+        e.decode, e.engine = decode_run(model, a.batch, a.context, a.n_tokens, a.mode)
         for _ in range(2):  # warm up before any timing: compilation, then CUDA graph recording
             e.decode()
         entries.append(e)
     counter, reason = find_counter(device) if a.energy else (None, "not requested")
     prompt = torch.randint(0, min(m.params.vocab_size for m in models.values()), (a.batch, a.prompt_len), device=device)
-    pos = torch.arange(a.prompt_len, device=device)
     with LoadMeter() as meter:  # the machine's load while the models were timed
         try:
             for r in Progress(range(a.rounds), desc="side by side", unit="round", disable=not progress):
@@ -123,17 +124,17 @@ def side_by_side(models: dict[str, torch.nn.Module], device, a: Args, progress: 
                         )
             # prefill needs its own cache length: timed after decoding, in rounds again
             for e in entries:
-                e.model.clear_caches()
-                e.model.setup_caches(a.batch, a.prompt_len + 1)
-            with torch.no_grad():
-                for e in entries:
-                    prefill(e.model, prompt, pos)
-                for r in range(a.rounds):
-                    for e in _rotated(entries, r):
-                        e.prefill_ms.append(1e3 * _once(lambda e=e: prefill(e.model, prompt, pos), device))
+                e.engine.release()
+                e.prompt_engine = timed_engine(e.model, device, a.batch, a.prompt_len + 1)
+                e.prompt_engine.fill(prompt)
+            for r in range(a.rounds):
+                for e in _rotated(entries, r):
+                    e.prefill_ms.append(1e3 * _once(lambda e=e: e.prompt_engine.fill(prompt), device))
         finally:
             for e in entries:
-                e.model.clear_caches()
+                for engine in (e.engine, e.prompt_engine):
+                    if engine is not None:
+                        engine.release()
     return _summarise(entries, reference, counter, reason) | {"load": meter.result()}
 
 

@@ -24,9 +24,9 @@ from torch import nn
 from common.cli import UserError
 from llama.generation import decode_one_token, generate, prefill
 from models.hf import available_memory
-from models.interface import capabilities
+from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
-from runtime.decoding import Decoder
+from runtime.decoding import Decoder, OwnCache, TorchDecoder
 
 
 class Slots:
@@ -55,19 +55,36 @@ def _bucket(n: int, most: int) -> int:
 
 
 class TorchSlots(Slots):
-    """This project's model with a KV cache of ``max_batch`` rows, one per slot, each as long as the context."""
+    """This project's model with a KV cache of ``max_batch`` rows, one per slot, each ``cache_len`` positions
+    (default: the whole context). Two levels: ``open``/``step`` (ids and positions as Python ints in, float32
+    CPU logits out: what the server's scheduler samples from) are built on ``fill``/``advance`` (tensors on the
+    device in and out, no host sync: what eval/latency.py times, so that the study's latency is this engine's).
 
-    def __init__(self, model: nn.Module, device: torch.device, max_batch: int, compiled: bool = False):
+    ``mode`` compiles the decode step (runtime/compile.py: eager, compile, compile+cudagraphs); ``prefill_mode``
+    the prompt's forward, eager by default: the server's prompts have every length, and a compiled prefill would
+    be a graph per length."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        max_batch: int,
+        mode: str = "eager",
+        cache_len: int | None = None,
+        prefill_mode: str = "eager",
+    ):
         if not capabilities(model).static_cache:
             raise UserError(f"batched decoding needs a static KV cache; a {model.family} model has none")
         self.model, self.device, self.max_batch = model, device, max_batch
-        self.name = "compile" if compiled else "torch"
-        what = "torch.compile of the decode step" if compiled else "eager PyTorch"
+        self.S = cache_len or model.params.max_seq_len
+        self.name = {"eager": "torch"}.get(mode, mode)
+        what = "eager PyTorch" if mode == "eager" else f"the decode step under {mode}"
         self.note = f"{what}, continuous batching of up to {max_batch} sequences (static KV cache per sequence)"
-        self.decode = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
-        self.S = model.params.max_seq_len
+        self.decode = compiled_fn(decode_one_token, mode, device)
+        self.prefill = compiled_fn(prefill, prefill_mode, device)
         self._check_memory()
-        self.caches: list | None = None
+        self.cache = OwnCache(model, max_batch, self.S)
+        self.arange = torch.arange(self.S, device=device)  # prompt positions, sliced (no kernel per prompt)
 
     def _check_memory(self):
         dtype = self.model.tok_embeddings.weight.dtype
@@ -82,24 +99,12 @@ class TorchSlots(Slots):
                 f"sequence) and {free / 2**30:.1f} GiB is free; use a smaller --max-batch"
             )
 
-    def _caches(self):
-        """This engine's own KV cache, put into the model: two engines of one model (torch and compile) take
-        steps in turn, and each keeps its sequences in its own cache."""
-        if self.caches is None:
-            self.model.setup_caches(self.max_batch, self.S)
-            self.caches = [layer.attention.kv_cache for layer in self.model.layers]
-            self.mask = self.model.causal_mask
-        for layer, cache in zip(self.model.layers, self.caches, strict=True):
-            layer.attention.kv_cache = cache
-        self.model.causal_mask = self.mask
-        return self.caches
-
     @contextlib.contextmanager
     def _one_row(self, slot: int):
         """The model's caches narrowed to one slot's row (views: what the prompt writes lands in that row), so
         the prompt runs as a batch of one, exactly as it would alone. Written by hand: the model's forward knows
         rows 0..B-1 only, and a view is the one way to hand it row ``slot`` without copying the cache."""
-        caches = self._caches()
+        caches = self.cache.layers
         whole = [(c.k_cache, c.v_cache) for c in caches]
         try:
             for c, (k, v) in zip(caches, whole, strict=True):
@@ -109,6 +114,31 @@ class TorchSlots(Slots):
             for c, (k, v) in zip(caches, whole, strict=True):
                 c.k_cache, c.v_cache = k, v
 
+    def _prompt(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.prefill(self.model, tokens, self.arange[: tokens.shape[1]])
+
+    @torch.no_grad()
+    def fill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompts (B, T) on the device into rows 0..B-1; (B, V) logits of their next tokens, on the device."""
+        if not 0 < tokens.shape[0] <= self.max_batch or not 0 < tokens.shape[1] < self.S:
+            raise UserError(f"prompts of shape {tuple(tokens.shape)} do not fit {self.max_batch} rows of {self.S}")
+        self.cache.install()
+        return self._prompt(tokens)
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows 0..n-1's next tokens (n, 1) at their ``positions`` (n, 1), on the device -> (n, V) logits there."""
+        self.cache.install()
+        return self.decode(self.model, tokens, positions)
+
+    def positions(self, pos: int, rows: int | None = None) -> torch.Tensor:
+        """The positions ``advance`` takes when every one of ``rows`` (default: all) is at ``pos``."""
+        return torch.full((rows or self.max_batch, 1), pos, dtype=torch.long, device=self.device)
+
+    def release(self) -> None:
+        """Take this engine's cache out of the model and free it (a later call sets up a new one)."""
+        self.cache.release()
+
     @torch.no_grad()
     def open(self, slot, ids):
         if not 0 <= slot < self.max_batch:
@@ -116,12 +146,10 @@ class TorchSlots(Slots):
         if not 0 < len(ids) < self.S:
             raise UserError(f"a prompt of {len(ids)} tokens does not fit the context of {self.S}")
         with self._one_row(slot):
-            x = torch.tensor([ids], device=self.device)
-            return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0].float().cpu()
+            return self._prompt(torch.tensor([ids], device=self.device))[0].float().cpu()
 
     @torch.no_grad()
     def step(self, slots, tokens, positions):
-        self._caches()
         # Rows 0..n-1 run (n: the highest open slot + 1, rounded up); a row that holds no sequence runs token 0 at
         # position 0 of its own free row, which the next prompt there overwrites.
         n = _bucket(max(slots) + 1, self.max_batch)
@@ -129,7 +157,7 @@ class TorchSlots(Slots):
         pos = torch.zeros(n, 1, dtype=torch.long)
         x[slots, 0] = torch.tensor(tokens)
         pos[slots, 0] = torch.tensor(positions)
-        logits = self.decode(self.model, x.to(self.device), pos.to(self.device))
+        logits = self.advance(x.to(self.device), pos.to(self.device))
         return logits[slots].float().cpu()
 
 
@@ -153,9 +181,28 @@ def build_slots(decoder: Decoder, model: nn.Module, device: torch.device, max_ba
     project's models under eager PyTorch or torch.compile), else the decoder itself, one sequence at a time."""
     if decoder.name in ("torch", "compile") and capabilities(model).static_cache:
         if max_batch > 1:
-            return TorchSlots(model, device, max_batch, compiled=decoder.name == "compile")
+            return TorchSlots(model, device, max_batch, "compile" if decoder.name == "compile" else "eager")
         return OneSlot(decoder, "--max-batch 1")
     return OneSlot(decoder)
+
+
+TimedEngine = TorchSlots | TorchDecoder  # what timed_engine gives
+
+
+def timed_engine(
+    model: nn.Module, device: torch.device, batch: int, cache_len: int, mode: str = "eager", prefill_mode: str = "eager"
+) -> TimedEngine:
+    """The engine the server decodes ``model`` with, holding ``batch`` sequences of ``cache_len`` positions, for
+    eval/latency.py to time through its device-level calls (``fill``, ``advance``, ``positions``, ``release``):
+    ``TorchSlots`` for a model with a static KV cache; else ``TorchDecoder``, whose growing cache takes a batch of
+    equal-length prompts too (eager only: compile and CUDA graphs need static shapes)."""
+    if capabilities(model).static_cache:
+        return TorchSlots(model, device, batch, mode, cache_len, prefill_mode)
+    for m in {mode, prefill_mode} - {"eager"}:
+        require(model, "static_cache", f"mode {m}")
+    decoder = TorchDecoder(model, device)
+    decoder.need = cache_len
+    return decoder
 
 
 def greedy(slots: Slots, prompts: list[list[int]], n_tokens: list[int], join_every: int = 1) -> list[list[int]]:

@@ -109,7 +109,41 @@ class Decoder(Engine):
                 raise ValueError(f"{self.name} differs from eager greedy decoding at new token {first}")
 
 
+class OwnCache:
+    """A KV cache of ``rows`` x ``length`` positions that one engine keeps as its own and puts into the model
+    before each use (``install``): engines of one model (torch and compile, a server's batch, a latency timing)
+    take turns with it, and none reads or writes another's cache. For this project's models (a static cache)."""
+
+    def __init__(self, model: nn.Module, rows: int, length: int):
+        self.model, self.rows, self.length = model, rows, length
+        self.held: tuple[list, torch.Tensor] | None = None  # (each layer's KVCache, the causal mask)
+
+    def install(self) -> None:
+        if self.held is None:
+            self.model.setup_caches(self.rows, self.length)
+            self.held = ([layer.attention.kv_cache for layer in self.model.layers], self.model.causal_mask)
+        caches, mask = self.held
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.attention.kv_cache = cache
+        self.model.causal_mask = mask
+
+    @property
+    def layers(self) -> list:
+        """Each layer's KVCache (installed first)."""
+        self.install()
+        return self.held[0]
+
+    def release(self) -> None:
+        """Take the cache out of the model and let it go (the memory returns once nothing else holds it)."""
+        self.model.clear_caches()
+        self.held = None
+
+
 class TorchDecoder(Decoder):
+    """Eager PyTorch or the decode step under torch.compile. ``start``/``next`` (one prompt's ids in, logits out)
+    are built on ``fill``/``advance``, which take and return tensors on the device with no host sync: a batch
+    of equal-length prompts decoded together (what eval/latency.py times for a model with a growing cache)."""
+
     def __init__(self, model: nn.Module, device: torch.device, compiled: bool = False):
         super().__init__(model.params.max_seq_len, device)
         self.model, self.static = model, capabilities(model).static_cache
@@ -118,6 +152,7 @@ class TorchDecoder(Decoder):
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
         self.step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
+        self.cache: OwnCache | None = None
 
     def cache_len(self) -> int:
         """The KV cache a request needs, rounded up to a multiple of CACHE_BLOCK: a cache of the whole context
@@ -125,19 +160,38 @@ class TorchDecoder(Decoder):
         CPU whose weights are 21 MB), and one size per block keeps the compiled step's graphs few."""
         return min(self.max_seq_len, -(-self.need // CACHE_BLOCK) * CACHE_BLOCK)
 
+    def fill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompts (B, T) on the device into a fresh cache of ``cache_len()`` positions; (B, V) logits of their
+        next tokens, on the device."""
+        rows, size = tokens.shape[0], self.cache_len()
+        if not self.static:  # transformers' cache grows: a fresh one for each prompt
+            self.model.setup_caches(rows, size)
+        else:  # this project's keeps its cache while the size holds (entries past the prompt are masked until
+            # written; the compiled step keeps its graph)
+            if self.cache is None or (self.cache.rows, self.cache.length) != (rows, size):
+                self.cache = OwnCache(self.model, rows, size)
+            self.cache.install()
+        return prefill(self.model, tokens, torch.arange(tokens.shape[1], device=self.device))
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (B, 1) at ``positions`` (from ``positions``) -> (B, V) logits, on the device."""
+        if self.static:
+            self.cache.install()
+        return self.step(self.model, tokens, positions)
+
+    def positions(self, pos: int) -> torch.Tensor:
+        """The positions ``advance`` takes when every row is at ``pos``."""
+        return torch.tensor([pos], device=self.device)
+
+    def release(self) -> None:
+        self.model.clear_caches()
+        self.cache = None
+
     def start(self, ids):
-        # This project's models keep their static cache between requests of the same cache length (entries past
-        # the prompt are masked until written; the compiled step keeps its graph); transformers' cache grows: a
-        # fresh one each time.
-        size = self.cache_len()
-        if not self.static or self.model.causal_mask is None or self.model.causal_mask.shape[-1] != size:
-            self.model.setup_caches(1, size)
-        x = torch.tensor([ids], device=self.device)
-        return prefill(self.model, x, torch.arange(len(ids), device=self.device))[0]
+        return self.fill(torch.tensor([ids], device=self.device))[0]
 
     def next(self, token, pos):
-        x = torch.tensor([[token]], device=self.device)
-        return self.step(self.model, x, torch.tensor([pos], device=self.device))[0]
+        return self.advance(torch.tensor([[token]], device=self.device), self.positions(pos))[0]
 
 
 class CachedStep(nn.Module):

@@ -26,16 +26,57 @@ def test_latency_fields_and_spread(model):
     assert model.causal_mask is None  # caches removed afterwards
 
 
-def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model, monkeypatch):
+def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model):
     import eval.latency as latency
+    from runtime.batching import TorchSlots
 
-    positions = []
-    real = latency.decode_one_token
-    monkeypatch.setattr(latency, "decode_one_token", lambda m, t, pos: positions.append(int(pos)) or real(m, t, pos))
-    run = latency.decode_run(model, batch=1, context_len=5, n_tokens=3)
+    run, engine = latency.decode_run(model, batch=2, context_len=5, n_tokens=3)
+    assert isinstance(engine, TorchSlots)  # the engine the server batches this model's requests in
+    seen, real = [], engine.advance
+    engine.advance = lambda tokens, pos: seen.append(pos.tolist()) or real(tokens, pos)
     run()
-    model.clear_caches()
-    assert positions == [5, 6, 7]
+    engine.release()
+    assert seen == [[[5], [5]], [[6], [6]], [[7], [7]]]  # each row at its own position, as the server's step
+    assert model.causal_mask is None  # released: no cache left in the model
+
+
+def test_the_timed_engine_decodes_what_the_server_and_eager_generation_decode(model):
+    """The device-level calls latency times (fill, advance) give the greedy tokens of eager generation, and
+    of the same engine's server-level calls (open, step), for a batch of prompts."""
+    from llama.generation import generate
+    from runtime.batching import greedy, timed_engine
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    prompts = torch.randint(1, 97, (3, 6))
+    engine = timed_engine(model, torch.device("cpu"), 3, 6 + 5)
+    logits, tokens = engine.fill(prompts), []
+    for i in range(5):
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt[:, 0].tolist())
+        logits = engine.advance(nxt, engine.positions(6 + i))
+    engine.release()
+    timed = [list(t) for t in zip(*tokens, strict=True)]
+    assert timed == generate(model, prompts.tolist(), 5)
+    served = timed_engine(model, torch.device("cpu"), 3, 6 + 5)
+    assert greedy(served, prompts.tolist(), [5, 5, 5]) == timed
+    served.release()
+
+
+def test_the_timed_engine_of_a_model_with_a_growing_cache_is_its_eager_decoder(hf_models):
+    from common.cli import UserError
+    from eval.model import load_for_eval
+    from runtime.batching import timed_engine
+    from runtime.decoding import TorchDecoder
+
+    ev = load_for_eval(hf_models["llama"], "cpu")
+    engine = timed_engine(ev.model, ev.device, 2, 12)
+    assert isinstance(engine, TorchDecoder)
+    p = time_prefill(ev.model, batch=2, prompt_len=8, warmup=0, repeats=2)
+    d = time_decode(ev.model, batch=2, context_len=8, n_tokens=3, warmup=0, repeats=2)
+    assert p["ms"]["n"] == 2 and d["ms_per_token"]["n"] == 2 and ev.model.cache is None
+    with pytest.raises(UserError, match="mode compile needs a static KV cache"):
+        timed_engine(ev.model, ev.device, 2, 12, mode="compile")
 
 
 @pytest.mark.slow
@@ -142,3 +183,25 @@ def test_an_efficiency_result_records_its_threads_and_the_machines_load(trained_
     load = r["load"]
     assert load["cores"] >= 1 and load["seconds"] > 0 and load["busy"] in (True, False)
     assert load["other_processes_cores"] >= 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_timed_engine_under_cuda_graphs_decodes_as_eager_on_gpu(tiny_perhead_args):
+    # what the GPU latency rows time: the server's engine, rows at their own positions, replayed as a CUDA graph
+    from runtime.batching import timed_engine
+
+    m = Transformer(tiny_perhead_args).cuda().eval()
+    for layer in m.layers:
+        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    cuda = torch.device("cuda")
+    prompts = torch.randint(0, 97, (2, 8), device=cuda)
+    graphs, eager = timed_engine(m, cuda, 2, 16, "compile+cudagraphs"), timed_engine(m, cuda, 2, 16)
+    a, b = graphs.fill(prompts), eager.fill(prompts)
+    for i in range(4):  # warm-up, recording, then replays
+        tok = b.argmax(-1, keepdim=True)
+        a = graphs.advance(tok, graphs.positions(8 + i)).clone()
+        b = eager.advance(tok, eager.positions(8 + i))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    graphs.release()
+    eager.release()
