@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +64,13 @@ def write_result(
     path: str | os.PathLike, payload: dict, device: torch.device, model: str | os.PathLike | None = None
 ) -> Path:
     """Write ``payload`` (its "evaluator" included) plus where it was measured (commit, device, torch) and the
-    schema version as JSON, atomically; an existing file is replaced only if it is an earlier result of the
-    same evaluator about the same ``model`` (check_result_path)."""
+    schema version as JSON, atomically, once it reads as its typed result (``parse_result``); an existing file
+    is replaced only if it is an earlier result of the same evaluator about the same ``model``
+    (check_result_path)."""
     check_result_path(path, (payload["evaluator"],), model)
-    return atomic_write(path, json.dumps({"schema": RESULT_SCHEMA, **run_metadata(device), **payload}, indent=2))
+    record = {"schema": RESULT_SCHEMA, **run_metadata(device), **payload}
+    parse_result(record)  # what readers take from it is there: an evaluator that left a figure out fails here
+    return atomic_write(path, json.dumps(record, indent=2))
 
 
 def read_versioned(path: str | os.PathLike, version: int, what: str, again: str):
@@ -91,7 +95,7 @@ def read_result(path: str | os.PathLike) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The typed records writers produce and readers consume (visualizations read these, never a study object).
+# Which model a result is about (the header of every result), and where per-head settings are read.
 
 
 def has_richer_heads(head_layer: dict | None) -> bool:
@@ -137,101 +141,340 @@ class ModelIdentity:
         )
 
 
-@dataclass
-class Member:
-    """One model of a study, one seed: what the table and the report group by (members.json)."""
-
-    group: str  # the study's name for the model (all seeds)
-    seed: int  # the seed's index in the study (0, 1, ...)
-    name: str  # its run or folder name
-    kind: str  # trained, compressed or external
-    seed_value: int | None = None  # the seed it was trained with (trained runs; a compressed one: its base's)
-    run: str | None = None  # trained: the run name (logs/<run>)
-    base: str | None = None  # compressed: the group it was built from
-    path: str | None = None  # external: its folder
+# ---------------------------------------------------------------------------------------------------------
+# Evaluator results, typed: what tables, reports and plots read of each evaluator's figures (``parse_result``;
+# ``write_result`` parses a payload the same way before writing it, so what is written is what readers read).
+# The file keeps everything else an evaluator records (examples, per-problem outcomes) in ``record``.
 
 
-@dataclass
-class StudyRecord:
-    """What a study's report needs to know about the study (study.json), written by runners.study."""
+def _opt(d: dict, key: str, kind=None):
+    v = d.get(key)
+    return v if v is None or kind is None else kind(v)
 
-    name: str
-    source: str  # how it was named on the command line (for the report's "Reproduce")
-    workers: int  # steps run at once: their wall-clock figures share the machine
-    members: list[Member]
-    commands: dict[str, str]  # model group -> the command that made it (runner and overrides, compress options)
-    about: str = ""  # what the study can answer, in the study file's words: the report's first paragraph
 
-    def write(self, folder: Path) -> Path:
-        return atomic_write(folder / "study.json", json.dumps(dataclasses.asdict(self), indent=2))
+@dataclass(frozen=True)
+class Spread:
+    """Median with the 10th and 90th percentiles over ``n`` repeats (common.timing.spread)."""
+
+    median: float
+    p10: float
+    p90: float
+    n: int
 
     @classmethod
-    def read(cls, folder: Path) -> StudyRecord:
-        path = folder / "study.json"
-        try:
-            d = json.loads(path.read_text())
-            return cls(**{**d, "members": [Member(**m) for m in d["members"]]})
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise UserError(f"{path} is missing or damaged ({type(e).__name__}); run the study again") from None
+    def of(cls, d: dict) -> Spread:
+        return cls(float(d["median"]), float(d["p10"]), float(d["p90"]), int(d["n"]))
 
 
-TRAINING_SCHEMA = 1  # the version of summary.json's layout (TrainingSummary); a file of another is refused
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio to a reference with its interval (common.stats.paired_ratio); the bounds are None where too few
+    rounds gave one."""
+
+    median: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p: float | None = None
+
+    @classmethod
+    def of(cls, d: dict | None) -> Ratio | None:
+        if not d:
+            return None
+        return cls(float(d["median"]), _opt(d, "ci_low", float), _opt(d, "ci_high", float), _opt(d, "p", float))
 
 
-@dataclass
-class TrainingSummary:
-    """A finished training run (logs/<run>/summary.json), written by training/trainer.py and read by the
-    study's tables, plots and resume through this one schema. ``extra`` holds where it ran (commit, device,
-    torch and Python versions), as every result carries."""
+@dataclass(frozen=True)
+class Energy:
+    """Energy per token: a counter's figure, or "unavailable" with the reason (never a guess)."""
 
-    name: str
-    steps: int
-    tokens: int
-    final_val_loss: float  # the run finished: its last validation
-    params: int | None = None
-    trained_params: int | None = None
-    non_embedding_params: int | None = None
-    n_layers: int | None = None  # None: a model without a layer count (a supplied model of recovery)
-    head_layer: dict | None = None  # the richer heads' settings (ModelArgs.head_layer_spec); None: plain blocks
-    train_tokens_available: int | None = None
-    epochs: float | None = None  # passes over the training split (>1: data repeated)
-    train_time_s: float | None = None
-    final_train_loss: float | None = None
-    world_size: int | None = None
-    dtype: str | None = None
-    compile: bool | None = None
-    flops_per_token: float | None = None
-    unigram_train_loss: float | None = None
-    unigram_val_loss: float | None = None
-    tokens_per_s: float | None = None
-    energy: dict | None = None
-    extra: dict = dataclasses.field(default_factory=dict)
+    method: str
+    j_per_token: float | None = None
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, d: dict | None) -> Energy | None:
+        return None if d is None else cls(d["method"], _opt(d, "j_per_token", float), d.get("reason"))
 
     @property
-    def per_head(self) -> bool:
-        return has_richer_heads(self.head_layer)
+    def figure(self) -> float | str | None:
+        """What a table shows: joules per token, "unavailable", or None (measured, no figure)."""
+        return "unavailable" if self.method == "unavailable" else self.j_per_token
 
-    def to_json(self) -> dict:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {"schema": TRAINING_SCHEMA, **fields, "per_head": self.per_head, **self.extra}
 
-    def write(self, log_dir: Path) -> Path:
-        return atomic_write(Path(log_dir) / "summary.json", json.dumps(self.to_json(), indent=2))
+@dataclass(frozen=True)
+class PerplexityFigures:
+    """eval.perplexity's figures: bits per byte always; token perplexity in its own (sliding) mode, word
+    perplexity in lm-eval's; and what they were measured on."""
+
+    bits_per_byte: float
+    perplexity: float | None = None
+    word_perplexity: float | None = None
+    mode: str = "sliding"
+    tokens_scored: int | None = None
+    source: str | None = None
+    sample: str | None = None
+    context: int | None = None
+    stride: int | None = None
 
     @classmethod
-    def read(cls, log_dir: str | os.PathLike) -> TrainingSummary | None:
-        """The run's summary, None where it has none yet (or only a partial or unreadable one: the run did not
-        finish); a summary of another schema version is refused in one line naming it. Files written before
-        the version was recorded read as version 1, the layout they have."""
-        again = "train the run again with this code, or read it with the code that wrote it"
-        d = read_versioned(Path(log_dir) / "summary.json", TRAINING_SCHEMA, "summary", again)
-        if not isinstance(d, dict):
+    def of(cls, d: dict) -> PerplexityFigures:
+        return cls(
+            float(d["bits_per_byte"]),
+            _opt(d, "perplexity", float),
+            _opt(d, "word_perplexity", float),
+            d.get("mode", "sliding"),
+            d.get("tokens_scored"),
+            d.get("source"),
+            d.get("sample"),
+            d.get("context"),
+            d.get("stride"),
+        )
+
+
+@dataclass(frozen=True)
+class ContinuationFigures:
+    """BLEU and ROUGE-L of greedy continuations (rougeL_code: the tokenizer that keeps code symbols)."""
+
+    bleu: float
+    rougeL: float
+    rougeL_code: float | None = None
+    pairs: int | None = None
+    prompt_tokens: int | None = None
+    continuation_tokens: int | None = None
+
+    @classmethod
+    def of(cls, d: dict) -> ContinuationFigures:
+        return cls(
+            float(d["bleu"]),
+            float(d["rougeL"]),
+            _opt(d, "rougeL_code", float),
+            d.get("pairs"),
+            d.get("prompt_tokens"),
+            d.get("continuation_tokens"),
+        )
+
+
+@dataclass(frozen=True)
+class HumanEvalFigures:
+    """pass@1 (None where no problem was run) and what it was measured on."""
+
+    pass_at_1: float | None
+    problems: int | None = None
+    samples_per_problem: int | None = None
+    timeout_s: float | None = None
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def of(cls, d: dict) -> HumanEvalFigures:
+        p = d["pass"]
+        return cls(
+            _opt(p, "pass@1", float),
+            p.get("problems"),
+            p.get("samples_per_problem"),
+            p.get("timeout_s"),
+            d.get("max_new_tokens"),
+        )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One latency row of eval.efficiency: milliseconds (per token for decode) in ``mode`` at ``batch``."""
+
+    mode: str
+    batch: int
+    ms: Spread
+    energy: Energy | None = None
+
+    @classmethod
+    def of(cls, d: dict, key: str) -> Timing:
+        return cls(d["mode"], int(d["batch"]), Spread.of(d[key]), Energy.of(d.get("energy")))
+
+
+@dataclass(frozen=True)
+class Result:
+    """What every evaluator result carries: which model, and where it was measured."""
+
+    evaluator: str
+    identity: ModelIdentity | None  # None: a result about several models (side by side)
+    device: str  # common.hardware.run_metadata's: the device and, on a CPU, the threads ("... (2 threads)")
+    torch_version: str
+    git_commit: str
+    record: dict = dataclasses.field(repr=False, compare=False)  # the file as written
+
+    @classmethod
+    def _head(cls, r: dict) -> dict:
+        who = ModelIdentity.of(r) if "model" in r else None
+        where = {k: str(r.get(k, "?")) for k in ("device", "torch_version", "git_commit")}
+        return {"evaluator": r["evaluator"], "identity": who, **where, "record": r}
+
+    @property
+    def device_threads(self) -> int | None:
+        """The CPU threads the result was measured with, where its device says."""
+        m = re.search(r"\((\d+) threads\)", self.device)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class QualityResult(Result):
+    perplexity: PerplexityFigures = None
+    continuation: ContinuationFigures = None
+    humaneval: HumanEvalFigures = None
+
+    @classmethod
+    def of(cls, r: dict) -> QualityResult:
+        return cls(
+            **cls._head(r),
+            perplexity=PerplexityFigures.of(r["perplexity"]),
+            continuation=ContinuationFigures.of(r["continuation"]),
+            humaneval=HumanEvalFigures.of(r["humaneval"]),
+        )
+
+
+@dataclass(frozen=True)
+class PerplexityResult(Result):
+    figures: PerplexityFigures = None
+    run: str | None = None  # over training: the run, the checkpoint's step, tokens seen and energy spent by then
+    step: int | None = None
+    tokens: int | None = None
+    energy_j: float | None = None
+
+    @classmethod
+    def of(cls, r: dict) -> PerplexityResult:
+        return cls(
+            **cls._head(r),
+            figures=PerplexityFigures.of(r),
+            run=r.get("run"),
+            step=r.get("step"),
+            tokens=r.get("tokens"),
+            energy_j=_opt(r, "energy_j", float),
+        )
+
+
+@dataclass(frozen=True)
+class HumanEvalResult(Result):
+    humaneval: HumanEvalFigures = None
+
+    @classmethod
+    def of(cls, r: dict) -> HumanEvalResult:
+        return cls(**cls._head(r), humaneval=HumanEvalFigures.of(r))
+
+
+@dataclass(frozen=True)
+class EfficiencyResult(Result):
+    prefill: tuple[Timing, ...] = ()
+    decode: tuple[Timing, ...] = ()
+    memory_bytes: int | None = None
+    disk_bytes: int | None = None
+
+    @classmethod
+    def of(cls, r: dict) -> EfficiencyResult:
+        return cls(
+            **cls._head(r),
+            prefill=tuple(Timing.of(x, "ms") for x in r["prefill"]),
+            decode=tuple(Timing.of(x, "ms_per_token") for x in r["decode"]),
+            memory_bytes=r.get("memory_bytes"),
+            disk_bytes=r.get("disk_bytes"),
+        )
+
+    @staticmethod
+    def pick(rows: tuple[Timing, ...], mode: str | None, batch: int) -> Timing | None:
+        """The row measured at ``batch`` in ``mode`` (or, without a mode, in the first mode measured)."""
+        return next((t for t in rows if t.batch == batch and (mode is None or t.mode == mode)), None)
+
+
+@dataclass(frozen=True)
+class RoundsEnergy:
+    """Energy per token over a side-by-side timing's rounds: the spread of the rounds' joules per token, or
+    "unavailable" with the reason."""
+
+    method: str
+    j_per_token: Spread | None = None
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, d: dict | None) -> RoundsEnergy | None:
+        if d is None:
             return None
-        d.pop("schema", None)
-        per_head = d.pop("per_head", None)  # derived from head_layer (older files: the flag alone)
-        if per_head and d.get("head_layer") is None:
-            d["head_layer"] = {}  # per-head layers of settings not recorded
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if any(d.get(k) is None for k in ("name", "steps", "tokens", "final_val_loss")):
-            return None  # not a finished run's summary
-        return cls(**{k: d[k] for k in names if k in d}, extra={k: v for k, v in d.items() if k not in names})
+        return cls(d["method"], Spread.of(d) if "median" in d else None, d.get("reason"))
+
+    def flat(self) -> dict:
+        """As the study's table row holds it: method and reason beside the spread's median, p10, p90, n."""
+        spread = dataclasses.asdict(self.j_per_token) if self.j_per_token else {}
+        return {"method": self.method, "reason": self.reason, **spread}
+
+
+@dataclass(frozen=True)
+class TimedModel:
+    """One model of a side-by-side timing: decode ms per token over the rounds, each round's figure, its ratio
+    to the reference (None for the reference), energy."""
+
+    decode_ms: Spread
+    decode_samples: tuple[float, ...]
+    decode_ratio: Ratio | None
+    energy: RoundsEnergy | None
+
+    @classmethod
+    def of(cls, d: dict) -> TimedModel:
+        return cls(
+            Spread.of(d["decode_ms_per_token"]),
+            tuple(float(x) for x in d["decode_ms_samples"]),
+            Ratio.of(d.get("decode_ratio_to_reference")),
+            RoundsEnergy.of(d.get("energy")),
+        )
+
+
+@dataclass(frozen=True)
+class SideBySideResult(Result):
+    reference: str = ""
+    mode: str = "eager"
+    models: dict[str, TimedModel] = dataclasses.field(default_factory=dict)
+    gated: str | None = None  # why no latency verdict stands (the A/A control differed from 1), else None
+    control: Ratio | None = None  # the A/A control's decode ratio: the run's noise floor
+    rounds: int | None = None
+    n_tokens: int | None = None
+    context: int | None = None
+    prompt_len: int | None = None
+    batch: int | None = None
+    threads: int | None = None
+    load: dict | None = None  # common.load.LoadMeter's record of the machine while timing
+
+    @classmethod
+    def of(cls, r: dict) -> SideBySideResult:
+        return cls(
+            **cls._head(r),
+            reference=r["reference"],
+            mode=r.get("mode", "eager"),
+            models={name: TimedModel.of(m) for name, m in r["models"].items()},
+            gated=r.get("gated"),
+            control=Ratio.of((r.get("control") or {}).get("decode_control")),
+            rounds=r.get("rounds"),
+            n_tokens=r.get("n_tokens"),
+            context=r.get("context"),
+            prompt_len=r.get("prompt_len"),
+            batch=r.get("batch"),
+            threads=r.get("threads"),
+            load=r.get("load"),
+        )
+
+
+RESULT_TYPES: dict[str, type[Result]] = {
+    "quality": QualityResult,
+    "perplexity": PerplexityResult,
+    "perplexity-lm-eval": PerplexityResult,
+    "humaneval": HumanEvalResult,
+    "efficiency": EfficiencyResult,
+    "side_by_side": SideBySideResult,
+}
+
+
+def parse_result(record: dict) -> Result | None:
+    """An evaluator's record as its typed result; None for an evaluator without one (lm-eval's harness run: its
+    tables are lm-eval's own). A record missing a figure raises ValueError naming it."""
+    kind = RESULT_TYPES.get(record.get("evaluator"))
+    if kind is None:
+        return None
+    try:
+        return kind.of(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"a {record['evaluator']} result without a readable {what}") from None

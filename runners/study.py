@@ -29,7 +29,8 @@ from filelock import FileLock, Timeout
 from common.cli import UserError, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.progress import Progress
-from common.results import StudyRecord, read_result
+from common.records import StudyRecord
+from common.results import PerplexityResult, parse_result, read_result
 from runners.cluster import resources_of
 from runners.study_file import HERE, Study, load_study, study_from_runners
 from runners.study_steps import (
@@ -196,9 +197,10 @@ def build_outputs(s: Study) -> Path:
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
         r = read_result(path)
-        if r is not None:
-            points.setdefault(r["run"], []).append(r)
-    token_ppl = all("perplexity" in r for ps in points.values() for r in ps)  # lm-eval mode has none
+        point = parse_result(r) if isinstance(r, dict) else None
+        if isinstance(point, PerplexityResult) and point.run is not None:
+            points.setdefault(point.run, []).append(point)
+    token_ppl = all(p.figures.perplexity is not None for ps in points.values() for p in ps)  # lm-eval has none
     if points and (any(e.checkpoints for e in s.external) or not token_ppl):  # only bits per byte compare then
         figures["over_training.png"] = over_training_fig(
             points, "bits_per_byte", "held-out bits per byte", note="seed 0 of each model"

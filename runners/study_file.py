@@ -12,7 +12,7 @@ import tomllib
 
 import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides, from_table
-from common.results import Member, StudyRecord
+from common.records import Member, StudyRecord
 from llama.model_io import MODEL_FILE, list_checkpoints
 from models.hf import hf_config, is_hf_folder
 from runners.cluster import resources_of

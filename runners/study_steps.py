@@ -19,6 +19,7 @@ import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides
 from common.files import atomic_write
 from common.process import die_with_parent
+from common.results import parse_result, read_result
 from llama.model_io import list_checkpoints
 from runners.study_file import SEED, CompressSpec, RunSpec, Study
 
@@ -263,8 +264,11 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
         target = out / f"{run_name}@step_{step}-perplexity.json"
         if not target.is_file():
             run(["eval.perplexity", str(folder), "--out", str(target), *s.evaluation_set(), *s.over_training, *extra])
-        r = json.loads(target.read_text())
+        r = read_result(target)  # another schema version: one line naming it
+        if not isinstance(r, dict):
+            raise UserError(f"{target} is not a result eval.perplexity wrote; delete it and run the study again")
         r |= {"run": run_name, "step": step, "tokens": state["tokens"], "energy_j": state.get("energy_j")}
+        parse_result(r)  # still reads as a perplexity result (PerplexityResult: run, step, tokens, energy_j)
         atomic_write(target, json.dumps(r, indent=2))
 
 

@@ -272,7 +272,7 @@ def test_every_family_offers_the_model_and_tokenizer_contract(arch, tmp_path, sm
 
 def test_a_training_summary_round_trips_through_its_schema_and_another_version_is_refused(trained_checkpoint, tmp_path):
     from common.cli import UserError
-    from common.results import TRAINING_SCHEMA, TrainingSummary
+    from common.records import TRAINING_SCHEMA, TrainingSummary
 
     log_dir = trained_checkpoint.parents[1] / "logs" / "t"
     written = json.loads((log_dir / "summary.json").read_text())
@@ -339,3 +339,70 @@ def test_an_evaluator_result_carries_its_schema_version_and_another_version_is_r
     with pytest.raises(UserError, match="schema version 7"):
         collect(tmp_path / "r")  # the table says so in one line, never a misread figure
     assert read_result(tmp_path / "none.json") is None
+
+
+def test_evaluator_results_round_trip_through_their_typed_schema(tmp_path):
+    """What readers take from each evaluator's result is what was written, and a payload missing a figure is
+    refused before anything is written."""
+    from common.results import (
+        EfficiencyResult,
+        HumanEvalResult,
+        QualityResult,
+        SideBySideResult,
+        Spread,
+        parse_result,
+        read_result,
+        write_result,
+    )
+    from common.timing import spread
+
+    cpu = torch.device("cpu")
+    who = {"model": "m", "checkpoint": "ck/m", "params": 10, "n_layers": 2, "head_layer": None}
+    ppl = {"perplexity": 3.0, "bits_per_byte": 1.5, "tokens_scored": 400, "context": 32, "stride": 16}
+    cont = {"bleu": 2.0, "rougeL": 4.0, "rougeL_code": 5.0, "pairs": 8}
+    he = {"pass": {"pass@1": 0.25, "problems": 4, "samples_per_problem": 1}, "max_new_tokens": 48}
+    q = parse_result(
+        read_result(
+            write_result(
+                tmp_path / "q.json",
+                {"evaluator": "quality", **who} | {"perplexity": ppl, "continuation": cont, "humaneval": he},
+                cpu,
+            )
+        )
+    )
+    assert isinstance(q, QualityResult) and q.identity.model == "m" and not q.identity.per_head
+    assert (q.perplexity.bits_per_byte, q.perplexity.tokens_scored, q.continuation.rougeL_code) == (1.5, 400, 5.0)
+    assert (q.humaneval.pass_at_1, q.humaneval.problems, q.humaneval.max_new_tokens) == (0.25, 4, 48)
+    assert q.device.startswith("cpu") and q.device_threads == torch.get_num_threads()
+
+    h = parse_result(read_result(write_result(tmp_path / "h.json", {"evaluator": "humaneval", **who, **he}, cpu)))
+    assert isinstance(h, HumanEvalResult) and h.humaneval == q.humaneval
+
+    times = [2.0, 2.5, 3.0]
+    unavailable = {"method": "unavailable", "reason": "no counter"}
+    decode = [{"mode": "eager", "batch": b, "ms_per_token": spread(times), "energy": unavailable} for b in (1, 8)]
+    eff = {"evaluator": "efficiency", **who, "decode": decode, "prefill": [], "memory_bytes": 40}
+    e = parse_result(read_result(write_result(tmp_path / "e.json", eff, cpu)))
+    assert isinstance(e, EfficiencyResult) and e.pick(e.decode, "eager", 8).ms == Spread(2.5, 2.0, 3.0, 3)
+    assert e.decode[0].energy.figure == "unavailable" and e.pick(e.decode, "compile", 1) is None
+
+    timed = {"decode_ms_per_token": spread(times), "decode_ms_samples": times, "energy": unavailable}
+    ratio = {"median": 1.1, "ci_low": 1.0, "ci_high": 1.3, "p": 0.2}
+    side = {"evaluator": "side_by_side", "reference": "a", "mode": "eager", "rounds": 3, "gated": None}
+    side["models"] = {"a": timed, "b": timed | {"decode_ratio_to_reference": ratio}}
+    s = parse_result(read_result(write_result(tmp_path / "s.json", side, cpu)))
+    assert isinstance(s, SideBySideResult) and s.identity is None and s.rounds == 3
+    assert s.models["b"].decode_ratio.ci_high == 1.3 and s.models["a"].decode_ratio is None
+    assert s.models["a"].decode_samples == tuple(times) and s.models["a"].energy.flat()["method"] == "unavailable"
+
+    # a writer that leaves out what readers take is stopped before anything is written, naming the field
+    for name, payload, field in (
+        ("q2", {"evaluator": "quality", **who, "perplexity": ppl, "continuation": cont}, "humaneval"),
+        ("e2", eff | {"decode": [decode[0] | {"ms_per_token": {"median": 2.0}}]}, "p10"),
+        ("s2", {**side, "models": {"a": {"decode_ms_per_token": spread(times)}}}, "decode_ms_samples"),
+    ):
+        with pytest.raises(ValueError, match=f"result without a readable field '{field}'"):
+            write_result(tmp_path / f"{name}.json", payload, cpu)
+        assert not (tmp_path / f"{name}.json").exists()
+    # an evaluator whose figures have no typed reader here (lm-eval's harness tables) is written as it is
+    assert parse_result(read_result(write_result(tmp_path / "x.json", {"evaluator": "harness", **who}, cpu))) is None

@@ -1,9 +1,11 @@
 import json
 
 import pytest
+import torch
 
 import runners.study as study_mod
 import runners.study_steps as steps_mod
+from common.results import write_result
 from runners.study import run_study
 from runners.study_file import CompressSpec, RunSpec, Study, check_study, load_study
 from runners.study_steps import plan, train_cmd
@@ -363,10 +365,10 @@ def test_further_decoding_modes_are_timed_side_by_side_each_in_its_own_step(stud
     study.side_by_side, study.seeds = [], 1
     study.out.mkdir(parents=True)
     study.record().write(study.out)
-    lat = {"median": 2.0, "p10": 1.9, "p90": 2.2}
-    (study.out / "side_by_side-compile.json").write_text(
-        json.dumps({"mode": "compile", "models": {"r1": {"decode_ms_per_token": lat}}})
-    )
+    lat = {"median": 2.0, "p10": 1.9, "p90": 2.2, "n": 3}
+    timed = {"decode_ms_per_token": lat, "decode_ms_samples": [1.9, 2.0, 2.2]}
+    side = {"evaluator": "side_by_side", "reference": "r1", "mode": "compile", "models": {"r1": timed}}
+    write_result(study.out / "side_by_side-compile.json", side, torch.device("cpu"))
     rows = {r["model"]: r for r in group_rows(study.out, tmp_path / "logs")}
     assert rows["r1"]["decode_ms_compile"] == lat and "decode_ms_compile" not in rows["r1-w50"]
 

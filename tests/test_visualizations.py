@@ -2,11 +2,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from common.results import StudyRecord
+from common.records import StudyRecord
+from common.results import write_result
+from common.timing import spread
 from visualizations.compare import collect, compression_label, write_table
 from visualizations.plot_tradeoffs import tradeoff_figure
 from visualizations.plot_training import load_runs, over_training, training_costs, training_curves
+
+CPU = torch.device("cpu")
 
 
 def write_jsonl(path, rows):
@@ -70,19 +75,30 @@ def test_missing_run_is_a_clear_error(logs):
         load_runs(logs, ["a", "nope"])
 
 
-def test_over_training_plots_quality_against_tokens_and_energy_only_when_measured():
-    pts = {"r": [{"tokens": 200, "perplexity": 5.0, "energy_j": None}, {"tokens": 100, "perplexity": 9.0}]}
+def test_over_training_plots_quality_against_tokens_and_energy_only_when_measured(tmp_path):
+    from common.results import parse_result, read_result
+
+    def point(tokens, ppl, energy_j=None):
+        path = tmp_path / f"r@{tokens}-perplexity.json"
+        figures = {"perplexity": ppl, "bits_per_byte": ppl / 4, "mode": "sliding"}
+        payload = {"evaluator": "perplexity", "model": f"r@{tokens}", **figures, "run": "r", "tokens": tokens}
+        write_result(path, payload | {"energy_j": energy_j}, CPU)
+        return parse_result(read_result(path))
+
+    pts = {"r": [point(200, 5.0), point(100, 9.0)]}
     fig = over_training(pts)
     assert len(fig.axes) == 1  # no energy measured: no energy panel
     (line,) = fig.axes[0].get_lines()
     assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [9.0, 5.0]
-    pts["r"][0]["energy_j"] = 50.0
+    (line,) = over_training(pts, "bits_per_byte").axes[0].get_lines()
+    assert list(line.get_ydata()) == [2.25, 1.25]
+    pts["r"][0] = point(200, 5.0, energy_j=50.0)
     assert len(over_training(pts).axes) == 2
 
 
 def result(tmp_path, model, evaluator, **fields):
-    base = {"evaluator": evaluator, "model": model, "git_commit": "x", "device": "cpu", "torch_version": "t"}
-    (tmp_path / f"{model}-{evaluator}.json").write_text(json.dumps(base | fields))
+    """A result as its evaluator writes it (through write_result, which refuses one missing a figure)."""
+    write_result(tmp_path / f"{model}-{evaluator}.json", {"evaluator": evaluator, "model": model, **fields}, CPU)
 
 
 @pytest.fixture
@@ -107,10 +123,10 @@ def results(tmp_path):
             {
                 "batch": 1,
                 "mode": "eager",
-                "ms_per_token": {"median": ms},
+                "ms_per_token": spread([ms]),
                 "energy": {"method": "unavailable", "reason": "no counter"},
             },
-            {"batch": 8, "mode": "eager", "ms_per_token": {"median": 9 * ms}, "energy": {"method": "unavailable"}},
+            {"batch": 8, "mode": "eager", "ms_per_token": spread([9 * ms]), "energy": {"method": "unavailable"}},
         ]
         result(
             tmp_path,
@@ -120,7 +136,7 @@ def results(tmp_path):
             **common,
             memory_bytes=4000,
             decode=decode,
-            prefill=[{"batch": 1, "mode": "eager", "ms": {"median": 5.0}}],
+            prefill=[{"batch": 1, "mode": "eager", "ms": spread([5.0])}],
         )
     (tmp_path / "table.md").write_text("not a result")
     return tmp_path
@@ -191,7 +207,7 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
             "continuation": {"bleu": 1.0, "rougeL": 2.0, "rougeL_code": 3.0},
             "humaneval": {"pass": {"pass@1": 0.0}},
         }
-        (s.out / "evals" / f"{m.name}-quality.json").write_text(json.dumps(quality))
+        write_result(s.out / "evals" / f"{m.name}-quality.json", quality, CPU)
         log = Path(s.logs_dir) / m.run
         log.mkdir(parents=True)
         summary = {"name": m.run, "steps": 4, "final_val_loss": 3.0, "flops_per_token": flops[g], "tokens": 1000}
@@ -206,6 +222,7 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
             json.dumps({"step": 4, "loss": 1.0, "tokens": 1000, "elapsed_s": 1.0}) + "\n"
         )
     side = {
+        "evaluator": "side_by_side",
         "reference": "base4",
         "models": {
             g: {
@@ -216,7 +233,7 @@ def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
             for g, v in decode.items()
         },
     }
-    (s.out / "side_by_side.json").write_text(json.dumps(side))
+    write_result(s.out / "side_by_side.json", side, CPU)
     return s
 
 
@@ -404,7 +421,7 @@ def test_a_gated_side_by_side_states_no_latency_verdict_and_a_busy_machine_is_sa
     side["gated"] = "the A/A control (the reference timed twice) came out x1.150 [1.10, 1.20] apart"
     side["control"] = {"decode_control": {"median": 1.15, "ci_low": 1.10, "ci_high": 1.20}}
     side["load"] = {"busy": True, "other_processes_cores": 1.4, "cores": 2, "load_avg_1m_before": 3.0}
-    (s.out / "side_by_side.json").write_text(json.dumps(side))
+    write_result(s.out / "side_by_side.json", side, CPU)
     rows = group_rows(s.out, Path(s.logs_dir))
     comps = comparisons(rows, Path(s.logs_dir))
     latency = next(c for c in comps if "ratio" in c)

@@ -14,7 +14,7 @@ from filelock import FileLock, Timeout
 
 from common.cli import UserError
 from common.files import atomic_write
-from common.results import TrainingSummary
+from common.records import TrainingSummary
 from llama.model_io import list_checkpoints
 from training import distributed as D
 from training.checkpoint import remove_leftovers

@@ -32,7 +32,7 @@ from common.energy import EnergyMeter
 from common.files import atomic_write
 from common.hardware import peak_flops, run_metadata
 from common.progress import Progress
-from common.results import TrainingSummary
+from common.records import TrainingSummary
 from data.prepare import BatchSampler, Prefetcher, PreparedData, prepare, unigram_losses
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, parse_args, positional, run_main
-from common.results import ModelIdentity, read_result
+from common.results import (
+    EfficiencyResult,
+    HumanEvalResult,
+    PerplexityResult,
+    QualityResult,
+    parse_result,
+    read_result,
+)
 from visualizations import write_tables
 
 # what identifies a model in every table (this flat one and the study's grouped one)
@@ -79,18 +86,13 @@ def compression_label(c: dict | None) -> str:
     return f"{compression_label(base)} + {label}" if base else label
 
 
-def _pick(rows: list[dict], mode: str | None, batch: int) -> dict | None:
-    """The row measured at ``batch`` in ``mode`` (or, without a mode, in the first mode measured)."""
-    rows = [r for r in rows if r["batch"] == batch and (mode is None or r["mode"] == mode)]
-    return rows[0] if rows else None
-
-
 def collect(
     results_dir: str | Path, mode: str | None = None, batch: int = 1, skipped: list | None = None
 ) -> list[dict]:
-    """One row per model from every evaluator result in ``results_dir``. A JSON file that is not a result this
-    table shows (a harness run, a side-by-side timing, a table, a result missing its fields) is listed in
-    ``skipped`` with why, never a crash."""
+    """One row per model from every evaluator result in ``results_dir``, each read as its typed result
+    (common.results.parse_result). A JSON file that is not a result this table shows (a harness run, a
+    side-by-side timing, a table, a result missing its fields) is listed in ``skipped`` with why, never a
+    crash."""
     by_model: dict[str, dict] = {}
     skipped = [] if skipped is None else skipped
     for path in sorted(Path(results_dir).glob("*.json")):
@@ -99,70 +101,66 @@ def collect(
             raise UserError(f"{path} is not valid JSON; delete it and run its evaluator again")
         if not isinstance(r, dict) or "evaluator" not in r or "model" not in r:
             continue  # not an evaluator's result (a table, a study state ...)
-        if r["evaluator"] not in READERS:
+        try:
+            typed = parse_result(r)
+        except ValueError as e:
+            skipped.append((path, f"{e} (written by another version?)"))
+            continue
+        if type(typed) not in READERS:
             skipped.append((path, f"{r['evaluator']} results have no column in this table"))
             continue
-        row = by_model.setdefault(r["model"], {"model": r["model"]})
-        try:
-            READERS[r["evaluator"]](r, row, mode, batch)
-        except (KeyError, TypeError, IndexError) as e:
-            skipped.append((path, f"a {r['evaluator']} result without {e} (written by another version?)"))
-            continue
-        who = ModelIdentity.of(r)
+        who = typed.identity
+        row = by_model.setdefault(who.model, {"model": who.model})
+        READERS[type(typed)](typed, row, mode, batch)
         for key, value in (("params", who.params), ("n_layers", who.n_layers), ("per_head", who.per_head)):
             row.setdefault(key, value)
         row.setdefault("head_layer", who.head_layer)
-        if "compression" in r:
+        if who.compression is not None or "compression" in r:
             row["compression"] = compression_label(who.compression)
     for row in by_model.values():
         row.setdefault("compression", "none")
     return sorted(by_model.values(), key=lambda r: (r.get("n_layers") or 0, r["model"]))
 
 
-def _quality(r: dict, row: dict, mode, batch):
-    ppl = r["perplexity"]
+def _quality(r: QualityResult, row: dict, mode, batch):
     row |= {
-        "perplexity": ppl["perplexity"],
-        "bits_per_byte": ppl["bits_per_byte"],
-        "bleu": r["continuation"]["bleu"],
-        "rougeL": r["continuation"]["rougeL"],
-        "pass@1": r["humaneval"]["pass"].get("pass@1"),
+        "perplexity": r.perplexity.perplexity,
+        "bits_per_byte": r.perplexity.bits_per_byte,
+        "bleu": r.continuation.bleu,
+        "rougeL": r.continuation.rougeL,
+        "pass@1": r.humaneval.pass_at_1,
     }
 
 
-def _perplexity(r: dict, row: dict, mode, batch):
+def _perplexity(r: PerplexityResult, row: dict, mode, batch):
     """Either mode of eval.perplexity, each in its own columns (their figures do not compare)."""
-    if r.get("mode") == "lm-eval":
-        row |= {"word_perplexity": r["word_perplexity"], "bits_per_byte_lm_eval": r["bits_per_byte"]}
+    f = r.figures
+    if f.mode == "lm-eval":
+        row |= {"word_perplexity": f.word_perplexity, "bits_per_byte_lm_eval": f.bits_per_byte}
     elif "perplexity" not in row:  # eval.quality's figure, where there is one, is the table's
-        row |= {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+        row |= {"perplexity": f.perplexity, "bits_per_byte": f.bits_per_byte}
 
 
-def _humaneval(r: dict, row: dict, mode, batch):
-    row.setdefault("pass@1", r["pass"].get("pass@1"))
+def _humaneval(r: HumanEvalResult, row: dict, mode, batch):
+    row.setdefault("pass@1", r.humaneval.pass_at_1)
 
 
-def _efficiency(r: dict, row: dict, mode, batch):
-    prefill = _pick(r["prefill"], mode, batch)
-    decode = _pick(r["decode"], mode, batch)
-    row["memory_bytes"], row["disk_bytes"] = r.get("memory_bytes"), r.get("disk_bytes")
+def _efficiency(r: EfficiencyResult, row: dict, mode, batch):
+    prefill = r.pick(r.prefill, mode, batch)
+    decode = r.pick(r.decode, mode, batch)
+    row["memory_bytes"], row["disk_bytes"] = r.memory_bytes, r.disk_bytes
     if decode:
-        energy = decode["energy"]
-        row |= {
-            "decode_ms": decode["ms_per_token"]["median"],
-            "mode": decode["mode"],
-            "j_per_token": energy.get("j_per_token") if energy["method"] != "unavailable" else "unavailable",
-        }
+        row |= {"decode_ms": decode.ms.median, "mode": decode.mode}
+        row["j_per_token"] = decode.energy.figure if decode.energy else None
     if prefill:
-        row["prefill_ms"] = prefill["ms"]["median"]
+        row["prefill_ms"] = prefill.ms.median
 
 
 READERS = {
-    "quality": _quality,
-    "perplexity": _perplexity,
-    "perplexity-lm-eval": _perplexity,
-    "humaneval": _humaneval,
-    "efficiency": _efficiency,
+    QualityResult: _quality,
+    PerplexityResult: _perplexity,
+    HumanEvalResult: _humaneval,
+    EfficiencyResult: _efficiency,
 }
 
 

@@ -20,24 +20,26 @@ of the depth gap each richer shallower model recovers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from common.results import ModelIdentity, StudyRecord, TrainingSummary, read_result
+from common.records import StudyRecord, TrainingSummary
+from common.results import Result, parse_result, read_result
 from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
 
-# row key -> (part of the quality result, field)
+# row key -> its figure in a quality result (common.results.QualityResult)
 QUALITY = {
-    "bits_per_byte": ("perplexity", "bits_per_byte"),
-    "perplexity": ("perplexity", "perplexity"),
-    "bleu": ("continuation", "bleu"),
-    "rougeL": ("continuation", "rougeL"),
-    "rougeL_code": ("continuation", "rougeL_code"),
+    "bits_per_byte": lambda q: q.perplexity.bits_per_byte,
+    "perplexity": lambda q: q.perplexity.perplexity,
+    "bleu": lambda q: q.continuation.bleu,
+    "rougeL": lambda q: q.continuation.rougeL,
+    "rougeL_code": lambda q: q.continuation.rougeL_code,
 }
 
 
@@ -45,8 +47,10 @@ QUALITY = {
 BOUNDS = {"bleu": (0.0, 100.0), "rougeL": (0.0, 100.0), "rougeL_code": (0.0, 100.0), "bits_per_byte": (0.0, math.inf)}
 
 
-def _read(path: Path) -> dict | None:
-    return read_result(path)
+def _read(path: Path) -> Result | None:
+    """The typed result in ``path``, None where there is none (not measured yet, or not JSON)."""
+    r = read_result(path)
+    return parse_result(r) if isinstance(r, dict) else None
 
 
 def group_rows(out: Path, logs_dir: Path) -> list[dict]:
@@ -65,7 +69,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
         measured = [s for s in g["seeds"] if s["quality"]]
         row = {"model": g["model"], "kind": g["kind"], "base": g["base"], "seeds_measured": len(measured)}
         if measured:
-            who = ModelIdentity.of(measured[0]["quality"])
+            who = measured[0]["quality"].identity
             row |= {
                 "params": who.params,
                 "n_layers": who.n_layers,
@@ -77,10 +81,10 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
             if recovery:  # the same compression without its recovery, to find the study's unrecovered twin
                 before = {k: v for k, v in who.compression.items() if k != "recovery"}
                 row |= {"recovery": recovery["method"], "compression_before_recovery": compression_label(before)}
-            for key, (part, field) in QUALITY.items():
-                vals = [s["quality"][part][field] for s in measured if s["quality"][part].get(field) is not None]
+            for key, figure in QUALITY.items():
+                vals = [figure(s["quality"]) for s in measured if figure(s["quality"]) is not None]
                 row[key] = mean_ci(vals, bounds=BOUNDS.get(key)) if vals else None
-            passes = [s["quality"]["humaneval"]["pass"].get("pass@1") for s in measured]
+            passes = [s["quality"].humaneval.pass_at_1 for s in measured]
             row["pass@1"] = (
                 mean_ci([p for p in passes if p is not None], bounds=(0.0, 1.0))
                 if any(p is not None for p in passes)
@@ -97,18 +101,16 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
             }
         for path in sorted(out.glob("side_by_side-*.json")):  # further decoding modes timed side by side
             other = _read(path)
-            if other and g["model"] in other.get("models", {}):
-                row[f"decode_ms_{other.get('mode', path.stem.split('-', 1)[1])}"] = other["models"][g["model"]][
-                    "decode_ms_per_token"
-                ]
-        if side and g["model"] in side["models"]:
-            lat = side["models"][g["model"]]
-            row["decode_ms"] = lat["decode_ms_per_token"]
-            row["decode_ms_samples"] = lat["decode_ms_samples"]
-            row["decode_ratio"] = lat.get("decode_ratio_to_reference")
-            row["energy"] = lat["energy"]
-            row["latency_reference"] = side["reference"]
-            row["latency_gate"] = side.get("gated")
+            if other and g["model"] in other.models:
+                row[f"decode_ms_{other.mode}"] = dataclasses.asdict(other.models[g["model"]].decode_ms)
+        if side and g["model"] in side.models:
+            lat = side.models[g["model"]]
+            row["decode_ms"] = dataclasses.asdict(lat.decode_ms)
+            row["decode_ms_samples"] = list(lat.decode_samples)
+            row["decode_ratio"] = dataclasses.asdict(lat.decode_ratio) if lat.decode_ratio else None
+            row["energy"] = lat.energy.flat() if lat.energy else None
+            row["latency_reference"] = side.reference
+            row["latency_gate"] = side.gated
         rows.append(row)
     return rows
 

@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.cli import parse_args, run_main  # noqa: E402
-from common.results import TrainingSummary  # noqa: E402
+from common.records import TrainingSummary  # noqa: E402
+from common.results import PerplexityResult  # noqa: E402
 from visualizations import save_figures  # noqa: E402
 
 
@@ -101,18 +102,23 @@ def training_costs(runs: dict[str, dict]):
 
 
 def over_training(
-    points: dict[str, list[dict]], key: str = "perplexity", label: str = "held-out perplexity", note: str = ""
+    points: dict[str, list[PerplexityResult]],
+    key: str = "perplexity",
+    label: str = "held-out perplexity",
+    note: str = "",
 ):
-    """Quality of a run's periodic checkpoints against the tokens they had seen (and the training energy spent
-    by then, where it was measured); ``note`` (e.g. "seed 0 of each model") goes into the title."""
-    has_energy = any(p.get("energy_j") is not None for ps in points.values() for p in ps)
+    """Quality (``key``: a figure of eval.perplexity, "perplexity" or "bits_per_byte") of a run's periodic
+    checkpoints against the tokens they had seen (and the training energy spent by then, where it was measured);
+    ``note`` (e.g. "seed 0 of each model") goes into the title."""
+    has_energy = any(p.energy_j is not None for ps in points.values() for p in ps)
     fig, axes = plt.subplots(1, 2 if has_energy else 1, figsize=(12 if has_energy else 6.5, 4.5), squeeze=False)
     for i, (name, ps) in enumerate(points.items()):
-        ps = sorted(ps, key=lambda p: p["tokens"])
-        axes[0, 0].plot([p["tokens"] for p in ps], [p[key] for p in ps], "o-", color=f"C{i}", label=name)
+        ps = sorted(ps, key=lambda p: p.tokens)
+        quality = [getattr(p.figures, key) for p in ps]
+        axes[0, 0].plot([p.tokens for p in ps], quality, "o-", color=f"C{i}", label=name)
         if has_energy:
-            e = [p for p in ps if p.get("energy_j") is not None]
-            axes[0, 1].plot([p["energy_j"] for p in e], [p[key] for p in e], "o-", color=f"C{i}", label=name)
+            e = [(p.energy_j, q) for p, q in zip(ps, quality, strict=True) if p.energy_j is not None]
+            axes[0, 1].plot([x for x, _ in e], [q for _, q in e], "o-", color=f"C{i}", label=name)
     suffix = f" ({note})" if note else ""
     axes[0, 0].set(xlabel="training tokens", ylabel=label, title=f"{label} over training{suffix}")
     if has_energy:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from common.files import atomic_write
 from common.load import describe
-from common.results import StudyRecord, read_result
+from common.records import StudyRecord
+from common.results import PerplexityResult, QualityResult, Result, SideBySideResult, parse_result, read_result
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
 
@@ -35,8 +36,12 @@ FLOPs: tested only between runs trained to the same FLOP budget (within 5%); run
 meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule favours the run that finished."""
 
 
-def _first(paths) -> dict | None:
-    return next((r for r in map(read_result, paths) if r is not None), None)
+def _first(paths) -> Result | None:
+    for path in paths:
+        r = read_result(path)
+        if isinstance(r, dict):
+            return parse_result(r)
+    return None
 
 
 def _machine(device: str | None) -> str:
@@ -44,10 +49,9 @@ def _machine(device: str | None) -> str:
     return re.sub(r" \(\d+ threads\)$", "", device or "unknown device")
 
 
-def _threads(quality: dict | None, side: dict | None, workers: int) -> str:
-    def n(r):
-        m = re.search(r"\((\d+) threads\)", (r or {}).get("device", ""))
-        return m.group(1) if m else "?"
+def _threads(quality: QualityResult | None, side: SideBySideResult | None, workers: int) -> str:
+    def n(r: Result) -> str:
+        return _said(r.device_threads)
 
     parts = []
     if quality:
@@ -57,39 +61,43 @@ def _threads(quality: dict | None, side: dict | None, workers: int) -> str:
     return ("; ".join(parts) + ".") if parts else ""
 
 
-def evaluation_sizes(quality: dict | None, side: dict | None) -> list[str]:
+def _said(v) -> str:
+    """A setting as its result recorded it, "?" where it did not."""
+    return "?" if v is None else str(v)
+
+
+def evaluation_sizes(quality: QualityResult | None, side: SideBySideResult | None) -> list[str]:
     """What every figure of the report was measured on, read from the results (one set for the whole report)."""
     out = []
     if quality:
-        ppl, cont, he = quality.get("perplexity", {}), quality.get("continuation", {}), quality.get("humaneval", {})
-        passed = he.get("pass", {})
+        ppl, cont, he = quality.perplexity, quality.continuation, quality.humaneval
         out += [
-            f"- Perplexity and bits per byte: {_num(ppl.get('tokens_scored'), ',')} held-out tokens "
-            f"({ppl.get('source', '?')}"
-            + (f": {ppl['sample']}" if ppl.get("sample") else ": the first tokens of the split, in its order")
-            + f"), windows of {ppl.get('context', '?')} tokens every {ppl.get('stride', '?')}; "
+            f"- Perplexity and bits per byte: {_num(ppl.tokens_scored, ',')} held-out tokens "
+            f"({ppl.source or '?'}"
+            + (f": {ppl.sample}" if ppl.sample else ": the first tokens of the split, in its order")
+            + f"), windows of {_said(ppl.context)} tokens every {_said(ppl.stride)}; "
             "the same text for every model and every checkpoint.",
-            f"- Continuations (BLEU, ROUGE-L): {cont.get('pairs', '?')} held-out documents, prompted with their first "
-            f"{cont.get('prompt_tokens', '?')} tokens, scored against the next {cont.get('continuation_tokens', '?')}.",
-            f"- HumanEval: {passed.get('problems', '?')} of the 164 problems, {passed.get('samples_per_problem', '?')} "
-            f"sample(s) each, {he.get('max_new_tokens', '?')} new tokens, {passed.get('timeout_s', '?')} s per program;"
-            f" pass@1 over {passed.get('problems', '?')} problems moves in steps of "
-            f"{1 / max(1, passed.get('problems') or 1):.3f}.",
+            f"- Continuations (BLEU, ROUGE-L): {_said(cont.pairs)} held-out documents, prompted with their first "
+            f"{_said(cont.prompt_tokens)} tokens, scored against the next {_said(cont.continuation_tokens)}.",
+            f"- HumanEval: {_said(he.problems)} of the 164 problems, {_said(he.samples_per_problem)} "
+            f"sample(s) each, {_said(he.max_new_tokens)} new tokens, {_said(he.timeout_s)} s per program;"
+            f" pass@1 over {_said(he.problems)} problems moves in steps of "
+            f"{1 / max(1, he.problems or 1):.3f}.",
         ]
     if side:
         out.append(
-            f"- Latency: {side.get('rounds', '?')} interleaved rounds; decode of {side.get('n_tokens', '?')} tokens "
-            f"after a context of {side.get('context', '?')}, prefill of {side.get('prompt_len', '?')} tokens, "
-            f"batch {side.get('batch', '?')}, {side.get('mode', '?')} mode, {side.get('threads', '?')} thread(s)."
+            f"- Latency: {_said(side.rounds)} interleaved rounds; decode of {_said(side.n_tokens)} tokens "
+            f"after a context of {_said(side.context)}, prefill of {_said(side.prompt_len)} tokens, "
+            f"batch {_said(side.batch)}, {side.mode} mode, {_said(side.threads)} thread(s)."
         )
-        control = (side.get("control") or {}).get("decode_control")
-        if control and control.get("ci_low") is not None:
+        control = side.control
+        if control and control.ci_low is not None:
             out.append(
-                f"- A/A control (the reference timed a second time as its own copy): x{control['median']:.3f} "
-                f"[{control['ci_low']:.3f}, {control['ci_high']:.3f}], this run's noise floor"
-                + (f"; {side['gated']}." if side.get("gated") else ": not distinguishable from 1, so verdicts stand.")
+                f"- A/A control (the reference timed a second time as its own copy): x{control.median:.3f} "
+                f"[{control.ci_low:.3f}, {control.ci_high:.3f}], this run's noise floor"
+                + (f"; {side.gated}." if side.gated else ": not distinguishable from 1, so verdicts stand.")
             )
-        busy = describe(side.get("load"))
+        busy = describe(side.load)
         if busy:
             out.append(f"- **Busy machine**: {busy}.")
     return out or ["- (no evaluation results yet)"]
@@ -231,19 +239,19 @@ def write_report(
     comps: list[dict],
     runs: dict[str, dict],
     figures: list[str],
-    over_training: dict,
+    over_training: dict[str, list[PerplexityResult]],
     answers: list[dict] | None = None,
 ) -> Path:
     """report.md in ``out``, from the study's record (study.json) and what was measured."""
     quality = _first(sorted((out / "evals").glob("*-quality.json")))
     side = _first([out / "side_by_side.json"])
-    meta = quality or side or {}
+    meta = quality or side
     shared = study.workers > 1  # steps ran several at once: their wall-clock times share the machine
     lines = [
         f"# Study `{study.name}`",
         "",
-        f"Measured on {_machine(meta.get('device'))}, torch {meta.get('torch_version', '?')}, commit "
-        f"`{str(meta.get('git_commit', '?'))[:12]}`; report written {time.strftime('%Y-%m-%d %H:%M')}. "
+        f"Measured on {_machine(meta and meta.device)}, torch {meta.torch_version if meta else '?'}, commit "
+        f"`{(meta.git_commit if meta else '?')[:12]}`; report written {time.strftime('%Y-%m-%d %H:%M')}. "
         + _threads(quality, side, study.workers),
         "",
         *([study.about.strip(), ""] if study.about.strip() else []),
@@ -340,10 +348,10 @@ def write_report(
             "|---|---|---|---|---|---|",
         ]
         for run, pts in over_training.items():
-            for p in sorted(pts, key=lambda p: p["step"]):
+            for p in sorted(pts, key=lambda p: p.step):
                 lines.append(
-                    f"| {run} | {p['step']} | {p['tokens']:,} | {p['perplexity']:.3f} | "
-                    f"{_num(p.get('bits_per_byte'), '.4f')} | {_num(p.get('energy_j'), '.1f')} |"
+                    f"| {run} | {p.step} | {p.tokens:,} | {_num(p.figures.perplexity, '.3f')} | "
+                    f"{_num(p.figures.bits_per_byte, '.4f')} | {_num(p.energy_j, '.1f')} |"
                 )
         lines.append("")
     lines += [
