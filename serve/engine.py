@@ -20,6 +20,7 @@ from serve.detokenize import LogprobsHeld, TextStream, logprob_entry
 from serve.plan import Plan
 from serve.scheduler import ClientGone, Scheduler, Sequence
 from serve.served import Served
+from serve.transport import MAX_CONNECTIONS
 
 IDLE_S = 2.0  # idle power measured this long when the server starts
 CHECK_PROMPTS = ("def add(a, b):\n", "import os\n", "class Stack:\n    def __init__(self):")
@@ -34,6 +35,7 @@ def load_served(
     workdir: Path | None,
     name: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> Served:
     ev = load_model(checkpoint, device, "float32")  # numerics as the ONNX / OpenVINO exports (float32)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="serve-"))
@@ -65,7 +67,16 @@ def load_served(
     lock = threading.Lock()
     schedulers = {engine: Scheduler(s, lock) for engine, s in slots.items()}
     served = Served(
-        ev, schedulers, unavailable, max_tokens_limit, longest, lock, counter=counter, counter_reason=reason, name=name
+        ev,
+        schedulers,
+        unavailable,
+        max_tokens_limit,
+        longest,
+        lock,
+        max_connections=max_connections,
+        counter=counter,
+        counter_reason=reason,
+        name=name,
     )
     if counter is not None:  # idle power once, at start: a request is too short to measure it beside
         with EnergyMeter(ev.device, idle_s=IDLE_S, counter=counter) as meter:

@@ -24,9 +24,10 @@ class Served:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one engine step at a time, all engines
     # one thread tokenizes every request's prompts, off the event loop (tokenizers are not all thread-safe)
     tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
-    # a thread per request in flight waits for its sequences (serve.engine.run), up to the connections the
-    # server accepts: asyncio's default pool (cores + 4 threads) would let only 6 requests into a batch on 2 cores
-    requests: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(MAX_CONNECTIONS, "request"))
+    max_connections: int = MAX_CONNECTIONS  # connections the server accepts at once
+    # a thread per request in flight waits for its sequences (serve.engine.run), up to max_connections:
+    # asyncio's default pool (cores + 4 threads) would let only 6 requests into a batch on 2 cores
+    requests: ThreadPoolExecutor = field(init=False)
     counter: object = None
     counter_reason: str | None = None
     idle_power_w: float | None = None  # measured at start-up; each request's net energy subtracts it
@@ -35,6 +36,7 @@ class Served:
 
     def __post_init__(self):
         self.name = self.name or self.ev.name
+        self.requests = ThreadPoolExecutor(self.max_connections, "request")
 
     def models(self) -> dict[str, str]:
         """Model id -> engine: ``<name>`` is served by the first engine, ``<name>:<engine>`` by each."""

@@ -54,7 +54,6 @@ import asyncio
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -230,9 +229,15 @@ def main(argv=None):
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
     served = load_served(
-        a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch
+        a.checkpoint,
+        a.engines,
+        a.device,
+        a.max_tokens_limit,
+        a.workdir,
+        a.served_model_name,
+        a.max_batch,
+        a.max_connections,
     )
-    served.requests = ThreadPoolExecutor(a.max_connections, "request")  # one waiting thread per request
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()

@@ -340,3 +340,33 @@ def test_engines_use_the_thread_count_the_server_sets(model, tmp_path, monkeypat
                 assert decoder.threads == want, (engine, decoder.threads)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_request_threads_are_as_many_as_the_connections_the_server_accepts():
+    """--max-connections sizes the threads that wait for requests' sequences: that many run at once, no more."""
+    from types import SimpleNamespace
+
+    from serve.served import Served
+
+    served = Served(SimpleNamespace(name="m"), {}, {}, 4, max_connections=3)
+    running, most, gate = [0], [0], threading.Event()
+    guard = threading.Lock()
+
+    def wait():
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        gate.wait(10)
+        with guard:
+            running[0] -= 1
+
+    futures = [served.requests.submit(wait) for _ in range(5)]
+    deadline = time.monotonic() + 10
+    while most[0] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a fourth thread, were there one, would have started by now
+    assert most[0] == 3
+    gate.set()
+    for f in futures:
+        f.result(10)
+    served.requests.shutdown()

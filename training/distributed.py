@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from common.device import pick_device
 
@@ -82,6 +83,12 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         if x.device.type != "cuda":  # gloo has no AVG
             x /= info.world_size
     return x
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``x``'s whole value: FSDP2 returns a sharded DTensor from clip_grad_norm_ (its
+    ``full_tensor`` gathers it); any other tensor is returned as it is."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def barrier(info: DistInfo):

@@ -279,8 +279,8 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, float, torch.Tensor |
         if cfg.optim.grad_clip > 0
         else None
     )
-    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
+    if grad_norm is not None:
+        grad_norm = D.local(grad_norm)  # FSDP2's is a DTensor
     step_loss = D.all_reduce_mean(loss_sum, info)  # a collective, not a host sync
     finite = torch.isfinite(step_loss)
     if grad_norm is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.files import atomic_write
 from common.load import describe
-from common.records import StudyRecord
+from common.records import StudyRecord, TrainingSummary
 from common.results import PerplexityResult, QualityResult, Result, SideBySideResult, parse_result, read_result
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
@@ -275,15 +275,15 @@ def write_report(
     ]
     groups = {m.name: m.group for m in study.members if m.kind == "trained"}
     for name, r in runs.items():
-        s = r["summary"].to_json() if r.get("summary") else {}
+        s: TrainingSummary | None = r.get("summary")
         command = study.commands.get(groups.get(name, ""), "?")
         lines.append(
-            f"| {name} | `{command}` | {_num(s.get('params'), ',')} | "
-            f"{_num(s.get('n_layers'), 'd')} | {per_head_label(s)} | "
-            f"{_num(s.get('flops_per_token'), '.3g')} | {_num(s.get('tokens'), ',')} | "
-            f"{_num(s.get('epochs'), '.2f')} | "
-            f"{_num(s.get('train_time_s'), '.0f')} | {_num(s.get('tokens_per_s'), ',.0f')} | "
-            f"{_num(s.get('final_val_loss'), '.4f')} | {_num(s.get('unigram_val_loss'), '.4f')} |"
+            f"| {name} | `{command}` | {_num(s and s.params, ',')} | "
+            f"{_num(s and s.n_layers, 'd')} | {per_head_label({'head_layer': s.head_layer}) if s else '-'} | "
+            f"{_num(s and s.flops_per_token, '.3g')} | {_num(s and s.tokens, ',')} | "
+            f"{_num(s and s.epochs, '.2f')} | "
+            f"{_num(s and s.train_time_s, '.0f')} | {_num(s and s.tokens_per_s, ',.0f')} | "
+            f"{_num(s and s.final_val_loss, '.4f')} | {_num(s and s.unigram_val_loss, '.4f')} |"
         )
     if shared:
         lines += [
