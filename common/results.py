@@ -478,3 +478,16 @@ def parse_result(record: dict) -> Result | None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"a {record['evaluator']} result without a readable {what}") from None
+
+
+def read_typed(path: str | os.PathLike) -> Result | None:
+    """The typed result in ``path``: None where there is none yet (missing, not JSON, or an evaluator without a
+    typed reader); one of another schema version, or missing a figure its readers take, is refused in one line
+    naming the file."""
+    record = read_result(path)
+    if not isinstance(record, dict) or "evaluator" not in record:
+        return None
+    try:
+        return parse_result(record)
+    except ValueError as e:
+        raise UserError(f"{path} is {e}: delete it and run its evaluator again") from None

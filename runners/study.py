@@ -30,7 +30,7 @@ from common.cli import UserError, from_table, parse_args, positional, run_main
 from common.files import atomic_write
 from common.progress import Progress
 from common.records import StudyRecord
-from common.results import PerplexityResult, parse_result, read_result
+from common.results import PerplexityResult, read_typed
 from runners.cluster import resources_of
 from runners.study_file import HERE, Study, load_study, study_from_runners
 from runners.study_steps import (
@@ -196,8 +196,7 @@ def build_outputs(s: Study) -> Path:
         (s.out / "plots" / "training_costs.png").unlink(missing_ok=True)
     points = {}
     for path in sorted((s.out / "over_training").glob("*.json")):
-        r = read_result(path)
-        point = parse_result(r) if isinstance(r, dict) else None
+        point = read_typed(path)
         if isinstance(point, PerplexityResult) and point.run is not None:
             points.setdefault(point.run, []).append(point)
     token_ppl = all(p.figures.perplexity is not None for ps in points.values() for p in ps)  # lm-eval has none

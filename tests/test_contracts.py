@@ -404,5 +404,15 @@ def test_evaluator_results_round_trip_through_their_typed_schema(tmp_path):
         with pytest.raises(ValueError, match=f"result without a readable field '{field}'"):
             write_result(tmp_path / f"{name}.json", payload, cpu)
         assert not (tmp_path / f"{name}.json").exists()
+    # a result edited or cut since (a figure gone) is refused in one line naming the file, never misread
+    from common.cli import UserError
+    from common.results import read_typed
+
+    damaged = json.loads((tmp_path / "q.json").read_text())
+    del damaged["continuation"]["bleu"]
+    (tmp_path / "q.json").write_text(json.dumps(damaged))
+    with pytest.raises(UserError, match=r"q.json is a quality result without a readable field 'bleu'"):
+        read_typed(tmp_path / "q.json")
+    assert read_typed(tmp_path / "missing.json") is None
     # an evaluator whose figures have no typed reader here (lm-eval's harness tables) is written as it is
     assert parse_result(read_result(write_result(tmp_path / "x.json", {"evaluator": "harness", **who}, cpu))) is None

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from common.records import StudyRecord, TrainingSummary
-from common.results import Result, parse_result, read_result
+from common.results import read_typed
 from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
@@ -47,19 +47,13 @@ QUALITY = {
 BOUNDS = {"bleu": (0.0, 100.0), "rougeL": (0.0, 100.0), "rougeL_code": (0.0, 100.0), "bits_per_byte": (0.0, math.inf)}
 
 
-def _read(path: Path) -> Result | None:
-    """The typed result in ``path``, None where there is none (not measured yet, or not JSON)."""
-    r = read_result(path)
-    return parse_result(r) if isinstance(r, dict) else None
-
-
 def group_rows(out: Path, logs_dir: Path) -> list[dict]:
     members = StudyRecord.read(out).members
-    side = _read(out / "side_by_side.json")
+    side = read_typed(out / "side_by_side.json")
     groups: dict[str, dict] = {}
     for m in members:
         g = groups.setdefault(m.group, {"model": m.group, "kind": m.kind, "base": m.base, "seeds": []})
-        q = _read(out / "evals" / f"{m.name}-quality.json")
+        q = read_typed(out / "evals" / f"{m.name}-quality.json")
         summary = TrainingSummary.read(logs_dir / m.run) if m.kind == "trained" else None
         g["seeds"].append(
             {"seed": m.seed, "seed_value": m.seed_value, "name": m.name, "quality": q, "summary": summary, "run": m.run}
@@ -100,7 +94,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 "runs": [s["run"] for s in g["seeds"] if s["summary"]],
             }
         for path in sorted(out.glob("side_by_side-*.json")):  # further decoding modes timed side by side
-            other = _read(path)
+            other = read_typed(path)
             if other and g["model"] in other.models:
                 row[f"decode_ms_{other.mode}"] = dataclasses.asdict(other.models[g["model"]].decode_ms)
         if side and g["model"] in side.models:

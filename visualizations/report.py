@@ -13,7 +13,7 @@ from pathlib import Path
 from common.files import atomic_write
 from common.load import describe
 from common.records import StudyRecord, TrainingSummary
-from common.results import PerplexityResult, QualityResult, Result, SideBySideResult, parse_result, read_result
+from common.results import PerplexityResult, QualityResult, Result, SideBySideResult, read_typed
 from visualizations.compare import per_head_label
 from visualizations.grouped import sentence
 
@@ -37,11 +37,7 @@ meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule
 
 
 def _first(paths) -> Result | None:
-    for path in paths:
-        r = read_result(path)
-        if isinstance(r, dict):
-            return parse_result(r)
-    return None
+    return next((r for r in map(read_typed, paths) if r is not None), None)
 
 
 def _machine(device: str | None) -> str:
