@@ -481,10 +481,12 @@ def parse_result(record: dict) -> Result | None:
 
 
 def read_typed(path: str | os.PathLike) -> Result | None:
-    """The typed result in ``path``: None where there is none yet (missing, not JSON, or an evaluator without a
-    typed reader); one of another schema version, or missing a figure its readers take, is refused in one line
-    naming the file."""
+    """The typed result in ``path``: None where there is none yet (missing, or an evaluator without a typed
+    reader); one that is not JSON, of another schema version, or missing a figure its readers take, is refused
+    in one line naming the file."""
     record = read_result(path)
+    if record is None and os.path.lexists(path):
+        raise UserError(f"{path} is not valid JSON (cut or edited): delete it and run its evaluator again")
     if not isinstance(record, dict) or "evaluator" not in record:
         return None
     try:

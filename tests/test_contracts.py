@@ -414,5 +414,8 @@ def test_evaluator_results_round_trip_through_their_typed_schema(tmp_path):
     with pytest.raises(UserError, match=r"q.json is a quality result without a readable field 'bleu'"):
         read_typed(tmp_path / "q.json")
     assert read_typed(tmp_path / "missing.json") is None
+    (tmp_path / "q.json").write_text('{"evaluator": "quality", "perpl')
+    with pytest.raises(UserError, match="q.json is not valid JSON"):
+        read_typed(tmp_path / "q.json")
     # an evaluator whose figures have no typed reader here (lm-eval's harness tables) is written as it is
     assert parse_result(read_result(write_result(tmp_path / "x.json", {"evaluator": "harness", **who}, cpu))) is None
