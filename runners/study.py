@@ -127,7 +127,9 @@ def _run_locally(s: Study, progress: bool) -> Path:
 
 
 def finished(s: Study, step: Step, marker: Path) -> bool:
-    return marker.is_file() or step.done(s)
+    """A step is finished once its marker is written, while what the report reads of it is still there (a result
+    deleted since is measured again), or where its output was made before the study (a run trained already)."""
+    return (marker.is_file() and step.kept(s)) or step.done(s)
 
 
 def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:

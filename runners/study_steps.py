@@ -67,6 +67,9 @@ class TrainStep:
     def done(self, s: Study) -> bool:  # a run trained before the study (summary and a checkpoint) is reused
         return (Path(s.logs_dir) / self.name / "summary.json").is_file() and bool(list_checkpoints(self.output(s)))
 
+    def kept(self, s: Study) -> bool:  # checkpoints deleted for disk space after the study used them stay so
+        return True
+
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         run(train_cmd(s, self.run, self.seed))
 
@@ -102,6 +105,9 @@ class CompressStep:
     def done(self, s: Study) -> bool:
         return (Path(self.options.out) / "compression.json").is_file()  # written last, with the model
 
+    def kept(self, s: Study) -> bool:  # as a trained run's checkpoints: the study's results were taken from it
+        return True
+
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         run(["compress", *self.argv])
 
@@ -125,6 +131,9 @@ class EvaluateStep:
     def done(self, s: Study) -> bool:
         return False  # results are written atomically, but only the marker says all of a step finished
 
+    def kept(self, s: Study) -> bool:  # the table and report read it: a deleted result is measured again
+        return self.output(s).is_file()
+
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         run([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra])
 
@@ -147,6 +156,9 @@ class SideBySideStep:
     def done(self, s: Study) -> bool:
         return False
 
+    def kept(self, s: Study) -> bool:  # the table and report read it: a deleted result is measured again
+        return self.output(s).is_file()
+
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         cmd = ["eval.side_by_side", *map(str, self.models.values()), "--names", *self.models]
         mode = [] if self.mode is None else ["--mode", self.mode]  # after side_by_side's own options: it wins
@@ -168,6 +180,9 @@ class OverTrainingStep:
 
     def done(self, s: Study) -> bool:
         return False
+
+    def kept(self, s: Study) -> bool:  # a run whose points were all deleted is measured again
+        return any(self.output(s).glob(f"{self.run}@step_*-perplexity.json"))
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         over_training(s, self.run, run)

@@ -53,6 +53,13 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
         calls.append(step.key)
         if step.key == "quality-r1-w50" and calls.count("quality-r1-w50") == 1:
             raise KeyboardInterrupt  # interrupted in the middle of the study
+        out = step.output(s)  # what the step leaves for the report: a result file, or a folder of them
+        if out.suffix == ".json":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("{}")
+        elif step.key.startswith("over_training"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{step.run}@step_2-perplexity.json").write_text("{}")
 
     monkeypatch.setattr(steps_mod, "run_step", fake_step)
     monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
@@ -68,6 +75,11 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
     calls.clear()
     run_study(study, progress=False)
     assert calls == []
+    # a result deleted since (or cut, and deleted as its error says) is measured again: its step alone runs
+    (study.out / "evals" / "r1-quality.json").unlink()
+    (study.out / "side_by_side.json").unlink()
+    run_study(study, progress=False)
+    assert calls == ["quality-r1", "side_by_side"]
 
 
 def test_training_step_resumes_or_restarts(study, tmp_path):
