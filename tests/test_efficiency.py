@@ -38,6 +38,12 @@ def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model):
     engine.release()
     assert seen == [[[5], [5]], [[6], [6]], [[7], [7]]]  # each row at its own position, as the server's step
     assert model.causal_mask is None  # released: no cache left in the model
+    run, engine = latency.decode_run(model, batch=1, context_len=5, n_tokens=3)
+    seen, real = [], engine.advance
+    engine.advance = lambda tokens, pos: seen.append(pos.tolist()) or real(tokens, pos)
+    run()
+    engine.release()
+    assert seen == [[5], [6], [7]]  # one sequence: the model's plain path, as the server steps a batch of one
 
 
 def test_the_timed_engine_decodes_what_the_server_and_eager_generation_decode(model):
