@@ -112,3 +112,50 @@ class TrainingSummary:
         if any(d.get(k) is None for k in ("name", "steps", "tokens", "final_val_loss")):
             return None  # not a finished run's summary
         return cls(**{k: d[k] for k in names if k in d}, extra={k: v for k, v in d.items() if k not in names})
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Training after compression (compress/recover.py): its method (full, lora, distill) and steps."""
+
+    method: str
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What ``python -m compress`` did to make a model (its compression.json, also every result's
+    ``compression``), as the loader, the tables and the report read it; the file keeps the rest (sizes,
+    calibration, the pruning report, the recovery's settings)."""
+
+    method: str  # magnitude, wanda, sparsegpt, structured, drop-<how>, quantize
+    quantize: str | None = None  # the scheme (compress/quantize.py), also after pruning or dropping
+    sparsity: float | None = None
+    pattern: str | None = None  # N:M, e.g. 2:4
+    layers: int | None = None  # blocks dropped
+    head_ratio: float | None = None  # structured pruning: heads and FFN channels kept
+    ffn_ratio: float | None = None
+    recovery: Recovery | None = None
+    finetune_steps: int | None = None  # records written before recovery had its own record
+    base: Compression | None = None  # the compression of the model this one was made from
+
+    @classmethod
+    def of(cls, d: dict | None) -> Compression | None:
+        if not d:
+            return None
+        recovery = d.get("recovery")
+        return cls(
+            method=d["method"],
+            quantize=d.get("quantize"),
+            sparsity=d.get("sparsity"),
+            pattern=d.get("pattern"),
+            layers=d.get("layers"),
+            head_ratio=d.get("head_ratio"),
+            ffn_ratio=d.get("ffn_ratio"),
+            recovery=Recovery(recovery["method"], recovery.get("steps")) if recovery else None,
+            finetune_steps=d.get("finetune_steps"),
+            base=cls.of(d.get("base_compression")),
+        )
+
+    def before_recovery(self) -> Compression:
+        return dataclasses.replace(self, recovery=None)

@@ -13,6 +13,7 @@ import torch
 
 from common.cli import UserError
 from common.device import autocast, compute_dtype, pick_device
+from common.records import Compression
 from compress import read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 from llama.model import count_params
@@ -46,14 +47,20 @@ class Loaded:
 
     @property
     def quantized(self) -> bool:
-        return bool(self.compression and self.compression.get("quantize"))
+        return self.scheme is not None
+
+    @property
+    def scheme(self) -> str | None:
+        """The quantization scheme the model runs in (compression.json's), None for one not quantized."""
+        c = Compression.of(self.compression)
+        return c.quantize if c else None
 
     def autocast(self):
         return autocast(self.device, self.dtype)
 
     def batch_size(self, requested: int) -> int:
         """The batch to run with: 1 where a sequence's result would depend on its batch neighbours."""
-        return 1 if self.quantized and self.compression["quantize"] in BATCH_DEPENDENT_SCHEMES else requested
+        return 1 if self.scheme in BATCH_DEPENDENT_SCHEMES else requested
 
 
 def model_name(folder: Path) -> str:
@@ -67,9 +74,10 @@ def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str =
     stored = None if folder is None else quantized_file(folder)
     if stored is not None:  # stored quantized: its weights go into the model of the folder's shapes
         compression = read_compression(folder)
-        if not (compression and compression.get("quantize")):
+        c = Compression.of(compression)
+        if not (c and c.quantize):
             raise UserError(f"{folder} holds {stored.name} but no compression.json naming its scheme")
-        s = scheme(compression["quantize"])
+        s = scheme(c.quantize)
         if s.file != stored.name:
             raise UserError(f"{folder} holds {stored.name}, which {s.name} does not store; quantize its base again")
         s.available(dev)
@@ -81,6 +89,7 @@ def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str =
     model, tok, folder = load_folder(checkpoint, dev)
     n_params = count_params(model)["total"]
     compression = read_compression(folder)
-    if compression and compression.get("quantize"):  # a scheme that stores the unquantized weights
-        model = quantize(model, compression["quantize"]).eval()
+    c = Compression.of(compression)
+    if c and c.quantize:  # a scheme that stores the unquantized weights
+        model = quantize(model, c.quantize).eval()
     return Loaded(model_name(folder), folder, model, tok, dev, dt, compression, n_params)

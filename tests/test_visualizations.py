@@ -170,10 +170,21 @@ def test_tradeoff_plot_data_and_no_front(results):
 
 
 def test_compression_labels():
-    assert compression_label({"method": "sparsegpt", "pattern": "2:4"}) == "sparsegpt 2:4"
-    assert compression_label({"method": "drop-angular", "layers": 2}) == "drop 2 (angular)"
+    from common.records import Compression
+
+    def label(record):  # compression.json as written, read as every reader reads it
+        return compression_label(Compression.of(record))
+
+    assert label({"method": "sparsegpt", "pattern": "2:4"}) == "sparsegpt 2:4"
+    assert label({"method": "drop-angular", "layers": 2}) == "drop 2 (angular)"
     q = {"method": "quantize", "quantize": "int8-dynamic", "base_compression": {"method": "wanda", "sparsity": 0.5}}
-    assert compression_label(q) == "wanda 50% + int8-dynamic"
+    assert label(q) == "wanda 50% + int8-dynamic"
+    assert label(None) == label({}) == "none"
+    assert label({"method": "magnitude", "sparsity": 0.3, "finetune_steps": 20}) == "magnitude 30% +ft20"  # older
+    lora = Compression.of(
+        {"method": "structured", "head_ratio": 0.5, "ffn_ratio": 0.75, "recovery": {"method": "lora"}}
+    )
+    assert compression_label(lora.before_recovery()) == "structured h50/f75" and lora.recovery.steps is None
 
 
 def _fake_study(tmp_path, bpb: dict, decode: dict, workers: int = 1):
@@ -377,11 +388,12 @@ def test_matched_tokens_is_said_only_when_the_tokens_match(tmp_path):
 
 
 def test_a_recovered_model_is_compared_with_its_unrecovered_twin_and_its_dense_base(tmp_path):
+    from common.records import Compression
     from common.stats import mean_ci
     from visualizations.grouped import comparisons
 
     compression = {"method": "drop-bi", "layers": 1, "recovery": {"method": "lora", "steps": 30}}
-    assert compression_label(compression) == "drop 1 (bi) +lora30"
+    assert compression_label(Compression.of(compression)) == "drop 1 (bi) +lora30"
 
     def row(model, kind, base, bpb, **extra):
         return {"model": model, "kind": kind, "base": base, "n_layers": 4, "bits_per_byte": mean_ci(bpb)} | extra

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, parse_args, positional, run_main
+from common.records import Compression
 from common.results import (
     EfficiencyResult,
     HumanEvalResult,
@@ -64,26 +65,25 @@ def per_head_label(row: dict) -> str:
     return " + ".join(parts)
 
 
-def compression_label(c: dict | None) -> str:
-    if not c:
+def compression_label(c: Compression | None) -> str:
+    if c is None:
         return "none"
-    m = c["method"]
+    m = c.method
     if m == "quantize":
-        label = c["quantize"]
+        label = c.quantize
     elif m in ("magnitude", "wanda", "sparsegpt"):
-        label = f"{m} {c['pattern']}" if c.get("pattern") else f"{m} {round(100 * c['sparsity'])}%"
+        label = f"{m} {c.pattern}" if c.pattern else f"{m} {round(100 * c.sparsity)}%"
     elif m.startswith("drop-"):
-        label = f"drop {c['layers']} ({m.removeprefix('drop-')})"
+        label = f"drop {c.layers} ({m.removeprefix('drop-')})"
     elif m == "structured":
-        label = f"structured h{round(100 * c['head_ratio'])}/f{round(100 * c['ffn_ratio'])}"
+        label = f"structured h{round(100 * c.head_ratio)}/f{round(100 * c.ffn_ratio)}"
     else:
         label = m
-    if c.get("recovery"):  # recovered after compression (compress/recover.py)
-        label += f" +{c['recovery']['method']}{c['recovery']['steps']}"
-    elif c.get("finetune_steps"):  # results written before recovery had its own record
-        label += f" +ft{c['finetune_steps']}"
-    base = c.get("base_compression")
-    return f"{compression_label(base)} + {label}" if base else label
+    if c.recovery:  # recovered after compression (compress/recover.py)
+        label += f" +{c.recovery.method}{c.recovery.steps}"
+    elif c.finetune_steps:  # results written before recovery had its own record
+        label += f" +ft{c.finetune_steps}"
+    return f"{compression_label(c.base)} + {label}" if c.base else label
 
 
 def collect(
@@ -116,7 +116,7 @@ def collect(
             row.setdefault(key, value)
         row.setdefault("head_layer", who.head_layer)
         if who.compression is not None or "compression" in r:
-            row["compression"] = compression_label(who.compression)
+            row["compression"] = compression_label(Compression.of(who.compression))
     for row in by_model.values():
         row.setdefault("compression", "none")
     return sorted(by_model.values(), key=lambda r: (r.get("n_layers") or 0, r["model"]))

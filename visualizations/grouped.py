@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.records import StudyRecord, TrainingSummary
+from common.records import Compression, StudyRecord, TrainingSummary
 from common.results import read_typed
 from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
 from visualizations import write_tables
@@ -64,17 +64,17 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
         row = {"model": g["model"], "kind": g["kind"], "base": g["base"], "seeds_measured": len(measured)}
         if measured:
             who = measured[0]["quality"].identity
+            compression = Compression.of(who.compression)
             row |= {
                 "params": who.params,
                 "n_layers": who.n_layers,
                 "per_head": who.per_head,
                 "head_layer": who.head_layer,
-                "compression": compression_label(who.compression),
+                "compression": compression_label(compression),
             }
-            recovery = (who.compression or {}).get("recovery")
-            if recovery:  # the same compression without its recovery, to find the study's unrecovered twin
-                before = {k: v for k, v in who.compression.items() if k != "recovery"}
-                row |= {"recovery": recovery["method"], "compression_before_recovery": compression_label(before)}
+            if compression and compression.recovery:  # the same compression unrecovered: the study's twin of it
+                row["recovery"] = compression.recovery.method
+                row["compression_before_recovery"] = compression_label(compression.before_recovery())
             for key, figure in QUALITY.items():
                 vals = [figure(s["quality"]) for s in measured if figure(s["quality"]) is not None]
                 row[key] = mean_ci(vals, bounds=BOUNDS.get(key)) if vals else None
