@@ -6,11 +6,11 @@ in vLLM and TGI (without paged attention: a slot holds a whole context).
 
 - ``TorchSlots``: this project's models (a static KV cache of ``max_batch`` rows), eager or with the decode
   step under torch.compile (one graph per batch size, batch sizes rounded up to powers of two, compiled at
-  start-up by ``check_slots``);
+  start-up by their ``check``);
 - ``OneSlot``: any other decoder of runtime/decoding.py (ONNX Runtime, OpenVINO, transformers models, whose
   exported step or growing cache holds one sequence): one sequence at a time, said so in its ``note``.
 
-``check_slots`` decodes prompts joining a batch at different steps and compares each with eager greedy
+``Slots.check`` decodes prompts joining a batch at different steps and compares each with eager greedy
 decoding of that prompt alone, token for token, before an engine serves anything.
 """
 
@@ -27,12 +27,14 @@ from models.hf import available_memory
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, OwnCache, TorchDecoder
+from runtime.engines import Engine
 
 
-class Slots:
-    """Sequences in slots 0..max_batch-1. ``open(slot, ids)`` runs a prompt into a free slot and returns the
-    (V,) float32 logits of its next token; ``step(slots, tokens, positions)`` feeds each listed slot its next
-    token at its position and returns (len(slots), V) float32 logits; ``close(slot)`` frees a slot."""
+class Slots(Engine):
+    """An engine (runtime/engines.py) that holds sequences in slots 0..max_batch-1. ``open(slot, ids)`` runs a
+    prompt into a free slot and returns the (V,) float32 logits of its next token; ``step(slots, tokens,
+    positions)`` feeds each listed slot its next token at its position and returns (len(slots), V) float32
+    logits; ``close(slot)`` frees a slot. Its ``check``, through ``runtime.engines.check`` as every engine's."""
 
     name = ""
     note = ""
@@ -46,6 +48,17 @@ class Slots:
 
     def close(self, slot: int) -> None:
         pass
+
+    def check(self, model: nn.Module, prompts: list[list[int]], n_tokens: int) -> None:
+        """Raise unless every prompt decoded inside a batch (filled to ``max_batch``, sequences joining one step
+        apart and leaving at different steps) gets exactly the greedy tokens of eager decoding alone."""
+        fill = [prompts[i % len(prompts)] for i in range(max(len(prompts), self.max_batch + 1))]
+        lengths = [max(1, n_tokens - (i % 3)) for i in range(len(fill))]  # leave at different steps
+        alone = {i: generate(model, [p], n_tokens)[0] for i, p in enumerate(prompts)}
+        got = greedy(self, fill, lengths)
+        for i, tokens in enumerate(got):
+            if tokens != alone[i % len(prompts)][: lengths[i]]:
+                raise ValueError(f"{self.name}: a sequence decoded in a batch differs from greedy decoding alone")
 
 
 def _bucket(n: int, most: int) -> int:
@@ -241,15 +254,3 @@ def greedy(slots: Slots, prompts: list[list[int]], n_tokens: list[int], join_eve
                 logits = dict(zip(order, rows, strict=True))
         step += 1
     return out
-
-
-def check_slots(slots: Slots, model: nn.Module, prompts: list[list[int]], n_tokens: int) -> None:
-    """Raise unless every prompt decoded inside a batch (filled to ``max_batch``, sequences joining one step
-    apart and leaving at different steps) gets exactly the greedy tokens of eager decoding alone."""
-    fill = [prompts[i % len(prompts)] for i in range(max(len(prompts), slots.max_batch + 1))]
-    lengths = [max(1, n_tokens - (i % 3)) for i in range(len(fill))]  # leave at different steps
-    alone = {i: generate(model, [p], n_tokens)[0] for i, p in enumerate(prompts)}
-    got = greedy(slots, fill, lengths)
-    for i, tokens in enumerate(got):
-        if tokens != alone[i % len(prompts)][: lengths[i]]:
-            raise ValueError(f"{slots.name}: a sequence decoded in a batch differs from greedy decoding alone")

@@ -1,12 +1,14 @@
 """Runtime engines: one hierarchy. ``Engine`` is a way to run a model, with a name, a note saying what it is,
-and its check against eager PyTorch, which it must pass before it is timed or served (``check``). Two kinds:
+and its check against eager PyTorch, which it must pass before it is timed or served (``check``). Three kinds:
 
 - ``ForwardEngine`` (here): the full forward without KV cache (tokens -> logits), exported with a dynamic
   batch and sequence length, checked on fresh inputs of new shapes: torch, torch.compile, torch.export +
   AOTInductor, ONNX Runtime, and TorchScript as a legacy engine;
 - ``runtime.decoding.Decoder``: a prompt, then token by token with a KV cache (torch, compile, ONNX Runtime,
-  OpenVINO), checked token for token against eager greedy generation; the server batches them
-  (runtime/batching.py).
+  OpenVINO), checked token for token against eager greedy generation;
+- ``runtime.batching.Slots``: several sequences at once, each in its slot of the KV cache (continuous
+  batching: what the server decodes with, and what eval/latency.py times), checked with sequences joining and
+  leaving a full batch against each one's eager greedy decoding alone.
 
 - ``aoti``: ``torch.export`` then AOTInductor, PyTorch's recommended way to deploy a model ahead of time
   (a compiled .pt2 package; compiling takes tens of seconds on a CPU).

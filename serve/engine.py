@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
-from runtime.batching import build_slots, check_slots
+from runtime.batching import build_slots
 from runtime.decoding import build_decoder
 from runtime.engines import check
 from runtime.loading import load_model
@@ -51,7 +51,7 @@ def load_served(
             check(decoder, ev.model, prompts, n_check)
             slots[engine] = build_slots(decoder, ev.model, ev.device, max_batch)
             if slots[engine].max_batch > 1:  # sequences joining and leaving a full batch, each as if alone
-                check_slots(slots[engine], ev.model, prompts, n_check)
+                check(slots[engine], ev.model, prompts, n_check)
             print(f"engine {engine}: ready ({time.perf_counter() - t0:.0f} s; {slots[engine].note})", flush=True)
         except Exception as e:  # reported on /health and in every answer, never hidden
             unavailable[engine] = failure(e, 200)

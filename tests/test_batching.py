@@ -14,8 +14,9 @@ import torch
 
 from llama.generation import generate
 from llama.model import ModelArgs, Transformer
-from runtime.batching import OneSlot, TorchSlots, check_slots, greedy
+from runtime.batching import OneSlot, TorchSlots, greedy
 from runtime.decoding import TorchDecoder
+from runtime.engines import Engine, check
 from serve.scheduler import ClientGone, Scheduler, Sequence
 
 CPU = torch.device("cpu")
@@ -59,7 +60,8 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(model):
 def test_sequences_that_join_and_leave_a_batch_decode_as_greedy_alone(model, max_batch):
     torch.set_num_threads(1)
     slots = TorchSlots(model, CPU, max_batch)
-    check_slots(slots, model, PROMPTS, 10)  # raises on any difference
+    assert isinstance(slots, Engine)  # one hierarchy: checked as every engine is
+    check(slots, model, PROMPTS, 10)  # raises on any difference
     lengths = [10, 3, 7, 1, 10]
     got = greedy(slots, PROMPTS, lengths, join_every=2)
     for p, n, tokens in zip(PROMPTS, lengths, got, strict=True):
@@ -91,7 +93,7 @@ def test_check_slots_refuses_an_engine_that_mixes_rows(model):
             return super().step(slots, tokens, positions).roll(1, 0)
 
     with pytest.raises(ValueError, match="differs from greedy decoding alone"):
-        check_slots(Swapped(model, CPU, 4), model, PROMPTS, 6)
+        check(Swapped(model, CPU, 4), model, PROMPTS, 6)
 
 
 def _run(scheduler, seqs, timeout=60):
