@@ -362,6 +362,10 @@ class Transformer(nn.Module):
         inference path): the vocabulary projection of a 128-token prompt is 127 rows of wasted work.
         """
         B, T = tokens.shape
+        if input_pos is not None and input_pos.dim() == 2 and B == 1:
+            # one row at its own positions is the shared case: the plain path, as fast as for any single sequence
+            # (the per-row indexing made a batch of one 7-10% slower per token on a 2-core CPU)
+            input_pos = input_pos[0]
         if self.causal_mask is not None:
             if input_pos is None:
                 raise ValueError("the KV cache is set up: pass input_pos (positions of tokens) to forward")

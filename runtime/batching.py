@@ -145,13 +145,8 @@ class TorchSlots(Slots):
         return self.decode(self.model, tokens, positions)
 
     def positions(self, pos: int, rows: int | None = None) -> torch.Tensor:
-        """The positions ``advance`` takes when every one of ``rows`` (default: all) is at ``pos``: (rows, 1), a
-        position per row, or (1,) for one row, the model's plain path (its per-row indexing made a batch of one
-        7-10% slower per token on a 2-core CPU)."""
-        rows = rows or self.max_batch
-        if rows == 1:
-            return torch.tensor([pos], device=self.device)
-        return torch.full((rows, 1), pos, dtype=torch.long, device=self.device)
+        """The positions ``advance`` takes when every one of ``rows`` (default: all) is at ``pos``: (rows, 1)."""
+        return torch.full((rows or self.max_batch, 1), pos, dtype=torch.long, device=self.device)
 
     def release(self) -> None:
         """Take this engine's cache out of the model and free it (a later call sets up a new one)."""
@@ -172,12 +167,9 @@ class TorchSlots(Slots):
         # position 0 of its own free row, which the next prompt there overwrites.
         n = _bucket(max(slots) + 1, self.max_batch)
         x = torch.zeros(n, 1, dtype=torch.long)
+        pos = torch.zeros(n, 1, dtype=torch.long)
         x[slots, 0] = torch.tensor(tokens)
-        if n == 1:  # one sequence: its position alone (as ``positions`` gives it)
-            pos = torch.tensor(positions)
-        else:
-            pos = torch.zeros(n, 1, dtype=torch.long)
-            pos[slots, 0] = torch.tensor(positions)
+        pos[slots, 0] = torch.tensor(positions)
         logits = self.advance(x.to(self.device), pos.to(self.device))
         return logits[slots].float().cpu()
 

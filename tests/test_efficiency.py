@@ -26,7 +26,7 @@ def test_latency_fields_and_spread(model):
     assert model.causal_mask is None  # caches removed afterwards
 
 
-def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model):
+def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model, monkeypatch):
     import eval.latency as latency
     from runtime.batching import TorchSlots
 
@@ -38,12 +38,15 @@ def test_decode_run_decodes_n_tokens_at_the_positions_after_the_context(model):
     engine.release()
     assert seen == [[[5], [5]], [[6], [6]], [[7], [7]]]  # each row at its own position, as the server's step
     assert model.causal_mask is None  # released: no cache left in the model
+    # one sequence: the model's plain path (shared positions), as for the server's batch of one
+    from llama.model import KVCache
+
     run, engine = latency.decode_run(model, batch=1, context_len=5, n_tokens=3)
-    seen, real = [], engine.advance
-    engine.advance = lambda tokens, pos: seen.append(pos.tolist()) or real(tokens, pos)
+    dims, update = [], KVCache.update
+    monkeypatch.setattr(KVCache, "update", lambda self, pos, k, v: dims.append(pos.tolist()) or update(self, pos, k, v))
     run()
     engine.release()
-    assert seen == [[5], [6], [7]]  # one sequence: the model's plain path, as the server steps a batch of one
+    assert dims == [[p] for p in (5, 6, 7) for _ in model.layers]  # 1-D: each layer's cache on the plain path
 
 
 def test_the_timed_engine_decodes_what_the_server_and_eager_generation_decode(model):
@@ -131,15 +134,13 @@ def test_engine_check_catches_a_wrong_engine(model):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cudagraph_decode_matches_eager_on_gpu(tiny_perhead_args):
+def test_cudagraph_decode_matches_eager_on_gpu(model):
     # The mode behind the GPU decode table computes what eager decoding computes, at every position: the
     # replayed graph reads each step's new position and writes the cache where eager decoding would.
     from llama.generation import decode_one_token
     from runtime.compile import compiled
 
-    m = Transformer(tiny_perhead_args).cuda().eval()
-    for layer in m.layers:
-        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    m = model.cuda()  # the fixture's per-head model, its per-head layers switched on
     m.setup_caches(2, 16)
     step = compiled(decode_one_token, "compile+cudagraphs", torch.device("cuda"))
     try:
@@ -193,13 +194,11 @@ def test_an_efficiency_result_records_its_threads_and_the_machines_load(trained_
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_timed_engine_under_cuda_graphs_decodes_as_eager_on_gpu(tiny_perhead_args):
+def test_the_timed_engine_under_cuda_graphs_decodes_as_eager_on_gpu(model):
     # what the GPU latency rows time: the server's engine, rows at their own positions, replayed as a CUDA graph
     from runtime.batching import timed_engine
 
-    m = Transformer(tiny_perhead_args).cuda().eval()
-    for layer in m.layers:
-        torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.1)
+    m = model.cuda()  # the fixture's per-head model, its per-head layers switched on
     cuda = torch.device("cuda")
     prompts = torch.randint(0, 97, (2, 8), device=cuda)
     graphs, eager = timed_engine(m, cuda, 2, 16, "compile+cudagraphs"), timed_engine(m, cuda, 2, 16)
