@@ -115,7 +115,7 @@ def collect(
         for key, value in (("params", who.params), ("n_layers", who.n_layers), ("per_head", who.per_head)):
             row.setdefault(key, value)
         row.setdefault("head_layer", who.head_layer)
-        if who.compression is not None or "compression" in r:
+        if who.compression is not None:  # (an uncompressed model's row gets "none" below)
             row["compression"] = compression_label(Compression.of(who.compression))
     for row in by_model.values():
         row.setdefault("compression", "none")

@@ -76,7 +76,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 row["recovery"] = compression.recovery.method
                 row["compression_before_recovery"] = compression_label(compression.before_recovery())
             for key, figure in QUALITY.items():
-                vals = [figure(s["quality"]) for s in measured if figure(s["quality"]) is not None]
+                vals = [v for v in (figure(s["quality"]) for s in measured) if v is not None]
                 row[key] = mean_ci(vals, bounds=BOUNDS.get(key)) if vals else None
             passes = [s["quality"].humaneval.pass_at_1 for s in measured]
             row["pass@1"] = (

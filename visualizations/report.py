@@ -46,14 +46,13 @@ def _machine(device: str | None) -> str:
 
 
 def _threads(quality: QualityResult | None, side: SideBySideResult | None, workers: int) -> str:
-    def n(r: Result) -> str:
-        return _said(r.device_threads)
-
     parts = []
     if quality:
-        parts.append(f"quality evaluations ran with {n(quality)} thread(s) each, {workers} step(s) at once")
+        parts.append(
+            f"quality evaluations ran with {_said(quality.device_threads)} thread(s) each, {workers} step(s) at once"
+        )
     if side:
-        parts.append(f"latency was timed alone with {n(side)} thread(s)")
+        parts.append(f"latency was timed alone with {_said(side.device_threads)} thread(s)")
     return ("; ".join(parts) + ".") if parts else ""
 
 
