@@ -94,6 +94,9 @@ def prune_structured(
             if gate is not None:  # gated attention: rows of wg are laid out head by head, like wq's
                 width = gate.out_features // n_heads  # head_dim (elementwise) or 1 (headwise)
                 tp.prune_linear_out_channels(gate, _pruned(unit_rows(heads, width), gate.out_features))
+            head_norm = _optional(block, lay.get("head_norm"))
+            if head_norm is not None:  # per-head RMSNorm: its flat gains are laid out head by head, like wo's inputs
+                head_norm.weight = nn.Parameter(head_norm.weight.data[unit_rows(heads, hd)].clone())
         if len(channels) < n_ch:
             for name in lay["mlp_in"]:
                 tp.prune_linear_out_channels(block.get_submodule(name), _pruned(channels, n_ch))

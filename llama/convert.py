@@ -75,6 +75,8 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError("per-head layers have no equivalent in HF Llama; only baseline models can be exported")
     if a.attn_gate is not None:
         raise UserError("gated attention has no equivalent in HF Llama; only baseline models can be exported")
+    if a.head_norm:
+        raise UserError("per-head RMSNorm has no equivalent in HF Llama; only baseline models can be exported")
     if any(x is not None for x in (a.layer_n_heads, a.layer_n_kv_heads, a.layer_ffn_hidden_dim)):
         raise UserError("HF Llama has one size for every layer; a structurally pruned model cannot be exported")
     sd = model.state_dict()

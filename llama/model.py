@@ -1,9 +1,10 @@
-"""Llama-2 (Touvron et al., 2023) with two optional richer heads: per-head layers and gated attention.
+"""Llama-2 (Touvron et al., 2023) with optional richer heads: per-head layers, gated attention and per-head
+RMSNorm (the near-free control).
 
-Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> Attention (+ output gate, + per-head
-layers) -> FeedForward -> TransformerBlock -> Transformer. With ``ModelArgs.head_layer = None`` and
-``ModelArgs.attn_gate = None`` the module tree, the parameter names and the outputs are exactly Llama-2's
-(Meta's names, so checkpoints map one to one).
+Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> Attention (+ output gate, + per-head norm,
++ per-head layers) -> FeedForward -> TransformerBlock -> Transformer. With ``ModelArgs.head_layer = None``,
+``ModelArgs.attn_gate = None`` and ``ModelArgs.head_norm = False`` the module tree, the parameter names and the
+outputs are exactly Llama-2's (Meta's names, so checkpoints map one to one).
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ class HeadLayerArgs:
     hidden_dim: int | None = None  # Dm, hidden size of each head's MLP; None means head_dim
     activation: str = "silu"  # one of ACTIVATIONS
     residual: bool = True  # o_h + W2 act(W1 o_h); W2 then starts at zero so training starts from plain Llama
+    init_std: float | None = None  # std of W1's initial weights; None: head_dim**-0.5 (variance-preserving)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise UserError(f"head_layer.activation={self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
         if self.hidden_dim is not None and self.hidden_dim <= 0:
             raise UserError(f"head_layer.hidden_dim={self.hidden_dim} must be positive (or None for head_dim)")
+        if self.init_std is not None and not 0 < self.init_std < 10:  # "not" also rejects NaN
+            raise UserError(f"head_layer.init_std={self.init_std} must be in (0, 10) (or None: head_dim**-0.5)")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ModelArgs:
     tie_embeddings: bool = False  # share tok_embeddings and output weights (Llama-2 does not)
     head_layer: HeadLayerArgs | None = None  # per-head layers; None is plain Llama-2
     attn_gate: str | None = None  # gated attention (Qiu et al., 2025): elementwise or headwise; None is plain Llama-2
+    head_norm: bool = False  # RMSNorm on each head's attention output before wo (Qiu et al.'s near-free control)
     # Per-layer sizes, set by structured pruning (compress/prune.py); None = the same in every layer.
     layer_n_heads: list[int] | None = None  # query heads of each layer (head_dim stays dim // n_heads)
     layer_n_kv_heads: list[int] | None = None  # key/value heads of each layer
@@ -129,8 +134,12 @@ class ModelArgs:
         hl, spec = self.head_layer, {}
         if hl is not None:
             spec = {"hidden_dim": self.head_layer_dim, "activation": hl.activation, "residual": hl.residual}
+        if hl is not None and hl.init_std is not None:
+            spec["init_std"] = hl.init_std
         if self.attn_gate is not None:
             spec["gate"] = self.attn_gate
+        if self.head_norm:
+            spec["head_norm"] = True
         return spec or None
 
     def to_dict(self) -> dict:
@@ -229,9 +238,12 @@ class PerHeadLayer(nn.Module):
         super().__init__()
         self.act = ACTIVATIONS[args.activation]
         self.residual = args.residual
-        # Variance-preserving init for W1. With the residual, a zero W2 makes the block start as plain
-        # Llama (like LoRA's zero B); without it W2 must carry the signal from the first step.
-        self.w1 = nn.Parameter(torch.randn(n_heads, head_dim, hidden_dim) * head_dim**-0.5)
+        # Variance-preserving init for W1 unless init_std says otherwise (0.02 is every other matrix's: a large
+        # hidden layer at head_dim**-0.5 starts with outputs far larger than the rest of the block's). With the
+        # residual, a zero W2 makes the block start as plain Llama (like LoRA's zero B); without it W2 must
+        # carry the signal from the first step.
+        std = head_dim**-0.5 if args.init_std is None else args.init_std
+        self.w1 = nn.Parameter(torch.randn(n_heads, head_dim, hidden_dim) * std)
         w2 = torch.zeros(n_heads, hidden_dim, head_dim)
         if not self.residual:
             w2.normal_(0.0, hidden_dim**-0.5)
@@ -241,6 +253,22 @@ class PerHeadLayer(nn.Module):
         h = self.act(torch.einsum("bthd,hdm->bthm", o, self.w1))  # (B, T, H, Dm)
         out = torch.einsum("bthm,hmd->bthd", h, self.w2)  # (B, T, H, Dh)
         return o + out if self.residual else out
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's attention output, with a gain per head and channel: Qiu et al. (2025) report that
+    this near-free change gets most of the output gate's gain, so any richer head is measured against it. The
+    gains are stored flat (H * Dh, head by head, as wo's input columns), a vector like every norm's gain, so the
+    optimizer leaves them undecayed."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:  # o: (B, T, H, Dh)
+        normed = F.rms_norm(o.float(), o.shape[-1:], None, self.eps).type_as(o)
+        return normed * self.weight.view(-1, o.shape[-1])
 
 
 class Attention(nn.Module):
@@ -254,6 +282,7 @@ class Attention(nn.Module):
         # The gate reads the block's normalised input x (Qiu et al.'s G1: query-dependent, after SDPA); a plain
         # Llama attention has no wg at all, so its state dict stays Meta's.
         self.wg = nn.Linear(args.dim, args.gate_width(self.n_heads), bias=False) if args.attn_gate else None
+        self.head_norm = HeadNorm(self.n_heads, self.head_dim, args.norm_eps) if args.head_norm else None
         self.head_layer = None
         if args.head_layer is not None:
             self.head_layer = PerHeadLayer(self.n_heads, self.head_dim, args.head_layer_dim, args.head_layer)
@@ -276,6 +305,8 @@ class Attention(nn.Module):
         o = o.transpose(1, 2)  # (B, T, n_heads, head_dim)
         if self.wg is not None:  # o_h <- o_h * sigmoid(x W_g), per channel (elementwise) or per head (headwise)
             o = o * torch.sigmoid(self.wg(x)).view(B, T, self.n_heads, -1)
+        if self.head_norm is not None:
+            o = self.head_norm(o)
         if self.head_layer is not None:
             o = self.head_layer(o)
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))

@@ -129,6 +129,7 @@ FAMILIES = {
                 "mlp_out": "feed_forward.w2",
                 "per_head": "attention.head_layer",
                 "gate": "attention.wg",  # gated attention's projection (None in a model without the gate)
+                "head_norm": "attention.head_norm",  # per-head RMSNorm's gains, head by head (None without it)
             },
         ),
         Transformers(
