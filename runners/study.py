@@ -33,6 +33,7 @@ from common.records import StudyRecord
 from common.results import PerplexityResult, read_typed
 from runners.cluster import resources_of
 from runners.study_file import HERE, Study, load_study, study_from_runners
+from runners.study_tune import choose, tune_steps
 from runners.study_steps import (
     SideBySideStep,
     Step,
@@ -80,18 +81,28 @@ def _check_unchanged(s: Study, steps: list[Step]):
 
 
 def _run_locally(s: Study, progress: bool) -> Path:
-    markers = s.out / "steps"
-    markers.mkdir(parents=True, exist_ok=True)
+    if s.tune is not None:  # the learning-rate check first: the main runs train at the rates it chooses
+        check = tune_steps(s)
+        _check_unchanged(s, check)
+        _run_steps_locally(s, check, progress, f"{s.name} rate check")
+        s.rates = choose(s)
     steps = plan(s)
     _check_unchanged(s, steps)
     s.record().write(s.out)  # what the table and report group by (study.json)
+    _run_steps_locally(s, steps, progress, s.name)
+    return build_outputs(s)
+
+
+def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
+    markers = s.out / "steps"
+    markers.mkdir(parents=True, exist_ok=True)
     phases: dict[str, list[Step]] = {}
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
     running: dict[str, str] = {}
     # steps finished before count as the bar's start, so its rate and ETA are this run's, not 9,000 steps/s
     before = sum(finished(s, st, markers / f"{st.key}.json") for st in steps)
-    with Progress(total=len(steps), initial=before, desc=s.name, unit="step", disable=not progress) as bar:
+    with Progress(total=len(steps), initial=before, desc=desc, unit="step", disable=not progress) as bar:
 
         def show():
             bar.set_postfix_str(" | ".join(f"{k}: {v}" if v else k for k, v in running.items())[:150])
@@ -123,7 +134,6 @@ def _run_locally(s: Study, progress: bool) -> Path:
             with ThreadPoolExecutor(workers) as pool:
                 for future in [pool.submit(one, step, threads) for step in todo]:
                     future.result()  # the first failure stops the study once the steps under way end
-    return build_outputs(s)
 
 
 def finished(s: Study, step: Step, marker: Path) -> bool:
@@ -137,24 +147,35 @@ def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
     too: it has a node to itself), the phase's jobs waited for, then the next phase."""
     from runners.cluster import Jobs
 
-    markers = s.out / "steps"
-    markers.mkdir(parents=True, exist_ok=True)
     jobs = Jobs(executor, s.out / "jobs", s.cluster or resources_of({}, "defaults", from_table))
+    if s.tune is not None:
+        check = tune_steps(s)
+        _check_unchanged(s, check)
+        _run_steps_on_cluster(s, check, jobs, progress, f"{s.name} rate check ({executor})")
+        s.rates = choose(s)
     steps = plan(s)
     _check_unchanged(s, steps)
     s.record().write(s.out)
+    _run_steps_on_cluster(s, steps, jobs, progress, f"{s.name} ({executor})")
+    return build_outputs(s)
+
+
+def _run_steps_on_cluster(s: Study, steps: list[Step], jobs, progress: bool, desc: str):
+    markers = s.out / "steps"
+    markers.mkdir(parents=True, exist_ok=True)
     phases: dict[str, list[Step]] = {}
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
-    with Progress(total=len(steps), desc=f"{s.name} ({executor})", unit="step", disable=not progress) as bar:
+    with Progress(total=len(steps), desc=desc, unit="step", disable=not progress) as bar:
         for kind, phase in phases.items():
             todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
             bar.update(len(phase) - len(todo))
             if not todo:
                 continue
             bar.set_postfix_str(f"{kind}: {len(todo)} job(s)")
+            resources = "train" if kind == "tune" else kind  # a check's runs are trainings
             failed = jobs.run_phase(
-                todo, kind, partial(_job, s), lambda st: markers / f"{st.key}.json", lambda st: bar.update(1)
+                todo, resources, partial(_job, s), lambda st: markers / f"{st.key}.json", lambda st: bar.update(1)
             )
             if failed:
                 step, record = failed[0]
@@ -164,7 +185,6 @@ def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
                     f"step {step.key} failed in {record['executor']} job {record['job_id']}: {why}; step log: {log}, "
                     f"job log: {record['stderr']}" + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else "")
                 )
-    return build_outputs(s)
 
 
 def _job(s: Study, step: Step):
@@ -296,6 +316,8 @@ def main(argv=None):
             raise UserError(f"--seeds {a.seeds}: give a whole number from 1 to 100")
         if (a.seeds == 1) != (study.seeds == 1):  # one seed names runs <name>, several <name>-s<k>
             raise UserError(f"--seeds {a.seeds}: the study has {study.seeds} seed(s); one and several name runs apart")
+        if study.tune is not None and study.tune.seeds > a.seeds:
+            raise UserError(f"--seeds {a.seeds}: the study's [tune] trains {study.tune.seeds} seeds per rate; give more")
         study.seeds = a.seeds
         study.source += f" --seeds {a.seeds}"
     from runners.cluster import EXECUTORS

@@ -29,6 +29,7 @@ class RunSpec:
     runner: str  # a runner of runners/ (tiny, baseline_8_layer ...)
     name: str  # the run's name (with seeds > 1, seed k is <name>-s<k>)
     args: list[str] = field(default_factory=list)  # the runner's overrides, e.g. ["--max-steps", "120"]
+    lr_grid: list[float] = field(default_factory=list)  # this run's learning-rate check (default: [tune] lr)
 
 
 @dataclass
@@ -63,6 +64,17 @@ class EvalSpec:
 
 
 @dataclass
+class TuneSpec:
+    """The ``[tune]`` table: a learning-rate check before the main runs. Every run is trained at every rate of
+    ``lr`` with the study's first ``seeds`` seeds, at its full budget; each run then trains its remaining seeds
+    at the rate of lowest loss (runners/study_tune.py), and the check's runs at that rate are its first seeds."""
+
+    lr: list[float]  # peak learning rates, e.g. [1e-3, 2e-3, 4e-3, 8e-3] (a factor 2 apart)
+    seeds: int = 2  # seeds per rate
+    tail: float = 0.1  # the rate is chosen by the mean training loss over this last fraction of the steps
+
+
+@dataclass
 class Study:
     name: str
     runs: list[RunSpec]
@@ -83,14 +95,23 @@ class Study:
     workers: int = 1  # steps run at once within a phase (each child then gets cores / workers threads)
     cluster: dict = field(default_factory=dict)  # step kind -> runners.cluster.Resources ([cluster.<kind>])
     about: str = ""  # what the study can answer: the report's first paragraph
+    tune: TuneSpec | None = None  # the learning-rate check ([tune]); None: every run at its runner's rate
+    rates: dict[str, float] = field(default_factory=dict)  # run -> the rate its check chose (study_tune.choose)
 
     @property
     def out(self) -> Path:
         return Path(self.results_dir) / self.name
 
     def member(self, group: str, seed: int) -> str:
-        """The run or folder name of one seed of a model of the study (the name itself with one seed)."""
+        """The run or folder name of one seed of a model of the study (the name itself with one seed); a run
+        whose rate was chosen by the study's check carries it in its name, as the check's runs do."""
+        if group in self.rates:
+            return self.run_name(group, seed, self.rates[group])
         return group if self.seeds == 1 else f"{group}-s{seed}"
+
+    def run_name(self, group: str, seed: int, lr: float) -> str:
+        """The name of run ``group`` trained at peak rate ``lr`` (a check's run, or a main run at its chosen rate)."""
+        return f"{group}-lr{lr:g}" + ("" if self.seeds == 1 else f"-s{seed}")
 
     def members(self) -> list[Member]:
         """Every model the study trains or builds, one entry per seed, with the seed it was trained with: what
@@ -117,10 +138,19 @@ class Study:
     def record(self) -> StudyRecord:
         """What the report reads about this study (study.json): no object of this module crosses into
         visualizations."""
-        commands = {r.name: f"{r.runner} {' '.join(r.args)}".strip() for r in self.runs}
+        commands = {r.name: f"{r.runner} {' '.join(self.run_args(r))}".strip() for r in self.runs}
         commands |= {c.name: f"compress {' '.join(c.args)} on {c.base}" for c in self.compress}
         commands |= {e.name: f"external {e.path}" for e in self.external}
         return StudyRecord(self.name, self.source or self.name, self.workers, self.members(), commands, self.about)
+
+    def grid(self, run: RunSpec) -> list[float]:
+        """The rates ``run``'s learning-rate check tries: its own ``lr_grid``, else the study's [tune] lr."""
+        return run.lr_grid or (self.tune.lr if self.tune else [])
+
+    def run_args(self, run: RunSpec, lr: float | None = None) -> list[str]:
+        """The runner options of ``run``: the study file's, then the rate (``lr``, else the one its check chose)."""
+        lr = self.rates.get(run.name) if lr is None else lr
+        return [*run.args] + ([] if lr is None else ["--lr", repr(float(lr))])
 
     def evaluation_set(self) -> list[str]:
         """eval.perplexity options that select the text eval.quality scores (its --max-tokens, --stride and text
@@ -131,7 +161,7 @@ class Study:
         argv = [] if q.max_tokens is None else ["--max-tokens", str(q.max_tokens)]
         argv += [] if q.stride is None else ["--stride", str(q.stride)]
         t = q.text
-        for key in ("corpus", "hf_config", "heldout_of"):
+        for key in ("corpus", "hf_config", "heldout_of", "near_duplicates"):
             if getattr(t, key) is not None:
                 argv += [f"--{key.replace('_', '-')}", str(getattr(t, key))]
         if t.corpus is not None:
@@ -166,6 +196,7 @@ class StudyFile:
     results_dir: str = "results"
     cluster: dict = field(default_factory=dict)  # [cluster.<kind>] tables: resources of cluster jobs
     about: str = ""  # what the study can answer (a demonstration, the answer at some scale): the report opens with it
+    tune: dict | None = None  # the [tune] table: a learning-rate check before the main runs (TuneSpec)
 
 
 # options each step sets itself: a study file that sets them would send outputs where the study never looks
@@ -174,7 +205,16 @@ SET_BY_STUDY = {
     "compress": ("--checkpoint", "--out", "--log-dir"),
     "eval": ("--out",),
     # the checkpoints over training are scored on eval.quality's text (Study.evaluation_set): one set per report
-    "over_training": ("--out", "--max-tokens", "--stride", "--corpus", "--heldout-of", "--file-glob", "--hf-config"),
+    "over_training": (
+        "--out",
+        "--max-tokens",
+        "--stride",
+        "--corpus",
+        "--heldout-of",
+        "--file-glob",
+        "--hf-config",
+        "--near-duplicates",
+    ),
 }
 
 
@@ -203,6 +243,7 @@ def load_study(path: str | Path) -> Study:
     compress = [from_table(CompressSpec, t, f"{path} [[compress]] #{i + 1}") for i, t in enumerate(top.compress)]
     external = [from_table(ExternalSpec, t, f"{path} [[external]] #{i + 1}") for i, t in enumerate(top.external)]
     ev = from_table(EvalSpec, top.eval, f"{path} [eval]")
+    tune = None if top.tune is None else from_table(TuneSpec, top.tune, f"{path} [tune]")
     if not runs and not external:
         raise UserError(f"{path} names no [[runs]] and no [[external]] models; add a runner to train")
     name = top.name if top.name is not None else path.stem
@@ -238,6 +279,7 @@ def load_study(path: str | Path) -> Study:
         results_dir=top.results_dir,
         cluster=resources_of(top.cluster, str(path), from_table),
         about=top.about,
+        tune=tune,
     )
     check_study(study, str(path))
     return study
@@ -261,6 +303,15 @@ def check_study(s: Study, where: str):
         except ValueError as e:
             raise UserError(f"{where}: {what}: {e}") from None
 
+    owned_by_study = SET_BY_STUDY["runs"]
+    if s.tune is not None:
+        check_tune(s.tune, s.seeds, where)
+        owned_by_study += ("--lr",)  # each run's rate is the check's
+    for r in s.runs:
+        if r.lr_grid and s.tune is None:
+            raise UserError(f"{where}: run {r.name!r}: lr_grid needs a [tune] table (its seeds and tail)")
+        if r.lr_grid:
+            check_grid(r.lr_grid, f"{where}: run {r.name!r}: lr_grid")
     for r in s.runs:
         if not re.fullmatch(r"\w+", r.runner) or not (HERE / f"{r.runner}.py").is_file():
             runners = sorted(p.stem for p in HERE.glob("*.py") if _is_runner(p.stem))
@@ -268,7 +319,7 @@ def check_study(s: Study, where: str):
         module = importlib.import_module(f"runners.{r.runner}")
         if not callable(getattr(module, "config", None)):
             raise UserError(f"{where}: run {r.name!r}: runners/{r.runner}.py is not a runner (it has no config())")
-        parses(module.config(), r.args, f"run {r.name!r}", SET_BY_STUDY["runs"])
+        parses(module.config(), r.args, f"run {r.name!r}", owned_by_study)
     trained = [r.name for r in s.runs]
     for c in s.compress:
         if c.base not in trained:
@@ -295,6 +346,22 @@ def check_study(s: Study, where: str):
             f"{where}: [eval] side_by_side_modes {s.side_by_side_modes} repeats a mode (side_by_side itself times "
             f"{primary!r}); name each further mode once"
         )
+
+
+def check_grid(rates: list[float], where: str):
+    if len(rates) < 3 or any(not 0 < r < 1 for r in rates) or sorted(set(rates)) != rates:
+        raise UserError(
+            f"{where} = {rates}: give at least three increasing rates between 0 and 1, a factor 2 apart "
+            "(e.g. [1e-3, 2e-3, 4e-3, 8e-3]), so that the best can be seen not to sit at an edge"
+        )
+
+
+def check_tune(t: TuneSpec, seeds: int, where: str):
+    check_grid(t.lr, f"{where}: [tune] lr")
+    if not 1 <= t.seeds <= seeds:
+        raise UserError(f"{where}: [tune] seeds = {t.seeds}: give 1 to the study's seeds ({seeds})")
+    if not 0 < t.tail <= 1:
+        raise UserError(f"{where}: [tune] tail = {t.tail}: give a fraction of the steps in (0, 1]")
 
 
 def _is_runner(stem: str) -> bool:

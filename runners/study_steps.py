@@ -22,13 +22,16 @@ from common.process import die_with_parent
 from common.results import parse_result, read_result
 from llama.model_io import list_checkpoints
 from runners.study_file import SEED, CompressSpec, RunSpec, Study
+from training.run_files import DIVERGED_FILE
 
 # ---------------------------------------------------------------------------------------------------------
 # Steps
 
 
-def train_cmd(s: Study, run: RunSpec, seed: int = 0) -> list[str]:
-    name = s.member(run.name, seed)
+def train_cmd(s: Study, run: RunSpec, seed: int = 0, lr: float | None = None) -> list[str]:
+    """The runner's command for seed ``seed`` of ``run``: at rate ``lr`` (a learning-rate check's run), else at the
+    rate the check chose for it, else at its runner's own."""
+    name = s.member(run.name, seed) if lr is None else s.run_name(run.name, seed, lr)
     ckpt, logs = Path(s.checkpoints_dir) / name, Path(s.logs_dir) / name
     cmd = [
         f"runners.{run.runner}",
@@ -38,7 +41,7 @@ def train_cmd(s: Study, run: RunSpec, seed: int = 0) -> list[str]:
         s.checkpoints_dir,
         "--log-dir",
         s.logs_dir,
-        *run.args,
+        *s.run_args(run, lr),
     ]
     if s.seeds > 1:
         cmd += ["--seed", str(SEED + seed)]
@@ -51,27 +54,36 @@ def train_cmd(s: Study, run: RunSpec, seed: int = 0) -> list[str]:
 
 @dataclass
 class TrainStep:
-    """Train (or resume) one seed of one run; its output is the run folder checkpoints/<name>."""
+    """Train (or resume) one seed of one run; its output is the run folder checkpoints/<name>. A step of the
+    learning-rate check (``lr`` set) counts a run whose loss diverged as done: that is its result."""
 
     run: RunSpec
     name: str  # the run's name for this seed
     seed: int = 0
+    lr: float | None = None  # the learning-rate check's rate; None: the main run (at the chosen rate, if any)
 
     @property
     def key(self) -> str:
-        return f"train-{self.name}"
+        return f"{'tune' if self.lr is not None else 'train'}-{self.name}"
 
     def output(self, s: Study) -> Path:
         return Path(s.checkpoints_dir) / self.name
 
     def done(self, s: Study) -> bool:  # a run trained before the study (summary and a checkpoint) is reused
-        return (Path(s.logs_dir) / self.name / "summary.json").is_file() and bool(list_checkpoints(self.output(s)))
+        logs = Path(s.logs_dir) / self.name
+        if self.lr is not None and (logs / DIVERGED_FILE).is_file():
+            return True
+        return (logs / "summary.json").is_file() and bool(list_checkpoints(self.output(s)))
 
     def kept(self, s: Study) -> bool:  # checkpoints deleted for disk space after the study used them stay so
         return True
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
-        run(train_cmd(s, self.run, self.seed))
+        try:
+            run(train_cmd(s, self.run, self.seed, self.lr))
+        except StepFailed:
+            if self.lr is None or not (Path(s.logs_dir) / self.name / DIVERGED_FILE).is_file():
+                raise  # a check's run that diverged (the trainer says so in its logs) is a result, not a failure
 
 
 @dataclass
@@ -333,7 +345,7 @@ def _same_training(s: Study, step: TrainStep) -> bool:
         saved = json.loads((Path(s.logs_dir) / step.name / "config.json").read_text())
     except (OSError, ValueError):
         return True  # nothing to compare with: the run's own summary and checkpoint are what the study reuses
-    argv = [a for a in train_cmd(s, step.run, step.seed)[1:] if a not in ("--resume", "--overwrite")]
+    argv = [a for a in train_cmd(s, step.run, step.seed, step.lr)[1:] if a not in ("--resume", "--overwrite")]
     expected = dataclasses.asdict(apply_overrides(importlib.import_module(f"runners.{step.run.runner}").config(), argv))
     where = ("name", "out_dir", "log_dir", "resume", "overwrite")  # where it ran, not what it trained
     return {k: v for k, v in expected.items() if k not in where} == {k: v for k, v in saved.items() if k not in where}

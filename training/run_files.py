@@ -77,6 +77,15 @@ def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
     return ckpt_dir, log_dir
 
 
+DIVERGED_FILE = "diverged.json"  # logs/<run>/: the run stopped at a non-finite loss (a learning-rate check's result)
+
+
+def mark_diverged(log_dir: Path, step: int, loss: float, why: str):
+    """Say in the run's own logs that its loss diverged, and where: a study's learning-rate check reads a rate
+    that diverged as a result (the worst loss), not as a failed step."""
+    atomic_write(log_dir / DIVERGED_FILE, json.dumps({"step": step, "loss": loss, "error": why}))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a log; a line that is not a JSON record (torn by a kill or a full disk) is skipped
     and named, never fatal."""

@@ -37,6 +37,7 @@ from data.prepare import BatchSampler, Prefetcher, PreparedData, prepare, unigra
 from llama.model import Transformer, count_params, flops_per_token
 from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
+from training import run_files
 from training.checkpoint import load_training_state, prune_checkpoints, restore_rng, save_checkpoint
 from training.config import Custom, TrainConfig
 from training.optim import lr_at, make_optimizer
@@ -437,6 +438,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
         return run.finished
     if info.is_main:
         atomic_write(run.log_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        (run.log_dir / run_files.DIVERGED_FILE).unlink(missing_ok=True)  # an earlier attempt diverged, not this one
         params = count_params(run.model)
         print(
             f"{cfg.name}: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M "
@@ -466,6 +468,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
     except NonFiniteLoss as e:
         kept = list_checkpoints(run.ckpt_dir)
         where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        if info.is_main:
+            run_files.mark_diverged(run.log_dir, int(run.bad_step), float(run.bad_loss), str(e))
         raise NonFiniteLoss(f"{e}; training stopped and {where}. Lower --lr or check the data, then --resume") from None
     except RuntimeError as e:  # a peer process (another node) went away mid-collective
         if info.world_size == 1 or not _lost_peer(e):
