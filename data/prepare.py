@@ -316,6 +316,7 @@ def _prepare_into(cfg: DataConfig, docs, chash: str, out: Path, t0: float, progr
             "tokenizer": {"sha256": tok.sha256(), "vocab_size": tok.vocab_size},
             "dtype": np.dtype(dtype).name,
             "splits": {"train": _split_stats(train_docs, n_train), "val": _split_stats(val_docs, n_val)},
+            "val_names": [d.name for d in val_docs],  # the held-out documents, in the order val.bin holds them
             "timings_s": {
                 "load": round(load_s, 3),
                 "tokenizer": round(tokenizer_s, 3),

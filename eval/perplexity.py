@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from common.cli import UserError, parse_args, run_main
 from common.progress import Progress
 from data.config import DataConfig
+from data.heldout import LONG_LINE_CHARS, HeldOutDocument, heldout_set
 from data.prepare import ENCODE_BATCH_DOCS, heldout_documents, iter_documents
 from eval.model import EvalOptions
 from training.checkpoint import HeldOut, heldout_texts, training_data
@@ -127,9 +128,13 @@ def sliding_window_nll(
     token_bytes: np.ndarray | None = None,
     autocast=None,
     progress: bool = False,
+    doc_of: np.ndarray | None = None,
 ) -> dict:
-    """Summed NLL (nats) over the scored targets, their count and, given ``token_bytes``, their bytes."""
+    """Summed NLL (nats) over the scored targets, their count and, given ``token_bytes``, their bytes. Given
+    ``doc_of`` (the document each position of ``tokens`` belongs to, 0..n-1), the same three per document:
+    a target is its document's, whichever window scored it."""
     tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    per_doc = None if doc_of is None else np.zeros((3, int(doc_of.max()) + 1))  # nats, tokens, bytes
     device = next(model.parameters()).device
     wins = windows(len(tokens), context, stride)
     # windows of equal length go through the model together; only the last one can be shorter
@@ -150,11 +155,21 @@ def sliding_window_nll(
                 scored = nll[row, first - b - 1 :]  # target position p sits at column p - b - 1
                 nll_sum += scored.double().sum().item()
                 n_scored += scored.numel()
-                if token_bytes is not None:
-                    n_bytes += int(token_bytes[tokens[first:e].numpy()].sum())
+                target_bytes = token_bytes[tokens[first:e].numpy()] if token_bytes is not None else None
+                if target_bytes is not None:
+                    n_bytes += int(target_bytes.sum())
+                if per_doc is not None:
+                    docs = doc_of[first:e]
+                    np.add.at(per_doc[0], docs, scored.double().cpu().numpy())
+                    np.add.at(per_doc[1], docs, 1)
+                    if target_bytes is not None:
+                        np.add.at(per_doc[2], docs, target_bytes)
             bar.update(len(batch))
     bar.close()
-    return {"nll_sum": nll_sum, "tokens_scored": n_scored, "bytes_scored": n_bytes if token_bytes is not None else None}
+    out = {"nll_sum": nll_sum, "tokens_scored": n_scored, "bytes_scored": n_bytes if token_bytes is not None else None}
+    if per_doc is not None:
+        out["per_document"] = [(float(n), int(t), int(by)) for n, t, by in per_doc.T]
+    return out
 
 
 def summarize(r: dict) -> dict:
@@ -227,6 +242,42 @@ def corpus_tokens(corpus: DataConfig | HeldOut, tokenizer, max_tokens: int | Non
     return (tokens[:max_tokens] if max_tokens else tokens), source
 
 
+def heldout_pieces(ev, corpus: HeldOut | None, near_duplicates: float | None):
+    """The held-out split scored for ``ev``'s model: each kept document packed as the model reads it
+    (<s> doc </s>, in its tokenizer), its identity, the documents left out as near-duplicates of training files
+    (data/heldout.py), and how to name the source. ``corpus`` None: the model's own training data; HeldOut:
+    another checkpoint's, as text (the same documents under another tokenizer)."""
+    if corpus is None:
+        data, _ = training_data(ev.folder)
+        kept, excluded = heldout_set(data, near_duplicates)
+        packed = packed_documents(data.val, ev.tokenizer.bos_id)  # each <s> doc </s>, as the data holds it
+        return [packed[d.index] for d in kept], kept, excluded, f"held-out split of {data.dir}"
+    data, _ = training_data(corpus.checkpoint)
+    kept, excluded = heldout_set(data, near_duplicates)
+    ids = ev.tokenizer.encode_batch([d.text for d in kept], bos=True, eos=True)
+    source = f"held-out split of {corpus.checkpoint}'s training data, as text"
+    return [np.asarray(x, dtype=np.int64) for x in ids], kept, excluded, source
+
+
+def left_out(excluded: list[HeldOutDocument], threshold: float | None, total: int) -> str:
+    """The sentence a result's ``sample`` adds about the rule that left documents out."""
+    if threshold is None:
+        return ""
+    return (
+        f"; {len(excluded)} of {total} held-out documents left out as near-duplicates of training files (at least "
+        f"{threshold:.0%} of their lines of {LONG_LINE_CHARS}+ characters occur verbatim in the training split)"
+    )
+
+
+def document_records(identities: list[HeldOutDocument], figures: list[tuple[float, int, int]]) -> list[dict]:
+    """Per scored document: who it is and its nats, tokens and bytes: enough to rescore, bootstrap or subset the
+    evaluation without the model."""
+    return [
+        {"index": d.index, "name": d.name, "sha256": d.sha256, "nats": n, "tokens": t, "bytes": b}
+        for d, (n, t, b) in zip(identities, figures, strict=True)
+    ]
+
+
 def evaluate_perplexity(
     ev,
     corpus: DataConfig | None,
@@ -236,25 +287,27 @@ def evaluate_perplexity(
     max_tokens: int | None,
     progress: bool = True,
     mode: str = "sliding",
+    near_duplicates: float | None = None,
 ) -> dict:
     context = context or ev.model.params.max_seq_len
+    if near_duplicates is not None and not (corpus is None or isinstance(corpus, HeldOut)):
+        raise UserError("--near-duplicates applies to a held-out split (the run's own, or --heldout-of); drop it")
+    if near_duplicates is not None and not 0 < near_duplicates <= 1:
+        raise UserError(f"--near-duplicates {near_duplicates}: give a fraction of a document's lines in (0, 1]")
     if mode == "lm-eval":
-        return _lm_eval_mode(ev, corpus, context, max_tokens, progress)
+        return _lm_eval_mode(ev, corpus, context, max_tokens, progress, near_duplicates)
     if mode != "sliding":
         raise UserError(f"perplexity mode {mode!r} is unknown; use sliding or lm-eval")
     stride = stride or context // 2
-    sample = None
-    if corpus is None:
-        data, _ = training_data(ev.folder)
-        docs = packed_documents(data.val, ev.tokenizer.bos_id)  # each <s> doc </s>, as packed
-        chosen, sample = sample_documents([len(d) for d in docs], max_tokens)
-        tokens, source = np.concatenate([docs[i] for i in chosen]), f"held-out split of {data.dir}"
-    elif isinstance(corpus, HeldOut):
-        texts = heldout_texts(corpus.checkpoint)
-        ids = ev.tokenizer.encode_batch(texts, bos=True, eos=True)
-        chosen, sample = sample_documents([len(x) for x in ids], max_tokens)
-        tokens = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in chosen])
-        source = f"held-out split of {corpus.checkpoint}'s training data, as text"
+    sample, identities, doc_of, extra = None, None, None, {}
+    if corpus is None or isinstance(corpus, HeldOut):
+        pieces, kept, excluded, source = heldout_pieces(ev, corpus, near_duplicates)
+        chosen, sample = sample_documents([len(p) for p in pieces], max_tokens)
+        sample += left_out(excluded, near_duplicates, len(kept) + len(excluded))
+        identities = [kept[i] for i in chosen]
+        tokens = np.concatenate([pieces[i] for i in chosen])
+        doc_of = np.repeat(np.arange(len(chosen)), [len(pieces[i]) for i in chosen])
+        extra = _rule(near_duplicates, excluded)
     else:
         tokens, source = corpus_tokens(corpus, ev.tokenizer, max_tokens)
         if max_tokens:
@@ -263,8 +316,10 @@ def evaluate_perplexity(
     batch = ev.batch_size(batch_size)
     t0 = time.perf_counter()
     r = sliding_window_nll(
-        ev.model, tokens, context, stride, batch, ev.tokenizer.token_bytes(), ev.autocast(), progress
+        ev.model, tokens, context, stride, batch, ev.tokenizer.token_bytes(), ev.autocast(), progress, doc_of
     )
+    if identities is not None:
+        extra["per_document"] = document_records(identities, r.pop("per_document"))
     return {
         **summarize(r),
         "mode": "sliding",  # token perplexity over the packed held-out stream (not lm-eval's word perplexity)
@@ -276,24 +331,39 @@ def evaluate_perplexity(
         "batch_requested": batch_size,
         "dtype": str(ev.dtype).removeprefix("torch."),
         "time_s": time.perf_counter() - t0,
+        **extra,
     }
 
 
-def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int | None, progress: bool) -> dict:
+def _rule(near_duplicates: float | None, excluded: list[HeldOutDocument]) -> dict:
+    """What a result records of the near-duplicate rule: its threshold, and the documents it left out."""
+    left = [{"index": d.index, "name": d.name, "sha256": d.sha256, "overlap": d.overlap} for d in excluded]
+    return {"near_duplicates": near_duplicates, "long_line_chars": LONG_LINE_CHARS, "excluded": left}
+
+
+def _lm_eval_mode(
+    ev, corpus: DataConfig | None, context: int, max_tokens: int | None, progress: bool, near_duplicates=None
+) -> dict:
     """Each document scored on its own as lm-eval's HF model does: encoded as hflm_tokens says, after the
     prefix token (BOS, else EOS), in lm-eval's disjoint rolling windows."""
     tok = ev.tokenizer
+    identities, extra = None, {}
     if corpus is None or isinstance(corpus, HeldOut):  # a held-out split: whole documents drawn across it
         if corpus is None:
             data, _ = training_data(ev.folder)
             held = heldout_documents(data.val, tok)  # <s> first, as this project's tokenizer encodes a text
-            all_pairs, source = [(tok.decode(d), [tok.bos_id, *d]) for d in held], f"held-out split of {data.dir}"
+            kept, excluded = heldout_set(data, near_duplicates)
+            all_pairs = [(d.text, [tok.bos_id, *held[d.index]]) for d in kept]
+            source = f"held-out split of {data.dir}"
         else:
-            all_texts = heldout_texts(corpus.checkpoint)
-            all_pairs = [(text, hflm_tokens(tok, text)) for text in all_texts]
+            kept, excluded = heldout_set(training_data(corpus.checkpoint)[0], near_duplicates)
+            all_pairs = [(d.text, hflm_tokens(tok, d.text)) for d in kept]
             source = f"held-out split of {corpus.checkpoint}'s training data, as text"
         chosen, sample = sample_documents([len(ids) for _, ids in all_pairs], max_tokens)
+        sample += left_out(excluded, near_duplicates, len(kept) + len(excluded))
         pairs = (all_pairs[i] for i in chosen)
+        identities = [kept[i] for i in chosen]
+        extra = _rule(near_duplicates, excluded)
     else:
         texts, source = corpus_documents(corpus)
         pairs = ((text, hflm_tokens(tok, text)) for text in texts)
@@ -309,6 +379,9 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
         sample = f"the first {len(docs)} whole documents of the corpus ({seen:,} tokens)" if max_tokens else None
     t0 = time.perf_counter()
     nll = document_nll(ev.model, docs, tok.bos_id, context, ev.autocast(), progress)
+    if identities is not None:
+        figures = [(n, len(d), len(t.encode("utf-8"))) for n, d, t in zip(nll, docs, texts, strict=True)]
+        extra["per_document"] = document_records(identities, figures)
     return {
         **lm_eval_metrics(nll, texts),
         "tokens_scored": int(sum(len(d) for d in docs)),
@@ -317,6 +390,7 @@ def _lm_eval_mode(ev, corpus: DataConfig | None, context: int, max_tokens: int |
         "context": context,
         "dtype": str(ev.dtype).removeprefix("torch."),
         "time_s": time.perf_counter() - t0,
+        **extra,
     }
 
 
@@ -328,6 +402,9 @@ class CorpusArgs:
     hf_config: str | None = None  # HF dataset configuration
     hf_split: str = "test"  # HF dataset split
     heldout_of: str | None = None  # score the held-out split of this checkpoint's data as text (other tokenizers)
+    # leave out held-out documents at least this fraction of whose long lines occur verbatim in the training split
+    # (near-duplicates of training files, e.g. generated code-page tables; data/heldout.py); None: keep all
+    near_duplicates: float | None = None
 
     def data_config(self) -> DataConfig | HeldOut | None:
         if self.heldout_of is not None:
@@ -361,7 +438,16 @@ class Args(EvalOptions):
 def main(argv=None):
     a = parse_args(Args(), argv)
     ev = a.load()
-    r = evaluate_perplexity(ev, a.text.data_config(), a.context, a.stride, a.batch_size, a.max_tokens, mode=a.mode)
+    r = evaluate_perplexity(
+        ev,
+        a.text.data_config(),
+        a.context,
+        a.stride,
+        a.batch_size,
+        a.max_tokens,
+        mode=a.mode,
+        near_duplicates=a.text.near_duplicates,
+    )
     # each mode its own result (results/<model>-perplexity.json, -perplexity-lm-eval.json): their figures differ
     out = ev.write("perplexity" if r["mode"] == "sliding" else "perplexity-lm-eval", r, a.out)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"

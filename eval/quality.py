@@ -63,7 +63,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     ev = a.load()
     result = {
-        "perplexity": evaluate_perplexity(ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens),
+        "perplexity": evaluate_perplexity(
+            ev, a.text.data_config(), None, a.stride, a.batch_size, a.max_tokens, near_duplicates=a.text.near_duplicates
+        ),
         "continuation": continuation_task(
             ev, a.n_docs, a.prompt_tokens, a.continuation_tokens, a.batch_size, a.text.heldout_of
         ),
