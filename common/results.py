@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -175,12 +176,19 @@ class Ratio:
     ci_low: float | None = None
     ci_high: float | None = None
     p: float | None = None
+    confidence: float | None = None  # the interval's level (a Bonferroni-adjusted one is above 0.95); None: unknown
 
     @classmethod
     def of(cls, d: dict | None) -> Ratio | None:
         if not d:
             return None
-        return cls(float(d["median"]), _opt(d, "ci_low", float), _opt(d, "ci_high", float), _opt(d, "p", float))
+        return cls(
+            float(d["median"]),
+            _opt(d, "ci_low", float),
+            _opt(d, "ci_high", float),
+            _opt(d, "p", float),
+            _opt(d, "confidence", float),
+        )
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,33 @@ class Energy:
 
 
 @dataclass(frozen=True)
+class DocumentFigures:
+    """One scored document of a held-out split: who it is (index, name, content hash) and its summed NLL in nats,
+    tokens and UTF-8 bytes: what a study rescores, bootstraps or subsets without the model."""
+
+    index: int
+    sha256: str
+    nats: float
+    tokens: int
+    bytes: int
+    name: str | None = None
+
+    @classmethod
+    def of(cls, d: dict, i: int) -> DocumentFigures:
+        where = f"per_document[{i}]"
+        if not isinstance(d.get("sha256"), str):
+            raise ValueError(f"{where}.sha256 = {d.get('sha256')!r} is not a content hash")
+        return cls(
+            _count(d["index"], f"{where}.index"),
+            d["sha256"],
+            _finite(d["nats"], f"{where}.nats", low=0.0),
+            _count(d["tokens"], f"{where}.tokens"),
+            _count(d["bytes"], f"{where}.bytes"),
+            d.get("name") if isinstance(d.get("name"), str) else None,
+        )
+
+
+@dataclass(frozen=True)
 class PerplexityFigures:
     """eval.perplexity's figures: bits per byte always; token perplexity in its own (sliding) mode, word
     perplexity in lm-eval's; and what they were measured on."""
@@ -215,9 +250,13 @@ class PerplexityFigures:
     sample: str | None = None
     context: int | None = None
     stride: int | None = None
+    documents: tuple[DocumentFigures, ...] = ()  # per scored document of a held-out split (empty: not recorded)
+    excluded: tuple[dict, ...] = ()  # documents the near-duplicate rule left out (index, name, sha256, overlap)
+    near_duplicates: float | None = None  # that rule's threshold (None: no document left out)
 
     @classmethod
     def of(cls, d: dict) -> PerplexityFigures:
+        docs = d.get("per_document") or []
         return cls(
             float(d["bits_per_byte"]),
             _opt(d, "perplexity", float),
@@ -228,6 +267,9 @@ class PerplexityFigures:
             d.get("sample"),
             d.get("context"),
             d.get("stride"),
+            tuple(DocumentFigures.of(x, i) for i, x in enumerate(docs)),
+            tuple(d.get("excluded") or ()),
+            _opt(d, "near_duplicates", float),
         )
 
 
@@ -457,6 +499,72 @@ class SideBySideResult(Result):
         )
 
 
+@dataclass(frozen=True)
+class Repetition:
+    """One kind of repeated sequence of eval.induction: the loss on the first and the second copy (nats per token)
+    and their difference over sequences with its 95% t-interval."""
+
+    loss_first: float
+    loss_second: float
+    induction_nats: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    @classmethod
+    def of(cls, d: dict | None, kind: str) -> Repetition | None:
+        if d is None:
+            return None
+        ci = d["induction_nats"]
+        return cls(
+            _finite(d["loss_first"], f"{kind}.loss_first", low=0.0),
+            _finite(d["loss_second"], f"{kind}.loss_second", low=0.0),
+            _finite(ci["mean"], f"{kind}.induction_nats"),
+            None if ci.get("ci_low") is None else _finite(ci["ci_low"], f"{kind}.induction_nats.ci_low"),
+            None if ci.get("ci_high") is None else _finite(ci["ci_high"], f"{kind}.induction_nats.ci_high"),
+        )
+
+
+@dataclass(frozen=True)
+class InductionResult(Result):
+    """eval.induction: repeated random tokens (Olsson et al.'s probe) and repeated held-out text (None where the
+    model has no held-out split of its own)."""
+
+    random: Repetition | None = None
+    heldout: Repetition | None = None
+    sequences: int = 0
+    length: int = 0
+
+    @classmethod
+    def of(cls, r: dict) -> InductionResult:
+        return cls(
+            **cls._head(r),
+            random=Repetition.of(r["random"], "random"),
+            heldout=Repetition.of(r["heldout"], "heldout"),
+            sequences=_count(r["sequences"], "sequences"),
+            length=_count(r["length"], "length"),
+        )
+
+
+def _finite(v, what: str, low: float | None = None, high: float | None = None) -> float:
+    """A figure as a float: a number, finite, within [low, high] where given; else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} = {v!r} is not a number")
+    x = float(v)
+    if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high):
+        bounds = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(
+            f"{what} = {v!r} is not a finite number{bounds if low is not None or high is not None else ''}"
+        )
+    return x
+
+
+def _count(v, what: str) -> int:
+    """A count: a whole number, not negative; else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} = {v!r} is not a count (a whole number >= 0)")
+    return v
+
+
 RESULT_TYPES: dict[str, type[Result]] = {
     "quality": QualityResult,
     "perplexity": PerplexityResult,
@@ -464,6 +572,7 @@ RESULT_TYPES: dict[str, type[Result]] = {
     "humaneval": HumanEvalResult,
     "efficiency": EfficiencyResult,
     "side_by_side": SideBySideResult,
+    "induction": InductionResult,
 }
 
 
