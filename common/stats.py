@@ -1,7 +1,10 @@
 """The statistics every comparison uses, from scipy: confidence intervals, tests and their effect sizes.
 
-- Quality over seeds (a handful of values per model): mean with a t-distribution 95% confidence interval,
-  and Welch's t-test between two models (unequal variances).
+- Quality over seeds (a handful of values per model): mean with a t-distribution 95% confidence interval;
+  between two models the paired t-test where their seeds pair up (seed k of every model of a study trains on the
+  same batches in the same order), else Welch's t-test (unequal variances).
+- Quality over seeds and documents: a bootstrap that resamples seeds and scored documents at once (crossed),
+  so an interval also covers which documents happened to be held out (``crossed_bpb``).
 - Latency and energy samples (many rounds, skewed, with outliers): medians. Measurements paired by round (or
   by prompt) are compared by their per-pair ratios: the Wilcoxon signed-rank test on the log ratios, with the
   interval that inverts the same test (Hodges-Lehmann), so a verdict and its interval cannot disagree
@@ -10,7 +13,8 @@
 - Many comparisons in one report: Benjamini-Hochberg adjusted p-values (q-values).
 - Power (statsmodels): the smallest difference a comparison could have detected at ``ALPHA`` with ``POWER``,
   from its per-seed spread (``detectable``), and the seeds a given difference needs (``seeds_needed``).
-- A ratio of differences of means (the fraction of a depth gap a richer block recovers): Fieller's interval.
+- A ratio of differences of means (the fraction of a depth gap a richer block recovers): Fieller's interval over
+  seeds, and the crossed bootstrap's over seeds and documents.
 - Two models scored item by item on the same questions: McNemar's exact test (accuracy) or a paired bootstrap
   (scores).
 A difference is stated only when its adjusted p-value is below ``ALPHA``; otherwise it is "not distinguishable",
@@ -23,7 +27,7 @@ import math
 import statistics
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 ALPHA = 0.05
 POWER = 0.8  # the power minimum detectable differences are stated at
@@ -61,6 +65,33 @@ def welch(a: list[float], b: list[float]) -> dict:
         "t": float(r.statistic),
         "diff": statistics.fmean(a) - statistics.fmean(b),
     }
+
+
+def paired_t(a: list[float], b: list[float]) -> dict:
+    """The paired t-test of a vs b (scipy's ttest_rel): ``a[i]`` and ``b[i]`` are one seed of each model; needs at
+    least two pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need one of each per seed (have {len(a)} and {len(b)})")
+    if len(a) < 2:
+        return {"test": "paired t", "p": None, "reason": f"needs 2+ paired seeds (have {len(a)})"}
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if statistics.pstdev(d) == 0:  # every seed differs by the same amount: no spread to test against
+        return {"test": "paired t", "p": 1.0 if d[0] == 0 else 0.0, "diff": statistics.fmean(d), "n": len(d)}
+    r = stats.ttest_rel(a, b)
+    return {"test": "paired t", "p": float(r.pvalue), "t": float(r.statistic), "diff": statistics.fmean(d), "n": len(d)}
+
+
+def compare_seeds(a: dict, b: dict) -> dict:
+    """Two models' per-seed values (``mean_ci`` dicts that carry ``seeds``, the seed index of each value): the
+    paired t-test over the seeds both have, where they share two or more; else Welch's t-test."""
+    sa, sb = a.get("seeds"), b.get("seeds")
+    if sa is not None and sb is not None:
+        common = sorted(set(sa) & set(sb))
+        if len(common) >= 2 and len(common) == len(sa) == len(sb):
+            va = [a["values"][sa.index(k)] for k in common]
+            vb = [b["values"][sb.index(k)] for k in common]
+            return paired_t(va, vb) | {"pairs": va, "pairs_b": vb}
+    return welch(a["values"], b["values"])
 
 
 def mann_whitney(a: list[float], b: list[float]) -> dict:
@@ -189,6 +220,23 @@ def detectable(a: list[float], b: list[float], alpha: float = ALPHA, power: floa
     }
 
 
+def detectable_paired(diffs: list[float], alpha: float = ALPHA, power: float = POWER, m: int = 1) -> dict:
+    """The minimum detectable mean difference of a paired t-test over ``len(diffs)`` pairs (statsmodels'
+    TTestPower on the per-pair differences), at ``alpha`` and at alpha / m (see ``detectable``)."""
+    from statsmodels.stats.power import TTestPower
+
+    x = [float(v) for v in diffs]
+    out = {"alpha": alpha, "power": power, "n_pairs": len(x), "comparisons": m, "paired": True}
+    if len(x) < 2 or statistics.stdev(x) == 0:
+        return out | {"sd": None, "mdd": None, "reason": f"needs 2+ pairs that differ (have {len(x)})"}
+    sd = statistics.stdev(x)
+
+    def at(level: float) -> float:
+        return float(TTestPower().solve_power(effect_size=None, nobs=len(x), alpha=level, power=power)) * sd
+
+    return out | {"sd": sd, "mdd": at(alpha), "mdd_adjusted": at(alpha / m)}
+
+
 def mdd_of(sd: float, n_a: int, n_b: int, alpha: float = ALPHA, power: float = POWER) -> float:
     """The minimum detectable difference of a two-sided two-sample t-test with ``n_a`` and ``n_b`` seeds whose
     values spread with standard deviation ``sd`` (statsmodels' TTestIndPower)."""
@@ -228,10 +276,12 @@ def detectable_ratio(log_ratios: list[float], alpha: float = ALPHA, power: float
 def fraction_recovered(deep: list[float], shallow: list[float], rich: list[float], confidence: float = 0.95) -> dict:
     """How much of the depth gap a richer shallow model closes, on a lower-is-better metric:
     f = (mean(shallow) - mean(rich)) / (mean(shallow) - mean(deep)); 0 = no better than the plain shallow
-    model, 1 = as good as the deeper one. Interval: Fieller's (1954) for a ratio of two normal estimates,
-    with the covariance the two differences share through ``shallow``, and Welch-Satterthwaite degrees of
-    freedom. Written out because no library offers Fieller's interval for correlated estimates. When the
-    depth gap itself is not significant at 1 - confidence the interval is unbounded (None)."""
+    model, 1 = as good as the deeper one. Interval: Fieller's (1954) for a ratio of two normal estimates, with
+    the covariance the two differences share through ``shallow``: the f whose numerator a - f b is within
+    t * SE(a - f b) of zero, each candidate f with its own Welch-Satterthwaite degrees of freedom (the weights of
+    the three models' variances in a - f b change with f). Written out because no library offers Fieller's
+    interval for correlated estimates. When the depth gap itself is not significant the interval is unbounded
+    (None)."""
     groups = [[float(v) for v in g] for g in (deep, shallow, rich)]
     if min(len(g) for g in groups) < 2:
         return {"fraction": None, "reason": "needs 2+ seeds of each of the three models"}
@@ -239,19 +289,60 @@ def fraction_recovered(deep: list[float], shallow: list[float], rich: list[float
         [statistics.fmean(g) for g in groups],
         [statistics.variance(g) / len(g) for g in groups],
     )
+    dfs = [len(g) - 1 for g in groups]
     a, b = ms - mr, ms - md  # recovered, and the whole gap
-    va, vb, cov = vs + vr, vs + vd, vs
-    terms, dfs = (vd, vs, vr), [len(g) - 1 for g in groups]
-    df = sum(terms) ** 2 / sum(t * t / k for t, k in zip(terms, dfs, strict=True)) if sum(terms) > 0 else sum(dfs)
-    t = float(stats.t.ppf(0.5 + confidence / 2, df))
-    out = {"fraction": a / b if b else None, "recovered": a, "gap": b, "df": df, "confidence": confidence}
-    # the f with (a - f b)^2 <= t^2 (va - 2 f cov + f^2 vb): a quadratic A f^2 - 2 B f + C <= 0
-    qa, qb, qc = b * b - t * t * vb, a * b - t * t * cov, a * a - t * t * va
-    disc = qb * qb - qa * qc
-    if qa <= 0 or disc < 0:
-        return out | {"ci_low": None, "ci_high": None, "reason": "the depth gap is not significant: unbounded"}
-    root = math.sqrt(disc)
-    return out | {"ci_low": (qb - root) / qa, "ci_high": (qb + root) / qa}
+    out = {"fraction": a / b if b else None, "recovered": a, "gap": b, "confidence": confidence}
+
+    def terms(f: float) -> tuple[float, float, float]:
+        # a - f b = f md + (1 - f) ms - mr: the variance each model contributes
+        return f * f * vd, (1 - f) ** 2 * vs, vr
+
+    def df_at(f: float) -> float:
+        ts = terms(f)
+        den = sum(t * t / k for t, k in zip(ts, dfs, strict=True))
+        return sum(ts) ** 2 / den if den > 0 else float(sum(dfs))
+
+    def excess(f: float) -> float:  # <= 0 inside the interval
+        t = float(stats.t.ppf(0.5 + confidence / 2, df_at(f)))
+        return (a - f * b) ** 2 - t * t * sum(terms(f))
+
+    f_hat = out["fraction"]
+    if f_hat is None or excess(f_hat) > 0:
+        return out | {"ci_low": None, "ci_high": None, "reason": "the depth gap is zero, so not significant: unbounded"}
+    ends = []
+    for direction in (-1.0, 1.0):
+        span = max(1.0, abs(f_hat))
+        while excess(f_hat + direction * span) <= 0:  # widen until outside, or give up: unbounded
+            span *= 2
+            if span > 1e6:
+                return out | {"ci_low": None, "ci_high": None, "reason": "the depth gap is not significant: unbounded"}
+        ends.append(optimize.brentq(excess, f_hat, f_hat + direction * span, xtol=1e-10))
+    return out | {"ci_low": min(ends), "ci_high": max(ends), "df": df_at(f_hat)}
+
+
+def crossed_bpb(nats: np.ndarray, nbytes: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bits per byte of every model and seed in each resample of a bootstrap crossed over seeds and documents:
+    ``nats`` (models, seeds, documents) and ``nbytes`` (documents,) -> (resamples, models, seeds). Each resample
+    draws the seeds with replacement (the same draw for every model: seed k of every model shares its batches)
+    and the documents with replacement (the same for every model and seed), then sums each model's nats and
+    the bytes over the drawn documents. Resampling both ways at once is conservative for a crossed design
+    (McCullagh, 2000): an interval from it may be a little wide, not narrow. Written out because scipy's
+    bootstrap resamples one axis of paired samples, not two crossed ones."""
+    nats, nbytes = np.asarray(nats, dtype=float), np.asarray(nbytes, dtype=float)
+    _, n_seeds, n_docs = nats.shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_resamples, nats.shape[0], n_seeds))
+    for r in range(n_resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        weights = np.bincount(rng.integers(0, n_docs, n_docs), minlength=n_docs)  # how often each document is drawn
+        out[r] = nats[:, seeds, :] @ weights / (nbytes @ weights) / math.log(2)
+    return out
+
+
+def percentile_interval(draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    x = np.asarray(draws, dtype=float)
+    x = x[np.isfinite(x)]
+    return float(np.quantile(x, (1 - confidence) / 2)), float(np.quantile(x, (1 + confidence) / 2))
 
 
 def mcnemar_items(a_correct: list[bool], b_correct: list[bool]) -> dict:

@@ -1,5 +1,6 @@
 """The statistics behind every stated comparison, and the side-by-side latency measurement."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,13 +118,16 @@ def test_fieller_interval_is_the_set_of_fractions_a_t_test_does_not_reject():
     ms, mr, md = (sum(x) / 4 for x in (shallow, rich, deep))
     assert f["fraction"] == pytest.approx((ms - mr) / (ms - md))
     assert f["ci_low"] < f["fraction"] < f["ci_high"]
-    # at each end of the interval the t statistic of (a - f b) is exactly the critical value
+    # at each end of the interval the t statistic of (a - f b) is exactly the critical value at that end's own
+    # Welch-Satterthwaite degrees of freedom (the three variances weigh f^2, (1 - f)^2 and 1 in a - f b)
     vs, vr, vd = (stats.tvar(x) / 4 for x in (shallow, rich, deep))
-    t = stats.t.ppf(0.975, f["df"])
     for end in (f["ci_low"], f["ci_high"]):
         a, b = ms - mr, ms - md
+        parts = (end * end * vd, (1 - end) ** 2 * vs, vr)
+        df = sum(parts) ** 2 / sum(p * p / 3 for p in parts)
         var = (vs + vr) - 2 * end * vs + end * end * (vs + vd)
-        assert abs(a - end * b) / var**0.5 == pytest.approx(t, rel=1e-9)
+        assert var == pytest.approx(sum(parts), rel=1e-12)
+        assert abs(a - end * b) / var**0.5 == pytest.approx(stats.t.ppf(0.975, df), rel=1e-7)
     # no depth gap: the ratio is unbounded and no interval is printed
     flat = fraction_recovered([3.1, 3.0, 3.2], [3.05, 3.15, 3.1], [3.1, 3.1, 3.0])
     assert flat["ci_low"] is None and "not significant" in flat["reason"]
@@ -237,3 +241,72 @@ def test_the_reference_may_be_named_as_the_checkpoint_was_given():
         assert reference_name(given, ckpts, names) == names[0]
     assert reference_name("tiny", ckpts, names) == names[1] and reference_name(None, ckpts, names) is None
     assert reference_name("nope", ckpts, names) == "nope"  # side_by_side then says which models there are
+
+
+def test_the_crossed_bootstrap_equals_direct_resampling_of_seeds_and_documents():
+    """The vectorised resamples equal an explicit loop that draws the same seeds and documents, rebuilds the
+    resampled table and sums it (2 models, 3 seeds, 5 documents of a synthetic table)."""
+    import math
+
+    import numpy as np
+
+    from common.stats import crossed_bpb
+
+    rng = np.random.default_rng(7)
+    nats = rng.uniform(50, 150, size=(2, 3, 5))
+    nbytes = rng.integers(40, 90, size=5).astype(float)
+    fast = crossed_bpb(nats, nbytes, n_resamples=50, seed=3)
+    draws = np.random.default_rng(3)
+    for r in range(50):
+        seeds = draws.integers(0, 3, 3)
+        docs = draws.integers(0, 5, 5)
+        for m in range(2):
+            for j, k in enumerate(seeds):
+                direct = sum(nats[m, k, d] for d in docs) / sum(nbytes[d] for d in docs) / math.log(2)
+                assert fast[r, m, j] == pytest.approx(direct, rel=1e-12)
+
+
+def test_the_crossed_bootstrap_widens_with_document_spread_and_seed_spread():
+    """Intervals from the crossed bootstrap of the gap between two models grow when the documents disagree about
+    the gap, and when the seeds do: each source of variation is in them."""
+    import numpy as np
+
+    from common.stats import crossed_bpb, percentile_interval
+
+    rng = np.random.default_rng(0)
+    nbytes = np.full(40, 100.0)
+
+    def width(doc_sd: float, seed_sd: float) -> float:
+        gap = 2.0 + rng.normal(0, doc_sd, 40)[None, :] + rng.normal(0, seed_sd, 6)[:, None]
+        base = np.full((6, 40), 100.0)
+        nats = np.stack([base, base + gap])
+        draws = crossed_bpb(nats, nbytes, n_resamples=400, seed=1)
+        low, high = percentile_interval(draws[:, 1].mean(1) - draws[:, 0].mean(1))
+        return high - low
+
+    narrow = width(0.01, 0.01)
+    assert width(3.0, 0.01) > 5 * narrow and width(0.01, 3.0) > 5 * narrow
+
+
+def test_paired_seeds_use_the_paired_t_test_and_its_power():
+    from scipy import stats
+    from statsmodels.stats.power import TTestPower
+
+    from common.stats import compare_seeds, detectable_paired
+
+    # a seed effect shared by both models (same batches) hides a constant difference from Welch, not from the pairs
+    shared = [0.0, 0.05, -0.04, 0.08, -0.02, 0.03]
+    a = {"values": [1.0 + s for s in shared], "seeds": list(range(6))}
+    b = {"values": [1.01 + s + e for s, e in zip(shared, [0.001, -0.001, 0.002, 0, -0.002, 0.001], strict=True)]}
+    b["seeds"] = list(range(6))
+    r = compare_seeds(a, b)
+    assert r["test"] == "paired t" and r["p"] == pytest.approx(stats.ttest_rel(a["values"], b["values"]).pvalue)
+    assert r["p"] < 1e-4 < stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue
+    # seeds that do not pair up (another set): Welch
+    b["seeds"] = [0, 1, 2, 3, 4, 7]
+    assert compare_seeds(a, b)["test"] == "welch"
+    d = [x - y for x, y in zip(a["values"], b["values"], strict=True)]
+    pw = detectable_paired(d, m=4)
+    sd = float(np.std(d, ddof=1))
+    assert pw["mdd"] == pytest.approx(TTestPower().solve_power(nobs=6, alpha=0.05, power=0.8) * sd)
+    assert pw["mdd_adjusted"] == pytest.approx(TTestPower().solve_power(nobs=6, alpha=0.05 / 4, power=0.8) * sd)
