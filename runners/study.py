@@ -33,7 +33,6 @@ from common.records import StudyRecord
 from common.results import PerplexityResult, read_typed
 from runners.cluster import resources_of
 from runners.study_file import HERE, Study, load_study, study_from_runners
-from runners.study_tune import choose, tune_steps
 from runners.study_steps import (
     SideBySideStep,
     Step,
@@ -43,6 +42,7 @@ from runners.study_steps import (
     last_error,
     plan,
 )
+from runners.study_tune import choose, tune_steps
 
 # ---------------------------------------------------------------------------------------------------------
 # Running the steps
@@ -317,7 +317,9 @@ def main(argv=None):
         if (a.seeds == 1) != (study.seeds == 1):  # one seed names runs <name>, several <name>-s<k>
             raise UserError(f"--seeds {a.seeds}: the study has {study.seeds} seed(s); one and several name runs apart")
         if study.tune is not None and study.tune.seeds > a.seeds:
-            raise UserError(f"--seeds {a.seeds}: the study's [tune] trains {study.tune.seeds} seeds per rate; give more")
+            raise UserError(
+                f"--seeds {a.seeds}: the study's [tune] trains {study.tune.seeds} seeds per rate; give as many"
+            )
         study.seeds = a.seeds
         study.source += f" --seeds {a.seeds}"
     from runners.cluster import EXECUTORS

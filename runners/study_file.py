@@ -61,6 +61,7 @@ class EvalSpec:
     side_by_side: list[str] = field(default_factory=list)  # eval.side_by_side
     # more decoding modes timed side by side, each in its own run (e.g. ["compile"]): quality against compiled latency
     side_by_side_modes: list[str] = field(default_factory=list)
+    induction: list[str] | None = None  # eval.induction on every model and seed ([]: its defaults; None: off)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Study:
     over_training: list[str] = field(default_factory=list)  # extra arguments of eval.perplexity per checkpoint
     side_by_side: list[str] = field(default_factory=list)  # extra arguments of eval.side_by_side
     side_by_side_modes: list[str] = field(default_factory=list)  # further decoding modes timed side by side
+    induction: list[str] | None = None  # extra arguments of eval.induction (None: not run)
     seeds: int = 1  # each run is trained this many times (seeds 1337, 1338 ...: init and data order differ)
     reference: str | None = None  # the model latency ratios are taken to (default: the first run)
     checkpoints_dir: str = "checkpoints"
@@ -271,6 +273,7 @@ def load_study(path: str | Path) -> Study:
         over_training=ev.over_training,
         side_by_side=ev.side_by_side,
         side_by_side_modes=ev.side_by_side_modes,
+        induction=ev.induction,
         seeds=top.seeds,
         reference=top.reference,
         workers=top.workers,
@@ -290,6 +293,7 @@ def check_study(s: Study, where: str):
     baselines name a run of the study and valid compress options, evaluator options parse, external
     models are model folders. Raises a one-line UserError naming ``where`` and the entry."""
     import eval.efficiency
+    import eval.induction
     import eval.perplexity
     import eval.quality
     import eval.side_by_side
@@ -334,6 +338,7 @@ def check_study(s: Study, where: str):
         ("efficiency", s.efficiency, eval.efficiency.Args(checkpoint="x")),
         ("over_training", s.over_training, eval.perplexity.Args(checkpoint="x")),
         ("side_by_side", s.side_by_side, eval.side_by_side.Args(checkpoints=["x", "y"])),
+        ("induction", s.induction or [], eval.induction.Args(checkpoint="x")),
     ):
         parses(options, argv, f"[eval] {evaluator}", SET_BY_STUDY.get(evaluator, SET_BY_STUDY["eval"]))
     modes = eval.side_by_side.MODES

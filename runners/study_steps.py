@@ -126,7 +126,7 @@ class CompressStep:
 
 @dataclass
 class EvaluateStep:
-    """One evaluator (eval.quality or eval.efficiency) on one model, writing results/<study>/evals/."""
+    """One evaluator (eval.quality, eval.efficiency or eval.induction) on one model, writing results/<study>/evals/."""
 
     evaluator: str
     name: str
@@ -212,6 +212,9 @@ def plan(s: Study) -> list[Step]:
     steps: list[Step] = [*train, *compress]
     steps += [EvaluateStep("quality", name, folder, s.quality) for name, folder in models]
     steps += [EvaluateStep("quality", e.name, Path(e.path), s.quality + s.heldout_reference()) for e in s.external]
+    if s.induction is not None:  # the probe of in-context repetition, every model and seed
+        steps += [EvaluateStep("induction", name, folder, s.induction) for name, folder in models]
+        steps += [EvaluateStep("induction", e.name, Path(e.path), s.induction) for e in s.external]
     first = {t.run.name: t.output(s) for t in train if t.seed == 0}
     first |= {spec.name: c.output(s) for spec, c in zip(s.compress, compress[: len(s.compress)], strict=True)}
     first |= {e.name: Path(e.path) for e in s.external}

@@ -79,8 +79,7 @@ def choose(s: Study) -> dict[str, float]:
             "chosen": best,
             "grid": grid,
             "rates": [
-                {"lr": lr, "tail_losses": [None if math.isinf(x) else x for x in per_rate[lr]], "mean": _finite(means[lr])}
-                for lr in grid
+                {"lr": lr, "tail_losses": [_finite(x) for x in per_rate[lr]], "mean": _finite(means[lr])} for lr in grid
             ],
         }
     atomic_write(

@@ -51,7 +51,8 @@ def fake_training(calls: list, diverge: set = frozenset()):
             (logs / "diverged.json").write_text(json.dumps({"step": 7, "loss": None}))
             raise StepFailed("`python -m runners.tiny ...` failed (exit 1): loss became nan")
         loss = fake_loss(name.split("-lr")[0], lr, seed)
-        (logs / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": loss}) + "\n" for i in range(1, 201)))
+        rows = [json.dumps({"step": i, "loss": loss}) for i in range(1, 201)]
+        (logs / "metrics.jsonl").write_text("\n".join(rows) + "\n")
         (logs / "summary.json").write_text("{}")
         (Path(cmd[cmd.index("--out-dir") + 1]) / name / "step_200").mkdir(parents=True)
 

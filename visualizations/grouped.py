@@ -29,7 +29,18 @@ import numpy as np
 
 from common.records import Compression, StudyRecord, TrainingSummary
 from common.results import read_typed
-from common.stats import adjust, detectable, detectable_ratio, fraction_recovered, mean_ci, paired_ratio, welch
+from common.stats import (
+    adjust,
+    compare_seeds,
+    crossed_bpb,
+    detectable,
+    detectable_paired,
+    detectable_ratio,
+    fraction_recovered,
+    mean_ci,
+    paired_ratio,
+    percentile_interval,
+)
 from visualizations import write_tables
 from visualizations.compare import MODEL_COLUMNS, compression_label, per_head_label
 
@@ -76,14 +87,19 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 row["recovery"] = compression.recovery.method
                 row["compression_before_recovery"] = compression_label(compression.before_recovery())
             for key, figure in QUALITY.items():
-                vals = [v for v in (figure(s["quality"]) for s in measured) if v is not None]
-                row[key] = mean_ci(vals, bounds=BOUNDS.get(key)) if vals else None
+                pairs = [(s["seed"], v) for s in measured if (v := figure(s["quality"])) is not None]
+                row[key] = per_seed([v for _, v in pairs], [k for k, _ in pairs], BOUNDS.get(key)) if pairs else None
+            row["documents"] = document_table(measured)
             passes = [s["quality"].humaneval.pass_at_1 for s in measured]
             row["pass@1"] = (
                 mean_ci([p for p in passes if p is not None], bounds=(0.0, 1.0))
                 if any(p is not None for p in passes)
                 else None
             )
+        inductions = [(s["seed"], read_typed(out / "evals" / f"{s['name']}-induction.json")) for s in g["seeds"]]
+        for kind in ("random", "heldout"):
+            pairs = [(k, getattr(r, kind).induction_nats) for k, r in inductions if r and getattr(r, kind)]
+            row[f"induction_{kind}"] = per_seed([v for _, v in pairs], [k for k, _ in pairs]) if pairs else None
         summaries = [s["summary"] for s in g["seeds"] if s["summary"]]
         if summaries:
             row |= {
@@ -92,6 +108,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 "epochs": summaries[0].epochs,
                 "train_time_s": mean_ci([s.train_time_s for s in summaries]),
                 "runs": [s["run"] for s in g["seeds"] if s["summary"]],
+                "run_seeds": [s["seed"] for s in g["seeds"] if s["summary"]],
             }
         for path in sorted(out.glob("side_by_side-*.json")):  # further decoding modes timed side by side
             other = read_typed(path)
@@ -107,6 +124,29 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
             row["latency_gate"] = side.gated
         rows.append(row)
     return rows
+
+
+def per_seed(values: list[float], seeds: list[int], bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and 95% t-interval over seeds, with each value's seed index (what pairs two models' seeds)."""
+    return mean_ci(values, bounds=bounds) | {"seeds": list(seeds)}
+
+
+def document_table(measured: list[dict]) -> dict | None:
+    """The scored documents of every measured seed (their per-document nats and bytes, from the quality results'
+    perplexity), aligned by document: None where a seed recorded none or the seeds scored different documents."""
+    records = [(s["seed"], s["quality"].perplexity.documents) for s in measured]
+    if not records or any(not docs for _, docs in records):
+        return None
+    keys = [d.sha256 for d in records[0][1]]
+    if any([d.sha256 for d in docs] != keys for _, docs in records):
+        return None
+    return {
+        "seeds": [k for k, _ in records],
+        "docs": keys,
+        "names": [d.name for d in records[0][1]],
+        "nats": [[d.nats for d in docs] for _, docs in records],
+        "bytes": [d.bytes for d in records[0][1]],
+    }
 
 
 def _val_loss_at(curve: list[dict], flops_per_token: float, budget: float) -> float | None:
@@ -135,7 +175,8 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             out.append(
                 {"a": deep["model"], "b": shallow["model"], "depth_check": True}
                 | {"what": "bits per byte, deeper vs shallower baseline", "a_stat": a, "b_stat": b}
-                | welch(a["values"], b["values"])
+                | compare_seeds(a, b)
+                | crossed_difference(deep, shallow)
             )
     # Per-head variants of one depth (hidden size, activation) against each other: which variant is the one
     per_head = [r for r in rows if r.get("per_head") and r["kind"] == "trained" and r.get("bits_per_byte")]
@@ -145,7 +186,8 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                 out.append(
                     {"a": a["model"], "b": b["model"], "what": "bits per byte, richer-head variants of one depth"}
                     | {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
-                    | welch(a["bits_per_byte"]["values"], b["bits_per_byte"]["values"])
+                    | compare_seeds(a["bits_per_byte"], b["bits_per_byte"])
+                    | crossed_difference(a, b)
                 )
     # Recovery after compression: each recovered model against the same compression unrecovered (where the study
     # has it) and against the dense model it was compressed from
@@ -163,7 +205,8 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                 out.append(
                     {"a": r["model"], "b": other["model"], "what": f"bits per byte, {what}"}
                     | {"a_stat": r["bits_per_byte"], "b_stat": other["bits_per_byte"]}
-                    | welch(r["bits_per_byte"]["values"], other["bits_per_byte"]["values"])
+                    | compare_seeds(r["bits_per_byte"], other["bits_per_byte"])
+                    | crossed_difference(r, other)
                 )
     for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
         for other in rows:
@@ -175,7 +218,6 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
             pair = {"a": ph["model"], "b": other["model"]}
             # an external model is one model (no seeds): shown in the table, not tested for quality
             if ph.get("bits_per_byte") and other.get("bits_per_byte") and other["kind"] != "external":
-                a, b = ph["bits_per_byte"]["values"], other["bits_per_byte"]["values"]
                 tokens = (ph.get("train_tokens"), base.get("train_tokens"))
                 matched = "matched tokens" if tokens[0] == tokens[1] else f"tokens differ: {tokens[0]} vs {tokens[1]}"
                 out.append(
@@ -185,7 +227,8 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
                         "a_stat": ph["bits_per_byte"],
                         "b_stat": other["bits_per_byte"],
                     }
-                    | welch(a, b)
+                    | compare_seeds(ph["bits_per_byte"], other["bits_per_byte"])
+                    | crossed_difference(ph, other)
                 )
             if other["kind"] == "trained" and ph.get("flops_per_token") and other.get("flops_per_token"):
                 out.append(pair | _matched_flops(ph, other, logs_dir))
@@ -218,15 +261,43 @@ def with_power(comps: list[dict]) -> list[dict]:
             c["power"] = detectable_ratio(c["log_ratios"]) | {"mdd_ratio_adjusted": None}
             if m > 1:
                 c["power"]["mdd_ratio_adjusted"] = detectable_ratio(c["log_ratios"], alpha=0.05 / m)["mdd_ratio"]
+        elif c.get("test") == "paired t" and c.get("pairs"):
+            c["power"] = detectable_paired([x - y for x, y in zip(c["pairs"], c["pairs_b"], strict=True)], m=m)
         elif c.get("a_stat") and c.get("b_stat"):
             c["power"] = detectable(c["a_stat"]["values"], c["b_stat"]["values"], m=m)
     return comps
 
 
+def aligned_documents(rows: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(nats (models, seeds, documents), bytes (documents,)) of ``rows`` over the seeds they all have, or None
+    where one has no per-document figures or they scored different documents."""
+    tables = [r.get("documents") for r in rows]
+    if any(t is None for t in tables) or any(t["docs"] != tables[0]["docs"] for t in tables):
+        return None
+    seeds = sorted(set.intersection(*(set(t["seeds"]) for t in tables)))
+    if len(seeds) < 2:
+        return None
+    nats = np.array([[t["nats"][t["seeds"].index(k)] for k in seeds] for t in tables])
+    return nats, np.asarray(tables[0]["bytes"], dtype=float)
+
+
+def crossed_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
+    """The 95% interval of mean bits per byte (a - b) from the bootstrap crossed over seeds and documents, where
+    both rows have the per-document figures of the same documents (else nothing)."""
+    aligned = aligned_documents([a, b])
+    if aligned is None:
+        return {}
+    draws = crossed_bpb(*aligned)
+    low, high = percentile_interval(draws[:, 0].mean(1) - draws[:, 1].mean(1), confidence)
+    return {"crossed": {"ci_low": low, "ci_high": high, "confidence": confidence, "over": "seeds and documents"}}
+
+
 def depth_answers(rows: list[dict]) -> list[dict]:
-    """The study's answer: for each richer shallow model (per-head layers or a gate, L-1 blocks) trained beside a
-    plain L-1 and a plain L-block model, the fraction of the depth gap in bits per byte it recovers, with
-    Fieller's 95% interval over seeds (common.stats.fraction_recovered)."""
+    """The study's answer: for each richer shallow model (per-head layers, a gate or per-head norm, L-1 blocks)
+    trained beside a plain L-1 and a plain L-block model, the fraction of the depth gap in bits per byte it
+    recovers: Fieller's 95% interval over seeds (common.stats.fraction_recovered) and the bootstrap's over seeds
+    and documents; and that fraction per share of one block's parameters and FLOPs it spent (1: as efficient as
+    the block itself)."""
     trained = [r for r in rows if r["kind"] == "trained" and r.get("bits_per_byte")]
     plain = {r.get("n_layers"): r for r in trained if not r.get("per_head")}
     out = []
@@ -245,9 +316,36 @@ def depth_answers(rows: list[dict]) -> list[dict]:
                 shallow.get("flops_per_token"),
                 deep.get("flops_per_token"),
             ),
+            "crossed": crossed_fraction(deep, shallow, rich),
         }
+        for key in ("params", "flops_per_token"):  # the share of one block's cost the richer heads spent
+            r_, s_, d_ = extra[key]
+            share = (r_ - s_) / (d_ - s_) if None not in (r_, s_, d_) and d_ != s_ else None
+            extra[f"{key}_share"] = share
+            extra[f"fraction_per_{key}_share"] = (
+                f["fraction"] / share if share and f.get("fraction") is not None else None
+            )
         out.append({"rich": rich["model"], "shallow": shallow["model"], "deep": deep["model"], **f, **extra})
     return out
+
+
+def crossed_fraction(deep: dict, shallow: dict, rich: dict, confidence: float = 0.95) -> dict | None:
+    """The fraction of the depth gap recovered, with the bootstrap's interval over seeds and documents (and the
+    depth gap's own): None without aligned per-document figures of the three models."""
+    aligned = aligned_documents([deep, shallow, rich])
+    if aligned is None:
+        return None
+    means = crossed_bpb(*aligned).mean(2)  # (resamples, [deep, shallow, rich]): each model's mean over seeds
+    gap = means[:, 1] - means[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fractions = (means[:, 1] - means[:, 2]) / gap
+    gap_low, gap_high = percentile_interval(gap, confidence)
+    out = {"gap_ci": [gap_low, gap_high], "confidence": confidence, "over": "seeds and documents"}
+    out["seeds"], out["documents"] = aligned[0].shape[1], aligned[0].shape[2]
+    if gap_low <= 0:  # the gap's own interval reaches zero: a ratio over it has no bounded interval
+        return out | {"ci_low": None, "ci_high": None, "reason": "the depth gap's interval reaches zero: unbounded"}
+    low, high = percentile_interval(fractions, confidence)
+    return out | {"ci_low": low, "ci_high": high}
 
 
 MATCHED_FLOPS_TOLERANCE = 1.05  # runs whose training FLOPs differ by at most 5% count as trained to one budget
@@ -272,12 +370,17 @@ def _matched_flops(a: dict, b: dict, logs_dir: Path) -> dict:
             "p": None,
             "reason": "trained to different FLOP budgets: a curve read mid-schedule is biased; see the FLOPs plot",
         }
-    va = [v for c in ca if (v := _val_loss_at(c, a["flops_per_token"], budget)) is not None]
-    vb = [v for c in cb if (v := _val_loss_at(c, b["flops_per_token"], budget)) is not None]
+    va = [
+        (k, v) for k, c in zip(a["run_seeds"], ca, strict=True) if (v := _val_loss_at(c, a["flops_per_token"], budget))
+    ]
+    vb = [
+        (k, v) for k, c in zip(b["run_seeds"], cb, strict=True) if (v := _val_loss_at(c, b["flops_per_token"], budget))
+    ]
     stat = {"what": f"val loss at matched training FLOPs ({budget:.3g})", "budget_flops": budget}
     if not va or not vb:
         return stat | {"p": None, "reason": "the matched budget falls before a run's first validation"}
-    return stat | {"a_stat": mean_ci(va), "b_stat": mean_ci(vb)} | welch(va, vb)
+    sa, sb = (per_seed([v for _, v in x], [k for k, _ in x]) for x in (va, vb))
+    return stat | {"a_stat": sa, "b_stat": sb} | compare_seeds(sa, sb)
 
 
 def sentence(c: dict, seeds: int) -> str:
@@ -290,7 +393,13 @@ def sentence(c: dict, seeds: int) -> str:
     else:
         sa, sb = c.get("a_stat"), c.get("b_stat")
         nums = f"{c['a']} {_cell(sa)} vs {c['b']} {_cell(sb)}" if sa and sb else f"{c['a']} vs {c['b']}"
-        n = f"{seeds} seed(s)"
+        n = f"{c['n']} paired seeds" if c.get("test") == "paired t" else f"{seeds} seed(s), unpaired"
+        crossed = c.get("crossed")
+        if crossed:
+            nums += (
+                f" (difference {c.get('diff', 0):+.4f}, 95% interval over seeds and documents "
+                f"[{crossed['ci_low']:+.4f}, {crossed['ci_high']:+.4f}])"
+            )
     if c.get("p") is None:
         return f"{what}: {nums}; not tested ({c.get('reason', 'too few values')})."
     if c.get("gated"):
@@ -347,7 +456,9 @@ COLUMNS = MODEL_COLUMNS + [
     ("rougeL", "ROUGE-L"),
     ("pass@1", "pass@1"),
     ("decode_ms", "decode ms/token, median (p10-p90)"),
-    ("decode_ratio", "decode ratio to reference [95% CI]"),
+    ("decode_ratio", "decode ratio to reference [CI (its level)]"),
+    ("induction_random", "induction, random tokens (nats)"),
+    ("induction_heldout", "induction, held-out text (nats)"),
     ("energy", "J/token"),
     ("flops_per_token", "train FLOPs/token"),
     ("epochs", "epochs"),
@@ -360,7 +471,12 @@ def _format(key: str, v) -> str:
     if key == "per_head":
         return v if isinstance(v, str) else "yes" if v else "no"
     if key == "decode_ratio":
-        return "reference" if v is None else f"x{v['median']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+        if v is None:
+            return "reference"
+        level = f" ({v['confidence']:.2%})" if v.get("confidence") else " (level not recorded)"
+        return f"x{v['median']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]{level}"
+    if key in ("induction_random", "induction_heldout"):
+        return _cell(v, ".3f")
     if key == "energy":
         return "-" if v is None else ("unavailable" if v["method"] == "unavailable" else _cell(v, ".3g"))
     if key in ("flops_per_token",) and v:
@@ -378,15 +494,18 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
     note = (
         "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs); an interval cut "
         "to its metric's range (BLEU and ROUGE in [0, 100], pass@1 in [0, 1]) is printed as [low, high]. Latency: one "
-        "seed per model, all models timed in one process in interleaved rounds. ROUGE-L: rouge-score's default "
-        "tokenizer ([a-z0-9] words only). '-' = not measured."
+        "seed per model, all models timed in one process in interleaved rounds; each ratio's interval is printed at "
+        "the level its verdict was adjusted to (Bonferroni over the models compared), which it names. Induction: "
+        "loss on the first copy of a repeated sequence minus the loss on the second (eval.induction), mean ± 95% "
+        "t-interval over seeds. ROUGE-L: rouge-score's default tokenizer ([a-z0-9] words only). '-' = not measured."
     )
     # every figure of table.md, as numbers: quality as mean and 95% interval over seeds (bpb also per seed)
     header = ["model", "seeds", "bpb_mean", "bpb_ci_low", "bpb_ci_high", "bpb_per_seed"]
     header += [f"{k}_{part}" for k in ("ppl", "bleu", "rougeL", "pass1") for part in ("mean", "ci_low", "ci_high")]
     header += ["decode_ms_median", "decode_ms_p10", "decode_ms_p90"]
     header += ["decode_ratio", "decode_ratio_ci_low", "decode_ratio_ci_high", "j_per_token", "params", "n_layers"]
-    header += ["per_head", "compression", "flops_per_token", "epochs"]
+    header += ["per_head", "compression", "flops_per_token", "epochs", "decode_ratio_confidence"]
+    header += [f"induction_{k}_{part}" for k in ("random", "heldout") for part in ("mean", "ci_low", "ci_high")]
     csv_rows = []
     for r in rows:
         b, d, q = r.get("bits_per_byte") or {}, r.get("decode_ms") or {}, r.get("decode_ratio") or {}
@@ -402,7 +521,12 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
             + quality
             + [d.get("median"), d.get("p10"), d.get("p90"), q.get("median"), q.get("ci_low"), q.get("ci_high")]
             + [joules, r.get("params"), r.get("n_layers")]
-            + [per_head_label(r), r.get("compression"), r.get("flops_per_token"), r.get("epochs")]
+            + [per_head_label(r), r.get("compression"), r.get("flops_per_token"), r.get("epochs"), q.get("confidence")]
+            + [
+                (r.get(f"induction_{k}") or {}).get(p)
+                for k in ("random", "heldout")
+                for p in ("mean", "ci_low", "ci_high")
+            ]
         )
     md_rows = [[_format(k, per_head_label(r) if k == "per_head" else r.get(k)) for k, _ in COLUMNS] for r in rows]
     return write_tables(out, note, [h for _, h in COLUMNS], md_rows, header, csv_rows)[0]

@@ -22,18 +22,23 @@ def _num(v, fmt):
     return "-" if not isinstance(v, (int, float)) or isinstance(v, bool) else format(v, fmt)
 
 
-HOW_TO_READ = """How to read this report. Each model was trained (or compressed) once per seed; quality is the mean over
-seeds with the half-width of its 95% t-interval. Latency was measured for one seed of each model, all models in
-one process, in rounds of the rotated order A B C, B C A, ..., beside an A/A control (the reference timed twice)
-whose ratio is the run's noise floor: while the control differs from 1, no latency verdict is stated.
-A comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
-report (Benjamini-Hochberg), gives q < 0.05: Welch's t-test over seeds for quality, the Wilcoxon signed-rank test
-on the per-round ratios for latency (its interval is the one printed: a ratio whose interval holds 1 is never
-called a difference). Otherwise it says **not distinguishable** at the number of seeds or rounds it had: the difference
-may be real, but this study cannot tell it from seed-to-seed or round-to-round variation. Matched tokens: the
-two runs compared saw the same number of training tokens (a comparison says so only where they did). Matched
-FLOPs: tested only between runs trained to the same FLOP budget (within 5%); runs of different budgets
-meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule favours the run that finished."""
+HOW_TO_READ = """How to read this report. Each model was trained (or compressed) once per seed; quality is the mean
+over seeds with the half-width of its 95% t-interval. Latency was measured for one seed of each model, all models in one
+process, in rounds of the rotated order A B C, B C A, ..., beside an A/A control (the reference timed twice)
+whose ratio is the run's noise floor: while the control differs from 1, no latency verdict is stated. A
+comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
+report (Benjamini-Hochberg), gives q < 0.05: for quality the paired t-test over seeds where the two models'
+seeds pair up (seed k of every model trains on the same batches in the same order; a compressed model pairs
+through its base's seed), else Welch's; for latency the Wilcoxon signed-rank test on the per-round ratios (its
+interval is the one printed, at the level the verdict is adjusted to, which it names: a ratio whose interval
+holds 1 is never called a difference). Otherwise it says **not distinguishable** at the number of seeds or
+rounds it had: the difference may be real, but this study cannot tell it from seed-to-seed or round-to-round
+variation. Where per-document figures exist, a quality comparison also gives the 95% interval of its difference
+from a bootstrap crossed over seeds and scored documents: how far it would hold on other documents of the same
+kind. Matched tokens: the two runs compared saw the same number of training tokens (a comparison says so only
+where they did). Matched FLOPs: tested only between runs trained to the same FLOP budget (within 5%); runs of
+different budgets meet on the quality-against-training-FLOPs plot, since a curve read mid-schedule favours the
+run that finished."""
 
 
 def _first(paths) -> Result | None:
@@ -71,7 +76,14 @@ def evaluation_sizes(quality: QualityResult | None, side: SideBySideResult | Non
             f"({ppl.source or '?'}"
             + (f": {ppl.sample}" if ppl.sample else ": the first tokens of the split, in its order")
             + f"), windows of {_said(ppl.context)} tokens every {_said(ppl.stride)}; "
-            "the same text for every model and every checkpoint.",
+            "the same text for every model and every checkpoint."
+            + (
+                " Left out by the near-duplicate rule fixed before training: "
+                + ", ".join(f"{d.get('name') or d.get('sha256')} ({d.get('overlap', 0):.0%})" for d in ppl.excluded)
+                + "."
+                if ppl.excluded
+                else ""
+            ),
             f"- Continuations (BLEU, ROUGE-L): {_said(cont.pairs)} held-out documents, prompted with their first "
             f"{_said(cont.prompt_tokens)} tokens, scored against the next {_said(cont.continuation_tokens)}.",
             f"- HumanEval: {_said(he.problems)} of the 164 problems, {_said(he.samples_per_problem)} "
@@ -140,56 +152,99 @@ def power_summary(comps: list[dict]) -> list[str]:
 
 def answer_section(answers: list[dict], comps: list[dict], rows: list[dict]) -> list[str]:
     """The study's answer first: does depth pay (the depth check), how much of the depth gap each richer
-    shallower model recovers (Fieller's 95% interval), and whether the study had the power to see a third of
-    that gap between a richer and a plain model of one depth. Empty when the study has no such triple."""
+    shallower model recovers (intervals over seeds and documents, and over seeds alone), per share of one block's
+    cost, and whether the study had the power to see a third of that gap. No fraction of a gap that did not pass
+    its depth check is printed. Empty when the study has no such triple."""
     if not answers:
         return []
     by = {r["model"]: r for r in rows}
     lines = ["## The answer", ""]
     checks = {(c["a"], c["b"]): c for c in comps if c.get("depth_check")}
+    passed = {}
     for deep, shallow in dict.fromkeys((a["deep"], a["shallow"]) for a in answers):
         c = checks.get((deep, shallow))
         if c is None or c.get("p") is None:
             lines.append(f"- Depth check {deep} vs {shallow}: not tested (too few seeds).")
+            passed[(deep, shallow)] = False
             continue
-        passed = c["distinguishable"] and c["diff"] < 0
+        ok = passed[(deep, shallow)] = bool(c["distinguishable"] and c["diff"] < 0)
+        crossed = c.get("crossed")
+        interval = (
+            f"; 95% interval of the difference over seeds and documents [{-crossed['ci_high']:.4f}, "
+            f"{-crossed['ci_low']:.4f}]"
+            if crossed
+            else ""
+        )
         lines.append(
-            f"- Depth check: {deep} is {'**distinguishably better**' if passed else '**not distinguishably better**'}"
-            f" than {shallow} by {-c['diff']:.4f} bits per byte (q = {c['q']:.3g}, {c['power']['n_a']} seeds each)"
+            f"- Depth check: {deep} is {'**distinguishably better**' if ok else '**not distinguishably better**'}"
+            f" than {shallow} by {-c['diff']:.4f} bits per byte ({_test_name(c)}, q = {c['q']:.3g}{interval})"
             + (
                 "; the fractions below measure against that gap."
-                if passed
-                else ": depth has not paid, so the fractions below cannot answer the question (their intervals are "
-                "unbounded or meaningless)."
+                if ok
+                else ": depth has not paid, so no fraction of its gap is stated: it would be a ratio over noise."
             )
         )
-    lines += [
-        "",
-        "| richer model | what it adds | parameters (vs plain, vs deeper) | train FLOPs/token | bits per byte | "
-        "fraction of the depth gap recovered [95% CI] | smallest difference detectable vs plain |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    sentences = []
-    for a in answers:
-        rich = by[a["rich"]]
-        vs_plain = [c for c in comps if {c["a"], c["b"]} == {a["rich"], a["shallow"]} and c.get("a_stat")]
-        vs_plain = [c for c in vs_plain if c["what"].startswith("bits per byte")]
-        mdd = (vs_plain[0].get("power") or {}).get("mdd") if vs_plain else None
-        ci = (
-            f"[{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
-            if a.get("ci_low") is not None
-            else f"unbounded ({a.get('reason', 'too few seeds')})"
+    answered = [a for a in answers if passed.get((a["deep"], a["shallow"]))]
+    if answered:
+        lines += ["", *fraction_table(answered, by), "", *fraction_sentences(answered, comps, checks), ""]
+        lines.append(
+            "Fraction recovered = (plain shallow - richer) / (plain shallow - deeper), in bits per byte, means over "
+            "seeds; 0 is no better than the plain model with the same blocks, 1 as good as one block more. Main "
+            "interval: percentile bootstrap crossed over seeds (seed k of the three models together) and scored "
+            "documents (common/stats.py: crossed_bpb); beside it Fieller's over seeds alone, each candidate fraction "
+            "with its own degrees of freedom (fraction_recovered). Share of a block: the richer heads' added "
+            "parameters (training FLOPs per token) over what one block more adds; the fraction per share is 1 for "
+            "heads exactly as efficient as a block. Figures: tradeoff_decode_ms.png and tradeoff_flops_per_token.png."
         )
-        frac = "-" if a.get("fraction") is None else f"{a['fraction']:.2f}"
+    lines += mechanism_lines(answers, by)
+    return lines + [""]
+
+
+def _test_name(c: dict) -> str:
+    n = c.get("n") or (c.get("power") or {}).get("n_a")
+    return f"paired t-test over {n} seeds" if c.get("test") == "paired t" else f"Welch's t-test over {n} seeds"
+
+
+def _interval(lo, hi, fmt=".2f", why=None) -> str:
+    return f"[{lo:{fmt}}, {hi:{fmt}}]" if lo is not None else f"unbounded ({why or 'too few seeds'})"
+
+
+def fraction_table(answers: list[dict], by: dict) -> list[str]:
+    lines = [
+        "| richer model | what it adds | parameters (vs plain, vs deeper) | share of a block: params, FLOPs | "
+        "bits per byte | fraction of the depth gap recovered [95%, seeds and documents] | [95%, seeds only] | "
+        "fraction per share of a block's params, FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in answers:
+        rich, crossed = by[a["rich"]], a.get("crossed") or {}
         params = [x or 0 for x in a["params"]]
-        flops = a["flops_per_token"]
+        frac = "-" if a.get("fraction") is None else f"{a['fraction']:.2f}"
+        why = crossed.get("reason", "no per-document figures")
+        main = _interval(crossed.get("ci_low"), crossed.get("ci_high"), why=why)
+        seeds_only = _interval(a.get("ci_low"), a.get("ci_high"), why=a.get("reason"))
+        shares = ", ".join(_num(a.get(k), ".2f") for k in ("params_share", "flops_per_token_share"))
+        per_share = ", ".join(
+            _num(a.get(k), ".2f") for k in ("fraction_per_params_share", "fraction_per_flops_per_token_share")
+        )
         lines.append(
             f"| {a['rich']} | {per_head_label(rich)} | {params[0]:,} ({params[0] - params[1]:+,}, "
-            f"{params[0] - params[2]:+,}) | {_num(flops[0], '.3g')} (plain {_num(flops[1], '.3g')}, deeper "
-            f"{_num(flops[2], '.3g')}) | {rich['bits_per_byte']['mean']:.4f} | {frac} {ci} | {_num(mdd, '.4f')} |"
+            f"{params[0] - params[2]:+,}) | {shares} | {rich['bits_per_byte']['mean']:.4f} | {frac} {main} | "
+            f"{seeds_only} | {per_share} |"
         )
-        if a.get("ci_low") is not None:
-            lo, hi = a["ci_low"], a["ci_high"]
+    return lines
+
+
+def fraction_sentences(answers: list[dict], comps: list[dict], checks: dict) -> list[str]:
+    """Each richer model's verdict, from its main interval (seeds and documents; seeds alone where no documents
+    were recorded), and what the study could detect against the plain model of its depth."""
+    out = []
+    for a in answers:
+        crossed = a.get("crossed") or {}
+        lo, hi = (crossed.get("ci_low"), crossed.get("ci_high")) if crossed else (a.get("ci_low"), a.get("ci_high"))
+        over = "seeds and documents" if crossed else "seeds"
+        frac = "-" if a.get("fraction") is None else f"{a['fraction']:.2f}"
+        if lo is not None:
             if hi < 0:
                 verdict = (
                     "is **worse** than the plain model with as many blocks (it recovers less than none of the gap)"
@@ -204,26 +259,101 @@ def answer_section(answers: list[dict], comps: list[dict], rows: list[dict]) -> 
                 verdict = "recovers **less than all** of the gap; it is not distinguishable from recovering none of it"
             else:
                 verdict = "is **not distinguishable** from recovering none of the gap, nor from recovering all of it"
-            sentences.append(f"- {a['rich']} {verdict} (fraction {frac}, 95% CI {ci}).")
-        gap = (
-            -checks[(a["deep"], a["shallow"])]["diff"]
-            if checks.get((a["deep"], a["shallow"]), {}).get("diff")
-            else None
-        )
-        if mdd is not None and gap:
-            ok = mdd <= gap / 3
-            sentences.append(
-                f"  Power: against {a['shallow']} this study could detect {mdd:.4f} bits per byte at 80% power, "
-                f"{mdd / gap:.2f} of the depth gap ({'within' if ok else '**more than**'} the third it was designed "
-                "for)."
+            out.append(f"- {a['rich']} {verdict} (fraction {frac}, 95% interval over {over} [{lo:.2f}, {hi:.2f}]).")
+        vs_plain = [
+            c
+            for c in comps
+            if {c["a"], c["b"]} == {a["rich"], a["shallow"]}
+            and c.get("a_stat")
+            and c["what"].startswith("bits per byte")
+        ]
+        pw = (vs_plain[0].get("power") or {}) if vs_plain else {}
+        gap = -checks[(a["deep"], a["shallow"])]["diff"]
+        if pw.get("mdd") is not None and gap:
+            adj = pw.get("mdd_adjusted")
+            third = (
+                "within"
+                if (adj or pw["mdd"]) <= gap / 3
+                else ("**more than**" if pw["mdd"] > gap / 3 else "at worst more than")
             )
-    lines += ["", *sentences, ""]
-    lines.append(
-        "Fraction recovered = (plain shallow - richer) / (plain shallow - deeper), in bits per byte over seeds; 0 is "
-        "no better than the plain model with the same blocks, 1 as good as one block more. Interval: Fieller's for "
-        "a ratio of means (common/stats.py: fraction_recovered). Figures: tradeoff_decode_ms.png (quality against "
-        "measured decode latency) and tradeoff_flops_per_token.png (against training FLOPs)."
-    )
+            out.append(
+                f"  Power: against {a['shallow']} this study could detect {pw['mdd']:.4f} bits per byte at 80% power "
+                f"({pw['mdd'] / gap:.2f} of the depth gap)"
+                + (
+                    f", {adj:.4f} ({adj / gap:.2f}) after the adjustment over the report's comparisons at worst"
+                    if adj
+                    else ""
+                )
+                + f": {third} the third it was designed for."
+            )
+    return out
+
+
+def mechanism_lines(answers: list[dict], by: dict) -> list[str]:
+    """Induction per model (eval.induction): whether a richer shallow model gains what one more block gains."""
+    models = list(dict.fromkeys(m for a in answers for m in (a["deep"], a["shallow"], a["rich"])))
+    if not any(by[m].get("induction_random") or by[m].get("induction_heldout") for m in models):
+        return []
+    lines = [
+        "",
+        "**Mechanism: in-context repetition.** Loss on the first copy of a repeated sequence minus the loss on the "
+        "second (nats per token, mean over seeds ± 95% t-interval; eval.induction): random tokens (an induction "
+        "head's signature, Olsson et al., 2022) and spans of held-out text.",
+        "",
+        "| model | random tokens | held-out text |",
+        "|---|---|---|",
+    ]
+    for m in models:
+        lines.append(f"| {m} | {_ci(by[m].get('induction_random'))} | {_ci(by[m].get('induction_heldout'))} |")
+    return lines
+
+
+def _ci(v: dict | None, fmt: str = ".3f") -> str:
+    if not v:
+        return "-"
+    if v.get("ci_high") is None:
+        return f"{v['mean']:{fmt}} (n={v['n']})"
+    return f"{v['mean']:{fmt}} ± {v['ci_high'] - v['mean']:{fmt}}"
+
+
+def tune_section(out: Path) -> list[str]:
+    """The learning-rate check (results/<study>/tune.json): every run's grid, its tail losses and the rate chosen."""
+    import json
+
+    path = out / "tune.json"
+    if not path.is_file():
+        return []
+    try:
+        t = json.loads(path.read_text())
+        runs = t["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["## Learning rates", "", f"- {path} is damaged: run the study again to rebuild it.", ""]
+    grid = sorted({r["lr"] for rec in runs.values() for r in rec["rates"]})
+    lines = [
+        "## Learning rates",
+        "",
+        f"Each model trained at each rate of its grid with seeds 0-{t['seeds'] - 1}, at the full budget; the rate "
+        f"of lowest mean training loss over the last {t['tail']:.0%} of the steps was chosen (each loss measured on a "
+        "batch before training on it: no held-out text was read to choose), and its runs are the main runs' first "
+        "seeds. "
+        "A best rate at the edge of a grid would have stopped the study until the grid was extended. Cells: mean "
+        "tail loss over seeds (nats); 'diverged' where a seed's loss stopped being finite.",
+        "",
+        "| model | " + " | ".join(f"{lr:g}" for lr in grid) + " | chosen |",
+        "|---|" + "---|" * len(grid) + "---|",
+    ]
+    for name, rec in runs.items():
+        cells = {r["lr"]: r for r in rec["rates"]}
+        row = []
+        for lr in grid:
+            r = cells.get(lr)
+            if r is None:
+                row.append("-")
+            elif r["mean"] is None:
+                row.append("diverged")
+            else:
+                row.append(f"**{r['mean']:.4f}**" if lr == rec["chosen"] else f"{r['mean']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {rec['chosen']:g} |")
     return lines + [""]
 
 
@@ -241,7 +371,6 @@ def write_report(
     quality = _first(sorted((out / "evals").glob("*-quality.json")))
     side = _first([out / "side_by_side.json"])
     meta = quality or side
-    shared = study.workers > 1  # steps ran several at once: their wall-clock times share the machine
     lines = [
         f"# Study `{study.name}`",
         "",
@@ -262,6 +391,29 @@ def write_report(
         "",
         *evaluation_sizes(quality, side),
         "",
+        *tune_section(out),
+        *training_section(study, runs),
+        *measurements_section(out, rows, comps),
+        *figures_section(figures),
+        *over_training_section(over_training),
+        "## Reproduce",
+        "",
+        "```bash",
+        f"python -m runners.study {study.source}",
+        "```",
+        "",
+        f"Per-step logs are in `{out / 'logs'}`; raw results in `{out / 'evals'}` (a quality result's "
+        "perplexity.per_document holds every scored document's nats, tokens and bytes: enough to rescore the study).",
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines))
+    return path
+
+
+def training_section(study: StudyRecord, runs: dict[str, dict]) -> list[str]:
+    shared = study.workers > 1  # steps ran several at once: their wall-clock times share the machine
+    lines = [
         "## Training runs",
         "",
         "| run | runner arguments | params | layers | per-head | train FLOPs/token | tokens | epochs | "
@@ -295,8 +447,12 @@ def write_report(
             + "; ".join(f"{name} = `{study.commands.get(name, '?')}`" for name in compressed)
             + ".",
         ]
+    return lines
+
+
+def measurements_section(out: Path, rows: list[dict], comps: list[dict]) -> list[str]:
     seeds = max((r.get("seeds_measured") or 0 for r in rows), default=0)
-    lines += ["", "## Comparison", "", (out / "table.md").read_text().strip(), "", "## What the measurements say", ""]
+    lines = ["", "## Comparison", "", (out / "table.md").read_text().strip(), "", "## What the measurements say", ""]
     lines += [f"- {sentence(c, seeds)}" for c in comps] or [
         "- (nothing to compare: each per-head model is compared with the baselines at least as deep, trained or "
         "compressed from one, and this study has no such pair)"
@@ -314,51 +470,49 @@ def write_report(
             "- Energy per token was not measured on this machine (no NVML or readable RAPL counter): every "
             "J/token field says so, and no energy figure is drawn."
         )
-    captions = {
-        "training_curves.png": "Training (lines) and validation (dots) loss against steps, every seed of a model "
-        "in its colour and line style (blue baseline, orange per-head, green gated); against wall-clock time too "
-        "where the runs had the machine to themselves.",
-        "training_costs.png": "Training time and throughput per run.",
-        "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
-        "(median, p10-p90 over interleaved rounds).",
-        "tradeoff_decode_ms_compile.png": "Bits per byte (mean, 95% CI over seeds) against compiled decode latency "
-        "at batch 1 (torch.compile; median, p10-p90 over interleaved rounds).",
-        "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
-        "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
-        "over_training.png": "Held-out quality of periodic checkpoints against training tokens, on the "
-        "evaluation set of the table: seed 0 of each model only.",
-    }
-    lines += ["", "## Figures", ""]
+    return lines
+
+
+CAPTIONS = {
+    "training_curves.png": "Training (lines) and validation (dots) loss against steps, every seed of a model "
+    "in its colour and line style (blue baseline, orange per-head, green gated); against wall-clock time too "
+    "where the runs had the machine to themselves.",
+    "training_costs.png": "Training time and throughput per run.",
+    "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
+    "(median, p10-p90 over interleaved rounds).",
+    "tradeoff_decode_ms_compile.png": "Bits per byte (mean, 95% CI over seeds) against compiled decode latency "
+    "at batch 1 (torch.compile; median, p10-p90 over interleaved rounds).",
+    "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
+    "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
+    "over_training.png": "Held-out quality of periodic checkpoints against training tokens, on the "
+    "evaluation set of the table: seed 0 of each model only.",
+}
+
+
+def figures_section(figures: list[str]) -> list[str]:
+    lines = ["", "## Figures", ""]
     for f in figures:
-        lines += [f"![{f}](plots/{f})", "", captions.get(f, f), ""]
-    if over_training:
-        lines += [
-            "## Checkpoints over training",
-            "",
-            "Scored on the same held-out text as the table (the study passes eval.quality's --max-tokens and text "
-            "options to each checkpoint's eval.perplexity): a run's last checkpoint scores what its own quality "
-            "evaluation does (the table shows the mean over seeds).",
-            "",
-            "| run | step | tokens | perplexity | bits per byte | training energy (J) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for run, pts in over_training.items():
-            for p in sorted(pts, key=lambda p: p.step):
-                lines.append(
-                    f"| {run} | {p.step} | {p.tokens:,} | {_num(p.figures.perplexity, '.3f')} | "
-                    f"{_num(p.figures.bits_per_byte, '.4f')} | {_num(p.energy_j, '.1f')} |"
-                )
-        lines.append("")
-    lines += [
-        "## Reproduce",
+        lines += [f"![{f}](plots/{f})", "", CAPTIONS.get(f, f), ""]
+    return lines
+
+
+def over_training_section(over_training: dict[str, list[PerplexityResult]]) -> list[str]:
+    if not over_training:
+        return []
+    lines = [
+        "## Checkpoints over training",
         "",
-        "```bash",
-        f"python -m runners.study {study.source}",
-        "```",
+        "Scored on the same held-out text as the table (the study passes eval.quality's --max-tokens and text "
+        "options to each checkpoint's eval.perplexity): a run's last checkpoint scores what its own quality "
+        "evaluation does (the table shows the mean over seeds).",
         "",
-        f"Per-step logs are in `{out / 'logs'}`; raw results in `{out / 'evals'}`.",
-        "",
+        "| run | step | tokens | perplexity | bits per byte | training energy (J) |",
+        "|---|---|---|---|---|---|",
     ]
-    path = out / "report.md"
-    atomic_write(path, "\n".join(lines))
-    return path
+    for run, pts in over_training.items():
+        for p in sorted(pts, key=lambda p: p.step):
+            lines.append(
+                f"| {run} | {p.step} | {p.tokens:,} | {_num(p.figures.perplexity, '.3f')} | "
+                f"{_num(p.figures.bits_per_byte, '.4f')} | {_num(p.energy_j, '.1f')} |"
+            )
+    return lines + [""]
