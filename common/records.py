@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +113,37 @@ class TrainingSummary:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if any(d.get(k) is None for k in ("name", "steps", "tokens", "final_val_loss")):
             return None  # not a finished run's summary
-        return cls(**{k: d[k] for k in names if k in d}, extra={k: v for k, v in d.items() if k not in names})
+        fields = {k: d[k] for k in names if k in d}
+        bad = checked_fields(cls, fields)
+        if bad:
+            raise UserError(f"{Path(log_dir) / 'summary.json'}: {bad}; train the run again or restore its summary")
+        return cls(**fields, extra={k: v for k, v in d.items() if k not in names})
+
+
+def checked_fields(cls, values: dict) -> str | None:
+    """Why ``values`` cannot fill dataclass ``cls`` (a field of the wrong type, a number that is not finite or a
+    count below zero), or None: the one check of every record read from a file by its field types (the command
+    line turns the same hints into values)."""
+    hints = typing.get_type_hints(cls)
+    for key, v in values.items():
+        if v is None:
+            continue
+        tp = hints.get(key)
+        kinds = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+        if int in kinds and float not in kinds:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                return f"{key} = {v!r} is not a count (a whole number >= 0)"
+        elif float in kinds:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"{key} = {v!r} is not a finite number"
+        elif str in kinds and not isinstance(v, str):
+            return f"{key} = {v!r} is not a string"
+        elif bool in kinds and not isinstance(v, bool):
+            return f"{key} = {v!r} is not true or false"
+        elif dict in kinds or any(typing.get_origin(t) is dict for t in kinds):
+            if not isinstance(v, dict):
+                return f"{key} = {v!r} is not a table"
+    return None
 
 
 @dataclass(frozen=True)

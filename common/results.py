@@ -51,7 +51,13 @@ def check_result_path(
             "name a new file"
         )
     checkpoint = old.get("checkpoint")
-    if model is not None and isinstance(checkpoint, str) and checkpoint and not same_model(checkpoint, model):
+    if model is not None and not (isinstance(checkpoint, str) and checkpoint):
+        # a result that does not say which model it is about cannot be shown to be this model's: kept
+        raise UserError(
+            f"--out {path} holds a result that names no model folder (its 'checkpoint' is {checkpoint!r}); "
+            "nothing was changed: name a new file"
+        )
+    if model is not None and not same_model(checkpoint, model):
         raise UserError(
             f"--out {path} holds the result of another model ({old.get('model', checkpoint)}); nothing was "
             "changed: name a new file"
@@ -116,6 +122,7 @@ class ModelIdentity:
     architecture: str  # perhead-llama, or a transformers model_type
     head_layer: dict | None = None  # the per-head layers' settings (hidden_dim, activation, residual); None: plain
     compression: dict | None = None  # compression.json of a compressed model
+    fingerprint: str | None = None  # models.folders.fingerprint of its folder when measured (None: not recorded)
 
     @property
     def per_head(self) -> bool:
@@ -131,6 +138,16 @@ class ModelIdentity:
         spec = result.get("head_layer")
         if spec is None and result.get("per_head"):
             spec = {}
+        for key, kind in (("model", str), ("checkpoint", str), ("architecture", str), ("fingerprint", str)):
+            if result.get(key) is not None and not isinstance(result[key], kind):
+                raise ValueError(f"{key} = {result[key]!r} is not a {kind.__name__}")
+        for key in ("params", "n_layers"):
+            if result.get(key) is not None:
+                _count(result[key], key)
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"head_layer = {spec!r} is not a table of settings")
+        if result.get("compression") is not None and not isinstance(result["compression"], dict):
+            raise ValueError(f"compression = {result['compression']!r} is not a compression record")
         return cls(
             model=result["model"],
             checkpoint=result.get("checkpoint", ""),
@@ -139,6 +156,7 @@ class ModelIdentity:
             architecture=result.get("architecture", "perhead-llama"),
             head_layer=spec,
             compression=result.get("compression"),
+            fingerprint=result.get("fingerprint"),
         )
 
 
@@ -163,8 +181,13 @@ class Spread:
     n: int
 
     @classmethod
-    def of(cls, d: dict) -> Spread:
-        return cls(float(d["median"]), float(d["p10"]), float(d["p90"]), int(d["n"]))
+    def of(cls, d: dict, what: str = "timing") -> Spread:
+        return cls(
+            _finite(d["median"], f"{what}.median", low=0.0),
+            _finite(d["p10"], f"{what}.p10", low=0.0),
+            _finite(d["p90"], f"{what}.p90", low=0.0),
+            _count(d["n"], f"{what}.n"),
+        )
 
 
 @dataclass(frozen=True)
@@ -183,11 +206,11 @@ class Ratio:
         if not d:
             return None
         return cls(
-            float(d["median"]),
-            _opt(d, "ci_low", float),
-            _opt(d, "ci_high", float),
-            _opt(d, "p", float),
-            _opt(d, "confidence", float),
+            _finite(d["median"], "ratio.median", low=0.0),
+            _maybe(d, "ci_low", "ratio.ci_low", low=0.0, infinite=True),  # too few rounds: an unbounded interval
+            _maybe(d, "ci_high", "ratio.ci_high", low=0.0, infinite=True),
+            _maybe(d, "p", "ratio.p", low=0.0, high=1.0),
+            _maybe(d, "confidence", "ratio.confidence", low=0.0, high=1.0),
         )
 
 
@@ -201,7 +224,9 @@ class Energy:
 
     @classmethod
     def of(cls, d: dict | None) -> Energy | None:
-        return None if d is None else cls(d["method"], _opt(d, "j_per_token", float), d.get("reason"))
+        if d is None:
+            return None
+        return cls(str(d["method"]), _maybe(d, "j_per_token", "energy.j_per_token", low=0.0), d.get("reason"))
 
     @property
     def figure(self) -> float | str | None:
@@ -258,15 +283,15 @@ class PerplexityFigures:
     def of(cls, d: dict) -> PerplexityFigures:
         docs = d.get("per_document") or []
         return cls(
-            float(d["bits_per_byte"]),
-            _opt(d, "perplexity", float),
-            _opt(d, "word_perplexity", float),
+            _finite(d["bits_per_byte"], "bits_per_byte", low=0.0, high=MAX_BITS_PER_BYTE),
+            _maybe(d, "perplexity", "perplexity", low=1.0),
+            _maybe(d, "word_perplexity", "word_perplexity", low=1.0),
             d.get("mode", "sliding"),
-            d.get("tokens_scored"),
+            _maybe_count(d, "tokens_scored"),
             d.get("source"),
             d.get("sample"),
-            d.get("context"),
-            d.get("stride"),
+            _maybe_count(d, "context"),
+            _maybe_count(d, "stride"),
             tuple(DocumentFigures.of(x, i) for i, x in enumerate(docs)),
             tuple(d.get("excluded") or ()),
             _opt(d, "near_duplicates", float),
@@ -287,12 +312,12 @@ class ContinuationFigures:
     @classmethod
     def of(cls, d: dict) -> ContinuationFigures:
         return cls(
-            float(d["bleu"]),
-            float(d["rougeL"]),
-            _opt(d, "rougeL_code", float),
-            d.get("pairs"),
-            d.get("prompt_tokens"),
-            d.get("continuation_tokens"),
+            _finite(d["bleu"], "continuation.bleu", low=0.0, high=100.0),
+            _finite(d["rougeL"], "continuation.rougeL", low=0.0, high=100.0),
+            _maybe(d, "rougeL_code", "continuation.rougeL_code", low=0.0, high=100.0),
+            _maybe_count(d, "pairs"),
+            _maybe_count(d, "prompt_tokens"),
+            _maybe_count(d, "continuation_tokens"),
         )
 
 
@@ -310,11 +335,11 @@ class HumanEvalFigures:
     def of(cls, d: dict) -> HumanEvalFigures:
         p = d["pass"]
         return cls(
-            _opt(p, "pass@1", float),
-            p.get("problems"),
-            p.get("samples_per_problem"),
-            p.get("timeout_s"),
-            d.get("max_new_tokens"),
+            _maybe(p, "pass@1", "humaneval.pass@1", low=0.0, high=1.0),
+            _maybe_count(p, "problems"),
+            _maybe_count(p, "samples_per_problem"),
+            _maybe(p, "timeout_s", "humaneval.timeout_s", low=0.0),
+            _maybe_count(d, "max_new_tokens"),
         )
 
 
@@ -329,7 +354,7 @@ class Timing:
 
     @classmethod
     def of(cls, d: dict, key: str) -> Timing:
-        return cls(d["mode"], int(d["batch"]), Spread.of(d[key]), Energy.of(d.get("energy")))
+        return cls(str(d["mode"]), _count(d["batch"], "batch"), Spread.of(d[key], key), Energy.of(d.get("energy")))
 
 
 @dataclass(frozen=True)
@@ -458,8 +483,8 @@ class TimedModel:
     @classmethod
     def of(cls, d: dict) -> TimedModel:
         return cls(
-            Spread.of(d["decode_ms_per_token"]),
-            tuple(float(x) for x in d["decode_ms_samples"]),
+            Spread.of(d["decode_ms_per_token"], "decode_ms_per_token"),
+            tuple(_finite(x, "decode_ms_samples", low=0.0) for x in d["decode_ms_samples"]),
             Ratio.of(d.get("decode_ratio_to_reference")),
             RoundsEnergy.of(d.get("energy")),
         )
@@ -545,17 +570,31 @@ class InductionResult(Result):
         )
 
 
-def _finite(v, what: str, low: float | None = None, high: float | None = None) -> float:
-    """A figure as a float: a number, finite, within [low, high] where given; else ValueError naming it."""
+def _finite(v, what: str, low: float | None = None, high: float | None = None, infinite: bool = False) -> float:
+    """A figure as a float: a number, finite (or, with ``infinite``, not NaN: an unbounded interval's end), within
+    [low, high] where given; else ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{what} = {v!r} is not a number")
     x = float(v)
-    if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high):
+    bad = math.isnan(x) if infinite else not math.isfinite(x)
+    if bad or (low is not None and x < low) or (high is not None and x > high):
         bounds = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise ValueError(
             f"{what} = {v!r} is not a finite number{bounds if low is not None or high is not None else ''}"
         )
     return x
+
+
+MAX_BITS_PER_BYTE = 1000.0  # far beyond any model's (a uniform guess over 32k tokens of one byte each is 15)
+
+
+def _maybe(d: dict, key: str, what: str, low=None, high=None, infinite: bool = False) -> float | None:
+    """An optional figure: None where absent, else checked as ``_finite``."""
+    return None if d.get(key) is None else _finite(d[key], what, low, high, infinite)
+
+
+def _maybe_count(d: dict, key: str) -> int | None:
+    return None if d.get(key) is None else _count(d[key], key)
 
 
 def _count(v, what: str) -> int:

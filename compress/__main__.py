@@ -43,6 +43,7 @@ import torch
 from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
+from common.identity import options_identity
 from compress import COMPRESSION_FILE, COMPRESSION_SCHEMA, RECOVERY, read_compression, read_recovery_mark
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
@@ -52,7 +53,7 @@ from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
 from llama.model_io import CHECKSUM_FILE, list_checkpoints, model_file_bytes, write_checksums
-from models.folders import load_folder, save_folder
+from models.folders import fingerprint, load_folder, save_folder
 from models.interface import drop_blocks, require, state_dict_bytes
 from training.checkpoint import STATE_FILE, training_config
 from training.config import TrainConfig
@@ -146,6 +147,8 @@ def compress(a) -> Path:
         if calib is None
         else {"source": calib_source, "windows": list(calib.shape), "seed": a.seed},
         "base": str(base),
+        "base_fingerprint": fingerprint(base),  # which model it was made from: a study rebuilds it if that changes
+        "options": options_of(a),  # every setting that shaped it (what a study compares its command against)
         "base_compression": read_compression(base),
         "params_before": before_params,
         "params_after": count_params(model)["total"],
@@ -213,6 +216,23 @@ def write_compressed(out: Path, model, tok, base: Path, info: dict, quantized=No
             (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
         info["disk_bytes_after"] = model_file_bytes(tmp)
         (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+
+
+def resolve_finetune(a):
+    """``--finetune-steps N`` is ``--recover full --recover-steps N`` (at --finetune-lr)."""
+    if a.finetune_steps:
+        if a.recover not in (None, "full"):
+            raise UserError(f"--finetune-steps is --recover full; it cannot go with --recover {a.recover}")
+        a.recover, a.recover_steps, a.recover_lr = "full", a.finetune_steps, a.finetune_lr
+
+
+def options_of(a) -> dict:
+    """The settings that shape a compressed model (every option but where the model comes from and goes, its
+    logs, and whether a stopped recovery is resumed), as compression.json records them: the same for every
+    spelling of one command."""
+    a = copy.copy(a)
+    resolve_finetune(a)
+    return options_identity(a, drop=("checkpoint", "out", "log_dir", "resume"))
 
 
 def recovery_run(a) -> tuple[Path, Path]:
@@ -360,10 +380,7 @@ def main(argv=None):
     missing = [k for k in ("checkpoint", "method", "out") if getattr(a, k) is None]
     if missing:
         raise UserError(f"compress needs {', '.join('--' + k for k in missing)}; see --help")
-    if a.finetune_steps:
-        if a.recover not in (None, "full"):
-            raise UserError(f"--finetune-steps is --recover full; it cannot go with --recover {a.recover}")
-        a.recover, a.recover_steps, a.recover_lr = "full", a.finetune_steps, a.finetune_lr
+    resolve_finetune(a)
     if a.recover is not None and a.recover not in RECOVERY:
         raise UserError(f"--recover {a.recover!r}: use one of {RECOVERY}")
     if a.method == "quantize" and a.recover:

@@ -194,7 +194,7 @@ def main(argv=None):
     }
     # disk_bytes is the weight file the folder holds (quantized where the scheme stores it so), memory_bytes
     # the weights as loaded
-    out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a.out)
+    out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a)
     print(table(r))
     busy = describe(settings["load"])
     if busy:

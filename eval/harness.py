@@ -101,7 +101,7 @@ def main(argv=None):
     lm = ProjectLM(a.checkpoint, a.device, a.dtype, a.batch_size, a.max_length)
     results = run_tasks(lm, a.tasks, manager, a.limit, a.num_fewshot, a.idle)
     settings = {"tasks": a.tasks, "limit": a.limit, "num_fewshot": a.num_fewshot, "max_length": lm.max_length}
-    out = lm.ev.write("harness", {**settings, "results": results}, a.out)
+    out = lm.ev.write("harness", {**settings, "results": results}, a)
     for task, r in results.items():
         e = r["energy"]
         joules = f"{e['energy_j']:.1f} J" if e.get("energy_j") else f"energy {e.get('reason', e['method'])}"

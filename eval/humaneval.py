@@ -139,7 +139,7 @@ def main(argv=None):
     r = humaneval_task(
         ev, a.limit, a.n_samples, a.temperature, a.top_p, a.k, a.max_new_tokens, a.batch_size, a.timeout, a.memory_mb
     )
-    out = ev.write("humaneval", r, a.out)
+    out = ev.write("humaneval", r, a)
     print(" ".join(f"{k} {v:.3f}" for k, v in r["pass"].items() if k.startswith("pass@")), f"-> {out}")
 
 

@@ -135,7 +135,7 @@ def main(argv=None):
     a = parse_args(Args(), argv)
     ev = a.load()
     r = evaluate_induction(ev, a.sequences, a.length, a.seed, a.batch_size)
-    out = ev.write("induction", r, a.out)
+    out = ev.write("induction", r, a)
     for kind in ("random", "heldout"):
         k = r[kind]
         if k is None:

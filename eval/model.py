@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.cli import positional
+from common.identity import options_identity
 from common.results import ModelIdentity, check_result_path, write_result
-from models.folders import model_folder
+from models.folders import fingerprint, model_folder
 from runtime.loading import Loaded, load_model
 
 
@@ -35,12 +36,18 @@ class EvalOptions:
     def load(self):
         return load_for_eval(self.checkpoint, self.device, self.dtype)
 
+    def identity(self) -> dict:
+        """The settings that shape this evaluator's figures (every option but which model and where its result
+        goes), as a result records them: a study reuses a result only when its command resolves to the same."""
+        return options_identity(self, drop=("checkpoint", "out"))
+
 
 @dataclass
 class Evaluated(Loaded):
-    def write(self, evaluator: str, payload: dict, out: str | os.PathLike | None = None) -> Path:
-        """An evaluator's result JSON (default results/<model>-<evaluator>.json): where it was measured,
-        which model it is, and ``payload``."""
+    def write(self, evaluator: str, payload: dict, options: EvalOptions) -> Path:
+        """An evaluator's result JSON (``options.out``, default results/<model>-<evaluator>.json): where it was
+        measured, which model it is (with the folder's fingerprint), the options that shaped it, and
+        ``payload``."""
         identity = ModelIdentity(
             model=self.name,
             checkpoint=str(self.folder),
@@ -49,9 +56,10 @@ class Evaluated(Loaded):
             architecture=self.architecture,
             head_layer=self.head_layer,
             compression=self.compression,
+            fingerprint=fingerprint(self.folder),
         )
-        header = {"evaluator": evaluator, **identity.to_json()}
-        path = out or Path("results") / f"{self.name}-{evaluator}.json"
+        header = {"evaluator": evaluator, **identity.to_json(), "options": options.identity()}
+        path = options.out or Path("results") / f"{self.name}-{evaluator}.json"
         return write_result(path, header | payload, self.device, model=self.folder)
 
 

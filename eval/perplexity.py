@@ -449,7 +449,7 @@ def main(argv=None):
         near_duplicates=a.text.near_duplicates,
     )
     # each mode its own result (results/<model>-perplexity.json, -perplexity-lm-eval.json): their figures differ
-    out = ev.write("perplexity" if r["mode"] == "sliding" else "perplexity-lm-eval", r, a.out)
+    out = ev.write("perplexity" if r["mode"] == "sliding" else "perplexity-lm-eval", r, a)
     bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
     if r["mode"] == "lm-eval":
         what = f"word perplexity {r['word_perplexity']:.2f}, byte perplexity {r['byte_perplexity']:.4f}"

@@ -83,7 +83,7 @@ def main(argv=None):
         ),
     }
     result["time_s"] = time.perf_counter() - t0
-    out = ev.write("quality", result, a.out)
+    out = ev.write("quality", result, a)
     print(table(result))
     print(f"-> {out} ({result['time_s']:.0f} s)")
 

@@ -55,3 +55,31 @@ def load_skeleton(folder: Path):
     if is_hf_folder(folder):
         return hf_skeleton(folder)
     return model_skeleton(folder), Tokenizer(tokenizer_path(folder))
+
+
+# The files that make a model what it is (weights, sizes, tokenizer, how it was compressed); not a training run's
+# optimizer, RNG or timing state.
+_DEFINING = ("*.safetensors", "quantized.pt", "model_args.json", "config.json", "compression.json", "tokenizer*")
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A model folder's identity: the SHA-256 over the names and contents of the files that define the model (a
+    weight file's checksum recorded at save is taken as its content: loading verifies it). Two folders with the
+    same fingerprint hold the same model; a retrained, recompressed or edited one has another. What results and
+    compressed models record of the model they were made from."""
+    import hashlib
+    import json
+
+    from llama.model_io import CHECKSUM_FILE, _sha256
+
+    folder = model_folder(path)
+    try:
+        recorded = json.loads((folder / CHECKSUM_FILE).read_text()) if (folder / CHECKSUM_FILE).is_file() else {}
+    except ValueError:
+        recorded = {}
+    names = sorted({p.name for pattern in _DEFINING for p in folder.glob(pattern) if p.is_file()})
+    h = hashlib.sha256()
+    for name in names:
+        digest = recorded.get(name) if isinstance(recorded, dict) else None
+        h.update(f"{name}\0{digest or _sha256(folder / name)}\0".encode())
+    return h.hexdigest()[:32]

@@ -221,9 +221,10 @@ SET_BY_STUDY = {
 
 
 def option_name(arg: str) -> str:
-    """``--out_dir``, ``--out-dir=x`` and ``--training.out-dir`` all name ``--out-dir``: the command line takes each
-    spelling, so a check of the options a study sets itself must too."""
-    return "--" + arg.split("=")[0].lstrip("-").split(".")[-1].replace("_", "-")
+    """``--out_dir``, ``--out-dir=x``, ``--training.out-dir`` and ``--no-out-dir`` (which sets it to None) all name
+    ``--out-dir``: the command line takes each spelling, so a check of the options a study sets itself must too."""
+    name = arg.split("=")[0].lstrip("-").split(".")[-1].replace("_", "-")
+    return "--" + name.removeprefix("no-")
 
 
 def load_study(path: str | Path) -> Study:

@@ -18,9 +18,11 @@ from pathlib import Path
 import compress.__main__ as compress_cli
 from common.cli import UserError, apply_overrides
 from common.files import atomic_write
+from common.identity import options_identity
 from common.process import die_with_parent
-from common.results import parse_result, read_result
+from common.results import parse_result, read_result, read_typed, same_model
 from llama.model_io import list_checkpoints
+from models.folders import fingerprint, model_folder
 from runners.study_file import SEED, CompressSpec, RunSpec, Study
 from training.run_files import DIVERGED_FILE
 
@@ -115,7 +117,16 @@ class CompressStep:
         return Path(self.options.out)  # the final model, fine-tuned or not
 
     def done(self, s: Study) -> bool:
-        return (Path(self.options.out) / "compression.json").is_file()  # written last, with the model
+        """compression.json (written last, with the model) records the options this step would run with, and the
+        fingerprint of the base it would compress now: a model compressed with other settings, or from a base
+        retrained since, is made again (compress replaces only its own folders)."""
+        record = read_compression_record(Path(self.options.out))
+        if record is None:
+            return False
+        base = Path(self.argv[self.argv.index("--checkpoint") + 1])
+        return record.get("options") == compress_cli.options_of(self.options) and record.get(
+            "base_fingerprint"
+        ) == _fingerprint_or_none(base)
 
     def kept(self, s: Study) -> bool:  # as a trained run's checkpoints: the study's results were taken from it
         return True
@@ -143,8 +154,27 @@ class EvaluateStep:
     def done(self, s: Study) -> bool:
         return False  # results are written atomically, but only the marker says all of a step finished
 
-    def kept(self, s: Study) -> bool:  # the table and report read it: a deleted result is measured again
-        return self.output(s).is_file()
+    def kept(self, s: Study) -> bool:
+        """The result is there, about this model as it is now, measured with the options this step would use: a
+        deleted result, one of a model retrained or recompressed since, or one of other options is measured
+        again. A result about another model (copied or edited into place) stops the study in one line."""
+        path = self.output(s)
+        r = read_typed(path)
+        if r is None or r.identity is None:
+            return False
+        folder = model_folder(self.model) if self.model.exists() else None
+        if folder is None or not same_model(r.identity.checkpoint, folder):
+            raise UserError(
+                f"{path} is a result about {r.identity.model} ({r.identity.checkpoint or 'no folder recorded'}), "
+                f"not {self.name}: it was copied or edited; delete it and run the study again"
+            )
+        expected = options_identity(self.options(), drop=("checkpoint", "out"))
+        return r.identity.fingerprint == fingerprint(folder) and r.record.get("options") == expected
+
+    def options(self):
+        """This step's evaluator options, parsed by the evaluator's own options class."""
+        module = importlib.import_module(f"eval.{self.evaluator}")
+        return apply_overrides(module.Args(checkpoint=str(self.model)), list(self.extra))
 
     def execute(self, s: Study, run: Callable[[list[str]], None]):
         run([f"eval.{self.evaluator}", str(self.model), "--out", str(self.output(s)), *self.extra])
@@ -343,12 +373,43 @@ def changed_steps(s: Study, steps: list[Step]) -> list[str]:
 
 
 def _same_training(s: Study, step: TrainStep) -> bool:
-    """Whether run ``step.name``, trained before, has the settings the study gives it (its logs' config.json)."""
-    try:
-        saved = json.loads((Path(s.logs_dir) / step.name / "config.json").read_text())
-    except (OSError, ValueError):
-        return True  # nothing to compare with: the run's own summary and checkpoint are what the study reuses
+    """Whether run ``step.name``, trained before, has the settings the study gives it: the config its newest
+    checkpoint records (what trained those weights), and its logs' config.json where that is still there. A run
+    whose checkpoints record no config cannot be told apart: it counts as changed."""
     argv = [a for a in train_cmd(s, step.run, step.seed, step.lr)[1:] if a not in ("--resume", "--overwrite")]
     expected = dataclasses.asdict(apply_overrides(importlib.import_module(f"runners.{step.run.runner}").config(), argv))
     where = ("name", "out_dir", "log_dir", "resume", "overwrite")  # where it ran, not what it trained
-    return {k: v for k, v in expected.items() if k not in where} == {k: v for k, v in saved.items() if k not in where}
+
+    def what(config) -> dict | None:
+        return {k: v for k, v in config.items() if k not in where} if isinstance(config, dict) else None
+
+    recorded = []
+    checkpoints = list_checkpoints(step.output(s))
+    if checkpoints:
+        recorded.append(_read_json(checkpoints[-1][1] / "state.json").get("config"))
+    logs = Path(s.logs_dir) / step.name / "config.json"
+    if logs.is_file():
+        recorded.append(_read_json(logs))
+    if not recorded:
+        return True  # nothing trained yet under this name: the step starts it
+    return all(what(r) == what(expected) for r in recorded)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _fingerprint_or_none(folder: Path) -> str | None:
+    try:
+        return fingerprint(folder)
+    except (OSError, ValueError):
+        return None  # no model there (yet): nothing compressed from it can be current
+
+
+def read_compression_record(folder: Path) -> dict | None:
+    record = _read_json(folder / "compression.json")
+    return record or None

@@ -63,6 +63,8 @@ def test_study_resumes_without_redoing_finished_steps(study, monkeypatch):
 
     monkeypatch.setattr(steps_mod, "run_step", fake_step)
     monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
+    # the fake results are empty files: whether a result is this model's own is tested on real ones (below)
+    monkeypatch.setattr(steps_mod.EvaluateStep, "kept", lambda self, s: self.output(s).is_file())
     with pytest.raises(KeyboardInterrupt):
         run_study(study, progress=False)
     first = list(calls)
@@ -437,8 +439,17 @@ def test_a_study_edited_after_its_steps_finished_names_the_changed_steps(study):
     cfg = steps_mod.apply_overrides(importlib.import_module("runners.tiny").config(), ["--max-steps", "5"])
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (run_dir / "summary.json").write_text("{}")
-    (Path(study.checkpoints_dir) / train.name / "step_5").mkdir(parents=True)
-    (Path(study.checkpoints_dir) / train.name / "step_5" / "model.safetensors").write_text("x")
+    step = Path(study.checkpoints_dir) / train.name / "step_5"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_text("x")
+    (step / "state.json").write_text(json.dumps({"step": 5, "config": dataclasses.asdict(cfg)}))  # what trained it
+    assert changed_steps(study, plan(study)) == []
+    # the run's own checkpoint says what trained it: with its logs' config.json moved away, an edit is still seen
+    (run_dir / "config.json").rename(run_dir / "moved.json")
+    study.runs[0].args = ["--max-steps", "5", "--n-layers", "3"]
+    assert changed_steps(study, plan(study)) == [train.key]
+    (run_dir / "moved.json").rename(run_dir / "config.json")
+    study.runs[0].args = ["--max-steps", "5"]
     assert changed_steps(study, plan(study)) == []
     # the file is edited: more documents for quality, more steps for the run
     study.quality = ["--n-docs", "3"]

@@ -2,6 +2,7 @@
 lowest tail training loss chosen by the rule fixed in the file, the grid's edges refused, divergence a result, and
 the check's runs reused as the main runs' first seeds."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 import runners.study as study_mod
 import runners.study_steps as steps_mod
+import runners.tiny
+from common.cli import apply_overrides
 from runners.study import run_study
 from runners.study_file import RunSpec, Study, TuneSpec, check_study, load_study
 from runners.study_steps import StepFailed, TrainStep, plan, train_cmd
@@ -54,7 +57,10 @@ def fake_training(calls: list, diverge: set = frozenset()):
         rows = [json.dumps({"step": i, "loss": loss}) for i in range(1, 201)]
         (logs / "metrics.jsonl").write_text("\n".join(rows) + "\n")
         (logs / "summary.json").write_text("{}")
-        (Path(cmd[cmd.index("--out-dir") + 1]) / name / "step_200").mkdir(parents=True)
+        step = Path(cmd[cmd.index("--out-dir") + 1]) / name / "step_200"
+        step.mkdir(parents=True)
+        config = dataclasses.asdict(apply_overrides(runners.tiny.config(), cmd[1:]))  # what the runner would train
+        (step / "state.json").write_text(json.dumps({"step": 200, "config": config}))
 
     return python
 

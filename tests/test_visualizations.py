@@ -318,7 +318,9 @@ def test_compare_and_tradeoffs_read_a_folder_of_every_result_kind(trained_checkp
         [ckpt, "--batch-sizes", "1", "--n-tokens", "2", "--repeats", "1", "--engines", "torch", "--no-energy"]
     )
     ev = load_for_eval(ckpt, "cpu")
-    ev.write("harness", {"tasks": ["t"], "results": {}})  # a kind the table has no column for
+    from eval.harness import Args as HarnessArgs
+
+    ev.write("harness", {"tasks": ["t"], "results": {}}, HarnessArgs(checkpoint=ckpt))  # a kind with no column
     names = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
     model = ev.name
     assert f"{model}-perplexity.json" in names and f"{model}-perplexity-lm-eval.json" in names  # both kept

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import UserError
 from common.records import Compression, StudyRecord, TrainingSummary
 from common.results import read_typed
 from common.stats import (
@@ -64,7 +65,7 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
     groups: dict[str, dict] = {}
     for m in members:
         g = groups.setdefault(m.group, {"model": m.group, "kind": m.kind, "base": m.base, "seeds": []})
-        q = read_typed(out / "evals" / f"{m.name}-quality.json")
+        q = member_result(out / "evals" / f"{m.name}-quality.json", m.name)
         summary = TrainingSummary.read(logs_dir / m.run) if m.kind == "trained" else None
         g["seeds"].append(
             {"seed": m.seed, "seed_value": m.seed_value, "name": m.name, "quality": q, "summary": summary, "run": m.run}
@@ -96,7 +97,9 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
                 if any(p is not None for p in passes)
                 else None
             )
-        inductions = [(s["seed"], read_typed(out / "evals" / f"{s['name']}-induction.json")) for s in g["seeds"]]
+        inductions = [
+            (s["seed"], member_result(out / "evals" / f"{s['name']}-induction.json", s["name"])) for s in g["seeds"]
+        ]
         for kind in ("random", "heldout"):
             pairs = [(k, getattr(r, kind).induction_nats) for k, r in inductions if r and getattr(r, kind)]
             row[f"induction_{kind}"] = per_seed([v for _, v in pairs], [k for k, _ in pairs]) if pairs else None
@@ -124,6 +127,18 @@ def group_rows(out: Path, logs_dir: Path) -> list[dict]:
             row["latency_gate"] = side.gated
         rows.append(row)
     return rows
+
+
+def member_result(path: Path, member: str):
+    """The typed result in ``path``, refused in one line unless it is about ``member`` (the model it names, run@step
+    or folder, is that member's): a result copied over another model's file never fills that model's row."""
+    r = read_typed(path)
+    if r is not None and r.identity is not None and r.identity.model.split("@")[0] != member:
+        raise UserError(
+            f"{path} is a result about {r.identity.model}, not {member}: it was copied or edited; delete it and "
+            "run the study again"
+        )
+    return r
 
 
 def per_seed(values: list[float], seeds: list[int], bounds: tuple[float, float] | None = None) -> dict:
