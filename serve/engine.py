@@ -120,15 +120,28 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         delta = text.push(token)
         released = held.release(len(text.sent))  # the tokens whose text has been sent
         record["logprobs"] += released
-        if emit is not None:
+        if text.hit or len(seq.tokens) >= plan.max_tokens:
+            # this token ends the choice (a stop string, or its length): its text and the finish reason go out as
+            # one event, so a stream of n tokens is n chunks, as vLLM sends it (the scheduler's on_end then adds
+            # nothing); an end at EOS comes a step later, in a chunk of its own, as in vLLM
+            last, finish, more = finished()
+            if emit is not None:
+                emit(("last", index, delta + last, (finish, released + more)))
+        elif emit is not None:
             emit(("token", index, delta, released))
 
-    def on_end():
+    def finished():
         last = text.finish()
         released = held.release(len(text.sent))  # the rest was cut with the stop string: dropped
         record["logprobs"] += released
         finish = "stop" if text.stopped() or len(seq.tokens) < plan.max_tokens else "length"
         record.update(text=text.sent, finish_reason=finish)
+        return last, finish, released
+
+    def on_end():
+        if record["finish_reason"] is not None:
+            return  # ended with its last token (on_token)
+        last, finish, released = finished()
         if emit is not None:
             emit(("end", index, last, (finish, released)))
 
@@ -139,8 +152,9 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
 def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
     """Decode every choice of ``plan`` in its engine's running batch (serve/scheduler.py) and measure them.
     ``emit(event)``, if given, hears ``("token", index, delta, [logprob entries released])`` per token and
-    ``("end", index, delta, (finish_reason, [logprob entries released]))`` per choice, from the scheduler's
-    thread; it raises ``ClientGone`` to stop. Raises ``ClientGone`` if the client left, or the engine's error."""
+    ``("end", index, delta, (finish_reason, [logprob entries released]))`` per choice (``"last"`` in place of
+    both for a token that ends its choice), from the scheduler's thread; it raises ``ClientGone`` to stop. Raises
+    ``ClientGone`` if the client left, or the engine's error."""
     ev = served.ev
     scheduler = served.schedulers[plan.engine]
     made = [_sequence(served, plan, i, emit, gone) for i in range(len(plan.choices))]

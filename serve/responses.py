@@ -143,8 +143,8 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                         done = True
                         break
                     what, index, delta, x = event
-                    n_out += what == "token"
-                    ended += what == "end"
+                    n_out += what in ("token", "last")  # "last": a choice's last token, with its finish reason
+                    ended += what in ("end", "last")
                     so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
                     so_far = {"usage": Usage(**so_far, total_tokens=prompt_tokens + n_out)} if running else {}
                     if what == "token":

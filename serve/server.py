@@ -72,7 +72,7 @@ from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
 from serve.scheduler import ClientGone
 from serve.served import Served
-from serve.transport import MAX_CONNECTIONS, BodyLimit, create_server, error, first_error
+from serve.transport import MAX_CONNECTIONS, BodyLimit, RequestLimit, create_server, error, first_error
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -97,6 +97,7 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
         return error(exc.status_code, str(exc.detail))
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestLimit, limit=served.max_connections)  # outermost: a busy server answers at once
 
     @app.get("/health")
     def health():

@@ -63,6 +63,26 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class RequestLimit:
+    """ASGI middleware: at most ``limit`` requests in flight; one more is answered 503 in the OpenAI error shape at
+    once (uvicorn's own limit, kept above this one for idle connections, answers in plain text)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            busy = f"the server has {self.limit} requests in flight (--max-connections); try again shortly"
+            return await error(503, busy, code="overloaded")(scope, receive, send)
+        self.in_flight += 1  # one event loop: no other coroutine runs between the check and this
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class DeadlineProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for receiving a whole request. uvicorn's own keep-alive timer
     starts only after a response and stops at the first byte of the next request, so a client that connects
@@ -108,12 +128,13 @@ class DeadlineProtocol(H11Protocol):
 def create_server(
     app: FastAPI, host: str, port: int, request_timeout_s: float = 10.0, max_connections: int = MAX_CONNECTIONS
 ):
-    """The uvicorn server: requests must arrive within ``request_timeout_s``; beyond ``max_connections`` open at
-    once, new requests get 503."""
+    """The uvicorn server: requests must arrive within ``request_timeout_s``; beyond ``max_connections`` requests
+    in flight, new ones get 503 in the OpenAI shape (the app's RequestLimit); uvicorn itself refuses connections
+    beyond twice that many (idle ones included), in plain text."""
     import uvicorn
 
     protocol = type("Deadline", (DeadlineProtocol,), {"request_timeout_s": request_timeout_s})
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", http=protocol, limit_concurrency=max_connections
+        app, host=host, port=port, log_level="warning", http=protocol, limit_concurrency=2 * max_connections
     )
     return uvicorn.Server(config)

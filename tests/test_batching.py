@@ -285,14 +285,16 @@ def test_a_batched_servers_energy_is_taken_over_the_whole_run(trained_checkpoint
 
 def test_the_clients_guidellm_figures_are_guidellms_formulas_on_a_recorded_stream():
     """The stream of the vLLM test (a first chunk with empty text, two text chunks, the usage chunk, [DONE] at
-    100.060): guidellm starts its first token at the first chunk WITH text and divides by all output tokens."""
+    100.060): guidellm 0.8 starts its first token at the first chunk WITH text; its TPOT is the time from the
+    request's start to the last token over all output tokens (``request_stats.py``: (last_token - request_start)
+    / output_tokens), TTFT included."""
     from serve.client import guidellm_metrics, stream_metrics
 
     t0 = 100.0
     text_times = [100.030, 100.045]  # the chunks whose text is not empty
     g = guidellm_metrics(t0, text_times, 100.060, tokens_out=3)
-    # guidellm, by hand: ttft = 30 ms; tpot = (45 - 30) / 3 = 5 ms; itl = (45 - 30) / (3 - 1) = 7.5 ms; latency 60
-    assert g["guidellm_ttft_ms"] == pytest.approx(30.0) and g["guidellm_tpot_ms"] == pytest.approx(5.0)
+    # guidellm, by hand: ttft = 30 ms; tpot = (45 - 0) / 3 = 15 ms; itl = (45 - 30) / (3 - 1) = 7.5 ms; latency 60
+    assert g["guidellm_ttft_ms"] == pytest.approx(30.0) and g["guidellm_tpot_ms"] == pytest.approx(15.0)
     assert g["guidellm_itl_ms"] == pytest.approx(7.5) and g["guidellm_latency_ms"] == pytest.approx(60.0)
     v = stream_metrics(t0, [(100.010, True), (100.030, True), (100.045, True), (100.050, False)], 3)
     assert v["ttft_ms"] == pytest.approx(10.0) and v["tpot_ms"] == pytest.approx(17.5)  # vLLM's, beside

@@ -433,10 +433,14 @@ def test_the_official_client_completes_and_streams_as_eager_greedy_generation(se
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
-    tokens = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    with_choice = [c for c in chunks if c.choices]
     last = chunks[-1]
-    assert len(tokens) == last.usage.completion_tokens == r.usage.completion_tokens  # one chunk per token
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    # one chunk per token, the last one carrying the finish reason (as vLLM sends it); an end at EOS comes a step
+    # later in a chunk of its own, with no text
+    at_eos = r.choices[0].finish_reason == "stop"
+    assert len(with_choice) == last.usage.completion_tokens + at_eos == r.usage.completion_tokens + at_eos
+    assert [c.choices[0].finish_reason for c in with_choice][-1] == r.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choice[:-1])
     assert last.choices == [] and last.model_extra["engine"] == engine and last.model_extra["ttft_ms"] > 0
     assert len({c.id for c in chunks}) == 1 and {c.model for c in chunks} == {MODEL}
 
@@ -871,3 +875,105 @@ def test_a_concurrency_sweep_writes_one_table_and_plot(served, url, tmp_path):
     assert (out / "plots" / "sweep.png").stat().st_size > 1000 and "| 2 | t | 4 / 4 |" in (out / "sweep.md").read_text()
     with pytest.raises(ValueError, match="--concurrency takes distinct positive counts"):
         client_main([url, "--concurrency", "2", "2", "--out", str(tmp_path / "x")])
+
+
+def test_discovery_is_bounded_by_the_timeout_against_a_server_that_trickles(tmp_path):
+    """/v1/models answered a byte every 0.2 s forever: each read succeeds, so only a deadline over the whole call
+    ends it; discover stops in one line naming --timeout."""
+    import asyncio
+    import threading
+    import time as _time
+
+    from serve.client import discover
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                writer.write(b"1\r\n \r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    ready, port, loop = threading.Event(), [], asyncio.new_event_loop()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        try:
+            async with server:
+                await server.serve_forever()
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    ready.wait(5)
+    t0 = _time.perf_counter()
+    with pytest.raises(ValueError, match=r"did not answer within 1 s.*--timeout"):
+        discover(f"http://127.0.0.1:{port[0]}/v1", timeout_s=1.0)
+    assert _time.perf_counter() - t0 < 10
+    loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+    thread.join(10)
+
+
+def test_a_server_at_its_request_limit_answers_503_in_the_openai_shape():
+    """One request in flight at a limit of one: the next gets 503 at once, as an OpenAI error the official client
+    reads (code "overloaded"), and the first still completes."""
+    import asyncio
+
+    import httpx
+    import openai
+    from fastapi import FastAPI
+
+    from serve.transport import RequestLimit
+
+    app = FastAPI()
+    release = asyncio.Event()
+
+    @app.get("/v1/models")
+    async def models():
+        await release.wait()
+        return {"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]}
+
+    app.add_middleware(RequestLimit, limit=1)
+
+    async def go():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+        client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
+        first = asyncio.ensure_future(client.models.list())
+        await asyncio.sleep(0.05)  # the first is in flight
+        with pytest.raises(openai.InternalServerError) as e:
+            await client.models.list()
+        release.set()
+        listed = await first
+        return e.value, listed
+
+    err, listed = asyncio.run(go())
+    assert err.status_code == 503 and err.body["code"] == "overloaded" and "--max-connections" in err.body["message"]
+    assert [m.id for m in listed.data] == ["m"]
+
+
+def test_a_prompt_is_refused_by_its_shape_in_one_pass():
+    from serve.api import MAX_CHOICES, check_prompt
+
+    assert check_prompt("x") == "x" and check_prompt([1, 2]) == [1, 2] and check_prompt([[1], [2, 3]]) == [[1], [2, 3]]
+    # more prompts than a request may have: refused before any prompt is looked at (the last is not even a list)
+    with pytest.raises(ValueError, match=f"250,000 prompts is over this server's {MAX_CHOICES}"):
+        check_prompt([[0]] * 249_999 + ["not looked at"])
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        check_prompt([])
+    for bad in ([True], [[]], [[1], ["a"]], ["a", [1]], [[-1]], 5, None, {"a": 1}):
+        with pytest.raises(ValueError, match="must be a text, a list of texts"):
+            check_prompt(bad)
+
+
+def test_a_body_of_many_token_id_prompts_is_a_400_naming_the_limit(served, url):
+    import httpx
+
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [[0]] * 100_000}, timeout=60)
+    assert r.status_code == 400 and "100,000 prompts is over" in r.json()["error"]["message"]
+    assert httpx.get(url.removesuffix("/v1") + "/health", timeout=60).status_code == 200
