@@ -52,7 +52,7 @@ from compress.quantize import SCHEMES, quantize, scheme
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
-from llama.model_io import CHECKSUM_FILE, list_checkpoints, model_file_bytes, write_checksums
+from llama.model_io import list_checkpoints, model_file_bytes, write_checksums
 from models.folders import fingerprint, load_folder, save_folder
 from models.interface import drop_blocks, require, state_dict_bytes
 from training.checkpoint import STATE_FILE, training_config
@@ -208,14 +208,17 @@ def write_compressed(out: Path, model, tok, base: Path, info: dict, quantized=No
             stores.save(quantized, tmp)
             for f in unquantized:  # the folder's config and tokenizer stay: they say what to load them into
                 f.unlink()
-            if (tmp / CHECKSUM_FILE).is_file():  # (this project's folders keep checksums; transformers' do not)
-                write_checksums(tmp, [stores.file])
+
         if (base / STATE_FILE).is_file():  # this project's run: the data it was trained on, for evaluation
             base_state = json.loads((base / STATE_FILE).read_text())
             state = {"data_dir": base_state.get("data_dir"), "config": base_state.get("config")}
             (tmp / STATE_FILE).write_text(json.dumps(state | {"compressed_from": str(base)}))
         info["disk_bytes_after"] = model_file_bytes(tmp)
         (tmp / COMPRESSION_FILE).write_text(json.dumps(info, indent=2))
+        # the record is checksummed with the weights (any folder kind): an edit that relabels them ("bf16" -> "fp16")
+        # or swaps them is refused at load (runtime.loading)
+        weights = [p.name for p in tmp.iterdir() if p.suffix in (".safetensors", ".pt")]
+        write_checksums(tmp, [COMPRESSION_FILE, *weights])
 
 
 def resolve_finetune(a):

@@ -63,7 +63,8 @@ class Scheme:
         return path
 
     def load(self, skeleton: nn.Module, folder: Path, device: torch.device) -> nn.Module:
-        """The stored quantized weights in ``skeleton`` (models.folders.load_skeleton: the folder's shapes)."""
+        """The stored quantized weights in ``skeleton`` (models.folders.load_skeleton: the folder's shapes), every
+        stored tensor checked against what the scheme makes of the folder's model (``check_state``)."""
         path = folder / self.file
         try:
             state = torch.load(path, map_location=device, weights_only=True)  # never runs a pickle's code
@@ -71,7 +72,9 @@ class Scheme:
             raise UserError(
                 f"{path} is damaged or not a saved {self.name} model ({type(e).__name__}); quantize its base again"
             ) from None
-        return assign(self.prepare(skeleton), state, path)
+        model = self.prepare(skeleton)
+        check_state(model.state_dict(), state, path, self.name)
+        return assign(model, state, path)
 
 
 class Cast(Scheme):
@@ -97,7 +100,9 @@ class Cast(Scheme):
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path} is damaged or not a saved {self.name} model ({type(e).__name__})") from None
-        return assign(skeleton.to(self.dtype), state, path)
+        model = skeleton.to(self.dtype)
+        check_state(model.state_dict(), state, path, self.name)
+        return assign(model, state, path)
 
 
 class DynamicInt8(Scheme):
@@ -190,6 +195,49 @@ class BitsAndBytes(Scheme):
                     new.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
                 setattr(parent, name, new.to(device))  # moving to the GPU quantizes the weights
         return model
+
+
+def check_state(expected: dict, state: dict, path: Path, name: str):
+    """Every stored tensor of ``state`` is what scheme ``name`` makes of the folder's model: the dtype and shape of
+    ``expected``'s (the prepared model's state), looked into the packed tuples of int8 layers, and its values
+    finite (a quantized tensor's dequantized ones). A tensor of another dtype (fp32 weights in a bf16 file, one
+    fp16 tensor among bf16), another shape (a packed weight cut short) or holding NaN is refused in one line
+    naming it, before the model runs, not at its first forward pass."""
+
+    def check(key: str, want, got):
+        if isinstance(want, (tuple, list)):
+            if not isinstance(got, (tuple, list)) or len(got) != len(want):
+                what = f"a {type(got).__name__}"
+                raise UserError(f"{path}: {key} is not what {name} stores ({what}); quantize its base again")
+            for i, (w, g) in enumerate(zip(want, got, strict=True)):
+                check(f"{key}[{i}]", w, g)
+            return
+        if not isinstance(want, torch.Tensor) or want is None:
+            return  # settings stored beside the tensors (dtypes, flags): the load checks them
+        if not isinstance(got, torch.Tensor):
+            raise UserError(f"{path}: {key} is a {type(got).__name__}, not a tensor; quantize its base again")
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape) or _subclass(got) is not _subclass(want):
+            raise UserError(
+                f"{path}: {key} is {str(got.dtype).removeprefix('torch.')} {tuple(got.shape)}, where {name} stores "
+                f"{str(want.dtype).removeprefix('torch.')} {tuple(want.shape)}; quantize its base again"
+            )
+        if _subclass(got) is not None:  # torchao's quantized tensors: check their inner tensors
+            for inner in want.__tensor_flatten__()[0]:
+                check(f"{key}.{inner}", getattr(want, inner), getattr(got, inner, None))
+            return
+        values = got.dequantize() if got.is_quantized else got
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise UserError(f"{path}: {key} holds NaN or infinite values; quantize its base again")
+
+    for key, want in expected.items():
+        if key in state:
+            check(key, want, state[key])
+
+
+def _subclass(t: torch.Tensor):
+    """A tensor subclass that holds other tensors (torchao's quantized weights), or None for a plain tensor or
+    parameter."""
+    return type(t) if hasattr(type(t), "__tensor_flatten__") else None
 
 
 def assign(model: nn.Module, state: dict, path: Path) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 from common.cli import UserError
 from common.device import autocast, compute_dtype, pick_device
 from common.records import Compression
-from compress import read_compression
+from compress import COMPRESSION_FILE, read_compression
 from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 from llama.model import count_params
 from llama.model_io import quantized_file, verify_checksum
@@ -71,6 +71,8 @@ def load_model(checkpoint: str | os.PathLike, device: str = "auto", dtype: str =
     dev = pick_device(device)
     dt = compute_dtype(dtype, dev)
     folder = model_folder(checkpoint) if Path(checkpoint).exists() else None  # (else a Hub name: load_folder)
+    if folder is not None and (folder / COMPRESSION_FILE).is_file():
+        verify_checksum(folder, COMPRESSION_FILE)  # what it says it is (its scheme, its method) as written
     stored = None if folder is None else quantized_file(folder)
     if stored is not None:  # stored quantized: its weights go into the model of the folder's shapes
         compression = read_compression(folder)

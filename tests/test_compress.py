@@ -356,7 +356,7 @@ def test_a_quantized_model_is_stored_quantized_and_loads_as_quantizing_it_again(
     assert info["stored"] == "quantized" and sorted(p.name for p in out.glob("*.safetensors") if p.name != file) == []
     assert info["disk_bytes_after"] == (out / file).stat().st_size < 0.6 * info["disk_bytes_before"]
     if kind == "project":  # the checksums name what the folder holds: the quantized file, not the weights it replaced
-        assert set(json.loads((out / "checksums.json").read_text())) == {file, "tokenizer.model"}
+        assert set(json.loads((out / "checksums.json").read_text())) == {file, "tokenizer.model", "compression.json"}
     q, ref = load_for_inference(out, "cpu", "float32"), load_for_inference(base, "cpu", "float32")
     again = quantize(copy.deepcopy(ref.model), scheme).eval()
     x = torch.randint(0, 90, (2, 12))
@@ -439,3 +439,95 @@ def test_a_compression_record_carries_its_schema_version(trained_checkpoint, tmp
     path.write_text("[1, 2]")
     with pytest.raises(UserError, match="damaged"):
         read_compression(out)
+
+
+def _rewrite(folder, name: str, state: dict):
+    """Replace a stored quantized file and rewrite its checksum, as an edit that knows the checksums would."""
+    from llama.model_io import write_checksums
+
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / name))
+    else:
+        torch.save(state, folder / name)
+    write_checksums(folder, [name])
+
+
+@pytest.mark.parametrize(
+    "scheme, edit, message",
+    [
+        (
+            "int8-dynamic",
+            "cut a packed weight",
+            r"_packed_params\[0\] is qint8 \(\d+, \d+\), where int8-dynamic stores",
+        ),
+        ("int8-dynamic", "nan embedding", "tok_embeddings.weight holds NaN"),
+        ("bf16", "one fp16 tensor", "is float16 .*, where bf16 stores bfloat16"),
+        ("bf16", "fp32 weights", "is float32 .*, where bf16 stores bfloat16"),
+    ],
+)
+def test_every_stored_quantized_tensor_is_checked_against_its_scheme(
+    trained_checkpoint, tmp_path, scheme, edit, message
+):
+    """A stored tensor of another dtype or shape than the scheme makes, or holding NaN, is one line at load, even
+    with its checksum rewritten: never a model that crashes at its first forward pass or is served as what it is
+    not."""
+    from common.cli import UserError
+    from runtime.loading import load_model as load_for_inference
+
+    out = compress_main(
+        [
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--method",
+            "quantize",
+            "--scheme",
+            scheme,
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
+    if scheme == "bf16":
+        from safetensors.torch import load_file
+
+        state = load_file(str(out / "quantized.safetensors"))
+        key = next(k for k in state if k.endswith("wq.weight"))
+        if edit == "one fp16 tensor":
+            state[key] = state[key].to(torch.float16)
+        else:
+            state = {k: v.float() for k, v in state.items()}
+        _rewrite(out, "quantized.safetensors", state)
+    else:
+        state = torch.load(out / "quantized.pt", weights_only=True)
+        if edit == "cut a packed weight":
+            key = next(k for k in state if k.endswith("_packed_params._packed_params"))
+            w, b = state[key]
+            state[key] = (w[:-1], b)
+        else:
+            state["tok_embeddings.weight"][3, 5] = float("nan")
+        _rewrite(out, "quantized.pt", state)
+    with pytest.raises(UserError, match=message):
+        load_for_inference(out, "cpu", "float32")
+
+
+def test_the_compression_record_is_checksummed_with_the_weights(trained_checkpoint, tmp_path):
+    from common.cli import UserError
+    from runtime.loading import load_model as load_for_inference
+
+    out = compress_main(
+        [
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--method",
+            "quantize",
+            "--scheme",
+            "bf16",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
+    info = json.loads((out / "compression.json").read_text())
+    (out / "compression.json").write_text(json.dumps(info | {"quantize": "fp16"}))  # relabel bf16 weights as fp16
+    with pytest.raises(UserError, match="compression.json does not match its recorded checksum"):
+        load_for_inference(out, "cpu", "float32")
