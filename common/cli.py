@@ -116,8 +116,9 @@ def _parse(values: list[str], tp, key: str):
     return _scalar(values[0], tp, key)
 
 
-def apply_overrides(cfg, argv: list[str]):
-    """Fill the (nested) dataclass ``cfg`` from ``argv`` in place, check it, and return it."""
+def apply_overrides(cfg, argv: list[str], given: dict[str, str] | None = None):
+    """Fill the (nested) dataclass ``cfg`` from ``argv`` in place, check it, and return it; ``given``, where passed,
+    receives each dotted field path the command line set (or removed) and the option as it was spelled."""
     paths = _field_paths(cfg)
     if "--help" in argv or "-h" in argv:
         print(overrides_help(cfg, paths))
@@ -148,6 +149,8 @@ def apply_overrides(cfg, argv: list[str]):
             if not (tp is bool or _optional_inner(tp) is not None) or eq:
                 raise ConfigError(f"--{raw}: only a true/false option or an optional part can be negated")
             setattr(owner, f.name, False if tp is bool else None)
+            if given is not None:
+                given[path] = raw
             if tp is not bool:
                 removed[path] = raw
             i += 1
@@ -166,6 +169,8 @@ def apply_overrides(cfg, argv: list[str]):
             i = j - 1
         setattr(owner, f.name, _parse(values, tp, raw))
         set_paths[path] = raw
+        if given is not None:
+            given[path] = raw
         i += 1
     for part, no in removed.items():  # its fields were set on a part that no longer exists: silently lost
         lost = [k for p, k in set_paths.items() if p.startswith(part + ".")]

@@ -44,7 +44,7 @@ from common.cli import UserError, parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_dir, check_replaceable
 from common.identity import options_identity
-from compress import COMPRESSION_FILE, COMPRESSION_SCHEMA, RECOVERY, read_compression, read_recovery_mark
+from compress import COMPRESSION_FILE, COMPRESSION_SCHEMA, IDENTITY_FILE, RECOVERY, read_compression, read_recovery_mark
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
@@ -257,6 +257,7 @@ def recovery_identity(a) -> dict:
     return {
         "out": str(Path(a.out).resolve()),
         "base": str(Path(a.checkpoint).resolve()),
+        "logs": str(recovery_run(a)[1].resolve()),  # its loss curve: a resume elsewhere would keep half of it
         "compression": compression,
         "recovery": dataclasses.asdict(recovery(a)),
     }
@@ -265,7 +266,7 @@ def recovery_identity(a) -> dict:
 def changed_settings(old: dict, new: dict) -> list[str]:
     """'name old -> new' for each setting that differs between two identities."""
     changes = []
-    for part in ("base", "compression", "recovery"):
+    for part in ("base", "logs", "compression", "recovery"):
         a, b = old.get(part), new.get(part)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -292,7 +293,19 @@ def check_recovery_run(a):
         return
     if not list_checkpoints(ckpt):
         raise UserError(f"--resume: there is no recovery run {ckpt} to continue; leave out --resume")
-    changes = changed_settings(read_recovery_mark(ckpt), ours)
+    mark = read_recovery_mark(ckpt) or {}
+    before = mark.get("val_loss_before")
+    if before is not None and (isinstance(before, bool) or not isinstance(before, (int, float)) or before != before):
+        raise UserError(
+            f"--resume: {ckpt / IDENTITY_FILE} records val_loss_before = {before!r}, not a number: the mark was "
+            "edited or damaged; nothing was changed: leave out --resume to start the recovery over"
+        )
+    if mark.get("logs") is not None and mark["logs"] != ours["logs"]:
+        raise UserError(
+            f"--resume: the stopped recovery logged to {mark['logs']}, not {ours['logs']}; nothing was changed: "
+            "resume it with the --log-dir it was started with (its loss curve is there)"
+        )
+    changes = changed_settings(mark, ours)
     if changes:
         raise UserError(
             f"--resume: the stopped recovery {ckpt} had other settings ({'; '.join(changes)}); nothing was "

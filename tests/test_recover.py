@@ -292,6 +292,27 @@ def test_a_resume_with_other_settings_is_refused_and_a_resume_keeps_the_loss_bef
         with pytest.raises(ValueError, match=f"had other settings.*{re.escape(named)}"):
             run(trained_checkpoint, tmp_path / "k", *argv, *change, "--resume")
     assert files_of(tmp_path / "k-recover") == kept and not (tmp_path / "k").exists()
+    # resumed with another --log-dir: its loss curve would cover the resumed half only; refused before any work
+    elsewhere = [
+        "--checkpoint",
+        str(trained_checkpoint),
+        "--out",
+        str(tmp_path / "k"),
+        "--log-dir",
+        str(tmp_path / "l2"),
+    ]
+    with pytest.raises(ValueError, match="logged to .*, not .*l2.*resume it with the --log-dir it was started with"):
+        compress_main([*elsewhere, *argv, "--resume"])
+    # its mark edited: the loss before training is not a number; refused before training the remaining steps
+    mark_path = tmp_path / "k-recover" / "recovery-of.json"
+    original = mark_path.read_text()
+    mark = json.loads(original)
+    for bad in ("abc", True, float("nan")):
+        mark_path.write_text(json.dumps(mark | {"val_loss_before": bad}))
+        with pytest.raises(ValueError, match="records val_loss_before = .*, not a number"):
+            run(trained_checkpoint, tmp_path / "k", *argv, "--resume")
+    mark_path.write_text(original)
+    assert files_of(tmp_path / "k-recover") == kept
     resumed = run(trained_checkpoint, tmp_path / "k", *argv, "--resume")["recovery"]
     whole = run(trained_checkpoint, tmp_path / "w", *argv)["recovery"]
     assert resumed["val_loss_before"] == whole["val_loss_before"] is not None

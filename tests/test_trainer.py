@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import training.trainer as trainer_mod
-from common.cli import ConfigError, apply_overrides
+from common.cli import ConfigError, UserError, apply_overrides
 from data.prepare import BatchSampler
 from llama.model import HeadLayerArgs
 from llama.model_io import list_checkpoints, load_model
@@ -374,3 +374,29 @@ def test_two_nodes_on_loopback_train_as_one_process_and_resume_after_a_node_dies
     assert out.returncode == 0, out.stderr[-2000:]
     single = [m["loss"] for m in read_jsonl(one / "logs" / "d" / "metrics.jsonl")][:10]
     assert len(two_nodes) == len(single) == 10 and two_nodes == pytest.approx(single, abs=1e-4)
+
+
+def test_init_from_takes_the_folders_model_and_refuses_a_model_option_that_disagrees(tmp_path, make_config):
+    """--init-from: the model (and its sizes) come with its weights. An explicit model option that disagrees with
+    it is one line before any work; without one, the run trains the folder's model and its config.json and
+    checkpoints say so (not the runner's default model)."""
+    import dataclasses
+    import json
+
+    from training.trainer import run
+
+    base = make_config(tmp_path / "a", max_steps=2, ckpt_interval=2)
+    base.model = dataclasses.replace(base.model, head_layer=None, attn_gate="elementwise")
+    train(base)
+    folder = tmp_path / "a" / "ckpt" / "t"
+    fresh = make_config(tmp_path / "b", max_steps=2, ckpt_interval=2)  # the runner's model: per-head layers
+    with pytest.raises(UserError, match=r"--attn-gate 'headwise' disagrees with --init-from .*'elementwise'"):
+        run(fresh, ["--attn-gate", "headwise", "--init-from", str(folder)])
+    with pytest.raises(UserError, match=r"--hidden_dim 8 disagrees with --init-from"):
+        run(make_config(tmp_path / "b", max_steps=2), ["--hidden_dim", "8", "--init-from", str(folder)])
+    assert not (tmp_path / "b" / "ckpt").exists()
+    run(make_config(tmp_path / "b", max_steps=2, ckpt_interval=2), ["--init-from", str(folder)])
+    config = json.loads((tmp_path / "b" / "logs" / "t" / "config.json").read_text())
+    assert config["model"]["attn_gate"] == "elementwise" and config["model"]["head_layer"] is None
+    # the same option as the folder's is no conflict
+    run(make_config(tmp_path / "c", max_steps=2), ["--attn-gate", "elementwise", "--init-from", str(folder)])

@@ -16,6 +16,7 @@ from common.cli import UserError
 from data.config import DataConfig
 from data.prepare import PreparedData
 from llama.model import ModelArgs
+from llama.model_io import model_skeleton, resolve_checkpoint
 
 
 @dataclass
@@ -154,3 +155,20 @@ class Custom:
     # called with (checkpoint folder, log folder) once a fresh run's folders are ready, before its first
     # step (not on resume): to mark the folders as this run's
     started: Callable[[Path, Path], None] | None = None
+
+
+def check_init_options(cfg: TrainConfig, given: dict[str, str]):
+    """Each model option the command line set (``given``: field path -> as spelled) must agree with the model of
+    ``--init-from``: the model comes with its weights."""
+    init = model_skeleton(resolve_checkpoint(cfg.init_from)).params  # its sizes, weights not read
+    for path, spelled in given.items():
+        if not path.startswith("model."):
+            continue
+        mine, theirs = cfg.model, init
+        for part in path.split(".")[1:]:
+            mine, theirs = getattr(mine, part, None), getattr(theirs, part, None)
+        if mine != theirs:
+            raise UserError(
+                f"--{spelled} {mine!r} disagrees with --init-from {cfg.init_from}, whose model has {theirs!r}: the "
+                "model comes with its weights; leave the option out, or train from scratch without --init-from"
+            )

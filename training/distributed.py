@@ -103,3 +103,12 @@ def cleanup(info: DistInfo, ok: bool = True):
         if ok:
             dist.barrier()  # gloo aborts ("terminate called ...") if a rank tears down while another still talks
         dist.destroy_process_group()
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone (gloo and NCCL say so in text;
+    torch's own DistError types are raised by some paths)."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("connection reset", "connection closed", "connection refused", "broken pipe", "nccl")
+    )

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from common.cli import UserError, parse_args
+from common.cli import UserError, apply_overrides
 from common.device import autocast, compute_dtype
 from common.energy import EnergyMeter
 from common.files import atomic_write
@@ -39,7 +39,7 @@ from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
 from training import run_files
 from training.checkpoint import load_training_state, prune_checkpoints, restore_rng, save_checkpoint
-from training.config import Custom, TrainConfig
+from training.config import Custom, TrainConfig, check_init_options
 from training.optim import lr_at, make_optimizer
 from training.run_files import append_jsonl, finished_summary, prepare_run_dirs, read_jsonl, run_lock, truncate_jsonl
 
@@ -226,6 +226,7 @@ def build_model(cfg: TrainConfig, info: D.DistInfo, data: PreparedData, ckpt_dir
             raise UserError(f"--resume: {step_dir} holds a different model than this config; use a new --name")
         return model, model_args, (step_dir, state, optim_state, rng)
     if init is not None:
+        cfg.model = model_args  # config.json and the checkpoints record the model trained, not the runner's
         return init.to(info.device), model_args, None
     torch.manual_seed(cfg.seed)
     return Transformer(model_args).to(info.device), model_args, None
@@ -419,15 +420,6 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
     return summary.to_json()
 
 
-def _lost_peer(e: RuntimeError) -> bool:
-    """Whether a collective failed because another process of the run is gone (gloo and NCCL say so in text;
-    torch's own DistError types are raised by some paths)."""
-    text = str(e).lower()
-    return isinstance(e, torch.distributed.DistError) or any(
-        w in text for w in ("connection reset", "connection closed", "connection refused", "broken pipe", "nccl")
-    )
-
-
 def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
     run = setup(cfg, info, custom)
     if run.finished is not None:
@@ -472,7 +464,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
             run_files.mark_diverged(run.log_dir, int(run.bad_step), float(run.bad_loss), str(e))
         raise NonFiniteLoss(f"{e}; training stopped and {where}. Lower --lr or check the data, then --resume") from None
     except RuntimeError as e:  # a peer process (another node) went away mid-collective
-        if info.world_size == 1 or not _lost_peer(e):
+        if info.world_size == 1 or not D.lost_peer(e):
             raise
         kept = list_checkpoints(run.ckpt_dir)
         where = f"the last checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -495,6 +487,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
 
 
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
-    """What runner scripts call: apply ``--key value`` overrides from the command line, then train."""
-    parse_args(cfg, argv)
+    """What runner scripts call: apply ``--key value`` overrides from the command line, then train. With
+    ``--init-from``, the model is the folder's (its sizes come with its weights): a model option given that
+    disagrees with it is one line, never silently overridden."""
+    given: dict[str, str] = {}
+    apply_overrides(cfg, sys.argv[1:] if argv is None else argv, given)
+    if cfg.init_from:
+        check_init_options(cfg, given)
     return train(cfg)
