@@ -76,6 +76,12 @@ class TextStream:
             raise RuntimeError("the streamed text is not a prefix of the completion's text")
         return self._delta(final)
 
+    @property
+    def settled(self) -> int | None:
+        """The length of the text of every token so far, where it is settled (no character still missing bytes);
+        before stop strings are cut."""
+        return len(self.text) if self.read == len(self.ids) else None
+
     def stopped(self) -> bool:
         """Whether a stop string ended the text."""
         text = self.decode(self.ids)
@@ -102,18 +108,34 @@ def logprob_entry(tok, before: list[int], token: int, logits: torch.Tensor, top:
 
 
 class LogprobsHeld:
-    """Log-probabilities of tokens whose text is not sent yet (a possible stop string held back): released
-    once the text reaches where the token begins, so that logprobs never run past the text a client gets."""
+    """Log-probabilities of tokens whose text is not sent yet, released only once all of a token's text has been
+    sent, so that logprobs never run past the text a client gets: a token the stop string cuts into is never
+    released, nor a token of a held-back stop string's beginning. Each token's place in the text comes from the
+    text stream's settled decode (``settle``), not from the length of its own text: the byte pieces of one
+    character each read as U+FFFD on their own, and counting those once drifted every later position (the last
+    tokens then never came out, and text_offset shifted). Each entry released carries ``offset``: where its text
+    begins in the completion's text."""
 
     def __init__(self):
-        self.pending: list[tuple[int, dict]] = []  # (where the token's text begins, its entry)
-        self.chars = 0
+        self.pending: list[list] = []  # [start, end or None (its text not settled yet), entry]
+        self.chars = 0  # where the next token's text begins: the end of the text settled so far
 
     def add(self, entry: dict):
-        self.pending.append((self.chars, entry))
-        self.chars += len(entry["token"])
+        self.pending.append([self.chars, None, entry])
+
+    def settle(self, settled_chars: int | None):
+        """The text of every token so far is settled and ``settled_chars`` long (None: some bytes of a character
+        are still to come): the tokens not placed yet end there."""
+        if settled_chars is None:
+            return
+        for item in self.pending:
+            if item[1] is None:
+                item[1] = settled_chars
+        self.chars = settled_chars
 
     def release(self, sent_chars: int) -> list[dict]:
-        out = [e for start, e in self.pending if start < sent_chars]
-        self.pending = [(start, e) for start, e in self.pending if start >= sent_chars]
+        out = []
+        while self.pending and self.pending[0][1] is not None and self.pending[0][1] <= sent_chars:
+            start, _, entry = self.pending.pop(0)
+            out.append(entry | {"offset": start})
         return out

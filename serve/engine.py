@@ -118,7 +118,8 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         if plan.logprobs is not None:
             held.add(logprob_entry(tok, text.ids, token, logits, plan.logprobs))
         delta = text.push(token)
-        released = held.release(len(text.sent))  # the tokens whose text has been sent
+        held.settle(text.settled)
+        released = held.release(len(text.sent))  # the tokens whose text has been sent whole
         record["logprobs"] += released
         if text.hit or len(seq.tokens) >= plan.max_tokens:
             # this token ends the choice (a stop string, or its length): its text and the finish reason go out as
@@ -132,7 +133,8 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
 
     def finished():
         last = text.finish()
-        released = held.release(len(text.sent))  # the rest was cut with the stop string: dropped
+        held.settle(text.settled)
+        released = held.release(len(text.sent))  # the rest (cut by the stop string, or into): dropped
         record["logprobs"] += released
         finish = "stop" if text.stopped() or len(seq.tokens) < plan.max_tokens else "length"
         record.update(text=text.sent, finish_reason=finish)

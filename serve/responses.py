@@ -33,12 +33,10 @@ from serve.scheduler import ClientGone
 from serve.served import Served
 
 
-def _completion_logprobs(entries: list[dict], start: int = 0) -> dict:
-    """OpenAI's completion logprobs; ``text_offset`` counts from ``start`` (a stream's earlier chunks)."""
-    offsets, at = [], start
-    for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
+def _completion_logprobs(entries: list[dict]) -> dict:
+    """OpenAI's completion logprobs; ``text_offset``: where each token's text begins in the completion's text (in
+    a stream too: counted from the completion's start, not the chunk's)."""
+    offsets = [e["offset"] for e in entries]
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
@@ -109,8 +107,6 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             raise ClientGone
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
-    offsets = [0] * len(plan.choices)  # each choice's text so far: streamed text_offset is cumulative
-
     def chunk(choices: list, **extra) -> dict:
         # with include_usage, every chunk but the usage one says "usage": null (the OpenAI spec)
         c = StreamChunk(id=rid, object=kind, created=created, model=plan.model or served.name, choices=choices, **extra)
@@ -121,8 +117,7 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             lp = _chat_logprobs(released) if released else None
             content = ChatDelta(content=delta if delta or finish is None else None)
             return ChatStreamChoice(index=index, delta=content, logprobs=lp, finish_reason=finish)
-        lp = CompletionLogprobs(**_completion_logprobs(released, offsets[index])) if released else None
-        offsets[index] += sum(len(e["token"]) for e in released)
+        lp = CompletionLogprobs(**_completion_logprobs(released)) if released else None
         return CompletionStreamChoice(index=index, text=delta, logprobs=lp, finish_reason=finish)
 
     async def events():

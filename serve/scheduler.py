@@ -4,9 +4,11 @@ vLLM's scheduler does (without preemption: a sequence that joined keeps its slot
 
 One ``Scheduler`` per engine, each a thread that runs its engine's steps; every step holds the server's one
 compute lock, so two engines never decode at the same time. Each sequence samples from its own row of logits
-with its own generator, exactly as the sequence alone would (runtime/batching's Slots.check checks greedy; a
-seeded sample draws the same numbers in the same order). ``on_token`` and ``on_end`` run on the scheduler's
-thread; an exception from either (a client that left) ends that sequence alone.
+with its own generator, as the sequence alone would (runtime/batching's Slots.check checks greedy; a seeded
+sample draws the same numbers in the same order). The tokens are the same; a batched row's logits may differ from
+alone in the last bits (another summation order), so its log-probabilities agree to about 1e-6, not bit for bit.
+``on_token`` and ``on_end`` run on the scheduler's thread; an exception from either (a client that left) ends
+that sequence alone.
 """
 
 from __future__ import annotations

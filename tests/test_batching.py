@@ -374,3 +374,60 @@ def test_the_request_threads_are_as_many_as_the_connections_the_server_accepts()
     for f in futures:
         f.result(10)
     served.requests.shutdown()
+
+
+def test_batched_logprobs_agree_with_alone_to_the_stated_tolerance(batched_server):
+    """Eight requests with logprobs at once (decoded in one batch) and each alone: the same tokens, and
+    log-probabilities within 1e-5 (docs/serving.md: a batched row sums in another order)."""
+    served, url = batched_server
+    prompts = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [", "for i in range(", "# a", "if x", "y"]
+    body = {"model": "t", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            posts = [client.post(url + "/v1/completions", json=body | {"prompt": p}) for p in prompts]
+            return [r.json() for r in await asyncio.gather(*posts)]
+
+    together = asyncio.run(all_of_them())
+    for prompt, batched in zip(prompts, together, strict=True):
+        alone = httpx.post(url + "/v1/completions", json=body | {"prompt": prompt}, timeout=120).json()
+        a, b = alone["choices"][0]["logprobs"], batched["choices"][0]["logprobs"]
+        assert b["tokens"] == a["tokens"] and b["text_offset"] == a["text_offset"]
+        assert b["token_logprobs"] == pytest.approx(a["token_logprobs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_logprobs_are_placed_by_the_settled_text_and_never_run_past_it(kind, hf_models):
+    """Random token sequences of a byte-level tokenizer (characters split over several tokens, whose pieces read
+    as U+FFFD alone): without a stop, every token's logprob comes out, each at the offset where its text begins;
+    with a stop string cut into the text, no released token's text reaches past the text sent."""
+    import random
+
+    from models.hf_tokenizer import HFTokenizer
+    from serve.detokenize import LogprobsHeld, TextStream
+
+    tok = HFTokenizer(hf_models[kind])
+    rng = random.Random(1)
+    for trial in range(120):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        whole = tok.decode(ids)
+        stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+        stops = [stop] if trial % 2 and len(whole) > 6 and "\ufffd" not in stop else []
+        s, held, got = TextStream(tok.decode, stops), LogprobsHeld(), []
+        for t in ids:
+            held.add({"token": "?"})
+            s.push(t)
+            held.settle(s.settled)
+            got += held.release(len(s.sent))
+            if s.hit:
+                break
+        s.finish()
+        held.settle(s.settled)
+        got += held.release(len(s.sent))
+        offsets = [e["offset"] for e in got]
+        assert offsets == sorted(offsets) and all(0 <= o <= len(s.sent) for o in offsets)
+        if not stops or not s.hit:
+            assert len(got) == len(s.ids), (kind, ids)  # none lost
+        else:
+            assert len(got) <= len(s.ids) and held.chars >= len(s.sent)
+            assert all(e["offset"] < len(s.sent) or len(s.sent) == 0 for e in got)
