@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,7 @@ from runners.study_steps import (
     complete_step,
     last_error,
     plan,
+    stop_child,
 )
 from runners.study_tune import choose, tune_steps
 
@@ -100,6 +102,7 @@ def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
     for step in steps:
         phases.setdefault(step.key.split("-")[0], []).append(step)
     running: dict[str, str] = {}
+    children: set = set()  # the steps' commands running now: what Ctrl-C stops
     # steps finished before count as the bar's start, so its rate and ETA are this run's, not 9,000 steps/s
     before = sum(finished(s, st, markers / f"{st.key}.json") for st in steps)
     with Progress(total=len(steps), initial=before, desc=desc, unit="step", disable=not progress) as bar:
@@ -117,23 +120,41 @@ def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
                 show()
 
             try:
-                complete_step(s, step, watch, threads)
+                complete_step(s, step, watch, threads, children)
             finally:
                 running.pop(key, None)
             bar.update(1)
             show()
 
-        for phase in phases.values():
-            todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
-            workers = 1 if isinstance(phase[0], SideBySideStep) else min(s.workers, len(todo))
-            if workers <= 1:
-                for step in todo:
-                    one(step, None)
-                continue
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ThreadPoolExecutor(workers) as pool:
-                for future in [pool.submit(one, step, threads) for step in todo]:
-                    future.result()  # the first failure stops the study once the steps under way end
+        try:
+            for phase in phases.values():
+                todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
+                workers = 1 if isinstance(phase[0], SideBySideStep) else min(s.workers, len(todo))
+                if workers <= 1:
+                    for step in todo:
+                        one(step, None)
+                    continue
+                threads = max(1, (os.cpu_count() or 1) // workers)
+                pool = ThreadPoolExecutor(workers)
+                try:
+                    for future in [pool.submit(one, step, threads) for step in todo]:
+                        future.result()  # the first failure stops the study once the steps under way end
+                except KeyboardInterrupt:  # Ctrl-C: the steps under way stop too, as each would on its own
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for proc in list(children):
+                        stop_child(proc)
+                    raise
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)  # steps not started yet never start
+        except KeyboardInterrupt:
+            bar.close()
+            done = sum(finished(s, st, markers / f"{st.key}.json") for st in steps)
+            print(
+                f"\ninterrupted: {done} of {len(steps)} steps are finished and kept (a training stopped mid-way keeps "
+                f"its last checkpoint); run `python -m runners.study {s.source or s.name}` again to continue",
+                file=sys.stderr,
+            )
+            raise
 
 
 def finished(s: Study, step: Step, marker: Path) -> bool:

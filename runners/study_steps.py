@@ -258,29 +258,70 @@ def plan(s: Study) -> list[Step]:
     return steps + [OverTrainingStep(e.name) for e in s.external if e.checkpoints]
 
 
-def run_step(s: Study, step: Step, log: Path, watch: Callable[[str], None] | None = None, threads: int | None = None):
-    """Run one step, its subprocesses logging to ``log``; ``threads`` caps each child's CPU threads."""
+def run_step(
+    s: Study,
+    step: Step,
+    log: Path,
+    watch: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    children: set | None = None,
+):
+    """Run one step, its subprocesses logging to ``log``; ``threads`` caps each child's CPU threads; ``children``,
+    where given, holds each child while it runs (what an interrupted study stops)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    step.execute(s, lambda cmd: _python(cmd, log, watch, env))
+    step.execute(s, lambda cmd: _python(cmd, log, watch, env, children))
 
 
-def _python(cmd: list[str], log: Path, watch: Callable[[str], None] | None = None, env: dict | None = None):
+def _python(
+    cmd: list[str],
+    log: Path,
+    watch: Callable[[str], None] | None = None,
+    env: dict | None = None,
+    children: set | None = None,
+):
     log.parent.mkdir(parents=True, exist_ok=True)
     preexec = die_with_parent() if sys.platform == "linux" else None
     with open(log, "a") as f:
-        f.write(f"$ python -m {' '.join(cmd)}\n")
+        f.write(f"$ {sys.executable} -m {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(
             [sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec, env=env
         )
-        while proc.poll() is None:  # show what the child is doing (its own progress line) while it runs
-            time.sleep(1.0)
-            if watch is not None:
-                watch(_last_status(log))
+        if children is not None:
+            children.add(proc)
+        try:
+            while proc.poll() is None:  # show what the child is doing (its own progress line) while it runs
+                time.sleep(1.0)
+                if watch is not None:
+                    watch(_last_status(log))
+        except KeyboardInterrupt:  # Ctrl-C here (one step at a time): the child stops as it would on its own
+            stop_child(proc)
+            raise
+        finally:
+            if children is not None:
+                children.discard(proc)
     if proc.returncode != 0:
         raise StepFailed(
             f"`python -m {' '.join(cmd[:2])} ...` failed (exit {proc.returncode}): {last_error(log)}; full log: {log}"
         )
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = 60.0):
+    """Stop a step's command as Ctrl-C stops it (a training keeps its last checkpoint and says so in its log):
+    SIGINT, unless the terminal's own Ctrl-C already reached it; then, past ``grace_s``, kill it."""
+    import signal
+
+    try:
+        proc.wait(timeout=2.0)  # the same Ctrl-C may have reached it: let it end on its own first
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class StepFailed(UserError):
@@ -332,12 +373,18 @@ def over_training(s: Study, run_name: str, run: Callable[[list[str]], None]):
         atomic_write(target, json.dumps(r, indent=2))
 
 
-def complete_step(s: Study, step: Step, watch: Callable[[str], None] | None = None, threads: int | None = None):
+def complete_step(
+    s: Study,
+    step: Step,
+    watch: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    children: set | None = None,
+):
     """Run one step and leave its marker (what a later start of the study skips): here, or in a cluster job. The
     marker records the step's command, so a study whose file was edited since can tell which steps changed."""
     t0 = time.perf_counter()
     command = step_command(s, step)
-    run_step(s, step, s.out / "logs" / f"{step.key}.log", watch, threads)
+    run_step(s, step, s.out / "logs" / f"{step.key}.log", watch, threads, children)
     record = {"step": step.key, "seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write(s.out / "steps" / f"{step.key}.json", json.dumps(record | {"command": command}))
 

@@ -486,3 +486,50 @@ def test_the_induction_probe_is_a_step_of_every_model_and_its_figures_reach_the_
     (row,) = group_rows(out, Path(tmp_path / "logs"))
     assert row["induction_random"]["mean"] == pytest.approx(0.2) and row["induction_random"]["seeds"] == [0, 1]
     assert row["induction_heldout"] is None
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_a_study_of_several_runs_and_says_how_to_continue(tmp_path, corpus):
+    """Two of four trainings running at once; Ctrl-C (SIGINT to the study's process group, as a terminal sends
+    it) stops the study and both trainings within seconds, starts neither queued training, keeps the started
+    runs' checkpoints, and says how to continue, without a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llama.model_io import list_checkpoints
+    from tests.study_files import QUALITY, q, tiny_run
+
+    common = [*tiny_run(corpus, interval=20), "--max-steps", "100000", "--batch-size", "8"]
+    runs = "".join(f'[[runs]]\nrunner = "tiny"\nname = "r{i}"\nargs = {q(common)}\n' for i in range(4))
+    toml = tmp_path / "long.toml"
+    toml.write_text(
+        f'name = "long"\nworkers = 2\ncheckpoints_dir = "{tmp_path / "ck"}"\nlogs_dir = "{tmp_path / "logs"}"\n'
+        f'results_dir = "{tmp_path / "res"}"\n{runs}[eval]\nquality = {q(QUALITY)}\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runners.study", str(toml)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # both first trainings have a checkpoint
+        if all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1)):
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the first two trainings never wrote a checkpoint")
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 60 and proc.returncode == 130
+    assert "interrupted: 0 of" in err and "again to continue" in err and "Traceback" not in err
+    assert all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1))
+    assert not (tmp_path / "ck" / "r2").exists() and not (tmp_path / "ck" / "r3").exists()  # never started
+    assert not list((tmp_path / "res" / "long" / "steps").glob("*.json"))

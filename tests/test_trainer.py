@@ -400,3 +400,57 @@ def test_init_from_takes_the_folders_model_and_refuses_a_model_option_that_disag
     assert config["model"]["attn_gate"] == "elementwise" and config["model"]["head_layer"] is None
     # the same option as the folder's is no conflict
     run(make_config(tmp_path / "c", max_steps=2), ["--attn-gate", "elementwise", "--init-from", str(folder)])
+
+
+def test_a_bare_resume_continues_the_run_with_its_own_settings(tmp_path, make_config, monkeypatch, capsys):
+    """Interrupted at step 5 of 16, a bare --resume from a runner whose default is 300 steps finishes at the
+    run's own 16; a resume may extend the run (said), and any other setting that differs is one line."""
+    from training.trainer import run
+
+    real = trainer_mod.train_step
+
+    def interrupted_at_step_5(r, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(r, step)
+
+    monkeypatch.setattr(trainer_mod, "train_step", interrupted_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(tmp_path, max_steps=16, ckpt_interval=4), [])
+    assert "run the same command with --resume to continue" in capsys.readouterr().err
+    monkeypatch.setattr(trainer_mod, "train_step", real)
+    defaults = make_config(tmp_path, max_steps=300, ckpt_interval=100, optim=OptimConfig(lr=3e-4))
+    with pytest.raises(UserError, match=r"--lr 0.001: the stopped run 't' trained with 0.01; a resume continues"):
+        run(defaults, ["--resume", "--lr", "1e-3"])
+    assert run(make_config(tmp_path, max_steps=300), ["--resume"])["steps"] == 16
+    config = json.loads((tmp_path / "logs" / "t" / "config.json").read_text())
+    assert config["max_steps"] == 16 and config["optim"]["lr"] == 1e-2  # not rewritten with the defaults
+    assert run(make_config(tmp_path, max_steps=300), ["--resume", "--max-steps", "20"])["steps"] == 20
+    assert "as asked, max_steps 16 -> 20" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_names_the_way_out(tmp_path, make_config, monkeypatch, capsys):
+    """No advice loop: interrupted before any checkpoint, each message names --overwrite, and it works."""
+    from training.trainer import run
+
+    real = trainer_mod.train_step
+
+    def interrupted_at_step_2(r, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(r, step)
+
+    monkeypatch.setattr(trainer_mod, "train_step", interrupted_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(tmp_path, max_steps=8, ckpt_interval=4), [])
+    assert "before the first checkpoint: nothing to resume; run the same command with --overwrite" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(trainer_mod, "train_step", real)
+    with pytest.raises(FileExistsError, match="stopped before its first checkpoint.*pass --overwrite"):
+        run(make_config(tmp_path, max_steps=8, ckpt_interval=4), [])
+    with pytest.raises(
+        FileNotFoundError, match="stopped before its first checkpoint.*--overwrite in place of --resume"
+    ):
+        run(make_config(tmp_path, max_steps=8, ckpt_interval=4), ["--resume"])
+    assert run(make_config(tmp_path, max_steps=8, ckpt_interval=4), ["--overwrite"])["steps"] == 8

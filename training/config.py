@@ -4,8 +4,11 @@ common.cli.apply_overrides: ``--max-steps 200`` sets the one field of that name 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ from common.cli import UserError
 from data.config import DataConfig
 from data.prepare import PreparedData
 from llama.model import ModelArgs
-from llama.model_io import model_skeleton, resolve_checkpoint
+from llama.model_io import list_checkpoints, model_skeleton, resolve_checkpoint
 
 
 @dataclass
@@ -172,3 +175,58 @@ def check_init_options(cfg: TrainConfig, given: dict[str, str]):
                 f"--{spelled} {mine!r} disagrees with --init-from {cfg.init_from}, whose model has {theirs!r}: the "
                 "model comes with its weights; leave the option out, or train from scratch without --init-from"
             )
+
+
+# Settings a resume may change (stated when it does): how long the run goes on and how it logs and keeps
+# checkpoints, not what it trains or how. Any other option given with --resume must equal the stopped run's.
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "max_tokens",
+    "eval_interval",
+    "log_interval",
+    "ckpt_interval",
+    "keep_last",
+    "keep_every",
+    "device",
+)
+WHERE = ("name", "out_dir", "log_dir", "resume", "overwrite")  # which run, and how it starts: not its settings
+
+
+def resumed_config(cfg: TrainConfig, given: dict[str, str]) -> TrainConfig:
+    """What a ``--resume`` trains: the stopped run's own settings (its newest checkpoint records them), with the
+    options given on the command line that may change on a resume (``RESUMABLE_CHANGES``) applied and stated; any
+    other given option that differs from the run's is one line. A bare ``--resume`` never falls back to the
+    runner's defaults. Where the run has no checkpoint yet, ``cfg`` as it is (the trainer says why)."""
+    kept = list_checkpoints(Path(cfg.out_dir) / cfg.name)
+    try:
+        recorded = json.loads((kept[-1][1] / "state.json").read_text())["config"] if kept else None
+        old = train_config_from_dict(recorded) if isinstance(recorded, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        old = None
+    if old is None:
+        return cfg
+    changed = []
+    for path, spelled in given.items():
+        if path in WHERE:
+            continue
+        mine, theirs = _at(cfg, path), _at(old, path)
+        if mine == theirs:
+            continue
+        if path not in RESUMABLE_CHANGES:
+            raise UserError(
+                f"--{spelled} {mine!r}: the stopped run {cfg.name!r} trained with {theirs!r}; a resume continues with "
+                f"the run's own settings (only {', '.join(RESUMABLE_CHANGES)} may change): leave it out, or train a "
+                "new --name"
+            )
+        changed.append(f"{path} {theirs!r} -> {mine!r}")
+        setattr(old, path, mine)
+    if changed:
+        print(f"resume of {cfg.name}: as asked, {'; '.join(changed)}", file=sys.stderr)
+    where = {k: getattr(cfg, k) for k in WHERE}
+    return dataclasses.replace(old, **where)
+
+
+def _at(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg

@@ -60,12 +60,21 @@ def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
         raise UserError(f"run {cfg.name!r} would not be a folder of {cfg.out_dir} and {cfg.log_dir}; rename it")
     exists = any(d.is_dir() and any(d.iterdir()) for d in (ckpt_dir, log_dir))
     if exists and not (cfg.resume or cfg.overwrite):
+        if not list_checkpoints(ckpt_dir):  # stopped before its first checkpoint: nothing to continue from
+            raise FileExistsError(
+                f"run {cfg.name!r} exists but stopped before its first checkpoint ({ckpt_dir}): nothing to resume; "
+                "pass --overwrite to start it over, or --name for a new run"
+            )
         raise FileExistsError(
             f"run {cfg.name!r} already exists ({ckpt_dir}, {log_dir}); pass --resume to continue it, "
             "--overwrite to start it over, or --name for a new run"
         )
     if cfg.resume and not list_checkpoints(ckpt_dir):
-        raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint to resume; run without --resume")
+        what = "stopped before its first checkpoint" if exists else "does not exist"
+        raise FileNotFoundError(
+            f"--resume: run {cfg.name!r} {what} ({ckpt_dir}): nothing to resume; run the same command with "
+            "--overwrite in place of --resume to start it over"
+        )
     if info.is_main:
         if cfg.overwrite:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

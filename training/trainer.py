@@ -39,7 +39,7 @@ from llama.model_io import list_checkpoints, load_model
 from training import distributed as D
 from training import run_files
 from training.checkpoint import load_training_state, prune_checkpoints, restore_rng, save_checkpoint
-from training.config import Custom, TrainConfig, check_init_options
+from training.config import Custom, TrainConfig, check_init_options, resumed_config
 from training.optim import lr_at, make_optimizer
 from training.run_files import append_jsonl, finished_summary, prepare_run_dirs, read_jsonl, run_lock, truncate_jsonl
 
@@ -476,7 +476,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
         kept = list_checkpoints(run.ckpt_dir)
         if info.is_main:
             print(
-                f"\ninterrupted; {'resume from ' + str(kept[-1][1]) + ' with --resume' if kept else 'no checkpoint'}",
+                f"\ninterrupted; its last checkpoint is {kept[-1][1]}: run the same command with --resume to continue"
+                if kept
+                else "\ninterrupted before the first checkpoint: nothing to resume; run the same command with "
+                "--overwrite to start it over",
                 file=sys.stderr,
             )
         raise
@@ -492,6 +495,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     disagrees with it is one line, never silently overridden."""
     given: dict[str, str] = {}
     apply_overrides(cfg, sys.argv[1:] if argv is None else argv, given)
+    if cfg.resume:
+        cfg = resumed_config(cfg, given)  # the stopped run's own settings, not the runner's defaults
     if cfg.init_from:
         check_init_options(cfg, given)
     return train(cfg)
