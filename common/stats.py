@@ -237,6 +237,28 @@ def detectable_paired(diffs: list[float], alpha: float = ALPHA, power: float = P
     return out | {"sd": sd, "mdd": at(alpha), "mdd_adjusted": at(alpha / m)}
 
 
+def mdd_paired(sd_diff: float, n_pairs: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The minimum detectable mean difference of a two-sided paired t-test over ``n_pairs`` pairs whose
+    differences spread with ``sd_diff`` (statsmodels' TTestPower)."""
+    from statsmodels.stats.power import TTestPower
+
+    return float(TTestPower().solve_power(effect_size=None, nobs=n_pairs, alpha=alpha, power=power)) * sd_diff
+
+
+def pairs_needed(difference: float, sd_diff: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
+    """Paired seeds a two-sided paired t-test needs to detect ``difference`` with ``power`` (statsmodels'
+    TTestPower); None where the spread is unknown or zero."""
+    from statsmodels.stats.power import TTestPower
+
+    if not sd_diff or not difference or not math.isfinite(sd_diff):
+        return None
+    solver, effect = TTestPower(), abs(difference) / sd_diff
+    at_two = solver.power(effect_size=effect, nobs=2, alpha=alpha)
+    if math.isnan(at_two) or at_two >= power:
+        return 2
+    return math.ceil(float(solver.solve_power(effect_size=effect, nobs=None, alpha=alpha, power=power)))
+
+
 def mdd_of(sd: float, n_a: int, n_b: int, alpha: float = ALPHA, power: float = POWER) -> float:
     """The minimum detectable difference of a two-sided two-sample t-test with ``n_a`` and ``n_b`` seeds whose
     values spread with standard deviation ``sd`` (statsmodels' TTestIndPower)."""

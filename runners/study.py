@@ -258,13 +258,26 @@ def power_plan(s: Study, pilot: Path, difference: float | None = None) -> str:
     pilot study with the same model names) measured in ``pilot``: the minimum detectable difference at the
     report's level and 80% power with the pilot's seeds and with the study's, and the seeds a difference of
     ``difference`` (default: a third of the pilot's depth gap) would need. Nothing is trained."""
-    from common.stats import ALPHA, POWER, mdd_of, pooled_sd, seeds_needed
+    import statistics
+
+    from common.stats import ALPHA, POWER, mdd_of, mdd_paired, pairs_needed, pooled_sd, seeds_needed
     from visualizations.grouped import comparisons, group_rows
 
     if not (pilot / "study.json").is_file():
         raise UserError(f"--pilot {pilot}: no study.json there; name the results folder of a study that has run")
     rows = group_rows(pilot, Path(s.logs_dir))
     comps = comparisons(rows, Path(s.logs_dir))
+    if not any(c.get("a_stat") for c in comps) and (pilot / "comparisons.json").is_file():
+        # a committed study (docs/results/...) keeps its comparisons with every seed's figure, not its evaluations
+        try:
+            comps = json.loads((pilot / "comparisons.json").read_text())
+        except ValueError:
+            raise UserError(f"{pilot / 'comparisons.json'} is not valid JSON; run the study to rebuild it") from None
+    if not any(c.get("a_stat") for c in comps):
+        raise UserError(
+            f"--pilot {pilot}: no measured comparison there (no quality results in evals/, no comparisons.json); "
+            "run the pilot first (the study with --seeds 2)"
+        )
     planned = {r.name for r in s.runs} | {c.name for c in s.compress} | {e.name for e in s.external}
     depth = [c for c in comps if c.get("depth_check") and c.get("diff") is not None]
     lines = [f"Power plan for {s.name} ({s.seeds} seed(s) per model) from the pilot {pilot}:"]
@@ -286,21 +299,32 @@ def power_plan(s: Study, pilot: Path, difference: float | None = None) -> str:
         if c["a"] not in planned or c["b"] not in planned or not (c.get("a_stat") and c.get("b_stat")):
             continue
         a, b = c["a_stat"]["values"], c["b_stat"]["values"]
-        sd = pooled_sd(a, b)
-        what = f"{c['a']} vs {c['b']}: {c['what']}"[:60]
-        if sd is None:
-            lines.append(f"  {what:<60} {len(a)},{len(b):>6}  needs 2+ pilot seeds on each side")
+        paired = c.get("test") == "paired t" and c.get("pairs")
+        what = f"{c['a']} vs {c['b']}: {c['what']}"[:58] + (" P" if paired else "")
+        if paired:  # the pilot's per-seed differences: the spread a paired test sees
+            diffs = [x - y for x, y in zip(c["pairs"], c["pairs_b"], strict=True)]
+            sd = statistics.stdev(diffs) if len(diffs) >= 2 else None
+        else:
+            sd = pooled_sd(a, b)
+        if not sd:
+            lines.append(f"  {what:<60} {len(a)},{len(b):>6}  needs 2+ pilot seeds on each side that differ")
             continue
-        mdd_pilot = mdd_of(sd, len(a), len(b))  # a pooled SD exists only with 2+ seeds on each side
-        mdd_study = mdd_of(sd, s.seeds, s.seeds) if s.seeds >= 2 else None
-        need = seeds_needed(difference, sd) if difference else None
+        if paired:
+            mdd_pilot, need = mdd_paired(sd, len(diffs)), pairs_needed(difference, sd) if difference else None
+            mdd_study = mdd_paired(sd, s.seeds) if s.seeds >= 2 else None
+        else:
+            mdd_pilot = mdd_of(sd, len(a), len(b))  # a pooled SD exists only with 2+ seeds on each side
+            mdd_study = mdd_of(sd, s.seeds, s.seeds) if s.seeds >= 2 else None
+            need = seeds_needed(difference, sd) if difference else None
         lines.append(
             f"  {what:<60} {f'{len(a)},{len(b)}':>8} {sd:>8.4f} {_fmt(mdd_pilot):>10} {_fmt(mdd_study):>10} "
             f"{need if need is not None else '-':>14}"
         )
     lines.append(
-        f"  (two-sided Welch/t-test at alpha = {ALPHA}, power = {POWER}, statsmodels' TTestIndPower; MDD = minimum "
-        "detectable difference in the comparison's units, before the adjustment over the report's comparisons)"
+        f"  (two-sided t-tests at alpha = {ALPHA}, power = {POWER}: P marks a paired test over seeds (statsmodels' "
+        "TTestPower on the per-seed differences, whose SD is shown), the rest Welch's (TTestIndPower, pooled SD); "
+        "MDD = minimum detectable difference in the comparison's units, before the adjustment over the report's "
+        "comparisons)"
     )
     return "\n".join(lines)
 

@@ -977,3 +977,31 @@ def test_a_body_of_many_token_id_prompts_is_a_400_naming_the_limit(served, url):
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [[0]] * 100_000}, timeout=60)
     assert r.status_code == 400 and "100,000 prompts is over" in r.json()["error"]["message"]
     assert httpx.get(url.removesuffix("/v1") + "/health", timeout=60).status_code == 200
+
+
+def test_a_server_slow_to_start_is_one_line_naming_the_option_and_the_engine(tmp_path):
+    """serve_compare's wait for its server: past --startup-timeout, one line naming the option and the engine the
+    server's log says was still building, not a traceback."""
+    import subprocess
+    import sys
+
+    from runners.serve_compare import wait_ready
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "engine torch: building and checking against eager decoding ...\nengine torch: ready (1 s; x)\n"
+        "engine compile: building and checking against eager decoding ...\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(ValueError, match=r"--startup-timeout 1 s \(engine 'compile' was still building.*--engines"):
+            wait_ready("http://127.0.0.1:9", proc, log, 1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = subprocess.Popen(
+        [sys.executable, "-c", "print('error: no such checkpoint'); raise SystemExit(2)"], stdout=log.open("w")
+    )
+    done.wait()
+    with pytest.raises(ValueError, match=r"the server exited \(2\) before it was ready: error: no such checkpoint"):
+        wait_ready("http://127.0.0.1:9", done, log, 5.0)

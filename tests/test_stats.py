@@ -310,3 +310,15 @@ def test_paired_seeds_use_the_paired_t_test_and_its_power():
     sd = float(np.std(d, ddof=1))
     assert pw["mdd"] == pytest.approx(TTestPower().solve_power(nobs=6, alpha=0.05, power=0.8) * sd)
     assert pw["mdd_adjusted"] == pytest.approx(TTestPower().solve_power(nobs=6, alpha=0.05 / 4, power=0.8) * sd)
+
+
+def test_paired_power_is_statsmodels_ttestpower():
+    from statsmodels.stats.power import TTestPower
+
+    from common.stats import mdd_paired, pairs_needed
+
+    assert mdd_paired(0.01, 8) == pytest.approx(TTestPower().solve_power(nobs=8, alpha=0.05, power=0.8) * 0.01)
+    n = pairs_needed(0.01, 0.012)
+    assert TTestPower().power(effect_size=0.01 / 0.012, nobs=n, alpha=0.05) >= 0.8
+    assert TTestPower().power(effect_size=0.01 / 0.012, nobs=n - 1, alpha=0.05) < 0.8
+    assert pairs_needed(0.01, 0.0) is None and pairs_needed(1.0, 0.001) == 2

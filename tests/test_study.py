@@ -533,3 +533,21 @@ def test_one_ctrl_c_stops_a_study_of_several_runs_and_says_how_to_continue(tmp_p
     assert all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1))
     assert not (tmp_path / "ck" / "r2").exists() and not (tmp_path / "ck" / "r3").exists()  # never started
     assert not list((tmp_path / "res" / "long" / "steps").glob("*.json"))
+
+
+def test_the_plan_reads_a_committed_study_and_refuses_a_folder_with_nothing_measured(tmp_path, capsys):
+    """--plan --pilot docs/results/study_cpu (the committed study: its comparisons, not its evaluations) prints a
+    row per comparison; a folder whose study measured nothing is one line, not an empty table."""
+    import shutil
+
+    from runners.study import main as study_main
+
+    study_main(["runners/study_cpu.toml", "--plan", "--pilot", "docs/results/study_cpu"])
+    printed = capsys.readouterr().out
+    assert "depth check cpu_baseline_2l vs cpu_baseline_1l: gap 0.0869" in printed
+    assert printed.count("cpu_gated_1l vs cpu_baseline_1l: bits per byte") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy("docs/results/study_cpu/study.json", empty / "study.json")
+    with pytest.raises(ValueError, match="no measured comparison there"):
+        study_main(["runners/study_cpu.toml", "--plan", "--pilot", str(empty)])
