@@ -21,6 +21,7 @@ users type ``--no-head-layer``); this layer keeps the commands people already us
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import inspect
 import re
@@ -141,9 +142,11 @@ def apply_overrides(cfg, argv: list[str], given: dict[str, str] | None = None):
         if path is None and key.startswith("no_"):
             path, negated = _resolve(key[3:], by_name, paths, raw), True
         if path is None:
-            raise ConfigError(
-                f"unknown config key --{raw}; known keys: " + ", ".join(_shown(p, by_name) for p in paths)
-            )
+            shown = [_shown(p, by_name) for p in paths]
+            close = difflib.get_close_matches("--" + raw.replace("_", "-"), shown, n=3, cutoff=0.6)
+            if close:
+                raise ConfigError(f"unknown config key --{raw}; did you mean {' or '.join(close)}? (--help lists all)")
+            raise ConfigError(f"unknown config key --{raw}; --help lists the {len(shown)} options")
         owner, f, tp = paths[path]
         if negated:
             if not (tp is bool or _optional_inner(tp) is not None) or eq:

@@ -44,8 +44,10 @@ def write_csv(path: str | os.PathLike, fields: tuple[str, ...], rows: list[dict]
     return atomic_write(path, buf.getvalue())
 
 
-def check_replaceable(final: str | os.PathLike, owner: str, option: str = "--out"):
-    """Raise a one-line UserError unless ``final`` is absent, an empty folder, or a folder ``owner`` wrote."""
+def check_replaceable(final: str | os.PathLike, owner: str, option: str = "--out", overwrite: bool | None = None):
+    """Raise a one-line UserError unless ``final`` is absent, an empty folder, or a folder ``owner`` wrote; with
+    ``overwrite`` given (a command's --overwrite), a folder ``owner`` wrote is replaced only when it is True: one
+    rule for every command, as training's (an earlier output is never replaced silently)."""
     final = Path(final)
     if not final.exists() and not final.is_symlink():
         return
@@ -61,6 +63,11 @@ def check_replaceable(final: str | os.PathLike, owner: str, option: str = "--out
         raise UserError(
             f"{option} {final} already holds files that {owner} did not write; nothing was changed: name a new "
             "folder, or move that one away yourself"
+        )
+    if overwrite is False:
+        raise UserError(
+            f"{option} {final} holds an earlier {owner} output; nothing was changed: pass --overwrite to replace it, "
+            "or name a new folder"
         )
 
 

@@ -235,7 +235,7 @@ def options_of(a) -> dict:
     spelling of one command."""
     a = copy.copy(a)
     resolve_finetune(a)
-    return options_identity(a, drop=("checkpoint", "out", "log_dir", "resume"))
+    return options_identity(a, drop=("checkpoint", "out", "log_dir", "resume", "overwrite"))
 
 
 def recovery_run(a) -> tuple[Path, Path]:
@@ -389,6 +389,7 @@ class Args:
     log_dir: str = "logs"  # where the recovery run logs
     seed: int = 0  # calibration draw
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    overwrite: bool = False  # replace an earlier compress output in --out (never another command's folder)
 
 
 def main(argv=None):
@@ -408,7 +409,8 @@ def main(argv=None):
         raise UserError("--resume continues a recovery run; it needs --recover")
     if a.recover:
         recovery(a)  # bad settings stop here, before any work
-    check_replaceable(a.out, OWNER)  # before the work, not after it: a folder that is not ours stops us now
+    # before the work, not after it: a folder that is not ours stops us now, and one of ours needs --overwrite
+    check_replaceable(a.out, OWNER, overwrite=a.overwrite)
     if a.recover:
         check_recovery_run(a)
     return compress(a)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.cli import UserError, parse_args, positional, run_main
-from common.files import atomic_dir
+from common.files import atomic_dir, check_replaceable
 from llama.model import ModelArgs, Transformer
 from llama.model_io import TOKENIZER_FILE, load_model, resolve_checkpoint, save_model
 from llama.tokenizer import BOS_ID, EOS_ID
@@ -201,16 +201,21 @@ class Args:
     direction: Literal["export", "import"] = positional()  # export: ours -> HF; import: HF -> ours
     source: str = positional()  # export: a checkpoint or model folder; import: an HF Llama folder
     target: str = positional()  # the folder to write
+    overwrite: bool = False  # replace an earlier output of the same direction in target
 
 
 def main(argv: list[str] | None = None):
     a = parse_args(Args(), argv)
+    owner = f"llama.convert {a.direction}"
+    check_replaceable(a.target, owner, "target", overwrite=a.overwrite)  # before any work
     if a.direction == "export":
         source = resolve_checkpoint(a.source)
         tokenizer = source / TOKENIZER_FILE if (source / TOKENIZER_FILE).is_file() else None
-        print(export_hf(load_model(source), a.target, tokenizer))
+        out = export_hf(load_model(source), a.target, tokenizer)
+        print(f"exported {source} ({source.name} of {source.parent.name}) as a Hugging Face Llama folder -> {out}")
     else:
-        print(save_model(import_hf(a.source), a.target, import_tokenizer(a.source), owner="llama.convert import"))
+        out = save_model(import_hf(a.source), a.target, import_tokenizer(a.source), owner=owner)
+        print(f"imported {a.source} -> {out}")
 
 
 if __name__ == "__main__":

@@ -395,6 +395,8 @@ def check_external(where: str, e: ExternalSpec):
 def study_from_runners(names: list[str]) -> Study:
     """Runner names with the default baselines: the deepest baseline pruned, 2:4, quantized, one block shorter."""
     for n in names:
+        if "/" in n or "." in n:  # a path, not a runner's name: a study file whose name is mistyped
+            raise UserError(f"{n} is not a study file (a .toml file that exists) nor a runner's name; check the path")
         if not _is_runner(n) or not (HERE / f"{n}.py").is_file():
             raise UserError(f"no runner runners/{n}.py; pass runner names (e.g. baseline_8_layer) or a .toml file")
     runs = [RunSpec(runner=n, name=n) for n in names]

@@ -107,6 +107,9 @@ class CompressStep:
         if options.recover and list_checkpoints(compress_cli.recovery_run(options)[0]):
             argv.append("--resume")  # a recovery stopped before: continue from its newest checkpoint
             options.resume = True
+        if out.is_dir() and any(out.iterdir()):
+            argv.append("--overwrite")  # the study runs this step only when that output is not this step's own
+            options.overwrite = True
         return cls(name, argv, options)
 
     @property

@@ -289,7 +289,9 @@ def test_recovery_finetuning_keeps_pruned_weights_at_zero(trained_checkpoint, tm
     tuned = load_model(out)
     w_t, w_p = tuned.layers[0].feed_forward.w1.weight, pruned.layers[0].feed_forward.w1.weight
     assert torch.equal(w_t == 0, w_p == 0) and not torch.equal(w_t, w_p)
-    assert compress_main([*argv, "--out", str(tmp_path / "m50ft"), *tune]) == out  # its own run: redone
+    with pytest.raises(ValueError, match="holds an earlier compress output.*pass --overwrite"):
+        compress_main([*argv, "--out", str(tmp_path / "m50ft"), *tune])  # never replaced silently
+    assert compress_main([*argv, "--out", str(tmp_path / "m50ft"), *tune, "--overwrite"]) == out  # redone
 
 
 def test_finetuning_never_overwrites_a_run_it_did_not_make(trained_checkpoint, tmp_path):

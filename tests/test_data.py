@@ -126,7 +126,7 @@ def test_overrides_are_type_checked():
     cfg = apply_overrides(DataConfig(), ["--vocab-size", "1000", "--corpus=foo", "--val-fraction", "0.2"])
     assert (cfg.vocab_size, cfg.corpus, cfg.val_fraction) == (1000, "foo", 0.2)
     assert apply_overrides(DataConfig(), ["--corpus", "none"]).corpus is None
-    with pytest.raises(ConfigError, match="unknown config key --vocab; known keys"):
+    with pytest.raises(ConfigError, match="unknown config key --vocab; did you mean --vocab-size"):
         apply_overrides(DataConfig(), ["--vocab", "10"])
     with pytest.raises(ConfigError, match="--vocab_size expects int, got 'big'"):
         apply_overrides(DataConfig(), ["--vocab_size", "big"])

@@ -345,13 +345,16 @@ def test_compress_never_replaces_a_folder_it_did_not_write(trained_checkpoint, t
     assert "not a folder" in err and note.read_text() == "keep"
 
 
-def test_compress_replaces_its_own_earlier_output(trained_checkpoint, tmp_path):
+def test_compress_replaces_its_own_earlier_output_only_with_overwrite(trained_checkpoint, tmp_path, capsys):
+    """One rule with training: an earlier output is never replaced silently; --overwrite replaces it whole."""
     from compress.__main__ import main as compress_main
 
     out = tmp_path / "m50"
     compress_main(_compress_argv(trained_checkpoint, out))
     (out / "leftover").write_text("from the first run")
-    compress_main(_compress_argv(trained_checkpoint, out))  # its own folder: replaced whole
+    err = one_line_error(capsys, compress_main, _compress_argv(trained_checkpoint, out))
+    assert "pass --overwrite" in err and (out / "leftover").is_file()
+    compress_main([*_compress_argv(trained_checkpoint, out), "--overwrite"])  # its own folder: replaced whole
     assert not (out / "leftover").exists() and (out / "compression.json").is_file()
 
 
@@ -371,7 +374,9 @@ def test_convert_never_replaces_a_folder_it_did_not_write(hf_llama, tmp_path, ca
 
     imported = tmp_path / "imported"
     convert_main(["import", str(hf_llama), str(imported)])
-    convert_main(["import", str(hf_llama), str(imported)])  # its own output: replaced
+    err = one_line_error(capsys, convert_main, ["import", str(hf_llama), str(imported)])
+    assert "pass --overwrite" in err  # its own output: replaced only when asked
+    convert_main(["import", str(hf_llama), str(imported), "--overwrite"])
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("x")

@@ -153,7 +153,7 @@ def test_workers_run_a_phase_at_once_but_timing_alone(study, monkeypatch):
     study.seeds, study.workers = 2, 2
     live, peak, threads_seen = set(), {}, {}
 
-    def fake_step(s, step, log, watch, threads):
+    def fake_step(s, step, log, watch, threads, children=None):
         live.add(step.key)
         peak[step.key.split("-")[0]] = max(peak.get(step.key.split("-")[0], 0), len(live))
         threads_seen[step.key] = threads
@@ -551,3 +551,10 @@ def test_the_plan_reads_a_committed_study_and_refuses_a_folder_with_nothing_meas
     shutil.copy("docs/results/study_cpu/study.json", empty / "study.json")
     with pytest.raises(ValueError, match="no measured comparison there"):
         study_main(["runners/study_cpu.toml", "--plan", "--pilot", str(empty)])
+
+
+def test_a_mistyped_study_file_is_named_as_a_path():
+    from runners.study import main as study_main
+
+    with pytest.raises(ValueError, match=r"runners/study_cpu.tml is not a study file .* check the path"):
+        study_main(["runners/study_cpu.tml"])

@@ -143,8 +143,11 @@ def test_runner_configs_and_overrides():
     cfg = apply_overrides(p6.config(), ["--max-steps", "200", "--device", "cpu", "--hidden-dim", "32"])
     assert (cfg.max_steps, cfg.device, cfg.model.head_layer.hidden_dim) == (200, "cpu", 32)
     assert cfg.model.n_layers == 6 and cfg.seq_len == 1024 and cfg.model.dim == 768
-    with pytest.raises(ConfigError, match="unknown config key --max-step"):
+    with pytest.raises(ConfigError, match="unknown config key --max-step; did you mean --max-steps") as e:
         apply_overrides(p6.config(), ["--max-step", "2"])
+    assert len(str(e.value)) < 200  # one short line, not every option of the runner
+    with pytest.raises(ConfigError, match=r"unknown config key --zzz; --help lists the \d+ options"):
+        apply_overrides(p6.config(), ["--zzz", "2"])
     # one vocabulary size: the tokenizer's (data.vocab_size); the model's follows it and is not an option
     cfg = apply_overrides(p6.config(), ["--vocab-size", "8000"])
     assert cfg.data.vocab_size == cfg.model.vocab_size == 8000
