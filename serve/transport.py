@@ -3,6 +3,9 @@ protocol with a deadline for receiving a whole request (pipelined requests inclu
 
 from __future__ import annotations
 
+import sys
+
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,6 +14,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.api import ApiError
 
+STOP_GRACE_S = 5  # seconds requests in flight get to finish once the server is asked to stop (Ctrl-C, SIGTERM)
 MAX_CONNECTIONS = 256  # connections open at once (serve.server --max-connections); beyond, requests get 503
 
 
@@ -131,10 +135,23 @@ def create_server(
     """The uvicorn server: requests must arrive within ``request_timeout_s``; beyond ``max_connections`` requests
     in flight, new ones get 503 in the OpenAI shape (the app's RequestLimit); uvicorn itself refuses connections
     beyond twice that many (idle ones included), in plain text."""
-    import uvicorn
-
     protocol = type("Deadline", (DeadlineProtocol,), {"request_timeout_s": request_timeout_s})
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", http=protocol, limit_concurrency=2 * max_connections
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol,
+        limit_concurrency=2 * max_connections,
+        timeout_graceful_shutdown=STOP_GRACE_S,  # then streams still open are cut (their decoding stops with them)
     )
-    return uvicorn.Server(config)
+    return Server(config)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, saying when it stops and how long it waits (its own log level is warnings only)."""
+
+    def handle_exit(self, sig, frame):
+        if not self.should_exit:
+            print(f"stopping: requests in flight get {STOP_GRACE_S} s to finish", file=sys.stderr, flush=True)
+        super().handle_exit(sig, frame)

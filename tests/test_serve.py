@@ -1005,3 +1005,31 @@ def test_a_server_slow_to_start_is_one_line_naming_the_option_and_the_engine(tmp
     done.wait()
     with pytest.raises(ValueError, match=r"the server exited \(2\) before it was ready: error: no such checkpoint"):
         wait_ready("http://127.0.0.1:9", done, log, 5.0)
+
+
+@pytest.mark.slow
+def test_the_server_stops_on_ctrl_c_within_seconds_and_says_so(trained_checkpoint, tmp_path):
+    """SIGINT (Ctrl-C): the server says it is stopping and how long requests in flight get, and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time as _time
+
+    from runners.serve_compare import free_port, wait_ready
+
+    port, log = free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "serve.server", str(trained_checkpoint), "--port", str(port), "--engines", "torch"]
+    cmd += ["--device", "cpu", "--workdir", str(tmp_path / "w")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, log, 300)
+        t0 = _time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert _time.monotonic() - t0 < 20
+        assert "stopping: requests in flight get 5 s to finish" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
