@@ -245,10 +245,10 @@ def build_outputs(s: Study) -> Path:
     token_ppl = all(p.figures.perplexity is not None for ps in points.values() for p in ps)  # lm-eval has none
     if points and (any(e.checkpoints for e in s.external) or not token_ppl):  # only bits per byte compare then
         figures["over_training.png"] = over_training_fig(
-            points, "bits_per_byte", "held-out bits per byte", note="seed 0 of each model"
+            points, "bits_per_byte", "held-out bits per byte", note="seed 0 of each model", groups=groups
         )
     elif points:
-        figures["over_training.png"] = over_training_fig(points, note="seed 0 of each model")
+        figures["over_training.png"] = over_training_fig(points, note="seed 0 of each model", groups=groups)
     save_figures(figures, s.out / "plots")
     return write_report(StudyRecord.read(s.out), s.out, rows, comps, runs, sorted(figures), points, answers)
 

@@ -54,11 +54,14 @@ def test_training_curves_group_seeds_in_the_families_colours(logs):
     groups = {"a": {"model": "plain", "color": "C0"}, "b": {"model": "plain", "color": "C0"}}
     fig = training_curves(runs, groups, timed_alone=False)
     assert len(fig.axes) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == ["plain"]
-    train = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() != "o"]
+    train = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() != "None"]
     assert {ln.get_color() for ln in train} == {"C0"} and {ln.get_linestyle() for ln in train} == {"-"}
     groups["b"] = {"model": "plain-1", "color": "C0"}
-    train = [ln for ln in training_curves(runs, groups).axes[0].get_lines() if ln.get_marker() != "o"]
+    lines = training_curves(runs, groups).axes[0].get_lines()
+    train = [ln for ln in lines if ln.get_linestyle() != "None"]
     assert {ln.get_linestyle() for ln in train} == {"-", "--"}
+    # and their validation dots by marker: two blue baselines stay apart
+    assert {ln.get_marker() for ln in lines if ln.get_linestyle() == "None"} == {"o", "s"}
 
 
 def test_training_costs_bars(logs, tmp_path):
@@ -462,3 +465,36 @@ def test_a_far_p90_does_not_stretch_the_latency_axis():
     (ax,) = fig.axes
     assert ax.get_xlim()[1] < 6.5  # the medians (2 and 4 ms) fill the axis, not the 65 ms p90
     assert [t.get_text() for t in ax.texts if t.get_text().startswith("p90")] == ["p90 65 →"]
+
+
+def test_tradeoff_labels_never_overlap_and_the_legend_lists_only_the_families_shown():
+    from visualizations.plot_tradeoffs import grouped_tradeoff_figure
+
+    def row(name, params, bpb, kind="trained", head_layer=None):
+        b = {"mean": bpb, "ci_low": bpb - 0.01, "ci_high": bpb + 0.01}
+        return {
+            "model": name,
+            "params": params,
+            "bits_per_byte": b,
+            "kind": kind,
+            "seeds_measured": 3,
+            "head_layer": head_layer,
+            "per_head": head_layer is not None,
+        }
+
+    rows = [
+        row("base4", 2.0e6, 2.10),
+        row("base4-int8", 2.0e6, 2.10, "compressed"),  # one place: one label
+        row("base4-wanda50", 2.02e6, 2.105, "compressed"),
+        row("base3", 1.6e6, 2.15),
+        row("ph3", 1.62e6, 2.151, head_layer={"hidden_dim": 32, "activation": "silu"}),
+    ]
+    fig = grouped_tradeoff_figure(rows, "params")
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in texts) == ["base3", "base4, base4-int8", "base4-wanda50", "ph3"]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["baseline", "per-head layers", "compressed"]  # no gated attention in this study

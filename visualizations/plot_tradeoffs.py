@@ -28,37 +28,70 @@ AXES = {
 }
 
 
+FAMILIES = {  # colour -> what it marks, in every plot of a study
+    "C0": "baseline",
+    "C1": "per-head layers",
+    "C2": "gated attention",
+    "C4": "per-head RMSNorm",
+}
+
+
 def family_color(row: dict) -> str:
-    """Plain blocks blue, per-head layers orange, gated attention green (both: the per-head colour)."""
+    """Plain blocks blue, per-head layers orange, gated attention green, per-head RMSNorm purple (a model with
+    per-head layers and something else: the per-head colour)."""
     spec = row.get("head_layer") or {}
-    if spec.get("gate") and "hidden_dim" not in spec:
+    if "hidden_dim" in spec or (row.get("per_head") and not spec):
+        return "C1"
+    if spec.get("gate"):
         return "C2"
-    return "C1" if row.get("per_head") else "C0"
+    if spec.get("head_norm"):
+        return "C4"
+    return "C0"
 
 
-def _legend(ax, title: str | None = None):
-    handles = [
-        Line2D([], [], marker="o", ls="", color="C0", label="baseline"),
-        Line2D([], [], marker="o", ls="", color="C1", label="per-head layers"),
-        Line2D([], [], marker="o", ls="", color="C2", label="gated attention"),
-        Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"),
-    ]
+def _legend(ax, rows: list[dict], title: str | None = None):
+    """A legend of the families the plotted models belong to (and "compressed" where one is), none other."""
+    colors = {family_color(r) for r in rows}
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=label) for c, label in FAMILIES.items() if c in colors]
+    if any(r.get("kind") == "compressed" or r.get("compression", "none") != "none" for r in rows):
+        handles.append(Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="compressed"))
     ax.legend(handles=handles, fontsize=8, loc="best", title=title, title_fontsize=8)
 
 
-def _label_offsets(points: list[tuple[float, float]]) -> list[tuple[int, int]]:
-    """Text offsets (points) that keep labels of nearby markers apart: a label is as wide as a fifth of the
-    axis, so markers within that in x and 8% of the span in y get their labels stacked a line apart, above and
-    below in turn."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    offsets, placed = [], []
-    for x, y in points:
-        near = sum(1 for px, py in placed if abs(px - x) < 0.2 * span_x and abs(py - y) < 0.08 * span_y)
-        step = (near + 1) // 2 * 11
-        offsets.append((6, 4 + step if near % 2 else 4 - step))
-        placed.append((x, y))
-    return offsets
+def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize: float = 7):
+    """Annotate each point with its label where it overlaps no label placed before (in display space, so log axes
+    and the figure's size count): beside the point, else a line above or below, further each time, else on its
+    left. Points at one place share one label ("a, b")."""
+    ax.autoscale_view()
+    pix = ax.transData.transform(xy)
+    merged: list[tuple[tuple[float, float], tuple[float, float], str]] = []
+    for (px, py), point, label in zip(pix, xy, labels, strict=True):
+        same = next((i for i, (q, _, _) in enumerate(merged) if abs(q[0] - px) < 2 and abs(q[1] - py) < 2), None)
+        if same is None:
+            merged.append(((px, py), point, label))
+        else:
+            q, p0, text = merged[same]
+            merged[same] = (q, p0, f"{text}, {label}")
+    char_w, line_h = 0.62 * fontsize * ax.figure.dpi / 72, 1.3 * fontsize * ax.figure.dpi / 72
+    boxes: list[tuple[float, float, float, float]] = []
+    tries = [(6, 4)] + [(6, 4 + k * dy) for k in range(1, 6) for dy in (line_h, -line_h)] + [(-6, 4)]
+    for (px, py), point, text in sorted(merged, key=lambda m: -m[0][1]):
+        width = char_w * len(text)
+        for dx, dy in tries:
+            x0 = px + dx if dx > 0 else px + dx - width
+            box = (x0, py + dy, x0 + width, py + dy + line_h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        ha = "left" if dx > 0 else "right"
+        ax.annotate(
+            text,
+            point,
+            fontsize=fontsize,
+            xytext=(dx * 72 / ax.figure.dpi, dy * 72 / ax.figure.dpi),
+            textcoords="offset points",
+            ha=ha,
+        )
 
 
 def usable(rows: list[dict], x_key: str, y_key: str) -> list[dict]:
@@ -85,7 +118,6 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
             linewidths=2,
             facecolors="none" if compressed else color,
         )
-        ax.annotate(r["model"], (r[x_key], r[y_key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set(
         xlabel=AXES.get(x_key, x_key),
         ylabel="bits per byte (lower is better)",
@@ -93,7 +125,8 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
     )
     if x_key == "params":
         ax.set_xscale("log")
-    _legend(ax, title="bubble area = weights in memory")
+    place_labels(ax, [(r[x_key], r[y_key]) for r in pts], [r["model"] for r in pts])
+    _legend(ax, pts, title="bubble area = weights in memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -115,15 +148,13 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     xs = [r[x_key]["median"] if isinstance(r[x_key], dict) else r[x_key] for r in pts]
-    offsets = _label_offsets(list(zip(xs, [r["bits_per_byte"]["mean"] for r in pts], strict=True)))
-    for r, x, offset in zip(pts, xs, offsets, strict=True):
+    for r, x in zip(pts, xs, strict=True):
         xerr = [[x - r[x_key]["p10"]], [r[x_key]["p90"] - x]] if isinstance(r[x_key], dict) else None
         b = r["bits_per_byte"]
         yerr = [[b["mean"] - b["ci_low"]], [b["ci_high"] - b["mean"]]] if b.get("ci_low") is not None else None
         color = family_color(r)
         face = "none" if r.get("kind") == "compressed" else color
         ax.errorbar(x, b["mean"], xerr=xerr, yerr=yerr, fmt="o", color=color, mfc=face, ms=8, capsize=3)
-        ax.annotate(r["model"], (x, b["mean"]), fontsize=7, xytext=offset, textcoords="offset points")
     ax.set(xlabel=GROUPED_AXES[x_key], ylabel="bits per byte (lower is better)")
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
     if not x_key.startswith("decode_ms"):
@@ -136,7 +167,8 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
             if r[x_key]["p90"] > right:
                 y = r["bits_per_byte"]["mean"]
                 ax.annotate(f"p90 {r[x_key]['p90']:.3g} →", (right, y), fontsize=7, ha="right", va="bottom")
-    _legend(ax)
+    place_labels(ax, [(x, r["bits_per_byte"]["mean"]) for r, x in zip(pts, xs, strict=True)], [r["model"] for r in pts])
+    _legend(ax, pts)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

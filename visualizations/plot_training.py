@@ -42,6 +42,20 @@ def load_runs(log_dir: str | Path, names: list[str] | None = None) -> dict[str, 
 
 
 STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")  # models of one colour (two baselines) apart by their line and their dots
+
+
+def model_styles(names: list[str], groups: dict[str, dict]) -> dict[str, tuple[str, str, str]]:
+    """Model -> (colour, line style, marker): the colour its family's in every plot of a study, the style and
+    marker telling apart the models of one family, the same for every seed of a model."""
+    styles, used = {}, {}
+    for name in names:
+        g = groups.get(name) or {"model": name, "color": "gray"}
+        if g["model"] not in styles:
+            k = used.get(g["color"], 0)
+            used[g["color"]] = k + 1
+            styles[g["model"]] = (g["color"], STYLES[k % len(STYLES)], MARKERS[k % len(MARKERS)])
+    return styles
 
 
 def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None, timed_alone: bool = True):
@@ -51,20 +65,14 @@ def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None
     mean in the trade-off plots (baseline blue, per-head orange, gated green); the legend sits beside the
     axes, not over the data."""
     groups = groups or {name: {"model": name, "color": f"C{i % 10}"} for i, name in enumerate(runs)}
-    styles, used = {}, {}
-    for name in runs:
-        g = groups.get(name) or {"model": name, "color": "gray"}
-        if g["model"] not in styles:
-            k = used.get(g["color"], 0)
-            used[g["color"]] = k + 1
-            styles[g["model"]] = (g["color"], STYLES[k % len(STYLES)])
+    styles = model_styles(list(runs), groups)
     panels = 2 if timed_alone else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2.2, 4.5), sharey=True, squeeze=False)
     a_step = axes[0, 0]
     labelled = set()
     for name, r in runs.items():
         model = (groups.get(name) or {"model": name})["model"]
-        color, style = styles[model]
+        color, style, marker = styles[model]
         label = None if model in labelled else model
         labelled.add(model)
         m, v = r["metrics"], r["val"]
@@ -72,7 +80,7 @@ def training_curves(runs: dict[str, dict], groups: dict[str, dict] | None = None
         for key, ax in xs:
             ax.plot([x[key] for x in m], [x["loss"] for x in m], style, color=color, alpha=0.6, lw=1, label=label)
             if v:
-                ax.plot([x[key] for x in v], [x["val_loss"] for x in v], "o", color=color, ms=4)
+                ax.plot([x[key] for x in v], [x["val_loss"] for x in v], marker, color=color, ms=4, ls="")
     a_step.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="Loss vs step (lines: train, dots: val)")
     if timed_alone:
         axes[0, 1].set(xlabel="wall-clock training time (s)", title="Loss vs time")
@@ -106,19 +114,26 @@ def over_training(
     key: str = "perplexity",
     label: str = "held-out perplexity",
     note: str = "",
+    groups: dict[str, dict] | None = None,
 ):
     """Quality (``key``: a figure of eval.perplexity, "perplexity" or "bits_per_byte") of a run's periodic
     checkpoints against the tokens they had seen (and the training energy spent by then, where it was measured);
-    ``note`` (e.g. "seed 0 of each model") goes into the title."""
+    ``note`` (e.g. "seed 0 of each model") goes into the title. With ``groups`` (run -> {"model", "color"}) each
+    run is drawn in its family's colour, style and marker, as in the training curves."""
     has_energy = any(p.energy_j is not None for ps in points.values() for p in ps)
     fig, axes = plt.subplots(1, 2 if has_energy else 1, figsize=(12 if has_energy else 6.5, 4.5), squeeze=False)
-    for i, (name, ps) in enumerate(points.items()):
+    groups = groups or {name: {"model": name, "color": f"C{i % 10}"} for i, name in enumerate(points)}
+    styles = model_styles(list(points), groups)
+    for name, ps in points.items():
         ps = sorted(ps, key=lambda p: p.tokens)
         quality = [getattr(p.figures, key) for p in ps]
-        axes[0, 0].plot([p.tokens for p in ps], quality, "o-", color=f"C{i}", label=name)
+        model = (groups.get(name) or {"model": name})["model"]
+        color, style, marker = styles[model]
+        fmt = {"color": color, "ls": style, "marker": marker, "label": model}
+        axes[0, 0].plot([p.tokens for p in ps], quality, **fmt)
         if has_energy:
             e = [(p.energy_j, q) for p, q in zip(ps, quality, strict=True) if p.energy_j is not None]
-            axes[0, 1].plot([x for x, _ in e], [q for _, q in e], "o-", color=f"C{i}", label=name)
+            axes[0, 1].plot([x for x, _ in e], [q for _, q in e], **fmt)
     suffix = f" ({note})" if note else ""
     axes[0, 0].set(xlabel="training tokens", ylabel=label, title=f"{label} over training{suffix}")
     if has_energy:

@@ -475,7 +475,8 @@ def measurements_section(out: Path, rows: list[dict], comps: list[dict]) -> list
 
 CAPTIONS = {
     "training_curves.png": "Training (lines) and validation (dots) loss against steps, every seed of a model "
-    "in its colour and line style (blue baseline, orange per-head, green gated); against wall-clock time too "
+    "in its family's colour (blue baseline, orange per-head layers, green gated, purple per-head RMSNorm), models "
+    "of one family apart by line style and dot marker; against wall-clock time too "
     "where the runs had the machine to themselves.",
     "training_costs.png": "Training time and throughput per run.",
     "tradeoff_decode_ms.png": "Bits per byte (mean, 95% CI over seeds) against decode latency at batch 1 "
@@ -485,7 +486,7 @@ CAPTIONS = {
     "tradeoff_params.png": "Bits per byte (mean, 95% CI over seeds) against parameter count.",
     "tradeoff_flops_per_token.png": "Bits per byte (mean, 95% CI over seeds) against training FLOPs per token.",
     "over_training.png": "Held-out quality of periodic checkpoints against training tokens, on the "
-    "evaluation set of the table: seed 0 of each model only.",
+    "evaluation set of the table: seed 0 of each model only, in the training curves' colours and styles.",
 }
 
 
