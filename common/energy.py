@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +73,11 @@ class NvmlPowerSampler:
 
         def loop():
             while not self._stop.wait(self.interval_s):
-                self._sample()
+                try:
+                    self._sample()
+                except Exception as e:  # the GPU stopped answering: the next read says so (EnergyMeter)
+                    self._failed = e
+                    return
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
@@ -84,6 +89,8 @@ class NvmlPowerSampler:
             self._thread = None
 
     def read_j(self) -> float:
+        if getattr(self, "_failed", None) is not None:
+            raise RuntimeError(f"power sampling failed: {self._failed}")
         self._sample()
         with self._lock:
             return self._energy
@@ -133,8 +140,16 @@ def find_counter(device: torch.device | str, rapl_root: str = RAPL_ROOT):
             return None, f"NVML unavailable ({type(e).__name__}: {e})"
         try:
             return NvmlEnergyCounter(handle, pynvml), None
-        except pynvml.NVMLError:
+        except pynvml.NVMLError as e:
+            counter_error = e
+        try:  # no energy counter: power samples, if the GPU reads power at all (MIG slices and vGPUs may not)
+            pynvml.nvmlDeviceGetPowerUsage(handle)
             return NvmlPowerSampler(handle, pynvml), None
+        except pynvml.NVMLError as e:
+            return None, (
+                f"NVML reads neither energy ({type(counter_error).__name__}) nor power ({type(e).__name__}) on this "
+                "GPU (a MIG slice or a vGPU?)"
+            )
     try:
         return RaplCounter(rapl_root), None
     except (OSError, ValueError) as e:
@@ -159,35 +174,65 @@ class EnergyMeter:
         self.counter, self.reason, self.idle_s, self.clock, self.sleep = counter, reason, idle_s, clock, sleep
         self.idle_power_w = self.energy_j = self.window_s = None
 
+    def _read(self) -> float | None:
+        """The counter's joules, or None once it failed: a counter that stops answering (an NVML error mid-run)
+        makes the energy "unavailable" with the reason, and the work it measures goes on."""
+        if self.counter is None:
+            return None
+        try:
+            return self.counter.read_j()
+        except Exception as e:  # NVMLError_NotSupported, a driver reset, a RAPL file gone ...
+            self._give_up(e)
+            return None
+
+    def _give_up(self, e: Exception):
+        if hasattr(self.counter, "stop"):
+            try:
+                self.counter.stop()
+            except Exception:
+                pass
+        self.reason = f"the {self.counter.method} counter failed while measuring ({type(e).__name__}: {e})"
+        self.counter = None
+        print(f"energy: {self.reason}; energy is unavailable for this run", file=sys.stderr)
+
     def __enter__(self):
         if self.counter is None:
             return self
         if hasattr(self.counter, "start"):
-            self.counter.start()
+            try:
+                self.counter.start()
+            except Exception as e:
+                self._give_up(e)
+                return self
         if self.idle_s > 0:
             sync(self.device)
-            e0, t0 = self.counter.read_j(), self.clock()
+            e0, t0 = self._read(), self.clock()
             self.sleep(self.idle_s)
-            e1, t1 = self.counter.read_j(), self.clock()
-            self.idle_power_w = (e1 - e0) / (t1 - t0) if e1 > e0 else None
+            e1, t1 = self._read(), self.clock()
+            ok = e0 is not None and e1 is not None and e1 > e0
+            self.idle_power_w = (e1 - e0) / (t1 - t0) if ok else None
         sync(self.device)
-        self._e0, self._t0 = self.counter.read_j(), self.clock()
+        self._e0, self._t0 = self._read(), self.clock()
         return self
 
     def __exit__(self, *exc):
         if self.counter is None:
             return False
         sync(self.device)
-        self.energy_j, self.window_s = self.counter.read_j() - self._e0, self.clock() - self._t0
+        now = self._read()
+        if now is None or self._e0 is None:
+            return False
+        self.energy_j, self.window_s = now - self._e0, self.clock() - self._t0
         if hasattr(self.counter, "stop"):
             self.counter.stop()
         return False
 
     def so_far(self) -> float | None:
         """Joules since the window opened (None without a counter): for progress inside a long window."""
-        if self.counter is None or not hasattr(self, "_e0"):
+        if self.counter is None or getattr(self, "_e0", None) is None:
             return None
-        return self.counter.read_j() - self._e0
+        now = self._read()
+        return None if now is None else now - self._e0
 
     def result(self, units: int | None = None, unit: str = "token", min_window_s: float = 0.0) -> dict:
         """Joules of the window (and per unit); a window shorter than ``min_window_s`` (for work that cannot

@@ -170,3 +170,66 @@ def test_a_cool_down_rests_before_the_idle_reading():
         lambda: clock.sleep(0.5), 1, "cpu", cooldown_s=4.0, idle_s=1.0, counter=counter, clock=clock, sleep=clock.sleep
     )
     assert clock.t == pytest.approx(4.0 + 1.0 + r["window_s"])  # rest, idle, then the window
+
+
+class FakeNvml:
+    """A stand-in for pynvml (nvidia-ml-py) on a GPU whose energy counter, and maybe its power reading, NVML does
+    not support (a MIG slice, a vGPU): the calls raise NVMLError_NotSupported as the real library does."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):  # noqa: N801 - pynvml's own name
+        pass
+
+    def __init__(self, power: bool):
+        self.power = power
+        self.watts = 100.0
+
+    def nvmlInit(self):  # noqa: N802
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):  # noqa: N802
+        return "handle"
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
+        return "handle"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):  # noqa: N802
+        raise self.NVMLError_NotSupported("Not Supported")
+
+    def nvmlDeviceGetPowerUsage(self, handle):  # noqa: N802
+        if not self.power:
+            raise self.NVMLError_NotSupported("Not Supported")
+        return int(self.watts * 1000)
+
+
+@pytest.mark.parametrize("power", [False, True])
+def test_a_gpu_without_energy_or_power_readings_makes_energy_unavailable_and_training_goes_on(monkeypatch, power):
+    """No energy counter: the power sampler only if NVML reads power; neither: energy "unavailable" with why,
+    never an exception out of the meter (a training run on a MIG slice must not fail for want of a reading)."""
+    import sys
+
+    import torch
+
+    from common.energy import EnergyMeter, NvmlPowerSampler, find_counter
+
+    fake = FakeNvml(power)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"uuid": "GPU-x"})())
+    monkeypatch.setattr("common.energy.sync", lambda device: None)
+    counter, why = find_counter("cuda:0")
+    if not power:
+        assert counter is None and "neither energy" in why and "NotSupported" in why
+        with EnergyMeter("cuda:0", idle_s=0.0) as meter:
+            pass
+        assert meter.result(units=10)["method"] == "unavailable"
+        return
+    assert isinstance(counter, NvmlPowerSampler)
+    # the power reading fails mid-run (a driver reset): the meter says so and the work goes on
+    with EnergyMeter("cuda:0", idle_s=0.0, counter=counter, reason=None) as meter:
+        fake.power = False
+        assert meter.so_far() is None
+    r = meter.result(units=10)
+    assert r["method"] == "unavailable" and "failed while measuring" in r["reason"]
