@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class Bench:
         self.x = torch.randint(0, self.args.vocab_size, (self.batch, self.seq_len), device=device)
         self.y = torch.randint(0, self.args.vocab_size, (self.batch, self.seq_len), device=device)
         self.seconds: list[float] = []  # per step, one sample per round
+        self.first_step_s: float | None = None
 
     def step(self):
         with self.amp:
@@ -72,15 +74,20 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
 
     def warm_up(self, steps: int) -> float | None:
-        """Untimed steps (compilation happens here); the GB of device memory this model added at its peak."""
-        if self.device.type != "cuda":
-            time_repeats(self.step, self.device, steps, 0)
-            return None
+        """Steps before the timed rounds: the first one timed alone (with torch.compile its compilation happens
+        there: ``first_step_s``), the rest untimed; the GB of device memory this model added at its peak."""
+        cuda = self.device.type == "cuda"
         sync(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        time_repeats(self.step, self.device, steps, 0)
-        return (torch.cuda.max_memory_allocated(self.device) - before) / 1e9
+        if cuda:
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        sync(self.device)
+        self.first_step_s = time.perf_counter() - t0
+        if steps > 1:
+            time_repeats(self.step, self.device, steps - 1, 0)
+        return (torch.cuda.max_memory_allocated(self.device) - before) / 1e9 if cuda else None
 
 
 def profile(b: Bench, steps: int = 3, top: int = 15) -> list[dict]:
@@ -122,6 +129,8 @@ def summarise(b: Bench, warmup: int, steps_per_round: int, peak_gb: float | None
         "compile": b.compile,
         "fused_adamw": b.device.type == "cuda",
         "warmup_steps": warmup,
+        # the first step's seconds: with torch.compile, compilation included (minus one step_ms: its cost)
+        "first_step_s": b.first_step_s,
         "steps_per_round": steps_per_round,
         "rounds": len(b.seconds),
         "tokens_per_s": s,

@@ -9,10 +9,13 @@
 #           then the bitsandbytes CUDA test
 #   suite   the whole test suite, CUDA tests included
 #   study   runners/study_100m_lease.toml; its table, report, plots and JSON come back as study.tar.gz
+#   lease   the one call of a 15-device-minute lease (start and idle included, so about 9 minutes of work): the
+#           100M training step (baseline and per-head at 8 blocks: tokens/s, MFU, compile time), decode latency
+#           at batch 1 and 16 per mode (eager, compile, CUDA graphs) with J/token where NVML reads energy, and a
+#           study at toy sizes on the GPU (every step of the pipeline once); the most information per minute
 #
 # One part per call: each ends within about 9.5 minutes (its steps' limits, installs and a 20 s grace per
-# step included); a 30-minute lease holds three, so run them in order of need (train, decode, study; suite
-# where time is left) and send the next call within the 30 s a machine stays warm (it keeps its compile cache).
+# step included). With 15 device-minutes in all per session, send `lease` once and give the machine back.
 # Carry .whl (train, suite, study) or .whl-kernels (decode): bench/gpu/wheels.sh builds both here. The
 # machine's own torch is used. Each step runs under its own time limit (SIGINT, then SIGKILL), so a call ends
 # inside the 10 minutes a command has, keeping what finished: the benchmarks write their JSON as they go.
@@ -48,6 +51,20 @@ fi
 } >"$out/steps.txt" 2>&1
 grep -A99 '^steps:' "$out/steps.txt"
 
+# The oldest torch this project runs on (scaled_dot_product_attention's enable_gqa came with 2.5): an older image
+# stops here in one line, before any work, rather than at the first forward pass of every step.
+$PY - <<'PY' || exit 1
+import sys
+
+import torch
+
+have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+if have < (2, 5):
+    print(f"torch {torch.__version__} is older than 2.5, the oldest this project runs on: carry a newer torch wheel in "
+          ".whl (bench/gpu/wheels.sh) or use an image with torch >= 2.5", file=sys.stderr)
+    sys.exit(1)
+PY
+
 step() { # step SECONDS NAME COMMAND...: the command under a time limit, its output appended to $out/log.txt
   local limit=$1 name=$2 t0=$SECONDS rc start
   shift 2
@@ -59,15 +76,11 @@ step() { # step SECONDS NAME COMMAND...: the command under a time limit, its out
   tail -n +"$((start + 1))" "$out/log.txt" | tail -n 30
 }
 
-if [ "$smoke" = 1 ]; then
-  TRAIN=(--configs tiny_baseline tiny --device cpu --rounds 3 --steps-per-round 1 --warmup 1 --batch-size 2)
-  DECODE=(--configs tiny --device cpu --batch-sizes 1 --modes eager --n-tokens 4 --repeats 2 --engines torch)
-  COMPRESSED=(--device cpu --rounds 3 --n-tokens 2 --batch-sizes 1 --context 16)
-  SUITE=(tests/test_bench.py)
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  STUDY=$work/study_smoke.toml
-  cat >"$STUDY" <<EOF
+# A study at toy sizes (every step of the pipeline once): the smoke run's study, and the lease's on the GPU.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+TOY_STUDY=$work/study_smoke.toml
+cat >"$TOY_STUDY" <<EOF
 name = "study_smoke"
 checkpoints_dir = "$work/checkpoints"
 logs_dir = "$work/logs"
@@ -87,10 +100,23 @@ args = ["--method", "drop-last", "--layers", "1"]
 [eval]
 quality = ["--max-tokens", "2000", "--n-docs", "2", "--humaneval-limit", "2", "--max-new-tokens", "8"]
 side_by_side = ["--rounds", "3", "--context", "16", "--prompt-len", "16", "--n-tokens", "2"]
+induction = ["--sequences", "4", "--length", "20"]
 EOF
+
+if [ "$smoke" = 1 ]; then
+  TRAIN=(--configs tiny_baseline tiny --device cpu --rounds 3 --steps-per-round 1 --warmup 1 --batch-size 2)
+  LEASE_TRAIN=("${TRAIN[@]}")
+  LEASE_DECODE=(--configs tiny --device cpu --batch-sizes 1 2 --modes eager --n-tokens 4 --repeats 2 --engines torch)
+  DECODE=(--configs tiny --device cpu --batch-sizes 1 --modes eager --n-tokens 4 --repeats 2 --engines torch)
+  COMPRESSED=(--device cpu --rounds 3 --n-tokens 2 --batch-sizes 1 --context 16)
+  SUITE=(tests/test_bench.py)
+  STUDY=$TOY_STUDY
   results=$work/results
 else
   TRAIN=()
+  # the lease's share: two 8-block configs, fewer rounds (compilation is timed in the warm-up and recorded)
+  LEASE_TRAIN=(--configs baseline_8_layer perhead_8_layer --rounds 4 --steps-per-round 3 --warmup 3)
+  LEASE_DECODE=(--configs baseline_8_layer --batch-sizes 1 16 --repeats 5 --energy-runs 1)
   DECODE=()
   COMPRESSED=()
   SUITE=()
@@ -119,8 +145,16 @@ for part in "$@"; do
       for f in table.md report.md; do [ -f "$results/$name/$f" ] && cp "$results/$name/$f" "$out/study_$f"; done
     fi
     ;;
+  lease)
+    step 200 train_throughput $PY -m bench.train_throughput --out "$out/train_throughput.json" "${LEASE_TRAIN[@]}"
+    step 150 decode_latency $PY -m bench.decode_latency --out "$out/decode_latency.json" "${LEASE_DECODE[@]}"
+    step 200 study_smoke $PY -m runners.study "$TOY_STUDY"
+    if [ -d "$work/results/study_smoke" ]; then
+      tar -czf "$out/study_smoke.tar.gz" -C "$work/results" --exclude study_smoke/logs study_smoke
+    fi
+    ;;
   *)
-    echo "unknown part $part: use train, decode, suite or study" >&2
+    echo "unknown part $part: use train, decode, suite, study or lease" >&2
     exit 2
     ;;
   esac
