@@ -44,7 +44,7 @@ from runners.study_steps import (
     plan,
     stop_child,
 )
-from runners.study_tune import choose, tune_steps
+from runners.study_tune import choose, chosen_rates, tune_steps
 
 # ---------------------------------------------------------------------------------------------------------
 # Running the steps
@@ -372,7 +372,16 @@ def main(argv=None):
     if a.executor not in EXECUTORS:
         raise UserError(f"--executor {a.executor!r}: use one of {EXECUTORS}")
     if a.plan:
-        print(power_plan(study, Path(a.pilot) if a.pilot else study.out, a.difference))
+        if study.tune is not None:
+            study.rates = chosen_rates(study)  # the rates its check chose (if it has run) name its runs
+        pilot = Path(a.pilot) if a.pilot else study.out
+        if study.design is not None and a.pilot is None:
+            from runners.study_design import design_plan
+
+            print(design_plan(study, study.design)[0])
+            if not (pilot / "study.json").is_file():
+                return  # no pilot yet: the design is the plan
+        print(power_plan(study, pilot, a.difference))
         return
     report = run_study(study, executor=a.executor)
     print(f"table: {study.out / 'table.md'}\nplots: {study.out / 'plots'}\nreport: {report}")

@@ -98,6 +98,7 @@ class Study:
     cluster: dict = field(default_factory=dict)  # step kind -> runners.cluster.Resources ([cluster.<kind>])
     about: str = ""  # what the study can answer: the report's first paragraph
     tune: TuneSpec | None = None  # the learning-rate check ([tune]); None: every run at its runner's rate
+    design: object | None = None  # runners.study_design.DesignSpec ([design]); None: plan from a pilot only
     rates: dict[str, float] = field(default_factory=dict)  # run -> the rate its check chose (study_tune.choose)
 
     @property
@@ -199,6 +200,7 @@ class StudyFile:
     cluster: dict = field(default_factory=dict)  # [cluster.<kind>] tables: resources of cluster jobs
     about: str = ""  # what the study can answer (a demonstration, the answer at some scale): the report opens with it
     tune: dict | None = None  # the [tune] table: a learning-rate check before the main runs (TuneSpec)
+    design: dict | None = None  # the [design] table: what --plan assumes without a pilot (runners/study_design.py)
 
 
 # options each step sets itself: a study file that sets them would send outputs where the study never looks
@@ -247,6 +249,12 @@ def load_study(path: str | Path) -> Study:
     external = [from_table(ExternalSpec, t, f"{path} [[external]] #{i + 1}") for i, t in enumerate(top.external)]
     ev = from_table(EvalSpec, top.eval, f"{path} [eval]")
     tune = None if top.tune is None else from_table(TuneSpec, top.tune, f"{path} [tune]")
+    if top.design is not None:
+        from runners.study_design import DesignSpec
+
+        design = from_table(DesignSpec, top.design, f"{path} [design]")
+    else:
+        design = None
     if not runs and not external:
         raise UserError(f"{path} names no [[runs]] and no [[external]] models; add a runner to train")
     name = top.name if top.name is not None else path.stem
@@ -284,6 +292,7 @@ def load_study(path: str | Path) -> Study:
         cluster=resources_of(top.cluster, str(path), from_table),
         about=top.about,
         tune=tune,
+        design=design,
     )
     check_study(study, str(path))
     return study

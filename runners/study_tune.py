@@ -99,3 +99,13 @@ def choose(s: Study) -> dict[str, float]:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: a diverged rate reads null
+
+
+def chosen_rates(s: Study) -> dict[str, float]:
+    """The rates an earlier run of the check chose (tune.json), for commands that read a tuned study without
+    training (--plan); {} where it has not chosen yet."""
+    try:
+        record = json.loads((s.out / TUNE_FILE).read_text())
+        return {name: float(r["chosen"]) for name, r in record["runs"].items() if name in {x.name for x in s.runs}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
