@@ -42,6 +42,7 @@ import numpy as np
 
 from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.files import atomic_write, write_csv
+from common.load import LoadMeter
 from common.progress import Progress
 from serve.load_summary import (
     DEFINITIONS,
@@ -146,6 +147,32 @@ def read_energy(base: str, timeout_s: float = 10.0) -> dict | None:
         return None
     d = d if status == 200 else None
     return d if isinstance(d, dict) and isinstance(d.get("energy_j"), (int, float)) else None
+
+
+def server_cpu_s(base: str) -> float | None:
+    """This project's server's own CPU seconds so far (its /health), or None for another server."""
+    import httpx
+
+    try:
+        status, d = get_json(base.removesuffix("/v1") + "/health", 10.0)
+    except (httpx.HTTPError, ValueError, TimeoutError):
+        return None
+    v = d.get("process_cpu_s") if status == 200 and isinstance(d, dict) else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def machine_load(load: dict, server_before: float | None, server_after: float | None) -> dict:
+    """LoadMeter's record of the run, with a loopback server's own CPU taken out of "other processes" where the
+    server reports it (else the server counts as other load, and the record says so)."""
+    others = load.get("other_processes_cores")
+    if others is None or server_before is None or server_after is None or not load.get("seconds"):
+        return load | {"server_counted_as_other": server_before is None}
+    others = max(0.0, others - (server_after - server_before) / load["seconds"])
+    return load | {
+        "other_processes_cores": others,
+        "busy": others > load["busy_threshold_cores"],
+        "server_counted_as_other": False,
+    }
 
 
 def stream_metrics(t0: float, chunks: list[tuple[float, bool]], tokens_out: int | None) -> dict:
@@ -356,7 +383,10 @@ def run_load(
     ours = "max_tokens_limit" in server  # this project's server: a prompt too long for its context keeps its end
     jobs = jobs_for(prompts, targets, n_requests, max_tokens, temperature, {"truncate_prompt": True} if ours else None)
     before = read_energy(base) if ours else None
-    rows, wall = asyncio.run(_run(base, jobs, concurrency, rate, duration_s, seed, timeout_s, api_key, progress))
+    server_cpu0 = server_cpu_s(base) if ours else None
+    with LoadMeter() as meter:  # how busy the machine was meanwhile, beyond this client (and the server, if ours)
+        rows, wall = asyncio.run(_run(base, jobs, concurrency, rate, duration_s, seed, timeout_s, api_key, progress))
+    load = machine_load(meter.result(), server_cpu0, server_cpu_s(base) if server_cpu0 is not None else None)
     after = read_energy(base) if before is not None else None
     energy = run_energy(before, after, sum(r.get("tokens_out") or 0 for r in rows if r["status"] == 200))
     out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +408,7 @@ def run_load(
             "definitions": DEFINITIONS,
         },
         "energy": energy,  # the whole run's, all targets together
+        "load": load,  # other processes' share of the machine during the run (a loopback server's own left out)
         **summarize(rows, targets, wall, slo),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))

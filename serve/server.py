@@ -51,6 +51,7 @@ served, decoding in the running batch, measuring) in ``serve/engine.py``, contin
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -102,6 +103,8 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.get("/health")
     def health():
         return {
+            # the server's own CPU seconds so far: a load client on this machine tells its load from others'
+            "process_cpu_s": sum(os.times()[:2]),
             "model": served.name,
             "models": served.models(),
             "architecture": served.ev.architecture,

@@ -498,3 +498,18 @@ def test_tradeoff_labels_never_overlap_and_the_legend_lists_only_the_families_sh
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["baseline", "per-head layers", "compressed"]  # no gated attention in this study
+
+
+def test_a_serving_report_says_how_busy_the_machine_was_with_the_servers_own_load_left_out():
+    from serve.client import machine_load
+    from visualizations.serving import load_line
+
+    measured = {"cores": 2, "other_processes_cores": 1.5, "busy": True, "busy_threshold_cores": 0.5, "seconds": 10.0}
+    quiet = machine_load(measured, server_before=100.0, server_after=112.0)  # the server used 1.2 cores of it
+    assert quiet["other_processes_cores"] == pytest.approx(0.3) and not quiet["busy"]
+    assert "other processes used 0.30 of its 2 cores" in load_line(quiet)
+    busy = machine_load(measured | {"other_processes_cores": 1.9}, 100.0, 102.0)
+    assert busy["busy"] and load_line(busy).startswith("**Busy machine**")
+    foreign = machine_load(measured, None, None)  # another server: its CPU is among the others, and it says so
+    assert foreign["server_counted_as_other"] and foreign["other_processes_cores"] == 1.5
+    assert load_line(None) == "Machine load during the run: not measured."

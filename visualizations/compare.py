@@ -46,6 +46,7 @@ COLUMNS = MODEL_COLUMNS + [
     ("memory_bytes", "weights in memory (bytes)"),
     ("disk_bytes", "on disk (bytes)"),
     ("mode", "mode"),
+    ("timing_load", "timed while other processes used (cores)"),
 ]
 
 
@@ -154,6 +155,10 @@ def _efficiency(r: EfficiencyResult, row: dict, mode, batch):
         row["j_per_token"] = decode.energy.figure if decode.energy else None
     if prefill:
         row["prefill_ms"] = prefill.ms.median
+    load = r.record.get("load") or {}
+    others = load.get("other_processes_cores")
+    if isinstance(others, (int, float)):  # each row says how busy the machine was while it was timed
+        row["timing_load"] = f"{others:.2f} of {load.get('cores', '?')}" + (" (busy)" if load.get("busy") else "")
 
 
 READERS = {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.cli import parse_args, positional, run_main
 from common.files import atomic_write
+from common.load import describe
 
 LABELS = {
     "ttft_ms": "time to first token, client side (ms)",
@@ -199,6 +200,8 @@ def write_serving_report(folder: str | Path) -> Path:
         " shown where the server reports it.",
         "" if not energy else f"Energy: unavailable ({sorted(energy)[0]}).",
         "",
+        load_line(summary.get("load")),
+        "",
         "## What the measurements support",
         "",
         "Kruskal-Wallis across all targets first, then each pair on the requests that share a prompt: the median"
@@ -231,3 +234,18 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(main)
+
+
+def load_line(load: dict | None) -> str:
+    """What the report says of the machine during the run: a busy machine in bold (its latencies are slower and
+    noisier), a quiet one as measured, or that it was not measured."""
+    if not load or load.get("other_processes_cores") is None:
+        return "Machine load during the run: not measured."
+    busy = describe(load)
+    if busy:
+        return f"**Busy machine**: {busy}."
+    counted = " (the server's own CPU counted among them)" if load.get("server_counted_as_other") else ""
+    return (
+        f"Machine load during the run: other processes used {load['other_processes_cores']:.2f} of its "
+        f"{load['cores']} cores on average{counted}: quiet enough for its timings."
+    )
