@@ -24,6 +24,7 @@ from common.results import parse_result, read_result, read_typed, same_model
 from llama.model_io import list_checkpoints
 from models.folders import fingerprint, model_folder
 from runners.study_file import SEED, CompressSpec, RunSpec, Study
+from training.config import train_config_from_dict
 from training.run_files import DIVERGED_FILE
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,7 +432,13 @@ def _same_training(s: Study, step: TrainStep) -> bool:
     where = ("name", "out_dir", "log_dir", "resume", "overwrite")  # where it ran, not what it trained
 
     def what(config) -> dict | None:
-        return {k: v for k, v in config.items() if k not in where} if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return None
+        try:  # read back through the config classes: a field added since a run trained reads as its default
+            config = dataclasses.asdict(train_config_from_dict(config))
+        except (TypeError, ValueError, KeyError):
+            pass  # a record the config classes refuse: compared as it is (it will differ)
+        return {k: v for k, v in config.items() if k not in where}
 
     recorded = []
     checkpoints = list_checkpoints(step.output(s))

@@ -451,6 +451,12 @@ def test_a_study_edited_after_its_steps_finished_names_the_changed_steps(study):
     (run_dir / "moved.json").rename(run_dir / "config.json")
     study.runs[0].args = ["--max-steps", "5"]
     assert changed_steps(study, plan(study)) == []
+    # a run recorded before a field existed (here the model's head_norm) trained with that field's default: same
+    older = dataclasses.asdict(cfg)
+    del older["model"]["head_norm"]
+    (step / "state.json").write_text(json.dumps({"step": 5, "config": older}))
+    (run_dir / "config.json").write_text(json.dumps(older))
+    assert changed_steps(study, plan(study)) == []
     # the file is edited: more documents for quality, more steps for the run
     study.quality = ["--n-docs", "3"]
     study.runs[0].args = ["--max-steps", "6"]
