@@ -17,7 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from data.config import DataConfig
-from data.prepare import PreparedData, corpus_hash, heldout_documents, load_documents, split_documents
+from data.prepare import (
+    PreparedData,
+    ShardedTokens,
+    corpus_hash,
+    heldout_documents,
+    load_documents,
+    split_documents,
+)
 
 LONG_LINE_CHARS = 30  # a line counts for the rule from this many characters (stripped): not "return x" or "}"
 
@@ -77,7 +84,8 @@ def heldout_set(data: PreparedData, near_duplicates: float | None = None):
         names = None
     overlap: list[float | None] = [None] * len(texts)
     if near_duplicates is not None:
-        train = (tok.decode(d) for d in heldout_documents(data.train, tok))  # the same cut, of the training split
+        shards = data.train.arrays if isinstance(data.train, ShardedTokens) else [data.train]  # whole docs each
+        train = (tok.decode(d) for a in shards for d in heldout_documents(a, tok))  # the training split, cut alike
         overlap = train_overlap(train, texts)
     docs = [
         HeldOutDocument(i, names[i] if names else None, hashlib.sha256(t.encode()).hexdigest()[:16], t, overlap[i])

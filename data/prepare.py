@@ -20,10 +20,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    import torch
 
 from common.cli import UserError, parse_args, run_main
 from common.files import atomic_dir
@@ -32,6 +35,7 @@ from data.config import DataConfig
 from llama.tokenizer import Tokenizer, train_tokenizer
 
 MANIFEST_VERSION = 1
+MANIFEST_VERSION_SHARDS = 2  # data/shards.py's: each split a list of shards
 TOKENIZER_FORMAT = 3  # bump when train_tokenizer's options or encoding change, so caches are rebuilt
 ENCODE_BATCH_DOCS = 64
 
@@ -103,6 +107,8 @@ def _read_with_datasets(source: str, cfg: DataConfig) -> Iterator[Document]:
     import datasets  # imported here: it is slow to import and only these corpora need it
 
     suffix = Path(source).suffix.lower()
+    if Path(source).is_file() and suffix in (".jsonl", ".parquet"):  # streamed as read, no Arrow copy on disk
+        return _read_jsonl(Path(source), cfg.text_field) if suffix == ".jsonl" else _read_parquet(Path(source), cfg)
     if Path(source).is_file():
         if suffix == ".txt":
             # A plain text file: documents are paragraphs (blocks separated by blank lines).
@@ -120,6 +126,46 @@ def _read_with_datasets(source: str, cfg: DataConfig) -> Iterator[Document]:
             f"corpus {source} has no column {cfg.text_field!r} (columns: {ds.column_names}); set --text-field"
         )
     return _rows(ds, cfg.text_field)
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
+    """A JSON-lines file's documents, a line at a time (named by row, as the datasets library's rows are): a file of
+    billions of tokens is never held whole, nor converted to a second copy first (datasets' Arrow cache)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise UserError(
+                    f"{path} line {i + 1} is not a JSON object; a .jsonl corpus holds one per line"
+                ) from None
+            if not isinstance(row, dict) or field not in row:
+                raise UserError(f"corpus {path} has no column {field!r} (line {i + 1}); set --text-field")
+            t = row[field]
+            if isinstance(t, str) and t.strip():
+                yield Document(f"row-{i}", t)
+
+
+def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    """A parquet file's documents, a record batch at a time (pyarrow), named by row."""
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
+        raise UserError(f"{path} is not a parquet file ({type(e).__name__}); check --corpus") from None
+    if cfg.text_field not in f.schema_arrow.names:
+        raise UserError(
+            f"corpus {path} has no column {cfg.text_field!r} (columns: {f.schema_arrow.names}); set --text-field"
+        )
+    i = 0
+    for batch in f.iter_batches(batch_size=1024, columns=[cfg.text_field]):
+        for t in batch.column(0).to_pylist():
+            if isinstance(t, str) and t.strip():
+                yield Document(f"row-{i}", t)
+            i += 1
 
 
 def _rows(ds, field: str) -> Iterator[Document]:
@@ -175,6 +221,11 @@ def load_documents(cfg: DataConfig) -> list[Document]:
     return list(iter_documents(cfg))
 
 
+def name_fraction(name: str) -> float:
+    """Where a document's name falls in [0, 1): the hash that decides its split."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """Deterministic split by document: a document is held out iff the hash of its name falls below
     ``val_fraction``, so the split does not depend on order, machine or adding other documents."""
@@ -182,7 +233,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         raise UserError(f"the corpus has {len(docs)} document(s); a train/val split needs at least 2")
 
     def u(doc):
-        return int.from_bytes(hashlib.sha256(doc.name.encode()).digest()[:8], "big") / 2**64
+        return name_fraction(doc.name)
 
     scored = sorted(docs, key=u)
     n_val = sum(u(d) < val_fraction for d in docs)
@@ -207,13 +258,56 @@ def corpus_hash(docs: list[Document]) -> str:
 # Prepared data on disk
 
 
+class ShardedTokens:
+    """A split kept as token shards (data/shards.py), read as one sequence: ``len`` and slices across shards, each
+    shard memory-mapped, nothing read until it is sliced; ``arrays`` are the shards themselves."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.dtype = arrays[0].dtype if arrays else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            k = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.arrays[k][i - self.starts[k]]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("sharded tokens take contiguous slices only")
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        k = max(first, 0)
+        while start < stop and k < len(self.arrays):
+            lo, hi = start - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
+            parts.append(np.asarray(self.arrays[k][lo:hi]))
+            start = int(self.starts[k + 1])
+            k += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray of a whole split: read it all (small splits only)
+        out = np.concatenate([np.asarray(a) for a in self.arrays]) if self.arrays else np.zeros(0, self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+
+def token_chunks(tokens, size: int = 1 << 24):
+    """A split's tokens a chunk at a time (a flat memmap or shards): what a pass over 2B tokens reads."""
+    arrays = tokens.arrays if isinstance(tokens, ShardedTokens) else [tokens]
+    for a in arrays:
+        for i in range(0, len(a), size):
+            yield np.asarray(a[i : i + size])
+
+
 @dataclass
 class PreparedData:
     dir: Path
     manifest: dict
     tokenizer: Tokenizer
-    train: np.ndarray  # flat token ids (memmap)
-    val: np.ndarray
+    train: np.ndarray | ShardedTokens  # flat token ids (memmap), or the shards of a large corpus
+    val: np.ndarray | ShardedTokens
     from_cache: bool = False  # found prepared by an earlier run
 
     @property
@@ -227,9 +321,23 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{d} has no manifest.json; prepare the data with `python -m data`")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise UserError(f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION}")
+    if manifest.get("version") not in (MANIFEST_VERSION, MANIFEST_VERSION_SHARDS):
+        raise UserError(
+            f"{manifest_path} is format {manifest.get('version')}, expected {MANIFEST_VERSION} or "
+            f"{MANIFEST_VERSION_SHARDS}"
+        )
     dtype = np.dtype(manifest["dtype"])
+    if manifest["version"] == MANIFEST_VERSION_SHARDS:  # data/shards.py: each split a list of shards
+        splits = {}
+        for split in ("train", "val"):
+            arrays = []
+            for shard in manifest["shards"][split]:
+                path, n = d / shard["file"], shard["tokens"]
+                if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+                    raise UserError(f"{path} is missing or truncated; prepare {d} again (python -m data.shards)")
+                arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
+            splits[split] = ShardedTokens(arrays)
+        return PreparedData(d, manifest, Tokenizer(d / "tokenizer.model"), splits["train"], splits["val"])
     arrays = {}
     for split in ("train", "val"):
         path = d / f"{split}.bin"
@@ -270,6 +378,15 @@ def _split_stats(docs: list[Document], tokens: int) -> dict:
 def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
     """Prepare (or find in the cache) the tokenizer and token files for ``cfg``."""
     t0 = time.perf_counter()
+    if cfg.corpus is not None and (Path(cfg.corpus) / "manifest.json").is_file():  # a prepared folder (data.shards)
+        data = load_prepared(cfg.corpus)
+        if data.vocab_size != cfg.vocab_size:
+            raise UserError(
+                f"--corpus {cfg.corpus} is prepared with a {data.vocab_size}-token vocabulary, not --vocab-size "
+                f"{cfg.vocab_size}; pass --vocab-size {data.vocab_size}"
+            )
+        data.from_cache = True
+        return data
     docs = load_documents(cfg)
     chash = corpus_hash(docs)
     out = Path(cfg.cache_dir) / f"{chash[:16]}-v{cfg.vocab_size}-{_settings_key(cfg)}"
@@ -372,6 +489,8 @@ class BatchSampler:
         offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.global_batch)
         offsets = offsets[start : start + (self.global_batch if count is None else count)]
         rows = np.stack([np.asarray(self.tokens[o : o + self.seq_len + 1], dtype=np.int64) for o in offsets])
+        import torch  # here, not at the top: preparing data (and its worker processes) never needs torch
+
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
@@ -425,9 +544,14 @@ class Prefetcher:
 
 def unigram_losses(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
     """Cross-entropy (nats/token) of a unigram model fit on the training tokens: the bar to clear."""
-    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0  # add-one smoothing
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in token_chunks(train):  # a chunk at a time: 2B tokens never in memory at once
+        counts += np.bincount(chunk, minlength=vocab_size)
+    counts += 1.0  # add-one smoothing
     logp = np.log(counts / counts.sum())
-    val_counts = np.bincount(np.asarray(val), minlength=vocab_size)
+    val_counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in token_chunks(val):
+        val_counts += np.bincount(chunk, minlength=vocab_size)
     return {
         "unigram_train_loss": float(-(counts - 1) @ logp / (counts - 1).sum()),
         "unigram_val_loss": float(-(val_counts @ logp) / val_counts.sum()),

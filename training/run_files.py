@@ -70,10 +70,14 @@ def prepare_run_dirs(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Path]:
             "--overwrite to start it over, or --name for a new run"
         )
     if cfg.resume and not list_checkpoints(ckpt_dir):
-        what = "stopped before its first checkpoint" if exists else "does not exist"
+        if not exists:
+            raise FileNotFoundError(
+                f"--resume: run {cfg.name!r} does not exist ({ckpt_dir}): no checkpoint to resume; run without "
+                "--resume to start it"
+            )
         raise FileNotFoundError(
-            f"--resume: run {cfg.name!r} {what} ({ckpt_dir}): nothing to resume; run the same command with "
-            "--overwrite in place of --resume to start it over"
+            f"--resume: run {cfg.name!r} stopped before its first checkpoint ({ckpt_dir}): no checkpoint to resume; "
+            "run the same command with --overwrite in place of --resume to start it over"
         )
     if info.is_main:
         if cfg.overwrite:
