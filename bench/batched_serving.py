@@ -31,8 +31,8 @@ from common.cli import UserError, parse_args, positional, run_main
 from common.files import atomic_write
 from common.load import LoadMeter
 from common.process import die_with_parent
-from runners.serve_compare import free_port, wait_ready
 from serve.client import humaneval_prompts, run_load
+from serve.launch import free_port, wait_ready
 
 
 @dataclass

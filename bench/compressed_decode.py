@@ -38,12 +38,12 @@ from common.files import atomic_write
 from common.hardware import run_metadata
 from common.progress import Progress
 from compress.prune import block_linears, check_n_m, prune_model
-from compress.quantize import SCHEMES, quantize
 from eval.latency import MODES, decode_run
 from eval.side_by_side import Args as SideBySideArgs
 from eval.side_by_side import side_by_side
 from llama.model import Transformer
 from models.interface import state_dict_bytes
+from runtime.quantize import SCHEMES, quantize
 from runtime.sparse import to_semi_structured
 
 SPARSE_TOLERANCE = 1e-2  # bf16 rounding: the sparse kernels compute the pruned model's function

@@ -161,7 +161,7 @@ class Compression:
     calibration, the pruning report, the recovery's settings)."""
 
     method: str  # magnitude, wanda, sparsegpt, structured, drop-<how>, quantize
-    quantize: str | None = None  # the scheme (compress/quantize.py), also after pruning or dropping
+    quantize: str | None = None  # the scheme (runtime/quantize.py), also after pruning or dropping
     sparsity: float | None = None
     pattern: str | None = None  # N:M, e.g. 2:4
     layers: int | None = None  # blocks dropped

@@ -23,7 +23,7 @@ The output folder holds the model (safetensors, model_args.json, tokenizer), a `
 training data (for evaluation and calibration) and ``compression.json`` (method, settings, achieved
 sparsity, parameters, and sizes under two names: ``disk_bytes_*``, the weight file in the folder, and
 ``memory_bytes_*``, the weights as they are in memory once loaded). A quantized model is stored quantized
-(``quantized.safetensors`` or ``quantized.pt`` in place of the weights, compress/quantize.py), so its disk
+(``quantized.safetensors`` or ``quantized.pt`` in place of the weights, runtime/quantize.py), so its disk
 size is the quantized one; int4 and bitsandbytes store the unquantized weights and are quantized again at
 every load (compression.json's ``stored`` says which).
 """
@@ -48,14 +48,14 @@ from compress import COMPRESSION_FILE, COMPRESSION_SCHEMA, IDENTITY_FILE, RECOVE
 from compress.calibration import calibration_tokens, corpus_calibration_tokens
 from compress.layer_drop import choose_layers
 from compress.prune import prune_model
-from compress.quantize import SCHEMES, quantize, scheme
 from compress.structured import prune_structured
 from data.config import DataConfig
 from llama.model import count_params
-from llama.model_io import list_checkpoints, model_file_bytes, write_checksums
+from llama.model_io import STATE_FILE, list_checkpoints, model_file_bytes, write_checksums
 from models.folders import fingerprint, load_folder, save_folder
 from models.interface import drop_blocks, require, state_dict_bytes
-from training.checkpoint import STATE_FILE, training_config
+from runtime.quantize import SCHEMES, quantize, scheme
+from training.checkpoint import training_config
 from training.config import TrainConfig
 
 OWNER = "compress"  # the mark on its output folders: only those may be replaced by a later run

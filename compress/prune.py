@@ -17,18 +17,11 @@ intact. The result is a physically smaller model with per-layer sizes in its Mod
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from common.cli import UserError
 from compress.calibration import block_by_block, input_stats, run_block
 from llama.model import Transformer, count_params
-
-
-def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear layer of a block: wq, wk, wv, wo, w1, w2, w3 here; q/k/v/o and the MLP's in a transformers
-    model (GPT-2's Conv1D layers are nn.Linear once loaded, models/hf.py)."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
+from models.layout import block_linears, check_n_m  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------------------
 # Masks from scores
@@ -168,12 +161,6 @@ def sparsity_report(model: Transformer) -> dict:
         "model_sparsity": all_zeros / count_params(model)["total"],
         "per_layer": per_layer,
     }
-
-
-def check_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """Does every group of ``m`` consecutive inputs of every row hold at least ``n`` zeros?"""
-    rows, cols = weight.shape
-    return bool(((weight.view(rows, cols // m, m) == 0).sum(-1) >= n).all())
 
 
 # ---------------------------------------------------------------------------------------------------------

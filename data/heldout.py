@@ -12,6 +12,7 @@ alike, and need a pass over it; this is one set of the training split's lines.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from data.prepare import (
     corpus_hash,
     heldout_documents,
     load_documents,
+    load_prepared,
     split_documents,
 )
+from llama.model_io import STATE_FILE, resolve_checkpoint, tokenizer_path
+from llama.tokenizer import Tokenizer
 
 LONG_LINE_CHARS = 30  # a line counts for the rule from this many characters (stripped): not "return x" or "}"
 
@@ -94,3 +98,37 @@ def heldout_set(data: PreparedData, near_duplicates: float | None = None):
     if near_duplicates is None:
         return docs, []
     return [d for d in docs if d.overlap < near_duplicates], [d for d in docs if d.overlap >= near_duplicates]
+
+
+@dataclass
+class HeldOut:
+    """Score the held-out documents of ``checkpoint``'s training data, as text: how a model with another
+    tokenizer (a Hugging Face model) is measured on the same text as this project's models."""
+
+    checkpoint: str
+
+
+def model_data(checkpoint: str | os.PathLike) -> PreparedData:
+    """The prepared data a model folder (a checkpoint, or a compressed model that keeps its base's state) was
+    trained on, as its state.json names it; one line where it names none or the data is gone."""
+    folder = resolve_checkpoint(checkpoint)
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {STATE_FILE}, so its training data is unknown; pass --corpus")
+    state = json.loads(state_path.read_text())
+    if not state.get("data_dir"):
+        raise FileNotFoundError(f"{state_path} names no training data; pass --corpus")
+    try:
+        return load_prepared(state["data_dir"])
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the training data of {folder} ({state['data_dir']}) is gone; prepare it again with the run's data "
+            "settings (python -m data ...) or pass --corpus"
+        ) from None
+
+
+def heldout_texts(checkpoint: str | os.PathLike) -> list[str]:
+    """The held-out documents of a checkpoint's training data, decoded with the checkpoint's tokenizer."""
+    data = model_data(checkpoint)
+    tok = Tokenizer(tokenizer_path(checkpoint))
+    return [tok.decode(d) for d in heldout_documents(data.val, tok)]

@@ -89,11 +89,11 @@ def heldout_repeats(ev, n: int, length: int, seed: int) -> torch.Tensor | None:
     """(n, 2 length + 1): <s>, a span of ``length`` tokens at a random place of a random held-out document (one
     longer than the span), the same span again; None where the model's folder names no training data (a Hugging
     Face model)."""
+    from data.heldout import model_data
     from data.prepare import heldout_documents
-    from training.checkpoint import training_data
 
     try:
-        data, _ = training_data(ev.folder)
+        data = model_data(ev.folder)
     except FileNotFoundError:
         return None
     docs = [d for d in heldout_documents(data.val, ev.tokenizer) if len(d) > length]

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from common.cli import UserError, parse_args, run_main
 from common.progress import Progress
 from data.config import DataConfig
-from data.heldout import LONG_LINE_CHARS, HeldOutDocument, heldout_set
+from data.heldout import LONG_LINE_CHARS, HeldOut, HeldOutDocument, heldout_set, heldout_texts, model_data
 from data.prepare import ENCODE_BATCH_DOCS, heldout_documents, iter_documents
 from eval.model import EvalOptions
-from training.checkpoint import HeldOut, heldout_texts, training_data
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -248,11 +247,11 @@ def heldout_pieces(ev, corpus: HeldOut | None, near_duplicates: float | None):
     (data/heldout.py), and how to name the source. ``corpus`` None: the model's own training data; HeldOut:
     another checkpoint's, as text (the same documents under another tokenizer)."""
     if corpus is None:
-        data, _ = training_data(ev.folder)
+        data = model_data(ev.folder)
         kept, excluded = heldout_set(data, near_duplicates)
         packed = packed_documents(data.val, ev.tokenizer.bos_id)  # each <s> doc </s>, as the data holds it
         return [packed[d.index] for d in kept], kept, excluded, f"held-out split of {data.dir}"
-    data, _ = training_data(corpus.checkpoint)
+    data = model_data(corpus.checkpoint)
     kept, excluded = heldout_set(data, near_duplicates)
     ids = ev.tokenizer.encode_batch([d.text for d in kept], bos=True, eos=True)
     source = f"held-out split of {corpus.checkpoint}'s training data, as text"
@@ -350,13 +349,13 @@ def _lm_eval_mode(
     identities, extra = None, {}
     if corpus is None or isinstance(corpus, HeldOut):  # a held-out split: whole documents drawn across it
         if corpus is None:
-            data, _ = training_data(ev.folder)
+            data = model_data(ev.folder)
             held = heldout_documents(data.val, tok)  # <s> first, as this project's tokenizer encodes a text
             kept, excluded = heldout_set(data, near_duplicates)
             all_pairs = [(d.text, [tok.bos_id, *held[d.index]]) for d in kept]
             source = f"held-out split of {data.dir}"
         else:
-            kept, excluded = heldout_set(training_data(corpus.checkpoint)[0], near_duplicates)
+            kept, excluded = heldout_set(model_data(corpus.checkpoint), near_duplicates)
             all_pairs = [(d.text, hflm_tokens(tok, d.text)) for d in kept]
             source = f"held-out split of {corpus.checkpoint}'s training data, as text"
         chosen, sample = sample_documents([len(ids) for _, ids in all_pairs], max_tokens)

@@ -18,10 +18,10 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from common.cli import UserError
+from data.heldout import heldout_texts, model_data
 from data.prepare import split_documents_at_bos
 from eval.model import Evaluated
 from runtime.generate import complete
-from training.checkpoint import heldout_texts, training_data
 
 ROUGE_TOKENIZERS = {
     "default": "rouge-score's default: lowercased, only [a-z0-9] runs kept (code symbols, non-Latin text ignored)",
@@ -62,7 +62,7 @@ def continuation_pairs(
     """(prompts, references) from the first held-out documents long enough for both parts: the model's own
     held-out split, or ``heldout_of``'s as text, tokenized with the model's tokenizer (a HF model)."""
     if heldout_of is None:
-        docs = split_documents_at_bos(training_data(ev.folder)[0].val, ev.tokenizer.bos_id)
+        docs = split_documents_at_bos(model_data(ev.folder).val, ev.tokenizer.bos_id)
     else:
         docs = [np.asarray(x) for x in ev.tokenizer.encode_batch(heldout_texts(heldout_of), bos=False)]
     docs = [d for d in docs if len(d) > prompt_tokens + continuation_tokens]

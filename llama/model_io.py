@@ -25,7 +25,8 @@ from llama.model import ModelArgs, Transformer
 
 MODEL_FILE, ARGS_FILE, TOKENIZER_FILE = "model.safetensors", "model_args.json", "tokenizer.model"
 CHECKSUM_FILE = "checksums.json"
-# a quantized model's weights as its scheme stores them (compress/quantize.py): cast weights in safetensors,
+STATE_FILE = "state.json"  # a checkpoint's training state: step, tokens, config, the data it was trained on
+# a quantized model's weights as its scheme stores them (runtime/quantize.py): cast weights in safetensors,
 # packed int8 weights and scales through torch.save (read back with weights_only=True)
 QUANTIZED_SAFETENSORS, QUANTIZED_PT = "quantized.safetensors", "quantized.pt"
 QUANTIZED_FILES = (QUANTIZED_SAFETENSORS, QUANTIZED_PT)

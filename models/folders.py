@@ -1,6 +1,6 @@
 """Model folders of either kind: this project's (model_args.json, model.safetensors, tokenizer.model) and
 Hugging Face's (config.json, safetensors, tokenizer files), loaded and saved by one pair of functions. A
-quantized folder holds its quantized weights instead (compress/quantize.py): ``load_skeleton`` gives the model
+quantized folder holds its quantized weights instead (runtime/quantize.py): ``load_skeleton`` gives the model
 to load them into, and runtime.loading.load_model loads it."""
 
 from __future__ import annotations

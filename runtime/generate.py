@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from common.progress import Progress
-from llama.generation import generate
+from llama.generation import generate, sample  # noqa: F401 (sample: the one sampler, for serve/)
 from runtime.loading import Loaded
 
 

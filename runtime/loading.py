@@ -14,14 +14,14 @@ import torch
 from common.cli import UserError
 from common.device import autocast, compute_dtype, pick_device
 from common.records import Compression
-from compress import COMPRESSION_FILE, read_compression
-from compress.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 from llama.model import count_params
 from llama.model_io import quantized_file, verify_checksum
 from llama.tokenizer import Tokenizer
+from models.compression import COMPRESSION_FILE, read_compression
 from models.folders import load_folder, load_skeleton, model_folder
 from models.hf_tokenizer import HFTokenizer
 from models.interface import CausalLM
+from runtime.quantize import BATCH_DEPENDENT_SCHEMES, quantize, scheme
 
 
 @dataclass

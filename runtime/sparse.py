@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from compress.prune import block_linears, check_n_m
 from llama.model import Transformer
+from models.layout import block_linears, check_n_m
 
 
 def to_semi_structured(model: Transformer) -> int:

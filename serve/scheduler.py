@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama.generation import sample
 from runtime.batching import Slots
+from runtime.generate import sample
 
 
 @dataclass

@@ -15,7 +15,6 @@ from compress.prune import (
     sparsegpt_prune,
     unstructured_mask,
 )
-from compress.quantize import QuantizationUnavailable, quantize
 from compress.structured import prune_structured
 from eval.model import load_for_eval
 from eval.perplexity import sliding_window_nll, summarize
@@ -23,6 +22,7 @@ from llama.generation import generate
 from llama.model import Transformer
 from llama.model_io import load_model, save_model
 from models.interface import drop_blocks, state_dict_bytes
+from runtime.quantize import QuantizationUnavailable, quantize
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def test_2of4_sparse_kernels_match_dense(tiny_args):
 
 def test_bitsandbytes_nf4_logits_close(tiny_args):
     pytest.importorskip("bitsandbytes")
-    from compress.quantize import quantize
+    from runtime.quantize import quantize
 
     tiny_args.dim, tiny_args.n_heads, tiny_args.n_kv_heads = 256, 4, 4
     model = Transformer(tiny_args).cuda().eval()
@@ -93,7 +93,7 @@ def test_compressed_decode_benchmark_on_the_gpu(tmp_path):
 
 def test_torchao_int4_weight_only_runs_on_the_gpu(tiny_args):
     pytest.importorskip("torchao")
-    from compress.quantize import quantize
+    from runtime.quantize import quantize
 
     tiny_args.dim, tiny_args.n_heads, tiny_args.n_kv_heads, tiny_args.multiple_of = 256, 4, 4, 128
     tiny_args.vocab_size = 128  # tinygemm takes output sizes in multiples of 8

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.prune import block_linears, check_n_m
 from data.config import DataConfig
 from eval.model import load_for_eval
 from eval.perplexity import document_nll, evaluate_perplexity
 from llama.generation import generate
 from models.hf import load_hf
+from models.layout import block_linears, check_n_m
 from tests.hf_models import ARCHITECTURES, write_local_tasks
 
 TEXT = "def añadir(x):\n    return x + 1  # ünïcode ✓\n\nprint(añadir(41))\n"

@@ -1,6 +1,7 @@
-"""Imports point down the layers (DESIGN.md): common <- llama <- data <- training <- models <- compress <- runtime
+"""Imports point down the layers (DESIGN.md): common <- llama <- data <- training <- models <- runtime <- compress
 <- eval <- serve <- visualizations <- runners <- bench, and no two parts of the project import each other in a
-loop."""
+loop; and each folder keeps its role: runtime never imports compress, serve never llama (it drives runtime), eval
+never training nor compress, bench never runners."""
 
 import ast
 from pathlib import Path
@@ -12,8 +13,8 @@ LAYERS = [
     "data",
     "training",
     "models",
-    "compress",
     "runtime",
+    "compress",
     "eval",
     "serve",
     "visualizations",
@@ -92,16 +93,26 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     assert project_imports(bad) == [(3, "training.trainer")]
 
 
-def test_the_readme_roles_hold_serving_loads_through_runtime_and_evaluation_never_compresses():
-    """serve/ loads and decodes through runtime/ (never eval/), and eval/ measures models that compress/ made
-    without importing it (runtime/ loads them)."""
+ROLES = {  # (layer, a layer below it that it must not import): each folder keeps its role (DESIGN.md)
+    ("serve", "eval"): "serve drives runtime, never the evaluators",
+    ("serve", "llama"): "serve decodes through runtime, never the model's own functions",
+    ("eval", "compress"): "eval measures models compress made; runtime loads them",
+    ("eval", "training"): "eval reads held-out data through data/, never the trainer's modules",
+    ("runtime", "compress"): "runtime is the inference core, directly above models/ and llama/",
+    ("runtime", "training"): "runtime never trains",
+    ("runtime", "data"): "runtime decodes tokens; data preparation is not its business",
+    ("bench", "runners"): "benchmarks share helpers through common/ and the layers below, not runners/",
+}
+
+
+def test_each_folder_keeps_its_role():
     found = []
     for path in sources():
         layer = path.relative_to(REPO).parts[0]
         for line, module in project_imports(path):
-            top = module.split(".")[0]
-            if (layer, top) in (("serve", "eval"), ("eval", "compress")):
-                found.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+            why = ROLES.get((layer, module.split(".")[0]))
+            if why:
+                found.append(f"{path.relative_to(REPO)}:{line} imports {module} ({why})")
     assert found == [], "\n".join(found)
 
 

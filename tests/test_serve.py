@@ -985,7 +985,7 @@ def test_a_server_slow_to_start_is_one_line_naming_the_option_and_the_engine(tmp
     import subprocess
     import sys
 
-    from runners.serve_compare import wait_ready
+    from serve.launch import wait_ready
 
     log = tmp_path / "server.log"
     log.write_text(
@@ -1016,7 +1016,7 @@ def test_the_server_stops_on_ctrl_c_within_seconds_and_says_so(trained_checkpoin
     import sys
     import time as _time
 
-    from runners.serve_compare import free_port, wait_ready
+    from serve.launch import free_port, wait_ready
 
     port, log = free_port(), tmp_path / "server.log"
     cmd = [sys.executable, "-m", "serve.server", str(trained_checkpoint), "--port", str(port), "--engines", "torch"]

@@ -9,23 +9,30 @@ import pickle
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.cli import UserError
 from common.files import atomic_dir
-from data.prepare import PreparedData, heldout_documents, load_prepared
+from data.heldout import HeldOut, heldout_texts, model_data  # noqa: F401 (their home is data/; re-exported)
+from data.prepare import PreparedData
 from llama.model import Transformer
-from llama.model_io import list_checkpoints, resolve_checkpoint, verify_checksum, write_checksums, write_model_files
+from llama.model_io import (
+    STATE_FILE,
+    list_checkpoints,
+    resolve_checkpoint,
+    verify_checksum,
+    write_checksums,
+    write_model_files,
+)
 from training.config import TrainConfig, train_config_from_dict
 
 # What interrupted saves (.tmp), replacements (.old) and prunes (.del) can leave in a run folder.
 _LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|old|del)\d+$")
 
 
-OPTIM_FILE, RNG_FILE, STATE_FILE = "optimizer.pt", "rng.pt", "state.json"
+OPTIM_FILE, RNG_FILE = "optimizer.pt", "rng.pt"
 
 
 def save_checkpoint(
@@ -132,35 +139,4 @@ def remove_leftovers(run_dir: Path) -> list[str]:
 def training_data(checkpoint: str | os.PathLike) -> tuple[PreparedData, TrainConfig | None]:
     """The prepared data a checkpoint was trained on (its held-out split, calibration windows ...) and the
     config it was trained with (None where it records none)."""
-    folder = resolve_checkpoint(checkpoint)
-    state_path = folder / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {STATE_FILE}, so its training data is unknown; pass --corpus")
-    state = json.loads(state_path.read_text())
-    if not state.get("data_dir"):
-        raise FileNotFoundError(f"{state_path} names no training data; pass --corpus")
-    try:
-        return load_prepared(state["data_dir"]), training_config(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"the training data of {folder} ({state['data_dir']}) is gone; prepare it again with the run's data "
-            "settings (python -m data ...) or pass --corpus"
-        ) from None
-
-
-@dataclass
-class HeldOut:
-    """Score the held-out documents of ``checkpoint``'s training data, as text: how a model with another
-    tokenizer (a Hugging Face model) is measured on the same text as this project's models."""
-
-    checkpoint: str
-
-
-def heldout_texts(checkpoint: str | os.PathLike) -> list[str]:
-    """The held-out documents of a checkpoint's training data, decoded with the checkpoint's tokenizer."""
-    from llama.model_io import tokenizer_path
-    from llama.tokenizer import Tokenizer
-
-    data, _ = training_data(checkpoint)
-    tok = Tokenizer(tokenizer_path(checkpoint))
-    return [tok.decode(d) for d in heldout_documents(data.val, tok)]
+    return model_data(checkpoint), training_config(resolve_checkpoint(checkpoint))
