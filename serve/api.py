@@ -48,6 +48,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default 16)")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling")
+    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest tokens only (vLLM's extension)")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt")
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings; the text ends before them")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="sampling seed (else a random one)")

@@ -112,6 +112,7 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         stop=(lambda tokens: text.hit) if plan.stops else None,
         seed=seed,
         gone=gone,
+        top_k=plan.top_k,
     )
 
     def on_token(token, logits):

@@ -33,6 +33,7 @@ class Plan:
     logprobs: int | None  # top alternatives per token (0: the chosen token's only), None: no log-probabilities
     received: float
     model: str = ""  # the model id as the request named it ("tiny:onnxruntime"), echoed in the answer
+    top_k: int | None = None  # sample among the k likeliest tokens only (None: all)
 
 
 def _engine(served: Served, req: Sampling) -> str:
@@ -148,6 +149,7 @@ def _plan(
         logprobs,
         received,
         req.model,
+        req.top_k,
     )
 
 

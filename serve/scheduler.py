@@ -46,6 +46,7 @@ class Sequence:
     shared: bool = False  # decoded beside another sequence at some step (its time and energy are not its own)
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
+    top_k: int | None = None  # sample among the k likeliest tokens only (None: all)
 
 
 class Scheduler:
@@ -108,7 +109,7 @@ class Scheduler:
     def _take(self, slot: int, seq: Sequence, logits: torch.Tensor):
         """Sample ``seq``'s next token from its row; end it at EOS (not included), a stop, its length or a
         departed client."""
-        token = int(sample(logits[None], seq.temperature, None, seq.top_p, seq.generator)[0])
+        token = int(sample(logits[None], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
         if seq.eos_id is not None and token == seq.eos_id:
             return self._end(slot, seq)
         seq.tokens.append(token)

@@ -1033,3 +1033,14 @@ def test_the_server_stops_on_ctrl_c_within_seconds_and_says_so(trained_checkpoin
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_server_honours_top_k(served, url):
+    """top_k (vLLM's extension of the API) reaches the sampler: at top_k 1 any temperature is greedy; the same
+    seed with and without top_k may differ, and a top_k of 0 is a 400."""
+    greedy = post(url, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"]
+    for seed in (0, 1, 2):
+        body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.5, "top_k": 1, "seed": seed}
+        assert post(url, body).json()["choices"][0]["text"] == greedy
+    r = post(url, {"prompt": PROMPT, "max_tokens": 8, "top_k": 0})
+    assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
