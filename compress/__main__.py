@@ -97,6 +97,53 @@ def check_lengths(a, context: int):
             raise UserError(f"{option} {value} is over the model's context of {context} tokens; use at most {context}")
 
 
+def apply_method(a, model, calib):
+    """The compression itself: (the model, its settings as compression.json records them, the method's report,
+    the quantization scheme or None)."""
+    if a.method in ("drop-last", "drop-angular", "drop-bi"):
+        layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
+        return drop_blocks(model, layers), {"layers": a.layers}, {"dropped_layers": layers}, None
+    if a.method in ("magnitude", "wanda", "sparsegpt"):
+        n_m = parse_pattern(a.pattern) if a.pattern else None
+        report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
+        return model, {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}, report, None
+    if a.method == "structured":
+        model, report = prune_structured(
+            model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
+        )
+        settings = {"head_ratio": a.head_ratio, "ffn_ratio": a.ffn_ratio}
+        return model, settings | {"skip_first": a.skip_first, "skip_last": a.skip_last}, report, None
+    if a.method == "quantize":
+        if not a.scheme:
+            raise UserError(f"--method quantize needs --scheme, one of {SCHEMES}")
+        return model, {"scheme": a.scheme}, {}, a.scheme
+    raise UserError(f"unknown --method {a.method!r}; use one of {METHODS}")
+
+
+def recover_into(a, out: Path, staging: Path, tok, base: Path, info: dict, device, context: int):
+    """Train the compressed model in ``staging`` by --recover and write the recovered one to ``out``."""
+    from compress.recover import recover  # the trainer and peft: imported only when recovering
+
+    recovered, record = recover(
+        staging,
+        base,
+        recovery(a),
+        recovery_config(a, base, context),
+        recovery_corpus(a),
+        device,
+        resume=a.resume,
+        identity=recovery_identity(a),
+    )
+    info["recovery"] = record
+    print(
+        f"recovery ({a.recover}, {record['tokens']:,} tokens): held-out loss "
+        + (f"{record['val_loss_before']:.4f} -> " if record["val_loss_before"] is not None else "")
+        + f"{record['val_loss_after']:.4f}"
+    )
+    write_compressed(out, recovered, tok, base, info)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def compress(a) -> Path:
     device = pick_device(a.device)
     model, tok, base = load_folder(a.checkpoint, device)
@@ -108,32 +155,8 @@ def compress(a) -> Path:
     check_lengths(a, context)
     before_params = count_params(model)["total"]
     before_bytes = state_dict_bytes(model)
-    settings, report, quant = {}, {}, None
     calib, calib_source = calibration(a, base, tok, context) if a.method in NEEDS_CALIBRATION else (None, None)
-    if a.method in ("drop-last", "drop-angular", "drop-bi"):
-        layers = choose_layers(model, a.layers, a.method.removeprefix("drop-"), calib)
-        model = drop_blocks(model, layers)
-        settings, report = {"layers": a.layers}, {"dropped_layers": layers}
-    elif a.method in ("magnitude", "wanda", "sparsegpt"):
-        n_m = parse_pattern(a.pattern) if a.pattern else None
-        report = prune_model(model, a.method, a.sparsity, n_m, calib, a.batch_size)
-        settings = {"sparsity": None if n_m else a.sparsity, "pattern": a.pattern}
-    elif a.method == "structured":
-        model, report = prune_structured(
-            model, calib, a.head_ratio, a.ffn_ratio, a.skip_first, a.skip_last, batch_size=a.batch_size
-        )
-        settings = {
-            "head_ratio": a.head_ratio,
-            "ffn_ratio": a.ffn_ratio,
-            "skip_first": a.skip_first,
-            "skip_last": a.skip_last,
-        }
-    elif a.method == "quantize":
-        if not a.scheme:
-            raise UserError(f"--method quantize needs --scheme, one of {SCHEMES}")
-        quant, settings = a.scheme, {"scheme": a.scheme}
-    else:
-        raise UserError(f"unknown --method {a.method!r}; use one of {METHODS}")
+    model, settings, report, quant = apply_method(a, model, calib)
 
     # Quantize a copy first, to measure it and to fail (scheme unavailable here) before anything is written.
     measured = quantize(copy.deepcopy(model), quant) if quant else model
@@ -172,26 +195,7 @@ def compress(a) -> Path:
         + (f", linear sparsity {report['linear_sparsity']:.3f}" if "linear_sparsity" in report else "")
     )
     if a.recover:
-        from compress.recover import recover  # the trainer and peft: imported only when recovering
-
-        recovered, record = recover(
-            staging,
-            base,
-            recovery(a),
-            recovery_config(a, base, context),
-            recovery_corpus(a),
-            device,
-            resume=a.resume,
-            identity=recovery_identity(a),
-        )
-        info["recovery"] = record
-        print(
-            f"recovery ({a.recover}, {record['tokens']:,} tokens): held-out loss "
-            + (f"{record['val_loss_before']:.4f} -> " if record["val_loss_before"] is not None else "")
-            + f"{record['val_loss_after']:.4f}"
-        )
-        write_compressed(out, recovered, tok, base, info)
-        shutil.rmtree(staging, ignore_errors=True)
+        recover_into(a, out, staging, tok, base, info, device, context)
     print(f"-> {out}")
     return out
 

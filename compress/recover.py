@@ -26,6 +26,7 @@ The training tokens are the base run's own training split for this project's che
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -47,10 +48,11 @@ from data.prepare import BatchSampler, PreparedData, iter_documents, split_docum
 from llama.model_io import MODEL_FILE
 from models.folders import load_folder
 from models.interface import lora_targets
+from training import distributed as D
 from training.checkpoint import training_data
 from training.config import Custom, TrainConfig
 from training.run_files import read_jsonl
-from training.trainer import loss_fn, train
+from training.trainer import evaluate, train
 
 
 @dataclass
@@ -218,15 +220,11 @@ def distillation_loss(teacher: nn.Module, alpha: float, temperature: float):
 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, data: PreparedData, cfg: TrainConfig, device: torch.device) -> float:
-    """The loss on the validation batches the trainer evaluates (the same windows), before any training."""
+    """The loss on the validation batches the trainer evaluates (the same windows), by the trainer's own
+    evaluation (one process)."""
     sampler = BatchSampler(data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
-    model.eval()
-    losses = []
-    for i in range(cfg.eval_iters):
-        x, y = sampler.get(i, start=0, count=cfg.batch_size)
-        with autocast(device, compute_dtype(cfg.dtype, device)):
-            losses.append(loss_fn(model(x.to(device)), y.to(device)).item())
-    return float(np.mean(losses))
+    one = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    return evaluate(model, sampler, cfg, one, autocast(device, compute_dtype(cfg.dtype, device)))
 
 
 def write_state(model: nn.Module, folder: Path, state: dict):
@@ -246,6 +244,55 @@ def pruned(info: dict | None) -> bool:
             return True
         info = info.get("base_compression")
     return False
+
+
+def distillation_teacher(base: Path, device: torch.device, vocab: int) -> nn.Module:
+    """The uncompressed base, frozen, on ``device``: it must share the student's vocabulary."""
+    teacher = load_folder(base, device)[0].eval().requires_grad_(False)
+    t_vocab = teacher.tok_embeddings.weight.shape[0]
+    if t_vocab != vocab:
+        raise UserError(
+            f"the teacher {base} has a {t_vocab}-token vocabulary, the student {vocab}: they must share one"
+        )
+    return teacher
+
+
+def recovery_record(
+    r: Recovery, cfg: TrainConfig, model, summary: dict, before, after, sparse: bool, distilled: bool, base, corpus
+) -> dict:
+    """What compression.json records of a recovery: its settings, data, tokens, losses before and after, curves."""
+    log_dir = Path(cfg.log_dir) / cfg.name
+    curve = [(x["step"], x["loss"]) for x in read_jsonl(log_dir / "metrics.jsonl")]
+    record = {
+        "method": r.method,
+        **{k: v for k, v in dataclasses.asdict(r).items() if k != "method"},
+        "lr": r.learning_rate,
+        "lora_targets": (r.lora_targets or lora_targets(model)) if r.uses_lora else None,
+        "teacher": str(base) if distilled else None,
+        "data": "training data of the base run" if corpus is None else corpus.corpus,
+        "tokens": summary["tokens"],
+        "trained_params": summary["trained_params"],
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "sparse": sparse,
+        "mask": ("inside the LoRA forward: mask x (W + s B A)" if r.uses_lora else "kept at zero during training")
+        if sparse
+        else None,
+        "run": str(Path(cfg.out_dir) / cfg.name),
+        "loss_curve": str(log_dir / "metrics.jsonl"),
+        # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)
+        "train_loss": (
+            f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, "
+            f"T = {r.temperature}"
+            if distilled
+            else "cross-entropy"
+        ),
+        "val_curve": str(log_dir / "val.jsonl"),
+        "first_loss": curve[0][1] if curve else None,
+        "last_loss": curve[-1][1] if curve else None,
+        "finite": all(math.isfinite(x) for _, x in curve),
+    }
+    return record
 
 
 def recover(
@@ -275,20 +322,12 @@ def recover(
         bool((p == 0).float().mean() > 0.25) for p in probe.parameters() if p.dim() == 2
     )
     masks = {n: (p != 0) for n, p in probe.named_parameters() if p.dim() == 2} if sparse else {}
-    del probe
 
-    teacher = None
-    if r.method == "distill":
-        teacher = load_folder(base, device)[0].eval().requires_grad_(False)
-        t_vocab = teacher.tok_embeddings.weight.shape[0]
-        if t_vocab != vocab:
-            raise UserError(
-                f"the teacher {base} has a {t_vocab}-token vocabulary, the student {vocab}: they must share one"
-            )
+    teacher = distillation_teacher(base, device, vocab) if r.method == "distill" else None
 
-    def build(dev: torch.device) -> nn.Module:
+    def build(dev: torch.device) -> nn.Module:  # the folder read once (probe); each build a fresh copy of it
         torch.manual_seed(r.seed)
-        model = load_folder(compressed, dev)[0]
+        model = copy.deepcopy(probe).to(dev)
         if r.uses_lora and masks:
             return with_masked_lora(model, r, masks)
         return with_lora(model, r) if r.uses_lora else model
@@ -333,35 +372,5 @@ def recover(
     model = merged(model)
     after = heldout_loss(model.to(device), data, cfg, device)  # the model that is saved, mask and merge included
     model = model.cpu()
-    log_dir = Path(cfg.log_dir) / cfg.name
-    curve = [(x["step"], x["loss"]) for x in read_jsonl(log_dir / "metrics.jsonl")]
-    record = {
-        "method": r.method,
-        **{k: v for k, v in dataclasses.asdict(r).items() if k != "method"},
-        "lr": r.learning_rate,
-        "lora_targets": (r.lora_targets or lora_targets(model)) if r.uses_lora else None,
-        "teacher": str(base) if teacher is not None else None,
-        "data": "training data of the base run" if corpus is None else corpus.corpus,
-        "tokens": summary["tokens"],
-        "trained_params": summary["trained_params"],
-        "val_loss_before": before,
-        "val_loss_after": after,
-        "sparse": sparse,
-        "mask": ("inside the LoRA forward: mask x (W + s B A)" if r.uses_lora else "kept at zero during training")
-        if sparse
-        else None,
-        "run": str(Path(cfg.out_dir) / cfg.name),
-        "loss_curve": str(log_dir / "metrics.jsonl"),
-        # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)
-        "train_loss": (
-            f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, "
-            f"T = {r.temperature}"
-            if teacher is not None
-            else "cross-entropy"
-        ),
-        "val_curve": str(log_dir / "val.jsonl"),
-        "first_loss": curve[0][1] if curve else None,
-        "last_loss": curve[-1][1] if curve else None,
-        "finite": all(math.isfinite(x) for _, x in curve),
-    }
+    record = recovery_record(r, cfg, model, summary, before, after, sparse, teacher is not None, base, corpus)
     return model, record

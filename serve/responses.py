@@ -46,6 +46,15 @@ def _completion_logprobs(entries: list[dict]) -> dict:
     }
 
 
+async def ready(queue: asyncio.Queue) -> list:
+    """Every event ready now (at least one, waited for): a batch step readies several at once, and they go out
+    in one write."""
+    events = [await queue.get()]
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    return events
+
+
 def _chat_logprobs(entries: list[dict]) -> dict:
     def one(t, lp):
         return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
@@ -129,11 +138,8 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                 yield sse(chunk([ChatStreamChoice(index=i, delta=first) for i in range(len(plan.choices))]))
             n_out, ended, last, done = 0, 0, None, False
             while not done:
-                # every event ready now goes out in one write (a batch step readies several at once)
-                events_now, out = [await queue.get()], []
-                while not queue.empty():
-                    events_now.append(queue.get_nowait())
-                for event in events_now:
+                out = []
+                for event in await ready(queue):
                     if event is None:
                         done = True
                         break

@@ -82,6 +82,16 @@ __all__ = ["create_app", "create_server", "load_served", "main"]
 
 def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="perhead-llama server")
+    add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestLimit, limit=served.max_connections)  # outermost: a busy server answers at once
+    add_info_routes(app, served)
+    add_completion_routes(app, served)
+    return app
+
+
+def add_error_handlers(app: FastAPI):
+    """Every error in the OpenAI shape, FastAPI's own included."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -97,8 +107,9 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
             return error(400, "the request body is not valid JSON (or nests too deep, or holds a number too long)")
         return error(exc.status_code, str(exc.detail))
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_middleware(RequestLimit, limit=served.max_connections)  # outermost: a busy server answers at once
+
+def add_info_routes(app: FastAPI, served: Served):
+    """/health (what the server serves and how), /energy (its counter now), /v1/models."""
 
     @app.get("/health")
     def health():
@@ -149,6 +160,10 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
+
+def add_completion_routes(app: FastAPI, served: Served):
+    """/v1/completions and /v1/chat/completions: planned off the event loop, decoded in the engines' batches."""
+
     async def answer(request: Request, plan: Plan, req: Sampling, chat: bool):
         if req.stream:
             return stream(served, plan, req, chat)
@@ -187,8 +202,6 @@ def create_app(served: Served, max_body_bytes: int = 1 << 20) -> FastAPI:
     async def chat_completions(request: Request, req: ChatRequest):
         received = time.perf_counter()
         return await answer(request, await planned(plan_chat, req, received), req, chat=True)
-
-    return app
 
 
 @dataclass

@@ -173,39 +173,65 @@ def _val_loss_at(curve: list[dict], flops_per_token: float, budget: float) -> fl
     return float(np.interp(budget, xs, ys))
 
 
+def bpb_comparison(a: dict, b: dict, what: str, **extra) -> dict:
+    """Two rows' bits per byte: the paired test where their seeds pair (else Welch's) and the interval over seeds
+    and documents."""
+    stats = {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
+    return (
+        {"a": a["model"], "b": b["model"], "what": what, **extra}
+        | stats
+        | compare_seeds(a["bits_per_byte"], b["bits_per_byte"])
+        | crossed_difference(a, b)
+    )
+
+
 def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
     """Every comparison the report states, each with its test, adjusted together."""
-    by_name = {r["model"]: r for r in rows}
+    out = depth_checks(rows) + variant_comparisons(rows) + recovery_comparisons(rows)
+    out += [
+        c
+        for ph in rows
+        if ph.get("per_head") and ph["kind"] == "trained"
+        for c in richer_vs_baselines(ph, rows, logs_dir)
+    ]
+    out = with_power(adjust(out))
+    gate = next((r["latency_gate"] for r in rows if r.get("latency_gate")), None)
+    for c in out:
+        if "ratio" in c and gate:  # the side-by-side's A/A control differed: no latency verdict at all
+            c["distinguishable"], c["gated"] = False, gate
+    return out
+
+
+def depth_checks(rows: list[dict]) -> list[dict]:
+    """Does depth pay at all here? Each trained baseline against the next shallower one: where the deeper is not
+    better, the study cannot speak to whether richer heads replace blocks (the report says so)."""
     depth = {r["model"]: r.get("n_layers") or 0 for r in rows}
-    out = []
-    # Does depth pay at all here? Each trained baseline against the next shallower one: where the deeper is not
-    # better, the study cannot speak to whether per-head layers replace blocks (the report says so).
     plain = sorted(
         (r for r in rows if r["kind"] == "trained" and not r.get("per_head") and r.get("bits_per_byte")),
         key=lambda r: depth[r["model"]],
     )
-    for shallow, deep in zip(plain, plain[1:], strict=False):
-        if depth[deep["model"]] > depth[shallow["model"]]:
-            a, b = deep["bits_per_byte"], shallow["bits_per_byte"]
-            out.append(
-                {"a": deep["model"], "b": shallow["model"], "depth_check": True}
-                | {"what": "bits per byte, deeper vs shallower baseline", "a_stat": a, "b_stat": b}
-                | compare_seeds(a, b)
-                | crossed_difference(deep, shallow)
-            )
-    # Per-head variants of one depth (hidden size, activation) against each other: which variant is the one
-    per_head = [r for r in rows if r.get("per_head") and r["kind"] == "trained" and r.get("bits_per_byte")]
-    for i, a in enumerate(per_head):
-        for b in per_head[i + 1 :]:
-            if depth[a["model"]] == depth[b["model"]] and a.get("head_layer") != b.get("head_layer"):
-                out.append(
-                    {"a": a["model"], "b": b["model"], "what": "bits per byte, richer-head variants of one depth"}
-                    | {"a_stat": a["bits_per_byte"], "b_stat": b["bits_per_byte"]}
-                    | compare_seeds(a["bits_per_byte"], b["bits_per_byte"])
-                    | crossed_difference(a, b)
-                )
-    # Recovery after compression: each recovered model against the same compression unrecovered (where the study
-    # has it) and against the dense model it was compressed from
+    return [
+        bpb_comparison(deep, shallow, "bits per byte, deeper vs shallower baseline", depth_check=True)
+        for shallow, deep in zip(plain, plain[1:], strict=False)
+        if depth[deep["model"]] > depth[shallow["model"]]
+    ]
+
+
+def variant_comparisons(rows: list[dict]) -> list[dict]:
+    """Richer-head variants of one depth (hidden size, activation, gate, norm) against each other."""
+    rich = [r for r in rows if r.get("per_head") and r["kind"] == "trained" and r.get("bits_per_byte")]
+    return [
+        bpb_comparison(a, b, "bits per byte, richer-head variants of one depth")
+        for i, a in enumerate(rich)
+        for b in rich[i + 1 :]
+        if a.get("n_layers") == b.get("n_layers") and a.get("head_layer") != b.get("head_layer")
+    ]
+
+
+def recovery_comparisons(rows: list[dict]) -> list[dict]:
+    """Each recovered model against the same compression unrecovered (where the study has it) and against the
+    dense model it was compressed from."""
+    by_name, out = {r["model"]: r for r in rows}, []
     for r in (r for r in rows if r.get("recovery") and r.get("bits_per_byte")):
         twins = [
             o
@@ -217,50 +243,35 @@ def comparisons(rows: list[dict], logs_dir: Path) -> list[dict]:
         ]
         for other, what in [(t, "recovered vs not") for t in twins] + [(by_name.get(r["base"]), "recovered vs dense")]:
             if other is not None and other.get("bits_per_byte"):
-                out.append(
-                    {"a": r["model"], "b": other["model"], "what": f"bits per byte, {what}"}
-                    | {"a_stat": r["bits_per_byte"], "b_stat": other["bits_per_byte"]}
-                    | compare_seeds(r["bits_per_byte"], other["bits_per_byte"])
-                    | crossed_difference(r, other)
-                )
-    for ph in (r for r in rows if r.get("per_head") and r["kind"] == "trained"):
-        for other in rows:
-            if other is ph or other.get("per_head"):
-                continue
-            base = by_name.get(other["base"]) if other["kind"] == "compressed" else other
-            if base is None or depth.get(base["model"], 0) < depth[ph["model"]]:
-                continue  # only baselines at least as deep as the per-head model (or compressed from one)
-            pair = {"a": ph["model"], "b": other["model"]}
-            # an external model is one model (no seeds): shown in the table, not tested for quality
-            if ph.get("bits_per_byte") and other.get("bits_per_byte") and other["kind"] != "external":
-                tokens = (ph.get("train_tokens"), base.get("train_tokens"))
-                matched = "matched tokens" if tokens[0] == tokens[1] else f"tokens differ: {tokens[0]} vs {tokens[1]}"
-                out.append(
-                    pair
-                    | {
-                        "what": f"bits per byte ({matched})",
-                        "a_stat": ph["bits_per_byte"],
-                        "b_stat": other["bits_per_byte"],
-                    }
-                    | compare_seeds(ph["bits_per_byte"], other["bits_per_byte"])
-                    | crossed_difference(ph, other)
-                )
-            if other["kind"] == "trained" and ph.get("flops_per_token") and other.get("flops_per_token"):
-                out.append(pair | _matched_flops(ph, other, logs_dir))
-            if ph.get("decode_ms_samples") and other.get("decode_ms_samples"):
-                # interleaved rounds are pairs: the ratio, its interval and its test are one (paired_ratio)
-                ratio = paired_ratio(ph["decode_ms_samples"], other["decode_ms_samples"])
-                logs = np.log(ph["decode_ms_samples"]) - np.log(other["decode_ms_samples"])
-                out.append(
-                    pair
-                    | {"what": "decode ms/token (side by side)", "ratio": ratio, "log_ratios": logs.tolist()}
-                    | ratio
-                )
-    out = with_power(adjust(out))
-    gate = next((r["latency_gate"] for r in rows if r.get("latency_gate")), None)
-    for c in out:
-        if "ratio" in c and gate:  # the side-by-side's A/A control differed: no latency verdict at all
-            c["distinguishable"], c["gated"] = False, gate
+                out.append(bpb_comparison(r, other, f"bits per byte, {what}"))
+    return out
+
+
+def richer_vs_baselines(ph: dict, rows: list[dict], logs_dir: Path) -> list[dict]:
+    """A richer model against every baseline at least as deep (trained, or compressed from one): bits per byte at
+    matched tokens, validation loss at matched FLOPs, decode latency side by side."""
+    by_name, out = {r["model"]: r for r in rows}, []
+    for other in rows:
+        if other is ph or other.get("per_head"):
+            continue
+        base = by_name.get(other["base"]) if other["kind"] == "compressed" else other
+        if base is None or (base.get("n_layers") or 0) < (ph.get("n_layers") or 0):
+            continue  # only baselines at least as deep as the richer model (or compressed from one)
+        pair = {"a": ph["model"], "b": other["model"]}
+        # an external model is one model (no seeds): shown in the table, not tested for quality
+        if ph.get("bits_per_byte") and other.get("bits_per_byte") and other["kind"] != "external":
+            tokens = (ph.get("train_tokens"), base.get("train_tokens"))
+            matched = "matched tokens" if tokens[0] == tokens[1] else f"tokens differ: {tokens[0]} vs {tokens[1]}"
+            out.append(bpb_comparison(ph, other, f"bits per byte ({matched})"))
+        if other["kind"] == "trained" and ph.get("flops_per_token") and other.get("flops_per_token"):
+            out.append(pair | _matched_flops(ph, other, logs_dir))
+        if ph.get("decode_ms_samples") and other.get("decode_ms_samples"):
+            # interleaved rounds are pairs: the ratio, its interval and its test are one (paired_ratio)
+            ratio = paired_ratio(ph["decode_ms_samples"], other["decode_ms_samples"])
+            logs = np.log(ph["decode_ms_samples"]) - np.log(other["decode_ms_samples"])
+            out.append(
+                pair | {"what": "decode ms/token (side by side)", "ratio": ratio, "log_ratios": logs.tolist()} | ratio
+            )
     return out
 
 
