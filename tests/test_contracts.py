@@ -91,9 +91,10 @@ def test_per_head_variants_stay_apart_in_results_and_tables(small_tokenizer, tmp
         args.head_layer = hl
         folder = save_model(Transformer(args), tmp_path / name, small_tokenizer.path)
         ev = load_for_eval(folder, "cpu")
-        ev.write(
-            "perplexity", {"perplexity": 10.0, "bits_per_byte": 1.0, "mode": "sliding"}, tmp_path / "r" / f"{name}.json"
-        )
+        from eval.perplexity import Args as PerplexityArgs
+
+        options = PerplexityArgs(checkpoint=str(folder), out=str(tmp_path / "r" / f"{name}.json"))
+        ev.write("perplexity", {"perplexity": 10.0, "bits_per_byte": 1.0, "mode": "sliding"}, options)
     results = {json.loads((tmp_path / "r" / f"{n}.json").read_text())["model"]: n for n in ("h64", "h8")}
     specs = {
         json.loads((tmp_path / "r" / f"{n}.json").read_text())["head_layer"]["hidden_dim"] for n in results.values()
