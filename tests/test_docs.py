@@ -57,3 +57,23 @@ def test_each_command_names_a_module_and_options_that_parse(page, module, argv, 
         parse_args(DataConfig(), list(argv))
     else:
         parse_args(mod.Args(), list(argv))
+
+
+def test_the_readmes_parameter_counts_are_the_runners():
+    """The README's "# N.NM parameters" beside a runner's command is what that runner builds (on the meta device)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from llama.model import Transformer, count_params
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.findall(r"-m runners\.(\w+)\s+#\s*([\d.]+)M parameters", readme)
+    assert quoted, "the README quotes no runner's parameter count"
+    for runner, millions in quoted:
+        cfg = importlib.import_module(f"runners.{runner}").config()
+        with torch.device("meta"):
+            n = count_params(Transformer(cfg.model))["total"]
+        assert f"{n / 1e6:.1f}" == millions, (runner, n)
