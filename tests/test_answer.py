@@ -74,6 +74,9 @@ def test_the_fraction_of_the_gap_comes_with_intervals_over_seeds_and_documents(s
     assert check["crossed"]["ci_high"] < 0  # deep - shallow: below zero over seeds and documents
     text = "\n".join(answer_section([answer], comps, study_rows))
     assert "**distinguishably better**" in text and f"paired t-test over {SEEDS} seeds" in text
+    # the depth check states its difference with the sign the comparisons use (deeper minus shallower)
+    assert f"deep3 minus plain2 = {check['diff']:+.4f} bits per byte" in text
+    assert f"[{check['crossed']['ci_low']:+.4f}, {check['crossed']['ci_high']:+.4f}]" in text
     assert "[95%, seeds and documents]" in text and "recovers **part** of the gap" in text
     assert "after the adjustment over the report's comparisons at worst" in text
 

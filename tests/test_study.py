@@ -492,6 +492,13 @@ def test_the_induction_probe_is_a_step_of_every_model_and_its_figures_reach_the_
     (row,) = group_rows(out, Path(tmp_path / "logs"))
     assert row["induction_random"]["mean"] == pytest.approx(0.2) and row["induction_random"]["seeds"] == [0, 1]
     assert row["induction_heldout"] is None
+    # the table shows the induction columns when some model was probed, and not when none was
+    from visualizations.grouped import write_grouped_table
+
+    assert "induction, random tokens" in write_grouped_table([row], out).read_text()
+    bare = {k: v for k, v in row.items() if not k.startswith("induction")}
+    table = write_grouped_table([bare], out).read_text()
+    assert "induction" not in table.lower() and "| m |" in table
 
 
 @pytest.mark.slow

@@ -491,6 +491,9 @@ COLUMNS = MODEL_COLUMNS + [
 ]
 
 
+INDUCTION = ("induction_random", "induction_heldout")
+
+
 def _format(key: str, v) -> str:
     if key == "params" and v:
         return f"{v / 1e6:.2f}M"
@@ -521,10 +524,17 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
         "Quality: mean ± half-width of the 95% t-interval over seeds (per-seed values in the JSONs); an interval cut "
         "to its metric's range (BLEU and ROUGE in [0, 100], pass@1 in [0, 1]) is printed as [low, high]. Latency: one "
         "seed per model, all models timed in one process in interleaved rounds; each ratio's interval is printed at "
-        "the level its verdict was adjusted to (Bonferroni over the models compared), which it names. Induction: "
-        "loss on the first copy of a repeated sequence minus the loss on the second (eval.induction), mean ± 95% "
-        "t-interval over seeds. ROUGE-L: rouge-score's default tokenizer ([a-z0-9] words only). '-' = not measured."
+        "the level its verdict was adjusted to (Bonferroni over the models compared), which it names. "
+        "ROUGE-L: rouge-score's default tokenizer ([a-z0-9] words only). '-' = not measured."
     )
+    # the induction columns only where some model was probed (a study with `induction = []` measures none)
+    induction = any(r.get(k) for r in rows for k in INDUCTION)
+    if induction:
+        note += (
+            " Induction: loss on the first copy of a repeated sequence minus the loss on the second "
+            "(eval.induction), mean ± 95% t-interval over seeds."
+        )
+    columns = [(k, h) for k, h in COLUMNS if induction or k not in INDUCTION]
     # every figure of table.md, as numbers: quality as mean and 95% interval over seeds (bpb also per seed)
     header = ["model", "seeds", "bpb_mean", "bpb_ci_low", "bpb_ci_high", "bpb_per_seed"]
     header += [f"{k}_{part}" for k in ("ppl", "bleu", "rougeL", "pass1") for part in ("mean", "ci_low", "ci_high")]
@@ -554,5 +564,5 @@ def write_grouped_table(rows: list[dict], out: Path) -> Path:
                 for p in ("mean", "ci_low", "ci_high")
             ]
         )
-    md_rows = [[_format(k, per_head_label(r) if k == "per_head" else r.get(k)) for k, _ in COLUMNS] for r in rows]
-    return write_tables(out, note, [h for _, h in COLUMNS], md_rows, header, csv_rows)[0]
+    md_rows = [[_format(k, per_head_label(r) if k == "per_head" else r.get(k)) for k, _ in columns] for r in rows]
+    return write_tables(out, note, [h for _, h in columns], md_rows, header, csv_rows)[0]

@@ -170,14 +170,15 @@ def answer_section(answers: list[dict], comps: list[dict], rows: list[dict]) -> 
         ok = passed[(deep, shallow)] = bool(c["distinguishable"] and c["diff"] < 0)
         crossed = c.get("crossed")
         interval = (
-            f"; 95% interval of the difference over seeds and documents [{-crossed['ci_high']:.4f}, "
-            f"{-crossed['ci_low']:.4f}]"
+            f"; 95% interval over seeds and documents [{crossed['ci_low']:+.4f}, {crossed['ci_high']:+.4f}]"
             if crossed
             else ""
         )
+        # one sign convention with the comparisons below: the difference is deeper minus shallower (lower is better)
         lines.append(
-            f"- Depth check: {deep} is {'**distinguishably better**' if ok else '**not distinguishably better**'}"
-            f" than {shallow} by {-c['diff']:.4f} bits per byte ({_test_name(c)}, q = {c['q']:.3g}{interval})"
+            f"- Depth check: {deep} minus {shallow} = {c['diff']:+.4f} bits per byte ({_test_name(c)}, "
+            f"q = {c['q']:.3g}{interval}): {deep} is "
+            + ("**distinguishably better**" if ok else "**not distinguishably better**")
             + (
                 "; the fractions below measure against that gap."
                 if ok
