@@ -77,3 +77,13 @@ def test_the_readmes_parameter_counts_are_the_runners():
         with torch.device("meta"):
             n = count_params(Transformer(cfg.model))["total"]
         assert f"{n / 1e6:.1f}" == millions, (runner, n)
+
+
+@pytest.mark.parametrize("study", ["study_cpu", "study_tiny"])
+def test_the_results_page_quotes_each_committed_study_table_as_it_is(study):
+    """bench/RESULTS.md quotes the figures of each study table committed under docs/results/ row for row: a rerun
+    that replaces the folder and not the page (or the other way round) fails here."""
+    results = (REPO / "bench" / "RESULTS.md").read_text()
+    rows = (REPO / "docs" / "results" / study / "table.md").read_text().splitlines()
+    rows = [line for line in rows if line.startswith("|")][2:]  # the figures (a header may carry a correction)
+    assert rows and "\n".join(rows) in results, f"bench/RESULTS.md does not quote docs/results/{study}"
