@@ -7,8 +7,11 @@ in vLLM and TGI (without paged attention: a slot holds a whole context).
 - ``TorchSlots``: this project's models (a static KV cache of ``max_batch`` rows), eager or with the decode
   step under torch.compile (one graph per batch size, batch sizes rounded up to powers of two, compiled at
   start-up by their ``check``);
-- ``OneSlot``: any other decoder of runtime/decoding.py (ONNX Runtime, OpenVINO, transformers models, whose
-  exported step or growing cache holds one sequence): one sequence at a time, said so in its ``note``.
+- ``HFSlots``: Hugging Face folders under eager PyTorch (one transformers ``DynamicCache``, rows aligned at
+  their right end, padding hidden by the attention mask, each token at its own position id);
+- ``OneSlot``: any other decoder of runtime/decoding.py (ONNX Runtime and OpenVINO, whose exported step holds
+  one sequence; a Hugging Face model with sliding-window layers): one sequence at a time, said so in its
+  ``note``.
 
 ``Slots.check`` decodes prompts joining a batch at different steps and compares each with eager greedy
 decoding of that prompt alone, token for token, before an engine serves anything.
@@ -23,7 +26,7 @@ from torch import nn
 
 from common.cli import UserError
 from llama.generation import decode_one_token, generate, prefill
-from models.hf import available_memory
+from models.hf import HFModel, available_memory
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, OwnCache, TorchDecoder
@@ -174,6 +177,106 @@ class TorchSlots(Slots):
         return logits[slots].float().cpu()
 
 
+class HFSlots(Slots):
+    """A Hugging Face model (eager) holding up to ``max_batch`` sequences in one transformers ``DynamicCache``,
+    one row per open sequence, rows aligned at their right end: the columns before a row's own keys (it joined
+    later or with a shorter prompt) are padding its attention mask hides, and every token goes in with its own
+    position id, as transformers' ``generate`` runs a left-padded batch. A prompt runs alone in a cache of its
+    own and joins by a copy into the batch; a row leaves by a copy of the others, and columns no row uses any
+    more are cut. The engine's cache is its own (never the model's ``cache``, which the one-sequence engine uses).
+
+    Written by hand: transformers' own continuous batching (``init_continuous_batching``) schedules and samples
+    in its thread, where the server's scheduler needs logits from steps it runs (its samplers, stops and
+    logprobs are the same for every engine)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_batch: int):
+        from transformers import DynamicCache
+
+        self.model, self.hf, self.device, self.max_batch = model, model.hf, device, max_batch
+        self._cache_arg = model._cache_arg
+        self.new_cache = lambda: DynamicCache(config=self.hf.config)
+        kinds = {type(layer).__name__ for layer in self.new_cache().layers}
+        if kinds - {"DynamicLayer"}:  # a sliding window crops keys by position: right-aligned rows would break it
+            raise UserError(f"a {model.family} model's cache ({', '.join(sorted(kinds))}) does not batch here")
+        self.name = "torch"
+        self.note = f"eager PyTorch (transformers), continuous batching of up to {max_batch} sequences"
+        self.cache = None
+        self.rows: list[int] = []  # the slot of each cache row
+        self.valid = torch.zeros(0, 0, dtype=torch.long)  # (rows, columns): 1 where a row holds its own key
+
+    def _forward(self, ids: torch.Tensor, cache, mask: torch.Tensor | None, positions: torch.Tensor):
+        out = self.hf(
+            input_ids=ids.to(self.device),
+            attention_mask=None if mask is None else mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[:, -1].float().cpu()
+
+    @torch.no_grad()
+    def open(self, slot, ids):
+        if slot in self.rows or not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is taken or not in 0..{self.max_batch - 1}")
+        if not 0 < len(ids) < self.model.params.max_seq_len:
+            raise UserError(
+                f"a prompt of {len(ids)} tokens does not fit the context of {self.model.params.max_seq_len}"
+            )
+        alone = self.new_cache()
+        logits = self._forward(torch.tensor([ids]), alone, None, torch.arange(len(ids))[None])
+        self._join(slot, alone, len(ids))
+        return logits[0]
+
+    def _join(self, slot: int, alone, n: int) -> None:
+        """Copy a prompt's cache (one row of ``n`` columns) into the batch as its last row, padding on the left
+        whichever of the two is shorter."""
+        width = self.valid.shape[1]
+        pad_batch, pad_new = max(0, n - width), max(0, width - n)
+        for layer, own in zip(self.cache.layers if self.cache else [], alone.layers, strict=False):
+            layer.keys, layer.values = (
+                torch.cat([_left_pad(a, pad_batch), _left_pad(b, pad_new)])
+                for a, b in ((layer.keys, own.keys), (layer.values, own.values))
+            )
+        if self.cache is None:
+            self.cache = alone
+        row = torch.cat([torch.zeros(pad_new, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+        self.valid = torch.cat([torch.nn.functional.pad(self.valid, (pad_batch, 0)), row[None]])
+        self.rows.append(slot)
+
+    @torch.no_grad()
+    def step(self, slots, tokens, positions):
+        if sorted(slots) != sorted(self.rows):
+            raise ValueError(f"step of slots {sorted(slots)}: the open ones are {sorted(self.rows)}")
+        where = {s: i for i, s in enumerate(slots)}
+        order = [where[s] for s in self.rows]  # the step's inputs in row order
+        self.valid = torch.cat([self.valid, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
+        ids = torch.tensor([[tokens[i]] for i in order])
+        pos = torch.tensor([[positions[i]] for i in order])
+        logits = self._forward(ids, self.cache, self.valid, pos)
+        return logits[[self.rows.index(s) for s in slots]]
+
+    def close(self, slot):
+        if slot not in self.rows:
+            return
+        keep = [i for i, s in enumerate(self.rows) if s != slot]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.valid = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        self.valid = self.valid[keep]
+        cut = int(self.valid.any(0).long().argmax())  # columns before any remaining row's first key
+        self.valid = self.valid[:, cut:]
+        index = torch.tensor(keep, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
+
+
+def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, T, D) keys or values with ``n`` zero columns before T."""
+    return torch.nn.functional.pad(x, (0, 0, n, 0)) if n else x
+
+
 class OneSlot(Slots):
     """A decoder that holds one sequence (runtime/decoding.py): slot 0 only, so requests take turns."""
 
@@ -196,6 +299,13 @@ def build_slots(decoder: Decoder, model: nn.Module, device: torch.device, max_ba
         if max_batch > 1:
             return TorchSlots(model, device, max_batch, "compile" if decoder.name == "compile" else "eager")
         return OneSlot(decoder, "--max-batch 1")
+    if decoder.name == "torch" and isinstance(model, HFModel):  # a Hugging Face model, eager
+        if max_batch == 1:
+            return OneSlot(decoder, "--max-batch 1")
+        try:
+            return HFSlots(model, device, max_batch)
+        except UserError as e:
+            return OneSlot(decoder, str(e))
     return OneSlot(decoder)
 
 

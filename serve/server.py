@@ -25,7 +25,8 @@ Requests are decoded together, as deployed servers decode them (continuous batch
 request's completions join the engine's running batch at the next step while fewer than ``--max-batch``
 sequences run, and leave it when they end; each is decoded exactly as it would be alone (greedy answers are
 checked against decoding alone at start-up). Engines that cannot batch (ONNX Runtime and OpenVINO with their
-batch-1 exports, transformers models) decode one sequence at a time, and say so on /health; ``--max-batch 1``
+batch-1 exports, transformers models with sliding-window layers) decode one sequence at a time, and say so on
+/health; ``--max-batch 1``
 asks the same of every engine. On a CPU the engines' operators use every core but one (``--threads``): the
 event loop, the text streams and HTTP keep the last. The time a request waited for a free slot is
 ``queue_ms``; ``batched`` says whether it shared steps with other sequences, and then its ``energy`` carries

@@ -431,3 +431,108 @@ def test_logprobs_are_placed_by_the_settled_text_and_never_run_past_it(kind, hf_
         else:
             assert len(got) <= len(s.ids) and held.chars >= len(s.sent)
             assert all(e["offset"] < len(s.sent) or len(s.sent) == 0 for e in got)
+
+
+# ---- Hugging Face folders ------------------------------------------------------------------------------------
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2", "starcoder2"])
+def test_a_hugging_face_batch_decodes_each_sequence_as_transformers_generate(arch, hf_models):
+    """Twelve prompts of 2 to 40 tokens joining eight slots two steps apart and leaving at different steps: every
+    continuation equals transformers' own greedy ``generate`` of that prompt alone, token for token."""
+    from runtime.batching import HFSlots, build_slots
+    from runtime.loading import load_model
+
+    ev = load_model(str(hf_models[arch]), "cpu", "float32")
+    slots = build_slots(TorchDecoder(ev.model, ev.device), ev.model, ev.device, 8)
+    assert isinstance(slots, HFSlots) and slots.max_batch == 8 and "continuous batching" in slots.note
+    prompts = _prompts(12)
+    lengths = [20 - (i % 5) for i in range(len(prompts))]
+    got = greedy(slots, prompts, lengths, join_every=2)
+    hf = ev.model.hf
+    for p, n, tokens in zip(prompts, lengths, got, strict=True):
+        ids = torch.tensor([p])
+        expected = hf.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens == expected[0, len(p) :].tolist(), (arch, p)
+    assert slots.rows == [] and slots.cache is None  # every row left; nothing held
+
+
+def test_a_hugging_face_batch_cuts_the_columns_no_row_uses_and_refuses_a_step_of_other_slots(hf_models):
+    from runtime.batching import HFSlots
+    from runtime.loading import load_model
+
+    ev = load_model(str(hf_models["llama"]), "cpu", "float32")
+    slots = HFSlots(ev.model, ev.device, 4)
+    long, short = list(range(1, 31)), [5, 6, 7]
+    slots.open(0, long)
+    slots.open(2, short)
+    assert slots.valid.shape == (2, 30) and slots.valid[1].sum() == 3  # the short row padded on the left
+    slots.step([0, 2], [1, 2], [30, 3])
+    assert slots.cache.layers[0].keys.shape[2] == 31
+    slots.close(0)  # the long row leaves: only the short one's 4 columns are kept
+    assert slots.rows == [2] and slots.valid.shape == (1, 4) and slots.cache.layers[0].keys.shape[:3] == (1, 2, 4)
+    with pytest.raises(ValueError, match="the open ones are"):
+        slots.step([1], [3], [4])
+    with pytest.raises(ValueError, match="is taken"):
+        slots.open(2, short)
+    # the row left alone goes on as the same prompt decoded alone would
+    alone = generate(ev.model, [short + [2]], 3)[0]
+    out = [int(slots.step([2], [2], [4])[0].argmax())]
+    for k in range(2):
+        out.append(int(slots.step([2], [out[-1]], [5 + k])[0].argmax()))
+    assert out == alone
+
+
+def test_a_sliding_window_cache_is_served_one_sequence_at_a_time_and_says_why(tmp_path):
+    from runtime.batching import OneSlot, build_slots
+    from runtime.loading import load_model
+    from tests import hf_models as H
+
+    folder = H.make_hf_model("starcoder2", tmp_path / "sw")
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text()) | {"sliding_window": 8}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ev = load_model(str(folder), "cpu", "float32")
+    slots = build_slots(TorchDecoder(ev.model, ev.device), ev.model, ev.device, 8)
+    assert isinstance(slots, OneSlot) and "does not batch here" in slots.note and "Sliding" in slots.note
+
+
+def test_eight_concurrent_requests_to_a_hugging_face_folder_decode_together_as_generate(hf_models, tmp_path):
+    """The server batches a Hugging Face folder: 8 concurrent greedy completions share steps, /health says so,
+    and each answer's tokens are transformers' greedy ``generate`` of its prompt."""
+    import json
+
+    from serve.server import create_app, load_served
+    from tests.test_serve import serving
+
+    served = load_served(str(hf_models["llama"]), ["torch"], "cpu", 24, tmp_path, max_batch=8)
+    tok, hf = served.ev.tokenizer, served.ev.model.hf
+    prompts = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [", "for i in", "# a", "if x", "y = {"]
+    with serving(create_app(served)) as url:
+        health = httpx.get(url + "/health", trust_env=False).json()
+        assert "continuous batching of up to 8" in json.dumps(health)
+
+        async def one(client, prompt):
+            body = {"model": "llama", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1}
+            r = await client.post(url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async def all_of_them():
+            async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+                return await asyncio.gather(*(one(client, p) for p in prompts))
+
+        answers = asyncio.run(all_of_them())
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = tok.encode(prompt)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id)
+        new = out[0, len(ids) :].tolist()
+        new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
+        assert answer["choices"][0]["text"] == tok.decode(new), prompt
+    assert served.schedulers["torch"].largest_batch >= 4
