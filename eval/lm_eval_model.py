@@ -40,6 +40,7 @@ from common.progress import Progress
 from eval.model import load_for_eval
 from eval.perplexity import hflm_tokens
 from runtime.generate import generate_ids
+from runtime.sampling import SamplingParams
 
 MODEL_NAME = "perhead-llama"
 
@@ -143,7 +144,7 @@ class ProjectLM(TemplateLM):
         contexts batched by length (runtime.generate.generate_ids: left-padded, each row decoded as alone)."""
         self.requests["generate_until"] += len(requests)
         eos = self.ev.tokenizer.special_text(self.eot_token_id)
-        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = {}
         for k, (context, gen_kwargs) in enumerate(r.args for r in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -152,13 +153,12 @@ class ProjectLM(TemplateLM):
                 raise UserError(f"max_gen_toks {max_gen_toks} must be below the model's length {self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            groups.setdefault((tuple(until), max_gen_toks, temperature, kwargs.get("top_p")), []).append((k, ids))
+            how = SamplingParams(max_gen_toks, temperature, kwargs.get("top_p"), stop=until)
+            groups.setdefault(how, []).append((k, ids))
         out: list[str] = [""] * len(requests)
-        for (until, max_gen_toks, temperature, top_p), members in groups.items():
-            new = generate_ids(
-                self.ev, [ids for _, ids in members], max_gen_toks, temperature, top_p, list(until), self.batch_size
-            )
+        for how, members in groups.items():
+            new = generate_ids(self.ev, [ids for _, ids in members], how, self.batch_size)
             for (k, _), [ids] in zip(members, new, strict=True):
                 text = self.ev.tokenizer.decode(ids)
-                out[k] = postprocess_generated_text(text, stop=list(until), think_end_token=None)
+                out[k] = postprocess_generated_text(text, stop=list(how.stop), think_end_token=None)
         return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from common.cli import parse_args, run_main
 from eval.humaneval import TIMEOUT_S, humaneval_task
+from eval.humaneval import sampling as humaneval_sampling
 from eval.model import EvalOptions
 from eval.perplexity import CorpusArgs, evaluate_perplexity
 from eval.text_metrics import continuation_task
@@ -73,10 +74,8 @@ def main(argv=None):
             ev,
             a.humaneval_limit,
             a.humaneval_samples,
-            a.temperature,
-            a.top_p,
+            humaneval_sampling(a.temperature, a.top_p, a.max_new_tokens),
             a.k,
-            a.max_new_tokens,
             a.batch_size,
             a.timeout,
             a.memory_mb,

@@ -22,6 +22,7 @@ from data.heldout import heldout_texts, model_data
 from data.prepare import split_documents_at_bos
 from eval.model import Evaluated
 from runtime.generate import complete
+from runtime.sampling import SamplingParams
 
 ROUGE_TOKENIZERS = {
     "default": "rouge-score's default: lowercased, only [a-z0-9] runs kept (code symbols, non-Latin text ignored)",
@@ -86,7 +87,7 @@ def continuation_task(
     heldout_of: str | None = None,
 ) -> dict:
     prompts, refs = continuation_pairs(ev, n_docs, prompt_tokens, continuation_tokens, heldout_of)
-    hyps = [c[0] for c in complete(ev, prompts, continuation_tokens, batch_size=batch_size)]
+    hyps = [c[0] for c in complete(ev, prompts, SamplingParams(continuation_tokens), batch_size=batch_size)]
     return {
         **score_texts(hyps, refs),
         "prompt_tokens": prompt_tokens,

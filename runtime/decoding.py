@@ -33,6 +33,7 @@ from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
 from runtime.engines import Engine
 from runtime.export import model_folder, ort_session, to_onnx
+from runtime.sampling import SamplingParams
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
@@ -58,26 +59,20 @@ class Decoder(Engine):
 
     @torch.no_grad()
     def generate(
-        self,
-        ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        stop=None,
-        seed: int = 0,
-        on_token=None,
+        self, ids: list[int], how: SamplingParams, eos_id: int | None = None, stop=None, on_token=None
     ) -> tuple[list[int], list[float]]:
-        """New tokens (ending at EOS, not included, or when ``stop(tokens)``) and the time each was ready, in
-        seconds from the call (the first is the time to first token), decoded by the one decode loop
+        """New tokens, drawn as ``how`` says (its stop strings are the caller's: ``stop(tokens)``, true once
+        they appear, ends the generation, that token included; EOS ends it, not included), and the time each was
+        ready, in seconds from the call (the first is the time to first token), decoded by the one decode loop
         (llama.generation.decode) over this engine's steps. ``on_token(token, logits)``, if given, hears of each
         new token as soon as its time is taken, with the (V,) float32 logits it was drawn from; an exception it
         raises ends the generation (a client that went away)."""
+        max_new_tokens = how.max_tokens
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise UserError(
                 f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the context {self.max_seq_len}"
             )
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(how.seed)
         times: list[float] = []
         self.need = len(ids) + max_new_tokens  # the positions this request fills (a cache sized to them)
         t0 = time.perf_counter()
@@ -93,14 +88,16 @@ class Decoder(Engine):
             if on_token is not None:
                 on_token(tokens[0], last[0][0])
 
-        [out] = decode(last[0], step, max_new_tokens, temperature, None, top_p, eos_id, stop, gen, on_token=ready)
+        [out] = decode(
+            last[0], step, max_new_tokens, how.temperature, how.top_k, how.top_p, eos_id, stop, gen, on_token=ready
+        )
         return out, times
 
     def check(self, model: nn.Module, prompts: list[list[int]] = ((1, 2, 3),), n_tokens: int = 16) -> None:
         """Raise unless this decoder's greedy tokens equal eager generation's for every prompt."""
         for p in prompts:
             expected = generate(model, [list(p)], n_tokens)[0]
-            got, _ = self.generate(list(p), n_tokens)
+            got, _ = self.generate(list(p), SamplingParams(n_tokens))
             if got != expected:
                 first = next(
                     (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),

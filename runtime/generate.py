@@ -10,6 +10,7 @@ import torch
 from common.progress import Progress
 from llama.generation import generate, sample  # noqa: F401 (sample: the one sampler, for serve/)
 from runtime.loading import Loaded
+from runtime.sampling import SamplingParams
 
 
 def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
@@ -35,43 +36,36 @@ def cut_at_stops(text: str, stop_strings: list[str]) -> str:
 def complete(
     ev: Loaded,
     prompts: list[str],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float | None = None,
-    stop_strings: list[str] | None = None,
+    sampling: SamplingParams,
     batch_size: int = 8,
     n_samples: int = 1,
-    seed: int = 0,
     progress: bool = True,
 ) -> list[list[str]]:
     """``n_samples`` continuations of each prompt (texts of the new tokens, up to and including a stop string)."""
     tok = ev.tokenizer
-    encoded = [fit_prompt(tok.encode(p, bos=True), ev.model.params.max_seq_len, max_new_tokens) for p in prompts]
-    new = generate_ids(
-        ev, encoded, max_new_tokens, temperature, top_p, stop_strings, batch_size, n_samples, seed, progress
-    )
+    limit = ev.model.params.max_seq_len
+    encoded = [fit_prompt(tok.encode(p, bos=True), limit, sampling.max_tokens) for p in prompts]
+    new = generate_ids(ev, encoded, sampling, batch_size, n_samples, progress)
     return [[tok.decode(ids) for ids in samples] for samples in new]
 
 
 def generate_ids(
     ev: Loaded,
     prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float | None = None,
-    stop_strings: list[str] | None = None,
+    sampling: SamplingParams,
     batch_size: int = 8,
     n_samples: int = 1,
-    seed: int = 0,
     progress: bool = False,
 ) -> list[list[list[int]]]:
-    """``n_samples`` lists of new token ids for each already-encoded prompt, batched by length."""
+    """``n_samples`` lists of new token ids for each already-encoded prompt, batched by length (left padding:
+    each row decoded as it would be alone), drawn as ``sampling`` says from one generator seeded with its
+    seed, ending at the tokenizer's EOS or after a stop string."""
     tok = ev.tokenizer
     batch_size = ev.batch_size(batch_size)
-    stop = stop_check(tok, stop_strings)
+    stop = stop_check(tok, list(sampling.stop))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     out: list[list[list[int]]] = [[] for _ in prompts]
-    gen = torch.Generator(device=ev.device).manual_seed(seed)
+    gen = torch.Generator(device=ev.device).manual_seed(sampling.seed)
     total = n_samples * len(prompts)
     with Progress(total=total, desc="generate", unit="seq", disable=not progress) as bar, ev.autocast():
         for _ in range(n_samples):
@@ -80,9 +74,10 @@ def generate_ids(
                 new = generate(
                     ev.model,
                     [prompts[i] for i in idx],
-                    max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
+                    sampling.max_tokens,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
                     eos_id=tok.eos_id,
                     stop=stop,
                     generator=gen,

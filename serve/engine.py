@@ -5,6 +5,7 @@ choices in the engine's running batch and measures them (latency per token, ener
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 import time
@@ -100,29 +101,26 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
     """Choice ``index`` of ``plan`` as a sequence for the scheduler, and the record its callbacks fill."""
     tok = served.ev.tokenizer
     p, seed = plan.choices[index]
-    text, held = TextStream(tok.decode, plan.stops, tok.cleans_spaces), LogprobsHeld()
+    how = dataclasses.replace(plan.how, seed=seed)
+    text, held = TextStream(tok.decode, list(how.stop), tok.cleans_spaces), LogprobsHeld()
     record = {"index": index, "text": "", "finish_reason": None, "logprobs": []}
     seq = Sequence(
         plan.prompts[p],
-        plan.max_tokens,
-        plan.temperature,
-        plan.top_p,
+        how,
         eos_id=tok.eos_id if plan.eos else None,
         # the text stream finds stop strings as it goes, so the sequence never decodes its whole text again
-        stop=(lambda tokens: text.hit) if plan.stops else None,
-        seed=seed,
+        stop=(lambda tokens: text.hit) if how.stop else None,
         gone=gone,
-        top_k=plan.top_k,
     )
 
     def on_token(token, logits):
-        if plan.logprobs is not None:
-            held.add(logprob_entry(tok, text.ids, token, logits, plan.logprobs))
+        if how.logprobs is not None:
+            held.add(logprob_entry(tok, text.ids, token, logits, how.logprobs))
         delta = text.push(token)
         held.settle(text.settled)
         released = held.release(len(text.sent))  # the tokens whose text has been sent whole
         record["logprobs"] += released
-        if text.hit or len(seq.tokens) >= plan.max_tokens:
+        if text.hit or len(seq.tokens) >= how.max_tokens:
             # this token ends the choice (a stop string, or its length): its text and the finish reason go out as
             # one event, so a stream of n tokens is n chunks, as vLLM sends it (the scheduler's on_end then adds
             # nothing); an end at EOS comes a step later, in a chunk of its own, as in vLLM
@@ -137,7 +135,7 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
         held.settle(text.settled)
         released = held.release(len(text.sent))  # the rest (cut by the stop string, or into): dropped
         record["logprobs"] += released
-        finish = "stop" if text.stopped() or len(seq.tokens) < plan.max_tokens else "length"
+        finish = "stop" if text.stopped() or len(seq.tokens) < how.max_tokens else "length"
         record.update(text=text.sent, finish_reason=finish)
         return last, finish, released
 

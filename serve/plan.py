@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from common.cli import failure
 from runtime.generate import fit_prompt
+from runtime.sampling import SamplingParams
 from serve.api import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest, Sampling
 from serve.served import Served
 
@@ -25,15 +26,10 @@ class Plan:
     prompts: list[list[int]]  # token ids of each distinct prompt
     choices: list[tuple[int, int]]  # (prompt index, seed) of each completion, in the order of the answer
     truncated: list[bool]
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    stops: list[str]
+    how: SamplingParams  # length, sampler, stop strings, log-probabilities (each choice with its own seed)
     eos: bool
-    logprobs: int | None  # top alternatives per token (0: the chosen token's only), None: no log-probabilities
     received: float
     model: str = ""  # the model id as the request named it ("tiny:onnxruntime"), echoed in the answer
-    top_k: int | None = None  # sample among the k likeliest tokens only (None: all)
 
 
 def _engine(served: Served, req: Sampling) -> str:
@@ -136,21 +132,8 @@ def _plan(
     check_choices(len(prompts), req.n)
     choices = [(p, (seed + j) % 2**64) for p in range(len(prompts)) for j in range(req.n)]
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    return Plan(
-        engine,
-        prompts,
-        choices,
-        truncated,
-        _max_tokens(served, req),
-        temperature,
-        req.top_p,
-        req.stops,
-        not req.ignore_eos,
-        logprobs,
-        received,
-        req.model,
-        req.top_k,
-    )
+    how = SamplingParams(_max_tokens(served, req), temperature, req.top_p, req.top_k, seed, req.stops, logprobs)
+    return Plan(engine, prompts, choices, truncated, how, not req.ignore_eos, received, req.model)
 
 
 def plan_completion(served: Served, req: CompletionRequest, received: float) -> Plan:

@@ -71,7 +71,7 @@ def _choice_metrics(c: dict) -> dict:
 def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dict:
     """The whole answer, typed as the OpenAI API's (serve/api.py), with the server's measurements beside."""
     several = len(result["choices"]) > 1
-    wanted = plan.logprobs is not None
+    wanted = plan.how.logprobs is not None
     choices = []
     for c in result["choices"]:
         metrics = _choice_metrics(c) if several else None

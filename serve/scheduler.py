@@ -23,6 +23,7 @@ import torch
 
 from runtime.batching import Slots
 from runtime.generate import sample
+from runtime.sampling import SamplingParams
 
 
 @dataclass
@@ -30,12 +31,9 @@ class Sequence:
     """One completion to decode, and what became of it."""
 
     prompt: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float | None = None
+    how: SamplingParams  # its length, sampler and seed (its stop strings are found by ``stop``)
     eos_id: int | None = None
     stop: Callable[[list[int]], bool] | None = None
-    seed: int = 0
     on_token: Callable[[int, torch.Tensor], None] | None = None  # (token, its (V,) float32 logits)
     on_end: Callable[[], None] | None = None
     gone: threading.Event | None = None  # set: the client left; the sequence ends at its next token
@@ -46,7 +44,6 @@ class Sequence:
     shared: bool = False  # decoded beside another sequence at some step (its time and energy are not its own)
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
-    top_k: int | None = None  # sample among the k likeliest tokens only (None: all)
 
 
 class Scheduler:
@@ -74,7 +71,7 @@ class Scheduler:
                     seq = self.waiting.popleft()
                     if seq.gone is not None and seq.gone.is_set():
                         self._fail(seq, ClientGone())  # it left while queued: nothing decoded
-                    elif seq.max_tokens <= 0:
+                    elif seq.how.max_tokens <= 0:
                         self._end(None, seq)
                     else:
                         admit.append(seq)
@@ -91,7 +88,7 @@ class Scheduler:
         t = time.perf_counter()
         for seq in admit:  # each prompt into a free slot, as a batch of one
             slot = min(set(range(self.slots.max_batch)) - set(self.running))
-            seq.admitted, seq.generator = t, torch.Generator().manual_seed(seq.seed)
+            seq.admitted, seq.generator = t, torch.Generator().manual_seed(seq.how.seed)
             self.running[slot] = seq
             self._take(slot, seq, self.slots.open(slot, seq.prompt))
         if not self.running:
@@ -109,7 +106,8 @@ class Scheduler:
     def _take(self, slot: int, seq: Sequence, logits: torch.Tensor):
         """Sample ``seq``'s next token from its row; end it at EOS (not included), a stop, its length or a
         departed client."""
-        token = int(sample(logits[None], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+        how = seq.how
+        token = int(sample(logits[None], how.temperature, how.top_k, how.top_p, seq.generator)[0])
         if seq.eos_id is not None and token == seq.eos_id:
             return self._end(slot, seq)
         seq.tokens.append(token)
@@ -121,7 +119,7 @@ class Scheduler:
                 seq.on_token(token, logits)
         except Exception as e:
             return self._fail(seq, e, slot)
-        if (seq.stop is not None and seq.stop(seq.tokens)) or len(seq.tokens) >= seq.max_tokens:
+        if (seq.stop is not None and seq.stop(seq.tokens)) or len(seq.tokens) >= how.max_tokens:
             self._end(slot, seq)
 
     def _end(self, slot: int | None, seq: Sequence):

@@ -17,6 +17,7 @@ from llama.model import ModelArgs, Transformer
 from runtime.batching import OneSlot, TorchSlots, greedy
 from runtime.decoding import TorchDecoder
 from runtime.engines import Engine, check
+from runtime.sampling import SamplingParams
 from serve.scheduler import ClientGone, Scheduler, Sequence
 
 CPU = torch.device("cpu")
@@ -112,7 +113,7 @@ def test_the_scheduler_keeps_seeds_stops_and_departures_per_sequence(model):
     alone = Scheduler(OneSlot(TorchDecoder(model, CPU)), lock)
 
     def seqs():
-        return [Sequence(p, 12, temperature=1.0, top_p=0.9, seed=40 + i) for i, p in enumerate(PROMPTS)]
+        return [Sequence(p, SamplingParams(12, 1.0, 0.9, seed=40 + i)) for i, p in enumerate(PROMPTS)]
 
     a, b = _run(batched, seqs()), _run(alone, seqs())
     assert batched.largest_batch == 3 and alone.largest_batch == 1
@@ -126,16 +127,17 @@ def test_the_scheduler_keeps_seeds_stops_and_departures_per_sequence(model):
 
     greedy_alone = [generate(model, [p], 12)[0] for p in PROMPTS[:3]]
     stop_at = greedy_alone[1][4]
-    left = Sequence(PROMPTS[0], 12, on_token=leave_at_3)
-    stopped = Sequence(PROMPTS[1], 12, stop=lambda toks: toks[-1] == stop_at)
-    full = Sequence(PROMPTS[2], 12)
+    left = Sequence(PROMPTS[0], SamplingParams(12), on_token=leave_at_3)
+    stopped = Sequence(PROMPTS[1], SamplingParams(12), stop=lambda toks: toks[-1] == stop_at)
+    full = Sequence(PROMPTS[2], SamplingParams(12))
     _run(batched, [left, stopped, full])
     assert isinstance(left.error, ClientGone) and left.tokens == greedy_alone[0][:3]
     assert stopped.error is None and stopped.tokens == greedy_alone[1][: greedy_alone[1].index(stop_at) + 1]
     assert full.error is None and full.tokens == greedy_alone[2]
     gone = threading.Event()
     gone.set()
-    queued = Sequence(PROMPTS[0], 12, gone=gone)  # its client left before it was admitted: nothing decoded
+    # its client left before it was admitted: nothing decoded
+    queued = Sequence(PROMPTS[0], SamplingParams(12), gone=gone)
     _run(batched, [queued])
     assert isinstance(queued.error, ClientGone) and queued.tokens == [] and queued.admitted is None
 
@@ -151,10 +153,10 @@ def test_an_engine_failure_ends_the_batch_with_the_error_and_the_scheduler_goes_
 
     slots = Fails(model, CPU, 2)
     scheduler = Scheduler(slots, threading.Lock())
-    seqs = _run(scheduler, [Sequence(p, 5) for p in PROMPTS[:2]])
+    seqs = _run(scheduler, [Sequence(p, SamplingParams(5)) for p in PROMPTS[:2]])
     assert all("fell over" in str(s.error) for s in seqs)
     slots.fail = False
-    [ok] = _run(scheduler, [Sequence(PROMPTS[0], 5)])
+    [ok] = _run(scheduler, [Sequence(PROMPTS[0], SamplingParams(5))])
     assert ok.error is None and ok.tokens == generate(model, [PROMPTS[0]], 5)[0]
 
 
@@ -250,7 +252,7 @@ def test_n_choices_decode_together_and_each_equals_its_seed_alone(batched_server
     decoder = TorchDecoder(served.ev.model, served.ev.device)
     ids = tok.encode("def f(x):\n")
     for j, choice in enumerate(sorted(d["choices"], key=lambda c: c["index"])):
-        out, _ = decoder.generate(ids, 10, 0.9, None, None, None, 7 + j)
+        out, _ = decoder.generate(ids, SamplingParams(10, 0.9, seed=7 + j))
         assert choice["text"] == tok.decode(out)
     assert d["batched"] is True and len({c["text"] for c in d["choices"]}) > 1
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from llama.generation import generate, logits_to_probs, sample
@@ -79,3 +80,24 @@ def test_sampling_follows_the_probabilities_by_a_chi_square_test():
     assert torch.equal(draws, again)  # a seed gives the same tokens
     top1 = sample(logits, temperature=1.0, top_k=1, generator=gen)
     assert (top1 == 0).all()
+
+
+def test_sampling_settings_are_one_checked_hashable_value():
+    """SamplingParams: the settings every decoder, the scheduler and the evaluators take; an absurd value is one
+    line naming each field; equal settings are equal keys (the lm-eval adapter batches by them)."""
+    from runtime.sampling import SamplingParams
+
+    a = SamplingParams(8, 0.7, 0.9, stop=["\n\n"])
+    assert a == SamplingParams(8, 0.7, 0.9, stop=("\n\n",))
+    assert len({a, SamplingParams(8, 0.7, 0.9, stop=["\n\n"])}) == 1
+    assert a != SamplingParams(8, 0.7, 0.9)
+    for bad, field in (
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"logprobs": -2}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)

@@ -180,10 +180,11 @@ def test_greedy_generation_equals_transformers_generate(trained_baseline, export
 
     from eval.model import load_for_eval
     from runtime.generate import complete
+    from runtime.sampling import SamplingParams
 
     prompts = ["def add(a, b):\n", "import os\n\n", "class Stack:\n    def push(self, x):"]
     ev = load_for_eval(str(trained_baseline), "cpu", "float32")
-    ours = complete(ev, prompts, 12, progress=False)
+    ours = complete(ev, prompts, SamplingParams(12), progress=False)
     tok = AutoTokenizer.from_pretrained(str(exported))
     hf = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
     for prompt, [text] in zip(prompts, ours, strict=True):

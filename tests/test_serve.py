@@ -205,7 +205,7 @@ def test_a_hugging_face_folder_serves_completions_chat_and_logprobs_as_transform
     tok.save_pretrained(folder)
     served = load_served(str(folder), ["torch", "onnxruntime"], "cpu", 16, tmp_path / "export")
     assert list(served.schedulers) == ["torch"]
-    assert "does not batch" in served.schedulers["torch"].slots.note  # a transformers cache holds one sequence
+    assert "continuous batching" in served.schedulers["torch"].slots.note  # runtime.batching.HFSlots
     assert "needs an export through torch.export" in served.unavailable["onnxruntime"]
     with serving(create_app(served)) as url:
         client = openai_client(url)

@@ -529,18 +529,25 @@ def test_one_ctrl_c_stops_a_study_of_several_runs_and_says_how_to_continue(tmp_p
         text=True,
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
+        # as from a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored, and a
+        # Python whose SIGINT is ignored at start keeps ignoring it (the convention nohup relies on)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # both first trainings have a checkpoint
-        if all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1)):
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the first two trainings never wrote a checkpoint")
-    os.killpg(proc.pid, signal.SIGINT)
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # both first trainings have a checkpoint
+            if all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1)):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first two trainings never wrote a checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:  # whatever failed, no training of this test outlives it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert time.monotonic() - t0 < 60 and proc.returncode == 130
     assert "interrupted: 0 of" in err and "again to continue" in err and "Traceback" not in err
     assert all(list_checkpoints(tmp_path / "ck" / f"r{i}") for i in (0, 1))
