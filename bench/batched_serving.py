@@ -150,7 +150,9 @@ def engine_rows(a: Args, threads: int, sizes=(1, 8, 16), steps: int = 24) -> lis
     its ratio to batch 1."""
     import torch
 
-    from runtime.batching import TorchSlots
+    from models.interface import capabilities
+    from runtime.batching import build_slots
+    from runtime.decoding import TorchDecoder
     from runtime.loading import load_model
 
     torch.set_num_threads(threads)
@@ -158,7 +160,10 @@ def engine_rows(a: Args, threads: int, sizes=(1, 8, 16), steps: int = 24) -> lis
     ids = ev.tokenizer.encode(humaneval_prompts()[0])[-(ev.model.params.max_seq_len - a.max_tokens) :]
     rows = []
     for engine in [e for e in a.engines if e in ("torch", "compile")]:
-        slots = TorchSlots(ev.model, ev.device, max(sizes), "compile" if engine == "compile" else "eager")
+        if engine == "compile" and not capabilities(ev.model).static_cache:
+            continue  # the server has no compile engine for it either
+        decoder = TorchDecoder(ev.model, ev.device, compiled=engine == "compile")
+        slots = build_slots(decoder, ev.model, ev.device, max(sizes))  # the server's engine (HFSlots for HF)
         per = {b: [] for b in sizes}
         for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
             for b in sizes if r % 2 else sizes[::-1]:
@@ -169,6 +174,8 @@ def engine_rows(a: Args, threads: int, sizes=(1, 8, 16), steps: int = 24) -> lis
                     slots.step(list(range(b)), [5] * b, [len(ids) + k] * b)
                 if r:
                     per[b].append(b * steps / (time.perf_counter() - t0))
+                for i in range(b):
+                    slots.close(i)
         for b in sizes:
             ratios = [x / y for x, y in zip(per[b], per[sizes[0]], strict=True)]
             rows.append({

@@ -538,3 +538,19 @@ def test_eight_concurrent_requests_to_a_hugging_face_folder_decode_together_as_g
         new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
         assert answer["choices"][0]["text"] == tok.decode(new), prompt
     assert served.schedulers["torch"].largest_batch >= 4
+
+
+def test_the_engines_alone_bench_times_hugging_face_folders_on_the_servers_batching_engine(hf_models, monkeypatch):
+    """bench.batched_serving's in-process rows use the engine the server would (HFSlots for an HF folder) and skip
+    the compile engine the server has none of for it; every batch size gets one figure per round."""
+    import runtime.batching as batching
+    from bench.batched_serving import Args, engine_rows
+
+    built = []
+    real = batching.build_slots
+    monkeypatch.setattr(batching, "build_slots", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    a = Args(checkpoint=str(hf_models["llama"]), engines=["torch", "compile"], rounds=2, max_tokens=8)
+    rows = engine_rows(a, threads=1, sizes=(1, 2), steps=3)
+    assert [type(s).__name__ for s in built] == ["HFSlots"]
+    assert [(r["engine"], r["batch"], r["rounds"]) for r in rows] == [("torch", 1, 2), ("torch", 2, 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_batch_1_median"] == 1.0
