@@ -14,7 +14,8 @@ in vLLM and TGI (without paged attention: a slot holds a whole context).
   ``note``.
 
 ``Slots.check`` decodes prompts joining a batch at different steps and compares each with eager greedy
-decoding of that prompt alone, token for token, before an engine serves anything.
+decoding of that prompt alone, token for token, before an engine serves anything, through the decode loop the
+server runs (runtime/loop.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, OwnCache, TorchDecoder
 from runtime.engines import Engine
+from runtime.loop import greedy
 
 
 class Slots(Engine):
@@ -326,33 +328,3 @@ def timed_engine(
     decoder = TorchDecoder(model, device)
     decoder.need = cache_len
     return decoder
-
-
-def greedy(slots: Slots, prompts: list[list[int]], n_tokens: list[int], join_every: int = 1) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` decoded together: prompt i joins the batch at step i * join_every
-    (into the lowest free slot) and leaves after ``n_tokens[i]`` tokens; more prompts than slots wait for one."""
-    waiting = list(range(len(prompts)))
-    out: list[list[int]] = [[] for _ in prompts]
-    running: dict[int, int] = {}  # slot -> prompt
-    logits: dict[int, torch.Tensor] = {}
-    step = 0
-    while waiting or running:
-        if waiting and step >= waiting[0] * join_every and len(running) < slots.max_batch:
-            slot = min(set(range(slots.max_batch)) - set(running))
-            i = waiting.pop(0)
-            running[slot] = i
-            logits[slot] = slots.open(slot, prompts[i])
-        if running:
-            for slot, i in list(running.items()):
-                out[i].append(int(logits[slot].argmax()))
-                if len(out[i]) == n_tokens[i]:
-                    del running[slot]
-                    slots.close(slot)
-            if running:
-                order = sorted(running)
-                last = [out[running[s]][-1] for s in order]
-                positions = [len(prompts[running[s]]) + len(out[running[s]]) - 1 for s in order]
-                rows = slots.step(order, last, positions)
-                logits = dict(zip(order, rows, strict=True))
-        step += 1
-    return out

@@ -17,9 +17,10 @@ from runtime.batching import build_slots
 from runtime.decoding import build_decoder
 from runtime.engines import check
 from runtime.loading import load_model
+from runtime.loop import ClientGone, Sequence
 from serve.detokenize import LogprobsHeld, TextStream, logprob_entry
 from serve.plan import Plan
-from serve.scheduler import ClientGone, Scheduler, Sequence
+from serve.scheduler import Scheduler
 from serve.served import Served
 from serve.transport import MAX_CONNECTIONS
 

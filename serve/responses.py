@@ -10,6 +10,7 @@ import threading
 from fastapi.responses import StreamingResponse
 
 from common.cli import failure
+from runtime.loop import ClientGone
 from serve.api import (
     ApiError,
     ChatChoice,
@@ -29,7 +30,6 @@ from serve.api import (
 )
 from serve.engine import run, usage
 from serve.plan import Plan
-from serve.scheduler import ClientGone
 from serve.served import Served
 
 

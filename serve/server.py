@@ -68,11 +68,11 @@ from common.cli import ConfigError, UserError, parse_args, positional, run_main
 from common.hardware import run_metadata
 from common.load import cores
 from runtime.decoding import DECODE_ENGINES
+from runtime.loop import ClientGone
 from serve.api import ApiError, ChatRequest, CompletionRequest, Sampling
 from serve.engine import load_served, run
 from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
-from serve.scheduler import ClientGone
 from serve.served import Served
 from serve.transport import MAX_CONNECTIONS, BodyLimit, RequestLimit, create_server, error, first_error
 

@@ -14,11 +14,12 @@ import torch
 
 from llama.generation import generate
 from llama.model import ModelArgs, Transformer
-from runtime.batching import OneSlot, TorchSlots, greedy
+from runtime.batching import OneSlot, TorchSlots
 from runtime.decoding import TorchDecoder
 from runtime.engines import Engine, check
+from runtime.loop import ClientGone, Sequence, greedy
 from runtime.sampling import SamplingParams
-from serve.scheduler import ClientGone, Scheduler, Sequence
+from serve.scheduler import Scheduler
 
 CPU = torch.device("cpu")
 
@@ -95,6 +96,21 @@ def test_check_slots_refuses_an_engine_that_mixes_rows(model):
 
     with pytest.raises(ValueError, match="differs from greedy decoding alone"):
         check(Swapped(model, CPU, 4), model, PROMPTS, 6)
+
+
+def test_the_engines_check_and_the_server_decode_through_one_loop(model, monkeypatch):
+    """Slots.check and the server's scheduler both run runtime.loop.Batch: what the check passes is the loop that
+    serves."""
+    import runtime.loop as loop
+
+    calls, real = [], loop.Batch.step
+    monkeypatch.setattr(loop.Batch, "step", lambda self, admit: calls.append(len(admit)) or real(self, admit))
+    slots = TorchSlots(model, CPU, 3)
+    check(slots, model, PROMPTS, 4)
+    assert sum(calls) == max(len(PROMPTS), 3 + 1) and len(calls) > sum(calls)  # each prompt joined through it
+    calls.clear()
+    [seq] = _run(Scheduler(slots, threading.Lock()), [Sequence(PROMPTS[0], SamplingParams(3))])
+    assert seq.tokens == generate(model, [PROMPTS[0]], 3)[0] and sum(calls) == 1
 
 
 def _run(scheduler, seqs, timeout=60):
@@ -224,7 +240,7 @@ def test_as_many_streams_as_slots_share_one_step(batched_server):
             body = {"model": "t", "prompt": "x = ", "max_tokens": 6, "ignore_eos": True, "stream": True}
             return await asyncio.gather(*(client.post(url + "/v1/completions", json=body) for _ in range(8)))
 
-    scheduler.submit, scheduler.largest_batch, answers = counting, 0, []
+    scheduler.submit, scheduler.batch.largest_batch, answers = counting, 0, []
     try:
         with served.lock:  # no step runs until every request is in the scheduler's hands
             client = threading.Thread(target=lambda: answers.extend(asyncio.run(eight())))

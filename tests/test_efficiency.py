@@ -53,7 +53,8 @@ def test_the_timed_engine_decodes_what_the_server_and_eager_generation_decode(mo
     """The device-level calls latency times (fill, advance) give the greedy tokens of eager generation, and
     of the same engine's server-level calls (open, step), for a batch of prompts."""
     from llama.generation import generate
-    from runtime.batching import greedy, timed_engine
+    from runtime.batching import timed_engine
+    from runtime.loop import greedy
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
