@@ -42,6 +42,7 @@ from torch import nn
 from common.cli import UserError
 from common.device import autocast, compute_dtype
 from common.files import atomic_write
+from common.records import TrainingSummary
 from compress import IDENTITY_FILE, PRUNING, RECOVERY, read_compression, read_recovery_mark
 from data.config import DataConfig
 from data.prepare import BatchSampler, PreparedData, iter_documents, split_documents
@@ -258,7 +259,16 @@ def distillation_teacher(base: Path, device: torch.device, vocab: int) -> nn.Mod
 
 
 def recovery_record(
-    r: Recovery, cfg: TrainConfig, model, summary: dict, before, after, sparse: bool, distilled: bool, base, corpus
+    r: Recovery,
+    cfg: TrainConfig,
+    model,
+    summary: TrainingSummary,
+    before,
+    after,
+    sparse: bool,
+    distilled: bool,
+    base,
+    corpus,
 ) -> dict:
     """What compression.json records of a recovery: its settings, data, tokens, losses before and after, curves."""
     log_dir = Path(cfg.log_dir) / cfg.name
@@ -270,8 +280,8 @@ def recovery_record(
         "lora_targets": (r.lora_targets or lora_targets(model)) if r.uses_lora else None,
         "teacher": str(base) if distilled else None,
         "data": "training data of the base run" if corpus is None else corpus.corpus,
-        "tokens": summary["tokens"],
-        "trained_params": summary["trained_params"],
+        "tokens": summary.tokens,
+        "trained_params": summary.trained_params,
         "val_loss_before": before,
         "val_loss_after": after,
         "sparse": sparse,

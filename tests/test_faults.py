@@ -83,10 +83,10 @@ def test_resuming_a_finished_run_reports_it_and_keeps_the_summary(tmp_path, make
     (summary).unlink()  # as after a kill between the last checkpoint and the summary
     again = train(make_config(tmp_path, max_steps=4, resume=True))
     saved = json.loads(summary.read_text())
-    assert saved["final_val_loss"] == first["final_val_loss"] == again["final_val_loss"]
-    assert saved["final_train_loss"] == first["final_train_loss"]
+    assert saved["final_val_loss"] == first.final_val_loss == again.final_val_loss
+    assert saved["final_train_loss"] == first.final_train_loss
     train(make_config(tmp_path, max_steps=4, resume=True))  # and once more, with the summary present
-    assert json.loads(summary.read_text())["final_val_loss"] == first["final_val_loss"]
+    assert json.loads(summary.read_text())["final_val_loss"] == first.final_val_loss
 
 
 def test_a_kill_during_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, make_config, monkeypatch):

@@ -57,12 +57,12 @@ def test_gated_model_trains_resumes_and_records_its_gate(tmp_path, make_config):
     cfg = make_config(tmp_path, max_steps=6, ckpt_interval=3)
     cfg.model = dataclasses.replace(cfg.model, head_layer=None, attn_gate="elementwise")
     summary = train(cfg)
-    assert summary["head_layer"] == {"gate": "elementwise"} and summary["per_head"] is True
+    assert summary.head_layer == {"gate": "elementwise"} and summary.per_head is True
     model = load_model(tmp_path / "ckpt/t")
     assert model.params.attn_gate == "elementwise" and model.layers[0].attention.wg is not None
     again = make_config(tmp_path, max_steps=8, ckpt_interval=3, resume=True)
     again.model = dataclasses.replace(again.model, head_layer=None, attn_gate="elementwise")
-    assert train(again)["steps"] == 8
+    assert train(again).steps == 8
     other = make_config(tmp_path, max_steps=9, resume=True)  # the same run without the gate: refused
     other.model = dataclasses.replace(other.model, head_layer=None)
     with pytest.raises(UserError, match="different model"):

@@ -93,12 +93,12 @@ def test_head_norm_model_trains_resumes_and_records_it(tmp_path, make_config):
     cfg = make_config(tmp_path, max_steps=6, ckpt_interval=3)
     cfg.model = dataclasses.replace(cfg.model, head_layer=None, head_norm=True)
     summary = train(cfg)
-    assert summary["head_layer"] == {"head_norm": True} and summary["per_head"] is True
+    assert summary.head_layer == {"head_norm": True} and summary.per_head is True
     model = load_model(tmp_path / "ckpt/t")
     assert model.params.head_norm and model.layers[0].attention.head_norm is not None
     again = make_config(tmp_path, max_steps=8, ckpt_interval=3, resume=True)
     again.model = dataclasses.replace(again.model, head_layer=None, head_norm=True)
-    assert train(again)["steps"] == 8
+    assert train(again).steps == 8
     other = make_config(tmp_path, max_steps=9, resume=True)  # the same run without the norm: refused
     other.model = dataclasses.replace(other.model, head_layer=None)
     with pytest.raises(UserError, match="different model"):

@@ -98,7 +98,7 @@ def test_a_run_trains_on_a_prepared_folder(jsonl, tmp_path, make_config):
     run.data = DataConfig(corpus=str(tmp_path / "p"), vocab_size=500)
     run.model.vocab_size = 500
     summary = train(run)
-    assert summary["steps"] == 3 and summary["train_tokens_available"] == len(load_prepared(tmp_path / "p").train)
+    assert summary.steps == 3 and summary.train_tokens_available == len(load_prepared(tmp_path / "p").train)
     run = make_config(tmp_path / "b", max_steps=3)
     run.data = DataConfig(corpus=str(tmp_path / "p"), vocab_size=1000)
     with pytest.raises(ValueError, match="prepared with a 500-token vocabulary, not --vocab-size 1000"):

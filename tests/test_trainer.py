@@ -10,6 +10,7 @@ import torch
 
 import training.trainer as trainer_mod
 from common.cli import ConfigError, UserError, apply_overrides
+from common.records import TrainingSummary
 from data.prepare import BatchSampler
 from llama.model import HeadLayerArgs
 from llama.model_io import list_checkpoints, load_model
@@ -37,7 +38,8 @@ def test_train_logs_checkpoints_and_learns(tmp_path, make_config):
     # keep the newest two plus multiples of keep_every=4
     assert [s for s, _ in list_checkpoints(tmp_path / "ckpt/t")] == [4, 8, 10, 12]
     saved = json.loads((tmp_path / "logs/t/summary.json").read_text())
-    assert saved["final_val_loss"] == summary["final_val_loss"] and saved["per_head"] is True
+    assert saved["final_val_loss"] == summary.final_val_loss and saved["per_head"] is True
+    assert summary == TrainingSummary.read(tmp_path / "logs/t")  # train() returns the record it wrote, typed
     assert saved["epochs"] == pytest.approx(12 * 4 * 32 / saved["train_tokens_available"]) and saved["epochs"] > 0
     energy = saved["energy"]  # a measured figure or an explicit "unavailable", never a silent guess
     assert (energy["method"] == "unavailable" and "energy_j" not in energy and energy["reason"]) or energy[
@@ -425,10 +427,10 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(tmp_path, make_co
     defaults = make_config(tmp_path, max_steps=300, ckpt_interval=100, optim=OptimConfig(lr=3e-4))
     with pytest.raises(UserError, match=r"--lr 0.001: the stopped run 't' trained with 0.01; a resume continues"):
         run(defaults, ["--resume", "--lr", "1e-3"])
-    assert run(make_config(tmp_path, max_steps=300), ["--resume"])["steps"] == 16
+    assert run(make_config(tmp_path, max_steps=300), ["--resume"]).steps == 16
     config = json.loads((tmp_path / "logs" / "t" / "config.json").read_text())
     assert config["max_steps"] == 16 and config["optim"]["lr"] == 1e-2  # not rewritten with the defaults
-    assert run(make_config(tmp_path, max_steps=300), ["--resume", "--max-steps", "20"])["steps"] == 20
+    assert run(make_config(tmp_path, max_steps=300), ["--resume", "--max-steps", "20"]).steps == 20
     assert "as asked, max_steps 16 -> 20" in capsys.readouterr().err
 
 
@@ -456,4 +458,4 @@ def test_a_run_stopped_before_its_first_checkpoint_names_the_way_out(tmp_path, m
         FileNotFoundError, match="stopped before its first checkpoint.*--overwrite in place of --resume"
     ):
         run(make_config(tmp_path, max_steps=8, ckpt_interval=4), ["--resume"])
-    assert run(make_config(tmp_path, max_steps=8, ckpt_interval=4), ["--overwrite"])["steps"] == 8
+    assert run(make_config(tmp_path, max_steps=8, ckpt_interval=4), ["--overwrite"]).steps == 8

@@ -72,7 +72,8 @@ def evaluate(model, sampler: BatchSampler, cfg: TrainConfig, info: D.DistInfo, a
     return D.all_reduce_mean(torch.stack(losses).mean(), info).item()
 
 
-def train(cfg: TrainConfig, custom: Custom | None = None) -> dict:
+def train(cfg: TrainConfig, custom: Custom | None = None) -> TrainingSummary:
+    """Train ``cfg``'s run (resumed where it says so); what it wrote to logs/<run>/summary.json, typed."""
     info = D.init_distributed(cfg.device)
     ok = False
     try:
@@ -376,7 +377,7 @@ def checkpoint(run: Run, step: int, meter: EnergyMeter):
     D.barrier(run.info)
 
 
-def finish(run: Run, meter: EnergyMeter) -> dict:
+def finish(run: Run, meter: EnergyMeter) -> TrainingSummary:
     """summary.json: sizes, tokens, epochs, time, final losses against the unigram bar, rate, energy."""
     cfg, info, data = run.cfg, run.info, run.data
     if run.last_val is None:  # nothing was left to train (killed between the last checkpoint and the summary)
@@ -417,10 +418,10 @@ def finish(run: Run, meter: EnergyMeter) -> dict:
             f"done: val loss {run.last_val:.4f} (unigram {summary.unigram_val_loss:.4f}), "
             f"{summary.train_time_s:.0f} s, checkpoints in {run.ckpt_dir}"
         )
-    return summary.to_json()
+    return summary
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
+def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> TrainingSummary:
     run = setup(cfg, info, custom)
     if run.finished is not None:
         if info.is_main:
@@ -489,7 +490,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, custom: Custom) -> dict:
     return finish(run, meter)
 
 
-def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> TrainingSummary:
     """What runner scripts call: apply ``--key value`` overrides from the command line, then train. With
     ``--init-from``, the model is the folder's (its sizes come with its weights): a model option given that
     disagrees with it is one line, never silently overridden."""
