@@ -64,7 +64,7 @@ def run(a) -> dict:
     for name in a.engines:
         decoder = build_decoder(name, model, torch.device("cpu"), Path(a.workdir))
         check(decoder, model, [prompt], 8)
-        engines[name] = lambda d=decoder: d.generate(prompt, SamplingParams(a.n_tokens))[0]
+        engines[name] = lambda d=decoder: d.generate(prompt, SamplingParams(a.n_tokens)).tokens
     reference = engines["transformers"]()
     for name, fn in engines.items():  # warm-up (compilation) and the same tokens from every engine
         for _ in range(a.warmup):

@@ -42,7 +42,8 @@ from common.stats import ALPHA, adjust, paired_ratio
 from common.timing import spread, time_repeats
 from eval.latency import MODES, decode_run
 from eval.model import load_for_eval
-from runtime.batching import TimedEngine, timed_engine
+from runtime.batching import timed_engine
+from runtime.engines import DeviceSteps
 
 
 @dataclass
@@ -76,8 +77,8 @@ class _Entry:
     name: str
     model: torch.nn.Module
     decode: Callable[[], None] | None = None  # decodes n_tokens tokens
-    engine: TimedEngine | None = None  # the engine decode runs in (runtime.batching.timed_engine)
-    prompt_engine: TimedEngine | None = None  # the engine its prompt is timed in (a cache of prompt_len + 1)
+    engine: DeviceSteps | None = None  # the engine decode runs in (runtime.batching.timed_engine)
+    prompt_engine: DeviceSteps | None = None  # the engine its prompt is timed in (a cache of prompt_len + 1)
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)  # per token
     energy: list[dict] = field(default_factory=list)

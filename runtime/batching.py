@@ -9,9 +9,9 @@ in vLLM and TGI (without paged attention: a slot holds a whole context).
   start-up by their ``check``);
 - ``HFSlots``: Hugging Face folders under eager PyTorch (one transformers ``DynamicCache``, rows aligned at
   their right end, padding hidden by the attention mask, each token at its own position id);
-- ``OneSlot``: any other decoder of runtime/decoding.py (ONNX Runtime and OpenVINO, whose exported step holds
-  one sequence; a Hugging Face model with sliding-window layers): one sequence at a time, said so in its
-  ``note``.
+- any other engine is a decoder of runtime/decoding.py itself (ONNX Runtime and OpenVINO, whose exported step
+  holds one sequence; a Hugging Face model with sliding-window layers): a ``Slots`` of one slot, one sequence
+  at a time, said so in its ``note``.
 
 ``Slots.check`` decodes prompts joining a batch at different steps and compares each with eager greedy
 decoding of that prompt alone, token for token, before an engine serves anything, through the decode loop the
@@ -26,44 +26,12 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-from llama.generation import decode_one_token, generate, prefill
+from llama.generation import decode_one_token, prefill
 from models.hf import HFModel, available_memory
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, OwnCache, TorchDecoder
-from runtime.engines import Engine
-from runtime.loop import greedy
-
-
-class Slots(Engine):
-    """An engine (runtime/engines.py) that holds sequences in slots 0..max_batch-1. ``open(slot, ids)`` runs a
-    prompt into a free slot and returns the (V,) float32 logits of its next token; ``step(slots, tokens,
-    positions)`` feeds each listed slot its next token at its position and returns (len(slots), V) float32
-    logits; ``close(slot)`` frees a slot. Its ``check``, through ``runtime.engines.check`` as every engine's."""
-
-    name = ""
-    note = ""
-    max_batch = 1
-
-    def open(self, slot: int, ids: list[int]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def close(self, slot: int) -> None:
-        pass
-
-    def check(self, model: nn.Module, prompts: list[list[int]], n_tokens: int) -> None:
-        """Raise unless every prompt decoded inside a batch (filled to ``max_batch``, sequences joining one step
-        apart and leaving at different steps) gets exactly the greedy tokens of eager decoding alone."""
-        fill = [prompts[i % len(prompts)] for i in range(max(len(prompts), self.max_batch + 1))]
-        lengths = [max(1, n_tokens - (i % 3)) for i in range(len(fill))]  # leave at different steps
-        alone = {i: generate(model, [p], n_tokens)[0] for i, p in enumerate(prompts)}
-        got = greedy(self, fill, lengths)
-        for i, tokens in enumerate(got):
-            if tokens != alone[i % len(prompts)][: lengths[i]]:
-                raise ValueError(f"{self.name}: a sequence decoded in a batch differs from greedy decoding alone")
+from runtime.engines import DeviceSteps, Slots
 
 
 def _bucket(n: int, most: int) -> int:
@@ -279,44 +247,26 @@ def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, n, 0)) if n else x
 
 
-class OneSlot(Slots):
-    """A decoder that holds one sequence (runtime/decoding.py): slot 0 only, so requests take turns."""
-
-    def __init__(self, decoder: Decoder, why: str = "this engine does not batch"):
-        self.decoder, self.name = decoder, decoder.name
-        self.note = f"{decoder.note}; one sequence at a time ({why})"
-
-    def open(self, slot, ids):
-        self.decoder.need = self.decoder.max_seq_len
-        return self.decoder.start(ids).float().cpu()
-
-    def step(self, slots, tokens, positions):
-        return self.decoder.next(tokens[0], positions[0])[None].float().cpu()
-
-
 def build_slots(decoder: Decoder, model: nn.Module, device: torch.device, max_batch: int) -> Slots:
     """The batching engine for ``decoder``: its model in ``max_batch`` slots where the engine allows it (this
     project's models under eager PyTorch or torch.compile), else the decoder itself, one sequence at a time."""
     if decoder.name in ("torch", "compile") and capabilities(model).static_cache:
         if max_batch > 1:
             return TorchSlots(model, device, max_batch, "compile" if decoder.name == "compile" else "eager")
-        return OneSlot(decoder, "--max-batch 1")
+        return decoder.alone("--max-batch 1")
     if decoder.name == "torch" and isinstance(model, HFModel):  # a Hugging Face model, eager
         if max_batch == 1:
-            return OneSlot(decoder, "--max-batch 1")
+            return decoder.alone("--max-batch 1")
         try:
             return HFSlots(model, device, max_batch)
         except UserError as e:
-            return OneSlot(decoder, str(e))
-    return OneSlot(decoder)
-
-
-TimedEngine = TorchSlots | TorchDecoder  # what timed_engine gives
+            return decoder.alone(str(e))
+    return decoder.alone("this engine does not batch")
 
 
 def timed_engine(
     model: nn.Module, device: torch.device, batch: int, cache_len: int, mode: str = "eager", prefill_mode: str = "eager"
-) -> TimedEngine:
+) -> DeviceSteps:
     """The engine the server decodes ``model`` with, holding ``batch`` sequences of ``cache_len`` positions, for
     eval/latency.py to time through its device-level calls (``fill``, ``advance``, ``positions``, ``release``):
     ``TorchSlots`` for a model with a static KV cache; else ``TorchDecoder``, whose growing cache takes a batch of

@@ -31,21 +31,23 @@ from common.timing import sync
 from llama.generation import decode, decode_one_token, generate, prefill
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
-from runtime.engines import Engine
+from runtime.engines import Slots
 from runtime.export import model_folder, ort_session, to_onnx
-from runtime.sampling import SamplingParams
+from runtime.sampling import Completion, SamplingParams
 
 DECODE_ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 CACHE_BLOCK = 128  # TorchDecoder's KV cache grows in blocks of this many positions
 
 
-class Decoder(Engine):
-    """One engine's decoding (an ``Engine``, runtime/engines.py). Subclasses give ``start(ids) -> logits`` (the
-    prompt into a fresh cache) and ``next(token, pos) -> logits`` (one step); ``generate`` is the same loop and
-    clock for all, and ``check`` compares its greedy tokens with eager generation's."""
+class Decoder(Slots):
+    """One engine's decoding of one sequence (a ``Slots`` of one slot, runtime/engines.py). Subclasses give
+    ``start(ids) -> logits`` (the prompt into a fresh cache) and ``next(token, pos) -> logits`` (one step);
+    ``open``/``step`` are those for the server's decode loop, ``generate`` decodes one prompt alone (the same
+    loop and clock for every engine), and ``check`` compares both with eager greedy generation."""
 
     name = ""
     note = ""
+    max_batch = 1
 
     def __init__(self, max_seq_len: int, device: torch.device):
         self.max_seq_len, self.device = max_seq_len, device
@@ -57,16 +59,33 @@ class Decoder(Engine):
     def next(self, token: int, pos: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def open(self, slot, ids):
+        if slot != 0:
+            raise ValueError(f"{self.name} holds one sequence (slot 0), not slot {slot}")
+        self.need = self.max_seq_len  # the loop does not say how long the sequence will be: a whole context
+        return self.start(ids).float().cpu()
+
+    def step(self, slots, tokens, positions):
+        if list(slots) != [0]:
+            raise ValueError(f"{self.name} holds one sequence (slot 0), not slots {list(slots)}")
+        return self.next(tokens[0], positions[0])[None].float().cpu()
+
+    def alone(self, why: str) -> Decoder:
+        """This decoder as the server's engine, its note saying why it decodes one sequence at a time."""
+        self.note = self.note.split("; one sequence at a time")[0] + f"; one sequence at a time ({why})"
+        return self
+
     @torch.no_grad()
     def generate(
         self, ids: list[int], how: SamplingParams, eos_id: int | None = None, stop=None, on_token=None
-    ) -> tuple[list[int], list[float]]:
-        """New tokens, drawn as ``how`` says (its stop strings are the caller's: ``stop(tokens)``, true once
-        they appear, ends the generation, that token included; EOS ends it, not included), and the time each was
-        ready, in seconds from the call (the first is the time to first token), decoded by the one decode loop
-        (llama.generation.decode) over this engine's steps. ``on_token(token, logits)``, if given, hears of each
-        new token as soon as its time is taken, with the (V,) float32 logits it was drawn from; an exception it
-        raises ends the generation (a client that went away)."""
+    ) -> Completion:
+        """A typed ``Completion`` of ``ids``: the new tokens, drawn as ``how`` says (its stop strings are the
+        caller's: ``stop(tokens)``, true once they appear, ends the generation, that token included; EOS ends it,
+        not included), the time each was ready, in seconds from the call (the first is the time to first token),
+        and why it ended ("stop" or "length"); decoded by the one decode loop (llama.generation.decode) over this
+        engine's steps. ``on_token(token, logits)``, if given, hears of each new token as soon as its time is
+        taken, with the (V,) float32 logits it was drawn from; an exception it raises ends the generation (a
+        client that went away)."""
         max_new_tokens = how.max_tokens
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise UserError(
@@ -91,19 +110,22 @@ class Decoder(Engine):
         [out] = decode(
             last[0], step, max_new_tokens, how.temperature, how.top_k, how.top_p, eos_id, stop, gen, on_token=ready
         )
-        return out, times
+        stopped = len(out) < max_new_tokens or (stop is not None and bool(out) and stop(out))
+        return Completion(out, times, "stop" if stopped else "length")
 
     def check(self, model: nn.Module, prompts: list[list[int]] = ((1, 2, 3),), n_tokens: int = 16) -> None:
-        """Raise unless this decoder's greedy tokens equal eager generation's for every prompt."""
+        """Raise unless this decoder's greedy tokens equal eager generation's for every prompt, through
+        ``generate`` and through the server's decode loop (``Slots.check``)."""
         for p in prompts:
             expected = generate(model, [list(p)], n_tokens)[0]
-            got, _ = self.generate(list(p), SamplingParams(n_tokens))
+            got = self.generate(list(p), SamplingParams(n_tokens)).tokens
             if got != expected:
                 first = next(
                     (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
                     min(len(got), len(expected)),
                 )
                 raise ValueError(f"{self.name} differs from eager greedy decoding at new token {first}")
+        super().check(model, [list(p) for p in prompts], n_tokens)
 
 
 class OwnCache:
@@ -148,7 +170,7 @@ class TorchDecoder(Decoder):
             require(model, "static_cache", "the compile engine (one graph for every decode step)")
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
-        self.step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
+        self.decode_step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
         self.cache: OwnCache | None = None
 
     def cache_len(self) -> int:
@@ -174,7 +196,7 @@ class TorchDecoder(Decoder):
         """Each row's next token (B, 1) at ``positions`` (from ``positions``) -> (B, V) logits, on the device."""
         if self.static:
             self.cache.install()
-        return self.step(self.model, tokens, positions)
+        return self.decode_step(self.model, tokens, positions)
 
     def positions(self, pos: int) -> torch.Tensor:
         """The positions ``advance`` takes when every row is at ``pos``."""

@@ -4,11 +4,14 @@ and its check against eager PyTorch, which it must pass before it is timed or se
 - ``ForwardEngine`` (here): the full forward without KV cache (tokens -> logits), exported with a dynamic
   batch and sequence length, checked on fresh inputs of new shapes: torch, torch.compile, torch.export +
   AOTInductor, ONNX Runtime, and TorchScript as a legacy engine;
-- ``runtime.decoding.Decoder``: a prompt, then token by token with a KV cache (torch, compile, ONNX Runtime,
-  OpenVINO), checked token for token against eager greedy generation;
-- ``runtime.batching.Slots``: several sequences at once, each in its slot of the KV cache (continuous
-  batching: what the server decodes with, and what eval/latency.py times), checked with sequences joining and
-  leaving a full batch against each one's eager greedy decoding alone.
+- ``Slots`` (here): the one decoding interface, sequences in slots of a KV cache (``open``, ``step``,
+  ``close``; ``max_batch`` of them at once), what the server's decode loop (runtime/loop.py) runs, checked with
+  sequences joining and leaving a full batch against each one's eager greedy decoding alone. Its engines: the
+  batching ones of runtime/batching.py (``TorchSlots``, ``HFSlots``), and every ``runtime.decoding.Decoder``
+  (torch, compile, ONNX Runtime, OpenVINO: one sequence, ``max_batch`` 1), which also decodes a prompt alone
+  (``generate``) and is checked token for token against eager greedy generation as well;
+- ``DeviceSteps`` (here): the device-level calls eval/latency.py times (``fill``, ``advance``, ``positions``,
+  ``release``), which ``TorchSlots`` and ``TorchDecoder`` give.
 
 - ``aoti``: ``torch.export`` then AOTInductor, PyTorch's recommended way to deploy a model ahead of time
   (a compiled .pt2 package; compiling takes tens of seconds on a CPU).
@@ -22,14 +25,17 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.cli import UserError
+from llama.generation import generate
 from llama.model import Transformer
 from runtime.export import model_folder, ort_session, to_onnx
+from runtime.loop import greedy
 
 ENGINES = ("torch", "compile", "aoti", "onnxruntime", "torchscript")
 DEFAULT_ENGINES = ("torch", "compile", "aoti", "onnxruntime")  # torchscript is legacy: ask for it by name
@@ -44,6 +50,51 @@ class Engine:
     def check(self, model: nn.Module, *args, **options):
         """Raise unless this engine computes what eager PyTorch computes for ``model``."""
         raise NotImplementedError
+
+
+class Slots(Engine):
+    """An engine that holds sequences in slots 0..max_batch-1. ``open(slot, ids)`` runs a prompt into a free slot
+    and returns the (V,) float32 logits of its next token; ``step(slots, tokens, positions)`` feeds each listed
+    slot its next token at its position and returns (len(slots), V) float32 logits; ``close(slot)`` frees a
+    slot. An engine that cannot batch has ``max_batch`` 1 and says why in its ``note``."""
+
+    max_batch = 1
+
+    def open(self, slot: int, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self, slot: int) -> None:
+        pass
+
+    def check(self, model: nn.Module, prompts: list[list[int]], n_tokens: int) -> None:
+        """Raise unless every prompt decoded inside a batch (filled to ``max_batch``, sequences joining one step
+        apart and leaving at different steps) gets exactly the greedy tokens of eager decoding alone, through
+        the decode loop the server runs (runtime/loop.py)."""
+        fill = [prompts[i % len(prompts)] for i in range(max(len(prompts), self.max_batch + 1))]
+        lengths = [max(1, n_tokens - (i % 3)) for i in range(len(fill))]  # leave at different steps
+        alone = {i: generate(model, [p], n_tokens)[0] for i, p in enumerate(prompts)}
+        got = greedy(self, fill, lengths)
+        for i, tokens in enumerate(got):
+            if tokens != alone[i % len(prompts)][: lengths[i]]:
+                raise ValueError(f"{self.name}: a sequence decoded in a batch differs from greedy decoding alone")
+
+
+class DeviceSteps(Protocol):
+    """The device-level calls of an engine that eval/latency.py times, tensors in and out with no host sync:
+    ``fill(tokens (B, T)) -> (B, V)`` logits (prompts into a fresh cache), ``advance(tokens (B, 1), positions)
+    -> (B, V)``, ``positions(pos)`` (what ``advance`` takes when every row is at ``pos``), ``release()`` (the
+    cache let go)."""
+
+    def fill(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def positions(self, pos: int) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
 
 
 class ForwardEngine(Engine):

@@ -43,3 +43,14 @@ class SamplingParams:
             problems.append(f"stop {list(self.stop)!r} must hold non-empty strings")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a decode gave for one prompt: its new ``tokens``, the time each was ready (``times``, seconds from
+    the call: the first is the time to first token) and why it ended (``finish``, as OpenAI and vLLM say it:
+    "stop" at EOS or a stop string, "length" at ``max_tokens``)."""
+
+    tokens: list[int]
+    times: list[float]
+    finish: str

@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from runtime.batching import Slots
+from runtime.engines import Slots
 from runtime.loop import Batch, Sequence
 
 

@@ -14,7 +14,7 @@ import torch
 
 from llama.generation import generate
 from llama.model import ModelArgs, Transformer
-from runtime.batching import OneSlot, TorchSlots
+from runtime.batching import TorchSlots
 from runtime.decoding import TorchDecoder
 from runtime.engines import Engine, check
 from runtime.loop import ClientGone, Sequence, greedy
@@ -126,7 +126,7 @@ def test_the_scheduler_keeps_seeds_stops_and_departures_per_sequence(model):
     torch.set_num_threads(1)
     lock = threading.Lock()
     batched = Scheduler(TorchSlots(model, CPU, 3), lock)
-    alone = Scheduler(OneSlot(TorchDecoder(model, CPU)), lock)
+    alone = Scheduler(TorchDecoder(model, CPU), lock)  # a decoder is an engine of one slot
 
     def seqs():
         return [Sequence(p, SamplingParams(12, 1.0, 0.9, seed=40 + i)) for i, p in enumerate(PROMPTS)]
@@ -268,7 +268,7 @@ def test_n_choices_decode_together_and_each_equals_its_seed_alone(batched_server
     decoder = TorchDecoder(served.ev.model, served.ev.device)
     ids = tok.encode("def f(x):\n")
     for j, choice in enumerate(sorted(d["choices"], key=lambda c: c["index"])):
-        out, _ = decoder.generate(ids, SamplingParams(10, 0.9, seed=7 + j))
+        out = decoder.generate(ids, SamplingParams(10, 0.9, seed=7 + j)).tokens
         assert choice["text"] == tok.decode(out)
     assert d["batched"] is True and len({c["text"] for c in d["choices"]}) > 1
 
@@ -507,7 +507,7 @@ def test_a_hugging_face_batch_cuts_the_columns_no_row_uses_and_refuses_a_step_of
 
 
 def test_a_sliding_window_cache_is_served_one_sequence_at_a_time_and_says_why(tmp_path):
-    from runtime.batching import OneSlot, build_slots
+    from runtime.batching import build_slots
     from runtime.loading import load_model
     from tests import hf_models as H
 
@@ -517,8 +517,11 @@ def test_a_sliding_window_cache_is_served_one_sequence_at_a_time_and_says_why(tm
     cfg = json.loads((folder / "config.json").read_text()) | {"sliding_window": 8}
     (folder / "config.json").write_text(json.dumps(cfg))
     ev = load_model(str(folder), "cpu", "float32")
-    slots = build_slots(TorchDecoder(ev.model, ev.device), ev.model, ev.device, 8)
-    assert isinstance(slots, OneSlot) and "does not batch here" in slots.note and "Sliding" in slots.note
+    decoder = TorchDecoder(ev.model, ev.device)
+    slots = build_slots(decoder, ev.model, ev.device, 8)
+    assert slots is decoder and slots.max_batch == 1  # the decoder itself, an engine of one slot
+    assert "does not batch here" in slots.note and "Sliding" in slots.note
+    assert build_slots(decoder, ev.model, ev.device, 8).note.count("one sequence at a time") == 1
 
 
 def test_eight_concurrent_requests_to_a_hugging_face_folder_decode_together_as_generate(hf_models, tmp_path):

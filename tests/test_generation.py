@@ -101,3 +101,20 @@ def test_sampling_settings_are_one_checked_hashable_value():
     ):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad)
+
+
+def test_a_decoder_returns_a_typed_completion_with_its_finish_reason(tiny_args):
+    from runtime.decoding import TorchDecoder
+    from runtime.sampling import Completion, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args).eval()
+    decoder = TorchDecoder(model, torch.device("cpu"))
+    full = decoder.generate([1, 2, 3], SamplingParams(5))
+    assert isinstance(full, Completion) and full.finish == "length"
+    assert full.tokens == generate(model, [[1, 2, 3]], 5)[0] and len(full.times) == 5
+    assert full.times == sorted(full.times) and full.times[0] > 0
+    two = decoder.generate([1, 2, 3], SamplingParams(5), stop=lambda t: len(t) >= 2)
+    assert (two.tokens, two.finish) == (full.tokens[:2], "stop")
+    at_eos = decoder.generate([1, 2, 3], SamplingParams(5), eos_id=full.tokens[0])
+    assert (at_eos.tokens, at_eos.finish) == ([], "stop")
