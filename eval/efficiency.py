@@ -14,6 +14,7 @@ CPU too, after a compilation of tens of seconds). Writes results/<model>-efficie
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def evaluate_efficiency(
     counter, reason = find_counter(device) if energy else (None, "not requested")
     jobs = [(m, b) for m in modes for b in batch_sizes]
     for mode, b in Progress(jobs, desc="latency", disable=not progress):
-        out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)))
+        out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)).to_json())
         measure = None
         if counter is not None:
 
@@ -64,8 +65,8 @@ def evaluate_efficiency(
 
         row = time_decode(model, b, context, n_tokens, mode, repeats=repeats, energy=measure)
         if counter is None:
-            row["energy"] = {"method": "unavailable", "reason": reason}
-        out["decode"].append(row)
+            row = dataclasses.replace(row, energy={"method": "unavailable", "reason": reason})
+        out["decode"].append(row.to_json())
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
     with tempfile.TemporaryDirectory(prefix="engines-") as workdir:  # the exports go when the timing is done
         for name in Progress(engines, desc="engines", disable=not progress):
@@ -77,7 +78,7 @@ def evaluate_efficiency(
                 print(f"engine {name} not timed: {type(e).__name__}: {e}", file=sys.stderr)  # the full reason
                 continue
             for b in batch_sizes:
-                row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))
+                row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5)).to_json()
                 out["forward"].append({"engine": name, "note": engine.note, "max_abs_diff": diff, **row})
             del engine
     return out

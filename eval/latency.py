@@ -10,15 +10,67 @@ first, synchronises the device before each clock read and reports median, p10 an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from common.results import Spread
 from common.timing import spread, time_repeats
 from llama.generation import decode
 from runtime.batching import timed_engine
 from runtime.compile import MODES  # noqa: F401  (the modes a timing takes)
+
+
+@dataclass(frozen=True)
+class PrefillTiming:
+    """Milliseconds to run a (batch, prompt_len) prompt into the cache, in ``mode``."""
+
+    ms: Spread
+    batch: int
+    prompt_len: int
+    mode: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Milliseconds per decoded token after ``context_len`` tokens, ``n_tokens`` per timed pass, ``repeats``
+    passes; ``tokens_per_s`` counts the whole batch; ``energy``: the energy callback's record, if measured."""
+
+    ms_per_token: Spread
+    tokens_per_s: float
+    batch: int
+    context_len: int
+    n_tokens: int
+    repeats: int
+    mode: str
+    energy: dict | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d if self.energy is not None else {k: v for k, v in d.items() if k != "energy"}
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    """Milliseconds of a full (batch, seq_len) forward without cache; tokens/s over all its tokens."""
+
+    ms: Spread
+    tokens_per_s: float
+    batch: int
+    seq_len: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _spread(values: list[float]) -> Spread:
+    return Spread(**spread(values))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -28,7 +80,7 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def time_prefill(
     model: nn.Module, batch: int, prompt_len: int, mode: str = "eager", warmup: int = 3, repeats: int = 10
-) -> dict:
+) -> PrefillTiming:
     """Milliseconds to run a (batch, prompt_len) prompt into the KV cache of the server's engine
     (runtime.batching.timed_engine), its prompt's forward in ``mode``."""
     device = _device(model)
@@ -38,7 +90,7 @@ def time_prefill(
         times = time_repeats(lambda: engine.fill(tokens), device, warmup, repeats)
     finally:
         engine.release()
-    return {"ms": spread([1e3 * t for t in times]), "batch": batch, "prompt_len": prompt_len, "mode": mode}
+    return PrefillTiming(_spread([1e3 * t for t in times]), batch, prompt_len, mode)
 
 
 def decode_run(model: nn.Module, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
@@ -69,43 +121,33 @@ def time_decode(
     warmup: int = 2,
     repeats: int = 5,
     energy: Callable[[Callable[[], None], int], dict] | None = None,
-) -> dict:
+) -> DecodeTiming:
     """Per-token decode latency with the KV cache, after a ``context_len``-token prefill.
 
     Each of ``repeats`` timed passes decodes ``n_tokens`` tokens at positions context_len.. with one device
     sync at its end (a sync after every token would add its own cost to each, which a generation loop does
     not pay); ms_per_token is a pass's time over ``n_tokens``, its spread over the passes. ``warmup`` untimed
     passes first: compilation and CUDA graph capture happen there. tokens_per_s counts the whole batch.
-    ``energy(run, tokens_per_run)``, if given, measures the same warmed-up decode (its dict lands under
-    "energy").
+    ``energy(run, tokens_per_run)``, if given, measures the same warmed-up decode (its dict lands in
+    ``energy``).
     """
     device = _device(model)
     run, engine = decode_run(model, batch, context_len, n_tokens, mode)
     try:
         times = time_repeats(run, device, warmup, repeats)
-        s = spread([1e3 * t / n_tokens for t in times])
-        row = {
-            "ms_per_token": s,
-            "tokens_per_s": batch * 1e3 / s["median"],
-            "batch": batch,
-            "context_len": context_len,
-            "n_tokens": n_tokens,
-            "repeats": repeats,
-            "mode": mode,
-        }
-        if energy is not None:
-            row["energy"] = energy(run, batch * n_tokens)
+        s = _spread([1e3 * t / n_tokens for t in times])
+        measured = energy(run, batch * n_tokens) if energy is not None else None
     finally:
         engine.release()
-    return row
+    return DecodeTiming(s, batch * 1e3 / s.median, batch, context_len, n_tokens, repeats, mode, measured)
 
 
 @torch.no_grad()
 def time_forward(
     fn, vocab_size: int, batch: int, seq_len: int, device: torch.device, warmup: int = 3, repeats: int = 10
-) -> dict:
+) -> ForwardTiming:
     """A full forward pass without cache, ``fn(tokens) -> logits``: any model or runtime engine."""
     tokens = torch.randint(0, vocab_size, (batch, seq_len), device=device)
     times = time_repeats(lambda: fn(tokens), device, warmup, repeats)
-    s = spread([1e3 * t for t in times])
-    return {"ms": s, "tokens_per_s": batch * seq_len * 1e3 / s["median"], "batch": batch, "seq_len": seq_len}
+    s = _spread([1e3 * t for t in times])
+    return ForwardTiming(s, batch * seq_len * 1e3 / s.median, batch, seq_len)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from common.results import Spread
 from eval.latency import time_decode, time_forward, time_prefill
 from llama.model import Transformer
 from runtime.engines import build, check
@@ -20,9 +21,14 @@ def test_latency_fields_and_spread(model):
     d = time_decode(
         model, batch=2, context_len=16, n_tokens=4, warmup=1, repeats=2, energy=lambda run, n: seen.append(n) or {}
     )
-    assert p["ms"]["n"] == 3 and 0 < p["ms"]["p10"] <= p["ms"]["median"] <= p["ms"]["p90"]
-    assert d["ms_per_token"]["n"] == 2 and d["tokens_per_s"] == pytest.approx(2e3 / d["ms_per_token"]["median"])
-    assert seen == [8] and d["energy"] == {}  # the energy callback gets the decode's tokens (batch x n_tokens)
+    assert p.ms.n == 3 and 0 < p.ms.p10 <= p.ms.median <= p.ms.p90 and (p.batch, p.prompt_len) == (2, 16)
+    assert d.ms_per_token.n == 2 and d.tokens_per_s == pytest.approx(2e3 / d.ms_per_token.median)
+    assert seen == [8] and d.energy == {}  # the energy callback gets the decode's tokens (batch x n_tokens)
+    # the JSON a result file holds is the typed row's, read back by the results' own reader
+    assert (
+        Spread.of(d.to_json()["ms_per_token"]) == d.ms_per_token
+        and "energy" not in time_decode(model, batch=1, context_len=8, n_tokens=2, warmup=0, repeats=1).to_json()
+    )
     assert model.causal_mask is None  # caches removed afterwards
 
 
@@ -84,7 +90,7 @@ def test_the_timed_engine_of_a_model_with_a_growing_cache_is_its_eager_decoder(h
     assert isinstance(engine, TorchDecoder)
     p = time_prefill(ev.model, batch=2, prompt_len=8, warmup=0, repeats=2)
     d = time_decode(ev.model, batch=2, context_len=8, n_tokens=3, warmup=0, repeats=2)
-    assert p["ms"]["n"] == 2 and d["ms_per_token"]["n"] == 2 and ev.model.cache is None
+    assert p.ms.n == 2 and d.ms_per_token.n == 2 and ev.model.cache is None
     with pytest.raises(UserError, match="mode compile needs a static KV cache"):
         timed_engine(ev.model, ev.device, 2, 12, mode="compile")
 
@@ -108,7 +114,7 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
     # many models/batch sizes compile the same decode function: past dynamo's limit it must fail, not run eager
     assert torch._dynamo.config.recompile_limit >= 64 and torch._dynamo.config.fail_on_recompile_limit_hit
     d = time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile", warmup=1, repeats=2)
-    assert d["mode"] == "compile" and d["ms_per_token"]["n"] == 2
+    assert d.mode == "compile" and d.ms_per_token.n == 2
 
 
 def test_cudagraphs_mode_needs_cuda(model):
@@ -122,7 +128,7 @@ def test_engines_match_eager_and_accept_new_shapes(model, name, tmp_path):
     engine = build(name, model, torch.randint(0, 97, (1, 16)), tmp_path)
     assert check(engine, model, shapes=((1, 5), (3, 20)), atol=1e-4) < 1e-4
     t = time_forward(engine.run, 97, batch=2, seq_len=16, device=torch.device("cpu"), warmup=1, repeats=2)
-    assert t["ms"]["n"] == 2 and t["tokens_per_s"] > 0
+    assert t.ms.n == 2 and t.tokens_per_s > 0
 
 
 def test_engine_check_catches_a_wrong_engine(model):
