@@ -9,7 +9,9 @@ import dataclasses
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
@@ -98,6 +100,20 @@ def _metrics(times: list[float], n_out: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """What a stream hears of choice ``index`` as it decodes: ``kind`` "token" (a token's text, ``delta``: what
+    may be sent now), "last" (a token that ends the choice, with its ``finish`` reason) or "end" (the choice ended
+    after its last token, at EOS or a departed client: the text held back until then, and the finish reason);
+    ``logprobs``: the log-probability entries released with it (tokens whose text has been sent whole)."""
+
+    kind: Literal["token", "last", "end"]
+    index: int
+    delta: str
+    logprobs: list[dict]
+    finish: str | None = None
+
+
 def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Sequence, dict]:
     """Choice ``index`` of ``plan`` as a sequence for the scheduler, and the record its callbacks fill."""
     tok = served.ev.tokenizer
@@ -127,9 +143,9 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
             # nothing); an end at EOS comes a step later, in a chunk of its own, as in vLLM
             last, finish, more = finished()
             if emit is not None:
-                emit(("last", index, delta + last, (finish, released + more)))
+                emit(StreamEvent("last", index, delta + last, released + more, finish))
         elif emit is not None:
-            emit(("token", index, delta, released))
+            emit(StreamEvent("token", index, delta, released))
 
     def finished():
         last = text.finish()
@@ -145,7 +161,7 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
             return  # ended with its last token (on_token)
         last, finish, released = finished()
         if emit is not None:
-            emit(("end", index, last, (finish, released)))
+            emit(StreamEvent("end", index, last, released, finish))
 
     seq.on_token, seq.on_end = on_token, on_end
     return seq, record
@@ -153,10 +169,9 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
 
 def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
     """Decode every choice of ``plan`` in its engine's running batch (serve/scheduler.py) and measure them.
-    ``emit(event)``, if given, hears ``("token", index, delta, [logprob entries released])`` per token and
-    ``("end", index, delta, (finish_reason, [logprob entries released]))`` per choice (``"last"`` in place of
-    both for a token that ends its choice), from the scheduler's thread; it raises ``ClientGone`` to stop. Raises
-    ``ClientGone`` if the client left, or the engine's error."""
+    ``emit(event)``, if given, hears a ``StreamEvent`` per token ("token"; "last" for a token that ends its
+    choice) and one per choice that ends after its last token ("end"), from the scheduler's thread; it raises
+    ``ClientGone`` to stop. Raises ``ClientGone`` if the client left, or the engine's error."""
     ev = served.ev
     scheduler = served.schedulers[plan.engine]
     made = [_sequence(served, plan, i, emit, gone) for i in range(len(plan.choices))]

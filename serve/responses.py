@@ -143,17 +143,17 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
                     if event is None:
                         done = True
                         break
-                    what, index, delta, x = event
-                    n_out += what in ("token", "last")  # "last": a choice's last token, with its finish reason
-                    ended += what in ("end", "last")
+                    n_out += event.kind in ("token", "last")  # "last": a choice's last token, with its finish
+                    ended += event.kind in ("end", "last")
                     so_far = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
                     so_far = {"usage": Usage(**so_far, total_tokens=prompt_tokens + n_out)} if running else {}
-                    if what == "token":
-                        out.append(sse(chunk([choice(index, delta, None, x)], **so_far)))
+                    one = [choice(event.index, event.delta, event.finish, event.logprobs)]
+                    if event.kind == "token":
+                        out.append(sse(chunk(one, **so_far)))
                     elif ended == len(plan.choices):  # choices of a batch end in any order: the last to end
-                        last = ([choice(index, delta, *x)], so_far)  # sent with the measures
+                        last = (one, so_far)  # sent with the measures
                     else:
-                        out.append(sse(chunk([choice(index, delta, *x)], **so_far)))
+                        out.append(sse(chunk(one, **so_far)))
                 if out:
                     yield b"".join(out)
             try:

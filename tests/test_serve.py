@@ -1044,3 +1044,23 @@ def test_the_server_honours_top_k(served, url):
         assert post(url, body).json()["choices"][0]["text"] == greedy
     r = post(url, {"prompt": PROMPT, "max_tokens": 8, "top_k": 0})
     assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+
+
+def test_a_streams_events_are_typed_and_add_up_to_the_answer(served):
+    """serve.engine.run tells a stream each token as a StreamEvent: every choice's deltas add up to its text,
+    it ends with exactly one "last" or "end" event, that event carries the finish reason, and no other does."""
+    import serve.engine as srv
+    from serve.api import CompletionRequest
+    from serve.plan import plan_completion
+
+    events = []
+    req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=6, n=2, temperature=0.8, seed=3, ignore_eos=True)
+    result = srv.run(served, plan_completion(served, req, time.perf_counter()), events.append)
+    assert all(isinstance(e, srv.StreamEvent) for e in events) and {e.kind for e in events} <= {"token", "last", "end"}
+    for choice in result["choices"]:
+        mine = [e for e in events if e.index == choice["index"]]
+        assert "".join(e.delta for e in mine) == choice["text"]
+        assert [e.kind for e in mine].count("token") + ("last" in [e.kind for e in mine]) == 6
+        ends = [e for e in mine if e.kind in ("last", "end")]
+        assert len(ends) == 1 and ends[0] is mine[-1] and ends[0].finish == choice["finish_reason"] == "length"
+        assert all(e.finish is None for e in mine[:-1])
