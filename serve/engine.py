@@ -89,6 +89,54 @@ def load_served(
     return served
 
 
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One choice decoded: its text and finish reason, the log-probability entries sent with it, and its own
+    clock (``start_s``: when it joined the batch, from the first choice's start; latencies from there)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: list[dict]
+    start_s: float
+    tokens_out: int
+    ttft_ms: float | None
+    tpot_ms: float | None
+    itl_ms: list[float]
+    e2e_ms: float
+
+    def metrics(self) -> dict:
+        return {k: getattr(self, k) for k in ("tokens_out", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
+
+
+@dataclass(frozen=True)
+class Measures:
+    """The server's own figures about a request, sent beside the answer (its fields are the response's)."""
+
+    engine: str
+    engine_note: str
+    device: str
+    tokens_in: int
+    tokens_out: int
+    prompt_truncated: bool
+    queue_ms: float
+    batched: bool
+    ttft_ms: float | None  # one choice: its own clock; several: from the start of the first
+    tpot_ms: float | None
+    itl_ms: list[float] | None
+    e2e_ms: float
+    energy: dict
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    choices: list[ChoiceResult]
+    measures: Measures
+
+
 def _metrics(times: list[float], n_out: int) -> dict:
     e2e = 1e3 * times[-1] if times else 0.0
     return {
@@ -167,7 +215,7 @@ def _sequence(served: Served, plan: Plan, index: int, emit, gone) -> tuple[Seque
     return seq, record
 
 
-def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> dict:
+def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = None) -> RunResult:
     """Decode every choice of ``plan`` in its engine's running batch (serve/scheduler.py) and measure them.
     ``emit(event)``, if given, hears a ``StreamEvent`` per token ("token"; "last" for a token that ends its
     choice) and one per choice that ends after its last token ("end"), from the scheduler's thread; it raises
@@ -188,10 +236,11 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
         raise errors[0]
     started = min((s.admitted for s in seqs if s.admitted is not None), default=plan.received)
     results = [
-        record | {"start_s": (s.admitted or started) - started} | _metrics(s.times, len(s.tokens)) for s, record in made
+        ChoiceResult(**record, start_s=(s.admitted or started) - started, **_metrics(s.times, len(s.tokens)))
+        for s, record in made
     ]
     meter.idle_power_w = served.idle_power_w
-    n_out = sum(r["tokens_out"] for r in results)
+    n_out = sum(r.tokens_out for r in results)
     batched = any(s.shared for s in seqs)  # decoded beside other sequences (its own or others')
     if batched and served.counter is not None:
         # other requests decoded in the same steps: the window's energy is theirs too (the load client's
@@ -201,33 +250,29 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
         energy = meter.result(units=n_out or None, unit="token", min_window_s=min_window_for(meter.counter))
     first, single = results[0], len(results) == 1
     ends = [s.admitted + s.times[-1] for s in seqs if s.times]
-    return {
-        "choices": results,
-        "measures": {
-            "engine": plan.engine,
-            "engine_note": scheduler.slots.note,
-            "device": str(ev.device),
-            "tokens_in": sum(len(p) for p in plan.prompts),
-            "tokens_out": n_out,
-            "prompt_truncated": any(plan.truncated),
-            "queue_ms": 1e3 * (started - plan.received),
-            "batched": batched,
-            # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
-            "ttft_ms": None
-            if first["ttft_ms"] is None
-            else first["ttft_ms"] + (0 if single else 1e3 * first["start_s"]),
-            "tpot_ms": first["tpot_ms"] if single else None,
-            "itl_ms": first["itl_ms"] if single else None,
-            "e2e_ms": first["e2e_ms"] if single else 1e3 * (max(ends, default=started) - started),
-            "energy": energy,
-        },
-    }
+    measures = Measures(
+        engine=plan.engine,
+        engine_note=scheduler.slots.note,
+        device=str(ev.device),
+        tokens_in=sum(len(p) for p in plan.prompts),
+        tokens_out=n_out,
+        prompt_truncated=any(plan.truncated),
+        queue_ms=1e3 * (started - plan.received),
+        batched=batched,
+        # one choice: its own clock (from its prompt to its tokens); several: from the start of the first
+        ttft_ms=None if first.ttft_ms is None else first.ttft_ms + (0 if single else 1e3 * first.start_s),
+        tpot_ms=first.tpot_ms if single else None,
+        itl_ms=first.itl_ms if single else None,
+        e2e_ms=first.e2e_ms if single else 1e3 * (max(ends, default=started) - started),
+        energy=energy,
+    )
+    return RunResult(results, measures)
 
 
-def usage(plan: Plan, measures: dict) -> dict:
-    prompt = measures["tokens_in"]
+def usage(plan: Plan, measures: Measures) -> dict:
+    prompt = measures.tokens_in
     return {
         "prompt_tokens": prompt,
-        "completion_tokens": measures["tokens_out"],
-        "total_tokens": prompt + measures["tokens_out"],
+        "completion_tokens": measures.tokens_out,
+        "total_tokens": prompt + measures.tokens_out,
     }

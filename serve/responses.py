@@ -28,7 +28,7 @@ from serve.api import (
     new_id,
     now,
 )
-from serve.engine import run, usage
+from serve.engine import RunResult, run, usage
 from serve.plan import Plan
 from serve.served import Served
 
@@ -64,32 +64,28 @@ def _chat_logprobs(entries: list[dict]) -> dict:
     }
 
 
-def _choice_metrics(c: dict) -> dict:
-    return {k: c[k] for k in ("tokens_out", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
-
-
-def completion_body(served: Served, plan: Plan, result: dict, chat: bool) -> dict:
+def completion_body(served: Served, plan: Plan, result: RunResult, chat: bool) -> dict:
     """The whole answer, typed as the OpenAI API's (serve/api.py), with the server's measurements beside."""
-    several = len(result["choices"]) > 1
+    several = len(result.choices) > 1
     wanted = plan.how.logprobs is not None
     choices = []
-    for c in result["choices"]:
-        metrics = _choice_metrics(c) if several else None
-        common = {"index": c["index"], "finish_reason": c["finish_reason"], "metrics": metrics}
+    for c in result.choices:
+        metrics = c.metrics() if several else None
+        common = {"index": c.index, "finish_reason": c.finish_reason, "metrics": metrics}
         if chat:
-            lp = _chat_logprobs(c["logprobs"]) if wanted else None
-            choices.append(ChatChoice(message=ChatMessage(content=c["text"]), logprobs=lp, **common))
+            lp = _chat_logprobs(c.logprobs) if wanted else None
+            choices.append(ChatChoice(message=ChatMessage(content=c.text), logprobs=lp, **common))
         else:
-            lp = CompletionLogprobs(**_completion_logprobs(c["logprobs"])) if wanted else None
-            choices.append(CompletionChoice(text=c["text"], logprobs=lp, **common))
+            lp = CompletionLogprobs(**_completion_logprobs(c.logprobs)) if wanted else None
+            choices.append(CompletionChoice(text=c.text, logprobs=lp, **common))
     kind = ChatCompletionResponse if chat else CompletionResponse
     answer = kind(
         id=new_id("chatcmpl" if chat else "cmpl"),
         created=now(),
         model=plan.model or served.name,
         choices=choices,
-        usage=Usage(**usage(plan, result["measures"])),
-        **result["measures"],
+        usage=Usage(**usage(plan, result.measures)),
+        **result.measures.to_json(),
     )
     return answer.model_dump()
 
@@ -165,13 +161,13 @@ def stream(served: Served, plan: Plan, req: Sampling, chat: bool) -> StreamingRe
             else:
                 # The server's own figures ride on the last chunk: the usage chunk (choices empty) when usage
                 # was asked for, else the last choice's final chunk, so no empty-choices chunk is sent unasked.
-                measures = result["measures"]
+                measures = result.measures
                 if include_usage:
                     if last is not None:
                         yield sse(chunk(last[0], **last[1]))
-                    yield sse(chunk([], usage=Usage(**usage(plan, measures)), **measures))
+                    yield sse(chunk([], usage=Usage(**usage(plan, measures)), **measures.to_json()))
                 elif last is not None:
-                    yield sse(chunk(last[0], **(last[1] | measures)))
+                    yield sse(chunk(last[0], **(last[1] | measures.to_json())))
             yield sse(b"[DONE]")
         finally:
             gone.set()  # however the stream ends (the client may have left), the decoding stops

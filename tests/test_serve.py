@@ -287,10 +287,10 @@ def test_energy_per_request_with_a_counter(trained_checkpoint, tmp_path, monkeyp
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path)
     assert served.idle_power_w == pytest.approx(50.0, rel=1e-3)
     req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=8)
-    short = srv.run(served, plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
+    short = srv.run(served, plan_completion(served, req, time.perf_counter())).measures.energy
     assert short["energy_j"] is None and "under the 1 s a reading needs" in short["reason"]
     monkeypatch.setattr(srv, "min_window_for", lambda counter, requested=None: 0.0)  # any window counts
-    e = srv.run(served, plan_completion(served, req, time.perf_counter()))["measures"]["energy"]
+    e = srv.run(served, plan_completion(served, req, time.perf_counter())).measures.energy
     assert e["method"] == "fake-50w" and e["energy_j"] == pytest.approx(50.0 * e["window_s"], rel=1e-3)
     assert abs(e["net_energy_j"]) < 1e-3 * e["energy_j"] + 1e-6  # all of it was idle power
     assert e["j_per_token"] == pytest.approx(e["energy_j"] / e["units"])
@@ -1057,10 +1057,10 @@ def test_a_streams_events_are_typed_and_add_up_to_the_answer(served):
     req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=6, n=2, temperature=0.8, seed=3, ignore_eos=True)
     result = srv.run(served, plan_completion(served, req, time.perf_counter()), events.append)
     assert all(isinstance(e, srv.StreamEvent) for e in events) and {e.kind for e in events} <= {"token", "last", "end"}
-    for choice in result["choices"]:
-        mine = [e for e in events if e.index == choice["index"]]
-        assert "".join(e.delta for e in mine) == choice["text"]
+    for choice in result.choices:
+        mine = [e for e in events if e.index == choice.index]
+        assert "".join(e.delta for e in mine) == choice.text
         assert [e.kind for e in mine].count("token") + ("last" in [e.kind for e in mine]) == 6
         ends = [e for e in mine if e.kind in ("last", "end")]
-        assert len(ends) == 1 and ends[0] is mine[-1] and ends[0].finish == choice["finish_reason"] == "length"
+        assert len(ends) == 1 and ends[0] is mine[-1] and ends[0].finish == choice.finish_reason == "length"
         assert all(e.finish is None for e in mine[:-1])
