@@ -30,7 +30,7 @@ from llama.generation import decode_one_token, prefill
 from models.hf import HFModel, available_memory
 from models.interface import capabilities, require
 from runtime.compile import compiled as compiled_fn
-from runtime.decoding import Decoder, OwnCache, TorchDecoder
+from runtime.decoding import Decoder, TorchDecoder, own_view
 from runtime.engines import DeviceSteps, Slots
 
 
@@ -69,7 +69,8 @@ class TorchSlots(Slots):
         self.decode = compiled_fn(decode_one_token, mode, device)
         self.prefill = compiled_fn(prefill, prefill_mode, device)
         self._check_memory()
-        self.cache = OwnCache(model, max_batch, self.S)
+        self.view = own_view(model)  # the engine's own modules (the model's weights) for its own cache
+        self.ready = False  # the view holds its cache (set up at first use, after a release)
         self.arange = torch.arange(self.S, device=device)  # prompt positions, sliced (no kernel per prompt)
 
     def _check_memory(self):
@@ -90,7 +91,8 @@ class TorchSlots(Slots):
         """The model's caches narrowed to one slot's row (views: what the prompt writes lands in that row), so
         the prompt runs as a batch of one, exactly as it would alone. Written by hand: the model's forward knows
         rows 0..B-1 only, and a view is the one way to hand it row ``slot`` without copying the cache."""
-        caches = self.cache.layers
+        self._cache()
+        caches = [layer.attention.kv_cache for layer in self.view.layers]
         whole = [(c.k_cache, c.v_cache) for c in caches]
         try:
             for c, (k, v) in zip(caches, whole, strict=True):
@@ -100,30 +102,36 @@ class TorchSlots(Slots):
             for c, (k, v) in zip(caches, whole, strict=True):
                 c.k_cache, c.v_cache = k, v
 
+    def _cache(self) -> None:
+        if not self.ready:
+            self.view.setup_caches(self.max_batch, self.S)
+            self.ready = True
+
     def _prompt(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.prefill(self.model, tokens, self.arange[: tokens.shape[1]])
+        return self.prefill(self.view, tokens, self.arange[: tokens.shape[1]])
 
     @torch.no_grad()
     def fill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prompts (B, T) on the device into rows 0..B-1; (B, V) logits of their next tokens, on the device."""
         if not 0 < tokens.shape[0] <= self.max_batch or not 0 < tokens.shape[1] < self.S:
             raise UserError(f"prompts of shape {tuple(tokens.shape)} do not fit {self.max_batch} rows of {self.S}")
-        self.cache.install()
+        self._cache()
         return self._prompt(tokens)
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows 0..n-1's next tokens (n, 1) at their ``positions`` (n, 1), on the device -> (n, V) logits there."""
-        self.cache.install()
-        return self.decode(self.model, tokens, positions)
+        self._cache()
+        return self.decode(self.view, tokens, positions)
 
     def positions(self, pos: int, rows: int | None = None) -> torch.Tensor:
         """The positions ``advance`` takes when every one of ``rows`` (default: all) is at ``pos``: (rows, 1)."""
         return torch.full((rows or self.max_batch, 1), pos, dtype=torch.long, device=self.device)
 
     def release(self) -> None:
-        """Take this engine's cache out of the model and free it (a later call sets up a new one)."""
-        self.cache.release()
+        """Free this engine's cache (a later call sets up a new one)."""
+        self.view.clear_caches()
+        self.ready = False
 
     @torch.no_grad()
     def open(self, slot, ids):

@@ -128,34 +128,16 @@ class Decoder(Slots):
         super().check(model, [list(p) for p in prompts], n_tokens)
 
 
-class OwnCache:
-    """A KV cache of ``rows`` x ``length`` positions that one engine keeps as its own and puts into the model
-    before each use (``install``): engines of one model (torch and compile, a server's batch, a latency timing)
-    take turns with it, and none reads or writes another's cache. For this project's models (a static cache)."""
-
-    def __init__(self, model: nn.Module, rows: int, length: int):
-        self.model, self.rows, self.length = model, rows, length
-        self.held: tuple[list, torch.Tensor] | None = None  # (each layer's KVCache, the causal mask)
-
-    def install(self) -> None:
-        if self.held is None:
-            self.model.setup_caches(self.rows, self.length)
-            self.held = ([layer.attention.kv_cache for layer in self.model.layers], self.model.causal_mask)
-        caches, mask = self.held
-        for layer, cache in zip(self.model.layers, caches, strict=True):
-            layer.attention.kv_cache = cache
-        self.model.causal_mask = mask
-
-    @property
-    def layers(self) -> list:
-        """Each layer's KVCache (installed first)."""
-        self.install()
-        return self.held[0]
-
-    def release(self) -> None:
-        """Take the cache out of the model and let it go (the memory returns once nothing else holds it)."""
-        self.model.clear_caches()
-        self.held = None
+def own_view(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares every tensor with it (parameters, buffers and any tensor held
+    as an attribute: no weight is copied), for one engine to keep its KV cache in: engines of one model (torch
+    and compile, a server's batch, a latency timing) each decode in their own view, so none reads, writes or
+    swaps another's cache. Written by hand: a deep copy told to keep the tensors (``memo``) is the whole trick."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
+        memo.update({id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+    return copy.deepcopy(model, memo)
 
 
 class TorchDecoder(Decoder):
@@ -171,7 +153,10 @@ class TorchDecoder(Decoder):
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
         self.decode_step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
-        self.cache: OwnCache | None = None
+        # this project's models: the engine's own view (its cache kept while its size holds); a Hugging Face
+        # model's cache is an argument of each call, made fresh per prompt (models/hf.py)
+        self.view = own_view(model) if self.static else model
+        self.cache_shape: tuple[int, int] | None = None
 
     def cache_len(self) -> int:
         """The KV cache a request needs, rounded up to a multiple of CACHE_BLOCK: a cache of the whole context
@@ -183,28 +168,24 @@ class TorchDecoder(Decoder):
         """Prompts (B, T) on the device into a fresh cache of ``cache_len()`` positions; (B, V) logits of their
         next tokens, on the device."""
         rows, size = tokens.shape[0], self.cache_len()
-        if not self.static:  # transformers' cache grows: a fresh one for each prompt
-            self.model.setup_caches(rows, size)
-        else:  # this project's keeps its cache while the size holds (entries past the prompt are masked until
-            # written; the compiled step keeps its graph)
-            if self.cache is None or (self.cache.rows, self.cache.length) != (rows, size):
-                self.cache = OwnCache(self.model, rows, size)
-            self.cache.install()
-        return prefill(self.model, tokens, torch.arange(tokens.shape[1], device=self.device))
+        # transformers' cache grows: a fresh one for each prompt; this project's is kept while the size holds
+        # (entries past the prompt are masked until written; the compiled step keeps its graph)
+        if not self.static or self.cache_shape != (rows, size):
+            self.view.setup_caches(rows, size)
+            self.cache_shape = (rows, size)
+        return prefill(self.view, tokens, torch.arange(tokens.shape[1], device=self.device))
 
     def advance(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each row's next token (B, 1) at ``positions`` (from ``positions``) -> (B, V) logits, on the device."""
-        if self.static:
-            self.cache.install()
-        return self.decode_step(self.model, tokens, positions)
+        return self.decode_step(self.view, tokens, positions)
 
     def positions(self, pos: int) -> torch.Tensor:
         """The positions ``advance`` takes when every row is at ``pos``."""
         return torch.tensor([pos], device=self.device)
 
     def release(self) -> None:
-        self.model.clear_caches()
-        self.cache = None
+        self.view.clear_caches()
+        self.cache_shape = None
 
     def start(self, ids):
         return self.fill(torch.tensor([ids], device=self.device))[0]

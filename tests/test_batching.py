@@ -84,6 +84,22 @@ def test_two_engines_of_one_model_keep_their_sequences_apart(model):
     assert out_a == generate(model, [PROMPTS[0]], 7)[0] and out_b == generate(model, [PROMPTS[2]], 7)[0]
 
 
+def test_each_engine_keeps_its_cache_in_its_own_view_of_the_same_weights(model):
+    """No cache swapping: a batching engine and a decoder of one model decode in views that share the model's
+    weights (no copy), each holding its own cache; the model itself never holds one."""
+    slots, decoder = TorchSlots(model, CPU, 2), TorchDecoder(model, CPU)
+    slots.open(0, PROMPTS[0])
+    decoder.start(PROMPTS[1])
+    own = [e.view.layers[0].attention.kv_cache for e in (slots, decoder)]
+    assert model.layers[0].attention.kv_cache is None and own[0] is not None and own[1] is not None
+    assert own[0] is not own[1] and own[0].k_cache.shape[0] == 2 and own[1].k_cache.shape[0] == 1
+    for view in (slots.view, decoder.view):
+        assert [p.data_ptr() for p in view.parameters()] == [p.data_ptr() for p in model.parameters()]
+    slots.release()
+    assert slots.view.layers[0].attention.kv_cache is None and decoder.view.layers[0].attention.kv_cache is own[1]
+    assert int(slots.open(1, PROMPTS[2]).argmax()) == generate(model, [PROMPTS[2]], 1)[0][0]  # set up again
+
+
 def test_a_batch_that_cannot_fit_in_memory_is_refused_in_one_line(model):
     with pytest.raises(Exception, match="--max-batch 100000000 needs .* GiB of KV cache"):
         TorchSlots(model, CPU, 100_000_000)
