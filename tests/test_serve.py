@@ -1064,3 +1064,31 @@ def test_a_streams_events_are_typed_and_add_up_to_the_answer(served):
         ends = [e for e in mine if e.kind in ("last", "end")]
         assert len(ends) == 1 and ends[0] is mine[-1] and ends[0].finish == choice.finish_reason == "length"
         assert all(e.finish is None for e in mine[:-1])
+
+
+def test_one_seeded_sampling_setting_draws_the_same_tokens_through_every_path(served, url):
+    """Seeded sampling with top-k and top-p, ending at EOS or the length: the evaluators' batched generation,
+    a decoder alone, the server's decode loop in a batch beside other sequences, and the server over HTTP (every
+    engine) all draw the same tokens: one sampler, one seed, one stream of random numbers per sequence."""
+    from runtime.batching import TorchSlots
+    from runtime.decoding import TorchDecoder
+    from runtime.generate import generate_ids
+    from runtime.loop import Batch, Sequence
+    from runtime.sampling import SamplingParams
+    from serve.api import CompletionRequest
+    from serve.plan import plan_completion
+
+    ev, tok = served.ev, served.ev.tokenizer
+    body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 11}
+    [ids] = plan_completion(served, CompletionRequest(model=MODEL, **body), time.perf_counter()).prompts
+    how = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=11)
+    evaluators = generate_ids(ev, [ids], how)[0][0]
+    alone = TorchDecoder(ev.model, ev.device).generate(ids, how, eos_id=tok.eos_id).tokens
+    seqs = [Sequence(ids, how, eos_id=tok.eos_id), Sequence(ids[:3], SamplingParams(4)), Sequence([5, 6], how)]
+    batch = Batch(TorchSlots(ev.model, ev.device, 3))
+    batch.step(seqs)
+    while batch.running:
+        batch.step([])
+    assert evaluators == alone == seqs[0].tokens and len(evaluators) > 0 and batch.largest_batch == 3
+    for engine in DECODE_ENGINES:
+        assert text(post(url, body | {"engine": engine})) == tok.decode(evaluators), engine
