@@ -23,7 +23,7 @@ from common.cli import parse_args, run_main
 from common.device import pick_device
 from common.files import atomic_write
 from common.hardware import run_metadata
-from eval.efficiency import evaluate_efficiency, table
+from eval.efficiency import Timings, evaluate_efficiency, table
 from eval.latency import MODES
 from llama.model import Transformer, count_params
 from runtime.engines import ENGINES
@@ -88,21 +88,11 @@ def main(argv=None):
             if layer.attention.head_layer is not None:
                 torch.nn.init.normal_(layer.attention.head_layer.w2, std=0.02)
         context = a.context or cfg.model.max_seq_len // 2
-        r = evaluate_efficiency(
-            model,
-            device,
-            a.batch_sizes,
-            context,
-            context,
-            a.n_tokens,
-            modes,
-            engines,
-            energy=True,
-            min_window_s=a.min_window,
-            idle_s=1.0,
-            repeats=a.repeats,
-            energy_runs=a.energy_runs,
-        )
+        timings = Timings(
+            a.batch_sizes, context, context, a.n_tokens, modes, engines,
+            min_window_s=a.min_window, repeats=a.repeats, energy_runs=a.energy_runs,
+        )  # fmt: skip
+        r = evaluate_efficiency(model, device, timings)
         rows.append(
             {
                 "config": name,

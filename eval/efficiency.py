@@ -33,34 +33,57 @@ from models.interface import capabilities, require, state_dict_bytes
 from runtime.engines import DEFAULT_ENGINES, ENGINES, build, check
 
 
-def evaluate_efficiency(
-    model,
-    device,
-    batch_sizes,
-    context,
-    prompt_len,
-    n_tokens,
-    modes,
-    engines,
-    energy=True,
-    min_window_s=None,
-    idle_s=1.0,
-    repeats=5,
-    progress=True,
-    energy_runs=1,
-) -> dict:
+@dataclass(frozen=True)
+class Timings:
+    """What ``evaluate_efficiency`` times: prefill of ``prompt_len`` tokens and decode of ``n_tokens`` after
+    ``context`` at each of ``batch_sizes`` in each of ``modes``, the full forward of ``context`` tokens in each of
+    ``engines``; ``repeats`` timed passes; energy per decode row where a counter reads and ``energy`` is on
+    (``energy_runs`` windows of at least ``min_window_s`` after ``idle_s`` of idle power). Checked once, here."""
+
+    batch_sizes: tuple[int, ...]
+    context: int
+    prompt_len: int
+    n_tokens: int
+    modes: tuple[str, ...]
+    engines: tuple[str, ...]
+    energy: bool = True
+    min_window_s: float | None = None
+    idle_s: float = 1.0
+    repeats: int = 5
+    energy_runs: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        object.__setattr__(self, "modes", tuple(self.modes))
+        object.__setattr__(self, "engines", tuple(self.engines))
+        check_counts(self, context=self.context, prompt_len=self.prompt_len)
+
+
+def check_counts(o, **more) -> None:
+    """The counts of ``o`` (Timings or the command's options) and ``more`` must be at least 1: one line if not."""
+    counts = {"batch_sizes": min(o.batch_sizes, default=0), "n_tokens": o.n_tokens, "repeats": o.repeats}
+    for name, v in (counts | {"energy_runs": o.energy_runs} | more).items():
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+
+
+def evaluate_efficiency(model, device, t: Timings) -> dict:
+    """Latency (prefill, decode) per mode and batch size, energy per decoded token where measured, and the full
+    forward per engine (each checked against eager first; one that fails is reported, not hidden)."""
+    batch_sizes, context, prompt_len, n_tokens, repeats = t.batch_sizes, t.context, t.prompt_len, t.n_tokens, t.repeats
     vocab = model.params.vocab_size
     out = {"prefill": [], "decode": [], "forward": [], "memory_bytes": state_dict_bytes(model)}
-    counter, reason = find_counter(device) if energy else (None, "not requested")
-    jobs = [(m, b) for m in modes for b in batch_sizes]
-    for mode, b in Progress(jobs, desc="latency", disable=not progress):
+    counter, reason = find_counter(device) if t.energy else (None, "not requested")
+    jobs = [(m, b) for m in t.modes for b in batch_sizes]
+    for mode, b in Progress(jobs, desc="latency", disable=not t.progress):
         out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)).to_json())
         measure = None
         if counter is not None:
 
             def measure(run, units):
                 return repeated_energy(
-                    run, units, device, energy_runs, min_window_s=min_window_s, idle_s=idle_s, counter=counter
+                    run, units, device, t.energy_runs, min_window_s=t.min_window_s, idle_s=t.idle_s, counter=counter
                 )
 
         row = time_decode(model, b, context, n_tokens, mode, repeats=repeats, energy=measure)
@@ -69,7 +92,7 @@ def evaluate_efficiency(
         out["decode"].append(row.to_json())
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
     with tempfile.TemporaryDirectory(prefix="engines-") as workdir:  # the exports go when the timing is done
-        for name in Progress(engines, desc="engines", disable=not progress):
+        for name in Progress(t.engines, desc="engines", disable=not t.progress):
             try:
                 engine = build(name, model, example, workdir)
                 diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
@@ -140,11 +163,14 @@ class Args(EvalOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        counts = {"batch-sizes": min(self.batch_sizes, default=0), "n-tokens": self.n_tokens}
-        counts |= {"repeats": self.repeats, "energy-runs": self.energy_runs}
-        for name, v in counts.items():
-            if v < 1:
-                raise UserError(f"--{name} must be at least 1 (got {v})")
+        check_counts(self, context=self.context, prompt_len=self.prompt_len)  # at once, before the model loads
+
+    def timings(self, context: int, modes: list[str], engines: list[str]) -> Timings:
+        """These options as what evaluate_efficiency times (the defaults that depend on the model filled in)."""
+        return Timings(
+            self.batch_sizes, context, self.prompt_len or context, self.n_tokens, modes, engines, self.energy,
+            self.min_window, self.idle, self.repeats, self.energy_runs,
+        )  # fmt: skip
 
 
 def main(argv=None):
@@ -165,21 +191,8 @@ def main(argv=None):
     if ev.device.type != "cuda":  # threads other work leaves free: timings that do not oversubscribe (recorded)
         torch.set_num_threads(timing_threads(a.threads))
     with LoadMeter() as meter:  # how busy the machine was while these were timed
-        r = evaluate_efficiency(
-            model,
-            ev.device,
-            a.batch_sizes,
-            context,
-            a.prompt_len or context,
-            a.n_tokens,
-            modes,
-            a.engines or (list(DEFAULT_ENGINES) if can.export else ["torch", "compile"]),
-            a.energy,
-            a.min_window,
-            a.idle,
-            a.repeats,
-            energy_runs=a.energy_runs,
-        )
+        engines = a.engines or (list(DEFAULT_ENGINES) if can.export else ["torch", "compile"])
+        r = evaluate_efficiency(model, ev.device, a.timings(context, modes, engines))
     settings = {
         "threads": torch.get_num_threads(),
         "load": meter.result(),  # how busy the machine was while these were timed

@@ -174,12 +174,11 @@ def test_tests_not_marked_cuda_see_a_cpu_machine():
 def test_efficiency_leaves_no_exports_behind(model, tmp_path, monkeypatch):
     import tempfile
 
-    from eval.efficiency import evaluate_efficiency
+    from eval.efficiency import Timings, evaluate_efficiency
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    r = evaluate_efficiency(
-        model, torch.device("cpu"), [1], 8, 8, 2, ["eager"], ["onnxruntime"], energy=False, repeats=1, progress=False
-    )
+    t = Timings([1], 8, 8, 2, ["eager"], ["onnxruntime"], energy=False, repeats=1, progress=False)
+    r = evaluate_efficiency(model, torch.device("cpu"), t)
     assert [row["engine"] for row in r["forward"]] == ["onnxruntime"] and "error" not in r["forward"][0]
     assert list(tmp_path.iterdir()) == []
 
@@ -217,3 +216,32 @@ def test_the_timed_engine_under_cuda_graphs_decodes_as_eager_on_gpu(model):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     graphs.release()
     eager.release()
+
+
+def test_the_timings_settings_are_one_checked_object():
+    from common.cli import UserError
+    from eval.efficiency import Args, Timings
+
+    t = Timings([1, 8], 16, 16, 4, ["eager"], ["torch"])
+    assert t.batch_sizes == (1, 8) and t.repeats == 5 and hash(t)
+    for bad, flag in (
+        ({"repeats": 0}, "--repeats"),
+        ({"prompt_len": 0}, "--prompt-len"),
+        ({"batch_sizes": [0]}, "--batch-sizes"),
+    ):
+        with pytest.raises(UserError, match=f"{flag} must be at least 1"):
+            Timings(
+                **(
+                    {
+                        "batch_sizes": [1],
+                        "context": 8,
+                        "prompt_len": 8,
+                        "n_tokens": 2,
+                        "modes": ["eager"],
+                        "engines": [],
+                    }
+                    | bad
+                )
+            )
+    a = Args(checkpoint="x", batch_sizes=[2], n_tokens=3, repeats=2, energy=False)
+    assert a.timings(32, ["eager"], ["torch"]) == Timings([2], 32, 32, 3, ["eager"], ["torch"], False, repeats=2)
