@@ -31,7 +31,7 @@ from common.cli import UserError, parse_args, positional, run_main
 from common.files import atomic_write
 from common.load import LoadMeter
 from common.process import die_with_parent
-from serve.client import humaneval_prompts, run_load
+from serve.client import Load, humaneval_prompts, run_load
 from serve.launch import free_port, wait_ready
 
 
@@ -114,7 +114,7 @@ def main(argv=None):
             if engine not in health["engines"] or read_run(out, c, r, engine, mb) is not None:
                 continue  # not served here, or done before this resume
             n = max(8, a.requests_per_stream * c)
-            run_load(servers[mb][1], [f"{model}:{engine}"], n, c, a.max_tokens, out, prompts, progress=False)
+            run_load(servers[mb][1], Load(n, c, a.max_tokens, [f"{model}:{engine}"]), out, prompts, progress=False)
             got = read_run(out, c, r, engine, mb)
             print(f"c={c} round {r} {engine} max-batch {mb}: {got['tokens_per_s']:.0f} tokens/s", flush=True)
     finally:

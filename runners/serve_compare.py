@@ -21,7 +21,7 @@ from pathlib import Path
 from common.cli import parse_args, positional, run_main
 from common.process import die_with_parent
 from runtime.decoding import DECODE_ENGINES
-from serve.client import run_load
+from serve.client import Load, run_load
 from serve.launch import free_port, wait_ready
 from visualizations.serving import write_serving_report
 
@@ -53,7 +53,7 @@ def main(argv=None):
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     try:
         wait_ready(url, proc, log, a.startup_timeout)
-        summary = run_load(url, None, a.requests, a.concurrency, a.max_tokens, out)
+        summary = run_load(url, Load(a.requests, a.concurrency, a.max_tokens), out)
     finally:
         proc.terminate()
         try:

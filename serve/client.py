@@ -351,31 +351,52 @@ def jobs_for(
     return jobs
 
 
+@dataclass(frozen=True)
+class Load:
+    """One run's load: ``n_requests`` (at most) spread evenly over ``targets`` (None: every model the server
+    lists), ``concurrency`` in flight at once, arrivals at ``rate`` per second (None: all at once) until
+    ``duration_s``, ``max_tokens`` new tokens each at ``temperature``; ``timeout_s`` per request; ``slo``: the
+    goodput's service levels (vLLM's --goodput). Checked once, here."""
+
+    n_requests: int
+    concurrency: int
+    max_tokens: int
+    targets: tuple[str, ...] | None = None
+    temperature: float = 0.0
+    rate: float | None = None
+    duration_s: float | None = None
+    seed: int = 0
+    timeout_s: float = 600.0
+    api_key: str = "none"
+    slo: dict[str, float] | None = field(default=None, hash=False)
+
+    def __post_init__(self):
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.n_requests <= 0 or self.concurrency <= 0 or self.max_tokens <= 0:
+            raise UserError("--requests, --concurrency and --max-tokens must be positive")
+        r, d, t = self.rate, self.duration_s, self.timeout_s
+        if r is not None and not r > 0 or d is not None and not d > 0 or not t > 0:
+            raise UserError("--rate, --duration and --timeout must be positive")
+
+
 def run_load(
-    url: str,
-    targets: list[str] | None,
-    n_requests: int,
-    concurrency: int,
-    max_tokens: int,
-    out: Path,
-    prompts: list[str] | None = None,
-    temperature: float = 0.0,
-    rate: float | None = None,
-    duration_s: float | None = None,
-    seed: int = 0,
-    timeout_s: float = 600.0,
-    allow_remote: bool = False,
-    api_key: str = "none",
-    progress: bool = True,
-    slo: dict[str, float] | None = None,
+    url: str, load: Load, out: Path, prompts: list[str] | None = None, allow_remote: bool = False, progress=True
 ) -> dict:
+    """Send ``load`` to the OpenAI-compatible server at ``url`` (loopback unless ``allow_remote``), streamed,
+    each request measured from its chunks; requests.jsonl/.csv and summary.json land in ``out``."""
     base = api_base(url, allow_remote)
-    if n_requests <= 0 or concurrency <= 0:
-        raise UserError("--requests and --concurrency must be positive")
-    if rate is not None and not rate > 0 or duration_s is not None and not duration_s > 0 or not timeout_s > 0:
-        raise UserError("--rate, --duration and --timeout must be positive")
+    n_requests, concurrency, max_tokens, temperature = (
+        load.n_requests,
+        load.concurrency,
+        load.max_tokens,
+        load.temperature,
+    )
+    rate, duration_s, seed, timeout_s, api_key, slo = (
+        load.rate, load.duration_s, load.seed, load.timeout_s, load.api_key, load.slo
+    )  # fmt: skip
     listed, server = discover(base, api_key, min(timeout_s, 30.0))
-    targets = targets or listed
+    targets = list(load.targets or listed)
     missing = [t for t in targets if t not in server["models"]]
     if missing:
         raise UserError(f"the server does not serve {missing}; it serves {server['models']}")
@@ -433,6 +454,13 @@ class Args:
     api_key: str = "none"  # sent as the bearer token (servers that check one)
     goodput: list[str] | None = None  # SLOs as vLLM's --goodput: ttft:MS tpot:MS e2el:MS (requests meeting all)
 
+    def load(self, concurrency: int) -> Load:
+        """These options as one run's load at ``concurrency``."""
+        return Load(
+            self.requests, concurrency, self.max_tokens, self.models, self.temperature, self.rate, self.duration,
+            self.seed, self.timeout, self.api_key, parse_slo(self.goodput),
+        )  # fmt: skip
+
     def __post_init__(self):
         for key in ("requests", "max_tokens"):
             if not getattr(self, key) > 0:
@@ -465,9 +493,7 @@ def run_sweep(a, prompts) -> list[dict]:
     """The same load at each --concurrency, one run after another (out/concurrency-N/), and sweep.json/.csv."""
     points = []
     for c in a.concurrency:
-        s = run_load(a.url, a.models, a.requests, c, a.max_tokens, Path(a.out) / f"concurrency-{c}", prompts,
-                     a.temperature, a.rate, a.duration, a.seed, timeout_s=a.timeout, allow_remote=a.allow_remote,
-                     api_key=a.api_key, slo=parse_slo(a.goodput))  # fmt: skip
+        s = run_load(a.url, a.load(c), Path(a.out) / f"concurrency-{c}", prompts, a.allow_remote)
         points.append((c, s))
     rows = sweep_rows(points)
     sweep = {"concurrency": a.concurrency, "definitions": DEFINITIONS, "rows": rows}
@@ -485,23 +511,7 @@ def main(argv=None):
                   f"TTFT p50 {r['ttft_ms_p50'] or 0:.1f} ms, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms")  # fmt: skip
         print(f"-> {a.out}/sweep.json (plot: python -m visualizations.serving {a.out})")
         return
-    s = run_load(
-        a.url,
-        a.models,
-        a.requests,
-        a.concurrency[0],
-        a.max_tokens,
-        Path(a.out),
-        prompts,
-        a.temperature,
-        a.rate,
-        a.duration,
-        a.seed,
-        timeout_s=a.timeout,
-        allow_remote=a.allow_remote,
-        api_key=a.api_key,
-        slo=parse_slo(a.goodput),
-    )
+    s = run_load(a.url, a.load(a.concurrency[0]), Path(a.out), prompts, a.allow_remote)
     for t, r in s["targets"].items():
         ttft, tpot = r["ttft_ms"], r["tpot_ms"]
         line = f"{t}: {r['ok']}/{r['requests']} ok"

@@ -293,7 +293,7 @@ def test_a_batched_servers_energy_is_taken_over_the_whole_run(trained_checkpoint
     """With a counter, J/token of a run is the counter's two readings over the run's tokens (GET /energy),
     never the sum of overlapping per-request windows."""
     import serve.engine as srv
-    from serve.client import run_load
+    from serve.client import Load, run_load
     from serve.server import create_app, load_served
     from tests.test_serve import serving
 
@@ -308,7 +308,7 @@ def test_a_batched_servers_energy_is_taken_over_the_whole_run(trained_checkpoint
     served = load_served(str(trained_checkpoint), ["torch"], "cpu", 16, tmp_path / "x", max_batch=4)
     with serving(create_app(served)) as url:
         t0 = time.perf_counter()
-        s = run_load(url, ["t"], 8, 4, 6, tmp_path / "load", ["def f(x):\n", "import os\n"], progress=False)
+        s = run_load(url, Load(8, 4, 6, ["t"]), tmp_path / "load", ["def f(x):\n", "import os\n"], progress=False)
         wall = time.perf_counter() - t0
     e = s["energy"]
     tokens = s["targets"]["t"]["tokens_out"]

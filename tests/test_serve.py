@@ -144,13 +144,13 @@ def test_a_burst_of_concurrent_requests_is_all_answered(served, url):
 
 
 def test_load_client_writes_requests_summary_statistics_and_report(served, url, tmp_path):
-    from serve.client import run_load
+    from serve.client import Load, run_load
     from serve.load_summary import CSV_FIELDS
     from visualizations.serving import write_serving_report
 
     prompts = ["def f(x):\n", "import os\n", "class A:\n"]
     targets = [f"{MODEL}:torch", f"{MODEL}:onnxruntime"]
-    s = run_load(url, targets, 12, 3, 8, tmp_path, prompts, progress=False)
+    s = run_load(url, Load(12, 3, 8, targets), tmp_path, prompts, progress=False)
     assert s["ok"] == 12 and s["requests_per_s"] > 0
     assert all(t["prompts_truncated"] == 0 for t in s["targets"].values())
     rows = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
@@ -178,10 +178,10 @@ def test_load_client_writes_requests_summary_statistics_and_report(served, url, 
 
 
 def test_load_client_refuses_anything_but_loopback_unless_allowed(tmp_path):
-    from serve.client import api_base, run_load
+    from serve.client import Load, api_base, run_load
 
     with pytest.raises(ValueError, match="loopback only"):
-        run_load("http://example.com:8000", None, 4, 1, 4, tmp_path)
+        run_load("http://example.com:8000", Load(4, 1, 4), tmp_path)
     assert api_base("http://example.com:8000", allow_remote=True) == "http://example.com:8000/v1"
     assert api_base("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
     with pytest.raises(ValueError, match="HOST:PORT"):
@@ -541,13 +541,13 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(served, url):
 def test_the_load_client_measures_a_second_server_with_the_same_columns(served, url, tmp_path):
     import dataclasses
 
-    from serve.client import run_load
+    from serve.client import Load, run_load
 
     other = dataclasses.replace(served, name="other-model", lock=threading.Lock())
     with serving(create_app(other)) as url2:
         prompts = ["def f(x):\n", "import os\n"]
-        a = run_load(url, [MODEL], 4, 2, 6, tmp_path / "a", prompts, progress=False)
-        b = run_load(url2, None, 40, 2, 6, tmp_path / "b", prompts, rate=20.0, duration_s=0.4, progress=False)
+        a = run_load(url, Load(4, 2, 6, [MODEL]), tmp_path / "a", prompts, progress=False)
+        b = run_load(url2, Load(40, 2, 6, rate=20.0, duration_s=0.4), tmp_path / "b", prompts, progress=False)
     assert list(b["targets"]) == [f"other-model:{e}" for e in DECODE_ENGINES]  # every engine; the alias left out
     assert set(a["targets"][MODEL]) == set(b["targets"]["other-model:torch"])
     errs = [json.loads(x).get("error") for x in (tmp_path / "b" / "requests.jsonl").read_text().splitlines()]
@@ -1092,3 +1092,14 @@ def test_one_seeded_sampling_setting_draws_the_same_tokens_through_every_path(se
     assert evaluators == alone == seqs[0].tokens and len(evaluators) > 0 and batch.largest_batch == 3
     for engine in DECODE_ENGINES:
         assert text(post(url, body | {"engine": engine})) == tok.decode(evaluators), engine
+
+
+def test_a_load_is_one_checked_settings_object():
+    from common.cli import UserError
+    from serve.client import Args, Load
+
+    for bad in ({"n_requests": 0}, {"concurrency": -1}, {"rate": 0.0}, {"timeout_s": 0.0}, {"duration_s": -1.0}):
+        with pytest.raises(UserError, match="must be positive"):
+            Load(**({"n_requests": 4, "concurrency": 2, "max_tokens": 8} | bad))
+    a = Args(url="http://127.0.0.1:1", models=["m"], requests=6, max_tokens=5, rate=2.0, goodput=["ttft:100"])
+    assert a.load(3) == Load(6, 3, 5, ("m",), rate=2.0, slo={"ttft_ms": 100.0})
