@@ -45,6 +45,7 @@ from runners.study_steps import (
     stop_child,
 )
 from runners.study_tune import choose, chosen_rates, tune_steps
+from runners.study_tune import progress as tune_progress
 
 # ---------------------------------------------------------------------------------------------------------
 # Running the steps
@@ -333,6 +334,21 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def study_status(s: Study) -> str:
+    """Where ``s`` stands, from its markers and logs (nothing is run or written): the rate check's losses so
+    far, then, once it has chosen the rates, how many of the main steps have finished."""
+    out = [tune_progress(s)] if s.tune is not None else []
+    if s.tune is None or chosen_rates(s):
+        if s.tune is not None:
+            s.rates = chosen_rates(s)
+        steps = plan(s)
+        done = sum((s.out / "steps" / f"{st.key}.json").is_file() for st in steps)
+        out.append(f"study {s.name!r}: {done} of {len(steps)} steps finished")
+    else:
+        out.append("the main runs wait for the rate check to finish (it chooses each run's rate)")
+    return "\n\n".join(out)
+
+
 @dataclass
 class Args:
     what: list[str] = positional(required=False, default_factory=list)  # a study .toml file, or runner names
@@ -342,6 +358,7 @@ class Args:
     plan: bool = False  # train nothing: print each comparison's minimum detectable difference from --pilot's spread
     pilot: str | None = None  # with --plan: results folder of an earlier run or a pilot (default: the study's own)
     difference: float | None = None  # with --plan: the difference to detect (default: a third of the depth gap)
+    status: bool = False  # train nothing: where the study stands (the rate check's losses so far, steps finished)
 
 
 def main(argv=None):
@@ -371,6 +388,9 @@ def main(argv=None):
 
     if a.executor not in EXECUTORS:
         raise UserError(f"--executor {a.executor!r}: use one of {EXECUTORS}")
+    if a.status:
+        print(study_status(study))
+        return
     if a.plan:
         if study.tune is not None:
             study.rates = chosen_rates(study)  # the rates its check chose (if it has run) name its runs

@@ -97,6 +97,30 @@ def choose(s: Study) -> dict[str, float]:
     return {name: rec["chosen"] for name, rec in record.items()}
 
 
+def progress(s: Study) -> str:
+    """Where the check stands, for ``--status`` (reads only): each run's tail loss at each rate and seed whose
+    training finished (its step's marker), "-" for the others, and the mean where every seed has finished. A
+    rate is chosen only when the whole check has finished (``choose``); this table chooses nothing."""
+    assert s.tune is not None
+    done = {st.name for st in tune_steps(s) if (s.out / "steps" / f"{st.key}.json").is_file()}
+    seeds = range(s.tune.seeds)
+    lines = [
+        f"rate check of study {s.name!r}: {len(done)} of {len(tune_steps(s))} trainings finished "
+        f"(tail: the mean training loss over the last {s.tune.tail:.0%} of the steps)",
+        "",
+        "| run | lr | " + " | ".join(f"seed {k}" for k in seeds) + " | mean |",
+        "|---|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for r in s.runs:
+        for lr in s.grid(r):
+            names = [s.run_name(r.name, k, lr) for k in seeds]
+            losses = [tail_loss(Path(s.logs_dir) / n, s.tune.tail) if n in done else None for n in names]
+            cells = ["-" if x is None else f"{x:.4f}" for x in losses]
+            mean = f"{np.mean(losses):.4f}" if all(x is not None for x in losses) else "-"
+            lines.append(f"| {r.name} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: a diverged rate reads null
 

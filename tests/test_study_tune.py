@@ -152,3 +152,20 @@ args = {q([*tiny_run(corpus), "--log-interval", "1", "--max-steps", "20", "--war
         choose(s)
     means = [r["mean"] for r in json.loads((s.out / "tune.json").read_text())["runs"]["m"]["rates"]]
     assert means[0] > means[2] + 0.2  # 20 steps at 1e-2 lower the loss by far more than at 1e-7
+
+
+def test_status_shows_the_checks_losses_so_far_and_runs_nothing(study, monkeypatch):
+    from runners.study import study_status
+
+    before = study_status(study)
+    assert "0 of 12 trainings finished" in before and "| r1 | 0.001 | - | - | - |" in before
+    assert "wait for the rate check" in before
+    calls = []
+    monkeypatch.setattr(steps_mod, "_python", fake_training(calls))
+    with pytest.raises(ValueError, match="edge of its grid"):
+        run_study(study, progress=False)
+    trained = len(calls)
+    after = study_status(study)
+    assert "12 of 12 trainings finished" in after and trained == 12 == len(calls)  # status trained nothing
+    assert "| r1 | 0.002 | 3.0000 | 3.0100 | 3.0050 |" in after  # fake_loss at r1's best rate, seeds 0 and 1
+    assert "study 's': 0 of 15 steps finished" in after  # the rates chosen: the main steps counted
