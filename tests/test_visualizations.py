@@ -513,3 +513,26 @@ def test_a_serving_report_says_how_busy_the_machine_was_with_the_servers_own_loa
     foreign = machine_load(measured, None, None)  # another server: its CPU is among the others, and it says so
     assert foreign["server_counted_as_other"] and foreign["other_processes_cores"] == 1.5
     assert load_line(None) == "Machine load during the run: not measured."
+
+
+def test_a_cost_axis_is_linear_over_a_narrow_range_and_reads_in_engineering_units():
+    """Parameters from 1.8M to 2.1M on a log axis printed crowded ×10^6 minor labels; a narrow range is linear
+    and every tick reads 1.9M, 2M ...; a wide one stays logarithmic with its decades labelled."""
+    import matplotlib.pyplot as plt
+
+    from visualizations.plot_tradeoffs import grouped_tradeoff_figure
+
+    def row(name, params, bpb):
+        b = {"mean": bpb, "ci_low": bpb - 0.01, "ci_high": bpb + 0.01}
+        return {"model": name, "params": params, "bits_per_byte": b, "kind": "trained", "seeds_measured": 3}
+
+    narrow = grouped_tradeoff_figure([row("a", 1.83e6, 2.26), row("b", 2.1e6, 2.27)], "params")
+    wide = grouped_tradeoff_figure([row("a", 1.2e6, 2.3), row("b", 1.1e8, 1.9)], "params")
+    for fig in (narrow, wide):
+        fig.canvas.draw()
+    (n,), (w,) = narrow.axes, wide.axes
+    labels = [t.get_text() for t in n.get_xticklabels() if t.get_text()]
+    assert n.get_xscale() == "linear" and labels and all(t.endswith("M") and "10" not in t for t in labels)
+    assert w.get_xscale() == "log" and {t.get_text() for t in w.get_xticklabels()} >= {"10M", "100M"}
+    plt.close(narrow)
+    plt.close(wide)

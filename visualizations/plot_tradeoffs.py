@@ -124,12 +124,23 @@ def tradeoff_figure(rows: list[dict], x_key: str, y_key: str = "bits_per_byte"):
         title=f"Quality vs {AXES.get(x_key, x_key).split(' (')[0]}",
     )
     if x_key == "params":
-        ax.set_xscale("log")
+        cost_axis(ax, [r[x_key] for r in pts])
     place_labels(ax, [(r[x_key], r[y_key]) for r in pts], [r["model"] for r in pts])
     _legend(ax, pts, title="bubble area = weights in memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def cost_axis(ax, values: list[float]) -> None:
+    """A count axis (parameters, FLOPs) in engineering units (2.1M, 5.3G): logarithmic where the values span more
+    than a factor of 10, linear otherwise (a log axis over a narrow range prints crowded ×10^n minor labels)."""
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades labelled, not every minor tick
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
 GROUPED_AXES = {
@@ -158,7 +169,7 @@ def grouped_tradeoff_figure(rows: list[dict], x_key: str):
     ax.set(xlabel=GROUPED_AXES[x_key], ylabel="bits per byte (lower is better)")
     ax.set_title(f"Quality vs {GROUPED_AXES[x_key].split(' (')[0]} ({max(r['seeds_measured'] for r in pts)} seeds)")
     if not x_key.startswith("decode_ms"):
-        ax.set_xscale("log")
+        cost_axis(ax, xs)
     else:  # latency: the axis spans the medians; a p90 bar far beyond them is cut at the edge and its value written
         right = min(max(r[x_key]["p90"] for r in pts), 1.5 * max(xs))
         left = min(r[x_key]["p10"] for r in pts)
