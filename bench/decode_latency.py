@@ -101,7 +101,7 @@ def main(argv=None):
                 "params": count_params(model)["total"],
                 "dtype": str(dtype).removeprefix("torch."),
                 "context_len": context,
-                **r,
+                **r.to_json(),
             }
         )
         print(f"\n### {name} ({rows[-1]['params'] / 1e6:.1f}M parameters, {rows[-1]['dtype']}, context {context})")

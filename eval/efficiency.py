@@ -26,7 +26,7 @@ from common.cli import UserError, failure, parse_args, run_main
 from common.energy import find_counter, repeated_energy
 from common.load import LoadMeter, describe, timing_threads
 from common.progress import Progress
-from eval.latency import MODES, time_decode, time_forward, time_prefill
+from eval.latency import MODES, DecodeTiming, ForwardTiming, PrefillTiming, time_decode, time_forward, time_prefill
 from eval.model import EvalOptions
 from llama.model_io import model_file_bytes
 from models.interface import capabilities, require, state_dict_bytes
@@ -68,28 +68,63 @@ def check_counts(o, **more) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
 
 
-def evaluate_efficiency(model, device, t: Timings) -> dict:
+@dataclass(frozen=True)
+class EngineForward:
+    """The full forward in one engine at one batch size (``timing``), after its check against eager
+    (``max_abs_diff``); or, where the engine could not build or pass its check, ``error`` and no timing."""
+
+    engine: str
+    note: str = ""
+    max_abs_diff: float | None = None
+    timing: ForwardTiming | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        if self.error is not None:
+            return {"engine": self.engine, "error": self.error}
+        return {"engine": self.engine, "note": self.note, "max_abs_diff": self.max_abs_diff, **self.timing.to_json()}
+
+
+@dataclass(frozen=True)
+class EfficiencyRun:
+    """What ``evaluate_efficiency`` measured; ``to_json`` is the result file's part of it."""
+
+    prefill: list[PrefillTiming]
+    decode: list[DecodeTiming]
+    forward: list[EngineForward]
+    memory_bytes: int
+
+    def to_json(self) -> dict:
+        return {
+            "prefill": [x.to_json() for x in self.prefill],
+            "decode": [x.to_json() for x in self.decode],
+            "forward": [x.to_json() for x in self.forward],
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+def evaluate_efficiency(model, device, t: Timings) -> EfficiencyRun:
     """Latency (prefill, decode) per mode and batch size, energy per decoded token where measured, and the full
     forward per engine (each checked against eager first; one that fails is reported, not hidden)."""
     batch_sizes, context, prompt_len, n_tokens, repeats = t.batch_sizes, t.context, t.prompt_len, t.n_tokens, t.repeats
     vocab = model.params.vocab_size
-    out = {"prefill": [], "decode": [], "forward": [], "memory_bytes": state_dict_bytes(model)}
+    run = EfficiencyRun([], [], [], state_dict_bytes(model))
     counter, reason = find_counter(device) if t.energy else (None, "not requested")
     jobs = [(m, b) for m in t.modes for b in batch_sizes]
     for mode, b in Progress(jobs, desc="latency", disable=not t.progress):
-        out["prefill"].append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)).to_json())
+        run.prefill.append(time_prefill(model, b, prompt_len, mode, repeats=max(repeats, 5)))
         measure = None
         if counter is not None:
 
-            def measure(run, units):
+            def measure(decode, units):
                 return repeated_energy(
-                    run, units, device, t.energy_runs, min_window_s=t.min_window_s, idle_s=t.idle_s, counter=counter
+                    decode, units, device, t.energy_runs, min_window_s=t.min_window_s, idle_s=t.idle_s, counter=counter
                 )
 
         row = time_decode(model, b, context, n_tokens, mode, repeats=repeats, energy=measure)
         if counter is None:
             row = dataclasses.replace(row, energy={"method": "unavailable", "reason": reason})
-        out["decode"].append(row.to_json())
+        run.decode.append(row)
     example = torch.randint(0, vocab, (batch_sizes[0], context), device=device)
     with tempfile.TemporaryDirectory(prefix="engines-") as workdir:  # the exports go when the timing is done
         for name in Progress(t.engines, desc="engines", disable=not t.progress):
@@ -97,43 +132,42 @@ def evaluate_efficiency(model, device, t: Timings) -> dict:
                 engine = build(name, model, example, workdir)
                 diff = check(engine, model, atol=1e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4)
             except Exception as e:  # an engine that cannot serve this model is reported, not hidden
-                out["forward"].append({"engine": name, "error": failure(e)})
+                run.forward.append(EngineForward(name, error=failure(e)))
                 print(f"engine {name} not timed: {type(e).__name__}: {e}", file=sys.stderr)  # the full reason
                 continue
             for b in batch_sizes:
-                row = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5)).to_json()
-                out["forward"].append({"engine": name, "note": engine.note, "max_abs_diff": diff, **row})
+                timing = time_forward(engine.run, vocab, b, context, device, repeats=max(repeats, 5))
+                run.forward.append(EngineForward(name, engine.note, diff, timing))
             del engine
-    return out
+    return run
 
 
-def table(r: dict) -> str:
+def table(r: EfficiencyRun) -> str:
     lines = [
         "| what | mode/engine | batch | median ms | p10-p90 ms | tokens/s | J/token |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in r["prefill"]:
-        s = row["ms"]
+    for row in r.prefill:
+        s = row.ms
         lines.append(
-            f"| prefill {row['prompt_len']} | {row['mode']} | {row['batch']} | {s['median']:.3f} | "
-            f"{s['p10']:.3f}-{s['p90']:.3f} | | |"
+            f"| prefill {row.prompt_len} | {row.mode} | {row.batch} | {s.median:.3f} | {s.p10:.3f}-{s.p90:.3f} | | |"
         )
-    for row in r["decode"]:
-        s, e = row["ms_per_token"], row["energy"]
+    for row in r.decode:
+        s, e = row.ms_per_token, row.energy or {}
         j = e.get("j_per_token")
-        jtxt = f"{j:.4f}" if j is not None else e["method"] if e["method"] == "unavailable" else "n/a"
+        jtxt = f"{j:.4f}" if j is not None else e.get("method") if e.get("method") == "unavailable" else "n/a"
         lines.append(
-            f"| decode @{row['context_len']} | {row['mode']} | {row['batch']} | {s['median']:.3f} | "
-            f"{s['p10']:.3f}-{s['p90']:.3f} | {row['tokens_per_s']:,.0f} | {jtxt} |"
+            f"| decode @{row.context_len} | {row.mode} | {row.batch} | {s.median:.3f} | "
+            f"{s.p10:.3f}-{s.p90:.3f} | {row.tokens_per_s:,.0f} | {jtxt} |"
         )
-    for row in r["forward"]:
-        if "error" in row:
-            lines.append(f"| forward | {row['engine']} | | failed: {row['error'][:60]} | | | |")
+    for f in r.forward:
+        if f.error is not None:
+            lines.append(f"| forward | {f.engine} | | failed: {f.error[:60]} | | | |")
             continue
-        s = row["ms"]
+        s = f.timing.ms
         lines.append(
-            f"| forward {row['seq_len']} | {row['engine']} | {row['batch']} | {s['median']:.3f} | "
-            f"{s['p10']:.3f}-{s['p90']:.3f} | {row['tokens_per_s']:,.0f} | |"
+            f"| forward {f.timing.seq_len} | {f.engine} | {f.timing.batch} | {s.median:.3f} | "
+            f"{s.p10:.3f}-{s.p90:.3f} | {f.timing.tokens_per_s:,.0f} | |"
         )
     return "\n".join(lines)
 
@@ -208,7 +242,7 @@ def main(argv=None):
     }
     # disk_bytes is the weight file the folder holds (quantized where the scheme stores it so), memory_bytes
     # the weights as loaded
-    out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r}, a)
+    out = ev.write("efficiency", {"disk_bytes": model_file_bytes(ev.folder), **settings, **r.to_json()}, a)
     print(table(r))
     busy = describe(settings["load"])
     if busy:

@@ -179,7 +179,8 @@ def test_efficiency_leaves_no_exports_behind(model, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     t = Timings([1], 8, 8, 2, ["eager"], ["onnxruntime"], energy=False, repeats=1, progress=False)
     r = evaluate_efficiency(model, torch.device("cpu"), t)
-    assert [row["engine"] for row in r["forward"]] == ["onnxruntime"] and "error" not in r["forward"][0]
+    assert [f.engine for f in r.forward] == ["onnxruntime"] and r.forward[0].error is None
+    assert r.to_json()["forward"][0]["engine"] == "onnxruntime" and "ms" in r.to_json()["forward"][0]
     assert list(tmp_path.iterdir()) == []
 
 
