@@ -134,11 +134,11 @@ def recover_into(a, out: Path, staging: Path, tok, base: Path, info: dict, devic
         resume=a.resume,
         identity=recovery_identity(a),
     )
-    info["recovery"] = record
+    info["recovery"] = record.to_json()
     print(
-        f"recovery ({a.recover}, {record['tokens']:,} tokens): held-out loss "
-        + (f"{record['val_loss_before']:.4f} -> " if record["val_loss_before"] is not None else "")
-        + f"{record['val_loss_after']:.4f}"
+        f"recovery ({a.recover}, {record.tokens:,} tokens): held-out loss "
+        + (f"{record.val_loss_before:.4f} -> " if record.val_loss_before is not None else "")
+        + f"{record.val_loss_after:.4f}"
     )
     write_compressed(out, recovered, tok, base, info)
     shutil.rmtree(staging, ignore_errors=True)

@@ -258,6 +258,36 @@ def distillation_teacher(base: Path, device: torch.device, vocab: int) -> nn.Mod
     return teacher
 
 
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """What compression.json records of a recovery (its "recovery"): the settings asked for, the rate used, what
+    was trained on, tokens and trained parameters, the held-out loss before and after, and where the curves are."""
+
+    settings: Recovery
+    lr: float  # the rate used (the settings' own, or the method's default)
+    lora_targets: list[str] | None
+    teacher: str | None  # distillation: the base folder
+    data: str
+    tokens: int
+    trained_params: int | None
+    val_loss_before: float | None
+    val_loss_after: float
+    sparse: bool
+    mask: str | None  # how a sparse model's zeros were kept
+    run: str
+    loss_curve: str
+    train_loss: str  # what the curve's "loss" is
+    val_curve: str
+    first_loss: float | None
+    last_loss: float | None
+    finite: bool
+
+    def to_json(self) -> dict:
+        asked = dataclasses.asdict(self.settings)
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        return {"method": asked.pop("method"), **asked, **rest}
+
+
 def recovery_record(
     r: Recovery,
     cfg: TrainConfig,
@@ -269,40 +299,37 @@ def recovery_record(
     distilled: bool,
     base,
     corpus,
-) -> dict:
-    """What compression.json records of a recovery: its settings, data, tokens, losses before and after, curves."""
+) -> RecoveryRecord:
+    """The record of a recovery just trained: its settings, data, tokens, losses before and after, curves."""
     log_dir = Path(cfg.log_dir) / cfg.name
     curve = [(x["step"], x["loss"]) for x in read_jsonl(log_dir / "metrics.jsonl")]
-    record = {
-        "method": r.method,
-        **{k: v for k, v in dataclasses.asdict(r).items() if k != "method"},
-        "lr": r.learning_rate,
-        "lora_targets": (r.lora_targets or lora_targets(model)) if r.uses_lora else None,
-        "teacher": str(base) if distilled else None,
-        "data": "training data of the base run" if corpus is None else corpus.corpus,
-        "tokens": summary.tokens,
-        "trained_params": summary.trained_params,
-        "val_loss_before": before,
-        "val_loss_after": after,
-        "sparse": sparse,
-        "mask": ("inside the LoRA forward: mask x (W + s B A)" if r.uses_lora else "kept at zero during training")
+    return RecoveryRecord(
+        settings=r,
+        lr=r.learning_rate,
+        lora_targets=(r.lora_targets or lora_targets(model)) if r.uses_lora else None,
+        teacher=str(base) if distilled else None,
+        data="training data of the base run" if corpus is None else corpus.corpus,
+        tokens=summary.tokens,
+        trained_params=summary.trained_params,
+        val_loss_before=before,
+        val_loss_after=after,
+        sparse=sparse,
+        mask=("inside the LoRA forward: mask x (W + s B A)" if r.uses_lora else "kept at zero during training")
         if sparse
         else None,
-        "run": str(Path(cfg.out_dir) / cfg.name),
-        "loss_curve": str(log_dir / "metrics.jsonl"),
-        # what the curve's "loss" is (the held-out curve is always next-token cross-entropy)
-        "train_loss": (
+        run=str(Path(cfg.out_dir) / cfg.name),
+        loss_curve=str(log_dir / "metrics.jsonl"),
+        train_loss=(
             f"{r.distill_alpha} x T^2 x KL(teacher || student) + {1 - r.distill_alpha:g} x cross-entropy, "
             f"T = {r.temperature}"
             if distilled
             else "cross-entropy"
         ),
-        "val_curve": str(log_dir / "val.jsonl"),
-        "first_loss": curve[0][1] if curve else None,
-        "last_loss": curve[-1][1] if curve else None,
-        "finite": all(math.isfinite(x) for _, x in curve),
-    }
-    return record
+        val_curve=str(log_dir / "val.jsonl"),
+        first_loss=curve[0][1] if curve else None,
+        last_loss=curve[-1][1] if curve else None,
+        finite=all(math.isfinite(x) for _, x in curve),
+    )
 
 
 def recover(
@@ -314,7 +341,7 @@ def recover(
     device: torch.device,
     resume: bool = False,
     identity: dict | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, RecoveryRecord]:
     """Train the model in ``compressed`` by ``r`` as the run ``cfg`` names (folders, device, dtype, compile);
     (the recovered model, merged, on the CPU; what compression.json records). ``identity`` marks the run's
     folders (recovery-of.json) at a fresh start; on resume the held-out loss before training is read back

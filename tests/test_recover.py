@@ -334,3 +334,16 @@ def test_calibration_and_recovery_windows_follow_a_short_context(hf_folder, text
         with pytest.raises(ValueError, match=f"{option} 512 is over the model's context of 128 tokens"):
             run(gpt2, tmp_path / "x", "--method", "wanda", *corpus, "--recover", "lora", option, "512")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x-recover").exists()
+
+
+def test_a_recovery_record_is_typed_and_writes_the_flat_json_compression_json_keeps():
+    from compress.recover import Recovery, RecoveryRecord
+
+    rec = RecoveryRecord(
+        Recovery("lora", steps=5), 2e-4, ["wq"], None, "training data of the base run", 640, 1024, 3.2, 2.9,
+        False, None, "ck/r", "lg/r/metrics.jsonl", "cross-entropy", "lg/r/val.jsonl", 3.1, 2.95, True,
+    )  # fmt: skip
+    d = rec.to_json()
+    assert list(d)[:3] == ["method", "steps", "lr"] and d["method"] == "lora" and d["steps"] == 5
+    assert d["lr"] == 2e-4  # the rate used, in the place of the settings' None (the method's default)
+    assert d["lora_rank"] == 8 and d["tokens"] == 640 and d["val_loss_after"] == 2.9 and "settings" not in d
