@@ -278,7 +278,8 @@ def _revalidate(cfg):
 def from_table(cls, table, where: str):
     """A dataclass ``cls`` from a TOML/JSON table, checked as the command line is: an unknown key, a missing
     required one or a value of the wrong type (a string where a list belongs, ``true`` where a number does)
-    is a one-line ConfigError naming ``where`` and the key."""
+    is a one-line ConfigError naming ``where`` and the key. A field whose type is a dataclass (or a list of
+    them) is read from its own table the same way, named ``where key`` (``where key #i``)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table of keys, got {table!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -293,10 +294,25 @@ def from_table(cls, table, where: str):
     if required:
         raise ConfigError(f"{where}: missing {', '.join(required)}")
     hints = typing.get_type_hints(cls)
+    values = {}
     for key, value in table.items():
-        if not _has_type(value, hints[key]):
-            raise ConfigError(f"{where}: {key} = {value!r} is not {_type_name(hints[key])}")
-    return cls(**table)
+        tp = _optional_inner(hints[key]) if value is not None else None
+        tp = tp if tp is not None else hints[key]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            values[key] = from_table(tp, value, f"{where} {key}")
+        elif dataclasses.is_dataclass(item) and isinstance(value, list):
+            values[key] = [from_table(item, v, f"{where} {key} #{i + 1}") for i, v in enumerate(value)]
+        elif not _has_type(value, hints[key]):
+            raise ConfigError(f"{where}: {key} = {_short(value)} is not {_type_name(hints[key])}")
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _has_type(value, tp) -> bool:
@@ -306,6 +322,8 @@ def _has_type(value, tp) -> bool:
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(tp) is dict:
+        return isinstance(value, dict)
     if tp is float:
         return type(value) in (int, float)
     return type(value) is tp  # exact: a bool is not an int here, as TOML's true is not 1
@@ -321,6 +339,8 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is list:
         item = typing.get_args(tp)[0]
         example = ', e.g. ["--max-steps", "4"]' if item is str else ""
+        if dataclasses.is_dataclass(item):
+            return f"a list of tables ({item.__name__})"
         return f"a list of {_TYPE_NAMES.get(item, (None, str(item)))[1]}{example}"
     if tp is bool:
         return "true or false"

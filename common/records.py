@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import UserError
+from common.cli import UserError, from_table
 from common.files import atomic_write
 from common.results import has_richer_heads, read_versioned
 
@@ -46,12 +46,14 @@ class StudyRecord:
 
     @classmethod
     def read(cls, folder: Path) -> StudyRecord:
+        """study.json, every field checked by the one reader of tables (common.cli.from_table: unknown, missing
+        or mistyped keys are one line naming the file and the key)."""
         path = folder / "study.json"
         try:
             d = json.loads(path.read_text())
-            return cls(**{**d, "members": [Member(**m) for m in d["members"]]})
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError) as e:
             raise UserError(f"{path} is missing or damaged ({type(e).__name__}); run the study again") from None
+        return from_table(cls, d, str(path))
 
 
 TRAINING_SCHEMA = 1  # the version of summary.json's layout (TrainingSummary); a file of another is refused

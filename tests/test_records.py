@@ -177,3 +177,28 @@ def test_fingerprints_tell_models_apart_and_ignore_training_state(trained_checkp
     (step / "model_args.json").write_text(json.dumps(json.loads((step / "model_args.json").read_text())) + "\n\n")
     assert fingerprint(copy) != fingerprint(trained_checkpoint)
     assert Path(step).is_dir()
+
+
+def test_a_study_record_is_read_by_the_one_table_reader_nested_members_included(tmp_path):
+    """study.json is read by common.cli.from_table, as study files and options are: each member's table too,
+    so a mistyped, unknown or missing key anywhere is one line naming the file, the member and the key."""
+    import json
+
+    from common.cli import ConfigError
+    from common.records import Member, StudyRecord
+
+    m = Member("g", 0, "g-s0", "trained", 1337, "g-s0")
+    StudyRecord("s", "--tiny", 2, [m], {"g": "runners.tiny"}).write(tmp_path)
+    good = json.loads((tmp_path / "study.json").read_text())
+    assert StudyRecord.read(tmp_path).members == [m]
+    bad = [
+        (good | {"workers": "2"}, r"study.json: workers = '2' is not a whole number"),
+        (good | {"members": [good["members"][0] | {"seed": "0"}]}, r"members #1: seed = '0' is not a whole number"),
+        (good | {"members": [good["members"][0] | {"foo": 1}]}, r"members #1: unknown key\(s\) \['foo'\]"),
+        (good | {"members": "x"}, r"members = 'x' is not a list of tables \(Member\)"),
+        ({k: v for k, v in good.items() if k != "name"}, "missing name"),
+    ]
+    for record, message in bad:
+        (tmp_path / "study.json").write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match=message):
+            StudyRecord.read(tmp_path)
