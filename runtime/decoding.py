@@ -153,9 +153,9 @@ class TorchDecoder(Decoder):
         self.name = "compile" if compiled else "torch"
         self.note = "torch.compile of the decode step, static KV cache" if compiled else "eager PyTorch"
         self.decode_step = compiled_fn(decode_one_token, "compile" if compiled else "eager", device)
-        # this project's models: the engine's own view (its cache kept while its size holds); a Hugging Face
-        # model's cache is an argument of each call, made fresh per prompt (models/hf.py)
-        self.view = own_view(model) if self.static else model
+        # the engine's own view of the model, holding its own cache: this project's kept while its size holds,
+        # a Hugging Face model's made fresh per prompt (models/hf.py)
+        self.view = own_view(model)
         self.cache_shape: tuple[int, int] | None = None
 
     def cache_len(self) -> int:

@@ -589,3 +589,15 @@ def test_the_engines_alone_bench_times_hugging_face_folders_on_the_servers_batch
     assert [type(s).__name__ for s in built] == ["HFSlots"]
     assert [(r["engine"], r["batch"], r["rounds"]) for r in rows] == [("torch", 1, 2), ("torch", 2, 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_batch_1_median"] == 1.0
+
+
+def test_a_hugging_face_decoder_keeps_its_cache_in_its_own_view_too(hf_models):
+    from runtime.loading import load_model
+
+    ev = load_model(str(hf_models["llama"]), "cpu", "float32")
+    a, b = TorchDecoder(ev.model, ev.device), TorchDecoder(ev.model, ev.device)
+    a.start([1, 5, 9])
+    b.start([1, 7])
+    assert ev.model.cache is None and a.view.cache is not None and a.view.cache is not b.view.cache
+    assert [p.data_ptr() for p in a.view.parameters()] == [p.data_ptr() for p in ev.model.parameters()]
+    assert a.generate([1, 5, 9], SamplingParams(6)).tokens == generate(ev.model, [[1, 5, 9]], 6)[0]
