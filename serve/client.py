@@ -386,28 +386,23 @@ def run_load(
     """Send ``load`` to the OpenAI-compatible server at ``url`` (loopback unless ``allow_remote``), streamed,
     each request measured from its chunks; requests.jsonl/.csv and summary.json land in ``out``."""
     base = api_base(url, allow_remote)
-    n_requests, concurrency, max_tokens, temperature = (
-        load.n_requests,
-        load.concurrency,
-        load.max_tokens,
-        load.temperature,
-    )
-    rate, duration_s, seed, timeout_s, api_key, slo = (
-        load.rate, load.duration_s, load.seed, load.timeout_s, load.api_key, load.slo
-    )  # fmt: skip
-    listed, server = discover(base, api_key, min(timeout_s, 30.0))
+    listed, server = discover(base, load.api_key, min(load.timeout_s, 30.0))
     targets = list(load.targets or listed)
     missing = [t for t in targets if t not in server["models"]]
     if missing:
         raise UserError(f"the server does not serve {missing}; it serves {server['models']}")
     prompts = prompts or humaneval_prompts()
     ours = "max_tokens_limit" in server  # this project's server: a prompt too long for its context keeps its end
-    jobs = jobs_for(prompts, targets, n_requests, max_tokens, temperature, {"truncate_prompt": True} if ours else None)
+    extra = {"truncate_prompt": True} if ours else None
+    jobs = jobs_for(prompts, targets, load.n_requests, load.max_tokens, load.temperature, extra)
     before = read_energy(base) if ours else None
     server_cpu0 = server_cpu_s(base) if ours else None
     with LoadMeter() as meter:  # how busy the machine was meanwhile, beyond this client (and the server, if ours)
-        rows, wall = asyncio.run(_run(base, jobs, concurrency, rate, duration_s, seed, timeout_s, api_key, progress))
-    load = machine_load(meter.result(), server_cpu0, server_cpu_s(base) if server_cpu0 is not None else None)
+        rows, wall = asyncio.run(
+            _run(base, jobs, load.concurrency, load.rate, load.duration_s, load.seed, load.timeout_s, load.api_key,
+                 progress)
+        )  # fmt: skip
+    busy = machine_load(meter.result(), server_cpu0, server_cpu_s(base) if server_cpu0 is not None else None)
     after = read_energy(base) if before is not None else None
     energy = run_energy(before, after, sum(r.get("tokens_out") or 0 for r in rows if r["status"] == 200))
     out.mkdir(parents=True, exist_ok=True)
@@ -415,22 +410,22 @@ def run_load(
     summary = {
         "server": server,
         "settings": {
-            "requests": n_requests,
+            "requests": load.n_requests,
             "sent": len(rows),
-            "concurrency": concurrency,
-            "rate": rate,
-            "duration_s": duration_s,
-            "seed": seed,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
+            "concurrency": load.concurrency,
+            "rate": load.rate,
+            "duration_s": load.duration_s,
+            "seed": load.seed,
+            "max_tokens": load.max_tokens,
+            "temperature": load.temperature,
             "targets": targets,
             "prompts": len(prompts),
             "measured": "client side, from the stream (server_* fields: the server's own figures)",
             "definitions": DEFINITIONS,
         },
         "energy": energy,  # the whole run's, all targets together
-        "load": load,  # other processes' share of the machine during the run (a loopback server's own left out)
-        **summarize(rows, targets, wall, slo),
+        "load": busy,  # other processes' share of the machine during the run (a loopback server's own left out)
+        **summarize(rows, targets, wall, load.slo),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
