@@ -40,6 +40,7 @@ from runners.study_steps import (
     StepFailed,
     changed_steps,
     complete_step,
+    finished,
     last_error,
     plan,
     stop_child,
@@ -105,7 +106,7 @@ def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
     running: dict[str, str] = {}
     children: set = set()  # the steps' commands running now: what Ctrl-C stops
     # steps finished before count as the bar's start, so its rate and ETA are this run's, not 9,000 steps/s
-    before = sum(finished(s, st, markers / f"{st.key}.json") for st in steps)
+    before = sum(finished(s, st) for st in steps)
     with Progress(total=len(steps), initial=before, desc=desc, unit="step", disable=not progress) as bar:
 
         def show():
@@ -129,7 +130,7 @@ def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
 
         try:
             for phase in phases.values():
-                todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
+                todo = [st for st in phase if not finished(s, st)]
                 workers = 1 if isinstance(phase[0], SideBySideStep) else min(s.workers, len(todo))
                 if workers <= 1:
                     for step in todo:
@@ -149,19 +150,13 @@ def _run_steps_locally(s: Study, steps: list[Step], progress: bool, desc: str):
                     pool.shutdown(wait=True, cancel_futures=True)  # steps not started yet never start
         except KeyboardInterrupt:
             bar.close()
-            done = sum(finished(s, st, markers / f"{st.key}.json") for st in steps)
+            done = sum(finished(s, st) for st in steps)
             print(
                 f"\ninterrupted: {done} of {len(steps)} steps are finished and kept (a training stopped mid-way keeps "
                 f"its last checkpoint); run `python -m runners.study {s.source or s.name}` again to continue",
                 file=sys.stderr,
             )
             raise
-
-
-def finished(s: Study, step: Step, marker: Path) -> bool:
-    """A step is finished once its marker is written, while what the report reads of it is still there (a result
-    deleted since is measured again), or where its output was made before the study (a run trained already)."""
-    return (marker.is_file() and step.kept(s)) or step.done(s)
 
 
 def _run_on_cluster(s: Study, progress: bool, executor: str) -> Path:
@@ -190,7 +185,7 @@ def _run_steps_on_cluster(s: Study, steps: list[Step], jobs, progress: bool, des
         phases.setdefault(step.key.split("-")[0], []).append(step)
     with Progress(total=len(steps), desc=desc, unit="step", disable=not progress) as bar:
         for kind, phase in phases.items():
-            todo = [st for st in phase if not finished(s, st, markers / f"{st.key}.json")]
+            todo = [st for st in phase if not finished(s, st)]
             bar.update(len(phase) - len(todo))
             if not todo:
                 continue
@@ -338,11 +333,11 @@ def study_status(s: Study) -> str:
     """Where ``s`` stands, from its markers and logs (nothing is run or written): the rate check's losses so
     far, then, once it has chosen the rates, how many of the main steps have finished."""
     out = [tune_progress(s)] if s.tune is not None else []
-    if s.tune is None or chosen_rates(s):
-        if s.tune is not None:
-            s.rates = chosen_rates(s)
+    if s.tune is not None:
+        s.rates = chosen_rates(s)  # {} until the check has chosen
+    if s.tune is None or s.rates:
         steps = plan(s)
-        done = sum((s.out / "steps" / f"{st.key}.json").is_file() for st in steps)
+        done = sum(finished(s, st) for st in steps)
         out.append(f"study {s.name!r}: {done} of {len(steps)} steps finished")
     else:
         out.append("the main runs wait for the rate check to finish (it chooses each run's rate)")

@@ -402,6 +402,12 @@ def step_command(s: Study, step: Step) -> list[str]:
     return [a for cmd in commands for a in cmd if a not in ("--resume", "--overwrite")]
 
 
+def finished(s: Study, step: Step) -> bool:
+    """A step is finished once its marker is written, while what the report reads of it is still there (a result
+    deleted since is measured again), or where its output was made before the study (a run trained already)."""
+    return ((s.out / "steps" / f"{step.key}.json").is_file() and step.kept(s)) or step.done(s)
+
+
 def changed_steps(s: Study, steps: list[Step]) -> list[str]:
     """Finished steps whose command is no longer what the study file says (the file was edited since), and runs
     trained before the study with other settings than its file gives them: reusing either would put the new

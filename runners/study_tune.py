@@ -19,7 +19,7 @@ import numpy as np
 from common.cli import UserError
 from common.files import atomic_write
 from runners.study_file import Study
-from runners.study_steps import TrainStep
+from runners.study_steps import TrainStep, finished
 from training.run_files import DIVERGED_FILE, read_jsonl
 
 TUNE_FILE = "tune.json"  # results/<study>/: the check's grid, every run's losses and the chosen rates
@@ -102,7 +102,7 @@ def progress(s: Study) -> str:
     training finished (its step's marker), "-" for the others, and the mean where every seed has finished. A
     rate is chosen only when the whole check has finished (``choose``); this table chooses nothing."""
     assert s.tune is not None
-    done = {st.name for st in tune_steps(s) if (s.out / "steps" / f"{st.key}.json").is_file()}
+    done = {st.name for st in tune_steps(s) if finished(s, st)}
     seeds = range(s.tune.seeds)
     lines = [
         f"rate check of study {s.name!r}: {len(done)} of {len(tune_steps(s))} trainings finished "

@@ -168,4 +168,6 @@ def test_status_shows_the_checks_losses_so_far_and_runs_nothing(study, monkeypat
     after = study_status(study)
     assert "12 of 12 trainings finished" in after and trained == 12 == len(calls)  # status trained nothing
     assert "| r1 | 0.002 | 3.0000 | 3.0100 | 3.0050 |" in after  # fake_loss at r1's best rate, seeds 0 and 1
-    assert "study 's': 0 of 15 steps finished" in after  # the rates chosen: the main steps counted
+    # the rates chosen, the main steps are counted as the study counts them: the check's runs at the chosen rates
+    # are the main runs' seeds 0 and 1 (2 runs x 2 seeds), finished already
+    assert "study 's': 4 of 15 steps finished" in after
