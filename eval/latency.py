@@ -69,10 +69,6 @@ class ForwardTiming:
         return dataclasses.asdict(self)
 
 
-def _spread(values: list[float]) -> Spread:
-    return Spread(**spread(values))
-
-
 def _device(model: nn.Module) -> torch.device:
     return model.tok_embeddings.weight.device
 
@@ -90,7 +86,7 @@ def time_prefill(
         times = time_repeats(lambda: engine.fill(tokens), device, warmup, repeats)
     finally:
         engine.release()
-    return PrefillTiming(_spread([1e3 * t for t in times]), batch, prompt_len, mode)
+    return PrefillTiming(Spread.of(spread([1e3 * t for t in times])), batch, prompt_len, mode)
 
 
 def decode_run(model: nn.Module, batch: int, context_len: int, n_tokens: int, mode: str = "eager"):
@@ -135,7 +131,7 @@ def time_decode(
     run, engine = decode_run(model, batch, context_len, n_tokens, mode)
     try:
         times = time_repeats(run, device, warmup, repeats)
-        s = _spread([1e3 * t / n_tokens for t in times])
+        s = Spread.of(spread([1e3 * t / n_tokens for t in times]))
         measured = energy(run, batch * n_tokens) if energy is not None else None
     finally:
         engine.release()
@@ -149,5 +145,5 @@ def time_forward(
     """A full forward pass without cache, ``fn(tokens) -> logits``: any model or runtime engine."""
     tokens = torch.randint(0, vocab_size, (batch, seq_len), device=device)
     times = time_repeats(lambda: fn(tokens), device, warmup, repeats)
-    s = _spread([1e3 * t for t in times])
+    s = Spread.of(spread([1e3 * t for t in times]))
     return ForwardTiming(s, batch * seq_len * 1e3 / s.median, batch, seq_len)
