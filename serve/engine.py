@@ -17,7 +17,7 @@ from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
 from runtime.batching import build_slots
 from runtime.decoding import build_decoder
-from runtime.engines import check
+from runtime.engines import Slots, check
 from runtime.loading import load_model
 from runtime.loop import ClientGone, Sequence
 from serve.detokenize import LogprobsHeld, TextStream, logprob_entry
@@ -54,8 +54,9 @@ def load_served(
             decoder = build_decoder(engine, ev.model, ev.device, workdir)
             check(decoder, ev.model, prompts, n_check)
             slots[engine] = build_slots(decoder, ev.model, ev.device, max_batch)
-            if slots[engine].max_batch > 1:  # sequences joining and leaving a full batch, each as if alone
-                check(slots[engine], ev.model, prompts, n_check)
+            # the engine served (a batching one, or the decoder itself), through the server's decode loop:
+            # sequences joining and leaving a full batch, each as if alone
+            Slots.check(slots[engine], ev.model, prompts, n_check)
             print(f"engine {engine}: ready ({time.perf_counter() - t0:.0f} s; {slots[engine].note})", flush=True)
         except Exception as e:  # reported on /health and in every answer, never hidden
             unavailable[engine] = failure(e, 200)
