@@ -296,8 +296,7 @@ def from_table(cls, table, where: str):
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in table.items():
-        tp = _optional_inner(hints[key]) if value is not None else None
-        tp = tp if tp is not None else hints[key]
+        tp = _optional_inner(hints[key]) or hints[key]  # a table of an optional dataclass is read as one
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             values[key] = from_table(tp, value, f"{where} {key}")
