@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, from_table
 from common.files import atomic_write
 from common.results import has_richer_heads, read_versioned
+from common.typed import Record, figure, from_record
 
 
 @dataclass
@@ -109,47 +108,29 @@ class TrainingSummary:
         if not isinstance(d, dict):
             return None
         d.pop("schema", None)
-        per_head = d.pop("per_head", None)  # derived from head_layer (older files: the flag alone)
-        if per_head and d.get("head_layer") is None:
-            d["head_layer"] = {}  # per-head layers of settings not recorded
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if any(d.get(k) is None for k in ("name", "steps", "tokens", "final_val_loss")):
             return None  # not a finished run's summary
-        fields = {k: d[k] for k in names if k in d}
-        bad = checked_fields(cls, fields)
-        if bad:
-            raise UserError(f"{Path(log_dir) / 'summary.json'}: {bad}; train the run again or restore its summary")
-        return cls(**fields, extra={k: v for k, v in d.items() if k not in names})
+        try:
+            summary = from_record(cls, d)
+        except (KeyError, ValueError) as e:
+            bad = f"no {e}" if isinstance(e, KeyError) else str(e)
+            raise UserError(
+                f"{Path(log_dir) / 'summary.json'}: {bad}; train the run again or restore its summary"
+            ) from None
+        names = {f.name for f in dataclasses.fields(cls)} | {"per_head"}
+        return dataclasses.replace(summary, extra={k: v for k, v in d.items() if k not in names})
 
-
-def checked_fields(cls, values: dict) -> str | None:
-    """Why ``values`` cannot fill dataclass ``cls`` (a field of the wrong type, a number that is not finite or a
-    count below zero), or None: the one check of every record read from a file by its field types (the command
-    line turns the same hints into values)."""
-    hints = typing.get_type_hints(cls)
-    for key, v in values.items():
-        if v is None:
-            continue
-        tp = hints.get(key)
-        kinds = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
-        if int in kinds and float not in kinds:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                return f"{key} = {v!r} is not a count (a whole number >= 0)"
-        elif float in kinds:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                return f"{key} = {v!r} is not a finite number"
-        elif str in kinds and not isinstance(v, str):
-            return f"{key} = {v!r} is not a string"
-        elif bool in kinds and not isinstance(v, bool):
-            return f"{key} = {v!r} is not true or false"
-        elif dict in kinds or any(typing.get_origin(t) is dict for t in kinds):
-            if not isinstance(v, dict):
-                return f"{key} = {v!r} is not a table"
-    return None
+    @classmethod
+    def older(cls, d: dict) -> dict:
+        """Summaries written before the per-head settings were recorded say only ``per_head`` (derived from
+        ``head_layer`` since): their settings read as unknown, {}."""
+        if d.get("per_head") and d.get("head_layer") is None:
+            return d | {"head_layer": {}}
+        return d
 
 
 @dataclass(frozen=True)
-class Recovery:
+class Recovery(Record):
     """Training after compression (compress/recover.py): its method (full, lora, distill) and steps."""
 
     method: str
@@ -157,7 +138,7 @@ class Recovery:
 
 
 @dataclass(frozen=True)
-class Compression:
+class Compression(Record):
     """What ``python -m compress`` did to make a model (its compression.json, also every result's
     ``compression``), as the loader, the tables and the report read it; the file keeps the rest (sizes,
     calibration, the pruning report, the recovery's settings)."""
@@ -171,25 +152,12 @@ class Compression:
     ffn_ratio: float | None = None
     recovery: Recovery | None = None
     finetune_steps: int | None = None  # records written before recovery had its own record
-    base: Compression | None = None  # the compression of the model this one was made from
+    base: Compression | None = figure("base_compression", default=None)  # the compression of the model it was made from
 
     @classmethod
-    def of(cls, d: dict | None) -> Compression | None:
-        if not d:
-            return None
-        recovery = d.get("recovery")
-        return cls(
-            method=d["method"],
-            quantize=d.get("quantize"),
-            sparsity=d.get("sparsity"),
-            pattern=d.get("pattern"),
-            layers=d.get("layers"),
-            head_ratio=d.get("head_ratio"),
-            ffn_ratio=d.get("ffn_ratio"),
-            recovery=Recovery(recovery["method"], recovery.get("steps")) if recovery else None,
-            finetune_steps=d.get("finetune_steps"),
-            base=cls.of(d.get("base_compression")),
-        )
+    def of(cls, d: dict | None, where: str = "compression") -> Compression | None:
+        """The record read by its fields; None for a model that was not compressed (no record, or an empty one)."""
+        return from_record(cls, d, where) if d else None
 
     def before_recovery(self) -> Compression:
         return dataclasses.replace(self, recovery=None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from common.cli import UserError
 from common.files import atomic_write
 from common.hardware import run_metadata
+from common.typed import SELF, Record, figure
 
 
 def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -112,7 +112,7 @@ def has_richer_heads(head_layer: dict | None) -> bool:
 
 
 @dataclass
-class ModelIdentity:
+class ModelIdentity(Record):
     """Which model a result is about: the header of every evaluator's result."""
 
     model: str  # run@step_N, or the model folder's name
@@ -132,101 +132,55 @@ class ModelIdentity:
         return dataclasses.asdict(self) | {"per_head": self.per_head}
 
     @classmethod
-    def of(cls, result: dict) -> ModelIdentity:
-        """The identity a result file carries (results written before the per-head settings were recorded say
-        only per_head: their settings read as unknown, {})."""
-        spec = result.get("head_layer")
-        if spec is None and result.get("per_head"):
-            spec = {}
-        for key, kind in (("model", str), ("checkpoint", str), ("architecture", str), ("fingerprint", str)):
-            if result.get(key) is not None and not isinstance(result[key], kind):
-                raise ValueError(f"{key} = {result[key]!r} is not a {kind.__name__}")
-        for key in ("params", "n_layers"):
-            if result.get(key) is not None:
-                _count(result[key], key)
-        if spec is not None and not isinstance(spec, dict):
-            raise ValueError(f"head_layer = {spec!r} is not a table of settings")
-        if result.get("compression") is not None and not isinstance(result["compression"], dict):
-            raise ValueError(f"compression = {result['compression']!r} is not a compression record")
-        return cls(
-            model=result["model"],
-            checkpoint=result.get("checkpoint", ""),
-            params=result.get("params") or 0,
-            n_layers=result.get("n_layers") or 0,
-            architecture=result.get("architecture", "perhead-llama"),
-            head_layer=spec,
-            compression=result.get("compression"),
-            fingerprint=result.get("fingerprint"),
-        )
+    def older(cls, d: dict) -> dict:
+        """Results written before these fields were all recorded: no folder, sizes or architecture (read as
+        unknown), and per-head layers said only by ``per_head`` (their settings read as unknown, {})."""
+        d = {"checkpoint": "", "architecture": "perhead-llama"} | {k: v for k, v in d.items() if v is not None}
+        d = d | {k: d.get(k) or 0 for k in ("params", "n_layers")}
+        if d.get("head_layer") is None and d.get("per_head"):
+            d["head_layer"] = {}
+        return d
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluator results, typed: what tables, reports and plots read of each evaluator's figures (``parse_result``;
 # ``write_result`` parses a payload the same way before writing it, so what is written is what readers read).
-# The file keeps everything else an evaluator records (examples, per-problem outcomes) in ``record``.
+# The file keeps everything else an evaluator records (examples, per-problem outcomes) in ``record``. Every
+# class is read by its fields (common.typed.from_record): ``figure`` says where a figure sits and its range.
 
 
-def _opt(d: dict, key: str, kind=None):
-    v = d.get(key)
-    return v if v is None or kind is None else kind(v)
+MAX_BITS_PER_BYTE = 1000.0  # far beyond any model's (a uniform guess over 32k tokens of one byte each is 15)
 
 
 @dataclass(frozen=True)
-class Spread:
+class Spread(Record):
     """Median with the 10th and 90th percentiles over ``n`` repeats (common.timing.spread)."""
 
-    median: float
-    p10: float
-    p90: float
-    n: int
-
-    @classmethod
-    def of(cls, d: dict, what: str = "timing") -> Spread:
-        return cls(
-            _finite(d["median"], f"{what}.median", low=0.0),
-            _finite(d["p10"], f"{what}.p10", low=0.0),
-            _finite(d["p90"], f"{what}.p90", low=0.0),
-            _count(d["n"], f"{what}.n"),
-        )
+    median: float = figure(low=0.0)
+    p10: float = figure(low=0.0)
+    p90: float = figure(low=0.0)
+    n: int = figure()
 
 
 @dataclass(frozen=True)
-class Ratio:
+class Ratio(Record):
     """A ratio to a reference with its interval (common.stats.paired_ratio); the bounds are None where too few
-    rounds gave one."""
+    rounds gave one (or unbounded: too few rounds to reject)."""
 
-    median: float
-    ci_low: float | None = None
-    ci_high: float | None = None
-    p: float | None = None
-    confidence: float | None = None  # the interval's level (a Bonferroni-adjusted one is above 0.95); None: unknown
-
-    @classmethod
-    def of(cls, d: dict | None) -> Ratio | None:
-        if not d:
-            return None
-        return cls(
-            _finite(d["median"], "ratio.median", low=0.0),
-            _maybe(d, "ci_low", "ratio.ci_low", low=0.0, infinite=True),  # too few rounds: an unbounded interval
-            _maybe(d, "ci_high", "ratio.ci_high", low=0.0, infinite=True),
-            _maybe(d, "p", "ratio.p", low=0.0, high=1.0),
-            _maybe(d, "confidence", "ratio.confidence", low=0.0, high=1.0),
-        )
+    median: float = figure(low=0.0)
+    ci_low: float | None = figure(low=0.0, infinite=True, default=None)
+    ci_high: float | None = figure(low=0.0, infinite=True, default=None)
+    p: float | None = figure(low=0.0, high=1.0, default=None)
+    confidence: float | None = figure(low=0.0, high=1.0, default=None)  # the interval's level; None: unknown
 
 
 @dataclass(frozen=True)
-class Energy:
+class Energy(Record):
     """Energy per token: a counter's figure, or "unavailable" with the reason (never a guess)."""
 
     method: str
-    j_per_token: float | None = None
+    j_per_token: float | None = figure(low=0.0, default=None)
     reason: str | None = None
-
-    @classmethod
-    def of(cls, d: dict | None) -> Energy | None:
-        if d is None:
-            return None
-        return cls(str(d["method"]), _maybe(d, "j_per_token", "energy.j_per_token", low=0.0), d.get("reason"))
 
     @property
     def figure(self) -> float | str | None:
@@ -235,144 +189,89 @@ class Energy:
 
 
 @dataclass(frozen=True)
-class DocumentFigures:
+class DocumentFigures(Record):
     """One scored document of a held-out split: who it is (index, name, content hash) and its summed NLL in nats,
     tokens and UTF-8 bytes: what a study rescores, bootstraps or subsets without the model."""
 
     index: int
     sha256: str
-    nats: float
-    tokens: int
-    bytes: int
+    nats: float = figure(low=0.0)
+    tokens: int = figure()
+    bytes: int = figure()
     name: str | None = None
-
-    @classmethod
-    def of(cls, d: dict, i: int) -> DocumentFigures:
-        where = f"per_document[{i}]"
-        if not isinstance(d.get("sha256"), str):
-            raise ValueError(f"{where}.sha256 = {d.get('sha256')!r} is not a content hash")
-        return cls(
-            _count(d["index"], f"{where}.index"),
-            d["sha256"],
-            _finite(d["nats"], f"{where}.nats", low=0.0),
-            _count(d["tokens"], f"{where}.tokens"),
-            _count(d["bytes"], f"{where}.bytes"),
-            d.get("name") if isinstance(d.get("name"), str) else None,
-        )
 
 
 @dataclass(frozen=True)
-class PerplexityFigures:
+class PerplexityFigures(Record):
     """eval.perplexity's figures: bits per byte always; token perplexity in its own (sliding) mode, word
     perplexity in lm-eval's; and what they were measured on."""
 
-    bits_per_byte: float
-    perplexity: float | None = None
-    word_perplexity: float | None = None
+    bits_per_byte: float = figure(low=0.0, high=MAX_BITS_PER_BYTE)
+    perplexity: float | None = figure(low=1.0, default=None)
+    word_perplexity: float | None = figure(low=1.0, default=None)
     mode: str = "sliding"
     tokens_scored: int | None = None
     source: str | None = None
     sample: str | None = None
     context: int | None = None
     stride: int | None = None
-    documents: tuple[DocumentFigures, ...] = ()  # per scored document of a held-out split (empty: not recorded)
+    # per scored document of a held-out split (empty: not recorded)
+    documents: tuple[DocumentFigures, ...] = figure("per_document", default=())
     excluded: tuple[dict, ...] = ()  # documents the near-duplicate rule left out (index, name, sha256, overlap)
     near_duplicates: float | None = None  # that rule's threshold (None: no document left out)
 
-    @classmethod
-    def of(cls, d: dict) -> PerplexityFigures:
-        docs = d.get("per_document") or []
-        return cls(
-            _finite(d["bits_per_byte"], "bits_per_byte", low=0.0, high=MAX_BITS_PER_BYTE),
-            _maybe(d, "perplexity", "perplexity", low=1.0),
-            _maybe(d, "word_perplexity", "word_perplexity", low=1.0),
-            d.get("mode", "sliding"),
-            _maybe_count(d, "tokens_scored"),
-            d.get("source"),
-            d.get("sample"),
-            _maybe_count(d, "context"),
-            _maybe_count(d, "stride"),
-            tuple(DocumentFigures.of(x, i) for i, x in enumerate(docs)),
-            tuple(d.get("excluded") or ()),
-            _opt(d, "near_duplicates", float),
-        )
-
 
 @dataclass(frozen=True)
-class ContinuationFigures:
+class ContinuationFigures(Record):
     """BLEU and ROUGE-L of greedy continuations (rougeL_code: the tokenizer that keeps code symbols)."""
 
-    bleu: float
-    rougeL: float
-    rougeL_code: float | None = None
+    bleu: float = figure(low=0.0, high=100.0)
+    rougeL: float = figure(low=0.0, high=100.0)
+    rougeL_code: float | None = figure(low=0.0, high=100.0, default=None)
     pairs: int | None = None
     prompt_tokens: int | None = None
     continuation_tokens: int | None = None
 
-    @classmethod
-    def of(cls, d: dict) -> ContinuationFigures:
-        return cls(
-            _finite(d["bleu"], "continuation.bleu", low=0.0, high=100.0),
-            _finite(d["rougeL"], "continuation.rougeL", low=0.0, high=100.0),
-            _maybe(d, "rougeL_code", "continuation.rougeL_code", low=0.0, high=100.0),
-            _maybe_count(d, "pairs"),
-            _maybe_count(d, "prompt_tokens"),
-            _maybe_count(d, "continuation_tokens"),
-        )
-
 
 @dataclass(frozen=True)
-class HumanEvalFigures:
+class HumanEvalFigures(Record):
     """pass@1 (None where no problem was run) and what it was measured on."""
 
-    pass_at_1: float | None
-    problems: int | None = None
-    samples_per_problem: int | None = None
-    timeout_s: float | None = None
+    scores: dict = figure("pass", repr=False)  # pass@k for each k measured, and what they were measured on
+    pass_at_1: float | None = figure(("pass", "pass@1"), low=0.0, high=1.0, default=None)
+    problems: int | None = figure(("pass", "problems"), default=None)
+    samples_per_problem: int | None = figure(("pass", "samples_per_problem"), default=None)
+    timeout_s: float | None = figure(("pass", "timeout_s"), low=0.0, default=None)
     max_new_tokens: int | None = None
-
-    @classmethod
-    def of(cls, d: dict) -> HumanEvalFigures:
-        p = d["pass"]
-        return cls(
-            _maybe(p, "pass@1", "humaneval.pass@1", low=0.0, high=1.0),
-            _maybe_count(p, "problems"),
-            _maybe_count(p, "samples_per_problem"),
-            _maybe(p, "timeout_s", "humaneval.timeout_s", low=0.0),
-            _maybe_count(d, "max_new_tokens"),
-        )
 
 
 @dataclass(frozen=True)
-class Timing:
-    """One latency row of eval.efficiency: milliseconds (per token for decode) in ``mode`` at ``batch``."""
+class Timing(Record):
+    """One prefill row of eval.efficiency: milliseconds in ``mode`` at ``batch``."""
 
     mode: str
     batch: int
     ms: Spread
     energy: Energy | None = None
 
-    @classmethod
-    def of(cls, d: dict, key: str) -> Timing:
-        return cls(str(d["mode"]), _count(d["batch"], "batch"), Spread.of(d[key], key), Energy.of(d.get("energy")))
-
 
 @dataclass(frozen=True)
-class Result:
+class DecodeTiming(Timing):
+    """One decode row of eval.efficiency: milliseconds per token in ``mode`` at ``batch``."""
+
+    ms: Spread = figure("ms_per_token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(Record):
     """What every evaluator result carries: which model, and where it was measured."""
 
     evaluator: str
-    identity: ModelIdentity | None  # None: a result about several models (side by side)
-    device: str  # common.hardware.run_metadata's: the device and, on a CPU, the threads ("... (2 threads)")
-    torch_version: str
-    git_commit: str
-    record: dict = dataclasses.field(repr=False, compare=False)  # the file as written
-
-    @classmethod
-    def _head(cls, r: dict) -> dict:
-        who = ModelIdentity.of(r) if "model" in r else None
-        where = {k: str(r.get(k, "?")) for k in ("device", "torch_version", "git_commit")}
-        return {"evaluator": r["evaluator"], "identity": who, **where, "record": r}
+    identity: ModelIdentity | None = figure(SELF, when="model")  # None: a result about several models
+    device: str = "?"  # common.hardware.run_metadata's: the device and, on a CPU, the threads ("... (2 threads)")
+    torch_version: str = "?"
+    git_commit: str = "?"
+    record: dict = figure(SELF, repr=False, compare=False, default_factory=dict)  # the file as written
 
     @property
     def device_threads(self) -> int | None:
@@ -381,67 +280,33 @@ class Result:
         return int(m.group(1)) if m else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QualityResult(Result):
-    perplexity: PerplexityFigures = None
-    continuation: ContinuationFigures = None
-    humaneval: HumanEvalFigures = None
-
-    @classmethod
-    def of(cls, r: dict) -> QualityResult:
-        return cls(
-            **cls._head(r),
-            perplexity=PerplexityFigures.of(r["perplexity"]),
-            continuation=ContinuationFigures.of(r["continuation"]),
-            humaneval=HumanEvalFigures.of(r["humaneval"]),
-        )
+    perplexity: PerplexityFigures
+    continuation: ContinuationFigures
+    humaneval: HumanEvalFigures
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerplexityResult(Result):
-    figures: PerplexityFigures = None
+    figures: PerplexityFigures = figure(SELF)
     run: str | None = None  # over training: the run, the checkpoint's step, tokens seen and energy spent by then
     step: int | None = None
     tokens: int | None = None
     energy_j: float | None = None
 
-    @classmethod
-    def of(cls, r: dict) -> PerplexityResult:
-        return cls(
-            **cls._head(r),
-            figures=PerplexityFigures.of(r),
-            run=r.get("run"),
-            step=r.get("step"),
-            tokens=r.get("tokens"),
-            energy_j=_opt(r, "energy_j", float),
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HumanEvalResult(Result):
-    humaneval: HumanEvalFigures = None
-
-    @classmethod
-    def of(cls, r: dict) -> HumanEvalResult:
-        return cls(**cls._head(r), humaneval=HumanEvalFigures.of(r))
+    humaneval: HumanEvalFigures = figure(SELF)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EfficiencyResult(Result):
-    prefill: tuple[Timing, ...] = ()
-    decode: tuple[Timing, ...] = ()
+    prefill: tuple[Timing, ...]
+    decode: tuple[DecodeTiming, ...]
     memory_bytes: int | None = None
     disk_bytes: int | None = None
-
-    @classmethod
-    def of(cls, r: dict) -> EfficiencyResult:
-        return cls(
-            **cls._head(r),
-            prefill=tuple(Timing.of(x, "ms") for x in r["prefill"]),
-            decode=tuple(Timing.of(x, "ms_per_token") for x in r["decode"]),
-            memory_bytes=r.get("memory_bytes"),
-            disk_bytes=r.get("disk_bytes"),
-        )
 
     @staticmethod
     def pick(rows: tuple[Timing, ...], mode: str | None, batch: int) -> Timing | None:
@@ -450,19 +315,13 @@ class EfficiencyResult(Result):
 
 
 @dataclass(frozen=True)
-class RoundsEnergy:
-    """Energy per token over a side-by-side timing's rounds: the spread of the rounds' joules per token, or
-    "unavailable" with the reason."""
+class RoundsEnergy(Record):
+    """Energy per token over a side-by-side timing's rounds: the spread of the rounds' joules per token (its
+    median, p10, p90 and n beside the method), or "unavailable" with the reason."""
 
     method: str
-    j_per_token: Spread | None = None
+    j_per_token: Spread | None = figure(SELF, when="median", default=None)
     reason: str | None = None
-
-    @classmethod
-    def of(cls, d: dict | None) -> RoundsEnergy | None:
-        if d is None:
-            return None
-        return cls(d["method"], Spread.of(d) if "median" in d else None, d.get("reason"))
 
     def flat(self) -> dict:
         """As the study's table row holds it: method and reason beside the spread's median, p10, p90, n."""
@@ -471,32 +330,23 @@ class RoundsEnergy:
 
 
 @dataclass(frozen=True)
-class TimedModel:
+class TimedModel(Record):
     """One model of a side-by-side timing: decode ms per token over the rounds, each round's figure, its ratio
     to the reference (None for the reference), energy."""
 
-    decode_ms: Spread
-    decode_samples: tuple[float, ...]
-    decode_ratio: Ratio | None
-    energy: RoundsEnergy | None
-
-    @classmethod
-    def of(cls, d: dict) -> TimedModel:
-        return cls(
-            Spread.of(d["decode_ms_per_token"], "decode_ms_per_token"),
-            tuple(_finite(x, "decode_ms_samples", low=0.0) for x in d["decode_ms_samples"]),
-            Ratio.of(d.get("decode_ratio_to_reference")),
-            RoundsEnergy.of(d.get("energy")),
-        )
+    decode_ms: Spread = figure("decode_ms_per_token")
+    decode_samples: tuple[float, ...] = figure("decode_ms_samples", low=0.0)
+    decode_ratio: Ratio | None = figure("decode_ratio_to_reference", default=None)
+    energy: RoundsEnergy | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SideBySideResult(Result):
-    reference: str = ""
+    reference: str
     mode: str = "eager"
     models: dict[str, TimedModel] = dataclasses.field(default_factory=dict)
     gated: str | None = None  # why no latency verdict stands (the A/A control differed from 1), else None
-    control: Ratio | None = None  # the A/A control's decode ratio: the run's noise floor
+    control: Ratio | None = figure(("control", "decode_control"), default=None)  # the A/A control: the noise floor
     rounds: int | None = None
     n_tokens: int | None = None
     context: int | None = None
@@ -505,103 +355,28 @@ class SideBySideResult(Result):
     threads: int | None = None
     load: dict | None = None  # common.load.LoadMeter's record of the machine while timing
 
-    @classmethod
-    def of(cls, r: dict) -> SideBySideResult:
-        return cls(
-            **cls._head(r),
-            reference=r["reference"],
-            mode=r.get("mode", "eager"),
-            models={name: TimedModel.of(m) for name, m in r["models"].items()},
-            gated=r.get("gated"),
-            control=Ratio.of((r.get("control") or {}).get("decode_control")),
-            rounds=r.get("rounds"),
-            n_tokens=r.get("n_tokens"),
-            context=r.get("context"),
-            prompt_len=r.get("prompt_len"),
-            batch=r.get("batch"),
-            threads=r.get("threads"),
-            load=r.get("load"),
-        )
-
 
 @dataclass(frozen=True)
-class Repetition:
+class Repetition(Record):
     """One kind of repeated sequence of eval.induction: the loss on the first and the second copy (nats per token)
     and their difference over sequences with its 95% t-interval."""
 
-    loss_first: float
-    loss_second: float
-    induction_nats: float
-    ci_low: float | None = None
-    ci_high: float | None = None
-
-    @classmethod
-    def of(cls, d: dict | None, kind: str) -> Repetition | None:
-        if d is None:
-            return None
-        ci = d["induction_nats"]
-        return cls(
-            _finite(d["loss_first"], f"{kind}.loss_first", low=0.0),
-            _finite(d["loss_second"], f"{kind}.loss_second", low=0.0),
-            _finite(ci["mean"], f"{kind}.induction_nats"),
-            None if ci.get("ci_low") is None else _finite(ci["ci_low"], f"{kind}.induction_nats.ci_low"),
-            None if ci.get("ci_high") is None else _finite(ci["ci_high"], f"{kind}.induction_nats.ci_high"),
-        )
+    loss_first: float = figure(low=0.0)
+    loss_second: float = figure(low=0.0)
+    induction_nats: float = figure(("induction_nats", "mean"))
+    ci_low: float | None = figure(("induction_nats", "ci_low"), default=None)
+    ci_high: float | None = figure(("induction_nats", "ci_high"), default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InductionResult(Result):
     """eval.induction: repeated random tokens (Olsson et al.'s probe) and repeated held-out text (None where the
     model has no held-out split of its own)."""
 
-    random: Repetition | None = None
-    heldout: Repetition | None = None
-    sequences: int = 0
-    length: int = 0
-
-    @classmethod
-    def of(cls, r: dict) -> InductionResult:
-        return cls(
-            **cls._head(r),
-            random=Repetition.of(r["random"], "random"),
-            heldout=Repetition.of(r["heldout"], "heldout"),
-            sequences=_count(r["sequences"], "sequences"),
-            length=_count(r["length"], "length"),
-        )
-
-
-def _finite(v, what: str, low: float | None = None, high: float | None = None, infinite: bool = False) -> float:
-    """A figure as a float: a number, finite (or, with ``infinite``, not NaN: an unbounded interval's end), within
-    [low, high] where given; else ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{what} = {v!r} is not a number")
-    x = float(v)
-    bad = math.isnan(x) if infinite else not math.isfinite(x)
-    if bad or (low is not None and x < low) or (high is not None and x > high):
-        bounds = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(
-            f"{what} = {v!r} is not a finite number{bounds if low is not None or high is not None else ''}"
-        )
-    return x
-
-
-MAX_BITS_PER_BYTE = 1000.0  # far beyond any model's (a uniform guess over 32k tokens of one byte each is 15)
-
-
-def _maybe(d: dict, key: str, what: str, low=None, high=None, infinite: bool = False) -> float | None:
-    """An optional figure: None where absent, else checked as ``_finite``."""
-    return None if d.get(key) is None else _finite(d[key], what, low, high, infinite)
-
-
-def _maybe_count(d: dict, key: str) -> int | None:
-    return None if d.get(key) is None else _count(d[key], key)
-
-
-def _count(v, what: str) -> int:
-    """A count: a whole number, not negative; else ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{what} = {v!r} is not a count (a whole number >= 0)")
-    return v
+    random: Repetition | None
+    heldout: Repetition | None
+    sequences: int
+    length: int
 
 
 RESULT_TYPES: dict[str, type[Result]] = {
