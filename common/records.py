@@ -12,7 +12,7 @@ from pathlib import Path
 from common.cli import UserError, from_table
 from common.files import atomic_write
 from common.results import has_richer_heads, read_versioned
-from common.typed import Record, figure, from_record
+from common.typed import from_record
 
 
 @dataclass
@@ -127,37 +127,3 @@ class TrainingSummary:
         if d.get("per_head") and d.get("head_layer") is None:
             return d | {"head_layer": {}}
         return d
-
-
-@dataclass(frozen=True)
-class Recovery(Record):
-    """Training after compression (compress/recover.py): its method (full, lora, distill) and steps."""
-
-    method: str
-    steps: int | None = None
-
-
-@dataclass(frozen=True)
-class Compression(Record):
-    """What ``python -m compress`` did to make a model (its compression.json, also every result's
-    ``compression``), as the loader, the tables and the report read it; the file keeps the rest (sizes,
-    calibration, the pruning report, the recovery's settings)."""
-
-    method: str  # magnitude, wanda, sparsegpt, structured, drop-<how>, quantize
-    quantize: str | None = None  # the scheme (runtime/quantize.py), also after pruning or dropping
-    sparsity: float | None = None
-    pattern: str | None = None  # N:M, e.g. 2:4
-    layers: int | None = None  # blocks dropped
-    head_ratio: float | None = None  # structured pruning: heads and FFN channels kept
-    ffn_ratio: float | None = None
-    recovery: Recovery | None = None
-    finetune_steps: int | None = None  # records written before recovery had its own record
-    base: Compression | None = figure("base_compression", default=None)  # the compression of the model it was made from
-
-    @classmethod
-    def of(cls, d: dict | None, where: str = "compression") -> Compression | None:
-        """The record read by its fields; None for a model that was not compressed (no record, or an empty one)."""
-        return from_record(cls, d, where) if d else None
-
-    def before_recovery(self) -> Compression:
-        return dataclasses.replace(self, recovery=None)

@@ -16,7 +16,7 @@ import torch
 from common.cli import UserError
 from common.files import atomic_write
 from common.hardware import run_metadata
-from common.typed import SELF, Record, figure
+from common.typed import SELF, Record, figure, from_record
 
 
 def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -111,6 +111,40 @@ def has_richer_heads(head_layer: dict | None) -> bool:
     return head_layer is not None
 
 
+@dataclass(frozen=True)
+class Recovery(Record):
+    """Training after compression (compress/recover.py): its method (full, lora, distill) and steps."""
+
+    method: str
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Compression(Record):
+    """What ``python -m compress`` did to make a model (its compression.json, also every result's
+    ``compression``), as the loader, the tables and the report read it; the file keeps the rest (sizes,
+    calibration, the pruning report, the recovery's settings)."""
+
+    method: str  # magnitude, wanda, sparsegpt, structured, drop-<how>, quantize
+    quantize: str | None = None  # the scheme (runtime/quantize.py), also after pruning or dropping
+    sparsity: float | None = None
+    pattern: str | None = None  # N:M, e.g. 2:4
+    layers: int | None = None  # blocks dropped
+    head_ratio: float | None = None  # structured pruning: heads and FFN channels kept
+    ffn_ratio: float | None = None
+    recovery: Recovery | None = None
+    finetune_steps: int | None = None  # records written before recovery had its own record
+    base: Compression | None = figure("base_compression", default=None)  # the compression of the model it was made from
+
+    @classmethod
+    def of(cls, d: dict | None, where: str = "compression") -> Compression | None:
+        """The record read by its fields; None for a model that was not compressed (no record, or an empty one)."""
+        return from_record(cls, d, where) if d else None
+
+    def before_recovery(self) -> Compression:
+        return dataclasses.replace(self, recovery=None)
+
+
 @dataclass
 class ModelIdentity(Record):
     """Which model a result is about: the header of every evaluator's result."""
@@ -123,6 +157,9 @@ class ModelIdentity(Record):
     head_layer: dict | None = None  # the per-head layers' settings (hidden_dim, activation, residual); None: plain
     compression: dict | None = None  # compression.json of a compressed model
     fingerprint: str | None = None  # models.folders.fingerprint of its folder when measured (None: not recorded)
+
+    def __post_init__(self):
+        Compression.of(self.compression)  # a compression record readers can read, or none: else ValueError
 
     @property
     def per_head(self) -> bool:

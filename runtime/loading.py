@@ -13,7 +13,7 @@ import torch
 
 from common.cli import UserError
 from common.device import autocast, compute_dtype, pick_device
-from common.records import Compression
+from common.results import Compression
 from llama.model import count_params
 from llama.model_io import quantized_file, verify_checksum
 from llama.tokenizer import Tokenizer

@@ -92,7 +92,7 @@ def test_every_typed_record_of_the_project_is_read_by_its_fields():
     assert len(classes) >= 20
     for c in classes:
         own = c.__dict__.get("of")
-        assert own is None or c is records.Compression, f"{c.__name__} reads itself by hand"
+        assert own is None or c is results.Compression, f"{c.__name__} reads itself by hand"
 
 
 def test_a_result_reads_the_same_through_json_as_built(tmp_path):
@@ -113,3 +113,14 @@ def test_a_result_reads_the_same_through_json_as_built(tmp_path):
         results.parse_result(bad)
     older = {k: v for k, v in record.items() if k not in ("checkpoint", "params", "n_layers", "architecture")}
     assert results.parse_result(older | {"per_head": True}).identity.head_layer == {}  # written by older code
+
+
+def test_a_result_whose_compression_record_is_damaged_is_refused_naming_it():
+    header = {"evaluator": "humaneval", "model": "m", "checkpoint": "ck/m", "params": 1, "n_layers": 1}
+    figures = {"pass": {"pass@1": 0.5, "problems": 2}}
+    ok = {"method": "wanda", "sparsity": 0.5, "base_compression": {"method": "drop-bi", "layers": 1}}
+    assert results.parse_result(header | figures | {"compression": ok}).identity.compression == ok
+    assert results.Compression.of(ok).base.layers == 1
+    for bad, where in (({"method": 3}, "compression.method"), (ok | {"sparsity": "half"}, "compression.sparsity")):
+        with pytest.raises(ValueError, match=f"{where} = .* is not"):
+            results.parse_result(header | figures | {"compression": bad})

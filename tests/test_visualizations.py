@@ -173,7 +173,7 @@ def test_tradeoff_plot_data_and_no_front(results):
 
 
 def test_compression_labels():
-    from common.records import Compression
+    from common.results import Compression
 
     def label(record):  # compression.json as written, read as every reader reads it
         return compression_label(Compression.of(record))
@@ -393,7 +393,7 @@ def test_matched_tokens_is_said_only_when_the_tokens_match(tmp_path):
 
 
 def test_a_recovered_model_is_compared_with_its_unrecovered_twin_and_its_dense_base(tmp_path):
-    from common.records import Compression
+    from common.results import Compression
     from common.stats import mean_ci
     from visualizations.grouped import comparisons
 

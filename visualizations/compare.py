@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, parse_args, positional, run_main
-from common.records import Compression
 from common.results import (
+    Compression,
     EfficiencyResult,
     HumanEvalResult,
     PerplexityResult,

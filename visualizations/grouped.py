@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.records import Compression, StudyRecord, TrainingSummary
-from common.results import read_typed
+from common.records import StudyRecord, TrainingSummary
+from common.results import Compression, read_typed
 from common.stats import (
     adjust,
     compare_seeds,
