@@ -104,6 +104,14 @@ def test_per_head_variants_stay_apart_in_results_and_tables(small_tokenizer, tmp
     assert per_head_label(rows["h64"]) == "64 silu" and per_head_label(rows["h8"]) == "8 gelu"
     md, _ = write_table(list(rows.values()), tmp_path / "t")
     assert "| 64 silu |" in md.read_text() and "| 8 gelu |" in md.read_text()
+    # every kind of richer head is named (a model with per-head RMSNorm alone once showed an empty cell)
+    for kwargs, label in (
+        ({"head_layer": None, "head_norm": True}, "RMSNorm per head"),
+        ({"head_layer": None, "attn_gate": "headwise"}, "gate headwise"),
+        ({"head_layer": None}, "no"),
+    ):
+        assert per_head_label({"head_layer": ModelArgs(**kwargs).head_layer_spec()}) == label
+    assert per_head_label({"head_layer": {"a_setting_of_later_code": 1}}) == "yes"
 
 
 def test_per_head_variants_of_one_depth_are_compared_with_each_other():

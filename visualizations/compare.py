@@ -51,8 +51,8 @@ COLUMNS = MODEL_COLUMNS + [
 
 
 def per_head_label(row: dict) -> str:
-    """ "no", or the richer heads' settings ("64 silu", "32 gelu, no residual", "gate elementwise"): variants stay
-    apart."""
+    """ "no", or the richer heads' settings ("64 silu", "32 gelu, no residual", "gate elementwise", "RMSNorm per
+    head"): variants stay apart."""
     spec = row.get("head_layer")
     if not spec:  # None: plain blocks; {}: per-head layers whose settings the result did not record
         return "yes" if row.get("per_head") or spec == {} else "no"
@@ -63,7 +63,9 @@ def per_head_label(row: dict) -> str:
         )
     if spec.get("gate"):
         parts.append(f"gate {spec['gate']}")
-    return " + ".join(parts)
+    if spec.get("head_norm"):
+        parts.append("RMSNorm per head")
+    return " + ".join(parts) or "yes"  # settings this code does not know: richer heads all the same
 
 
 def compression_label(c: Compression | None) -> str:
