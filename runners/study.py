@@ -215,7 +215,7 @@ def _job(s: Study, step: Step):
 
 def build_outputs(s: Study) -> Path:
     from visualizations import save_figures
-    from visualizations.grouped import comparisons, depth_answers, group_rows, write_grouped_table
+    from visualizations.grouped import comparisons, depth_answers, group_rows, write_documents, write_grouped_table
     from visualizations.plot_tradeoffs import family_color, grouped_tradeoff_figures
     from visualizations.plot_training import load_runs, training_figures
     from visualizations.plot_training import over_training as over_training_fig
@@ -223,6 +223,7 @@ def build_outputs(s: Study) -> Path:
 
     rows = group_rows(s.out, Path(s.logs_dir))
     write_grouped_table(rows, s.out)
+    write_documents(rows, s.out)
     comps = comparisons(rows, Path(s.logs_dir))
     atomic_write(s.out / "comparisons.json", json.dumps(comps, indent=2))
     answers = depth_answers(rows)

@@ -33,8 +33,10 @@ def row(name: str, n_layers: int, nats: np.ndarray, nbytes: np.ndarray, per_head
         "documents": {
             "seeds": list(range(SEEDS)),
             "docs": [f"d{i}" for i in range(DOCS)],
-            "names": [None] * DOCS,
+            "index": list(range(DOCS)),
+            "names": [f"doc{i}.py" for i in range(DOCS)],
             "nats": nats.tolist(),
+            "tokens": np.full(nats.shape, 100).tolist(),
             "bytes": nbytes.tolist(),
         },
     }
@@ -130,3 +132,30 @@ def test_a_ratios_interval_says_its_level():
     ratio = {"median": 1.02, "ci_low": 0.99, "ci_high": 1.05, "confidence": 1 - 0.05 / 12}
     assert _format("decode_ratio", ratio) == "x1.020 [0.990, 1.050] (99.58%)"
     assert "level not recorded" in _format("decode_ratio", ratio | {"confidence": None})
+
+
+def test_the_documents_written_rescore_every_model_and_seed_and_any_subset(study_rows, tmp_path):
+    import csv
+
+    from visualizations.grouped import write_documents
+
+    write_documents(study_rows, tmp_path)
+    docs = list(csv.DictReader((tmp_path / "documents.csv").open()))
+    assert [d["name"] for d in docs] == [f"doc{i}.py" for i in range(DOCS)]
+    nbytes = {d["sha256"]: float(d["bytes"]) for d in docs}
+    rows = list(csv.DictReader((tmp_path / "document_nats.csv").open()))
+    assert len(rows) == len(study_rows) * SEEDS * DOCS
+    for r in study_rows:
+        for k in range(SEEDS):
+            mine = {d["sha256"]: float(d["nats"]) for d in rows if d["model"] == r["model"] and int(d["seed"]) == k}
+            whole = sum(mine.values()) / math.log(2) / sum(nbytes.values())
+            assert whole == pytest.approx(r["bits_per_byte"]["values"][k], rel=1e-12)
+            first = list(mine)[:3]  # a subset: its own bits per byte, from the same figures
+            subset = sum(mine[d] for d in first) / math.log(2) / sum(nbytes[d] for d in first)
+            direct = (
+                np.array(r["documents"]["nats"])[k, :3].sum()
+                / math.log(2)
+                / np.array(r["documents"]["bytes"])[:3].sum()
+            )
+            assert subset == pytest.approx(direct, rel=1e-12)
+    assert write_documents([{"model": "m", "documents": None}], tmp_path / "none") == []

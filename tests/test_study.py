@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -351,6 +352,20 @@ side_by_side = ["--rounds", "3", "--context", "8", "--prompt-len", "8", "--n-tok
     assert "decode ms/token (side by side)" in report and "bits per byte" in report
     assert (out / "plots" / "training_curves.png").is_file() and (out / "over_training").is_dir()
     assert len(list((out / "steps").glob("*.json"))) == len(plan_of(toml))
+    # every scored document's figures are written beside the table: rescored from them alone, each model's bits
+    # per byte per seed is the table's (and any subset of documents can be scored the same way)
+    import csv
+
+    docs = {d["sha256"]: int(d["bytes"]) for d in csv.DictReader((out / "documents.csv").open())}
+    nats: dict[tuple[str, int], float] = {}
+    for r in csv.DictReader((out / "document_nats.csv").open()):
+        nats[r["model"], int(r["seed"])] = nats.get((r["model"], int(r["seed"])), 0.0) + float(r["nats"])
+    table_rows = {r["model"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert {m for m, _ in nats} == set(table_rows) and docs
+    for model, r in table_rows.items():
+        per_seed = [float(v) for v in r["bpb_per_seed"].split()]
+        rescored = [nats[model, k] / math.log(2) / sum(docs.values()) for k in range(2)]
+        assert rescored == pytest.approx(per_seed, abs=5e-6)  # the table prints 5 decimals
 
 
 def plan_of(toml):

@@ -20,7 +20,9 @@ of the depth gap each richer shallower model recovers.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
+from common.files import atomic_write
 from common.records import StudyRecord, TrainingSummary
 from common.results import Compression, read_typed
 from common.stats import (
@@ -158,10 +161,39 @@ def document_table(measured: list[dict]) -> dict | None:
     return {
         "seeds": [k for k, _ in records],
         "docs": keys,
+        "index": [d.index for d in records[0][1]],
         "names": [d.name for d in records[0][1]],
         "nats": [[d.nats for d in docs] for _, docs in records],
+        "tokens": [[d.tokens for d in docs] for _, docs in records],
         "bytes": [d.bytes for d in records[0][1]],
     }
+
+
+def write_documents(rows: list[dict], out: Path) -> list[Path]:
+    """Every scored document's figures, enough to rescore, bootstrap or subset the study without its models:
+    ``documents.csv`` (each document of the held-out split scored: its index in the split, name, content hash and
+    UTF-8 bytes) and ``document_nats.csv`` (per model, seed and document: tokens and summed NLL in nats). A model's
+    bits per byte on any set of documents is its nats summed over them / (ln 2 x their bytes summed). Nothing is
+    written where no model recorded per-document figures."""
+    tables = [(r["model"], r["documents"]) for r in rows if r.get("documents")]
+    if not tables:
+        return []
+    docs: dict[str, tuple] = {}
+    nats = io.StringIO()
+    w = csv.writer(nats, lineterminator="\n")
+    w.writerow(["model", "seed", "sha256", "tokens", "nats"])
+    for model, t in tables:
+        for i, key in enumerate(t["docs"]):
+            docs.setdefault(key, (t["index"][i], t["names"][i], key, t["bytes"][i]))
+        for k, seed in enumerate(t["seeds"]):
+            for i, key in enumerate(t["docs"]):
+                w.writerow([model, seed, key, t["tokens"][k][i], t["nats"][k][i]])  # str(float) round-trips
+    index = io.StringIO()
+    w = csv.writer(index, lineterminator="\n")
+    w.writerow(["index", "name", "sha256", "bytes"])
+    w.writerows(sorted(docs.values()))
+    written = [atomic_write(out / "documents.csv", index.getvalue())]
+    return written + [atomic_write(out / "document_nats.csv", nats.getvalue())]
 
 
 def _val_loss_at(curve: list[dict], flops_per_token: float, budget: float) -> float | None:

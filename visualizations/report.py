@@ -403,8 +403,11 @@ def write_report(
         f"python -m runners.study {study.source}",
         "```",
         "",
-        f"Per-step logs are in `{out / 'logs'}`; raw results in `{out / 'evals'}` (a quality result's "
-        "perplexity.per_document holds every scored document's nats, tokens and bytes: enough to rescore the study).",
+        f"Per-step logs are in `{out / 'logs'}`; raw results in `{out / 'evals'}`. Every scored document's figures "
+        "are in `documents.csv` (index, name, content hash, bytes) and `document_nats.csv` (tokens and nats per "
+        "model, seed and document) beside this report: a model's bits per byte on any set of documents is its nats "
+        "summed over them / (ln 2 x their bytes summed), so the study can be rescored, bootstrapped or cut to a "
+        "subset without its models.",
         "",
     ]
     path = out / "report.md"
