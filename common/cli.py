@@ -90,7 +90,8 @@ def _scalar(text: str, tp, key: str):
     raise ConfigError(f"--{key} has type {tp} that cannot be set from the command line; set it in the runner")
 
 
-def _optional_inner(tp):
+def optional_inner(tp):
+    """X of a type hint ``X | None`` (None for any other hint)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(inner) == 1 and type(None) in typing.get_args(tp):
@@ -99,12 +100,12 @@ def _optional_inner(tp):
 
 
 def _is_list(tp) -> bool:
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     return typing.get_origin(inner if inner is not None else tp) is list
 
 
 def _parse(values: list[str], tp, key: str):
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         if len(values) == 1 and values[0].lower() in ("none", "null"):
             return None
@@ -149,7 +150,7 @@ def apply_overrides(cfg, argv: list[str], given: dict[str, str] | None = None):
             raise ConfigError(f"unknown config key --{raw}; --help lists the {len(shown)} options")
         owner, f, tp = paths[path]
         if negated:
-            if not (tp is bool or _optional_inner(tp) is not None) or eq:
+            if not (tp is bool or optional_inner(tp) is not None) or eq:
                 raise ConfigError(f"--{raw}: only a true/false option or an optional part can be negated")
             setattr(owner, f.name, False if tp is bool else None)
             if given is not None:
@@ -296,7 +297,7 @@ def from_table(cls, table, where: str):
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in table.items():
-        tp = _optional_inner(hints[key]) or hints[key]  # a table of an optional dataclass is read as one
+        tp = optional_inner(hints[key]) or hints[key]  # a table of an optional dataclass is read as one
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             values[key] = from_table(tp, value, f"{where} {key}")
@@ -315,7 +316,7 @@ def _short(value) -> str:
 
 
 def _has_type(value, tp) -> bool:
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         return value is None or _has_type(value, inner)
     if typing.get_origin(tp) is list:
@@ -332,7 +333,7 @@ _TYPE_NAMES = {int: ("a whole number", "whole numbers"), float: ("a number", "nu
 
 
 def _type_name(tp) -> str:
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         return _type_name(inner) + " or nothing"
     if typing.get_origin(tp) is list:

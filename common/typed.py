@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
+
+from common.cli import optional_inner
 
 SELF = ()  # the key path of the record itself
 
@@ -86,7 +87,7 @@ def _lookup(d: dict, path: tuple[str, ...]):
 
 
 def _value(v, tp, name: str, meta):
-    inner = _optional(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         return None if v is None else _value(v, inner, name, meta)
     origin = typing.get_origin(tp)
@@ -131,14 +132,6 @@ def count(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{what} = {_short(v)} is not a count (a whole number >= 0)")
     return v
-
-
-def _optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(inner) == 1 and type(None) in typing.get_args(tp):
-            return inner[0]
-    return None
 
 
 def _short(value) -> str:
