@@ -159,3 +159,36 @@ def test_the_documents_written_rescore_every_model_and_seed_and_any_subset(study
             )
             assert subset == pytest.approx(direct, rel=1e-12)
     assert write_documents([{"model": "m", "documents": None}], tmp_path / "none") == []
+
+
+def test_the_rule_for_leaving_a_model_out_is_applied_to_the_checks_runs(tmp_path):
+    import shutil
+    import statistics
+    from pathlib import Path
+
+    from common.stats import mdd_paired
+
+    # the committed rate check of study_cpu3: the rule keeps every model (checked by hand in its progress page)
+    shutil.copy(Path(__file__).parent.parent / "docs/results/study_cpu3/tune.json", tmp_path / "tune.json")
+
+    def trained(name, layers, per_head):
+        return {"model": name, "kind": "trained", "n_layers": layers, "per_head": per_head}
+
+    rows = [trained("cpu3_baseline_3l", 3, False), trained("cpu3_baseline_2l", 2, False)]
+    rows += [trained(f"cpu3_{n}_2l", 2, True) for n in ("perhead", "perhead512", "gated", "headnorm")]
+    rows.append({"model": "cpu3_baseline_3l-drop1", "kind": "compressed", "n_layers": 2, "per_head": False})
+    text = "\n".join(tune_section(tmp_path, rows))
+    assert "| cpu3_headnorm_2l | cpu3_baseline_2l | +0.1978 | 0.2732 | kept |" in text
+    assert "| cpu3_gated_2l | cpu3_baseline_2l | -0.0401 | 0.1043 | kept |" in text
+    assert "left out by the rule" not in text and "cpu3_baseline_3l |" not in text.split("Leaving a model out")[1]
+    # a model worse by more than the check could detect is marked, with the paired MDD of its differences
+    record = json.loads((tmp_path / "tune.json").read_text())
+    record["runs"]["cpu3_headnorm_2l"]["rates"][1]["tail_losses"] = [2.9777, 2.9905]  # chosen 2e-3: +0.40, +0.39
+    (tmp_path / "tune.json").write_text(json.dumps(record))
+    text = "\n".join(tune_section(tmp_path, rows))
+    plain = next(r["tail_losses"] for r in record["runs"]["cpu3_baseline_2l"]["rates"] if r["lr"] == 2e-3)
+    diffs = [2.9777 - plain[0], 2.9905 - plain[1]]
+    gap, expected = statistics.fmean(diffs), mdd_paired(statistics.stdev(diffs), 2)
+    assert gap > expected
+    assert f"| cpu3_headnorm_2l | cpu3_baseline_2l | {gap:+.4f} | {expected:.4f} | **left out by the rule** |" in text
+    assert "Leaving a model out" not in "\n".join(tune_section(tmp_path))  # without the rows: no rule applied

@@ -317,7 +317,7 @@ def _ci(v: dict | None, fmt: str = ".3f") -> str:
     return f"{v['mean']:{fmt}} ± {v['ci_high'] - v['mean']:{fmt}}"
 
 
-def tune_section(out: Path) -> list[str]:
+def tune_section(out: Path, rows: list[dict] | None = None) -> list[str]:
     """The learning-rate check (results/<study>/tune.json): every run's grid, its tail losses and the rate chosen."""
     import json
 
@@ -355,7 +355,47 @@ def tune_section(out: Path) -> list[str]:
             else:
                 row.append(f"**{r['mean']:.4f}**" if lr == rec["chosen"] else f"{r['mean']:.4f}")
         lines.append(f"| {name} | " + " | ".join(row) + f" | {rec['chosen']:g} |")
-    return lines + [""]
+    return lines + [""] + keep_rule_lines(runs, rows or [])
+
+
+def keep_rule_lines(runs: dict, rows: list[dict]) -> list[str]:
+    """The rule for leaving a richer model out of the main runs, applied to the check's runs: its tail loss at its
+    chosen rate against the plain model of its depth at that model's, paired over the check's seeds; left out where
+    it is worse by more than the smallest difference the check could detect (80% power, paired t)."""
+    import statistics
+
+    from common.stats import mdd_paired
+
+    def tails(name):
+        rec = runs[name]
+        return next((r["tail_losses"] for r in rec["rates"] if r["lr"] == rec["chosen"]), None)
+
+    trained = {r["model"]: r for r in rows if r.get("kind") == "trained" and r["model"] in runs}
+    lines = []
+    for name, r in trained.items():
+        plain = next(
+            (p for p in trained.values() if not p.get("per_head") and p.get("n_layers") == r.get("n_layers")), None
+        )
+        a, b = tails(name), tails(plain["model"]) if plain else None
+        if not r.get("per_head") or not a or not b or None in a or None in b or len(a) != len(b) or len(a) < 2:
+            continue
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        gap, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+        mdd = mdd_paired(sd, len(diffs)) if sd > 0 else 0.0
+        verdict = "**left out by the rule**" if gap > mdd else "kept"
+        lines.append(f"| {name} | {plain['model']} | {gap:+.4f} | {mdd:.4f} | {verdict} |")
+    if not lines:
+        return []
+    head = [
+        "Leaving a model out (the rule fixed before the main runs): a richer model's tail loss at its chosen rate "
+        "minus the plain model's of its depth at its own, paired over the check's seeds, against the smallest "
+        "difference the check could detect (paired t, 80% power); a model worse by more is left out. The study runs "
+        "every model its file names: one marked here is removed from the file before the main runs.",
+        "",
+        "| model | plain model | tail-loss difference | smallest detectable | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    return head + lines + [""]
 
 
 def write_report(
@@ -392,7 +432,7 @@ def write_report(
         "",
         *evaluation_sizes(quality, side),
         "",
-        *tune_section(out),
+        *tune_section(out, rows),
         *training_section(study, runs),
         *measurements_section(out, rows, comps),
         *figures_section(figures),
