@@ -245,6 +245,18 @@ def mdd_paired(sd_diff: float, n_pairs: int, alpha: float = ALPHA, power: float 
     return float(TTestPower().solve_power(effect_size=None, nobs=n_pairs, alpha=alpha, power=power)) * sd_diff
 
 
+def worse_beyond_detection(a: list[float], b: list[float]) -> dict | None:
+    """The rule for leaving a model out of a study's main runs: ``a`` (its losses, seed by seed) minus ``b`` (the
+    plain model's on the same seeds), the smallest mean difference a paired t-test over those seeds could detect
+    (80% power), and whether ``a`` is worse by more than that. None with fewer than two pairs or a missing loss."""
+    if len(a) != len(b) or len(a) < 2 or any(x is None or not math.isfinite(x) for x in [*a, *b]):
+        return None
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    gap, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    mdd = mdd_paired(sd, len(diffs)) if sd > 0 else 0.0
+    return {"difference": gap, "mdd": mdd, "left_out": gap > mdd}
+
+
 def pairs_needed(difference: float, sd_diff: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """Paired seeds a two-sided paired t-test needs to detect ``difference`` with ``power`` (statsmodels'
     TTestPower); None where the spread is unknown or zero."""

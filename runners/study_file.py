@@ -73,6 +73,9 @@ class TuneSpec:
     lr: list[float]  # peak learning rates, e.g. [1e-3, 2e-3, 4e-3, 8e-3] (a factor 2 apart)
     seeds: int = 2  # seeds per rate
     tail: float = 0.1  # the rate is chosen by the mean training loss over this last fraction of the steps
+    # stop before the main runs while a richer run is worse than the plain run of its depth (each at its chosen
+    # rate, paired over the check's seeds) by more than the check could detect: the rule fixed before the main runs
+    leave_out: bool = False
 
 
 @dataclass

@@ -5,6 +5,7 @@ the check's runs reused as the main runs' first seeds."""
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,10 @@ def study(tmp_path):
     )
 
 
-def fake_training(calls: list, diverge: set = frozenset()):
+def fake_training(calls: list, diverge: set = frozenset(), offsets: dict | None = None, richer: set = frozenset()):
     """In place of the subprocess a step runs: a training command leaves the logs and checkpoint a run leaves,
-    with a loss curve flat at fake_loss, or (for the names in ``diverge``) the trainer's diverged mark and a
-    failed exit."""
+    with a loss curve flat at fake_loss (plus ``offsets[run][seed]``), or (for the names in ``diverge``) the
+    trainer's diverged mark and a failed exit. Its summary says 2 blocks, with a gate for the runs in ``richer``."""
 
     def python(cmd, log, *rest):
         name = cmd[cmd.index("--name") + 1]
@@ -53,10 +54,20 @@ def fake_training(calls: list, diverge: set = frozenset()):
         if name in diverge:
             (logs / "diverged.json").write_text(json.dumps({"step": 7, "loss": None}))
             raise StepFailed("`python -m runners.tiny ...` failed (exit 1): loss became nan")
-        loss = fake_loss(name.split("-lr")[0], lr, seed)
+        run = name.split("-lr")[0]
+        loss = fake_loss(run, lr, seed) + (offsets or {}).get(run, [0.0] * 8)[seed]
         rows = [json.dumps({"step": i, "loss": loss}) for i in range(1, 201)]
         (logs / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-        (logs / "summary.json").write_text("{}")
+        head = {"gate": "elementwise"} if run in richer else None
+        summary = {
+            "name": name,
+            "steps": 200,
+            "tokens": 1000,
+            "final_val_loss": loss,
+            "n_layers": 2,
+            "head_layer": head,
+        }
+        (logs / "summary.json").write_text(json.dumps(summary))
         step = Path(cmd[cmd.index("--out-dir") + 1]) / name / "step_200"
         step.mkdir(parents=True)
         config = dataclasses.asdict(apply_overrides(runners.tiny.config(), cmd[1:]))  # what the runner would train
@@ -171,3 +182,28 @@ def test_status_shows_the_checks_losses_so_far_and_runs_nothing(study, monkeypat
     # the rates chosen, the main steps are counted as the study counts them: the check's runs at the chosen rates
     # are the main runs' seeds 0 and 1 (2 runs x 2 seeds), finished already
     assert "study 's': 4 of 15 steps finished" in after
+
+
+def test_the_rule_for_leaving_a_model_out_stops_the_study_only_when_asked_and_only_beyond_detection(study, monkeypatch):
+    """r2 has a gate, r1 is the plain model of its depth: r2 worse by 0.5 nats on both seeds is beyond what two
+    seeds could miss, so with [tune] leave_out the study stops before the main runs naming it; worse on one seed
+    and better on the other is within the check's noise: kept. Without leave_out nothing stops."""
+    monkeypatch.setattr(study_mod, "build_outputs", lambda s: s.out / "report.md")
+    monkeypatch.setattr(study_mod, "plan", lambda s: [st for st in plan(s) if isinstance(st, TrainStep)])
+    study.runs[1].lr_grid = [2e-3, 4e-3, 8e-3]  # r2's best (4e-3) inside its grid
+    study.tune.leave_out = True
+    calls = []
+    monkeypatch.setattr(steps_mod, "_python", fake_training(calls, offsets={"r2": [0.5, 0.5, 0.5]}, richer={"r2"}))
+    with pytest.raises(ValueError, match=r"leaves out 1 run\(s\) \(r2: \+0.5000 against r1, detectable 0.0000"):
+        run_study(study, progress=False)
+    assert not any(c.endswith("-s2") for c in calls)  # no main run trained
+    study.tune.leave_out = False  # the rule not asked for: the main runs go on
+    run_study(study, progress=False)
+    assert "r2-lr0.004-s2" in calls
+
+    for folder in (study.out, study.logs_dir, study.checkpoints_dir):  # again, r2 worse on one seed only
+        shutil.rmtree(folder, ignore_errors=True)
+    study.tune.leave_out, calls[:] = True, []
+    monkeypatch.setattr(steps_mod, "_python", fake_training(calls, offsets={"r2": [0.5, -0.3, 0.0]}, richer={"r2"}))
+    run_study(study, progress=False)
+    assert "r2-lr0.004-s2" in calls

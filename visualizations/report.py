@@ -361,14 +361,12 @@ def tune_section(out: Path, rows: list[dict] | None = None) -> list[str]:
 def keep_rule_lines(runs: dict, rows: list[dict]) -> list[str]:
     """The rule for leaving a richer model out of the main runs, applied to the check's runs: its tail loss at its
     chosen rate against the plain model of its depth at that model's, paired over the check's seeds; left out where
-    it is worse by more than the smallest difference the check could detect (80% power, paired t)."""
-    import statistics
-
-    from common.stats import mdd_paired
+    it is worse by more than the smallest difference the check could detect (common.stats.worse_beyond_detection)."""
+    from common.stats import worse_beyond_detection
 
     def tails(name):
         rec = runs[name]
-        return next((r["tail_losses"] for r in rec["rates"] if r["lr"] == rec["chosen"]), None)
+        return next((r["tail_losses"] for r in rec["rates"] if r["lr"] == rec["chosen"]), None) or []
 
     trained = {r["model"]: r for r in rows if r.get("kind") == "trained" and r["model"] in runs}
     lines = []
@@ -376,21 +374,17 @@ def keep_rule_lines(runs: dict, rows: list[dict]) -> list[str]:
         plain = next(
             (p for p in trained.values() if not p.get("per_head") and p.get("n_layers") == r.get("n_layers")), None
         )
-        a, b = tails(name), tails(plain["model"]) if plain else None
-        if not r.get("per_head") or not a or not b or None in a or None in b or len(a) != len(b) or len(a) < 2:
-            continue
-        diffs = [x - y for x, y in zip(a, b, strict=True)]
-        gap, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-        mdd = mdd_paired(sd, len(diffs)) if sd > 0 else 0.0
-        verdict = "**left out by the rule**" if gap > mdd else "kept"
-        lines.append(f"| {name} | {plain['model']} | {gap:+.4f} | {mdd:.4f} | {verdict} |")
+        rule = worse_beyond_detection(tails(name), tails(plain["model"])) if r.get("per_head") and plain else None
+        if rule is not None:
+            verdict = "**left out by the rule**" if rule["left_out"] else "kept"
+            lines.append(f"| {name} | {plain['model']} | {rule['difference']:+.4f} | {rule['mdd']:.4f} | {verdict} |")
     if not lines:
         return []
     head = [
         "Leaving a model out (the rule fixed before the main runs): a richer model's tail loss at its chosen rate "
         "minus the plain model's of its depth at its own, paired over the check's seeds, against the smallest "
-        "difference the check could detect (paired t, 80% power); a model worse by more is left out. The study runs "
-        "every model its file names: one marked here is removed from the file before the main runs.",
+        "difference the check could detect (paired t, 80% power); a model worse by more is left out (with "
+        "`[tune] leave_out = true` the study stops before its main runs until it is removed from the file).",
         "",
         "| model | plain model | tail-loss difference | smallest detectable | verdict |",
         "|---|---|---|---|---|",
