@@ -79,8 +79,9 @@ def from_record(cls, d, where: str = ""):
 
 def _lookup(d: dict, path: tuple[str, ...]):
     """(True, the value at ``path``) or (False, the first key missing on the way; a null table counts as missing)."""
-    for k in path:
-        if not isinstance(d, dict) or d.get(k) is None and k != path[-1] or k not in d:
+    for i, k in enumerate(path):
+        last = i == len(path) - 1
+        if not isinstance(d, dict) or k not in d or (d[k] is None and not last):
             return False, k
         d = d[k]
     return True, d

@@ -124,3 +124,15 @@ def test_a_result_whose_compression_record_is_damaged_is_refused_naming_it():
     for bad, where in (({"method": 3}, "compression.method"), (ok | {"sparsity": "half"}, "compression.sparsity")):
         with pytest.raises(ValueError, match=f"{where} = .* is not"):
             results.parse_result(header | figures | {"compression": bad})
+
+
+def test_a_key_path_whose_keys_repeat_reads_each_level():
+    @dataclass(frozen=True)
+    class Twice(Record):
+        value: float | None = figure(("a", "a"), default=None)
+
+    assert Twice.of({"a": {"a": 2.0}}).value == 2.0
+    assert Twice.of({"a": None}).value is None  # a null table on the way: absent
+    assert Twice.of({"a": {"a": None}}).value is None  # null at the end: the value null
+    with pytest.raises(ValueError, match=r"^a.a = 'x' is not a number$"):
+        Twice.of({"a": {"a": "x"}})
