@@ -304,13 +304,14 @@ def from_table(cls, table, where: str):
         elif dataclasses.is_dataclass(item) and isinstance(value, list):
             values[key] = [from_table(item, v, f"{where} {key} #{i + 1}") for i, v in enumerate(value)]
         elif not _has_type(value, hints[key]):
-            raise ConfigError(f"{where}: {key} = {_short(value)} is not {_type_name(hints[key])}")
+            raise ConfigError(f"{where}: {key} = {short_repr(value)} is not {_type_name(hints[key])}")
         else:
             values[key] = value
     return cls(**values)
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
+    """A value as its repr, cut to 80 characters: what a one-line error quotes."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

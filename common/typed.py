@@ -27,7 +27,7 @@ import dataclasses
 import math
 import typing
 
-from common.cli import optional_inner
+from common.cli import optional_inner, short_repr
 
 SELF = ()  # the key path of the record itself
 
@@ -52,7 +52,7 @@ class Record:
 def from_record(cls, d, where: str = ""):
     """A dataclass ``cls`` from the JSON record ``d`` (``where``: the record's place, for error messages)."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where or cls.__name__} = {_short(d)} is not a table")
+        raise ValueError(f"{where or cls.__name__} = {short_repr(d)} is not a table")
     older = getattr(cls, "older", None)
     if older is not None:
         d = older(d)
@@ -97,27 +97,27 @@ def _value(v, tp, name: str, meta):
     if origin is tuple:
         item = typing.get_args(tp)[0]
         if not isinstance(v, list | tuple):
-            raise ValueError(f"{name} = {_short(v)} is not a list")
+            raise ValueError(f"{name} = {short_repr(v)} is not a list")
         return tuple(_value(x, item, f"{name}[{i}]", meta) for i, x in enumerate(v))
     if origin is dict or tp is dict:
         if not isinstance(v, dict):
-            raise ValueError(f"{name} = {_short(v)} is not a table")
+            raise ValueError(f"{name} = {short_repr(v)} is not a table")
         args = typing.get_args(tp)
         return {k: _value(x, args[1], f"{name}.{k}", meta) for k, x in v.items()} if args else v
     if tp is float:
-        return finite(v, name, meta.get("low"), meta.get("high"), meta.get("infinite", False))
+        return _finite(v, name, meta.get("low"), meta.get("high"), meta.get("infinite", False))
     if tp is int:
-        return count(v, name)
+        return _count(v, name)
     if tp in (str, bool) and not isinstance(v, tp):
-        raise ValueError(f"{name} = {_short(v)} is not {'a string' if tp is str else 'true or false'}")
+        raise ValueError(f"{name} = {short_repr(v)} is not {'a string' if tp is str else 'true or false'}")
     return v
 
 
-def finite(v, what: str, low: float | None = None, high: float | None = None, infinite: bool = False) -> float:
+def _finite(v, what: str, low: float | None = None, high: float | None = None, infinite: bool = False) -> float:
     """A figure as a float: a number, finite (or, with ``infinite``, not NaN: an unbounded interval's end), within
     [low, high] where given; else ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"{what} = {_short(v)} is not a number")
+        raise ValueError(f"{what} = {short_repr(v)} is not a number")
     x = float(v)
     bad = math.isnan(x) if infinite else not math.isfinite(x)
     if bad or (low is not None and x < low) or (high is not None and x > high):
@@ -128,13 +128,8 @@ def finite(v, what: str, low: float | None = None, high: float | None = None, in
     return x
 
 
-def count(v, what: str) -> int:
+def _count(v, what: str) -> int:
     """A count: a whole number, not negative; else ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{what} = {_short(v)} is not a count (a whole number >= 0)")
+        raise ValueError(f"{what} = {short_repr(v)} is not a count (a whole number >= 0)")
     return v
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
