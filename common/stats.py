@@ -257,6 +257,25 @@ def worse_beyond_detection(a: list[float], b: list[float]) -> dict | None:
     return {"difference": gap, "mdd": mdd, "left_out": gap > mdd}
 
 
+def leave_out_verdicts(runs: dict, kinds: dict[str, tuple[int | None, bool]]) -> list[dict]:
+    """The rule for leaving a richer model out of a study's main runs, for every richer run that has a plain run of
+    its depth: ``runs`` is the learning-rate check's record (tune.json's "runs": each run's chosen rate and its tail
+    losses per rate, seed by seed), ``kinds`` each run's (blocks, richer heads). Each verdict: the model, its plain
+    run and ``worse_beyond_detection`` of their tail losses at their chosen rates."""
+
+    def tails(name: str) -> list:
+        rec = runs[name]
+        return next((r["tail_losses"] for r in rec["rates"] if r["lr"] == rec["chosen"]), None) or []
+
+    out = []
+    for name, (layers, richer) in kinds.items():
+        plain = next((p for p, (n, rich) in kinds.items() if n == layers and not rich), None)
+        rule = worse_beyond_detection(tails(name), tails(plain)) if richer and plain else None
+        if rule is not None:
+            out.append({"model": name, "plain": plain, **rule})
+    return out
+
+
 def pairs_needed(difference: float, sd_diff: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """Paired seeds a two-sided paired t-test needs to detect ``difference`` with ``power`` (statsmodels'
     TTestPower); None where the spread is unknown or zero."""

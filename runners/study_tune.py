@@ -104,20 +104,18 @@ def check_leave_out(s: Study, record: dict) -> None:
     richer run whose tail losses at its chosen rate are worse than the plain run's of its depth, at that run's, by
     more than the check's seeds could detect). Richer and depth are read from the check's own runs' summaries."""
     from common.records import TrainingSummary
-    from common.stats import worse_beyond_detection
+    from common.stats import leave_out_verdicts
 
     kinds = {}
     for r in s.runs:
         summary = TrainingSummary.read(Path(s.logs_dir) / s.run_name(r.name, 0, record[r.name]["chosen"]))
         if summary is not None:
             kinds[r.name] = (summary.n_layers, summary.per_head)
-    tails = {n: next(x["tail_losses"] for x in rec["rates"] if x["lr"] == rec["chosen"]) for n, rec in record.items()}
-    out = []
-    for name, (layers, richer) in kinds.items():
-        plain = next((p for p, (n, ph) in kinds.items() if n == layers and not ph), None)
-        rule = worse_beyond_detection(tails[name], tails[plain]) if richer and plain else None
-        if rule and rule["left_out"]:
-            out.append(f"{name}: {rule['difference']:+.4f} against {plain}, detectable {rule['mdd']:.4f}")
+    out = [
+        f"{v['model']}: {v['difference']:+.4f} against {v['plain']}, detectable {v['mdd']:.4f}"
+        for v in leave_out_verdicts(record, kinds)
+        if v["left_out"]
+    ]
     if out:
         raise UserError(
             f"study {s.name!r}: the rule fixed before the main runs leaves out {len(out)} run(s) ({'; '.join(out)}: "

@@ -361,23 +361,19 @@ def tune_section(out: Path, rows: list[dict] | None = None) -> list[str]:
 def keep_rule_lines(runs: dict, rows: list[dict]) -> list[str]:
     """The rule for leaving a richer model out of the main runs, applied to the check's runs: its tail loss at its
     chosen rate against the plain model of its depth at that model's, paired over the check's seeds; left out where
-    it is worse by more than the smallest difference the check could detect (common.stats.worse_beyond_detection)."""
-    from common.stats import worse_beyond_detection
+    it is worse by more than the smallest difference the check could detect (common.stats.leave_out_verdicts)."""
+    from common.stats import leave_out_verdicts
 
-    def tails(name):
-        rec = runs[name]
-        return next((r["tail_losses"] for r in rec["rates"] if r["lr"] == rec["chosen"]), None) or []
-
-    trained = {r["model"]: r for r in rows if r.get("kind") == "trained" and r["model"] in runs}
-    lines = []
-    for name, r in trained.items():
-        plain = next(
-            (p for p in trained.values() if not p.get("per_head") and p.get("n_layers") == r.get("n_layers")), None
-        )
-        rule = worse_beyond_detection(tails(name), tails(plain["model"])) if r.get("per_head") and plain else None
-        if rule is not None:
-            verdict = "**left out by the rule**" if rule["left_out"] else "kept"
-            lines.append(f"| {name} | {plain['model']} | {rule['difference']:+.4f} | {rule['mdd']:.4f} | {verdict} |")
+    kinds = {
+        r["model"]: (r.get("n_layers"), bool(r.get("per_head")))
+        for r in rows
+        if r.get("kind") == "trained" and r["model"] in runs
+    }
+    lines = [
+        f"| {v['model']} | {v['plain']} | {v['difference']:+.4f} | {v['mdd']:.4f} | "
+        + ("**left out by the rule** |" if v["left_out"] else "kept |")
+        for v in leave_out_verdicts(runs, kinds)
+    ]
     if not lines:
         return []
     head = [
