@@ -380,6 +380,8 @@ def check_tune(t: TuneSpec, seeds: int, where: str):
         raise UserError(f"{where}: [tune] seeds = {t.seeds}: give 1 to the study's seeds ({seeds})")
     if not 0 < t.tail <= 1:
         raise UserError(f"{where}: [tune] tail = {t.tail}: give a fraction of the steps in (0, 1]")
+    if t.leave_out and t.seeds < 2:  # with one seed the rule has no spread to judge by, and would keep everything
+        raise UserError(f"{where}: [tune] leave_out pairs the check's seeds: give [tune] seeds = 2 or more")
 
 
 def _is_runner(stem: str) -> bool:

@@ -111,6 +111,13 @@ def check_leave_out(s: Study, record: dict) -> None:
         summary = TrainingSummary.read(Path(s.logs_dir) / s.run_name(r.name, 0, record[r.name]["chosen"]))
         if summary is not None:
             kinds[r.name] = (summary.n_layers, summary.per_head)
+    alone = [name for name, (n, rich) in kinds.items() if rich and (n, False) not in kinds.values()]
+    if alone:  # the rule asked for and unable to judge a run: never a silent keep
+        raise UserError(
+            f"study {s.name!r}: [tune] leave_out judges a richer run against the plain run of its depth, and "
+            f"{', '.join(map(repr, alone))} has none; add a plain run of that depth to the study file (or set "
+            f"[tune] leave_out = false) and run the study again"
+        )
     out = [
         f"{v['model']}: {v['difference']:+.4f} against {v['plain']}, detectable {v['mdd']:.4f}"
         for v in leave_out_verdicts(record, kinds)

@@ -128,6 +128,11 @@ def test_a_tuned_study_refuses_a_rate_of_its_own_and_a_bad_grid(study):
     study.tune.seeds = 4
     with pytest.raises(ValueError, match="seeds = 4: give 1 to the study's seeds"):
         check_study(study, "s")
+    study.tune.seeds, study.tune.leave_out = 1, True  # one seed: the rule to leave a run out could never fire
+    with pytest.raises(ValueError, match=r"leave_out pairs the check's seeds: give \[tune\] seeds = 2 or more"):
+        check_study(study, "s")
+    study.tune.seeds = 2
+    check_study(study, "s")
 
 
 def test_the_check_trains_each_seed_at_every_rate_before_the_next_seed(study):
@@ -207,3 +212,11 @@ def test_the_rule_for_leaving_a_model_out_stops_the_study_only_when_asked_and_on
     monkeypatch.setattr(steps_mod, "_python", fake_training(calls, offsets={"r2": [0.5, -0.3, 0.0]}, richer={"r2"}))
     run_study(study, progress=False)
     assert "r2-lr0.004-s2" in calls
+
+    for folder in (study.out, study.logs_dir, study.checkpoints_dir):  # both richer: no plain run to judge r2 by
+        shutil.rmtree(folder, ignore_errors=True)
+    calls[:] = []
+    monkeypatch.setattr(steps_mod, "_python", fake_training(calls, offsets={"r2": [0.0] * 3}, richer={"r1", "r2"}))
+    with pytest.raises(ValueError, match=r"leave_out judges a richer run .* 'r1', 'r2' has none; add a plain run"):
+        run_study(study, progress=False)
+    assert not any(c.endswith("-s2") for c in calls)
