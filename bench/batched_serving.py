@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from common.cli import UserError, parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, ranged, run_main
 from common.files import atomic_write
 from common.load import LoadMeter
 from common.process import die_with_parent
@@ -39,12 +39,12 @@ from serve.launch import free_port, wait_ready
 class Args:
     checkpoint: str = positional()  # checkpoints/<run> or a model folder
     engines: list[str] = field(default_factory=lambda: ["torch", "compile", "onnxruntime"])
-    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    rounds: int = 3  # alternating runs of the two servers at each concurrency
-    requests_per_stream: int = 2  # requests per run = this x concurrency (at least 8)
-    max_tokens: int = 128  # new tokens per request (prompts longer than the context minus this keep their end)
-    max_batch: int = 16  # the batched server's --max-batch
-    threads: int | None = None  # the servers' --threads (default theirs: every core but one), also the engines alone
+    concurrency: list[int] = ranged(low=1, default_factory=lambda: [1, 2, 4, 8, 16])
+    rounds: int = ranged(3, 1)  # alternating runs of the two servers at each concurrency
+    requests_per_stream: int = ranged(2, 1)  # requests per run = this x concurrency (at least 8)
+    max_tokens: int = ranged(128, 1)  # new tokens per request (a longer prompt keeps its end)
+    max_batch: int = ranged(16, 1)  # the batched server's --max-batch
+    threads: int | None = ranged(None, 1)  # the servers' --threads (default: every core but one); the engines alone too
     out: str = "bench/results/batched_serving.json"
     work: str = "results/batched_serving"  # the runs' own folders and the servers' logs
 

@@ -48,6 +48,34 @@ def positional(default=None, required: bool = True, **kw):
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
+def ranged(default=None, low: float | None = None, high: float | None = None, above: bool = False, **kw):
+    """A number option the command line checks (each value of a list): at least ``low`` (above it where
+    ``above``) and at most ``high``; None passes where the type allows it. A value out of range is a one-line
+    ConfigError naming the option, the range and the default, before any work starts."""
+    meta = {"range": (low, high, above)}
+    if "default_factory" in kw:
+        return dataclasses.field(metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _check_range(f: dataclasses.Field, value, name: str) -> None:
+    if "range" not in f.metadata or value is None:
+        return
+    low, high, above = f.metadata["range"]
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if (low is not None and (v <= low if above else v < low)) or (high is not None and v > high):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fix = "leave it out for the default" + ("" if default is None else f", {default!r}")
+            raise ConfigError(f"{name} {v!r}: must be {_range_text(f)} ({fix})")
+
+
+def _range_text(f: dataclasses.Field) -> str:
+    """A ranged field's range in words ("at least 1", "above 0 and at most 1"); "" for any other field."""
+    low, high, above = f.metadata.get("range", (None, None, False))
+    words = [f"{'above' if above else 'at least'} {low:g}"] if low is not None else []
+    return " and ".join(words + ([f"at most {high:g}"] if high is not None else []))
+
+
 def _field_paths(cfg, prefix: str = "", derived: tuple = ()) -> dict[str, tuple[object, dataclasses.Field, object]]:
     """Every leaf field of a nested dataclass config: dotted path -> (owner, field, resolved type). An
     optional nested config (``X | None`` holding an X) is a node; its path itself maps to the field too.
@@ -172,6 +200,7 @@ def apply_overrides(cfg, argv: list[str], given: dict[str, str] | None = None):
                 raise ConfigError(f"--{raw} needs a value")
             i = j - 1
         setattr(owner, f.name, _parse(values, tp, raw))
+        _check_range(f, getattr(owner, f.name), f"--{raw}")
         set_paths[path] = raw
         if given is not None:
             given[path] = raw
@@ -254,6 +283,7 @@ def overrides_help(cfg, paths: dict | None = None) -> str:
         value = getattr(owner, f.name)
         shown = f.name.upper() if f.metadata.get("positional") else _shown(path, by_name)
         now = "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+        note = "; ".join(x for x in (note, _range_text(f)) if x)
         lines.append(f"  {shown:<30} {tname}{now}" + (f"  # {note}" if note else ""))
     return "\n".join(lines)
 
@@ -306,6 +336,7 @@ def from_table(cls, table, where: str):
         elif not _has_type(value, hints[key]):
             raise ConfigError(f"{where}: {key} = {short_repr(value)} is not {_type_name(hints[key])}")
         else:
+            _check_range(fields[key], value, f"{where}: {key} =")
             values[key] = value
     return cls(**values)
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from common.cli import UserError, failure, parse_args, run_main
+from common.cli import UserError, failure, parse_args, ranged, run_main
 from common.energy import find_counter, repeated_energy
 from common.load import LoadMeter, describe, timing_threads
 from common.progress import Progress
@@ -190,10 +190,10 @@ class Args(EvalOptions):
     engines: list[EngineName] | None = None
     energy: bool = True  # measure energy per token where a counter exists (--no-energy: skip)
     sparse_2of4: bool = False  # CUDA: run 2:4-pruned weights on sparse tensor cores
-    min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
-    idle: float = 1.0  # seconds of idle power measured before each window
+    min_window: float | None = ranged(None, 0, above=True)  # seconds per energy window, at least the counter's floor
+    idle: float = ranged(1.0, 0)  # seconds of idle power measured before each window
     energy_runs: int = 1  # energy windows per decode row: 3 gives the median and how far the runs spread
-    threads: int | None = None  # CPU threads; default: the cores other work leaves free (recorded)
+    threads: int | None = ranged(None, 1)  # CPU threads; default: the cores other work leaves free (recorded)
 
     def __post_init__(self):
         super().__post_init__()

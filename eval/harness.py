@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import UserError, failure, parse_args, run_main
+from common.cli import UserError, failure, parse_args, ranged, run_main
 from common.energy import EnergyMeter, min_window_for
 from eval.model import EvalOptions
 
@@ -84,11 +84,11 @@ class Args(EvalOptions):
     EVALUATORS = ("harness",)
     tasks: list[str] = field(default_factory=list)  # harness task names (required)
     include_path: str | None = None  # a folder of task YAML files (local tasks)
-    limit: int | None = None  # documents per task (default: all)
-    num_fewshot: int | None = None  # few-shot examples (default: the task's)
-    batch_size: int = 8  # sequences per forward pass for loglikelihood requests
-    max_length: int | None = None  # tokens of context (default: the model's max_seq_len)
-    idle: float = 1.0  # seconds of idle power measured before each task's window
+    limit: int | None = ranged(None, 1)  # documents per task (default: all)
+    num_fewshot: int | None = ranged(None, 0)  # few-shot examples (default: the task's)
+    batch_size: int = ranged(8, 1)  # sequences per forward pass for loglikelihood requests
+    max_length: int | None = ranged(None, 1)  # tokens of context (default: the model's max_seq_len)
+    idle: float = ranged(1.0, 0)  # seconds of idle power measured before each task's window
 
 
 def main(argv=None):

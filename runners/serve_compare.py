@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import parse_args, positional, run_main
+from common.cli import parse_args, positional, ranged, run_main
 from common.process import die_with_parent
 from runtime.decoding import DECODE_ENGINES
 from serve.client import Load, run_load
@@ -30,13 +30,13 @@ from visualizations.serving import write_serving_report
 class Args:
     checkpoint: str = positional()  # checkpoints/<run>, a model folder or a HF model folder
     engines: list[str] = field(default_factory=lambda: list(DECODE_ENGINES))  # those that work here are compared
-    requests: int = 80  # requests in all, rotated over the engines
-    concurrency: int = 4  # requests in flight at once
-    max_tokens: int = 64  # new tokens per request
+    requests: int = ranged(80, 1)  # requests in all, rotated over the engines
+    concurrency: int = ranged(4, 1)  # requests in flight at once
+    max_tokens: int = ranged(64, 1)  # new tokens per request
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     out: str = "results/serving"  # folder for the requests, summary, table, plots and report
-    startup_timeout: float = 600.0  # seconds for the server to export, compile and check its engines
-    max_batch: int = 8  # the server's --max-batch (1: every engine decodes one sequence at a time)
+    startup_timeout: float = ranged(600.0, 0, above=True)  # seconds for the server to build and check its engines
+    max_batch: int = ranged(8, 1)  # the server's --max-batch (1: every engine decodes one sequence at a time)
 
 
 def main(argv=None):

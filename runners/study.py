@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from common.cli import UserError, from_table, parse_args, positional, run_main
+from common.cli import UserError, from_table, parse_args, positional, ranged, run_main
 from common.files import atomic_write
 from common.progress import Progress
 from common.records import StudyRecord
@@ -350,10 +350,10 @@ class Args:
     what: list[str] = positional(required=False, default_factory=list)  # a study .toml file, or runner names
     tiny: bool = False  # the CPU study of runners/study_tiny.toml
     executor: str = "local"  # local (here), slurm (a job per step, through submitit), submitit-local (the same, here)
-    seeds: int | None = None  # run the study with this many seeds instead of its file's (e.g. 2 for a pilot)
+    seeds: int | None = ranged(None, 1, 100)  # this many seeds instead of the file's (e.g. 2 for a pilot)
     plan: bool = False  # train nothing: print each comparison's minimum detectable difference from --pilot's spread
     pilot: str | None = None  # with --plan: results folder of an earlier run or a pilot (default: the study's own)
-    difference: float | None = None  # with --plan: the difference to detect (default: a third of the depth gap)
+    difference: float | None = ranged(None, 0, above=True)  # with --plan: the difference to detect (default: gap / 3)
     status: bool = False  # train nothing: where the study stands (the rate check's losses so far, steps finished)
 
 

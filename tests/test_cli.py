@@ -125,3 +125,62 @@ def test_only_known_noise_is_silenced(caplog):
         logging.getLogger("torchao").warning("a torchao warning that matters")
         logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchvision is not installed. x")
     assert [r.getMessage() for r in caplog.records] == ["a torchao warning that matters"]
+
+
+RANGED_COMMANDS = ["eval.quality", "eval.perplexity", "eval.humaneval", "eval.induction", "eval.harness",
+                   "eval.efficiency", "eval.side_by_side", "runners.study", "runners.serve_compare",
+                   "bench.batched_serving"]  # fmt: skip
+
+
+def _ranged_fields(options) -> list:
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _ranged_fields(value)
+        elif "range" in f.metadata:
+            out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("command", RANGED_COMMANDS)
+def test_every_ranged_option_refuses_a_value_out_of_its_range_in_one_line(command):
+    """Counts below 1 were read as "all" (--humaneval-limit 0 ran all 164 problems, --max-tokens 0 scored the whole
+    split) or cut from the end (a negative limit): the number options of every evaluator, the study and the
+    serving comparisons say their range, the command line refuses a value outside it before any work, and --help
+    prints it."""
+    from common.cli import overrides_help
+
+    cls = importlib.import_module(command).Args
+    args = (lambda: cls(checkpoint="x")) if "checkpoint" in cls.__dataclass_fields__ else cls
+    options = args()
+    ranged = _ranged_fields(options)
+    assert ranged, f"{command} declares no ranged option"
+    for f in ranged:
+        low, high, above = f.metadata["range"]
+        flag = "--" + f.name.replace("_", "-")
+        bad = ([low if above else low - 1] if low is not None else []) + ([high + 1] if high is not None else [])
+        for value in bad:
+            fresh = args()
+            with pytest.raises(ConfigError, match=rf"^{flag} \S+: must be (above|at least|at most) "):
+                apply_overrides(fresh, [flag, str(value)])
+        fresh = args()
+        apply_overrides(fresh, [flag, str(low + 1 if low is not None else high)])  # inside the range: taken
+    assert all(_range_text_of(f) in overrides_help(options) for f in ranged)
+
+
+def _range_text_of(f) -> str:
+    low, high, above = f.metadata["range"]
+    return " and ".join(([f"{'above' if above else 'at least'} {low:g}"] if low is not None else [])
+                        + ([f"at most {high:g}"] if high is not None else []))  # fmt: skip
+
+
+def test_a_humaneval_limit_below_one_is_refused_not_read_as_all():
+    from data.humaneval import load_problems
+
+    assert len(load_problems()) == 164 and len(load_problems(3)) == 3
+    for limit in (0, -3):
+        with pytest.raises(ValueError, match=f"HumanEval limit of {limit}: give a number of problems, at least 1"):
+            load_problems(limit)

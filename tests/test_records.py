@@ -99,16 +99,25 @@ def test_options_the_study_sets_are_refused_when_negated_too(tmp_path):
         check_study(s, "s")
 
 
-@pytest.fixture
-def quality_record(trained_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def quality_text(trained_checkpoint, tmp_path_factory) -> str:
+    """A real quality result (the evaluator run once for the module: it takes seconds)."""
     from eval.quality import main as quality_main
 
-    out = tmp_path / "q.json"
+    out = tmp_path_factory.mktemp("quality") / "q.json"
     quality_main(
         [str(trained_checkpoint), "--out", str(out), "--max-tokens", "200", "--n-docs", "1"]
-        + ["--prompt-tokens", "8", "--continuation-tokens", "4", "--humaneval-limit", "0"]
+        + ["--prompt-tokens", "8", "--continuation-tokens", "4", "--humaneval-limit", "1", "--max-new-tokens", "8"]
     )
-    return out, json.loads(out.read_text())
+    return out.read_text()
+
+
+@pytest.fixture
+def quality_record(quality_text, tmp_path):
+    """The quality result in a file of the test's own (which it damages), and its record."""
+    out = tmp_path / "q.json"
+    out.write_text(quality_text)
+    return out, json.loads(quality_text)
 
 
 @pytest.mark.parametrize(
