@@ -63,7 +63,8 @@ def _check_range(f: dataclasses.Field, value, name: str) -> None:
         return
     low, high, above = f.metadata["range"]
     for v in value if isinstance(value, (list, tuple)) else [value]:
-        if (low is not None and (v <= low if above else v < low)) or (high is not None and v > high):
+        inside = (low is None or (v > low if above else v >= low)) and (high is None or v <= high)
+        if not inside:  # written so that NaN, never inside any range, is refused too
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             fix = "leave it out for the default" + ("" if default is None else f", {default!r}")
             raise ConfigError(f"{name} {v!r}: must be {_range_text(f)} ({fix})")

@@ -2,6 +2,7 @@
 
 import importlib
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,15 +134,17 @@ RANGED_COMMANDS = ["eval.quality", "eval.perplexity", "eval.humaneval", "eval.in
 
 
 def _ranged_fields(options) -> list:
+    """(field, its type) of every ranged option of ``options``, nested parts included."""
     import dataclasses
 
     out = []
+    hints = typing.get_type_hints(type(options))
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
         if dataclasses.is_dataclass(value):
             out += _ranged_fields(value)
         elif "range" in f.metadata:
-            out.append(f)
+            out.append((f, hints[f.name]))
     return out
 
 
@@ -158,17 +161,18 @@ def test_every_ranged_option_refuses_a_value_out_of_its_range_in_one_line(comman
     options = args()
     ranged = _ranged_fields(options)
     assert ranged, f"{command} declares no ranged option"
-    for f in ranged:
+    for f, tp in ranged:
         low, high, above = f.metadata["range"]
         flag = "--" + f.name.replace("_", "-")
         bad = ([low if above else low - 1] if low is not None else []) + ([high + 1] if high is not None else [])
+        bad += ["nan"] if float in (tp, *typing.get_args(tp)) else []  # NaN is inside no range
         for value in bad:
             fresh = args()
             with pytest.raises(ConfigError, match=rf"^{flag} \S+: must be (above|at least|at most) "):
                 apply_overrides(fresh, [flag, str(value)])
         fresh = args()
         apply_overrides(fresh, [flag, str(low + 1 if low is not None else high)])  # inside the range: taken
-    assert all(_range_text_of(f) in overrides_help(options) for f in ranged)
+    assert all(_range_text_of(f) in overrides_help(options) for f, _ in ranged)
 
 
 def _range_text_of(f) -> str:
