@@ -12,6 +12,8 @@
 - Fields marked ``positional`` are filled, in order, from the arguments that are not ``--key`` pairs.
 - ``--help`` lists every key with its type, current value and the comment written next to the field.
 - Unknown keys, wrong types and values that fail a config's ``__post_init__`` checks are one-line errors.
+- A number option declared with ``ranged(default, low, high)`` is held to that range (NaN is inside none), here
+  and in study-file tables, and ``--help`` prints the range beside the option's comment.
 
 Written here rather than taken from tyro or jsonargparse: both prefix nested fields (``--optim.lr`` where
 users type ``--lr``) and turn an optional nested dataclass into a subcommand (``head-layer:None`` where
