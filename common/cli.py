@@ -44,7 +44,11 @@ class ConfigError(UserError):
 def positional(default=None, required: bool = True, **kw):
     """A field filled from a bare command-line argument (``python -m eval.perplexity CHECKPOINT``); a
     required one left at None is an error naming it."""
-    meta = {"positional": True, "required": required}
+    return _marked({"positional": True, "required": required}, default, **kw)
+
+
+def _marked(meta: dict, default, **kw) -> dataclasses.Field:
+    """A dataclass field carrying ``meta``, with ``default`` unless a ``default_factory`` is given."""
     if "default_factory" in kw:
         return dataclasses.field(metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -54,10 +58,7 @@ def ranged(default=None, low: float | None = None, high: float | None = None, ab
     """A number option the command line checks (each value of a list): at least ``low`` (above it where
     ``above``) and at most ``high``; None passes where the type allows it. A value out of range is a one-line
     ConfigError naming the option, the range and the default, before any work starts."""
-    meta = {"range": (low, high, above)}
-    if "default_factory" in kw:
-        return dataclasses.field(metadata=meta, **kw)
-    return dataclasses.field(default=default, metadata=meta, **kw)
+    return _marked({"range": (low, high, above)}, default, **kw)
 
 
 def _check_range(f: dataclasses.Field, value, name: str) -> None:
