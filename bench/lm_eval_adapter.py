@@ -11,7 +11,7 @@ against three lines drawn from elsewhere). Each round runs ``lm_eval.simple_eval
 ``--model hf`` on the folder and once with the adapter on the same folder (the order alternates), in one
 process; the first round is the warm-up. Reported: each one's wall time, the ratio adapter / HFLM per round
 (Hodges-Lehmann with its Wilcoxon interval, common.stats.paired_ratio), and every metric of both, which must
-agree (else the timing is void). Target: ratio at most 1.0. Writes bench/results/lm_eval_adapter.json.
+agree (else the timing is void). Target: ratio at most 0.8. Writes bench/results/lm_eval_adapter.json.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from common.stats import paired_ratio
 from common.timing import spread
 from data.config import DataConfig
 from data.prepare import iter_documents
+
+TARGET = 0.8  # adapter / HFLM wall time, at most
 
 
 def corpus(n_docs: int, n_items: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -147,7 +149,7 @@ def run(a) -> dict:
         },  # fmt: skip
         "seconds": {k: spread(v) | {"samples": v} for k, v in times.items()},
         "ratio_adapter_to_hflm": ratio,
-        "target": "at most 1.0",
+        "target": f"at most {TARGET}",
         "metrics": results,
     }
 
@@ -170,9 +172,12 @@ def main(argv=None):
     q = r["ratio_adapter_to_hflm"]
     for k, s in r["seconds"].items():
         print(f"{k}: {s['median']:.2f} s per round (p10-p90 {s['p10']:.2f}-{s['p90']:.2f})")
-    print(
-        f"adapter / HFLM: x{q['median']:.3f} [{q['ci_low']:.3f}, {q['ci_high']:.3f}] (p = {q['p']:.3g}), target <= 1.0"
+    interval = (
+        f"[{q['ci_low']:.3f}, {q['ci_high']:.3f}] (p = {q['p']:.3g})"
+        if "ci_low" in q
+        else f"(no interval: {q['reason']})"
     )
+    print(f"adapter / HFLM: x{q['median']:.3f} {interval}, target <= {TARGET}")
     print(f"metrics equal: {json.dumps(r['metrics']['adapter'])}")
     print(f"-> {a.out}")
 

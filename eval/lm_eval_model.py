@@ -15,7 +15,11 @@ spaces) with what its ``hf`` model (HFLM) does for the rest, so the figures equa
   and this project's put ``<s>`` first, GPT-2/NeoX/Starcoder2 put nothing), True/False force it, and a text
   that already starts with the BOS string gets no second one;
 - ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, sorted by length, right-padded
-  in batches;
+  in batches; requests that share their context (the choices of a multiple-choice item) are scored in one
+  packed row instead: the context once, each continuation after it seeing the context and itself only, at the
+  positions it would have alone (``packed_row``), as vLLM's prefix caching computes a shared prompt once. The
+  first packed batch of a model is checked against the plain forward; a model where the two differ (an
+  architecture that ignores position ids or a custom mask) is scored plainly from then on;
 - ``loglikelihood_rolling``: lm-eval's own ``get_rolling_token_windows`` + ``make_disjoint_window`` over the
   document as ``tok_encode`` gives it, after the prefix token (BOS, else EOS); the windows of all documents
   gathered and scored ``batch_size`` at a time, as HFLM batches them;
@@ -40,9 +44,44 @@ from common.progress import Progress
 from eval.model import load_for_eval
 from eval.perplexity import hflm_tokens
 from runtime.generate import generate_ids
+from runtime.quantize import BATCH_DEPENDENT_SCHEMES
 from runtime.sampling import SamplingParams
 
 MODEL_NAME = "perhead-llama"
+PACK_CHECK_ATOL = 1e-4  # nats: a packed row's scores against the plain forward's, on the first packed batch
+
+
+def _sliding(model) -> bool:
+    """Whether a Hugging Face model has layers that crop keys by position (a sliding window), which a packed row's
+    own mask would override."""
+    hf = getattr(model, "hf", None)
+    if hf is None:
+        return False
+    from transformers import DynamicCache
+
+    return any(type(layer).__name__ != "DynamicLayer" for layer in DynamicCache(config=hf.config).layers)
+
+
+def packed_row(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
+    """One row scoring every continuation after one shared context: (tokens, positions, mask (T, T): True where
+    a query may attend, and for each continuation the row indices whose logits predict its tokens). The context
+    comes once; each continuation but its last token follows, at the positions it would have after the context
+    alone, attending to the context and to itself only. Its first token is predicted by the context's last
+    position, as in its own forward."""
+    tokens, positions, segment = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    where = []
+    for j, cont in enumerate(conts, 1):
+        rows = [len(ctx) - 1]
+        for m, t in enumerate(cont[:-1]):
+            rows.append(len(tokens))
+            tokens.append(t)
+            positions.append(len(ctx) + m)
+            segment.append(j)
+        where.append(rows)
+    seg = torch.tensor(segment)
+    T = len(tokens)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return tokens, positions, causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None])), where
 
 
 @register_model(MODEL_NAME)
@@ -73,6 +112,11 @@ class ProjectLM(TemplateLM):
         # one sequence at a time where a quantization scheme makes results depend on the batch (eval/model.py)
         self.batch_size = self.ev.batch_size(8 if str(batch_size).startswith("auto") else int(batch_size))
         self.requests = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}  # served, by type
+        # shared contexts packed into one row, unless a sequence's result depends on what shares its batch
+        self.pack, self.pack_checked = (
+            self.ev.scheme not in BATCH_DEPENDENT_SCHEMES and not _sliding(self.ev.model),
+            False,
+        )
 
     # -- tokens, as HFLM makes them ------------------------------------------------------------------------
     @property
@@ -95,6 +139,83 @@ class ProjectLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request
         ((texts), context tokens, continuation tokens)."""
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups = self._shared_contexts(requests) if self.pack else []
+        if groups and not self.pack_checked:
+            groups = self._check_packing(requests, groups, out)
+        scores = self._score_packed([[requests[i] for i in g] for g in groups], disable_tqdm)
+        for g, group_scores in zip(groups, scores, strict=True):
+            for i, r in zip(g, group_scores, strict=True):
+                out[i] = r
+        rest = [i for i in range(len(requests)) if out[i] is None]
+        for i, r in zip(rest, self._score_plain([requests[i] for i in rest], disable_tqdm), strict=True):
+            out[i] = r
+        return out
+
+    def _check_packing(self, requests, groups: list[list[int]], out: list) -> list[list[int]]:
+        """The first packed batch of this model, scored both ways into ``out``: packed rows that score otherwise
+        than the plain forward turn packing off for good. The groups left to score."""
+        first = groups[: self.batch_size]
+        idx = [i for g in first for i in g]
+        plain = self._score_plain([requests[i] for i in idx], True)
+        packed = [r for scores in self._score_packed([[requests[i] for i in g] for g in first]) for r in scores]
+        self.pack_checked = True
+        self.pack = all(
+            abs(a[0] - b[0]) <= PACK_CHECK_ATOL and a[1] == b[1] for a, b in zip(plain, packed, strict=True)
+        )
+        if not self.pack:
+            print(
+                f"{MODEL_NAME}: this model scores a packed row otherwise than its requests alone; shared contexts "
+                "are scored one request at a time"
+            )
+        for i, r in zip(idx, packed if self.pack else plain, strict=True):
+            out[i] = r
+        return groups[self.batch_size :] if self.pack else []
+
+    def _shared_contexts(self, requests) -> list[list[int]]:
+        """Indices of requests sharing one context, two or more to a group, each request whole (not cut to
+        ``max_length``) and its packed row no longer than ``max_length``: what ``_score_packed`` may take."""
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1:
+                by_context.setdefault(tuple(ctx), []).append(i)
+        groups = []
+        for ctx, members in by_context.items():
+            if len(members) > 1 and len(ctx) + sum(len(requests[i][2]) - 1 for i in members) <= self.max_length:
+                groups.append(members)
+        return groups
+
+    def _score_packed(self, groups: list[list], disable_tqdm: bool = True) -> list[list[tuple[float, bool]]]:
+        """Each group's requests (one shared context) scored from one packed row (``packed_row``); the rows
+        sorted by length and right-padded ``batch_size`` to a batch (a padding query attends to itself only)."""
+        model, device = self.ev.model, self.ev.device
+        rows = [packed_row(g[0][1], [cont for _, _, cont in g]) for g in groups]
+        out: list[list[tuple[float, bool]] | None] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        quiet = disable_tqdm or len(order) < 64
+        for b in Progress(range(0, len(order), self.batch_size), desc="loglikelihood (shared contexts)", disable=quiet):
+            idx = order[b : b + self.batch_size]
+            width = max(len(rows[i][0]) for i in idx)
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            pos = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.eye(width, dtype=torch.bool).repeat(len(idx), 1, 1)
+            for j, i in enumerate(idx):
+                tokens, positions, allowed, _ = rows[i]
+                n = len(tokens)
+                x[j, :n], pos[j, :n], mask[j, :n, :n] = torch.tensor(tokens), torch.tensor(positions), allowed
+            with self.ev.autocast():
+                logits = model(x.to(device), pos.to(device), mask[:, None].to(device)).float()
+            for j, i in enumerate(idx):
+                scores = []
+                for (_, _, cont), where in zip(groups[i], rows[i][3], strict=True):
+                    lp = F.log_softmax(logits[j, where], dim=-1)
+                    target = torch.tensor(cont, device=device)
+                    scores.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+                out[i] = scores
+        return out
+
+    def _score_plain(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Each request in its own row, as HFLM scores it."""
         model, device = self.ev.model, self.ev.device
         rows = [((ctx + cont)[-(self.max_length + 1) :][:-1], cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool] | None] = [None] * len(rows)

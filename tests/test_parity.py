@@ -270,3 +270,72 @@ def test_the_adapter_batches_as_hflm_does_and_answers_in_request_order(hf_models
         adapter.generate_ids = real
     assert sorted(groups) == [4, 4]  # two settings, four requests each
     assert got == hflm.generate_until(instances("generate_until", gens))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_contexts_are_scored_in_one_packed_row_as_hflm_scores_them_apart(
+    kind, hf_models, trained_baseline, exported
+):
+    """The choices of an item share a context: they are scored from one row (fewer tokens through the model),
+    the check against the plain forward on the first packed batch passes for every architecture, and every
+    score equals HFLM's."""
+    ours, hflm = models(kind, hf_models, trained_baseline, exported)
+    ours.loglikelihood(instances("loglikelihood", REQUESTS))  # the first packed batch: checked against plain
+    assert ours.pack and ours.pack_checked
+    rows = []
+    hook = ours.ev.model.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        got = ours.loglikelihood(instances("loglikelihood", REQUESTS * 3))
+    finally:
+        hook.remove()
+    # one row per context: each of the 6 contexts (4 items, 2 lone requests) comes 3 times or more
+    assert sum(rows) == len({q for q, _ in REQUESTS}) == 6
+    want = hflm.loglikelihood(instances("loglikelihood", REQUESTS * 3))
+    for r, (a, ga), (b, gb) in zip(REQUESTS * 3, got, want, strict=True):
+        assert a == pytest.approx(b, abs=ATOL) and ga == gb, r
+
+
+def test_a_model_that_scores_a_packed_row_otherwise_is_scored_plainly(hf_models, monkeypatch, capsys):
+    """A packed row scored otherwise than the requests alone (here a mask that lets the choices see each other,
+    as an architecture ignoring the mask would) fails the first batch's check: that model is scored one request
+    at a time from then on, and every score still equals HFLM's."""
+    import eval.lm_eval_model as adapter
+
+    real = adapter.packed_row
+
+    def leaky(ctx, conts):
+        tokens, positions, allowed, where = real(ctx, conts)
+        return tokens, positions, torch.ones_like(allowed).tril(), where
+
+    monkeypatch.setattr(adapter, "packed_row", leaky)
+    ours, hflm = models("llama", hf_models, None, None)
+    got = ours.loglikelihood(instances("loglikelihood", REQUESTS))
+    assert ours.pack_checked and not ours.pack
+    assert "scored one request at a time" in capsys.readouterr().out
+    want = hflm.loglikelihood(instances("loglikelihood", REQUESTS))
+    for r, (a, ga), (b, gb) in zip(REQUESTS, got, want, strict=True):
+        assert a == pytest.approx(b, abs=ATOL) and ga == gb, r
+
+
+def test_no_packing_where_a_window_or_a_quantization_scheme_ties_a_result_to_its_row(trained_baseline, tmp_path):
+    """A sliding-window model (its cache crops keys by position, which a packed row's mask would override) and a
+    batch-dependent quantization scheme (int8-dynamic: one activation scale over everything in the batch) are
+    scored plainly; the same checkpoint unquantized is packed."""
+    import transformers as T
+
+    from compress.__main__ import main as compress_main
+    from eval.lm_eval_model import ProjectLM
+    from tests.hf_models import build_tokenizer, config
+
+    tok = build_tokenizer(with_bos=False)
+    cfg = config("starcoder2", len(tok))
+    cfg.sliding_window = 16
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "window"))
+    tok.save_pretrained(str(tmp_path / "window"))
+    assert not ProjectLM(str(tmp_path / "window"), device="cpu").pack
+    q = tmp_path / "int8"
+    compress_main(
+        ["--checkpoint", str(trained_baseline), "--method", "quantize", "--scheme", "int8-dynamic", "--out", str(q)]
+    )
+    assert not ProjectLM(str(q), device="cpu").pack
+    assert ProjectLM(str(trained_baseline), device="cpu").pack
