@@ -84,6 +84,43 @@ def packed_row(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[
     return tokens, positions, causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None])), where
 
 
+def packed_batch(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed rows (``packed_row``) right-padded into one batch: tokens and positions (B, T), the mask (B, T, T)
+    (a padding query attends to itself only, so nothing in the row turns NaN) and ``keep`` (B, T): the positions
+    whose logits predict a continuation's token (the context's others are never read, so never computed)."""
+    width = max(len(r[0]) for r in rows)
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+    keep = torch.zeros(len(rows), width, dtype=torch.bool)
+    for j, (tokens, positions, allowed, where) in enumerate(rows):
+        n = len(tokens)
+        x[j, :n], pos[j, :n], mask[j, :n, :n] = torch.tensor(tokens), torch.tensor(positions), allowed
+        for w in where:
+            keep[j, w] = True
+    return x, pos, mask, keep
+
+
+def continuation_scores(logits, keep, wheres: list[list[list[int]]], conts: list[list[list[int]]]) -> list[list]:
+    """(sum of log p, greedy) of every continuation of a packed batch from the logits of its kept positions
+    (N, V), in one log-softmax: hundreds of small operations, one per continuation, cost more than the forward
+    on a CPU with another job beside it."""
+    row_of = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # (row, position) -> row of ``logits``
+    flat = [(j, w, t) for j in range(len(conts)) for where, cont in zip(wheres[j], conts[j], strict=True)
+            for w, t in zip(where, cont, strict=True)]  # fmt: skip
+    sel = logits[row_of[[j for j, _, _ in flat], [w for _, w, _ in flat]].to(logits.device)]
+    target = torch.tensor([t for *_, t in flat], device=logits.device)
+    token_lp = F.log_softmax(sel, dim=-1).gather(-1, target[:, None])[:, 0]
+    sizes = [len(cont) for row in conts for cont in row]
+    sums = [float(t.sum()) for t in token_lp.split(sizes)]
+    greedy = [bool(h.all()) for h in (sel.argmax(-1) == target).split(sizes)]
+    out, k = [], 0
+    for row in conts:
+        out.append(list(zip(sums[k : k + len(row)], greedy[k : k + len(row)], strict=True)))
+        k += len(row)
+    return out
+
+
 @register_model(MODEL_NAME)
 class ProjectLM(TemplateLM):
     def __init__(
@@ -187,7 +224,7 @@ class ProjectLM(TemplateLM):
 
     def _score_packed(self, groups: list[list], disable_tqdm: bool = True) -> list[list[tuple[float, bool]]]:
         """Each group's requests (one shared context) scored from one packed row (``packed_row``); the rows
-        sorted by length and right-padded ``batch_size`` to a batch (a padding query attends to itself only)."""
+        sorted by length and ``batch_size`` to a batch (``packed_batch``)."""
         model, device = self.ev.model, self.ev.device
         rows = [packed_row(g[0][1], [cont for _, _, cont in g]) for g in groups]
         out: list[list[tuple[float, bool]] | None] = [None] * len(rows)
@@ -195,23 +232,13 @@ class ProjectLM(TemplateLM):
         quiet = disable_tqdm or len(order) < 64
         for b in Progress(range(0, len(order), self.batch_size), desc="loglikelihood (shared contexts)", disable=quiet):
             idx = order[b : b + self.batch_size]
-            width = max(len(rows[i][0]) for i in idx)
-            x = torch.zeros(len(idx), width, dtype=torch.long)
-            pos = torch.zeros(len(idx), width, dtype=torch.long)
-            mask = torch.eye(width, dtype=torch.bool).repeat(len(idx), 1, 1)
-            for j, i in enumerate(idx):
-                tokens, positions, allowed, _ = rows[i]
-                n = len(tokens)
-                x[j, :n], pos[j, :n], mask[j, :n, :n] = torch.tensor(tokens), torch.tensor(positions), allowed
+            conts = [[cont for _, _, cont in groups[i]] for i in idx]
+            x, pos, mask, keep = packed_batch([rows[i] for i in idx])
             with self.ev.autocast():
-                logits = model(x.to(device), pos.to(device), mask[:, None].to(device)).float()
-            for j, i in enumerate(idx):
-                scores = []
-                for (_, _, cont), where in zip(groups[i], rows[i][3], strict=True):
-                    lp = F.log_softmax(logits[j, where], dim=-1)
-                    target = torch.tensor(cont, device=device)
-                    scores.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-                out[i] = scores
+                logits = model(x.to(device), pos.to(device), mask[:, None].to(device), keep=keep.to(device)).float()
+            scores = continuation_scores(logits, keep, [rows[i][3] for i in idx], conts)
+            for i, row_scores in zip(idx, scores, strict=True):
+                out[i] = row_scores
         return out
 
     def _score_plain(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

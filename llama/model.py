@@ -383,8 +383,10 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size), or (B, 1, vocab_size) with ``last_only``.
+        """tokens (B, T) -> logits (B, T, vocab_size), or (B, 1, vocab_size) with ``last_only``, or (N, vocab_size)
+        for the N True positions of a (B, T) boolean ``keep``, in row order (transformers' ``logits_to_keep``).
 
         ``input_pos`` (T,) are the positions of ``tokens`` (needed with the KV cache), or (B, T) with each row at
         its own positions (the rows of a continuous batch). ``mask`` (B, 1, T, keys),
@@ -410,6 +412,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos_sin, mask, input_pos)
+        if keep is not None:
+            return self.output(self.norm(h[keep]))
         return self.output(self.norm(h[:, -1:] if last_only else h))
 
 

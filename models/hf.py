@@ -245,6 +245,7 @@ class HFModel(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ):
         """(B, T) tokens -> (B, T, V) logits. Without a cache: a full causal forward, or with ``input_pos`` (B, T)
         and ``mask`` (B, 1, T, T), True where a query may attend, each row's own positions and attention (this
@@ -252,10 +253,11 @@ class HFModel(nn.Module):
         positions ``input_pos`` (T,); ``mask`` (B, 1, T, cache_len), from ``llama.generation.padding_mask``,
         marks left padding, which becomes transformers' 2-D attention mask and per-row position ids (as its
         own ``generate`` does: positions count from each row's first real token). ``last_only``: the last
-        position's logits alone, (B, 1, V) (transformers' ``logits_to_keep=1``)."""
-        keep = {"logits_to_keep": 1} if last_only else {}
+        position's logits alone, (B, 1, V) (transformers' ``logits_to_keep=1``); ``keep``, a (B, T) boolean: the
+        logits of its True positions alone, (N, V) in row order (``logits_to_keep`` as a mask)."""
+        kept = {"logits_to_keep": 1} if last_only else {} if keep is None else {"logits_to_keep": keep}
         if self.cache is None and mask is None:
-            return self.hf(input_ids=tokens, use_cache=False, **keep).logits
+            return self.hf(input_ids=tokens, use_cache=False, **kept).logits
         if self.cache is None:  # transformers takes a 4-D mask as given: additive, in the model's dtype
             dtype = self.hf.dtype
             additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -263,7 +265,7 @@ class HFModel(nn.Module):
             )
             positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(tokens.shape[0], -1)
             return self.hf(
-                input_ids=tokens, attention_mask=additive, position_ids=positions, use_cache=False, **keep
+                input_ids=tokens, attention_mask=additive, position_ids=positions, use_cache=False, **kept
             ).logits
         B = tokens.shape[0]
         end = int(input_pos[-1]) + 1
@@ -279,7 +281,7 @@ class HFModel(nn.Module):
             position_ids=positions,
             use_cache=True,
             **{self._cache_arg: self.cache},
-            **keep,
+            **kept,
         )
         return out.logits
 

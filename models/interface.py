@@ -39,9 +39,10 @@ class CausalLM(Protocol):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) tokens -> (B, T, V) logits ((B, 1, V) with ``last_only``); with a cache (setup_caches),
-        ``input_pos`` are their positions."""
+        """(B, T) tokens -> (B, T, V) logits ((B, 1, V) with ``last_only``; (N, V) for the N True positions of a
+        (B, T) boolean ``keep``, in row order); with a cache (setup_caches), ``input_pos`` are their positions."""
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None: ...
 
