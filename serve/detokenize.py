@@ -44,6 +44,8 @@ class TextStream:
 
     def _visible(self, final: bool) -> str:
         text = self._advance(final)
+        if not final:  # an incomplete character (its bytes so far read U+FFFD) is no text yet: no stop matches it
+            text = text.rstrip("\ufffd")
         cut = cut_at_stops(text, self.stops)
         self.hit = len(cut) < len(text)  # a stop string has appeared: the decoding stops here
         if final or self.hit:

@@ -577,6 +577,10 @@ def test_text_streams_never_show_part_of_a_stop_string_or_a_broken_character():
     s = TextStream(decode, ["cx"])
     assert [s.push(t) for t in (1, 2, 3)] == ["ab", "", "cd"]  # "cd" cannot: sent at once
     assert [s.push(t) for t in (5, 6)] == ["", "é"] and s.finish() == "" and s.sent == "abcdé"
+    # a stop string of U+FFFD itself never matches the first byte of a character still arriving (vLLM's rule)
+    s = TextStream(decode, ["\ufffd"])
+    assert [s.push(t) for t in (1, 5)] == ["ab", ""] and not s.hit
+    assert s.push(6) == "é" and not s.hit and s.finish() == "" and s.sent == "abé" and not s.stopped()
     s = TextStream(lambda ids: " ".join(map(str, ids)), [], hold_space=True)
     assert [s.push(t) for t in (1, 2)] == ["1", " 2"] and s.finish() == ""
 
