@@ -276,6 +276,33 @@ def test_every_family_offers_the_model_and_tokenizer_contract(arch, tmp_path, sm
     assert torch.equal(again.eval()(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("arch", ["perhead-llama", "llama", "gpt2", "gpt_neox", "starcoder2"])
+def test_every_family_scores_two_sequences_packed_in_one_row_as_each_alone(arch, tmp_path):
+    """The forward's packed form (per-row positions, a (B, 1, T, T) mask, ``keep``: the logits of chosen positions
+    alone), which the lm-eval adapter scores shared contexts with: a context followed by two continuations, each
+    seeing the context and itself at the positions it has alone, gives each continuation's logits as its own
+    forward does."""
+    from eval.lm_eval_model import packed_batch, packed_row
+    from models.folders import load_folder
+    from tests.hf_models import make_hf_model
+
+    torch.manual_seed(0)
+    if arch == "perhead-llama":
+        args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=100, max_seq_len=32, head_layer=HeadLayerArgs(8))
+        model = Transformer(args)
+    else:
+        model = load_folder(make_hf_model(arch, tmp_path / "hf"))[0]
+    model.eval()
+    ctx, conts = [5, 6, 7, 8], [[9, 10, 11], [12, 13]]
+    x, pos, mask, keep = packed_batch([packed_row(ctx, conts)])
+    with torch.no_grad():
+        packed = model(x, pos, mask[:, None], keep=keep)  # (kept positions, V)
+        rows = (keep[0].cumsum(0) - 1).tolist()
+        for cont, where in zip(conts, packed_row(ctx, conts)[3], strict=True):
+            alone = model(torch.tensor([ctx + cont[:-1]]))[0, len(ctx) - 1 :]
+            torch.testing.assert_close(packed[[rows[w] for w in where]], alone, atol=1e-5, rtol=1e-4)
+
+
 # ---- typed records: a training summary goes through one schema, written and read --------------------------
 
 
