@@ -15,7 +15,8 @@ spaces) with what its ``hf`` model (HFLM) does for the rest, so the figures equa
   and this project's put ``<s>`` first, GPT-2/NeoX/Starcoder2 put nothing), True/False force it, and a text
   that already starts with the BOS string gets no second one;
 - ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, sorted by length, right-padded
-  in batches; requests that share their context (the choices of a multiple-choice item) are scored in one
+  in batches, the output projection run only on the positions that predict a continuation (a rolling window's
+  context and a request's context are never read: the same logits, less work); requests that share their context (the choices of a multiple-choice item) are scored in one
   packed row instead: the context once, each continuation after it seeing the context and itself only, at the
   positions it would have alone (``packed_row``), as vLLM's prefix caching computes a shared prompt once. The
   first packed batch of a model is checked against the plain forward; a model where the two differ (an
@@ -254,15 +255,17 @@ class ProjectLM(TemplateLM):
             idx = order[b : b + self.batch_size]
             width = max(len(rows[i][0]) for i in idx)
             x = torch.zeros(len(idx), width, dtype=torch.long)
+            keep = torch.zeros(len(idx), width, dtype=torch.bool)  # the positions that predict a continuation
             for j, i in enumerate(idx):  # right padding: a causal model's real positions never see it
-                x[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            with self.ev.autocast():
-                logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
-            for j, i in enumerate(idx):
                 inp, cont = rows[i]
-                target = torch.tensor(cont, device=device)
-                lp = logp[j, len(inp) - len(cont) : len(inp)]
-                out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                x[j, : len(inp)] = torch.tensor(inp)
+                keep[j, len(inp) - len(cont) : len(inp)] = True
+            with self.ev.autocast():  # (kept positions, V), row by row: each request's continuation in order
+                logp = F.log_softmax(model(x.to(device), keep=keep.to(device)).float(), dim=-1)
+            target = torch.tensor([t for i in idx for t in rows[i][1]], device=device)
+            sizes = [len(rows[i][1]) for i in idx]
+            for i, lp, t in zip(idx, logp.split(sizes), target.split(sizes), strict=True):
+                out[i] = (float(lp.gather(-1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
