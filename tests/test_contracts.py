@@ -240,6 +240,10 @@ def test_an_interval_that_excludes_one_is_never_reported_as_nothing_without_sayi
         "distinguishable": False,
     }
     assert "the unadjusted 95% interval alone excludes 1" in sentence(c, 3)
+    # every printed interval names its level (a test at another level prints that one)
+    assert "x1.134 [1.004, 1.286] (95%)" in sentence(c, 3)
+    c["ratio"]["confidence"] = 0.9964
+    assert "[1.004, 1.286] (99.64%)" in sentence(c, 3)
 
 
 # ---- the model contract: every family's model and tokenizer offer the same things ------------------------

@@ -446,7 +446,8 @@ def sentence(c: dict, seeds: int) -> str:
     what = c["what"]
     if "ratio" in c:
         r = c["ratio"]
-        nums = f"{c['a']} / {c['b']} = x{r['median']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        level = f"{100 * r.get('confidence', 0.95):.4g}%"  # the test's own interval; its q is adjusted
+        nums = f"{c['a']} / {c['b']} = x{r['median']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({level})"
         n = f"{r['n']} interleaved rounds"
     else:
         sa, sb = c.get("a_stat"), c.get("b_stat")

@@ -29,9 +29,10 @@ whose ratio is the run's noise floor: while the control differs from 1, no laten
 comparison says **lower** or **higher** only when its test, adjusted for the number of comparisons in this
 report (Benjamini-Hochberg), gives q < 0.05: for quality the paired t-test over seeds where the two models'
 seeds pair up (seed k of every model trains on the same batches in the same order; a compressed model pairs
-through its base's seed), else Welch's; for latency the Wilcoxon signed-rank test on the per-round ratios (its
-interval is the one printed, at the level the verdict is adjusted to, which it names: a ratio whose interval
-holds 1 is never called a difference). Otherwise it says **not distinguishable** at the number of seeds or
+through its base's seed), else Welch's; for latency the Wilcoxon signed-rank test on the per-round ratios (every
+interval printed names its level: the table's, the level its column's verdicts are adjusted to; a comparison
+line's, the test's own 95% beside its adjusted q; a ratio whose interval holds 1 is never called a
+difference). Otherwise it says **not distinguishable** at the number of seeds or
 rounds it had: the difference may be real, but this study cannot tell it from seed-to-seed or round-to-round
 variation. Where per-document figures exist, a quality comparison also gives the 95% interval of its difference
 from a bootstrap crossed over seeds and scored documents: how far it would hold on other documents of the same
