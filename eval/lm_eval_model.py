@@ -16,11 +16,12 @@ spaces) with what its ``hf`` model (HFLM) does for the rest, so the figures equa
   that already starts with the BOS string gets no second one;
 - ``_loglikelihood_tokens``: the input is cut to the last ``max_length`` tokens, sorted by length, right-padded
   in batches, the output projection run only on the positions that predict a continuation (a rolling window's
-  context and a request's context are never read: the same logits, less work); requests that share their context (the choices of a multiple-choice item) are scored in one
-  packed row instead: the context once, each continuation after it seeing the context and itself only, at the
-  positions it would have alone (``packed_row``), as vLLM's prefix caching computes a shared prompt once. The
-  first packed batch of a model is checked against the plain forward; a model where the two differ (an
-  architecture that ignores position ids or a custom mask) is scored plainly from then on;
+  context and a request's context are never read: the same logits, less work); requests that share their
+  context (the choices of a multiple-choice item) are scored in one packed row instead: the context once, each
+  continuation after it seeing the context and itself only, at the positions it would have alone
+  (``packed_row``), as vLLM's prefix caching computes a shared prompt once. The first packed batch of a model
+  is checked against the plain forward; a model where the two differ (an architecture that ignores position ids
+  or a custom mask) is scored plainly from then on;
 - ``loglikelihood_rolling``: lm-eval's own ``get_rolling_token_windows`` + ``make_disjoint_window`` over the
   document as ``tok_encode`` gives it, after the prefix token (BOS, else EOS); the windows of all documents
   gathered and scored ``batch_size`` at a time, as HFLM batches them;
@@ -44,6 +45,7 @@ from common.cli import UserError
 from common.progress import Progress
 from eval.model import load_for_eval
 from eval.perplexity import hflm_tokens
+from models.hf import HFModel
 from runtime.generate import generate_ids
 from runtime.quantize import BATCH_DEPENDENT_SCHEMES
 from runtime.sampling import SamplingParams
@@ -52,15 +54,10 @@ MODEL_NAME = "perhead-llama"
 PACK_CHECK_ATOL = 1e-4  # nats: a packed row's scores against the plain forward's, on the first packed batch
 
 
-def _sliding(model) -> bool:
-    """Whether a Hugging Face model has layers that crop keys by position (a sliding window), which a packed row's
-    own mask would override."""
-    hf = getattr(model, "hf", None)
-    if hf is None:
-        return False
-    from transformers import DynamicCache
-
-    return any(type(layer).__name__ != "DynamicLayer" for layer in DynamicCache(config=hf.config).layers)
+def _crops_keys(model) -> bool:
+    """Whether a layer of ``model`` crops keys by position (a sliding window), which a packed row's mask would
+    override."""
+    return isinstance(model, HFModel) and bool(model.cropping_cache_layers())
 
 
 def packed_row(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
@@ -152,7 +149,7 @@ class ProjectLM(TemplateLM):
         self.requests = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}  # served, by type
         # shared contexts packed into one row, unless a sequence's result depends on what shares its batch
         self.pack, self.pack_checked = (
-            self.ev.scheme not in BATCH_DEPENDENT_SCHEMES and not _sliding(self.ev.model),
+            self.ev.scheme not in BATCH_DEPENDENT_SCHEMES and not _crops_keys(self.ev.model),
             False,
         )
 

@@ -236,6 +236,15 @@ class HFModel(nn.Module):
 
         self.cache = DynamicCache(config=self.hf.config)
 
+    def cropping_cache_layers(self) -> list[str]:
+        """The kinds of this model's cache layers that crop keys by position (a sliding window), sorted; empty
+        for a model whose every layer keeps all its keys. Rows aligned at their right end (a continuous batch)
+        or several sequences packed in one row (the lm-eval adapter) would break such a layer."""
+        from transformers import DynamicCache
+
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=self.hf.config).layers}
+        return sorted(kinds - {"DynamicLayer"})
+
     def clear_caches(self):
         self.cache = None
 

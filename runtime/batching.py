@@ -173,9 +173,8 @@ class HFSlots(Slots):
         self.model, self.hf, self.device, self.max_batch = model, model.hf, device, max_batch
         self._cache_arg = model._cache_arg
         self.new_cache = lambda: DynamicCache(config=self.hf.config)
-        kinds = {type(layer).__name__ for layer in self.new_cache().layers}
-        if kinds - {"DynamicLayer"}:  # a sliding window crops keys by position: right-aligned rows would break it
-            raise UserError(f"a {model.family} model's cache ({', '.join(sorted(kinds))}) does not batch here")
+        if cropping := model.cropping_cache_layers():  # a sliding window: right-aligned rows would break it
+            raise UserError(f"a {model.family} model's cache ({', '.join(cropping)}) does not batch here")
         self.name = "torch"
         self.note = f"eager PyTorch (transformers), continuous batching of up to {max_batch} sequences"
         self.cache = None
