@@ -99,24 +99,27 @@ def packed_batch(rows: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, pos, mask, keep
 
 
+def token_scores(logits: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> list[tuple[float, bool]]:
+    """(sum of log p, greedy) of consecutive continuations: ``logits`` (N, V) at the positions that predict
+    ``target``'s N tokens, ``sizes`` the continuations' lengths in order. One log-softmax over all of them:
+    hundreds of small operations, one per continuation, cost more than the forward on a CPU with another job
+    beside it."""
+    logp = F.log_softmax(logits, dim=-1)
+    token_lp = logp.gather(-1, target[:, None])[:, 0]
+    hit = logp.argmax(-1) == target
+    return [(float(a.sum()), bool(h.all())) for a, h in zip(token_lp.split(sizes), hit.split(sizes), strict=True)]
+
+
 def continuation_scores(logits, keep, wheres: list[list[list[int]]], conts: list[list[list[int]]]) -> list[list]:
-    """(sum of log p, greedy) of every continuation of a packed batch from the logits of its kept positions
-    (N, V), in one log-softmax: hundreds of small operations, one per continuation, cost more than the forward
-    on a CPU with another job beside it."""
+    """``token_scores`` of every continuation of a packed batch, row by row, from the logits of its kept
+    positions (N, V): a position several continuations read (the context's last) is read by each."""
     row_of = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # (row, position) -> row of ``logits``
     flat = [(j, w, t) for j in range(len(conts)) for where, cont in zip(wheres[j], conts[j], strict=True)
             for w, t in zip(where, cont, strict=True)]  # fmt: skip
     sel = logits[row_of[[j for j, _, _ in flat], [w for _, w, _ in flat]].to(logits.device)]
     target = torch.tensor([t for *_, t in flat], device=logits.device)
-    token_lp = F.log_softmax(sel, dim=-1).gather(-1, target[:, None])[:, 0]
-    sizes = [len(cont) for row in conts for cont in row]
-    sums = [float(t.sum()) for t in token_lp.split(sizes)]
-    greedy = [bool(h.all()) for h in (sel.argmax(-1) == target).split(sizes)]
-    out, k = [], 0
-    for row in conts:
-        out.append(list(zip(sums[k : k + len(row)], greedy[k : k + len(row)], strict=True)))
-        k += len(row)
-    return out
+    scores = iter(token_scores(sel, target, [len(cont) for row in conts for cont in row]))
+    return [[next(scores) for _ in row] for row in conts]
 
 
 @register_model(MODEL_NAME)
@@ -258,11 +261,10 @@ class ProjectLM(TemplateLM):
                 x[j, : len(inp)] = torch.tensor(inp)
                 keep[j, len(inp) - len(cont) : len(inp)] = True
             with self.ev.autocast():  # (kept positions, V), row by row: each request's continuation in order
-                logp = F.log_softmax(model(x.to(device), keep=keep.to(device)).float(), dim=-1)
+                logits = model(x.to(device), keep=keep.to(device)).float()
             target = torch.tensor([t for i in idx for t in rows[i][1]], device=device)
-            sizes = [len(rows[i][1]) for i in idx]
-            for i, lp, t in zip(idx, logp.split(sizes), target.split(sizes), strict=True):
-                out[i] = (float(lp.gather(-1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
+            for i, r in zip(idx, token_scores(logits, target, [len(rows[i][1]) for i in idx]), strict=True):
+                out[i] = r
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
