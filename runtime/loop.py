@@ -55,6 +55,7 @@ class Batch:
         self.slots = slots
         self.running: dict[int, Sequence] = {}
         self.largest_batch = 0  # the most sequences decoded in one step so far
+        self.decoded = 0  # tokens drawn so far, every sequence's
 
     def free(self) -> int:
         """How many sequences may join now."""
@@ -99,6 +100,7 @@ class Batch:
         length or a departed client."""
         how = seq.how
         token = int(sample(logits[None], how.temperature, how.top_k, how.top_p, seq.generator)[0])
+        self.decoded += 1
         if seq.eos_id is not None and token == seq.eos_id:
             return self._end(slot, seq)
         seq.tokens.append(token)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from common.cli import UserError, failure
 from common.energy import EnergyMeter, find_counter, min_window_for
 from runtime.batching import build_slots
@@ -78,6 +80,7 @@ def load_served(
         max_tokens_limit,
         longest,
         lock,
+        threads=torch.get_num_threads(),
         max_connections=max_connections,
         counter=counter,
         counter_reason=reason,
@@ -221,6 +224,8 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
     ``emit(event)``, if given, hears a ``StreamEvent`` per token ("token"; "last" for a token that ends its
     choice) and one per choice that ends after its last token ("end"), from the scheduler's thread; it raises
     ``ClientGone`` to stop. Raises ``ClientGone`` if the client left, or the engine's error."""
+    if served.process is not None:  # the engines run in their own process: this function runs there
+        return served.process.run(plan, emit, gone)
     ev = served.ev
     scheduler = served.schedulers[plan.engine]
     made = [_sequence(served, plan, i, emit, gone) for i in range(len(plan.choices))]
@@ -268,6 +273,18 @@ def run(served: Served, plan: Plan, emit=None, gone: threading.Event | None = No
         energy=energy,
     )
     return RunResult(results, measures)
+
+
+def energy_reading(served: Served) -> dict:
+    """The energy counter's reading now (GET /energy), or why there is none."""
+    if served.counter is None:
+        return {"method": "unavailable", "reason": served.counter_reason, "energy_j": None}
+    return {
+        "method": served.counter.method,
+        "energy_j": served.counter.read_j(),
+        "time_s": time.perf_counter(),
+        "idle_power_w": served.idle_power_w,
+    }
 
 
 def usage(plan: Plan, measures: Measures) -> dict:

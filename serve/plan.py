@@ -44,8 +44,8 @@ def _engine(served: Served, req: Sampling) -> str:
     engine = req.engine or models[req.model]
     if req.engine and req.model != served.name and req.engine != models[req.model]:
         raise ApiError(400, f"engine {req.engine!r} contradicts the model id {req.model!r}", "engine")
-    if engine not in served.schedulers:
-        known = ", ".join(served.schedulers)
+    if engine not in served.engines:
+        known = ", ".join(served.engines)
         why = f" ({served.unavailable[engine]})" if engine in served.unavailable else ""
         raise ApiError(400, f"engine {engine!r} is not served{why}; use one of: {known}", "engine")
     return engine
@@ -57,7 +57,7 @@ def _max_tokens(served: Served, req: Sampling) -> int:
         raise ApiError(
             400,
             f"max_tokens {n} is over this server's limit of {served.max_tokens_limit} (the model's context holds "
-            f"{served.ev.model.params.max_seq_len} tokens, prompt included)",
+            f"{served.max_seq_len} tokens, prompt included)",
             "max_tokens",
         )
     return n
@@ -66,14 +66,13 @@ def _max_tokens(served: Served, req: Sampling) -> int:
 def most_prompt_chars(served: Served, max_tokens: int) -> int:
     """The most characters a prompt can have and still fit the context beside ``max_tokens``: a token stands for
     at most max_token_bytes bytes (>= characters), with slack for normalisation."""
-    room = served.ev.model.params.max_seq_len - max_tokens
+    room = served.max_seq_len - max_tokens
     return (room + 16) * served.max_token_bytes * TOKENS_PER_CHAR_SLACK
 
 
 def encode_text(served: Served, text: str, max_tokens: int, truncate: bool, bos: bool = True) -> tuple[list[int], bool]:
     """The ids of a text prompt that fits the context beside ``max_tokens`` (its end kept if ``truncate``)."""
-    ev = served.ev
-    room = ev.model.params.max_seq_len - max_tokens
+    room = served.max_seq_len - max_tokens
     # A token stands for at most max_token_bytes bytes (>= characters), so a prompt with more characters than
     # room x that (x slack for normalisation) cannot fit: refuse it, or keep only its end, before tokenizing.
     most_chars = most_prompt_chars(served, max_tokens)
@@ -91,12 +90,12 @@ def encode_text(served: Served, text: str, max_tokens: int, truncate: bool, bos:
         raise ApiError(
             400, f"the prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt"
         ) from None
-    ids = ev.tokenizer.encode(text[-most_chars:] if cut else text, bos=bos and not cut)
+    ids = served.tokenizer.encode(text[-most_chars:] if cut else text, bos=bos and not cut)
     return fit_ids(served, ids, max_tokens, truncate, cut)
 
 
 def fit_ids(served: Served, ids: list[int], max_tokens: int, truncate: bool, cut: bool = False):
-    S = served.ev.model.params.max_seq_len
+    S = served.max_seq_len
     room = S - max_tokens
     if not ids:
         raise ApiError(400, "the prompt holds no tokens", "prompt")
@@ -145,7 +144,7 @@ def plan_completion(served: Served, req: CompletionRequest, received: float) -> 
         raise ApiError(400, str(e), "prompt") from None
     check_choices(len(prompts), req.n)  # before any prompt is tokenized
     ids, truncated = [], []
-    vocab = served.ev.tokenizer.vocab_size
+    vocab = served.tokenizer.vocab_size
     for p in prompts:
         if isinstance(p, str):
             x, t = encode_text(served, p, max_tokens, req.truncate_prompt)
@@ -173,7 +172,7 @@ def plan_chat(served: Served, req: ChatRequest, received: float) -> Plan:
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", "messages") from None
     chars = sum(len(m["content"]) for m in messages)
-    room = served.ev.model.params.max_seq_len - max_tokens
+    room = served.max_seq_len - max_tokens
     if chars > most_prompt_chars(served, max_tokens):
         raise ApiError(
             413, f"the messages have {chars:,} characters; at most {room} tokens fit the context", "messages"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +31,7 @@ class Scheduler:
         self.slots, self.lock = slots, lock
         self.batch = Batch(slots)
         self.waiting: deque[Sequence] = deque()
+        self.after_step: Callable[[], None] | None = None  # called after each step (serve/engine_process.py)
         self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"decode-{slots.name}", daemon=True)
         self.thread.start()
@@ -61,3 +63,5 @@ class Scheduler:
                     self.batch.step(admit)
                 except Exception as e:  # the engine failed: every sequence in the batch ends with the error
                     self.batch.fail_all(e, admit)
+            if self.after_step is not None:
+                self.after_step()

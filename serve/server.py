@@ -27,8 +27,10 @@ sequences run, and leave it when they end; each is decoded exactly as it would b
 checked against decoding alone at start-up). Engines that cannot batch (ONNX Runtime and OpenVINO with their
 batch-1 exports, transformers models with sliding-window layers) decode one sequence at a time, and say so on
 /health; ``--max-batch 1``
-asks the same of every engine. On a CPU the engines' operators use every core but one (``--threads``): the
-event loop, the text streams and HTTP keep the last. The time a request waited for a free slot is
+asks the same of every engine. The model and its engines run in a process of their own, as vLLM's engine core
+does (serve/engine_process.py; ``--no-engine-process`` keeps them in the server's), so the event loop and the
+decode step never wait for each other's hold on Python. On a CPU the engines' operators use every core but one
+(``--threads``): the event loop and HTTP keep the last. The time a request waited for a free slot is
 ``queue_ms``; ``batched`` says whether it shared steps with other sequences, and then its ``energy`` carries
 no figure, since the window's joules are not its own: ``GET /energy`` gives the counter's reading, from which
 the load client takes a whole run's J/token. Measurements, beside the OpenAI fields of
@@ -70,7 +72,8 @@ from common.load import cores
 from runtime.decoding import DECODE_ENGINES
 from runtime.loop import ClientGone
 from serve.api import ApiError, ChatRequest, CompletionRequest, Sampling
-from serve.engine import load_served, run
+from serve.engine import energy_reading, load_served, run
+from serve.engine_process import EngineGone, start_served
 from serve.plan import Plan, plan_chat, plan_completion
 from serve.responses import completion_body, stream
 from serve.served import Served
@@ -114,35 +117,42 @@ def add_info_routes(app: FastAPI, served: Served):
 
     @app.get("/health")
     def health():
+        cpu_s, process = sum(os.times()[:2]), {}
+        if served.process is not None:  # the engines' own process: its CPU seconds count as the server's
+            try:
+                cpu_s += served.process.status()["cpu_s"]
+                process = {"engine_process": {"pid": served.process.process.pid, "running": True}}
+            except Exception as e:
+                process = {"engine_process": {"pid": served.process.process.pid, "running": False, "why": str(e)}}
+        if served.process is not None:
+            energy = served.counter_reason  # the child's counter, as it said when it started
+        else:
+            energy = "unavailable: " + served.counter_reason if served.counter is None else served.counter.method
         return {
             # the server's own CPU seconds so far: a load client on this machine tells its load from others'
-            "process_cpu_s": sum(os.times()[:2]),
+            "process_cpu_s": cpu_s,
             "model": served.name,
             "models": served.models(),
-            "architecture": served.ev.architecture,
-            "engines": {n: sch.slots.note for n, sch in served.schedulers.items()},
-            "max_batch": {n: sch.slots.max_batch for n, sch in served.schedulers.items()},
+            "architecture": served.architecture,
+            "engines": {n: e.note for n, e in served.engines.items()},
+            "max_batch": {n: e.max_batch for n, e in served.engines.items()},
             "unavailable": served.unavailable,
-            "max_seq_len": served.ev.model.params.max_seq_len,
+            "max_seq_len": served.max_seq_len,
             "max_tokens_limit": served.max_tokens_limit,
             "chat_template": served.chat is not None,
-            "threads": torch.get_num_threads(),  # CPU threads of the engines' operators (--threads)
-            "energy": "unavailable: " + served.counter_reason if served.counter is None else served.counter.method,
-            **run_metadata(served.ev.device),
+            "threads": served.threads,  # CPU threads of the engines' operators (--threads)
+            "energy": energy,
+            **process,
+            **(served.process.ready.metadata if served.process else run_metadata(served.device)),
         }
 
     @app.get("/energy")
     def energy():
         """The energy counter's reading now (joules since an arbitrary start), for a load client to take the
         energy of a whole run (J/token of a batched server) from two readings; or why there is none."""
-        if served.counter is None:
-            return {"method": "unavailable", "reason": served.counter_reason, "energy_j": None}
-        return {
-            "method": served.counter.method,
-            "energy_j": served.counter.read_j(),
-            "time_s": time.perf_counter(),
-            "idle_power_w": served.idle_power_w,
-        }
+        if served.process is not None:
+            return served.process.status()["energy"]
+        return energy_reading(served)
 
     @app.get("/v1/models")
     def models():
@@ -154,7 +164,7 @@ def add_info_routes(app: FastAPI, served: Served):
                 "created": served.created,
                 "owned_by": "perhead-llama",
                 "engine": engine,
-                "max_model_len": served.ev.model.params.max_seq_len,
+                "max_model_len": served.max_seq_len,
             }
             | ({"alias_of": f"{served.name}:{default}"} if mid == served.name else {})
             for mid, engine in served.models().items()
@@ -185,6 +195,8 @@ def add_completion_routes(app: FastAPI, served: Served):
             result = task.result()
         except ClientGone:
             return Response(status_code=499)  # nobody is there to read it
+        except EngineGone as e:  # the engines' process died: nothing is served until the server restarts
+            raise ApiError(503, str(e)) from None
         finally:
             gone.set()
         return completion_body(served, plan, result, chat)
@@ -220,6 +232,7 @@ class Args:
     served_model_name: str | None = None  # the model id clients name (default: the checkpoint's name)
     max_batch: int = 8  # sequences an engine decodes together (continuous batching); 1: one at a time
     threads: int | None = None  # CPU threads for the engines' operators (default: the cores less one, at least 1)
+    engine_process: bool = True  # the model and its engines in a process of their own (--no-engine-process: here)
 
     def __post_init__(self):
         keys = ("port", "max_tokens_limit", "max_body_bytes", "request_timeout", "max_connections", "max_batch")
@@ -246,16 +259,11 @@ def main(argv=None):
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
-    served = load_served(
-        a.checkpoint,
-        a.engines,
-        a.device,
-        a.max_tokens_limit,
-        a.workdir,
-        a.served_model_name,
-        a.max_batch,
-        a.max_connections,
-    )
+    load = (a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch)
+    if a.engine_process:
+        served = start_served(*load, a.max_connections, engine_threads(a.threads), SWITCH_INTERVAL_S)
+    else:
+        served = load_served(*load, a.max_connections)
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
     create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
