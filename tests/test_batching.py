@@ -475,14 +475,19 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(1, 300, (int(k),), generator=g).tolist() for k in torch.randint(2, 40, (n,), generator=g)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2", "starcoder2"])
-def test_a_hugging_face_batch_decodes_each_sequence_as_transformers_generate(arch, hf_models):
+@pytest.mark.parametrize(
+    "arch, attention",
+    [("llama", "sdpa"), ("gpt_neox", "sdpa"), ("gpt2", "sdpa"), ("starcoder2", "sdpa"), ("llama", "eager")],
+)
+def test_a_hugging_face_batch_decodes_each_sequence_as_transformers_generate(arch, attention, hf_models):
     """Twelve prompts of 2 to 40 tokens joining eight slots two steps apart and leaving at different steps: every
-    continuation equals transformers' own greedy ``generate`` of that prompt alone, token for token."""
+    continuation equals transformers' own greedy ``generate`` of that prompt alone, token for token (each step's
+    4D mask prepared here, boolean for SDPA and additive for eager attention)."""
     from runtime.batching import HFSlots, build_slots
     from runtime.loading import load_model
 
     ev = load_model(str(hf_models[arch]), "cpu", "float32")
+    ev.model.hf.set_attn_implementation(attention)
     slots = build_slots(TorchDecoder(ev.model, ev.device), ev.model, ev.device, 8)
     assert isinstance(slots, HFSlots) and slots.max_batch == 8 and "continuous batching" in slots.note
     prompts = _prompts(12)
