@@ -33,7 +33,6 @@ from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, TorchDecoder, own_view
 from runtime.engines import DeviceSteps, Slots
 
-
 # transformers families whose forward takes a prepared 4D attention mask as it is and reads positions from
 # position_ids alone (tested against their own generate); others (ALiBi models compute positions from the 2D
 # mask) get the 2D mask.
