@@ -26,6 +26,10 @@ class Capabilities:
     export: bool  # exports through torch.export (ONNX Runtime / OpenVINO decoding, AOTInductor)
     trainable: bool  # this project's trainer trains it (recovery after compression: compress/recover.py)
     structured_pruning: bool  # whole heads and MLP channels can be removed (compress.structured)
+    # a transformers model whose forward takes a prepared 4D attention mask as it is (masking_utils passes one
+    # on unchanged) and reads positions from position_ids alone (not ALiBi from the 2D mask): runtime.batching
+    # hands each batched step its mask so (tested against the family's own generate)
+    prepared_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class Transformers(Family):
         save_hf(model, tokenizer, out)
 
 
-_HF = Capabilities(static_cache=False, export=False, trainable=True, structured_pruning=True)
+_HF = Capabilities(static_cache=False, export=False, trainable=True, structured_pruning=True, prepared_mask=True)
 _LLAMA_ATTENTION = {"q": "self_attn.q_proj", "kv": ("self_attn.k_proj", "self_attn.v_proj"), "o": "self_attn.o_proj"}
 
 FAMILIES = {

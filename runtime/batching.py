@@ -33,11 +33,6 @@ from runtime.compile import compiled as compiled_fn
 from runtime.decoding import Decoder, TorchDecoder, own_view
 from runtime.engines import DeviceSteps, Slots
 
-# transformers families whose forward takes a prepared 4D attention mask as it is and reads positions from
-# position_ids alone (tested against their own generate); others (ALiBi models compute positions from the 2D
-# mask) get the 2D mask.
-PREPARED_MASK_FAMILIES = ("llama", "gpt_neox", "gpt2", "starcoder2")
-
 
 def _bucket(n: int, most: int) -> int:
     """The batch size a step of ``n`` sequences runs at: the next power of two (at most ``most``), so that a
@@ -192,7 +187,7 @@ class HFSlots(Slots):
         4D mask from a 2D one at every step (masking_utils), about a tenth of a step at batch 8 of a small model
         (2.2 ms against 2.0 here); a prepared one it passes on unchanged."""
         impl = getattr(self.hf.config, "_attn_implementation", None)
-        if self.model.family not in PREPARED_MASK_FAMILIES or impl not in ("sdpa", "eager"):
+        if not capabilities(self.model).prepared_mask or impl not in ("sdpa", "eager"):
             return valid
         keep = valid.bool()[:, None, None, :]
         if impl == "sdpa":  # a boolean mask: True where a key is seen

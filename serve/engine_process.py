@@ -19,23 +19,28 @@ A child that dies (killed, out of memory) fails the requests in flight and every
 error naming its exit code (503), and /health says so; the child leaves when the server's end of the pipe
 closes (the server exited, however), and ignores Ctrl-C, which the server handles.
 
-Written by hand: multiprocessing's Pipe is the transport (pickled dataclasses); a library such as ZeroMQ
-(vLLM's) would add a dependency for what one pipe between two processes does here.
+The child is a fresh interpreter (``python -m serve.engine_process``, started by ``subprocess``), not a
+multiprocessing child: a spawned one would run the caller's main script again, and a forked one would inherit
+a started torch (CUDA cannot be forked). Written by hand: the transport is a socket pair read and written by
+multiprocessing's ``Connection`` (pickled dataclasses); a library such as ZeroMQ (vLLM's) would add a
+dependency for what one pipe between two processes does here.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
+import json
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 import threading
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -154,8 +159,11 @@ class _Child:
         while True:
             try:
                 kind, rid, *rest = self.conn.recv()
-            except (EOFError, OSError):  # the server is gone: so is this process
-                os._exit(0)
+            except (EOFError, OSError):  # the server is gone: its requests stop, and this process ends
+                for gone in list(self.cancels.values()):
+                    gone.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                return
             if kind == "run":
                 self.cancels[rid] = threading.Event()
                 pool.submit(self.run, served, rid, rest[0], rest[1], self.cancels[rid])
@@ -201,13 +209,16 @@ class EngineProcess:
     requests in it (``run``, as serve.engine.run) and reads its state (``status``)."""
 
     def __init__(self, load: dict, threads: int, switch_interval_s: float):
-        ctx = multiprocessing.get_context("spawn")  # never fork: the child starts its own torch (CUDA included)
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=engine_main, args=(child, load, threads, switch_interval_s), name="engines", daemon=True
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[1])  # the project, importable wherever the server was started
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        args = [str(theirs.fileno()), json.dumps(load), str(threads), str(switch_interval_s)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serve.engine_process", *args], pass_fds=(theirs.fileno(),), env=env
         )
-        self.process.start()
-        child.close()
+        theirs.close()
+        self.socket = ours  # shut down by ``close``: closing a descriptor another thread reads would not end it
+        self.conn = Connection(os.dup(ours.fileno()))
         self.ready = self._wait_ready()
         self.send_lock, self.ids = threading.Lock(), itertools.count()
         self.waiting: dict[int, _Waiting] = {}
@@ -216,15 +227,14 @@ class EngineProcess:
 
     def _wait_ready(self) -> Ready:
         while not self.conn.poll(START_POLL_S):
-            if not self.process.is_alive():
-                raise UserError(f"the engine process ended while starting (exit code {self.process.exitcode})")
+            if self.process.poll() is not None:
+                raise UserError(f"the engine process ended while starting (exit code {self.process.returncode})")
         try:
             kind, what = self.conn.recv()
         except (EOFError, OSError):
-            self.process.join(5)
-            raise UserError(f"the engine process ended while starting (exit code {self.process.exitcode})") from None
+            raise UserError(f"the engine process ended while starting (exit code {self._exit_code()})") from None
         if kind != "ready":
-            self.process.join(5)
+            self._exit_code()
             raise what
         return what
 
@@ -262,11 +272,15 @@ class EngineProcess:
             waiting.left = True
             self._cancel(rid)
 
+    def _exit_code(self) -> int | None:
+        """The child's exit code once it has ended (waited for up to 5 s), else None."""
+        try:
+            return self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
     def _why_ended(self) -> str:
-        deadline = time.monotonic() + 5  # its exit code, once the system has it (another thread may reap it)
-        while self.process.exitcode is None and time.monotonic() < deadline:
-            self.process.join(0.1)
-        return f"the engine process ended (exit code {self.process.exitcode}); restart the server"
+        return f"the engine process ended (exit code {self._exit_code()}); restart the server"
 
     def _cancel(self, rid: int) -> None:
         try:
@@ -310,11 +324,18 @@ class EngineProcess:
         return self._call("status")
 
     def close(self) -> None:
-        """End the child: its end of the pipe closes and it exits."""
+        """End the child: its end of the pipe closes, its requests stop and it exits (killed after 10 s)."""
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # the child reads the end of its pipe; so does the reader here
+        except OSError:
+            pass  # the child already ended
         self.conn.close()
-        self.process.join(10)
-        if self.process.is_alive():
+        self.socket.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 def start_served(
@@ -336,7 +357,7 @@ def start_served(
         "engines": engines,
         "device": device,
         "max_tokens_limit": max_tokens_limit,
-        "workdir": workdir,
+        "workdir": None if workdir is None else str(workdir),
         "name": name,
         "max_batch": max_batch,
         "max_connections": max_connections,
@@ -367,3 +388,10 @@ def start_served(
         threads=ready.threads,
         process=process,
     )
+
+
+if __name__ == "__main__":  # the child: python -m serve.engine_process <fd> <load as JSON> <threads> <interval>
+    from serve import engine_process  # this module by its own name: what it sends unpickles in the server
+
+    fd, load, threads, interval = sys.argv[1:]
+    engine_process.engine_main(Connection(int(fd)), json.loads(load), int(threads), float(interval))

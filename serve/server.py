@@ -266,7 +266,11 @@ def main(argv=None):
         served = load_served(*load, a.max_connections)
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)
-    create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
+    try:
+        create_server(app, a.host, a.port, a.request_timeout, a.max_connections).run()
+    finally:
+        if served.process is not None:  # the engines' process ends with the server (its pipe closes)
+            served.process.close()
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def test_a_child_that_dies_fails_its_requests_with_503_in_one_line_and_health_sa
         with serving(create_app(served)) as url:
             assert _post(url, {"prompt": "import os\n", "max_tokens": 3})["tokens_out"] > 0
             os.kill(served.process.process.pid, signal.SIGKILL)
-            served.process.process.join(10)
+            served.process.process.wait(10)
             r = httpx.post(url + "/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 3})
             assert r.status_code == 503
             message = r.json()["error"]["message"]
@@ -187,3 +187,22 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_this_projects_checkpoint_is_served_apart_as_here(trained_checkpoint, tmp_path):
+    """A checkpoint of this project (per-head layers, its SentencePiece tokenizer) through the engine process:
+    /health and the answers (greedy, streamed, a stop string) as the engines in the server's own process."""
+    ckpt = str(trained_checkpoint)
+    served = start_served(ckpt, ["torch"], "cpu", 16, tmp_path / "a", max_batch=4, threads=1)
+    here = load_served(ckpt, ["torch"], "cpu", 16, tmp_path / "b", max_batch=4)
+    try:
+        with serving(create_app(served)) as url, serving(create_app(here)) as url_here:
+            a, b = (httpx.get(u + "/health", trust_env=False).json() for u in (url, url_here))
+            same = ("model", "models", "architecture", "engines", "max_batch", "max_seq_len", "max_tokens_limit")
+            assert {k: a[k] for k in same} == {k: b[k] for k in same} and a["architecture"] == "perhead-llama"
+            for body in ({"prompt": "def add(a, b):\n", "max_tokens": 12}, {"prompt": "import", "stop": ["\n"]}):
+                body = body | {"model": "t"}
+                assert _post(url, body)["choices"] == _post(url_here, body)["choices"]
+                assert _streamed(url, body)[0] == _post(url_here, body)["choices"][0]["text"]
+    finally:
+        served.process.close()
