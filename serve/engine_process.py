@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from serve.transport import MAX_CONNECTIONS
 
 START_POLL_S = 0.5  # how often the server looks whether a starting child is still alive
 WAIT_POLL_S = 0.05  # how often a waiting request looks whether its client left
+STATUS_TIMEOUT_S = 5.0  # /health and /energy wait this long for the child's answer
 
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError)  # bad input, not a bug
@@ -196,7 +198,8 @@ def _status(served: Served) -> dict:
 
 
 class _Waiting:
-    """A request in the child: where its events go, and its result or error once it ends."""
+    """The server's record of a call running in the child: where its events go, whether its client left, and
+    its result or error once it ends."""
 
     def __init__(self, emit):
         self.emit, self.left = emit, False
@@ -219,7 +222,11 @@ class EngineProcess:
         theirs.close()
         self.socket = ours  # shut down by ``close``: closing a descriptor another thread reads would not end it
         self.conn = Connection(os.dup(ours.fileno()))
-        self.ready = self._wait_ready()
+        try:
+            self.ready = self._wait_ready()
+        except BaseException:  # it failed, or Ctrl-C while it started: nothing of it is left behind
+            self.close()
+            raise
         self.send_lock, self.ids = threading.Lock(), itertools.count()
         self.waiting: dict[int, _Waiting] = {}
         self.ended: str | None = None  # why the child is gone, once it is
@@ -288,7 +295,7 @@ class EngineProcess:
         except OSError:
             pass  # the child is gone: the reader fails the request
 
-    def _call(self, kind: str, payload=(), emit=None, gone: threading.Event | None = None):
+    def _call(self, kind: str, payload=(), emit=None, gone: threading.Event | None = None, timeout_s=None):
         if self.ended:
             raise EngineGone(self.ended)
         rid = next(self.ids)
@@ -298,8 +305,10 @@ class EngineProcess:
                 self._send((kind, rid, *payload))
             except OSError:
                 raise EngineGone(self.ended or self._why_ended()) from None
-            cancelled = False
+            cancelled, deadline = False, None if timeout_s is None else time.monotonic() + timeout_s
             while not waiting.done.wait(WAIT_POLL_S):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the engine process did not answer in {timeout_s:g} s")
                 if self.ended:  # the reader saw the child end (and may have failed the others before this one)
                     raise EngineGone(self.ended)
                 if not cancelled and (waiting.left or (gone is not None and gone.is_set())):
@@ -320,8 +329,8 @@ class EngineProcess:
 
     def status(self) -> dict:
         """The child's CPU seconds, its energy counter's reading and each engine's sequences running, largest
-        batch and tokens decoded so far."""
-        return self._call("status")
+        batch and tokens decoded so far (TimeoutError if it does not answer in STATUS_TIMEOUT_S)."""
+        return self._call("status", timeout_s=STATUS_TIMEOUT_S)
 
     def close(self) -> None:
         """End the child: its end of the pipe closes, its requests stop and it exits (killed after 10 s)."""

@@ -119,11 +119,14 @@ def add_info_routes(app: FastAPI, served: Served):
     def health():
         cpu_s, process = sum(os.times()[:2]), {}
         if served.process is not None:  # the engines' own process: its CPU seconds count as the server's
+            pid = served.process.process.pid
             try:
                 cpu_s += served.process.status()["cpu_s"]
-                process = {"engine_process": {"pid": served.process.process.pid, "running": True}}
-            except Exception as e:
-                process = {"engine_process": {"pid": served.process.process.pid, "running": False, "why": str(e)}}
+                process = {"engine_process": {"pid": pid, "state": "running"}}
+            except EngineGone as e:
+                process = {"engine_process": {"pid": pid, "state": "ended", "why": str(e)}}
+            except TimeoutError as e:
+                process = {"engine_process": {"pid": pid, "state": "not answering", "why": str(e)}}
         if served.process is not None:
             energy = served.counter_reason  # the child's counter, as it said when it started
         else:

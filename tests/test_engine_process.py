@@ -80,7 +80,7 @@ def test_concurrent_requests_decode_together_in_the_child_as_transformers_genera
     state = served.process.status()
     assert state["engines"]["torch"]["largest_batch"] >= 4 and state["engines"]["torch"]["running"] == 0
     health = httpx.get(url + "/health", trust_env=False).json()
-    assert health["engine_process"] == {"pid": served.process.process.pid, "running": True}
+    assert health["engine_process"] == {"pid": served.process.process.pid, "state": "running"}
     assert health["engines"] == httpx.get(apart[3] + "/health", trust_env=False).json()["engines"]
     assert health["max_seq_len"] == 128 and health["threads"] == 1
     assert health["process_cpu_s"] > state["cpu_s"]  # the child's CPU seconds count as the server's
@@ -130,11 +130,24 @@ def test_a_client_that_leaves_stops_its_decoding_in_the_child(apart):
     assert _post(url, {"prompt": "import os\n", "max_tokens": 4})["tokens_out"] > 0
 
 
-def test_a_child_that_dies_fails_its_requests_with_503_in_one_line_and_health_says_so(hf_models, tmp_path):
+def test_a_child_that_dies_fails_its_requests_with_503_in_one_line_and_health_says_so(hf_models, tmp_path, monkeypatch):
+    """A stopped child: /health says it does not answer (and answers itself); a killed one: 503 in one line
+    naming its exit code, and /health says it ended."""
+    from serve import engine_process
+
+    monkeypatch.setattr(engine_process, "STATUS_TIMEOUT_S", 0.5)
     served = start_served(str(hf_models["llama"]), ["torch"], "cpu", 16, tmp_path, max_batch=4, threads=1)
     try:
         with serving(create_app(served)) as url:
             assert _post(url, {"prompt": "import os\n", "max_tokens": 3})["tokens_out"] > 0
+            os.kill(served.process.process.pid, signal.SIGSTOP)
+            try:
+                health = httpx.get(url + "/health", trust_env=False, timeout=30).json()
+                assert health["engine_process"]["state"] == "not answering", health["engine_process"]
+            finally:
+                os.kill(served.process.process.pid, signal.SIGCONT)
+            health = httpx.get(url + "/health", trust_env=False, timeout=30).json()
+            assert health["engine_process"]["state"] == "running"
             os.kill(served.process.process.pid, signal.SIGKILL)
             served.process.process.wait(10)
             r = httpx.post(url + "/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 3})
@@ -142,7 +155,7 @@ def test_a_child_that_dies_fails_its_requests_with_503_in_one_line_and_health_sa
             message = r.json()["error"]["message"]
             assert "engine process ended (exit code -9)" in message and "\n" not in message
             health = httpx.get(url + "/health", trust_env=False).json()
-            assert health["engine_process"]["running"] is False and "exit code -9" in health["engine_process"]["why"]
+            assert health["engine_process"]["state"] == "ended" and "exit code -9" in health["engine_process"]["why"]
     finally:
         served.process.close()
 
