@@ -117,6 +117,33 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
     assert d.mode == "compile" and d.ms_per_token.n == 2
 
 
+def test_a_compiled_one_row_linear_is_a_product_and_a_sum_and_equals_f_linear():
+    """Under OneRowLinear (what ``compiled`` wraps a CPU step in) dynamo traces a linear layer of one row as a
+    product and a sum, which Inductor fuses into one pass over the weight; a linear of several rows, or under
+    autocast, stays F.linear. The values: F.linear's up to summation order."""
+    from runtime.compile import OneRowLinear
+
+    graphs = []
+
+    def capture(gm, inputs):  # the traced graph's operations, then run it as it is
+        graphs.append({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes})
+        return gm.forward
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+    step = torch.compile(lambda x: lin(x) * 2, backend=capture, dynamic=False)
+    with torch.no_grad(), OneRowLinear():
+        one, three = step(x1), step(x3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step(x1)
+    assert "linear" not in graphs[0] and {"mul", "sum"} <= graphs[0], graphs[0]
+    assert "linear" in graphs[1] and "linear" in graphs[2]  # three rows; autocast
+    with torch.no_grad():
+        torch.testing.assert_close(one, lin(x1) * 2, atol=1e-5, rtol=1e-5)
+        assert torch.equal(three, lin(x3) * 2)
+
+
 def test_cudagraphs_mode_needs_cuda(model):
     with pytest.raises(ValueError, match="needs CUDA"):
         time_decode(model, batch=1, context_len=8, n_tokens=2, mode="compile+cudagraphs")
