@@ -28,6 +28,7 @@ dependency for what one pipe between two processes does here.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -49,9 +50,8 @@ import torch
 from common.cli import UserError, failure, silence_known_noise
 from common.hardware import run_metadata
 from runtime.loop import ClientGone
-from serve.engine import DEFAULT_MAX_BATCH, energy_reading, load_served, run
+from serve.engine import energy_reading, load_served, run
 from serve.served import EngineInfo, Served
-from serve.transport import MAX_CONNECTIONS
 
 START_POLL_S = 0.5  # how often the server looks whether a starting child is still alive
 WAIT_POLL_S = 0.05  # how often a waiting request looks whether its client left
@@ -347,30 +347,16 @@ class EngineProcess:
             self.process.wait()
 
 
-def start_served(
-    checkpoint: str,
-    engines: list[str],
-    device: str,
-    max_tokens_limit: int,
-    workdir: Path | None,
-    name: str | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_connections: int = MAX_CONNECTIONS,
-    threads: int = 1,
-    switch_interval_s: float = 0.005,
-) -> Served:
-    """``load_served``'s model and engines in a process of their own (serve/engine_process.py), ``threads``
-    CPU threads for their operators; the ``Served`` returned holds what HTTP needs and runs requests there."""
-    load = {
-        "checkpoint": checkpoint,
-        "engines": engines,
-        "device": device,
-        "max_tokens_limit": max_tokens_limit,
-        "workdir": None if workdir is None else str(workdir),
-        "name": name,
-        "max_batch": max_batch,
-        "max_connections": max_connections,
-    }
+def start_served(*args, threads: int = 1, switch_interval_s: float = 0.005, **kwargs) -> Served:
+    """``load_served(*args, **kwargs)``'s model and engines in a process of their own, with ``threads`` CPU threads
+    for their operators; the ``Served`` returned holds what HTTP needs and runs requests there."""
+    try:
+        bound = inspect.signature(load_served).bind(*args, **kwargs)
+    except TypeError as e:  # the same arguments load_served takes, checked here before a process starts
+        raise TypeError(f"start_served takes load_served's arguments: {e}") from None
+    bound.apply_defaults()
+    load = dict(bound.arguments)
+    load["workdir"] = None if load["workdir"] is None else str(load["workdir"])  # sent as JSON
     process = EngineProcess(load, threads, switch_interval_s)
     ready = process.ready
     kind, path = ready.tokenizer
@@ -385,7 +371,7 @@ def start_served(
         ready.unavailable,
         ready.max_tokens_limit,
         ready.max_token_bytes,
-        max_connections=max_connections,
+        max_connections=load["max_connections"],
         counter_reason=ready.energy,
         idle_power_w=ready.idle_power_w,
         name=ready.name,

@@ -264,7 +264,8 @@ def main(argv=None):
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
     load = (a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch)
     if a.engine_process:
-        served = start_served(*load, a.max_connections, engine_threads(a.threads), SWITCH_INTERVAL_S)
+        threads = engine_threads(a.threads)
+        served = start_served(*load, a.max_connections, threads=threads, switch_interval_s=SWITCH_INTERVAL_S)
     else:
         served = load_served(*load, a.max_connections)
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")

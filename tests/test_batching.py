@@ -551,7 +551,7 @@ def test_eight_concurrent_requests_to_a_hugging_face_folder_decode_together_as_g
     import json
 
     from serve.server import create_app, load_served
-    from tests.test_serve import serving
+    from tests.test_serve import completions_at_once, serving
 
     served = load_served(str(hf_models["llama"]), ["torch"], "cpu", 24, tmp_path, max_batch=8)
     tok, hf = served.ev.tokenizer, served.ev.model.hf
@@ -559,18 +559,8 @@ def test_eight_concurrent_requests_to_a_hugging_face_folder_decode_together_as_g
     with serving(create_app(served)) as url:
         health = httpx.get(url + "/health", trust_env=False).json()
         assert "continuous batching of up to 8" in json.dumps(health)
-
-        async def one(client, prompt):
-            body = {"model": "llama", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1}
-            r = await client.post(url + "/v1/completions", json=body)
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        async def all_of_them():
-            async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
-                return await asyncio.gather(*(one(client, p) for p in prompts))
-
-        answers = asyncio.run(all_of_them())
+        body = {"model": "llama", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+        answers = completions_at_once(url, [body | {"prompt": p} for p in prompts])
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tok.encode(prompt)
         out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id)

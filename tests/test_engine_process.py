@@ -4,7 +4,6 @@ decoding in the child, and a child that dies or a server that dies leaves nothin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import torch
 from serve.engine import load_served
 from serve.engine_process import start_served
 from serve.server import create_app
-from tests.test_serve import serving
+from tests.test_serve import completions_at_once, serving
 
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Stack:\n", "x = [", "for i in", "# a", "if x", "y = {"]
 
@@ -60,17 +59,8 @@ def test_concurrent_requests_decode_together_in_the_child_as_transformers_genera
     served, url, here, _ = apart
     hf, tok = here.ev.model.hf, here.ev.tokenizer
 
-    async def one(client, prompt):
-        body = {"model": "llama", "prompt": prompt, "max_tokens": 12, "temperature": 0}
-        r = await client.post(url + "/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    async def all_of_them():
-        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
-            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
-
-    answers = asyncio.run(all_of_them())
+    body = {"model": "llama", "max_tokens": 12, "temperature": 0}
+    answers = completions_at_once(url, [body | {"prompt": p} for p in PROMPTS])
     for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = tok.encode(prompt)
         out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id)

@@ -42,6 +42,22 @@ def serving(app, request_timeout_s: float = 10.0):
         thread.join(timeout=10)
 
 
+def completions_at_once(url: str, bodies: list[dict]) -> list[dict]:
+    """Each body posted to /v1/completions at the same time (one asyncio client); their answers, in order."""
+    import asyncio
+
+    async def one(client, body):
+        r = await client.post(url + "/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            return await asyncio.gather(*(one(client, body) for body in bodies))
+
+    return asyncio.run(all_of_them())
+
+
 @pytest.fixture(scope="module")
 def served(trained_checkpoint, tmp_path_factory):
     export = tmp_path_factory.mktemp("export")
