@@ -50,7 +50,7 @@ class Served:
     device: str = ""
     engines: dict[str, EngineInfo] = field(default_factory=dict)  # engine -> what /health says of it
     threads: int = 0  # CPU threads of the engines' operators
-    process: object = None  # serve.engine_process.EngineProcess: the engines' own process, where they run there
+    process: object = None  # serve.engine_process.EngineProcess where the engines run apart (None: here)
 
     def __post_init__(self):
         ev = self.ev
