@@ -117,11 +117,11 @@ def test_compile_mode_decodes_like_eager_on_cpu(model):
     assert d.mode == "compile" and d.ms_per_token.n == 2
 
 
-def test_a_compiled_one_row_linear_is_a_product_and_a_sum_and_equals_f_linear():
-    """Under OneRowLinear (what ``compiled`` wraps a CPU step in) dynamo traces a linear layer of one row as a
-    product and a sum, which Inductor fuses into one pass over the weight; a linear of several rows, or under
+def test_a_compiled_linear_of_a_few_rows_is_a_product_and_a_sum_and_equals_f_linear():
+    """Under FewRowsLinear (what ``compiled`` wraps a CPU step in) dynamo traces a linear layer of 1 to 8 rows
+    as a product and a sum, which Inductor fuses into one pass over the weight; a linear of more rows, or under
     autocast, stays F.linear. The values: F.linear's up to summation order."""
-    from runtime.compile import OneRowLinear
+    from runtime.compile import FEW_ROWS, FewRowsLinear
 
     graphs = []
 
@@ -131,17 +131,20 @@ def test_a_compiled_one_row_linear_is_a_product_and_a_sum_and_equals_f_linear():
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+    xs = [torch.randn(1, 1, 64), torch.randn(2, FEW_ROWS // 2, 64), torch.randn(1, FEW_ROWS + 1, 64)]
     step = torch.compile(lambda x: lin(x) * 2, backend=capture, dynamic=False)
-    with torch.no_grad(), OneRowLinear():
-        one, three = step(x1), step(x3)
+    with torch.no_grad(), FewRowsLinear():
+        outs = [step(x) for x in xs]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            step(x1)
-    assert "linear" not in graphs[0] and {"mul", "sum"} <= graphs[0], graphs[0]
-    assert "linear" in graphs[1] and "linear" in graphs[2]  # three rows; autocast
+            step(xs[0])
+    assert FEW_ROWS == 8
+    for g in graphs[:2]:  # one row; FEW_ROWS rows in two sequences
+        assert "linear" not in g and {"mul", "sum"} <= g, g
+    assert "linear" in graphs[2] and "linear" in graphs[3]  # FEW_ROWS + 1 rows; autocast
     with torch.no_grad():
-        torch.testing.assert_close(one, lin(x1) * 2, atol=1e-5, rtol=1e-5)
-        assert torch.equal(three, lin(x3) * 2)
+        for x, out in zip(xs[:2], outs, strict=False):
+            torch.testing.assert_close(out, lin(x) * 2, atol=1e-5, rtol=1e-5)
+        assert torch.equal(outs[2], lin(xs[2]) * 2)
 
 
 def test_cudagraphs_mode_needs_cuda(model):
