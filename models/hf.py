@@ -245,6 +245,14 @@ class HFModel(nn.Module):
         kinds = {type(layer).__name__ for layer in DynamicCache(config=self.hf.config).layers}
         return sorted(kinds - {"DynamicLayer"})
 
+    def additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean 4-D mask (True where a query may attend) as transformers' eager attention takes one as it is:
+        added to the scores, 0 or the dtype's lowest value, in the model's dtype."""
+        dtype = self.hf.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
     def clear_caches(self):
         self.cache = None
 
@@ -267,11 +275,8 @@ class HFModel(nn.Module):
         kept = {"logits_to_keep": 1} if last_only else {} if keep is None else {"logits_to_keep": keep}
         if self.cache is None and mask is None:
             return self.hf(input_ids=tokens, use_cache=False, **kept).logits
-        if self.cache is None:  # transformers takes a 4-D mask as given: additive, in the model's dtype
-            dtype = self.hf.dtype
-            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min
-            )
+        if self.cache is None:  # transformers takes a 4-D mask as given
+            additive = self.additive_mask(mask)
             positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(tokens.shape[0], -1)
             return self.hf(
                 input_ids=tokens, attention_mask=additive, position_ids=positions, use_cache=False, **kept

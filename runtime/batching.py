@@ -190,10 +190,7 @@ class HFSlots(Slots):
         if not capabilities(self.model).prepared_mask or impl not in ("sdpa", "eager"):
             return valid
         keep = valid.bool()[:, None, None, :]
-        if impl == "sdpa":  # a boolean mask: True where a key is seen
-            return keep
-        dtype = self.hf.dtype  # eager attention adds its mask to the scores
-        return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        return keep if impl == "sdpa" else self.model.additive_mask(keep)  # SDPA takes it boolean as it is
 
     def _forward(self, ids: torch.Tensor, cache, mask: torch.Tensor | None, positions: torch.Tensor):
         out = self.hf(

@@ -48,14 +48,14 @@ class FewRowsLinear(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            rows = x.shape[:-1].numel()
             if (
-                x.shape[:-1].numel() <= FEW_ROWS
+                rows <= FEW_ROWS
                 and type(weight) in (torch.Tensor, torch.nn.Parameter)
                 and weight.is_floating_point()
                 and weight.dtype == x.dtype
                 and not torch.is_autocast_enabled(x.device.type)
             ):
-                rows = x.shape[:-1].numel()
                 y = (weight * x.reshape(rows, 1, -1)).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
                 return y if bias is None else y + bias
         return func(*args, **kwargs)

@@ -126,7 +126,7 @@ def _ready(served: Served) -> Ready:
         max_token_bytes=served.max_token_bytes,
         threads=torch.get_num_threads(),
         idle_power_w=served.idle_power_w,
-        energy=served.counter.method if served.counter else "unavailable: " + served.counter_reason,
+        energy=served.energy_method,
         metadata=run_metadata(served.ev.device),
     )
 
@@ -372,7 +372,7 @@ def start_served(*args, threads: int = 1, switch_interval_s: float = 0.005, **kw
         ready.max_tokens_limit,
         ready.max_token_bytes,
         max_connections=load["max_connections"],
-        counter_reason=ready.energy,
+        energy_method=ready.energy,
         idle_power_w=ready.idle_power_w,
         name=ready.name,
         tokenizer=tokenizer,

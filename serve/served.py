@@ -50,6 +50,7 @@ class Served:
     device: str = ""
     engines: dict[str, EngineInfo] = field(default_factory=dict)  # engine -> what /health says of it
     threads: int = 0  # CPU threads of the engines' operators
+    energy_method: str = ""  # what /health says of energy: the counter's method, or "unavailable: <why>"
     process: object = None  # serve.engine_process.EngineProcess where the engines run apart (None: here)
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class Served:
             self.max_seq_len = self.max_seq_len or ev.model.params.max_seq_len
             self.architecture = self.architecture or ev.architecture
             self.device = self.device or str(ev.device)
+        if not self.energy_method:
+            self.energy_method = self.counter.method if self.counter else f"unavailable: {self.counter_reason}"
         if not self.engines:
             self.engines = {n: EngineInfo(s.slots.note, s.slots.max_batch) for n, s in self.schedulers.items()}
         self.requests = ThreadPoolExecutor(self.max_connections, "request")

@@ -127,10 +127,6 @@ def add_info_routes(app: FastAPI, served: Served):
                 process = {"engine_process": {"pid": pid, "state": "ended", "why": str(e)}}
             except TimeoutError as e:
                 process = {"engine_process": {"pid": pid, "state": "not answering", "why": str(e)}}
-        if served.process is not None:
-            energy = served.counter_reason  # the child's counter, as it said when it started
-        else:
-            energy = "unavailable: " + served.counter_reason if served.counter is None else served.counter.method
         return {
             # the server's own CPU seconds so far: a load client on this machine tells its load from others'
             "process_cpu_s": cpu_s,
@@ -144,7 +140,7 @@ def add_info_routes(app: FastAPI, served: Served):
             "max_tokens_limit": served.max_tokens_limit,
             "chat_template": served.chat is not None,
             "threads": served.threads,  # CPU threads of the engines' operators (--threads)
-            "energy": energy,
+            "energy": served.energy_method,
             **process,
             **(served.process.ready.metadata if served.process else run_metadata(served.device)),
         }
@@ -258,15 +254,15 @@ def main(argv=None):
     # ready on one side waits up to 5 ms for the other to let go (measured: 8 streams on a 2-core CPU gave
     # ~20% more tokens/s at 0.5 ms).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    torch.set_num_threads(engine_threads(a.threads))
+    threads = engine_threads(a.threads)
     unknown = [e for e in a.engines if e not in DECODE_ENGINES]
     if unknown:
         raise UserError(f"unknown engine(s) {unknown}; use any of {DECODE_ENGINES}")
     load = (a.checkpoint, a.engines, a.device, a.max_tokens_limit, a.workdir, a.served_model_name, a.max_batch)
     if a.engine_process:
-        threads = engine_threads(a.threads)
         served = start_served(*load, a.max_connections, threads=threads, switch_interval_s=SWITCH_INTERVAL_S)
     else:
+        torch.set_num_threads(threads)
         served = load_served(*load, a.max_connections)
     print(f"serving {', '.join(served.models())} on http://{a.host}:{a.port}/v1")
     app = create_app(served, a.max_body_bytes)

@@ -203,6 +203,7 @@ def test_this_projects_checkpoint_is_served_apart_as_here(trained_checkpoint, tm
         with serving(create_app(served)) as url, serving(create_app(here)) as url_here:
             a, b = (httpx.get(u + "/health", trust_env=False).json() for u in (url, url_here))
             same = ("model", "models", "architecture", "engines", "max_batch", "max_seq_len", "max_tokens_limit")
+            same += ("energy",)
             assert {k: a[k] for k in same} == {k: b[k] for k in same} and a["architecture"] == "perhead-llama"
             for body in ({"prompt": "def add(a, b):\n", "max_tokens": 12}, {"prompt": "import", "stop": ["\n"]}):
                 body = body | {"model": "t"}
